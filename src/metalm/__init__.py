@@ -1,0 +1,29 @@
+"""metalm: causal language models as general-purpose interfaces (MetaLM, Hao et al. 2022)."""
+
+from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, Target
+from metalm.data.segments import EncodedSegment, TextSegment, collate
+from metalm.model.builder import EncoderRecipe, ModelRecipe, build_metalm
+from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError
+from metalm.model.modeling_metalm import MetaLMForCausalLM, SlotCountError, register_auto_classes
+
+register_auto_classes()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Encode",
+    "EncodedSegment",
+    "EncoderRecipe",
+    "ImageInput",
+    "InputError",
+    "MetaLMConfig",
+    "MetaLMConfigError",
+    "MetaLMForCausalLM",
+    "MetaLMProcessor",
+    "ModelRecipe",
+    "SlotCountError",
+    "Target",
+    "TextSegment",
+    "build_metalm",
+    "collate",
+]

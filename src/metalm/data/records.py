@@ -1,0 +1,653 @@
+"""Tokenizer-agnostic data records and the JSONL format that stores them.
+
+One JSON object per line; a ``kind`` field says what the record is (see ``docs/data.md``)::
+
+    {"kind": "text", "text": "..."}
+    {"kind": "image_text", "image": "images/0.png", "text": "..."}
+    {"kind": "interleaved", "content": [{"type": "text", "text": "..."}, {"type": "image", "image": "..."}]}
+    {"kind": "vqa", "image": "...", "question": "...", "answers": ["..."]}
+    {"kind": "classification", "text": "...", "label": "..."}
+
+Records carry raw text and *unresolved* image references (an absolute path, or a ``data:`` URL kept
+verbatim); tokenization and image decoding happen later, once per record, elsewhere.
+:func:`read_jsonl` streams a file line by line and raises :class:`RecordError` naming the file,
+line and field of the first bad record, or skips and counts bad records into a :class:`SkipReport`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = [
+    "KINDS",
+    "MAX_LINE_BYTES",
+    "Caption",
+    "Classification",
+    "ImagePart",
+    "ImageText",
+    "Interleaved",
+    "Record",
+    "RecordError",
+    "SkipReport",
+    "TextDocument",
+    "TextPart",
+    "VQAExample",
+    "parse_record",
+    "read_jsonl",
+    "read_records",
+    "record_to_dict",
+    "validate_file",
+    "write_jsonl",
+]
+
+# A line longer than this is rejected without being held in memory whole. 64 MiB leaves room for
+# an inline data: URL of a 20 MB image (base64 adds a third) while bounding memory per line.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+_SKIP_HINT = "fix the record or pass --skip-bad to skip it"
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True, slots=True)
+class TextDocument:
+    """A plain text document (language-model pre-training)."""
+
+    kind: ClassVar[str] = "text"
+    text: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageText:
+    """An image with its caption / paired text. ``image`` is an absolute path or a ``data:`` URL."""
+
+    kind: ClassVar[str] = "image_text"
+    image: str
+    text: str
+    id: str | None = None
+
+
+Caption = ImageText
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A text run inside an :class:`Interleaved` record."""
+
+    type: ClassVar[str] = "text"
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image inside an :class:`Interleaved` record (absolute path or ``data:`` URL)."""
+
+    type: ClassVar[str] = "image"
+    image: str
+
+
+@dataclass(frozen=True, slots=True)
+class Interleaved:
+    """Text and images in reading order."""
+
+    kind: ClassVar[str] = "interleaved"
+    parts: tuple[TextPart | ImagePart, ...]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VQAExample:
+    """A visual question with one or more reference answers (the first is the training target)."""
+
+    kind: ClassVar[str] = "vqa"
+    image: str
+    question: str
+    answers: tuple[str, ...]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """A text with a class label (the label is text the decoder writes, e.g. ``"sports"``)."""
+
+    kind: ClassVar[str] = "classification"
+    text: str
+    label: str
+    id: str | None = None
+
+
+Record = TextDocument | ImageText | Interleaved | VQAExample | Classification
+
+KINDS: dict[str, type] = {
+    cls.kind: cls for cls in (TextDocument, ImageText, Interleaved, VQAExample, Classification)
+}
+
+# Data fields (beyond the common kind/id/meta) each kind accepts; a VQA record takes either
+# "answers" (list) or "answer" (one string).
+_FIELDS: dict[str, frozenset[str]] = {
+    "text": frozenset({"text"}),
+    "image_text": frozenset({"image", "text"}),
+    "interleaved": frozenset({"content"}),
+    "vqa": frozenset({"image", "question", "answers", "answer"}),
+    "classification": frozenset({"text", "label"}),
+}
+_COMMON = frozenset({"kind", "id", "meta"})
+_ALL_FIELDS = frozenset().union(*_FIELDS.values()) | _COMMON
+
+# Kind inference when "kind" is absent: the set of data fields must match one of these exactly.
+_INFER: dict[frozenset[str], str] = {
+    frozenset({"text"}): "text",
+    frozenset({"image", "text"}): "image_text",
+    frozenset({"content"}): "interleaved",
+    frozenset({"image", "question", "answers"}): "vqa",
+    frozenset({"image", "question", "answer"}): "vqa",
+    frozenset({"text", "label"}): "classification",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and skip reports
+
+
+class RecordError(ValueError):
+    """A record is malformed. ``path``/``line`` (1-based) locate it, ``field`` names the bad field.
+
+    ``str(err)`` reads like ``data/train.jsonl:17: field 'text': empty string — fix the record or
+    pass --skip-bad to skip it``; ``reason`` is the bare message.
+    """
+
+    def __init__(
+        self, reason: str, *, path: str | None = None, line: int | None = None, field: str | None = None
+    ) -> None:
+        self.reason = reason
+        self.path = path
+        self.line = line
+        self.field = field
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}:{self.line}: " if self.line is not None else f"{self.path}: "
+        what = f"field '{self.field}': " if self.field is not None else ""
+        hint = f" — {_SKIP_HINT}" if self.path is not None else ""
+        return f"{where}{what}{self.reason}{hint}"
+
+    def located(self, path: str, line: int | None) -> RecordError:
+        """A copy of this error placed at ``path:line``."""
+        return RecordError(self.reason, path=path, line=line, field=self.field)
+
+
+@dataclass
+class SkipReport:
+    """Bad records skipped under ``skip_bad``: a total count and the first ``max_items`` of them."""
+
+    count: int = 0
+    items: list[tuple[str | None, int | None, str | None, str]] = field(default_factory=list)
+    max_items: int = 1000
+
+    def add(self, err: RecordError) -> None:
+        self.count += 1
+        if len(self.items) < self.max_items:
+            self.items.append((err.path, err.line, err.field, err.reason))
+
+    def summary(self, limit: int = 20) -> str:
+        """Human-readable summary listing at most ``limit`` records."""
+        if self.count == 0:
+            return "no bad records"
+        lines = [f"skipped {self.count} bad record{'s' if self.count != 1 else ''}:"]
+        for path, line, fld, reason in self.items[:limit]:
+            what = f"field '{fld}': " if fld is not None else ""
+            lines.append(f"  {path}:{line}: {what}{reason}")
+        if self.count > limit:
+            lines.append(f"  ... and {self.count - min(limit, len(self.items))} more")
+        return "\n".join(lines)
+
+
+class _Invalid(Exception):
+    """Internal: a validation failure before the file/line are attached."""
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing one record
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _text(obj: dict[str, Any], key: str, where: str | None = None) -> str:
+    name = where or key
+    if key not in obj:
+        raise _Invalid(name, "missing")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Invalid(name, f"expected a string, got {_type_name(value)}")
+    if not value.strip():
+        raise _Invalid(name, "empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON "\ud800" escapes decode to lone surrogates that no tokenizer can encode.
+        raise _Invalid(name, f"contains an invalid lone surrogate at character {exc.start}") from None
+    return value
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_B64_ONLY = re.compile(r"^[A-Za-z0-9+/=\s]+$")
+
+
+def _check_data_url(value: str, name: str) -> None:
+    header, sep, payload = value.partition(",")
+    if not sep:
+        raise _Invalid(name, "malformed data URL (no comma); expected data:image/png;base64,<data>")
+    params = [p.strip().lower() for p in header[len("data:") :].split(";")]
+    if not params[0].startswith("image/"):
+        raise _Invalid(name, f"data URL media type {params[0]!r} is not image/*")
+    if "base64" not in params[1:]:
+        raise _Invalid(name, "only base64 data URLs are supported (data:image/<type>;base64,<data>)")
+    payload = "".join(payload.split())
+    if not payload:
+        raise _Invalid(name, "data URL has no payload")
+    # Same leniency as images.load_image: URL-safe alphabet and missing padding are accepted.
+    payload = payload.replace("-", "+").replace("_", "/")
+    payload += "=" * (-len(payload) % 4)
+    try:
+        base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _Invalid(name, f"malformed base64 in data URL ({exc})") from None
+
+
+def _image(value: Any, name: str, base_dir: Path | None, check_images: bool) -> str:
+    """Validate an image reference; returns an absolute path or the data URL unchanged."""
+    if not isinstance(value, str):
+        raise _Invalid(name, f"expected a string (path or data: URL), got {_type_name(value)}")
+    if not value.strip():
+        raise _Invalid(name, "empty string")
+    if value[:5].lower() == "data:":
+        _check_data_url(value, name)
+        ref = value
+    elif _URL_SCHEME.match(value):
+        raise _Invalid(
+            name,
+            f"{value.split(':', 1)[0]}:// URLs are not fetched; download the image and give a local "
+            "path or a data:image/...;base64 URL",
+        )
+    else:
+        path = Path(value)
+        if not path.is_absolute():
+            path = (base_dir if base_dir is not None else Path.cwd()) / path
+        ref = os.path.abspath(path)  # normalise ".." without resolving symlinks
+        if not os.path.isfile(ref):
+            hint = ""
+            if len(value) > 100 and "." not in value and _B64_ONLY.match(value):
+                hint = " (this looks like raw base64: prefix it with data:image/png;base64,)"
+            elif base_dir is not None and not Path(value).is_absolute():
+                hint = " (relative paths are resolved against the JSONL file's folder)"
+            raise _Invalid(name, f"image file not found: {ref}{hint}")
+    if check_images:
+        from metalm.data.images import ImageError, load_image  # lazy: pulls in torch
+
+        try:
+            load_image(ref, name="data URL" if ref is value else value)
+        except ImageError as exc:
+            raise _Invalid(name, str(exc)) from None
+    return ref
+
+
+def _check_keys(obj: dict[str, Any], kind: str) -> None:
+    allowed = _FIELDS[kind] | _COMMON
+    for key in obj:
+        if key not in allowed:
+            raise _Invalid(
+                key, f"unknown field for kind '{kind}' (allowed: {', '.join(sorted(allowed))})"
+            )
+
+
+def _parse(obj: Any, base_dir: Path | None, check_images: bool) -> Record:
+    if not isinstance(obj, dict):
+        raise _Invalid(None, f"a record must be a JSON object, got {_type_name(obj)}")
+    if "kind" in obj:
+        kind = obj["kind"]
+        if not isinstance(kind, str):
+            raise _Invalid("kind", f"expected a string, got {_type_name(kind)}")
+        if kind not in _FIELDS:
+            raise _Invalid("kind", f"unknown kind {kind!r}; expected one of {', '.join(_FIELDS)}")
+        _check_keys(obj, kind)
+    else:
+        for key in obj:
+            if key not in _ALL_FIELDS:
+                raise _Invalid(key, "unknown field")
+        data = frozenset(obj) - _COMMON
+        if data not in _INFER:
+            raise _Invalid(
+                "kind",
+                f"missing, and cannot be inferred from the fields {sorted(data)}; "
+                f"add \"kind\": one of {', '.join(_FIELDS)}",
+            )
+        kind = _INFER[data]
+
+    rid = obj.get("id")
+    if rid is not None:
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise _Invalid("id", f"expected a string or integer, got {_type_name(rid)}")
+        rid = str(rid)
+    if "meta" in obj and not isinstance(obj["meta"], dict):
+        raise _Invalid("meta", f"expected an object, got {_type_name(obj['meta'])}")
+
+    def image(key: str = "image", o: dict[str, Any] = obj, where: str | None = None) -> str:
+        if key not in o:
+            raise _Invalid(where or key, "missing")
+        return _image(o[key], where or key, base_dir, check_images)
+
+    if kind == "text":
+        return TextDocument(text=_text(obj, "text"), id=rid)
+    if kind == "image_text":
+        return ImageText(image=image(), text=_text(obj, "text"), id=rid)
+    if kind == "classification":
+        return Classification(text=_text(obj, "text"), label=_text(obj, "label"), id=rid)
+    if kind == "vqa":
+        img = image()
+        question = _text(obj, "question")
+        if "answers" in obj and "answer" in obj:
+            raise _Invalid("answer", "give either 'answers' (list) or 'answer' (string), not both")
+        if "answer" in obj:
+            answers: tuple[str, ...] = (_text(obj, "answer"),)
+        else:
+            if "answers" not in obj:
+                raise _Invalid("answers", "missing")
+            raw = obj["answers"]
+            if not isinstance(raw, list):
+                raise _Invalid("answers", f"expected an array of strings, got {_type_name(raw)}")
+            if not raw:
+                raise _Invalid("answers", "empty array; give at least one answer")
+            answers = tuple(_text({"a": a}, "a", f"answers[{i}]") for i, a in enumerate(raw))
+        return VQAExample(image=img, question=question, answers=answers, id=rid)
+    # interleaved
+    content = obj.get("content")
+    if "content" not in obj:
+        raise _Invalid("content", "missing")
+    if not isinstance(content, list):
+        raise _Invalid("content", f"expected an array of parts, got {_type_name(content)}")
+    if not content:
+        raise _Invalid("content", "empty array")
+    parts: list[TextPart | ImagePart] = []
+    for i, part in enumerate(content):
+        at = f"content[{i}]"
+        if not isinstance(part, dict):
+            raise _Invalid(at, f"expected an object, got {_type_name(part)}")
+        if "type" not in part:
+            raise _Invalid(f"{at}.type", "missing ('text' or 'image')")
+        ptype = part["type"]
+        if ptype not in ("text", "image"):
+            raise _Invalid(f"{at}.type", f"expected 'text' or 'image', got {ptype!r}")
+        for key in part:
+            if key not in ("type", ptype):
+                raise _Invalid(f"{at}.{key}", f"unknown field for a {ptype} part")
+        if ptype == "text":
+            parts.append(TextPart(_text(part, "text", f"{at}.text")))
+        else:
+            parts.append(ImagePart(image("image", part, f"{at}.image")))
+    return Interleaved(parts=tuple(parts), id=rid)
+
+
+def parse_record(
+    obj: Any, *, base_dir: str | os.PathLike[str] | None = None, check_images: bool = False
+) -> Record:
+    """Validate one decoded JSON object and build its record.
+
+    Relative image paths resolve against ``base_dir`` (default: the current directory). With
+    ``check_images`` every image is also decoded with :func:`metalm.data.images.load_image`.
+
+    Raises:
+        RecordError: with ``field`` set to the offending field (``path``/``line`` unset).
+    """
+    try:
+        return _parse(obj, Path(base_dir) if base_dir is not None else None, check_images)
+    except _Invalid as exc:
+        raise RecordError(exc.reason, field=exc.field) from None
+
+
+def record_to_dict(record: Record, *, base_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The JSON object for ``record``; image paths under ``base_dir`` become relative to it."""
+    root = os.path.abspath(base_dir) if base_dir is not None else None
+
+    def img(ref: str) -> str:
+        if root is not None and not ref[:5].lower() == "data:":
+            rel = os.path.relpath(ref, root)
+            if not rel.startswith(os.pardir + os.sep) and rel != os.pardir and not os.path.isabs(rel):
+                return Path(rel).as_posix()
+        return ref
+
+    out: dict[str, Any] = {"kind": record.kind}
+    if isinstance(record, TextDocument):
+        out["text"] = record.text
+    elif isinstance(record, ImageText):
+        out.update(image=img(record.image), text=record.text)
+    elif isinstance(record, Classification):
+        out.update(text=record.text, label=record.label)
+    elif isinstance(record, VQAExample):
+        out.update(image=img(record.image), question=record.question, answers=list(record.answers))
+    elif isinstance(record, Interleaved):
+        out["content"] = [
+            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image", "image": img(p.image)}
+            for p in record.parts
+        ]
+    else:
+        raise TypeError(f"not a record: {type(record).__name__}")
+    if record.id is not None:
+        out["id"] = record.id
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing JSONL
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads silently keeps the last of repeated keys; a repeated "text" is almost always a bug.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _decode_line(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid(
+            None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}); re-encode the file as UTF-8"
+        ) from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise _Invalid(None, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise _Invalid(None, "invalid JSON: nested too deeply") from None
+    except _DuplicateKey as exc:
+        raise _Invalid(str(exc), "appears more than once in the object") from None
+
+
+def _lines(fh: Any, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes) per line; ``None`` for a line over ``max_line_bytes``."""
+    lineno = 0
+    while True:
+        raw = fh.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            while True:  # drain the rest of the oversize line without holding it
+                chunk = fh.readline(1 << 20)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield lineno, None
+            continue
+        yield lineno, raw
+
+
+def read_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    skip_bad: bool = False,
+    check_images: bool = False,
+    report: SkipReport | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> Iterator[Record]:
+    """Stream the records of a JSONL file, one line at a time (files may exceed memory).
+
+    Blank lines are skipped. A bad record raises :class:`RecordError` (file, 1-based line, field);
+    with ``skip_bad`` it is counted into ``report`` instead. Bad records are never dropped
+    silently: with ``skip_bad`` and no ``report``, a warning with the summary is issued at the end.
+    Relative image paths resolve against the file's folder.
+    """
+    shown = os.fspath(path)
+    base_dir = Path(os.path.abspath(path)).parent
+    own_report = report is None and skip_bad
+    rep = report if report is not None else SkipReport()
+    with open(path, "rb") as fh:
+        for lineno, raw in _lines(fh, max_line_bytes):
+            try:
+                if raw is None:
+                    raise _Invalid(None, f"line longer than {max_line_bytes:,} bytes")
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # tolerate a UTF-8 byte-order mark written by some editors
+                if not raw.strip():
+                    continue
+                record = _parse(_decode_line(raw), base_dir, check_images)
+            except _Invalid as exc:
+                err = RecordError(exc.reason, path=shown, line=lineno, field=exc.field)
+                if not skip_bad:
+                    raise err from None
+                rep.add(err)
+                continue
+            yield record
+    if own_report and rep.count:
+        warnings.warn(rep.summary(), stacklevel=2)
+
+
+def _is_hf_dataset_dir(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _read_hf(folder: Path, skip_bad: bool, check_images: bool, report: SkipReport) -> Iterator[Record]:
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        raise ValueError(
+            f"{folder} is a Hugging Face datasets folder, but the 'datasets' package is not installed; "
+            "install it, or export the rows to JSONL"
+        ) from None
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(
+            f"{folder} holds several splits ({', '.join(ds)}); pass the folder of one split, e.g. {folder / next(iter(ds))}"
+        )
+    for i, row in enumerate(ds):
+        try:
+            # Columns a row does not use come back as None in a mixed-kind table.
+            obj = {k: v for k, v in row.items() if v is not None}
+            record = _parse(obj, folder, check_images)
+        except _Invalid as exc:
+            err = RecordError(exc.reason, path=f"{folder}[row {i}]", line=None, field=exc.field)
+            if not skip_bad:
+                raise err from None
+            report.add(err)
+            continue
+        yield record
+
+
+def read_records(
+    source: str | os.PathLike[str],
+    *,
+    skip_bad: bool = False,
+    check_images: bool = False,
+    report: SkipReport | None = None,
+) -> Iterator[Record]:
+    """Stream records from a ``.jsonl`` file, a folder of ``.jsonl`` files (sorted by name), or a
+    Hugging Face ``datasets`` folder written by ``save_to_disk`` (needs ``datasets`` installed).
+    Error handling as in :func:`read_jsonl`."""
+    src = Path(source)
+    own_report = report is None and skip_bad
+    rep = report if report is not None else SkipReport()
+    if src.is_dir():
+        if _is_hf_dataset_dir(src):
+            yield from _read_hf(src, skip_bad, check_images, rep)
+        else:
+            files = sorted(p for p in src.iterdir() if p.suffix == ".jsonl" and p.is_file())
+            if not files:
+                raise FileNotFoundError(f"{src}: no .jsonl files in this folder")
+            for file in files:
+                yield from read_jsonl(file, skip_bad=skip_bad, check_images=check_images, report=rep)
+    elif src.is_file():
+        yield from read_jsonl(src, skip_bad=skip_bad, check_images=check_images, report=rep)
+    else:
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if own_report and rep.count:
+        warnings.warn(rep.summary(), stacklevel=2)
+
+
+def validate_file(
+    path: str | os.PathLike[str], skip_bad: bool = False, check_images: bool = False
+) -> tuple[int, SkipReport]:
+    """Read every record of ``path`` (file or folder, as :func:`read_records`).
+
+    Returns (number of good records, report of skipped ones). Without ``skip_bad`` the first bad
+    record raises :class:`RecordError`.
+    """
+    report = SkipReport()
+    n_ok = 0
+    for _ in read_records(path, skip_bad=skip_bad, check_images=check_images, report=report):
+        n_ok += 1
+    return n_ok, report
+
+
+def write_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> int:
+    """Write records as JSONL (the inverse of :func:`read_jsonl`); returns the number written.
+
+    Image paths under the output file's folder are stored relative to it, others absolute, so a
+    folder holding the JSONL and its images can be moved as a whole. The file is written to a
+    temporary name and renamed, so an interrupted write never leaves a truncated file.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base_dir = out.parent
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            for record in records:
+                fh.write(json.dumps(record_to_dict(record, base_dir=base_dir), ensure_ascii=False))
+                fh.write("\n")
+                n += 1
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n

@@ -1,0 +1,159 @@
+"""MetaLMConfig: a decoder config plus named encoder specs, connectors and semi-causal settings."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ENCODER_KINDS = ("text", "vision", "audio")
+BACKBONES = ("hf", "efficientnet_lite0")
+CONNECTOR_TYPES = ("linear", "mlp", "resampler")
+
+# Keys an encoder spec may carry; anything else is a typo and raises.
+_ENCODER_KEYS = {
+    "name",
+    "kind",
+    "backbone",
+    "config",
+    "connector",
+    "trainable_layers",
+    "num_slots",
+    "max_length",
+    "image_size",
+    "prefix_ids",
+    "suffix_ids",
+    "pad_id",
+    "initialized_from",
+}
+_CONNECTOR_KEYS = {"type", "hidden_size", "num_queries", "num_layers", "num_heads"}
+
+DEFAULT_SEMI_CAUSAL = {
+    # Paper defaults for the language model (DESIGN.md §2); small presets scale the spans down.
+    "span_min": 64,
+    "span_max": 128,
+    "span_fraction": 0.25,
+}
+
+
+class MetaLMConfigError(ValueError):
+    """A MetaLM configuration is invalid; the message names the encoder and the field."""
+
+
+def normalize_encoder_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate one encoder spec and fill its defaults. Raises MetaLMConfigError naming the field."""
+    if not isinstance(spec, dict):
+        raise MetaLMConfigError(f"encoder spec must be a dict, got {type(spec).__name__}")
+    name = spec.get("name")
+    where = f"encoder {name!r}" if name else "encoder spec"
+    unknown = set(spec) - _ENCODER_KEYS
+    if unknown:
+        raise MetaLMConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_ENCODER_KEYS)}")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise MetaLMConfigError(f"{where}: field 'name' must be a Python identifier, got {name!r}")
+    out = copy.deepcopy(spec)
+    if out.get("kind") not in ENCODER_KINDS:
+        raise MetaLMConfigError(f"{where}: field 'kind' must be one of {ENCODER_KINDS}, got {out.get('kind')!r}")
+    out.setdefault("backbone", "hf")
+    if out["backbone"] not in BACKBONES:
+        raise MetaLMConfigError(f"{where}: field 'backbone' must be one of {BACKBONES}, got {out['backbone']!r}")
+    if out["backbone"] == "hf":
+        cfg = out.get("config")
+        if isinstance(cfg, PreTrainedConfig):
+            out["config"] = cfg.to_dict()
+        elif not isinstance(cfg, dict) or "model_type" not in cfg:
+            raise MetaLMConfigError(f"{where}: field 'config' must be an HF config dict with a 'model_type'")
+    connector = out.get("connector") or {"type": "linear"}
+    if isinstance(connector, str):
+        connector = {"type": connector}
+    bad = set(connector) - _CONNECTOR_KEYS
+    if bad:
+        raise MetaLMConfigError(f"{where}: connector has unknown field(s) {sorted(bad)}")
+    if connector.get("type") not in CONNECTOR_TYPES:
+        raise MetaLMConfigError(
+            f"{where}: field 'connector.type' must be one of {CONNECTOR_TYPES}, got {connector.get('type')!r}"
+        )
+    if connector["type"] == "resampler":
+        connector.setdefault("num_queries", 32)
+        connector.setdefault("num_layers", 2)
+        connector.setdefault("num_heads", 8)
+    out["connector"] = connector
+    layers = out.setdefault("trainable_layers", None)
+    if layers is not None and (not isinstance(layers, int) or layers < 0):
+        raise MetaLMConfigError(f"{where}: field 'trainable_layers' must be null (all) or an int >= 0")
+    if out["kind"] == "text":
+        out.setdefault("max_length", 512)
+        out.setdefault("prefix_ids", [])
+        out.setdefault("suffix_ids", [])
+        out.setdefault("pad_id", 0)
+    if out["kind"] == "vision":
+        out.setdefault("image_size", 224)
+    return out
+
+
+class MetaLMConfig(PreTrainedConfig):
+    r"""Configuration of a MetaLM: a causal decoder (the interface) and named bidirectional encoders.
+
+    Args:
+        text_config: the decoder's HF config (any `AutoModelForCausalLM` architecture) or its dict.
+        encoders: a list of encoder specs (dicts): `name`, `kind` (text / vision / audio), `backbone`
+            (`hf` = any `AutoModel` from `config`; `efficientnet_lite0`), `connector` (`linear`, `mlp`,
+            `resampler`), `trainable_layers` (None = all; N = all frozen except the last N layers),
+            and kind-specific fields (`max_length`, `prefix_ids`/`suffix_ids` around a text span,
+            `image_size`, `num_slots`).
+        semi_causal: span sampling settings (`span_min`, `span_max`, `span_fraction`).
+        decoder_trainable: False freezes the decoder (the paper's single-task finetuning protocol).
+    """
+
+    model_type = "metalm"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    encoders: list | None = None
+    semi_causal: dict | None = None
+    decoder_trainable: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self.encoders = [normalize_encoder_spec(s) for s in (self.encoders or [])]
+        names = [s["name"] for s in self.encoders]
+        if len(set(names)) != len(names):
+            raise MetaLMConfigError(f"encoder names must be unique, got {names}")
+        self.semi_causal = {**DEFAULT_SEMI_CAUSAL, **(self.semi_causal or {})}
+        sc = self.semi_causal
+        if not (1 <= sc["span_min"] <= sc["span_max"]):
+            raise MetaLMConfigError(f"semi_causal: need 1 <= span_min <= span_max, got {sc}")
+        if not (0.0 <= sc["span_fraction"] < 1.0):
+            raise MetaLMConfigError(f"semi_causal: span_fraction must be in [0, 1), got {sc['span_fraction']}")
+        # The decoder owns the vocabulary and special tokens; mirror them so generate() finds them.
+        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.text_config, key, None) is not None:
+                setattr(self, key, getattr(self.text_config, key))
+        # The decoder ties its own head to its own embeddings; that is the decoder's business.
+        self.tie_word_embeddings = False
+
+    def encoder_spec(self, name: str) -> dict[str, Any]:
+        for spec in self.encoders:
+            if spec["name"] == name:
+                return spec
+        raise MetaLMConfigError(f"no encoder named {name!r}; this model has {[s['name'] for s in self.encoders]}")
+
+    def encoders_of_kind(self, kind: str) -> list[str]:
+        return [s["name"] for s in self.encoders if s["kind"] == kind]
+
+    def num_slots(self, name: str, payload_tokens: int | None = None) -> int:
+        """Decoder positions an encoded segment occupies: its span length for per-token connectors on a
+        text encoder, K for a resampler, the token count for vision/audio encoders."""
+        spec = self.encoder_spec(name)
+        if spec["connector"]["type"] == "resampler":
+            return int(spec["connector"]["num_queries"])
+        if spec["kind"] == "text":
+            if payload_tokens is None:
+                raise MetaLMConfigError(f"encoder {name!r}: a text span needs its token count")
+            return int(payload_tokens)
+        if spec.get("num_slots") is None:
+            raise MetaLMConfigError(f"encoder {name!r}: 'num_slots' is unknown; build the model once to measure it")
+        return int(spec["num_slots"])

@@ -1,0 +1,80 @@
+"""Connectors project an encoder's outputs to the decoder width (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LinearConnector(nn.Module):
+    """The paper's language connector: one linear projection per encoder output vector."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(features), mask
+
+
+class MLPConnector(nn.Module):
+    """The paper's vision connector: a three-layer feed-forward network."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_size: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden_size or out_dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(features), mask
+
+
+class _ResamplerLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, queries: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        # Queries attend to the inputs and to themselves (Flamingo's Perceiver resampler).
+        q = self.norm_q(queries)
+        keys = torch.cat([self.norm_kv(kv), q], dim=1)
+        key_pad = torch.cat([pad, torch.zeros_like(pad[:, : q.shape[1]])], dim=1)
+        queries = queries + self.attn(q, keys, keys, key_padding_mask=key_pad, need_weights=False)[0]
+        return queries + self.ff(self.norm_ff(queries))
+
+
+class ResamplerConnector(nn.Module):
+    """K learned queries that cross-attend to the encoder outputs (as in Kosmos-1 / Flamingo)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int, num_layers: int, num_heads: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(in_dim, out_dim)
+        self.queries = nn.Parameter(torch.randn(num_queries, out_dim) * 0.02)
+        self.layers = nn.ModuleList(_ResamplerLayer(out_dim, num_heads) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.inp(features)
+        queries = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)
+        for layer in self.layers:
+            queries = layer(queries, kv, ~mask)
+        out = self.norm(queries)
+        return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+
+
+def build_connector(spec: dict, in_dim: int, out_dim: int) -> nn.Module:
+    """Build the connector an encoder spec names. Each returns (features, valid_mask)."""
+    kind = spec["type"]
+    if kind == "linear":
+        return LinearConnector(in_dim, out_dim)
+    if kind == "mlp":
+        return MLPConnector(in_dim, out_dim, spec.get("hidden_size"))
+    if kind == "resampler":
+        return ResamplerConnector(in_dim, out_dim, spec["num_queries"], spec["num_layers"], spec["num_heads"])
+    raise ValueError(f"unknown connector type {kind!r}")

@@ -1,0 +1,201 @@
+"""MetaLMForCausalLM: any HF causal LM as the interface, with bidirectional encoders docked on its input.
+
+A batch (see `metalm.data.segments.collate`) carries the decoder's `input_ids` (pad ids at encoded slots),
+`attention_mask`, `position_ids` and `labels`, plus for each encoder its payloads (`encoder_inputs[name]`)
+and a boolean map of the decoder slots they fill (`encoder_slots[name]`). The forward pass:
+
+1. embed the tokens with the decoder's own embedding module (so e.g. Gemma's sqrt(d) scale applies);
+2. run each encoder once over all its payloads in the batch and project them with its connector;
+3. scatter the projected vectors, in reading order, into the slots (a count mismatch raises);
+4. run the purely causal decoder on `inputs_embeds`. There is no cross-attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from metalm.model.configuration_metalm import MetaLMConfig
+from metalm.model.connectors import build_connector
+from metalm.model.encoders import DockedEncoder, apply_trainable_layers
+
+EncoderInputs = dict[str, dict[str, torch.Tensor]]
+
+
+class SlotCountError(ValueError):
+    """The encoded features do not fill their decoder slots exactly."""
+
+
+class MetaLMPreTrainedModel(PreTrainedModel):
+    config_class = MetaLMConfig
+    config: MetaLMConfig
+    base_model_prefix = "metalm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules: list[str] = []
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Decoder and encoders initialise themselves (or come pretrained); only connectors are ours.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
+    """A causal decoder with docked encoders, trained with semi-causal language modeling."""
+
+    def __init__(
+        self,
+        config: MetaLMConfig,
+        decoder: PreTrainedModel | None = None,
+        encoder_backbones: dict[str, nn.Module] | None = None,
+    ) -> None:
+        super().__init__(config)
+        if decoder is None:
+            decoder = AutoModelForCausalLM.from_config(config.text_config)
+        self.decoder = decoder
+        width = config.text_config.hidden_size
+        encoder_backbones = encoder_backbones or {}
+        self.encoders = nn.ModuleDict()
+        self.connectors = nn.ModuleDict()
+        for spec in config.encoders:
+            encoder = DockedEncoder(spec, encoder_backbones.get(spec["name"]))
+            self.encoders[spec["name"]] = encoder
+            self.connectors[spec["name"]] = build_connector(spec["connector"], encoder.hidden_size, width)
+        # Connectors are built here, so only they are initialised by post_init's hook below.
+        for connector in self.connectors.values():
+            connector.apply(self._init_weights)
+        self.apply_freezing()
+        self.post_init()
+
+    # --- HF plumbing -------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.decoder.get_output_embeddings()
+
+    def init_weights(self) -> None:
+        # The parts arrive initialised (random from their configs, or pretrained); re-initialising
+        # them here would wipe pretrained encoders.
+        return
+
+    def apply_freezing(self) -> None:
+        """Set requires_grad from the config: per-encoder `trainable_layers`, `decoder_trainable`."""
+        for spec in self.config.encoders:
+            backbone = self.encoders[spec["name"]].backbone
+            backbone.requires_grad_(True)
+            apply_trainable_layers(backbone, spec["trainable_layers"])
+            # Frozen BatchNorm statistics must not drift either: keep frozen BN modules in eval mode.
+        self.decoder.requires_grad_(bool(self.config.decoder_trainable))
+
+    def train(self, mode: bool = True) -> MetaLMForCausalLM:
+        super().train(mode)
+        for module in self.encoders.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+        return self
+
+    # --- the MetaLM input ----------------------------------------------------------------------------
+    def encode(self, name: str, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run encoder `name` over all its payloads and return the projected slot vectors, [S, width],
+        in reading order (payload by payload, position by position)."""
+        features, mask = self.encoders[name](payload)
+        projected, mask = self.connectors[name](features, mask)
+        return projected[mask]
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_inputs: EncoderInputs | None = None,
+        encoder_slots: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Decoder input embeddings with every encoder's projected outputs scattered into its slots."""
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        encoder_inputs = encoder_inputs or {}
+        encoder_slots = encoder_slots or {}
+        if set(encoder_inputs) != set(encoder_slots):
+            raise SlotCountError(
+                f"encoder_inputs names {sorted(encoder_inputs)} differ from encoder_slots {sorted(encoder_slots)}"
+            )
+        for name, payload in encoder_inputs.items():
+            if name not in self.encoders:
+                raise SlotCountError(f"no encoder named {name!r}; this model has {list(self.encoders)}")
+            slots = encoder_slots[name].to(torch.bool)
+            vectors = self.encode(name, payload)
+            if vectors.shape[0] != int(slots.sum()):
+                raise SlotCountError(
+                    f"encoder {name!r} produced {vectors.shape[0]} vectors for {int(slots.sum())} decoder slots"
+                )
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_inputs: EncoderInputs | None = None,
+        encoder_slots: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ):
+        """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
+        them with the semi-causal rules of DESIGN.md §2."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (with encoder_inputs/encoder_slots) or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
+        elif encoder_inputs:
+            raise ValueError("encoder_inputs are already part of inputs_embeds; pass one or the other")
+        return self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        encoder_inputs: EncoderInputs | None = None,
+        encoder_slots: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ):
+        """Generate from a prompt of segments. Encoded features are computed once, here; the KV cache
+        takes over after the first step. Returns prompt ids followed by the new tokens; encoded slots
+        show as pad ids in the prompt part."""
+        kwargs.pop("labels", None)
+        if input_ids is not None and "inputs_embeds" not in kwargs:
+            kwargs["inputs_embeds"] = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
+        return super().generate(input_ids=input_ids, **kwargs)
+
+
+def register_auto_classes() -> None:
+    """Register MetaLM with AutoConfig / AutoModelForCausalLM (idempotent)."""
+    try:
+        AutoConfig.register("metalm", MetaLMConfig)
+    except ValueError:
+        pass
+    try:
+        AutoModelForCausalLM.register(MetaLMConfig, MetaLMForCausalLM)
+    except ValueError:
+        pass
