@@ -318,9 +318,7 @@ def _check_keys(obj: dict[str, Any], kind: str) -> None:
     allowed = _FIELDS[kind] | _COMMON
     for key in obj:
         if key not in allowed:
-            raise _Invalid(
-                key, f"unknown field for kind '{kind}' (allowed: {', '.join(sorted(allowed))})"
-            )
+            raise _Invalid(key, f"unknown field for kind '{kind}' (allowed: {', '.join(sorted(allowed))})")
 
 
 def _parse(obj: Any, base_dir: Path | None, check_images: bool) -> Record:
@@ -342,7 +340,7 @@ def _parse(obj: Any, base_dir: Path | None, check_images: bool) -> Record:
             raise _Invalid(
                 "kind",
                 f"missing, and cannot be inferred from the fields {sorted(data)}; "
-                f"add \"kind\": one of {', '.join(_FIELDS)}",
+                f'add "kind": one of {", ".join(_FIELDS)}',
             )
         kind = _INFER[data]
 
@@ -449,7 +447,9 @@ def record_to_dict(record: Record, *, base_dir: str | os.PathLike[str] | None = 
         out.update(image=img(record.image), question=record.question, answers=list(record.answers))
     elif isinstance(record, Interleaved):
         out["content"] = [
-            {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image", "image": img(p.image)}
+            {"type": "text", "text": p.text}
+            if isinstance(p, TextPart)
+            else {"type": "image", "image": img(p.image)}
             for p in record.parts
         ]
     else:
@@ -482,7 +482,8 @@ def _decode_line(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _Invalid(
-            None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}); re-encode the file as UTF-8"
+            None,
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}); re-encode the file as UTF-8",
         ) from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
@@ -567,7 +568,8 @@ def _read_hf(folder: Path, skip_bad: bool, check_images: bool, report: SkipRepor
     ds = datasets.load_from_disk(str(folder))
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(
-            f"{folder} holds several splits ({', '.join(ds)}); pass the folder of one split, e.g. {folder / next(iter(ds))}"
+            f"{folder} holds a DatasetDict (splits: {', '.join(ds)}); pass the folder of one split, "
+            f"e.g. {folder / next(iter(ds))}"
         )
     for i, row in enumerate(ds):
         try:

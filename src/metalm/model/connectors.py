@@ -44,7 +44,7 @@ class _ResamplerLayer(nn.Module):
         # Queries attend to the inputs and to themselves (Flamingo's Perceiver resampler).
         q = self.norm_q(queries)
         keys = torch.cat([self.norm_kv(kv), q], dim=1)
-        key_pad = torch.cat([pad, torch.zeros_like(pad[:, : q.shape[1]])], dim=1)
+        key_pad = torch.cat([pad, pad.new_zeros(q.shape[:2])], dim=1)
         queries = queries + self.attn(q, keys, keys, key_padding_mask=key_pad, need_weights=False)[0]
         return queries + self.ff(self.norm_ff(queries))
 

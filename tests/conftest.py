@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random MetaLMs built from configs (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+TINY_BERT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 30522,
+    "max_position_embeddings": 64,
+}
+TINY_VIT = {
+    "model_type": "vit",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 16,
+}
+
+
+def tiny_recipe(decoder: dict | None = None, connector: str = "linear", text_layers: int | None = None, **kw):
+    from metalm import EncoderRecipe, ModelRecipe
+
+    return ModelRecipe(
+        decoder=decoder or TINY_LLAMA,
+        tokenizer="packaged:minilm-l6",
+        encoders=[
+            EncoderRecipe(
+                "text",
+                "text",
+                source="config",
+                tokenizer="decoder",
+                config=TINY_BERT,
+                connector=connector,
+                trainable_layers=text_layers,
+            ),
+            EncoderRecipe("vision", "vision", source="config", config=TINY_VIT, image_size=32, connector="mlp"),
+        ],
+        semi_causal={"span_min": 2, "span_max": 6},
+        **kw,
+    )
+
+
+def build_tiny(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model, processor = tiny_recipe(**kw).build()
+    model.eval()
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_saved(tmp_path_factory, tiny):
+    model, processor = tiny
+    path = tmp_path_factory.mktemp("tiny_metalm")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
