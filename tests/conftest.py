@@ -56,7 +56,9 @@ def tiny_recipe(decoder: dict | None = None, connector: str = "linear", text_lay
                 connector=connector,
                 trainable_layers=text_layers,
             ),
-            EncoderRecipe("vision", "vision", source="config", config=TINY_VIT, image_size=32, connector="mlp"),
+            EncoderRecipe(
+                "vision", "vision", source="config", config=TINY_VIT, image_size=32, connector="mlp"
+            ),
         ],
         semi_causal={"span_min": 2, "span_max": 6},
         **kw,

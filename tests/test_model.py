@@ -102,12 +102,18 @@ def test_labels_for_image_and_prompt(tiny):
 
 
 def _span_batch(processor, a, span, b):
-    return processor.collate([[TextSegment(a), EncodedSegment("text", input_ids=span, target_ids=span), TextSegment(b)]])
+    return processor.collate(
+        [[TextSegment(a), EncodedSegment("text", input_ids=span, target_ids=span), TextSegment(b)]]
+    )
 
 
 def test_causality_later_tokens_never_change_earlier_logits(tiny):
     model, processor = tiny
-    a, span, b = text(processor, "one two three"), text(processor, "four five six"), text(processor, "seven eight")
+    a, span, b = (
+        text(processor, "one two three"),
+        text(processor, "four five six"),
+        text(processor, "seven eight"),
+    )
     base = per_position_logits(model, _span_batch(processor, a, span, b))
     changed_b = list(b)
     changed_b[-1] = text(processor, "zebra")[0]
@@ -119,7 +125,11 @@ def test_causality_later_tokens_never_change_earlier_logits(tiny):
 
 def test_changing_a_span_token_changes_logits_from_the_span_on_only(tiny):
     model, processor = tiny
-    a, span, b = text(processor, "one two three"), text(processor, "four five six"), text(processor, "seven eight")
+    a, span, b = (
+        text(processor, "one two three"),
+        text(processor, "four five six"),
+        text(processor, "seven eight"),
+    )
     base = per_position_logits(model, _span_batch(processor, a, span, b))
     changed = list(span)
     changed[-1] = text(processor, "zebra")[0]  # the span's LAST token
@@ -137,7 +147,9 @@ def test_encoder_is_bidirectional(tiny):
     changed = span[:-1] + text(processor, "zebra")
     outs = []
     for s in (span, changed):
-        payload = processor.collate([[EncodedSegment("text", input_ids=s, target_ids=s)]])["encoder_inputs"]["text"]
+        payload = processor.collate([[EncodedSegment("text", input_ids=s, target_ids=s)]])["encoder_inputs"][
+            "text"
+        ]
         with torch.no_grad():
             outs.append(model.encode("text", payload))
     assert not torch.allclose(outs[0][0], outs[1][0])
@@ -146,7 +158,9 @@ def test_encoder_is_bidirectional(tiny):
 def test_gradients_reach_connectors_and_unfrozen_layers_only():
     model, processor = build_tiny(text_layers=1)
     model.train()
-    batch = processor([[image(), Encode("what shape is it?", loss=True), Target("a red circle")]], padding_side="right")
+    batch = processor(
+        [[image(), Encode("what shape is it?", loss=True), Target("a red circle")]], padding_side="right"
+    )
     model(**batch).loss.backward()
     for name in ("text", "vision"):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.connectors[name].parameters())
@@ -194,7 +208,10 @@ def test_sample_same_alone_and_in_padded_mixed_batch(tiny, padding_side):
 
 def test_generation_cached_equals_uncached_and_batched_equals_single(tiny):
     model, processor = tiny
-    prompts = [[image(3), Encode("describe the image")], [Encode("a much longer encoded prompt here"), "then text"]]
+    prompts = [
+        [image(3), Encode("describe the image")],
+        [Encode("a much longer encoded prompt here"), "then text"],
+    ]
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": processor.pad_token_id}
     batch = processor(prompts)  # left-padded
     width = batch["input_ids"].shape[1]
@@ -222,9 +239,18 @@ def test_beam_search_and_sampling_run(tiny):
     model, processor = tiny
     batch = processor([[image(4), Encode("caption:")], [Encode("hello there")]])
     width = batch["input_ids"].shape[1]
-    beams = model.generate(**batch, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=processor.pad_token_id)
+    beams = model.generate(
+        **batch, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=processor.pad_token_id
+    )
     torch.manual_seed(0)
-    sampled = model.generate(**batch, max_new_tokens=4, do_sample=True, top_p=0.9, temperature=0.8, pad_token_id=processor.pad_token_id)
+    sampled = model.generate(
+        **batch,
+        max_new_tokens=4,
+        do_sample=True,
+        top_p=0.9,
+        temperature=0.8,
+        pad_token_id=processor.pad_token_id,
+    )
     assert beams.shape[0] == 2 and beams.shape[1] > width
     assert sampled.shape[0] == 2 and sampled.shape[1] > width
 
@@ -261,7 +287,9 @@ def test_packaged_encoders_keep_their_weights():
         tokenizer="packaged:minilm-l6",
         encoders=[
             EncoderRecipe("text", "text", source="packaged:minilm-l6", trainable_layers=2),
-            EncoderRecipe("vision", "vision", source="packaged:efficientnet-lite0", connector="mlp", image_size=64),
+            EncoderRecipe(
+                "vision", "vision", source="packaged:efficientnet-lite0", connector="mlp", image_size=64
+            ),
         ],
     ).build()
     ref = AutoModel.from_pretrained(packaged_minilm_path())
@@ -276,14 +304,18 @@ def test_packaged_encoders_keep_their_weights():
     layers = model.encoders["text"].backbone.encoder.layer
     assert [any(p.requires_grad for p in layer.parameters()) for layer in layers] == [False] * 4 + [True] * 2
     assert model.config.num_slots("vision") == 4
-    batch = processor([[Image.new("RGB", (64, 64), "red"), Encode("what shape?"), Target("circle")]], padding_side="right")
+    batch = processor(
+        [[Image.new("RGB", (64, 64), "red"), Encode("what shape?"), Target("circle")]], padding_side="right"
+    )
     assert torch.isfinite(model(**batch).loss)
 
 
 def test_resampler_connector_fills_k_slots():
     model, processor = build_tiny(connector="resampler")
     k = model.config.encoder_spec("text")["connector"]["num_queries"]
-    batch = processor([[Encode("a rather long span of text to resample"), Target("ok")]], padding_side="right")
+    batch = processor(
+        [[Encode("a rather long span of text to resample"), Target("ok")]], padding_side="right"
+    )
     assert batch["encoder_slots"]["text"].sum() == k
     assert torch.isfinite(model(**batch).loss)
 
@@ -349,7 +381,9 @@ def test_different_encoder_tokenizer_retokenizes_spans(tmp_path):
     dec = processor.tokenize("the cat xylophonists")
     enc = processor.to_encoder_ids("text", dec)
     assert len(dec) == 3 and len(enc) > 3  # WordPiece splits "xylophonists"
-    batch = processor.collate([[TextSegment(dec[:1]), EncodedSegment("text", input_ids=enc, target_ids=dec[1:])]])
+    batch = processor.collate(
+        [[TextSegment(dec[:1]), EncodedSegment("text", input_ids=enc, target_ids=dec[1:])]]
+    )
     assert batch["encoder_slots"]["text"].sum() == len(enc)
     assert batch["labels"][0, 1] == dec[1]
     assert torch.isfinite(model(**batch).loss)

@@ -6,6 +6,7 @@ import base64
 import inspect
 import io
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,8 @@ def test_error_message_format(folder: Path) -> None:
         == f"{path}:2: field 'text': empty string — fix the record or pass --skip-bad to skip it"
     )
     assert info.value.reason == "empty string"
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (again.path, again.line, again.field, str(again)) == (str(path), 2, "text", str(info.value))
 
 
 def test_non_utf8_line(folder: Path) -> None:

@@ -82,12 +82,22 @@ def test_image_text_sample_layout():
     pix = torch.zeros(3, 8, 8)
     seen_prefix = 0
     for _ in range(50):
-        sample = image_text_sample(pix, list(range(10, 20)), "vision", rng, text_encoder="text",
-                                   to_encoder_ids=list, bos_id=1, eos_id=2)
+        sample = image_text_sample(
+            pix,
+            list(range(10, 20)),
+            "vision",
+            rng,
+            text_encoder="text",
+            to_encoder_ids=list,
+            bos_id=1,
+            eos_id=2,
+        )
         assert isinstance(sample[0], TextSegment) and sample[0].ids == [1]
         assert isinstance(sample[1], EncodedSegment) and sample[1].encoder == "vision"
         assert isinstance(sample[-1], TextSegment) and sample[-1].ids[-1] == 2 and len(sample[-1].ids) >= 2
         if len(sample) == 4:
             seen_prefix += 1
-            assert sample[2].encoder == "text" and sample[2].target_ids == list(range(10, 10 + len(sample[2].target_ids)))
+            assert sample[2].encoder == "text" and sample[2].target_ids == list(
+                range(10, 10 + len(sample[2].target_ids))
+            )
     assert 10 < seen_prefix < 50

@@ -155,7 +155,9 @@ class MetaLMProcessor:
                     )
                 sample.append(EncodedSegment(name, input_ids=enc_ids, target_ids=dec_ids, loss=part.loss))
             elif isinstance(part, ImageInput | Image.Image):
-                image, requested = (part.image, part.encoder) if isinstance(part, ImageInput) else (part, None)
+                image, requested = (
+                    (part.image, part.encoder) if isinstance(part, ImageInput) else (part, None)
+                )
                 name = self._default_encoder("vision", requested, where)
                 try:
                     pil = load_image(image, name=where)
@@ -194,11 +196,16 @@ class MetaLMProcessor:
             raise InputError(f"expected a list of parts or a list of prompts, got {type(prompts).__name__}")
         if prompts and not all(isinstance(p, list | tuple) for p in prompts):
             prompts = [prompts]
-        samples = [self.build_sample(list(p), add_bos=add_bos, add_eos=add_eos, index=i) for i, p in enumerate(prompts)]
+        samples = [
+            self.build_sample(list(p), add_bos=add_bos, add_eos=add_eos, index=i)
+            for i, p in enumerate(prompts)
+        ]
         return self.collate(samples, padding_side=padding_side, **kwargs)
 
     def decode(self, ids, **kwargs: Any) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=kwargs.pop("skip_special_tokens", True), **kwargs)
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=kwargs.pop("skip_special_tokens", True), **kwargs
+        )
 
     def batch_decode(self, ids, **kwargs: Any) -> list[str]:
         return [self.decode(row, **kwargs) for row in ids]
@@ -227,7 +234,8 @@ class MetaLMProcessor:
         meta = json.loads(meta_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(directory)
         encoder_tokenizers = {
-            name: AutoTokenizer.from_pretrained(directory / "encoders" / name) for name in meta["encoder_tokenizers"]
+            name: AutoTokenizer.from_pretrained(directory / "encoders" / name)
+            for name in meta["encoder_tokenizers"]
         }
         image_processors = {n: ImagePreprocessor.from_dict(d) for n, d in meta["image_processors"].items()}
         return cls(config, tokenizer, encoder_tokenizers, image_processors)

@@ -177,6 +177,10 @@ class RecordError(ValueError):
         self.field = field
         super().__init__(self._format())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep path/line/field across pickling (errors raised in DataLoader worker processes).
+        return (_record_error, (self.reason, self.path, self.line, self.field))
+
     def _format(self) -> str:
         where = ""
         if self.path is not None:
@@ -185,9 +189,9 @@ class RecordError(ValueError):
         hint = f" — {_SKIP_HINT}" if self.path is not None else ""
         return f"{where}{what}{self.reason}{hint}"
 
-    def located(self, path: str, line: int | None) -> RecordError:
-        """A copy of this error placed at ``path:line``."""
-        return RecordError(self.reason, path=path, line=line, field=self.field)
+
+def _record_error(reason: str, path: str | None, line: int | None, field: str | None) -> RecordError:
+    return RecordError(reason, path=path, line=line, field=field)
 
 
 @dataclass

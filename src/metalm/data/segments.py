@@ -94,7 +94,9 @@ def collate(
                 owner += [None] * len(seg.ids)
                 continue
             if not isinstance(seg, EncodedSegment):
-                raise SampleError(f"{where}: expected TextSegment or EncodedSegment, got {type(seg).__name__}")
+                raise SampleError(
+                    f"{where}: expected TextSegment or EncodedSegment, got {type(seg).__name__}"
+                )
             spec = config.encoder_spec(seg.encoder)
             if spec["kind"] == "text":
                 if not seg.input_ids:

@@ -78,7 +78,9 @@ class ModelRecipe:
 def _decoder_tokenizer(recipe: ModelRecipe) -> PreTrainedTokenizerBase:
     source = recipe.tokenizer or (recipe.decoder if isinstance(recipe.decoder, str) else None)
     if source is None:
-        raise MetaLMConfigError("a decoder built from a config needs `tokenizer` (a folder or packaged:minilm-l6)")
+        raise MetaLMConfigError(
+            "a decoder built from a config needs `tokenizer` (a folder or packaged:minilm-l6)"
+        )
     tok = load_tokenizer(source)
     # A WordPiece (BERT) vocabulary has no BOS/EOS: use [CLS]/[SEP], so generation stops at [SEP].
     if tok.bos_token is None and tok.cls_token is not None:
@@ -91,12 +93,18 @@ def _decoder_tokenizer(recipe: ModelRecipe) -> PreTrainedTokenizerBase:
 
 
 def _build_decoder(recipe: ModelRecipe, tok: PreTrainedTokenizerBase):
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    special = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     if isinstance(recipe.decoder, dict):
         config = _config_from_dict({**recipe.decoder, **special, "vocab_size": len(tok)})
         config._attn_implementation = recipe.attn_implementation
         return AutoModelForCausalLM.from_config(config, attn_implementation=recipe.attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(recipe.decoder, attn_implementation=recipe.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.decoder, attn_implementation=recipe.attn_implementation
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model
@@ -120,7 +128,9 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
         spec.update(backbone="efficientnet_lite0", image_size=r.image_size)
         spec["num_slots"] = math.ceil(r.image_size / 32) ** 2
         pre = ImagePreprocessor(
-            size=r.image_size, mean=EFFICIENTNET_LITE0_PREPROCESSOR.mean, std=EFFICIENTNET_LITE0_PREPROCESSOR.std
+            size=r.image_size,
+            mean=EFFICIENTNET_LITE0_PREPROCESSOR.mean,
+            std=EFFICIENTNET_LITE0_PREPROCESSOR.std,
         )
         return spec, backbone, pre
     if r.source == "config":
@@ -160,7 +170,9 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
         spec["image_size"] = r.image_size
         with torch.no_grad():
             dummy = torch.zeros(1, 3, r.image_size, r.image_size)
-            out = backbone(dummy) if spec["backbone"] == "efficientnet_lite0" else backbone(pixel_values=dummy)
+            out = (
+                backbone(dummy) if spec["backbone"] == "efficientnet_lite0" else backbone(pixel_values=dummy)
+            )
             spec["num_slots"] = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).shape[1]
         return spec, backbone, ImagePreprocessor(size=r.image_size)
     raise MetaLMConfigError(f"encoder {r.name!r}: kind {r.kind!r} is not supported yet (text, vision)")

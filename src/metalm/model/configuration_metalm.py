@@ -50,15 +50,21 @@ def normalize_encoder_spec(spec: dict[str, Any]) -> dict[str, Any]:
     where = f"encoder {name!r}" if name else "encoder spec"
     unknown = set(spec) - _ENCODER_KEYS
     if unknown:
-        raise MetaLMConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_ENCODER_KEYS)}")
+        raise MetaLMConfigError(
+            f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_ENCODER_KEYS)}"
+        )
     if not isinstance(name, str) or not name.isidentifier():
         raise MetaLMConfigError(f"{where}: field 'name' must be a Python identifier, got {name!r}")
     out = copy.deepcopy(spec)
     if out.get("kind") not in ENCODER_KINDS:
-        raise MetaLMConfigError(f"{where}: field 'kind' must be one of {ENCODER_KINDS}, got {out.get('kind')!r}")
+        raise MetaLMConfigError(
+            f"{where}: field 'kind' must be one of {ENCODER_KINDS}, got {out.get('kind')!r}"
+        )
     out.setdefault("backbone", "hf")
     if out["backbone"] not in BACKBONES:
-        raise MetaLMConfigError(f"{where}: field 'backbone' must be one of {BACKBONES}, got {out['backbone']!r}")
+        raise MetaLMConfigError(
+            f"{where}: field 'backbone' must be one of {BACKBONES}, got {out['backbone']!r}"
+        )
     if out["backbone"] == "hf":
         cfg = out.get("config")
         if isinstance(cfg, PreTrainedConfig):
@@ -127,7 +133,9 @@ class MetaLMConfig(PreTrainedConfig):
         if not (1 <= sc["span_min"] <= sc["span_max"]):
             raise MetaLMConfigError(f"semi_causal: need 1 <= span_min <= span_max, got {sc}")
         if not (0.0 <= sc["span_fraction"] < 1.0):
-            raise MetaLMConfigError(f"semi_causal: span_fraction must be in [0, 1), got {sc['span_fraction']}")
+            raise MetaLMConfigError(
+                f"semi_causal: span_fraction must be in [0, 1), got {sc['span_fraction']}"
+            )
         # The decoder owns the vocabulary and special tokens; mirror them so generate() finds them.
         for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self.text_config, key, None) is not None:
@@ -139,7 +147,9 @@ class MetaLMConfig(PreTrainedConfig):
         for spec in self.encoders:
             if spec["name"] == name:
                 return spec
-        raise MetaLMConfigError(f"no encoder named {name!r}; this model has {[s['name'] for s in self.encoders]}")
+        raise MetaLMConfigError(
+            f"no encoder named {name!r}; this model has {[s['name'] for s in self.encoders]}"
+        )
 
     def encoders_of_kind(self, kind: str) -> list[str]:
         return [s["name"] for s in self.encoders if s["kind"] == kind]
@@ -155,5 +165,7 @@ class MetaLMConfig(PreTrainedConfig):
                 raise MetaLMConfigError(f"encoder {name!r}: a text span needs its token count")
             return int(payload_tokens)
         if spec.get("num_slots") is None:
-            raise MetaLMConfigError(f"encoder {name!r}: 'num_slots' is unknown; build the model once to measure it")
+            raise MetaLMConfigError(
+                f"encoder {name!r}: 'num_slots' is unknown; build the model once to measure it"
+            )
         return int(spec["num_slots"])

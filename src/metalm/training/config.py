@@ -174,6 +174,8 @@ def _join(path: str, key: str | int) -> str:
 
 
 def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -190,7 +192,8 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of mappings" if dataclasses.is_dataclass(item) else f"a list of {_type_name(item)}"
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
     if origin is dict or tp is dict:

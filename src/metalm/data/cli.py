@@ -1,0 +1,65 @@
+"""`metalm data`: list the built-in datasets, export them as JSONL, validate JSONL files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def list_datasets() -> None:
+    from metalm.data.builtin import BUILTIN_DATASETS
+
+    print(f"{'name':<20} {'kind':<15} {'train':>7} {'valid':>7} {'test':>7}  description")
+    for name, ds in BUILTIN_DATASETS.items():
+        sizes = ds.sizes or {}
+        row = [str(sizes.get(s, "?")) for s in ("train", "validation", "test")]
+        print(f"{name:<20} {ds.kind:<15} {row[0]:>7} {row[1]:>7} {row[2]:>7}  {ds.description}")
+
+
+def export(name: str, split: list[str], out: str) -> None:
+    from metalm.data.builtin import export_builtin
+
+    for s in split:
+        path = export_builtin(name, s, out)
+        print(f"wrote {path}")
+
+
+def validate(files: list[str], skip_bad: bool = False, check_images: bool = False) -> int:
+    """Validate JSONL files; exit status 1 if any record is bad."""
+    from metalm.data.records import RecordError, validate_file
+
+    bad_total = 0
+    for f in files:
+        try:
+            n_ok, report = validate_file(f, skip_bad=skip_bad, check_images=check_images)
+        except RecordError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        bad_total += report.count
+        print(f"{f}: {n_ok} good records, {report.count} bad")
+        if report.count:
+            print(report.summary(), file=sys.stderr)
+    return 1 if bad_total else 0
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="list, export and validate datasets", description=__doc__)
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    ls = sub.add_parser("list", help="the built-in datasets with their split sizes")
+    ls.set_defaults(func=lambda a: list_datasets())
+    ex = sub.add_parser(
+        "export", help="write a built-in dataset as JSONL (+ images) in the documented schema"
+    )
+    ex.add_argument("name", help="built-in dataset name (see `metalm data list`)")
+    ex.add_argument(
+        "--split", action="append", choices=["train", "validation", "test"], help="repeatable; default all"
+    )
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.set_defaults(func=lambda a: export(a.name, a.split or ["train", "validation", "test"], a.out))
+    va = sub.add_parser("validate", help="check JSONL files against the schema (file:line: field errors)")
+    va.add_argument("files", nargs="+")
+    va.add_argument(
+        "--skip-bad", action="store_true", help="count and list bad records instead of stopping at the first"
+    )
+    va.add_argument("--check-images", action="store_true", help="also open every image")
+    va.set_defaults(func=lambda a: validate(a.files, a.skip_bad, a.check_images))

@@ -1,0 +1,518 @@
+"""Evaluation tasks: examples, templates, scoring mode and metric.
+
+A :class:`Task` turns an :class:`Example` into
+
+* an *input* -- the text the text encoder reads (rendered from ``input_template`` with ``{field}``
+  placeholders), plus an optional image for the vision encoder;
+* a *target* -- decoder text (``target_delimiter + target_template``): a demonstration's label, or one
+  candidate option when options are ranked.
+
+Scoring is ``"rank"`` (every option is scored as decoder text after the prompt, by the sum or the mean of
+its tokens' log-probabilities; the best one is the prediction) or ``"generate"`` (greedy decoding, then a
+metric). Metrics are reported on a 0-100 scale (accuracy 54.2, CIDEr 110.2, BLEU-4 30.1).
+
+Built-in tasks (:data:`BUILTIN_TASKS`) read :func:`metalm.data.builtin.load_builtin`; user tasks come
+from a small YAML/JSON task file with a JSONL data file (:func:`load_task_file`, ``docs/evaluation.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from metalm.evaluation import metrics as M
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "METRICS",
+    "Example",
+    "Task",
+    "TaskError",
+    "builtin_task",
+    "get_task",
+    "load_task_file",
+]
+
+SCORING_MODES = ("rank", "generate")
+NORMALIZATIONS = ("sum", "mean")
+# metric name -> the score keys it reports (all on a 0-100 scale).
+METRICS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("accuracy", "macro_f1"),
+    "exact_match": ("exact_match",),
+    "vqa_accuracy": ("vqa_accuracy",),
+    "caption": ("CIDEr", "BLEU-4"),
+    "rouge_l": ("rouge_l",),
+    "squad_f1": ("f1", "exact_match"),
+}
+
+
+class TaskError(ValueError):
+    """A task definition or a task file is invalid; the message names the task and the field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation example.
+
+    ``fields`` feed the templates (``{question}``, ``{text}`` ...); ``answers`` holds the gold label(s)
+    (the first one is the demonstration label and the class for accuracy); ``options`` are candidates
+    for this example (else the task's); ``image`` is a path / data URL for the vision encoder."""
+
+    id: str
+    fields: dict[str, Any]
+    answers: tuple[str, ...]
+    options: tuple[str, ...] | None = None
+    image: str | None = None
+
+
+def _placeholders(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass
+class Task:
+    """An evaluation protocol over a dataset.
+
+    Args:
+        name: task name, used in output file names.
+        load: ``split -> list[Example]``.
+        input_template: text for the text encoder (``{field}`` placeholders; may be empty when the image
+            alone is the input).
+        fewshot_input_template: template used when demonstrations are present (default: ``input_template``);
+            the paper uses "question: [q] answer:" zero-shot and "Question: [q] Answer:" few-shot.
+        target_template: decoder text of a label or option, ``{answer}`` = the label.
+        target_delimiter: prepended to every target (a space, so BPE decoders see " Positive").
+        scoring: ``"rank"`` or ``"generate"``.
+        normalization: for ``rank``: ``"sum"`` or ``"mean"`` of the option tokens' log-probabilities.
+        options: task-wide candidate labels (``rank``); an example's own ``options`` win.
+        metric: one of :data:`METRICS`.
+        max_new_tokens / stop: greedy decoding budget and stop strings (``generate``).
+        eval_split / demo_split: split evaluated / split demonstrations are drawn from (``None``: the eval
+            split itself, never the query).
+        truncate_field / truncate_words: shorten that field to its first N words (both modes alike, so
+            MetaLM and the GPT baseline see the same text); the field is also shortened further when an
+            input would not fit the text encoder.
+        caption_tokenizer: ``"ptb"`` (pycocoevalcap's Java PTB tokenizer) or ``"simple"``.
+    """
+
+    name: str
+    load: Callable[[str], list[Example]]
+    input_template: str
+    fewshot_input_template: str | None = None
+    target_template: str = "{answer}"
+    target_delimiter: str = " "
+    scoring: str = "rank"
+    normalization: str = "sum"
+    options: tuple[str, ...] | None = None
+    metric: str = "accuracy"
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ("\n",)
+    eval_split: str = "test"
+    demo_split: str | None = "train"
+    truncate_field: str | None = None
+    truncate_words: int | None = None
+    caption_tokenizer: str = "ptb"
+    description: str = ""
+    _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if self.scoring not in SCORING_MODES:
+            raise TaskError(f"{where}: scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise TaskError(f"{where}: normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.metric not in METRICS:
+            raise TaskError(f"{where}: metric must be one of {sorted(METRICS)}, got {self.metric!r}")
+        if self.scoring == "rank" and self.metric in ("caption", "rouge_l", "squad_f1", "vqa_accuracy"):
+            raise TaskError(f"{where}: metric {self.metric!r} needs scoring 'generate'")
+        if "answer" not in _placeholders(self.target_template):
+            raise TaskError(f"{where}: target_template must contain '{{answer}}', got {self.target_template!r}")
+        if self.options is not None:
+            self.options = tuple(str(o) for o in self.options)
+        self.stop = tuple(self.stop)
+
+    # --- data --------------------------------------------------------------------------------------
+    def examples(self, split: str) -> list[Example]:
+        """Examples of ``split`` (loaded once, then cached)."""
+        if split not in self._cache:
+            examples = self.load(split)
+            if not examples:
+                raise TaskError(f"task {self.name!r}: split {split!r} has no examples")
+            self._cache[split] = examples
+        return self._cache[split]
+
+    # --- templates ---------------------------------------------------------------------------------
+    def _fields(self, ex: Example, truncate_to: int | None = None) -> dict[str, Any]:
+        fields = dict(ex.fields)
+        limit = self.truncate_words if truncate_to is None else truncate_to
+        if self.truncate_field and limit is not None and self.truncate_field in fields:
+            words = str(fields[self.truncate_field]).split()
+            if len(words) > limit:
+                fields[self.truncate_field] = " ".join(words[:limit])
+        return fields
+
+    def _format(self, template: str, fields: dict[str, Any], ex: Example) -> str:
+        try:
+            return template.format_map(fields)
+        except KeyError as err:
+            raise TaskError(
+                f"task {self.name!r}, example {ex.id!r}: template {template!r} uses field {err.args[0]!r}, "
+                f"which the example lacks (it has {sorted(fields)})"
+            ) from None
+
+    def render_input(self, ex: Example, *, fewshot: bool = False, fits: Callable[[str], bool] | None = None) -> str:
+        """The input text of ``ex``. ``fits(text)`` (e.g. "fits the text encoder") shortens
+        ``truncate_field`` word by word (binary search) until it holds; without a truncatable field an
+        over-long input is returned as is and the processor reports it."""
+        template = (self.fewshot_input_template or self.input_template) if fewshot else self.input_template
+        text = self._format(template, self._fields(ex), ex)
+        if fits is None or fits(text) or not self.truncate_field or self.truncate_field not in ex.fields:
+            return text
+        lo, hi = 0, len(str(self._fields(ex)[self.truncate_field]).split())
+        while lo < hi:  # largest word count that fits
+            mid = (lo + hi + 1) // 2
+            if fits(self._format(template, self._fields(ex, mid), ex)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return self._format(template, self._fields(ex, lo), ex)
+
+    def render_target(self, answer: str) -> str:
+        """Decoder text of a label or option (with the delimiter)."""
+        return self.target_delimiter + self.target_template.format(answer=answer)
+
+    def label(self, ex: Example) -> str:
+        return ex.answers[0]
+
+    def options_for(self, ex: Example) -> tuple[str, ...]:
+        options = ex.options if ex.options is not None else self.options
+        if not options:
+            raise TaskError(f"task {self.name!r}, example {ex.id!r}: scoring 'rank' needs options")
+        return options
+
+    # --- metrics -----------------------------------------------------------------------------------
+    def example_score(self, prediction: str, ex: Example) -> float | None:
+        """Per-example score in [0, 1] (``None`` for corpus-level metrics such as CIDEr)."""
+        if self.metric == "accuracy":
+            gold = self.label(ex)
+            if self.scoring == "generate":
+                return float(M.normalize_squad_answer(prediction) == M.normalize_squad_answer(gold))
+            return float(prediction == gold)
+        if self.metric == "exact_match":
+            return M.exact_match(prediction, list(ex.answers))
+        if self.metric == "vqa_accuracy":
+            return M.vqa_accuracy(prediction, list(ex.answers))
+        if self.metric == "rouge_l":
+            return M.rouge_l(prediction, list(ex.answers))
+        if self.metric == "squad_f1":
+            return M.squad_f1(prediction, list(ex.answers))
+        return None
+
+    def compute_metrics(self, predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, Any]:
+        """Task metrics on a 0-100 scale, plus ``n``."""
+        if len(predictions) != len(examples) or not examples:
+            raise ValueError("need one prediction per example and at least one example")
+        out: dict[str, Any] = {}
+        if self.metric == "accuracy":
+            if self.scoring == "generate":
+                preds = [M.normalize_squad_answer(p) for p in predictions]
+                golds = [M.normalize_squad_answer(self.label(e)) for e in examples]
+            else:
+                preds, golds = list(predictions), [self.label(e) for e in examples]
+            labels = None
+            if self.options is not None:
+                labels = [M.normalize_squad_answer(o) for o in self.options] if self.scoring == "generate" else list(self.options)
+            out["accuracy"] = 100 * M.accuracy(preds, golds)
+            out["macro_f1"] = 100 * M.macro_f1(preds, golds, labels)
+        elif self.metric == "caption":
+            ids = [str(i) for i in range(len(examples))]
+            scores = M.caption_scores(
+                dict(zip(ids, predictions)),
+                {i: list(e.answers) for i, e in zip(ids, examples)},
+                tokenizer=self.caption_tokenizer,
+            )
+            out["CIDEr"] = 100 * scores["CIDEr"]
+            out["BLEU-4"] = 100 * scores["BLEU-4"]
+            out["caption_tokenizer"] = scores["tokenizer"]
+        elif self.metric == "squad_f1":
+            out["f1"] = 100 * sum(M.squad_f1(p, list(e.answers)) for p, e in zip(predictions, examples)) / len(examples)
+            out["exact_match"] = (
+                100 * sum(M.exact_match(p, list(e.answers)) for p, e in zip(predictions, examples)) / len(examples)
+            )
+        else:
+            key = METRICS[self.metric][0]
+            scores_ = [self.example_score(p, e) for p, e in zip(predictions, examples)]
+            out[key] = 100 * sum(s or 0.0 for s in scores_) / len(scores_)
+        out["n"] = len(examples)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        """The protocol, for summary.json."""
+        return {
+            "input_template": self.input_template,
+            "fewshot_input_template": self.fewshot_input_template or self.input_template,
+            "target_template": self.target_template,
+            "target_delimiter": self.target_delimiter,
+            "scoring": self.scoring,
+            "normalization": self.normalization if self.scoring == "rank" else None,
+            "options": list(self.options) if self.options else None,
+            "metric": self.metric,
+            "max_new_tokens": self.max_new_tokens if self.scoring == "generate" else None,
+            "stop": list(self.stop) if self.scoring == "generate" else None,
+            "eval_split": self.eval_split,
+            "demo_split": self.demo_split,
+            "truncate_field": self.truncate_field,
+            "truncate_words": self.truncate_words,
+            "caption_tokenizer": self.caption_tokenizer if self.metric == "caption" else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in tasks
+# ---------------------------------------------------------------------------------------------------------
+def _easyvqa(split: str) -> list[Example]:
+    from metalm.data.builtin import load_builtin
+
+    return [
+        Example(
+            id=r.id or f"easyvqa/{split}/{i}",
+            fields={"question": r.question},
+            answers=tuple(r.answers),
+            image=r.image,
+        )
+        for i, r in enumerate(load_builtin("easy_vqa_vqa", split))
+    ]
+
+
+def _easyvqa_caption(split: str) -> list[Example]:
+    from metalm.data.builtin import load_builtin
+
+    return [
+        Example(id=r.id or f"easyvqa-caption/{split}/{i}", fields={}, answers=(r.text,), image=r.image)
+        for i, r in enumerate(load_builtin("easy_vqa_captions", split))
+    ]
+
+
+BBC_TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def _bbc_topic(split: str) -> list[Example]:
+    from metalm.data.builtin import load_builtin
+
+    return [
+        Example(id=r.id or f"bbc-topic/{split}/{i}", fields={"text": " ".join(r.text.split())}, answers=(r.label,))
+        for i, r in enumerate(load_builtin("bbc_news", split))
+    ]
+
+
+def _builtin_tasks() -> dict[str, Callable[[], Task]]:
+    return {
+        "easyvqa": lambda: Task(
+            name="easyvqa",
+            load=_easyvqa,
+            input_template="question: {question} answer:",
+            fewshot_input_template="Question: {question} Answer:",
+            scoring="generate",
+            metric="vqa_accuracy",
+            max_new_tokens=5,
+            description="easy-VQA, open-ended greedy answers, VQA accuracy (PAPER.md §3 zero/few-shot VQA)",
+        ),
+        "easyvqa-caption": lambda: Task(
+            name="easyvqa-caption",
+            load=_easyvqa_caption,
+            input_template="Summarize this image:",
+            scoring="generate",
+            metric="caption",
+            max_new_tokens=20,
+            description="easy-VQA images, zero-shot captioning with 'Summarize this image:', CIDEr + BLEU-4",
+        ),
+        "bbc-topic": lambda: Task(
+            name="bbc-topic",
+            load=_bbc_topic,
+            input_template="Article: {text} Topic:",
+            scoring="rank",
+            normalization="sum",
+            options=BBC_TOPICS,
+            metric="accuracy",
+            truncate_field="text",
+            truncate_words=64,
+            description="BBC News topic classification by ranking the 5 topics; accuracy + macro-F1",
+        ),
+    }
+
+
+BUILTIN_TASKS: tuple[str, ...] = tuple(_builtin_tasks())
+
+
+def builtin_task(name: str) -> Task:
+    """A fresh built-in task by name (see :data:`BUILTIN_TASKS`)."""
+    tasks = _builtin_tasks()
+    if name not in tasks:
+        raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(tasks)} (or give a .yaml/.json task file)")
+    return tasks[name]()
+
+
+def get_task(spec: str | Path | Task) -> Task:
+    """A task from a built-in name, a task file path (.yaml / .yml / .json) or a :class:`Task`."""
+    if isinstance(spec, Task):
+        return spec
+    text = str(spec)
+    if text in BUILTIN_TASKS:
+        return builtin_task(text)
+    if Path(text).suffix.lower() in (".yaml", ".yml", ".json") or Path(text).is_file():
+        return load_task_file(text)
+    return builtin_task(text)  # raises with the list of names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User tasks: a JSONL data file + a YAML/JSON task file
+# ---------------------------------------------------------------------------------------------------------
+_TASK_KEYS = {
+    "name", "data", "train", "input", "fewshot_input", "label", "options", "scoring", "normalization",
+    "metric", "image", "id", "target", "target_delimiter", "max_new_tokens", "stop", "truncate_field",
+    "truncate_words", "caption_tokenizer", "description",
+}  # fmt: skip
+
+
+def _read_rows(path: Path, task: str) -> list[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise TaskError(f"task {task!r}: data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{n}: expected a JSON object per line")
+            rows.append((n, row))
+    if not rows:
+        raise TaskError(f"task {task!r}: {path} has no records")
+    return rows
+
+
+def _as_answers(value: Any, options: Sequence[str] | None, where: str) -> tuple[str, ...]:
+    if isinstance(value, bool):
+        value = str(value).lower()
+    if isinstance(value, int) and options is not None:  # an index into the options (lm-eval style)
+        if not 0 <= value < len(options):
+            raise TaskError(f"{where}: label index {value} is out of range for {len(options)} options")
+        return (str(options[value]),)
+    if isinstance(value, str | int | float):
+        return (str(value),)
+    if isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
+        return tuple(str(v) for v in value)
+    raise TaskError(f"{where}: label must be a string, a number or a non-empty list of strings, got {value!r:.80}")
+
+
+def load_task_file(path: str | Path) -> Task:
+    """A user task from a YAML or JSON task file (keys documented in ``docs/evaluation.md``).
+
+    Relative ``data`` / ``train`` paths and image paths in the records are resolved against the task file's
+    folder (images: against the data file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file not found: {path}")
+    raw_text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        spec = json.loads(raw_text)
+    else:
+        import yaml
+
+        spec = yaml.safe_load(raw_text)
+    if not isinstance(spec, dict):
+        raise TaskError(f"{path}: a task file must hold a mapping")
+    unknown = set(spec) - _TASK_KEYS
+    if unknown:
+        raise TaskError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TASK_KEYS)}")
+    name = str(spec.get("name") or path.stem)
+    for key in ("data", "label"):
+        if key not in spec:
+            raise TaskError(f"{path}: missing required key {key!r}")
+    if "input" not in spec and "image" not in spec:
+        raise TaskError(f"{path}: give an 'input' template (and/or an 'image' field)")
+    base = path.resolve().parent
+    data = (base / spec["data"]).resolve()
+    train = (base / spec["train"]).resolve() if spec.get("train") else None
+    label_field = str(spec["label"])
+    image_field = spec.get("image")
+    id_field = spec.get("id", "id")
+    options_spec = spec.get("options")
+    task_options: tuple[str, ...] | None = None
+    options_field: str | None = None
+    if isinstance(options_spec, list):
+        task_options = tuple(str(o) for o in options_spec)
+    elif isinstance(options_spec, str):
+        options_field = options_spec
+    elif options_spec is not None:
+        raise TaskError(f"{path}: 'options' must be a list of labels or the name of a field holding them")
+    scoring = spec.get("scoring") or ("rank" if options_spec is not None else "generate")
+    metric = spec.get("metric") or ("accuracy" if scoring == "rank" else "exact_match")
+
+    def load(split: str) -> list[Example]:
+        file = train if split == "train" else data
+        if file is None:
+            raise TaskError(f"task {name!r}: no 'train' file")
+        examples = []
+        for n, row in _read_rows(file, name):
+            where = f"{file}:{n}"
+            if label_field not in row:
+                raise TaskError(f"{where}: label field {label_field!r} missing")
+            options = None
+            if options_field is not None:
+                value = row.get(options_field)
+                if not isinstance(value, list) or not value:
+                    raise TaskError(f"{where}: options field {options_field!r} must be a non-empty list")
+                options = tuple(str(o) for o in value)
+            answers = _as_answers(row[label_field], options or task_options, where)
+            image = None
+            if image_field:
+                if not isinstance(row.get(image_field), str):
+                    raise TaskError(f"{where}: image field {image_field!r} missing or not a string")
+                image = row[image_field]
+                if not image.startswith("data:") and not Path(image).is_absolute():
+                    image = str((file.parent / image).resolve())
+            rid = row.get(id_field, f"{name}/{file.stem}/{n}")
+            examples.append(Example(id=str(rid), fields=row, answers=answers, options=options, image=image))
+        return examples
+
+    kwargs: dict[str, Any] = {}
+    for key, attr in (
+        ("normalization", "normalization"),
+        ("max_new_tokens", "max_new_tokens"),
+        ("truncate_field", "truncate_field"),
+        ("truncate_words", "truncate_words"),
+        ("caption_tokenizer", "caption_tokenizer"),
+        ("description", "description"),
+        ("target_delimiter", "target_delimiter"),
+        ("fewshot_input", "fewshot_input_template"),
+        ("target", "target_template"),
+    ):
+        if key in spec:
+            kwargs[attr] = spec[key]
+    if "stop" in spec:
+        stop = spec["stop"]
+        kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return Task(
+        name=name,
+        load=load,
+        input_template=str(spec.get("input", "")),
+        scoring=scoring,
+        metric=metric,
+        options=task_options,
+        eval_split="test",
+        demo_split="train" if train is not None else None,
+        **kwargs,
+    )
+
+
+def with_overrides(task: Task, **changes: Any) -> Task:
+    """A copy of ``task`` with some settings changed (e.g. ``normalization="mean"``)."""
+    return replace(task, _cache={}, **changes)

@@ -1,0 +1,799 @@
+"""Inference engine: load a saved MetaLM once, build prompts from chat messages, generate and stream.
+
+Prompt template (chat)
+----------------------
+A conversation becomes one list of segments::
+
+    [BOS] System: <enc(system)>  User: <image>... <enc(user text)> Assistant: answer [EOS]
+          User: <enc(user text)> Assistant:
+
+- every *user* (and system) turn's text goes through the text encoder (``Encode``) when the model has one
+  and the text fits the encoder (``processor.span_limit``); otherwise it is plain decoder text;
+- images of a turn come first in that turn, each through the vision encoder (``ImageInput``);
+- *assistant* answers are decoder text, closed by the EOS token (the model stops on EOS, so the history
+  reads the way its own answers end);
+- the labels ``System:``, ``User:`` and ``Assistant:`` are decoder text.
+
+A raw prompt (``metalm generate``) is ``[BOS] <images...> <enc(prompt)>`` — the paper's zero-shot layout.
+
+Generation
+----------
+Requests run as *jobs*. Every choice of every job is one row of a left-padded batch that goes through
+``model.generate`` once, with the KV cache (encoder features are computed once, in the prefill). Rows carry
+their own temperature / top-p (a per-row logits processor), token budget, stop strings, deadline and
+cancellation (a per-row stopping criterion, which also emits the streamed text). So the same code serves a
+single CLI call and a dynamic batch of concurrent server requests (:meth:`Engine.submit`): a worker thread
+takes the first queued job, waits ``batch_wait_ms`` for more (up to ``max_batch_size`` rows) and runs them
+together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from metalm.data.images import ImageError, load_image
+from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor
+from metalm.data.segments import Sample, TextSegment, sample_length
+
+__all__ = [
+    "ASSISTANT_LABEL",
+    "SYSTEM_LABEL",
+    "USER_LABEL",
+    "ChatMessage",
+    "Completion",
+    "Engine",
+    "GenerationResult",
+    "Job",
+    "JobTimeout",
+    "Prompt",
+    "QueueFull",
+    "SamplingParams",
+    "StreamEvent",
+]
+
+logger = logging.getLogger("metalm.serving")
+
+SYSTEM_LABEL = "System:"
+USER_LABEL = "User:"
+ASSISTANT_LABEL = "Assistant:"
+
+
+class QueueFull(RuntimeError):
+    """The engine already holds its maximum number of pending jobs."""
+
+
+class JobTimeout(TimeoutError):
+    """A job's deadline passed before it could start."""
+
+
+# --- requests -----------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """How to generate. ``temperature=0`` is greedy decoding; ``n`` independent choices per prompt;
+    ``num_beams > 1`` runs beam search (direct calls only, no streaming); ``seed`` makes sampling
+    reproducible (a seeded job runs in a batch of its own)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    n: int = 1
+    num_beams: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not (0.0 <= float(self.temperature) <= 100.0) or math.isnan(float(self.temperature)):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < float(self.top_p) <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.n > self.num_beams:
+            raise ValueError(f"n ({self.n}) cannot exceed num_beams ({self.num_beams}) in beam search")
+
+    @property
+    def exclusive(self) -> bool:
+        """Runs in a batch of its own (beam search, or a seed to reproduce)."""
+        return self.num_beams > 1 or self.seed is not None
+
+
+@dataclass
+class ChatMessage:
+    """One chat turn: ``role`` is system / user / assistant; ``images`` are PIL images, paths, bytes or data
+    URLs (user turns only)."""
+
+    role: str
+    text: str = ""
+    images: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """A prompt ready for the model: its segments and the decoder positions they occupy."""
+
+    sample: Sample
+    num_tokens: int
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (token budget or time limit), "cancelled"
+
+
+@dataclass
+class GenerationResult:
+    completions: list[Completion]
+    prompt_tokens: int
+    seconds: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.completions)
+
+
+@dataclass
+class StreamEvent:
+    """A piece of streamed output: new ``text`` for choice ``index``; ``finish_reason`` is set on the
+    choice's last event."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+
+
+_END = object()  # marks the end of a job's event stream
+
+
+class Job:
+    """One request in flight. Consume it with :meth:`events` (streaming) or :meth:`result` (blocking);
+    ``on_event`` (called from the worker thread) replaces the internal queue, e.g. to feed asyncio."""
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        deadline: float | None = None,
+        on_event: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.id = next(self._ids)
+        self.prompt = prompt
+        self.params = params
+        self.deadline = deadline
+        self.created = time.monotonic()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.completions: list[Completion | None] = [None] * params.n
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._queue: queue.Queue | None = None if on_event else queue.Queue()
+        self._on_event = on_event or self._queue.put  # type: ignore[union-attr]
+
+    # consumer side
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def events(self, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Streamed events until the job ends; raises the job's error, if any, at the end."""
+        if self._queue is None:
+            raise RuntimeError("this job delivers its events to on_event")
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is _END:
+                break
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return GenerationResult(
+            completions=[c for c in self.completions if c is not None],
+            prompt_tokens=self.prompt.num_tokens,
+            seconds=(self.finished or time.monotonic()) - self.created,
+        )
+
+    # producer side
+    def _emit(self, event: StreamEvent) -> None:
+        self._on_event(event)
+
+    def _finish_choice(self, index: int, completion: Completion) -> None:
+        self.completions[index] = completion
+        self._emit(StreamEvent(index, "", completion.finish_reason))
+        if all(c is not None for c in self.completions):
+            self._end()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._end()
+
+    def _end(self) -> None:
+        if not self._done.is_set():
+            self.finished = time.monotonic()
+            self._done.set()
+            self._on_event(_END)
+
+    @staticmethod
+    def is_end(item: Any) -> bool:
+        return item is _END
+
+
+# --- per-row decoding ---------------------------------------------------------------------------------
+class _Row:
+    """One choice being generated: collects tokens, decodes them, applies stop strings and emits deltas.
+
+    Streamed text holds back any tail that could still become a stop string, so a stop string never
+    reaches the client."""
+
+    def __init__(
+        self, job: Job, index: int, max_new_tokens: int, decode: Callable[[list[int]], str], eos: set[int]
+    ) -> None:
+        self.job, self.index = job, index
+        self.max_new_tokens = max_new_tokens
+        self.stop = list(job.params.stop)
+        self.decode, self.eos = decode, eos
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = ""
+        self.done = False
+
+    def push(self, token: int) -> None:
+        if self.done:
+            return
+        if token in self.eos:
+            return self.finish("stop")
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        if self.stop:
+            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                return self.finish("stop")
+        self._emit(self._safe_text())
+        if len(self.tokens) >= self.max_new_tokens:
+            self.finish("length")
+        elif self.job.cancelled:
+            self.finish("cancelled")
+        elif self.job.deadline is not None and time.monotonic() > self.job.deadline:
+            self.finish("length")  # the time limit ends the answer like the token budget does
+
+    def _safe_text(self) -> str:
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return self.text[: len(self.text) - hold]
+
+    def _emit(self, text: str) -> None:
+        # Decoding a longer token list can rewrite the tail (WordPiece joins, space clean-up); only text
+        # that extends what was already sent can be streamed.
+        if len(text) > len(self.emitted) and text.startswith(self.emitted):
+            self.job._emit(StreamEvent(self.index, text[len(self.emitted) :]))
+            self.emitted = text
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._emit(self.text)
+        self.job._finish_choice(self.index, Completion(self.text, list(self.tokens), reason))
+
+
+class _RowTracker(StoppingCriteria):
+    """Feeds each step's new tokens to the rows and tells `generate` which rows are finished.
+
+    A stopping criterion rather than a `BaseStreamer`: transformers calls the streamer *after* the stopping
+    decision, and the decision needs the decoded text (stop strings)."""
+
+    def __init__(self, rows: list[_Row], prompt_width: int) -> None:
+        self.rows = rows
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if input_ids.shape[1] > self.prompt_width:
+            new = input_ids[:, -1].tolist()
+            for row, token in zip(self.rows, new):
+                row.push(token)
+        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
+
+
+class _RowSampling(LogitsProcessor):
+    """Per-row temperature and nucleus (top-p) filtering; temperature 0 keeps only the argmax (greedy)."""
+
+    def __init__(self, temperatures: list[float], top_ps: list[float]) -> None:
+        self.temperatures = torch.tensor(temperatures, dtype=torch.float32)
+        self.top_ps = torch.tensor(top_ps, dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        temps = self.temperatures.to(scores.device)
+        top_ps = self.top_ps.to(scores.device)
+        greedy = temps <= 0
+        scores = scores.float() / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+        if bool((top_ps < 1).any()):
+            sorted_scores, order = scores.sort(dim=-1)
+            remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_ps)[:, None]
+            remove[:, -1] = False  # always keep the most likely token
+            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        if bool(greedy.any()):
+            onehot = torch.full_like(scores, float("-inf"))
+            onehot.scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
+            scores = torch.where(greedy[:, None], onehot, scores)
+        return scores
+
+
+# --- the engine ---------------------------------------------------------------------------------------
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        elif isinstance(value, dict):
+            out[key] = _to_device(value, device)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    """A loaded MetaLM with its processor: prompt building, direct generation and dynamic batching.
+
+    Args:
+        model, processor: a `MetaLMForCausalLM` and its `MetaLMProcessor`.
+        name: the model id the server reports.
+        device: where the model runs (moved there once).
+        max_batch_size: most rows (choices) in one batched `generate` call.
+        batch_wait_ms: how long the batch worker waits for more jobs after the first one arrives.
+        max_pending: most jobs queued or running at once; :meth:`submit` raises `QueueFull` beyond it.
+        encode_max_tokens: user text longer than this (in encoder tokens) goes to the decoder instead of the
+            text encoder (default: the encoder's own span limit).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: MetaLMProcessor,
+        *,
+        name: str = "metalm",
+        device: str | torch.device | None = None,
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 10.0,
+        max_pending: int = 64,
+        encode_max_tokens: int | None = None,
+    ) -> None:
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.config = model.config
+        self.name = name
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_wait = max(0.0, float(batch_wait_ms)) / 1000.0
+        self.max_pending = max(1, int(max_pending))
+        self.encode_max_tokens = encode_max_tokens
+        self._text_encoders = self.config.encoders_of_kind("text")
+        self._vision_encoders = self.config.encoders_of_kind("vision")
+        self._eos = {i for i in self._eos_ids() if i is not None}
+        self._tok_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
+        self._model_lock = threading.Lock()
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._closing = threading.Event()
+        self.batch_sizes: list[int] = []  # rows per batched generate call, for monitoring and benchmarks
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> Engine:
+        """Load a saved model folder (config.json + safetensors + processor files) once."""
+        import metalm  # noqa: F401  (registers the MetaLM auto classes)
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} has no config.json: pass the folder of a saved metalm model")
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        load_kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(directory, **load_kwargs)
+        processor = MetaLMProcessor.from_pretrained(directory, config=model.config)
+        return cls(model, processor, name=name or directory.resolve().name, device=device, **kwargs)
+
+    # --- facts ----------------------------------------------------------------------------------------
+    def _eos_ids(self) -> list[int | None]:
+        ids: list[int | None] = [self.processor.eos_token_id]
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids += list(gen_eos) if isinstance(gen_eos, list | tuple) else [gen_eos]
+        return ids
+
+    @property
+    def context_length(self) -> int | None:
+        """The decoder's maximum number of positions (prompt + answer), if its config states one."""
+        cfg = self.config.text_config
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return bool(self._text_encoders)
+
+    @property
+    def has_vision_encoder(self) -> bool:
+        return bool(self._vision_encoders)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # --- prompts --------------------------------------------------------------------------------------
+    def _encodable(self, text: str, encode: bool | None) -> bool:
+        if encode is False or not self._text_encoders:
+            return False
+        name = self._text_encoders[0]
+        with self._tok_lock:
+            n = len(self.processor.encoder_tokenizers[name](text, add_special_tokens=False)["input_ids"])
+        limit = self.processor.span_limit(name)
+        if self.encode_max_tokens is not None:
+            limit = min(limit, self.encode_max_tokens)
+        return 0 < n <= limit
+
+    def _text_part(self, text: str, encode: bool | None) -> str | Encode:
+        if self._encodable(text, encode):
+            return Encode(text, encoder=self._text_encoders[0])
+        return text
+
+    def _image_part(self, image: Any) -> ImageInput:
+        if not self._vision_encoders:
+            raise InputError("this model has no vision encoder, so it cannot read images")
+        return ImageInput(image, encoder=self._vision_encoders[0])
+
+    def text_parts(self, prompt: str, images: Iterable[Any] = (), *, encode: bool | None = None) -> list[Any]:
+        """A raw prompt: images first, then the prompt text (encoded when it fits, unless ``encode=False``)."""
+        parts: list[Any] = [self._image_part(img) for img in images]
+        if prompt and prompt.strip():
+            parts.append(self._text_part(prompt, encode))
+        if not parts:
+            raise InputError("empty prompt: give some text or an image")
+        return parts
+
+    def chat_parts(self, messages: Sequence[ChatMessage | dict], *, encode: bool | None = None) -> list[Any]:
+        """The chat template (module docstring) as a list of parts; `None` entries mark an EOS token."""
+        msgs = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
+        if not msgs:
+            raise InputError("messages: at least one message is needed")
+        parts: list[Any] = []
+        for i, msg in enumerate(msgs):
+            role = {"developer": "system"}.get(msg.role, msg.role)
+            if role not in ("system", "user", "assistant"):
+                raise InputError(f"messages[{i}]: role {msg.role!r} is not supported (system, user, assistant)")
+            text = msg.text or ""
+            if role == "assistant":
+                if msg.images:
+                    raise InputError(f"messages[{i}]: assistant messages cannot carry images")
+                if text.strip():
+                    parts += [ASSISTANT_LABEL, text, None]
+                continue
+            if not text.strip() and not msg.images:
+                raise InputError(f"messages[{i}]: empty {role} message")
+            parts.append(SYSTEM_LABEL if role == "system" else USER_LABEL)
+            parts += [self._image_part(img) for img in msg.images]
+            if text.strip():
+                parts.append(self._text_part(text, encode))
+        if msgs[-1].role == "assistant":
+            raise InputError("messages: the last message must come from the user (or system)")
+        parts.append(ASSISTANT_LABEL)
+        return parts
+
+    def prepare(self, prompt: Prompt | str | Sequence[Any]) -> Prompt:
+        """Tokenize / preprocess a prompt once: a `Prompt`, a raw string, a list of `ChatMessage`s (or dicts),
+        or a list of processor parts (`None` inserts an EOS token). Raises `InputError` on bad input."""
+        if isinstance(prompt, Prompt):
+            return prompt
+        if isinstance(prompt, str):
+            parts = self.text_parts(prompt)
+        elif prompt and all(isinstance(m, ChatMessage | dict) for m in prompt):
+            parts = self.chat_parts(prompt)
+        else:
+            parts = list(prompt)
+        groups: list[list[Any]] = [[]]
+        for part in parts:
+            if part is None:
+                groups.append([])
+            else:
+                groups[-1].append(part)
+        sample: Sample = []
+        with self._tok_lock:
+            for k, group in enumerate(groups):
+                if k > 0 and self.processor.eos_token_id is not None:
+                    sample.append(TextSegment([self.processor.eos_token_id], loss=False))
+                if group:
+                    sample += self.processor.build_sample(group, add_bos=(k == 0))
+        if not sample:
+            raise InputError("empty prompt")
+        return Prompt(sample, sample_length(sample, self.config))
+
+    def load_image(self, source: Any, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000) -> Image.Image:
+        """`metalm.data.images.load_image` with explicit limits; raises `InputError`."""
+        try:
+            return load_image(source, max_bytes=max_bytes, max_pixels=max_pixels)
+        except ImageError as err:
+            raise InputError(str(err)) from err
+
+    # --- generation -----------------------------------------------------------------------------------
+    def _max_new_tokens(self, prompt: Prompt, params: SamplingParams) -> int:
+        limit = params.max_new_tokens
+        if self.context_length is not None:
+            limit = min(limit, self.context_length - prompt.num_tokens)
+        if limit < 1:
+            raise InputError(
+                f"the prompt takes {prompt.num_tokens} positions, the model's whole context "
+                f"({self.context_length}); shorten the conversation"
+            )
+        return limit
+
+    def _generation_kwargs(self, do_sample: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "pad_token_id": self.processor.pad_token_id,
+            "eos_token_id": sorted(self._eos) or None,
+        }
+        if do_sample:
+            # Sampling is done by our per-row processor; keep the model's own warpers out of the way.
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        return kwargs
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        """Generate every choice of `jobs` in one batched `generate` call; results go to the jobs."""
+        rows: list[_Row] = []
+        now = time.monotonic()
+        for job in jobs:
+            job.started = now
+            limit = self._max_new_tokens(job.prompt, job.params)
+            rows += [_Row(job, i, limit, self._decode, self._eos) for i in range(job.params.n)]
+        batch = self.processor.collate([r.job.prompt.sample for r in rows], padding_side="left")
+        batch.pop("labels", None)
+        batch = _to_device(batch, self.device)
+        width = batch["input_ids"].shape[1]
+        temps = [float(r.job.params.temperature) for r in rows]
+        do_sample = any(t > 0 for t in temps)
+        kwargs = self._generation_kwargs(do_sample)
+        if do_sample:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_RowSampling(temps, [float(r.job.params.top_p) for r in rows])]
+            )
+        seed = jobs[0].params.seed if len(jobs) == 1 else None
+        with self._model_lock:
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.batch_sizes.append(len(rows))
+            self.model.generate(
+                **batch,
+                max_new_tokens=max(r.max_new_tokens for r in rows),
+                do_sample=do_sample,
+                num_beams=1,
+                stopping_criteria=StoppingCriteriaList([_RowTracker(rows, width)]),
+                **kwargs,
+            )
+        for row in rows:  # only reached when generate stopped on its own limit
+            row.finish("length")
+
+    def _run_beams(self, job: Job) -> None:
+        params = job.params
+        job.started = time.monotonic()
+        limit = self._max_new_tokens(job.prompt, params)
+        batch = self.processor.collate([job.prompt.sample], padding_side="left")
+        batch.pop("labels", None)
+        batch = _to_device(batch, self.device)
+        kwargs = self._generation_kwargs(params.temperature > 0)
+        if params.temperature > 0:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_RowSampling([params.temperature] * params.num_beams, [params.top_p] * params.num_beams)]
+            )
+        with self._model_lock:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=limit,
+                num_beams=params.num_beams,
+                num_return_sequences=params.n,
+                do_sample=params.temperature > 0,
+                **kwargs,
+            )
+        for i, seq in enumerate(out[:, batch["input_ids"].shape[1] :].tolist()):
+            row = _Row(job, i, limit, self._decode, self._eos)
+            for token in seq:
+                row.push(token)
+                if row.done:
+                    break
+            row.finish("length")
+
+    def _run(self, jobs: list[Job]) -> None:
+        try:
+            if len(jobs) == 1 and jobs[0].params.num_beams > 1:
+                self._run_beams(jobs[0])
+            else:
+                self._run_jobs(jobs)
+        except InputError as err:
+            for job in jobs:
+                job._fail(err)
+        except Exception as err:  # noqa: BLE001  (a failed batch must not kill the worker)
+            logger.exception("generation failed for jobs %s", [j.id for j in jobs])
+            for job in jobs:
+                job._fail(RuntimeError(f"generation failed: {type(err).__name__}"))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+    def _new_job(self, prompt: Any, params: SamplingParams | None, **kwargs: Any) -> Job:
+        return Job(self.prepare(prompt), params or SamplingParams(), **kwargs)
+
+    def generate(self, prompt: Any, params: SamplingParams | None = None) -> GenerationResult:
+        """Generate directly in the calling thread (no batching with other requests)."""
+        job = self._new_job(prompt, params)
+        self._run([job])
+        return job.result()
+
+    def stream(self, prompt: Any, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Generate directly and yield `StreamEvent`s as tokens arrive (beam search yields at the end).
+        Closing the iterator early cancels the generation."""
+        job = self._new_job(prompt, params)
+        thread = threading.Thread(target=self._run, args=([job],), daemon=True, name=f"metalm-job-{job.id}")
+        thread.start()
+        try:
+            yield from job.events()
+        finally:
+            job.cancel()
+            thread.join()
+
+    # --- dynamic batching -----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the batch worker thread (idempotent)."""
+        if self._worker is None or not self._worker.is_alive():
+            self._closing.clear()
+            self._worker = threading.Thread(target=self._work, daemon=True, name="metalm-batcher")
+            self._worker.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the worker; queued jobs fail."""
+        self._closing.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            self._worker = None
+        while True:
+            try:
+                self._queue.get_nowait()._fail(RuntimeError("the engine is shutting down"))
+            except queue.Empty:
+                break
+
+    def submit(
+        self,
+        prompt: Any,
+        params: SamplingParams | None = None,
+        *,
+        deadline: float | None = None,
+        on_event: Callable[[Any], None] | None = None,
+    ) -> Job:
+        """Queue a job for the batch worker. Raises `QueueFull` when `max_pending` jobs are in flight,
+        `InputError` for a bad prompt. ``deadline`` is a `time.monotonic()` time: a job still queued then
+        fails with `JobTimeout`, a running one ends its answers with finish_reason "length"."""
+        job = self._new_job(prompt, params, deadline=deadline, on_event=on_event)
+        if job.params.n > self.max_batch_size:
+            raise InputError(f"n={job.params.n} exceeds the batch size {self.max_batch_size}")
+        self._max_new_tokens(job.prompt, job.params)  # refuse over-long prompts now, not in the worker
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                raise QueueFull(f"{self._pending} requests are already in flight; retry later")
+            self._pending += 1
+        self.start()
+        self._queue.put(job)
+        return job
+
+    def _release(self, jobs: list[Job]) -> None:
+        with self._pending_lock:
+            self._pending -= len(jobs)
+
+    def _usable(self, job: Job) -> bool:
+        if job.cancelled:
+            job._fail(RuntimeError("cancelled"))
+        elif job.deadline is not None and time.monotonic() > job.deadline:
+            job._fail(JobTimeout("the request waited longer than its time limit"))
+        else:
+            return True
+        self._release([job])
+        return False
+
+    def _work(self) -> None:
+        held: Job | None = None  # an exclusive job that arrived while a batch was being collected
+        while not self._closing.is_set():
+            if held is not None:
+                first, held = held, None
+            else:
+                try:
+                    first = self._queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            if not self._usable(first):
+                continue
+            jobs, rows = [first], first.params.n
+            if not first.params.exclusive:
+                window_end = time.monotonic() + self.batch_wait
+                while rows < self.max_batch_size:
+                    try:
+                        job = self._queue.get(timeout=max(0.0, window_end - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if not self._usable(job):
+                        continue
+                    if job.params.exclusive or rows + job.params.n > self.max_batch_size:
+                        held = job
+                        break
+                    jobs.append(job)
+                    rows += job.params.n
+            try:
+                self._run(jobs)
+            finally:
+                self._release(jobs)
+        if held is not None:
+            held._fail(RuntimeError("the engine is shutting down"))
+            self._release([held])

@@ -1,0 +1,643 @@
+"""Training data: configured streams of records → semi-causal samples → padded batches.
+
+Each stream's records (``metalm.data.records``) are held in memory (text and image *references*); token
+ids are computed once per record and cached, and decoded images are cached as uint8 arrays (up to
+``data.image_cache_mb``). What a record becomes:
+
+- ``text`` (and ``classification``, as the document ``"<text>\\ntopic: <label>"``): documents are packed
+  into ``seq_len`` windows (full-sentence packing, an EOS after each document; the same cut as
+  :func:`metalm.data.semicausal.pack_documents`), then random non-causal spans are drawn with the model's
+  ``semi_causal`` settings (:func:`~metalm.data.semicausal.sample_spans`). Without a text encoder (the GPT
+  baseline) a window is plain causal text.
+- ``image_text``: :func:`~metalm.data.semicausal.image_text_sample`: image, encoded text prefix of random
+  length, causal rest.
+- ``vqa``: ``[BOS] [image] Enc("question: Q") answer: A [EOS]`` with only ``A [EOS]`` trained (without a
+  text encoder the question is plain decoder text).
+- ``interleaved``: text and images in order, all text trained.
+
+A sample longer than ``seq_len`` is **truncated** (a text segment is cut; an encoded segment that does not
+fit is dropped with everything after it); one left with nothing to train on is skipped. Both are counted
+in :attr:`DataStream.stats`.
+
+Streams are mixed by ``weight`` with a seeded RNG, per sample or per batch (``data.mix``). Each stream is
+sharded across ranks at the record level: in every epoch a seeded permutation of the records is cut into
+``perm[rank::world_size]``, so the ranks together read each record exactly once per epoch. All randomness
+comes from RNGs seeded with (seed, split, stream, rank, counter), so :meth:`DataStream.state_dict` is a
+few counters plus the packer's partial window, and :meth:`DataStream.load_state_dict` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from metalm.data.images import ImageError, ImagePreprocessor, load_image
+from metalm.data.records import (
+    Classification,
+    ImagePart,
+    ImageText,
+    Interleaved,
+    Record,
+    RecordError,
+    SkipReport,
+    TextDocument,
+    TextPart,
+    VQAExample,
+    read_records,
+)
+from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
+from metalm.data.semicausal import image_text_sample, sample_spans, semicausal_sample
+from metalm.training.config import DataConfig, StreamConfig
+
+__all__ = [
+    "DataStream",
+    "ImageCache",
+    "StreamRecords",
+    "build_data",
+    "load_stream_records",
+    "truncate_sample",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class StreamRecords:
+    """One stream's records for one split."""
+
+    name: str
+    weight: float
+    records: list[Record]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading records
+
+
+def _subsample(records: list[Record], limit: int | None) -> list[Record]:
+    # Evenly spaced, so a capped built-in keeps all its classes (they are stored class by class).
+    if limit is None or len(records) <= limit:
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
+def load_stream_records(
+    stream: StreamConfig, data: DataConfig, split: str, report: SkipReport | None = None
+) -> StreamRecords | None:
+    """Records of ``stream`` for ``split`` ("train" or "validation"); None when the stream has no
+    validation records. Bad JSONL records raise :class:`RecordError`, or with ``data.skip_bad`` are
+    counted into ``report``."""
+    from metalm.data.builtin import BUILTIN_DATASETS, load_builtin
+
+    name = stream.name or stream.source
+    if split == "train":
+        source, builtin_split = stream.source, stream.split
+    else:
+        source, builtin_split = stream.validation_source, stream.validation_split
+        if source is None:
+            if stream.source not in BUILTIN_DATASETS or stream.validation_split is None:
+                return None
+            source = stream.source
+        builtin_split = builtin_split or "validation"
+    if source in BUILTIN_DATASETS:
+        records = load_builtin(source, builtin_split, kind=stream.kind)
+    else:
+        records = []
+        report = report if report is not None else SkipReport()
+        for rec in read_records(source, skip_bad=data.skip_bad, check_images=data.check_images, report=report):
+            if stream.kind is not None and rec.kind != stream.kind:
+                err = RecordError(
+                    f"record of kind {rec.kind!r} in stream {name!r}, which takes kind {stream.kind!r}",
+                    path=source,
+                    field="kind",
+                )
+                if not data.skip_bad:
+                    raise err
+                report.add(err)
+                continue
+            records.append(rec)
+    records = _subsample(list(records), data.max_records)
+    if not records:
+        raise ValueError(f"stream {name!r} ({source}, {split}): no records")
+    return StreamRecords(name, stream.weight, records)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+class ImageCache:
+    """Decoded, resized images as uint8 [3, H, W] arrays keyed by (reference, size, resample, crop);
+    normalisation is applied on the way out, giving exactly ``ImagePreprocessor.prepare``'s values.
+    Caching stops (without evicting) once ``max_bytes`` are held."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def get(self, ref: str, pre: ImagePreprocessor, name: str | None = None) -> torch.Tensor:
+        key = (ref, pre.size, pre.resample, pre.center_crop)
+        u8 = self._cache.get(key)
+        if u8 is None:
+            # prepare() with mean 0 / std 1 gives the resized pixels / 255: exact uint8 after rounding.
+            raw = dataclasses.replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+            u8 = np.rint(raw.prepare(load_image(ref, name=name)) * 255.0).astype(np.uint8)
+            if self.bytes + u8.nbytes <= self.max_bytes:
+                self._cache[key] = u8
+                self.bytes += u8.nbytes
+        # Same operations, in the same float32 order, as ImagePreprocessor.prepare.
+        arr = u8.astype(np.float32) / 255.0
+        mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray((arr - mean) / std))
+
+
+# --------------------------------------------------------------------------------------------
+# Samples
+
+
+def truncate_sample(sample: Sample, limit: int, config) -> Sample:
+    """Cut a sample to at most ``limit`` decoder positions: a text segment is shortened, an encoded
+    segment that does not fit whole is dropped together with everything after it."""
+    out: Sample = []
+    used = 0
+    for seg in sample:
+        n = sample_length([seg], config)
+        if used + n <= limit:
+            out.append(seg)
+            used += n
+            continue
+        if isinstance(seg, TextSegment) and limit - used > 0:
+            out.append(TextSegment(seg.ids[: limit - used], seg.loss))
+        break
+    return out
+
+
+def _has_target(sample: Sample, config) -> bool:
+    """True when some position after the first carries a label (the first is never predicted)."""
+    pos = 0
+    for seg in sample:
+        n = sample_length([seg], config)
+        if isinstance(seg, TextSegment):
+            if seg.loss and pos + n > 1:
+                return True
+        elif seg.loss and seg.target_ids and pos >= 1:
+            return True
+        pos += n
+    return False
+
+
+class _Packer:
+    """`pack_documents` as a resumable object: the partial window and the document in progress are
+    plain data (see `state`)."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.buf: list[int] = []
+        self.ranges: list[list[int]] = []
+        self.docs: list[int] = []  # record index of each range, for the run's bookkeeping
+
+    def add(self, ids: list[int], start: int, record: int) -> tuple[int, tuple | None]:
+        """Feed `ids[start:]`; returns (new start, a full window or None)."""
+        take = min(len(ids) - start, self.seq_len - len(self.buf))
+        self.ranges.append([len(self.buf), len(self.buf) + take])
+        self.docs.append(record)
+        self.buf += ids[start : start + take]
+        start += take
+        if len(self.buf) == self.seq_len:
+            window = (self.buf, [tuple(r) for r in self.ranges], self.docs)
+            self.buf, self.ranges, self.docs = [], [], []
+            return start, window
+        return start, None
+
+    def state(self) -> dict[str, Any]:
+        return {"buf": list(self.buf), "ranges": [list(r) for r in self.ranges], "docs": list(self.docs)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.buf = list(state["buf"])
+        self.ranges = [list(r) for r in state["ranges"]]
+        self.docs = list(state["docs"])
+
+
+class _Stream:
+    """One stream on one rank: its epoch order, caches, packer and counters."""
+
+    def __init__(self, spec: StreamRecords, owner: DataStream) -> None:
+        self.name = spec.name
+        self.weight = spec.weight
+        self.records = spec.records
+        self.owner = owner
+        self.ids: dict[int, Any] = {}  # token cache, one entry per record
+        self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
+        self.packer = _Packer(owner.seq_len)
+        self.epoch = 0
+        self.cursor = 0
+        self.samples = 0
+        self.doc: int | None = None  # text record in progress in the packer
+        self.offset = 0
+        self._order_epoch = -1
+        self._order: list[int] = []
+        if len(self.records) < owner.world_size:
+            raise ValueError(
+                f"stream {self.name!r} has {len(self.records)} records, fewer than the {owner.world_size} ranks"
+            )
+
+    # --- order and sharding ----------------------------------------------------------------------
+    def order(self, epoch: int) -> list[int]:
+        """This rank's record indices for `epoch`: a seeded permutation cut into perm[rank::world]."""
+        if epoch != self._order_epoch:
+            perm = list(range(len(self.records)))
+            random.Random(f"{self.owner.seed}:{self.owner.split}:{self.name}:order:{epoch}").shuffle(perm)
+            self._order = perm[self.owner.rank :: self.owner.world_size]
+            self._order_epoch = epoch
+        return self._order
+
+    def _next_record(self) -> int:
+        order = self.order(self.epoch)
+        if self.cursor >= len(order):
+            self.epoch += 1
+            self.cursor = 0
+            order = self.order(self.epoch)
+        idx = order[self.cursor]
+        self.cursor += 1
+        return idx
+
+    def _rng(self) -> random.Random:
+        o = self.owner
+        return random.Random(f"{o.seed}:{o.split}:{self.name}:{o.rank}:sample:{self.samples}")
+
+    # --- records → samples -------------------------------------------------------------------------
+    def _bad(self, idx: int, err: Exception, field: str | None = None) -> None:
+        rec = self.records[idx]
+        rid = f" (id {rec.id})" if getattr(rec, "id", None) else ""
+        error = RecordError(str(err), path=f"stream {self.name!r}, record {idx}{rid}", field=field)
+        if not self.owner.skip_bad:
+            raise error from err
+        self.bad.add(idx)
+        self.owner.report.add(error)
+        logger.warning("skipping bad record: %s", error)
+
+    def _text_ids(self, idx: int) -> list[int]:
+        ids = self.ids.get(idx)
+        if ids is None:
+            rec = self.records[idx]
+            text = f"{rec.text}\ntopic: {rec.label}" if isinstance(rec, Classification) else rec.text
+            ids = self.owner.processor.tokenize(text)
+            eos = self.owner.processor.eos_token_id
+            ids = ids + ([eos] if eos is not None else [])
+            self.ids[idx] = ids
+        return ids
+
+    def _image(self, idx: int, ref: str) -> torch.Tensor | None:
+        o = self.owner
+        try:
+            return o.image_cache.get(ref, o.image_pre, name=ref if not ref.startswith("data:") else "data URL")
+        except ImageError as err:
+            self._bad(idx, err, field="image")
+            return None
+
+    def _record_sample(self, idx: int, rng: random.Random) -> Sample | None:
+        o = self.owner
+        p = o.processor
+        rec = self.records[idx]
+        if not isinstance(rec, TextDocument | Classification) and o.vision is None:
+            raise ValueError(
+                f"stream {self.name!r}: {rec.kind} records need a vision encoder, and the model has none"
+            )
+        if isinstance(rec, ImageText):
+            ids = self.ids.get(idx)
+            if ids is None:
+                ids = self.ids[idx] = p.tokenize(rec.text)
+            pixels = self._image(idx, rec.image)
+            if pixels is None:
+                return None
+            return image_text_sample(
+                pixels,
+                ids,
+                o.vision,
+                rng,
+                text_encoder=o.text_encoder,
+                to_encoder_ids=o.to_encoder_ids,
+                bos_id=p.bos_token_id,
+                eos_id=p.eos_token_id,
+            )
+        if isinstance(rec, VQAExample):
+            cached = self.ids.get(idx)
+            if cached is None:
+                question = p.tokenize(f"question: {rec.question}")
+                cached = {
+                    "question": question,
+                    "question_enc": o.to_encoder_ids(question) if o.text_encoder else None,
+                    "answer_prompt": p.tokenize("answer:"),
+                    "answer": p.tokenize(rec.answers[0]),
+                }
+                if o.text_encoder and len(cached["question_enc"]) > p.span_limit(o.text_encoder):
+                    self._bad(idx, ValueError("question longer than the text encoder takes"), field="question")
+                    return None
+                self.ids[idx] = cached
+            pixels = self._image(idx, rec.image)
+            if pixels is None:
+                return None
+            sample: Sample = []
+            if p.bos_token_id is not None:
+                sample.append(TextSegment([p.bos_token_id], loss=False))
+            sample.append(EncodedSegment(o.vision, pixel_values=pixels))
+            if o.text_encoder:
+                sample.append(
+                    EncodedSegment(
+                        o.text_encoder, input_ids=cached["question_enc"], target_ids=cached["question"], loss=False
+                    )
+                )
+                sample.append(TextSegment(cached["answer_prompt"], loss=False))
+            else:
+                sample.append(TextSegment(cached["question"] + cached["answer_prompt"], loss=False))
+            eos = [p.eos_token_id] if p.eos_token_id is not None else []
+            sample.append(TextSegment(cached["answer"] + eos, loss=True))
+            return sample
+        if isinstance(rec, Interleaved):
+            sample = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
+            texts = self.ids.get(idx)
+            if texts is None:
+                texts = self.ids[idx] = [p.tokenize(t.text) if isinstance(t, TextPart) else None for t in rec.parts]
+            for part, ids in zip(rec.parts, texts):
+                if isinstance(part, ImagePart):
+                    pixels = self._image(idx, part.image)
+                    if pixels is None:
+                        return None
+                    sample.append(EncodedSegment(o.vision, pixel_values=pixels))
+                elif ids:
+                    sample.append(TextSegment(ids))
+            if p.eos_token_id is not None:
+                sample.append(TextSegment([p.eos_token_id]))
+            return sample
+        raise TypeError(f"unexpected record {type(rec).__name__}")
+
+    def _window_sample(self, ids: list[int], ranges: list[tuple[int, int]], rng: random.Random) -> Sample:
+        o = self.owner
+        if o.text_encoder is None:
+            return [TextSegment(list(ids))]
+        sc = o.semi_causal
+        span_max = min(sc["span_max"], o.processor.span_limit(o.text_encoder))
+        span_min = min(sc["span_min"], span_max)
+        spans = sample_spans(ranges, span_min, span_max, sc["span_fraction"], rng)
+        sample = semicausal_sample(ids, spans, o.text_encoder, o.to_encoder_ids)
+        limit = o.processor.span_limit(o.text_encoder)
+        # A span whose re-tokenization for a different encoder vocabulary is empty or too long stays causal.
+        return [
+            TextSegment(list(seg.target_ids))
+            if isinstance(seg, EncodedSegment) and not (0 < len(seg.input_ids) <= limit)
+            else seg
+            for seg in sample
+        ]
+
+    def next_sample(self) -> tuple[Sample, list[int]]:
+        """The next sample and the record indices it came from."""
+        misses = 0
+        while True:
+            if self.doc is None:
+                idx = self._next_record()
+                if idx in self.bad:
+                    misses += 1
+                    if misses > len(self.records):
+                        raise ValueError(f"stream {self.name!r}: every record is bad; nothing to train on")
+                    continue
+                rec = self.records[idx]
+                if not isinstance(rec, TextDocument | Classification):
+                    rng = self._rng()
+                    self.samples += 1
+                    sample = self._record_sample(idx, rng)
+                    if sample is None:
+                        misses += 1
+                        continue
+                    return sample, [idx]
+                self.doc, self.offset = idx, 0
+            ids = self._text_ids(self.doc)
+            doc = self.doc
+            self.offset, window = self.packer.add(ids, self.offset, doc)
+            if self.offset >= len(ids):
+                self.doc, self.offset = None, 0
+            if window is not None:
+                rng = self._rng()
+                self.samples += 1
+                buf, ranges, docs = window
+                return self._window_sample(buf, ranges, rng), sorted(set(docs))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "records": len(self.records),
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "samples": self.samples,
+            "doc": self.doc,
+            "offset": self.offset,
+            "packer": self.packer.state(),
+            "bad": sorted(self.bad),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state["records"] != len(self.records):
+            raise ValueError(
+                f"stream {self.name!r}: the checkpoint was taken with {state['records']} records, "
+                f"the data now has {len(self.records)}; cannot resume the data position"
+            )
+        self.epoch, self.cursor, self.samples = state["epoch"], state["cursor"], state["samples"]
+        self.doc, self.offset = state["doc"], state["offset"]
+        self.packer.load(state["packer"])
+        self.bad = set(state["bad"])
+
+
+class DataStream:
+    """An endless, resumable stream of batches mixed from several record streams, for one rank.
+
+    ``next_batch()`` returns ``processor.collate(samples, padding_side="right")``; ``last_sources`` then
+    holds (stream name, record indices) per row."""
+
+    def __init__(
+        self,
+        streams: list[StreamRecords],
+        processor,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        mix: str = "sample",
+        skip_bad: bool = False,
+        split: str = "train",
+        image_cache: ImageCache | None = None,
+        report: SkipReport | None = None,
+    ) -> None:
+        if not streams:
+            raise ValueError("no data streams")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if mix not in ("sample", "batch"):
+            raise ValueError(f"mix must be 'sample' or 'batch', got {mix!r}")
+        self.processor = processor
+        self.config = processor.config
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.mix = mix
+        self.skip_bad = skip_bad
+        self.split = split
+        self.image_cache = image_cache or ImageCache()
+        self.report = report if report is not None else SkipReport()
+        texts = self.config.encoders_of_kind("text")
+        visions = self.config.encoders_of_kind("vision")
+        self.text_encoder: str | None = texts[0] if texts else None
+        self.vision: str | None = visions[0] if visions else None
+        self.image_pre = processor.image_processors[self.vision] if self.vision else None
+        self.semi_causal = dict(self.config.semi_causal)
+        self.streams = [_Stream(s, self) for s in streams]
+        self.names = [s.name for s in self.streams]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"stream names must be unique, got {self.names}")
+        self.weights = [s.weight for s in self.streams]
+        self.draws = 0
+        self.stats = {"samples": 0, "truncated": 0, "skipped_no_target": 0, "batches": 0}
+        self.per_stream = dict.fromkeys(self.names, 0)
+        self.last_sources: list[tuple[str, list[int]]] = []
+
+    def to_encoder_ids(self, ids: list[int]) -> list[int]:
+        return self.processor.to_encoder_ids(self.text_encoder, ids)
+
+    def choose(self, draw: int) -> int:
+        """The stream index of mixing draw number `draw` (a pure function of seed, rank and draw)."""
+        if len(self.streams) == 1:
+            return 0
+        rng = random.Random(f"{self.seed}:{self.split}:mix:{self.rank}:{draw}")
+        return rng.choices(range(len(self.streams)), weights=self.weights)[0]
+
+    def _draw(self) -> int:
+        k = self.choose(self.draws)
+        self.draws += 1
+        return k
+
+    def _sample_from(self, k: int) -> tuple[Sample, list[int]]:
+        stream = self.streams[k]
+        for _ in range(10_000):
+            sample, sources = stream.next_sample()
+            if sample_length(sample, self.config) > self.seq_len:
+                sample = truncate_sample(sample, self.seq_len, self.config)
+                self.stats["truncated"] += 1
+            if _has_target(sample, self.config):
+                return sample, sources
+            self.stats["skipped_no_target"] += 1
+        raise ValueError(f"stream {stream.name!r}: 10,000 samples in a row had nothing to train on")
+
+    def next_sample(self) -> tuple[Sample, str, list[int]]:
+        """One sample (mix per sample), with its stream name and record indices."""
+        k = self._draw()
+        sample, sources = self._sample_from(k)
+        self.stats["samples"] += 1
+        self.per_stream[self.names[k]] += 1
+        return sample, self.names[k], sources
+
+    def next_batch(self) -> dict:
+        samples, self.last_sources = [], []
+        batch_stream = self._draw() if self.mix == "batch" else None
+        for _ in range(self.batch_size):
+            k = batch_stream if batch_stream is not None else self._draw()
+            sample, sources = self._sample_from(k)
+            self.stats["samples"] += 1
+            self.per_stream[self.names[k]] += 1
+            samples.append(sample)
+            self.last_sources.append((self.names[k], sources))
+        self.stats["batches"] += 1
+        return self.processor.collate(samples, padding_side="right")
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield self.next_batch()
+
+    def take(self, n: int) -> list[dict]:
+        return [self.next_batch() for _ in range(n)]
+
+    # --- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state; `load_state_dict` on a stream built from the same records resumes exactly."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "mix": self.mix,
+            "draws": self.draws,
+            "stats": dict(self.stats),
+            "per_stream": dict(self.per_stream),
+            "streams": {s.name: s.state() for s in self.streams},
+            "skip_report": {"count": self.report.count, "items": [list(i) for i in self.report.items]},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = copy.deepcopy(state)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported data state version {state.get('version')!r}")
+        for key in ("seed", "rank", "world_size", "mix"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data state was saved with {key}={state[key]!r}, this run has {getattr(self, key)!r}; "
+                    "resume with the same settings (and the same number of processes)"
+                )
+        if sorted(state["streams"]) != sorted(self.names):
+            raise ValueError(f"data state has streams {sorted(state['streams'])}, this run has {sorted(self.names)}")
+        for s in self.streams:
+            s.load(state["streams"][s.name])
+        self.draws = state["draws"]
+        self.stats = dict(state["stats"])
+        self.per_stream = dict(state["per_stream"])
+        self.report.count = state["skip_report"]["count"]
+        self.report.items = [tuple(i) for i in state["skip_report"]["items"]]
+
+
+def build_data(
+    data: DataConfig,
+    processor,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    report: SkipReport | None = None,
+    eval_batch_size: int | None = None,
+) -> tuple[DataStream, DataStream | None]:
+    """The training stream and the validation stream (None when no stream has validation records)."""
+    report = report if report is not None else SkipReport()
+    val_report = SkipReport()
+    cache = ImageCache(data.image_cache_mb * (1 << 20))
+    train = [load_stream_records(s, data, "train", report) for s in data.streams]
+    val = [v for v in (load_stream_records(s, data, "validation", val_report) for s in data.streams) if v]
+    common = dict(
+        seq_len=data.seq_len,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        mix=data.mix,
+        skip_bad=data.skip_bad,
+        image_cache=cache,
+    )
+    train_stream = DataStream(train, processor, batch_size=batch_size, split="train", report=report, **common)
+    val_stream = (
+        DataStream(
+            val, processor, batch_size=eval_batch_size or batch_size, split="validation", report=val_report, **common
+        )
+        if val
+        else None
+    )
+    return train_stream, val_stream
