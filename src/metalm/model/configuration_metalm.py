@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 ENCODER_KINDS = ("text", "vision", "audio")
 BACKBONES = ("hf", "efficientnet_lite0")
@@ -114,7 +113,9 @@ class MetaLMConfig(PreTrainedConfig):
     """
 
     model_type = "metalm"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    # The plain `sub_configs` mapping works across transformers 5.x (newer releases also accept
+    # `sub_configs_defaults`); the dict → config conversion is done here so it does not depend on either.
+    sub_configs = {"text_config": AutoConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     encoders: list | None = None
@@ -123,6 +124,13 @@ class MetaLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if self.text_config is None:
+            raise MetaLMConfigError("MetaLMConfig needs `text_config`: the decoder's config or its dict")
+        if isinstance(self.text_config, dict):
+            cfg = dict(self.text_config)
+            if "model_type" not in cfg:
+                raise MetaLMConfigError("text_config: a decoder config dict needs 'model_type'")
+            self.text_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         super().__post_init__(**kwargs)
         self.encoders = [normalize_encoder_spec(s) for s in (self.encoders or [])]
         names = [s["name"] for s in self.encoders]

@@ -142,6 +142,11 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
                 raise SlotCountError(
                     f"encoder {name!r} produced {vectors.shape[0]} vectors for {int(slots.sum())} decoder slots"
                 )
+            if not torch.isfinite(vectors).all():
+                raise ValueError(
+                    f"encoder {name!r} produced non-finite features (NaN/Inf): check its inputs "
+                    "(pixel values, token ids) and, in training, the learning rate"
+                )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors.to(embeds.dtype))
         return embeds
 

