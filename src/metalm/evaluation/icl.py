@@ -167,7 +167,7 @@ def input_parts(
     task: Task, ex: Example, *, baseline: bool, fewshot: bool, fits: Callable[[str], bool] | None = None
 ) -> list[Part]:
     """An example's input: its image (if any), then its rendered input text -- ``Encode``-d, or plain
-    decoder text in baseline mode."""
+    decoder text in baseline mode -- then the task's decoder prompt (plain decoder text), if any."""
     parts: list[Part] = []
     if ex.image is not None:
         parts.append(ImageInput(ex.image))
@@ -176,6 +176,9 @@ def input_parts(
         parts.append(text if baseline else Encode(text))
     if not parts:
         raise TaskError(f"task {task.name!r}, example {ex.id!r}: empty input (no text and no image)")
+    prompt = task.render_decoder_prompt(fewshot=fewshot)
+    if prompt.strip():
+        parts.append(prompt)
     return parts
 
 
@@ -253,7 +256,9 @@ def describe_prompt(parts: Sequence[PromptPart], *, max_chars: int = 80) -> str:
             out.append(f"<target: {short(part.text)}>")
         elif isinstance(part, ImageInput):
             src = part.image
-            name = src.rsplit("/", 1)[-1] if isinstance(src, str) and not src.startswith("data:") else "inline"
+            name = (
+                src.rsplit("/", 1)[-1] if isinstance(src, str) and not src.startswith("data:") else "inline"
+            )
             out.append(f"<image:{name}>")
         elif isinstance(part, Image.Image):
             out.append("<image>")

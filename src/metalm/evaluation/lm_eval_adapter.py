@@ -28,13 +28,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (fill lm-eval's own aliases first: get_model skips it once we register)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-import lm_eval.models  # noqa: F401  (fill lm-eval's own aliases first: get_model skips it once we register)
 from metalm.data.processor import Encode, MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment, sample_length
 from metalm.evaluation.icl import has_text_encoder, split_for_encoder
@@ -115,7 +115,9 @@ class MetaLMHarnessLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         prefix = processor.bos_token_id if processor.bos_token_id is not None else processor.eos_token_id
         if prefix is None:
-            raise ValueError("the decoder tokenizer has neither a BOS nor an EOS token to start sequences with")
+            raise ValueError(
+                "the decoder tokenizer has neither a BOS nor an EOS token to start sequences with"
+            )
         self.prefix_token_id = prefix
 
     @property
@@ -175,7 +177,9 @@ class MetaLMHarnessLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         samples = [self._loglikelihood_sample(*req.args) for req in requests]
         out = []
-        for req, (logprob, _, greedy) in zip(requests, self._score(samples, "metalm loglikelihood", disable_tqdm)):
+        for req, (logprob, _, greedy) in zip(
+            requests, self._score(samples, "metalm loglikelihood", disable_tqdm)
+        ):
             out.append((logprob, greedy))
             self.cache_hook.add_partial("loglikelihood", req.args, (logprob, greedy))
         return out
@@ -221,7 +225,13 @@ class MetaLMHarnessLM(LM):
                 chunk = idx[start : start + self.batch_size]
                 samples = [self._context(requests[i].args[0], max_new) for i in chunk]
                 texts = generate_samples(
-                    self.model, self.processor, samples, max_new_tokens=max_new, stop=until, strip=False, **kwargs
+                    self.model,
+                    self.processor,
+                    samples,
+                    max_new_tokens=max_new,
+                    stop=until,
+                    strip=False,
+                    **kwargs,
                 )
                 for i, text in zip(chunk, texts):
                     results[i] = text

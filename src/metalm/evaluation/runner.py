@@ -125,7 +125,9 @@ def score_samples(
     sums = torch.zeros(n, dtype=torch.float64, device=token_lp.device).index_add_(0, rows, token_lp.double())
     counts = torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
     misses = torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, rows, (~greedy_tok).long())
-    return [(float(s), int(c), bool(m == 0)) for s, c, m in zip(sums.tolist(), counts.tolist(), misses.tolist())]
+    return [
+        (float(s), int(c), bool(m == 0)) for s, c, m in zip(sums.tolist(), counts.tolist(), misses.tolist())
+    ]
 
 
 def _cut(text: str, stops: Iterable[str]) -> str:
@@ -219,7 +221,7 @@ def _run(
         bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
         for chunk in _chunks(list(enumerate(examples)), batch_size):
             built = [prompt(i, ex) for i, ex in chunk]
-            for (i, ex), (_, sample) in zip(chunk, built):
+            for (_, ex), (_, sample) in zip(chunk, built):
                 _check_length(model, sample, f"task {task.name!r}, example {ex.id!r}")
             texts = generate_samples(
                 model,
@@ -395,7 +397,9 @@ def evaluate(
     try:
         for t in tasks:
             examples = _subset(t.examples(t.eval_split), limit)
-            pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
+            pool: list[Example] = []
+            if any(k > 0 for k in shots):  # zero-shot runs never touch the demonstration split
+                pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
             by_k: dict[str, Any] = {}
             for k in shots:
                 per_seed: dict[int, dict[str, Any]] = {}
@@ -501,7 +505,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a .yaml/.json task file; repeatable",
     )  # fmt: skip
     p.add_argument("--shots", default="0", help="comma-separated demonstration counts, e.g. 0,1,4")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds for demonstration sampling, e.g. 0,1,2")
+    p.add_argument(
+        "--seeds", default="0", help="comma-separated seeds for demonstration sampling, e.g. 0,1,2"
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N examples")
     p.add_argument("--out", default="eval-results", help="output folder")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")

@@ -84,6 +84,8 @@ class Task:
             alone is the input).
         fewshot_input_template: template used when demonstrations are present (default: ``input_template``);
             the paper uses "question: [q] answer:" zero-shot and "Question: [q] Answer:" few-shot.
+        decoder_prompt / fewshot_decoder_prompt: optional plain decoder text placed right after the input,
+            before the target (e.g. "answer:" when the model was trained on ``Enc("question: Q") answer: A``).
         target_template: decoder text of a label or option, ``{answer}`` = the label.
         target_delimiter: prepended to every target (a space, so BPE decoders see " Positive").
         scoring: ``"rank"`` or ``"generate"``.
@@ -103,6 +105,8 @@ class Task:
     load: Callable[[str], list[Example]]
     input_template: str
     fewshot_input_template: str | None = None
+    decoder_prompt: str = ""
+    fewshot_decoder_prompt: str | None = None
     target_template: str = "{answer}"
     target_delimiter: str = " "
     scoring: str = "rank"
@@ -124,13 +128,17 @@ class Task:
         if self.scoring not in SCORING_MODES:
             raise TaskError(f"{where}: scoring must be one of {SCORING_MODES}, got {self.scoring!r}")
         if self.normalization not in NORMALIZATIONS:
-            raise TaskError(f"{where}: normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+            raise TaskError(
+                f"{where}: normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
         if self.metric not in METRICS:
             raise TaskError(f"{where}: metric must be one of {sorted(METRICS)}, got {self.metric!r}")
         if self.scoring == "rank" and self.metric in ("caption", "rouge_l", "squad_f1", "vqa_accuracy"):
             raise TaskError(f"{where}: metric {self.metric!r} needs scoring 'generate'")
         if "answer" not in _placeholders(self.target_template):
-            raise TaskError(f"{where}: target_template must contain '{{answer}}', got {self.target_template!r}")
+            raise TaskError(
+                f"{where}: target_template must contain '{{answer}}', got {self.target_template!r}"
+            )
         if self.options is not None:
             self.options = tuple(str(o) for o in self.options)
         self.stop = tuple(self.stop)
@@ -164,7 +172,9 @@ class Task:
                 f"which the example lacks (it has {sorted(fields)})"
             ) from None
 
-    def render_input(self, ex: Example, *, fewshot: bool = False, fits: Callable[[str], bool] | None = None) -> str:
+    def render_input(
+        self, ex: Example, *, fewshot: bool = False, fits: Callable[[str], bool] | None = None
+    ) -> str:
         """The input text of ``ex``. ``fits(text)`` (e.g. "fits the text encoder") shortens
         ``truncate_field`` word by word (binary search) until it holds; without a truncatable field an
         over-long input is returned as is and the processor reports it."""
@@ -180,6 +190,12 @@ class Task:
             else:
                 hi = mid - 1
         return self._format(template, self._fields(ex, lo), ex)
+
+    def render_decoder_prompt(self, *, fewshot: bool = False) -> str:
+        """Decoder text between the input and the target (may be empty)."""
+        if fewshot and self.fewshot_decoder_prompt is not None:
+            return self.fewshot_decoder_prompt
+        return self.decoder_prompt
 
     def render_target(self, answer: str) -> str:
         """Decoder text of a label or option (with the delimiter)."""
@@ -225,7 +241,11 @@ class Task:
                 preds, golds = list(predictions), [self.label(e) for e in examples]
             labels = None
             if self.options is not None:
-                labels = [M.normalize_squad_answer(o) for o in self.options] if self.scoring == "generate" else list(self.options)
+                labels = (
+                    [M.normalize_squad_answer(o) for o in self.options]
+                    if self.scoring == "generate"
+                    else list(self.options)
+                )
             out["accuracy"] = 100 * M.accuracy(preds, golds)
             out["macro_f1"] = 100 * M.macro_f1(preds, golds, labels)
         elif self.metric == "caption":
@@ -239,9 +259,15 @@ class Task:
             out["BLEU-4"] = 100 * scores["BLEU-4"]
             out["caption_tokenizer"] = scores["tokenizer"]
         elif self.metric == "squad_f1":
-            out["f1"] = 100 * sum(M.squad_f1(p, list(e.answers)) for p, e in zip(predictions, examples)) / len(examples)
+            out["f1"] = (
+                100
+                * sum(M.squad_f1(p, list(e.answers)) for p, e in zip(predictions, examples))
+                / len(examples)
+            )
             out["exact_match"] = (
-                100 * sum(M.exact_match(p, list(e.answers)) for p, e in zip(predictions, examples)) / len(examples)
+                100
+                * sum(M.exact_match(p, list(e.answers)) for p, e in zip(predictions, examples))
+                / len(examples)
             )
         else:
             key = METRICS[self.metric][0]
@@ -255,6 +281,8 @@ class Task:
         return {
             "input_template": self.input_template,
             "fewshot_input_template": self.fewshot_input_template or self.input_template,
+            "decoder_prompt": self.decoder_prompt,
+            "fewshot_decoder_prompt": self.render_decoder_prompt(fewshot=True),
             "target_template": self.target_template,
             "target_delimiter": self.target_delimiter,
             "scoring": self.scoring,
@@ -304,7 +332,9 @@ def _bbc_topic(split: str) -> list[Example]:
     from metalm.data.builtin import load_builtin
 
     return [
-        Example(id=r.id or f"bbc-topic/{split}/{i}", fields={"text": " ".join(r.text.split())}, answers=(r.label,))
+        Example(
+            id=r.id or f"bbc-topic/{split}/{i}", fields={"text": " ".join(r.text.split())}, answers=(r.label,)
+        )
         for i, r in enumerate(load_builtin("bbc_news", split))
     ]
 
@@ -352,7 +382,9 @@ def builtin_task(name: str) -> Task:
     """A fresh built-in task by name (see :data:`BUILTIN_TASKS`)."""
     tasks = _builtin_tasks()
     if name not in tasks:
-        raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(tasks)} (or give a .yaml/.json task file)")
+        raise TaskError(
+            f"unknown task {name!r}; built-in tasks: {', '.join(tasks)} (or give a .yaml/.json task file)"
+        )
     return tasks[name]()
 
 
@@ -373,7 +405,7 @@ def get_task(spec: str | Path | Task) -> Task:
 # ---------------------------------------------------------------------------------------------------------
 _TASK_KEYS = {
     "name", "data", "train", "input", "fewshot_input", "label", "options", "scoring", "normalization",
-    "metric", "image", "id", "target", "target_delimiter", "max_new_tokens", "stop", "truncate_field",
+    "metric", "image", "id", "target", "target_delimiter", "decoder_prompt", "fewshot_decoder_prompt", "max_new_tokens", "stop", "truncate_field",
     "truncate_words", "caption_tokenizer", "description",
 }  # fmt: skip
 
@@ -409,7 +441,9 @@ def _as_answers(value: Any, options: Sequence[str] | None, where: str) -> tuple[
         return (str(value),)
     if isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
         return tuple(str(v) for v in value)
-    raise TaskError(f"{where}: label must be a string, a number or a non-empty list of strings, got {value!r:.80}")
+    raise TaskError(
+        f"{where}: label must be a string, a number or a non-empty list of strings, got {value!r:.80}"
+    )
 
 
 def load_task_file(path: str | Path) -> Task:
@@ -493,6 +527,8 @@ def load_task_file(path: str | Path) -> Task:
         ("description", "description"),
         ("target_delimiter", "target_delimiter"),
         ("fewshot_input", "fewshot_input_template"),
+        ("decoder_prompt", "decoder_prompt"),
+        ("fewshot_decoder_prompt", "fewshot_decoder_prompt"),
         ("target", "target_template"),
     ):
         if key in spec:

@@ -1,0 +1,205 @@
+"""Dynamic batching vs one-by-one generation, in one run on one model.
+
+A burst of R chat requests (a user turn read by the text encoder, every third with an image) arrives at
+once. Measured for each setting: per-request latency from the burst's start to the request's last token
+(p50 / p95), and throughput (generated tokens / wall time until the last request finishes).
+
+- ``sequential``: ``Engine.generate`` called for one request after the other (no batching worker);
+- ``batch<=B``: all requests submitted to the engine's dynamic batcher with ``max_batch_size=B``
+  (10 ms wait window, left padding, KV cache).
+
+With ``--http`` the same burst also goes through the OpenAI-compatible server (uvicorn on loopback, the
+``openai`` client, one thread per request) with the batcher at the largest B.
+
+    python benchmarks/serve_load.py                    # defaults: 32 requests x 32 new tokens
+    python benchmarks/serve_load.py --http --requests 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+from PIL import Image
+
+from metalm import EncoderRecipe, ModelRecipe
+from metalm.serving.engine import ChatMessage, Engine, SamplingParams
+
+QUESTIONS = [
+    "what is the capital of france",
+    "summarize this image",
+    "question: how many shapes are there? answer:",
+    "tell me a short story about a cat who learns to fly over the mountains",
+    "translate to german: good morning",
+    "what colour is the circle",
+    "is this sentence positive or negative: i loved every minute of it",
+    "write a haiku about autumn leaves",
+]
+
+
+def build_model(directory: str, hidden: int, layers: int) -> None:
+    torch.manual_seed(0)
+    model, processor = ModelRecipe(
+        decoder={
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 8 // 3 // 64 * 64 or 128,
+            "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
+            "num_key_value_heads": max(1, hidden // 128), "max_position_embeddings": 512,
+        },
+        tokenizer="packaged:minilm-l6",
+        encoders=[
+            EncoderRecipe("text", "text", source="config", tokenizer="decoder", config={
+                "model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 256, "vocab_size": 30522, "max_position_embeddings": 128}),
+            EncoderRecipe("vision", "vision", source="config", image_size=64, connector="mlp", config={
+                "model_type": "vit", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 256, "image_size": 64, "patch_size": 16}),
+        ],
+    ).build()  # fmt: skip
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def requests(n: int) -> list[list[ChatMessage]]:
+    out = []
+    for i in range(n):
+        images = [Image.new("RGB", (64, 64), ((37 * i) % 256, 120, 200))] if i % 3 == 1 else []
+        out.append([ChatMessage("user", QUESTIONS[i % len(QUESTIONS)], images)])
+    return out
+
+
+def summarize(name: str, latencies: list[float], tokens: int, wall: float) -> dict:
+    lat = sorted(latencies)
+    p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+    row = {"name": name, "p50": statistics.median(lat), "p95": p95, "tok_s": tokens / wall, "wall": wall}
+    print(
+        f"{name:<12} p50 {row['p50'] * 1000:8.0f} ms   p95 {row['p95'] * 1000:8.0f} ms   "
+        f"{row['tok_s']:8.1f} tok/s   wall {wall:6.2f} s   tokens {tokens}",
+        flush=True,
+    )
+    return row
+
+
+def run_sequential(engine: Engine, prompts: list, params: SamplingParams) -> dict:
+    start = time.perf_counter()
+    latencies, tokens = [], 0
+    for prompt in prompts:
+        result = engine.generate(prompt, params)
+        latencies.append(time.perf_counter() - start)
+        tokens += result.completion_tokens
+    return summarize("sequential", latencies, tokens, time.perf_counter() - start)
+
+
+def run_batched(engine: Engine, prompts: list, params: SamplingParams, batch: int) -> dict:
+    engine.max_batch_size = batch
+    engine.max_pending = len(prompts) + 1
+    first_batch = len(engine.batch_sizes)
+    start_mono = time.monotonic()
+    start = time.perf_counter()
+    jobs = [engine.submit(p, params) for p in prompts]
+    results = [job.result(timeout=600) for job in jobs]
+    wall = time.perf_counter() - start
+    latencies = [job.finished - start_mono for job in jobs]
+    sizes = engine.batch_sizes[first_batch:]
+    row = summarize(f"batch<={batch}", latencies, sum(r.completion_tokens for r in results), wall)
+    print(f"{'':<12} {len(sizes)} generate calls, mean rows per call {statistics.mean(sizes):.1f}", flush=True)
+    return row
+
+
+def run_http(engine: Engine, prompts: list, params: SamplingParams, batch: int) -> dict:
+    import base64
+    import io
+    import socket
+
+    import openai
+    import uvicorn
+
+    from metalm.serving.server import ServerSettings, create_app
+
+    engine.max_batch_size = batch
+    app = create_app(engine, ServerSettings(model_name="bench", max_concurrent_requests=len(prompts) + 1))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="-", max_retries=0)
+
+    def to_openai(msgs: list[ChatMessage]) -> list[dict]:
+        content: list[dict] = [{"type": "text", "text": msgs[0].text}]
+        for img in msgs[0].images:
+            buf = io.BytesIO()
+            img.save(buf, "PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        return [{"role": "user", "content": content}]
+
+    bodies = [to_openai(p) for p in prompts]
+    latencies: list[float] = [0.0] * len(bodies)
+    tokens: list[int] = [0] * len(bodies)
+    start = time.perf_counter()
+
+    def one(i: int) -> None:
+        r = client.chat.completions.create(
+            model="bench", messages=bodies[i], max_tokens=params.max_new_tokens, temperature=0
+        )
+        latencies[i] = time.perf_counter() - start
+        tokens[i] = r.usage.completion_tokens
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    server.should_exit = True
+    thread.join(10)
+    return summarize(f"http b<={batch}", latencies, sum(tokens), wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--http", action="store_true", help="also run the burst through the HTTP server")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as directory:
+        build_model(directory, args.hidden, args.layers)
+        engine = Engine.from_pretrained(directory, device="cpu", name="bench")
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+    prompts = requests(args.requests)
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    print(
+        f"model: llama decoder {args.hidden} wide x {args.layers} layers ({n_params / 1e6:.1f}M params with encoders); "
+        f"{args.requests} requests x {args.new_tokens} new tokens (greedy); torch threads {args.threads}",
+        flush=True,
+    )
+    engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
+    rows = [run_sequential(engine, prompts, params)]
+    for batch in args.batch_sizes:
+        rows.append(run_batched(engine, prompts, params, batch))
+    if args.http:
+        rows.append(run_http(engine, prompts, params, max(args.batch_sizes)))
+    engine.close()
+    base = rows[0]
+    print("\nratios vs sequential (throughput up, latency down is better):")
+    for row in rows[1:]:
+        print(
+            f"{row['name']:<12} throughput x{row['tok_s'] / base['tok_s']:.2f}   "
+            f"p50 latency x{row['p50'] / base['p50']:.2f}   p95 latency x{row['p95'] / base['p95']:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,553 @@
+"""Serving: the engine (prompts, batching, streaming, stop strings), the OpenAI-compatible server driven by
+the `openai` client against a live uvicorn on loopback, its refusals, a bounded load test and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from metalm import Encode, ImageInput
+from metalm.serving.cli import chat, generate, main
+from metalm.serving.engine import ChatMessage, Engine, QueueFull, SamplingParams, _Row
+from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+MODEL_NAME = "tiny-metalm"
+TEST_SETTINGS = dict(
+    model_name=MODEL_NAME,
+    max_body_bytes=1_000_000,
+    max_image_bytes=200_000,
+    max_image_pixels=1_000_000,
+    max_tokens_limit=64,
+    default_max_tokens=8,
+    request_timeout_s=30.0,
+)
+_BUILT: dict[str, Path] = {}
+
+
+# --- fixtures and helpers (test_webpage.py imports these) ----------------------------------------------
+@pytest.fixture(scope="session")
+def serving_model_dir(tmp_path_factory) -> Path:
+    """A tiny random MetaLM (text + vision encoders) saved once per session."""
+    if "dir" not in _BUILT:
+        from tests.conftest import build_tiny
+
+        model, processor = build_tiny(seed=1)
+        path = tmp_path_factory.mktemp("serving_model")
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        _BUILT["dir"] = path
+    return _BUILT["dir"]
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port (the socket is bound first: no race)."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def start_live_server(model_dir: Path, **overrides):
+    """(engine, LiveServer) for a saved model; the caller enters the server and closes the engine."""
+    engine = Engine.from_pretrained(model_dir, device="cpu", name=MODEL_NAME, max_batch_size=16)
+    settings = ServerSettings(**{**TEST_SETTINGS, **overrides})
+    return engine, LiveServer(create_app(engine, settings))
+
+
+def png_data_url(size: tuple[int, int] = (24, 24), noise: bool = False, seed: int = 0) -> str:
+    if noise:
+        arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+    else:
+        img = Image.new("RGB", size, (200, 30, 30))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def live(serving_model_dir):
+    engine, server = start_live_server(serving_model_dir)
+    with server:
+        yield engine, server.url
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _user(text: str, *images: str) -> list[dict]:
+    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    return [{"role": "user", "content": content}]
+
+
+# --- engine ---------------------------------------------------------------------------------------------
+def test_chat_template_routes_text_to_encoders(live):
+    engine, _ = live
+    img = Image.new("RGB", (20, 20), (0, 0, 255))
+    long_text = " ".join(["word"] * 200)  # longer than the tiny text encoder's 62-token span limit
+    parts = engine.chat_parts(
+        [
+            ChatMessage("system", "be brief"),
+            ChatMessage("user", "what is this", [img]),
+            ChatMessage("assistant", "a square"),
+            ChatMessage("user", long_text),
+        ]
+    )
+    assert parts[0] == "System:" and isinstance(parts[1], Encode)
+    assert parts[2] == "User:" and isinstance(parts[3], ImageInput) and isinstance(parts[4], Encode)
+    assert parts[5:8] == ["Assistant:", "a square", None]  # None = EOS closing the answer
+    assert parts[8] == "User:" and parts[9] == long_text  # too long for the encoder: decoder text
+    assert parts[-1] == "Assistant:"
+    assert not isinstance(engine.chat_parts([ChatMessage("user", "hi")], encode=False)[1], Encode)
+    prompt = engine.prepare(parts)
+    eos = engine.processor.eos_token_id
+    assert any(getattr(seg, "ids", None) == [eos] for seg in prompt.sample)
+
+
+def test_batched_generation_matches_direct(live):
+    """Left-padded dynamic batches give the same greedy answers as one-by-one generation."""
+    engine, _ = live
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    img = Image.new("RGB", (32, 32), (10, 200, 10))
+    prompts = [
+        [ChatMessage("user", "hello")],
+        [ChatMessage("user", "describe the picture in a few words please", [img])],
+        "a raw prompt that is a little longer than the others",
+    ]
+    direct = [engine.generate(p, greedy).completions[0].text for p in prompts]
+    before = len(engine.batch_sizes)
+    jobs = [engine.submit(p, greedy) for p in prompts]
+    batched = [j.result(timeout=60).completions[0].text for j in jobs]
+    assert batched == direct
+    assert max(engine.batch_sizes[before:]) > 1
+
+
+def test_stop_strings_and_stream_hold_back(live):
+    engine, _ = live
+    full = engine.generate("tell me", SamplingParams(max_new_tokens=10, temperature=0.0)).completions[0]
+    words = full.text.split()
+    assert len(words) >= 3
+    stop = words[2]
+    cut = engine.generate("tell me", SamplingParams(max_new_tokens=10, temperature=0.0, stop=[stop])).completions[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    streamed = "".join(
+        e.text for e in engine.stream("tell me", SamplingParams(max_new_tokens=10, temperature=0.0, stop=[stop]))
+    )
+    assert streamed == cut.text
+
+    # A tail that may still become a stop string is held back, then released when it does not.
+    class FakeJob:
+        params = SamplingParams(stop=["END"])
+        deadline = None
+        cancelled = False
+
+        def __init__(self):
+            self.events, self.done = [], []
+
+        def _emit(self, ev):
+            self.events.append(ev.text)
+
+        def _finish_choice(self, i, c):
+            self.done.append(c)
+
+    job = FakeJob()
+    pieces = {1: "abc", 2: " E", 3: "N", 4: "x"}
+    row = _Row(job, 0, 10, lambda ids: "".join(pieces[i] for i in ids), eos={0})
+    for token in (1, 2, 3):
+        row.push(token)
+    assert "".join(job.events) == "abc "  # "EN" may become "END": held back
+    row.push(4)
+    assert "".join(job.events) == "abc ENx"
+    row.push(0)
+    assert job.done[0].finish_reason == "stop" and job.done[0].text == "abc ENx"
+
+
+def test_submit_refuses_when_full(serving_model_dir):
+    engine = Engine.from_pretrained(serving_model_dir, device="cpu", max_pending=2)
+    try:
+        with engine._model_lock:  # the worker blocks on the model: jobs stay pending
+            jobs = [engine.submit("hi", SamplingParams(max_new_tokens=2)) for _ in range(2)]
+            with pytest.raises(QueueFull):
+                engine.submit("hi", SamplingParams(max_new_tokens=2))
+        for job in jobs:
+            assert job.result(timeout=60).completions
+    finally:
+        engine.close()
+
+
+# --- the HTTP API with the openai client --------------------------------------------------------------
+def test_models_and_health(client, live):
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    health = httpx.get(live[1] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL_NAME
+
+
+def test_text_request(client, live):
+    engine, _ = live
+    messages = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "what is a cat?"}]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL_NAME
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # The server builds the same prompt as the engine's chat template.
+    direct = engine.generate(
+        [ChatMessage("system", "answer briefly"), ChatMessage("user", "what is a cat?")],
+        SamplingParams(max_new_tokens=6, temperature=0),
+    )
+    assert choice.message.content == direct.completions[0].text
+    assert r.usage.prompt_tokens == direct.prompt_tokens
+
+
+def test_image_request(client, live):
+    engine, _ = live
+    text_only = client.chat.completions.create(model=MODEL_NAME, messages=_user("what colour?"), max_tokens=4)
+    with_image = client.chat.completions.create(
+        model=MODEL_NAME, messages=_user("what colour?", png_data_url()), max_tokens=4, temperature=0
+    )
+    assert with_image.choices[0].message.content
+    slots = engine.config.num_slots("vision")
+    assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + slots
+
+
+def test_streamed_request(client, live):
+    messages = _user("tell me a story", png_data_url())
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    # The raw wire format: SSE "data:" lines ending with [DONE].
+    body = {"model": MODEL_NAME, "messages": _user("hi"), "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", live[1] + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_n_two(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=_user("hi"), max_tokens=5, n=2, temperature=1.0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content for c in r.choices)
+    assert 2 <= r.usage.completion_tokens <= 10
+
+
+def _bad(kind: str):
+    if kind == "bad_base64":
+        return {"messages": _user("x", "data:image/png;base64,@@not-base64@@")}
+    if kind == "not_an_image":
+        return {"messages": _user("x", "data:image/png;base64," + base64.b64encode(b"hello world").decode())}
+    if kind == "oversize_image":  # noise does not compress: > 200 kB
+        return {"messages": _user("x", png_data_url((300, 300), noise=True))}
+    if kind == "too_many_pixels":  # a small file that decodes to 1.4 M pixels (decompression-bomb check)
+        return {"messages": _user("x", png_data_url((1200, 1200)))}
+    if kind == "unknown_model":
+        return {"model": "gpt-4o", "messages": _user("x")}
+    if kind == "file_url":
+        return {"messages": _user("x", "file:///etc/passwd")}
+    if kind == "http_url":
+        return {"messages": _user("x", "http://example.com/cat.png")}
+    if kind == "plain_path":
+        return {"messages": _user("x", "/etc/hosts")}
+    if kind == "max_tokens":
+        return {"messages": _user("x"), "max_tokens": 100_000}
+    if kind == "temperature":
+        return {"messages": _user("x"), "temperature": 7}
+    if kind == "n":
+        return {"messages": _user("x"), "n": 50}
+    if kind == "empty_messages":
+        return {"messages": []}
+    if kind == "bad_role":
+        return {"messages": [{"role": "tool", "content": "x"}]}
+    if kind == "image_for_assistant":
+        return {"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}]}
+    raise AssertionError(kind)
+
+
+BAD = {
+    "bad_base64": (400, "invalid_image"),
+    "not_an_image": (400, "invalid_image"),
+    "oversize_image": (400, "image_too_large"),
+    "too_many_pixels": (400, "image_too_large"),
+    "unknown_model": (404, "model_not_found"),
+    "file_url": (400, "image_url_not_allowed"),
+    "http_url": (400, "image_url_not_allowed"),
+    "plain_path": (400, "image_url_not_allowed"),
+    "max_tokens": (400, "invalid_value"),
+    "temperature": (400, "invalid_value"),
+    "n": (400, "invalid_value"),
+    "empty_messages": (400, "invalid_value"),
+    "bad_role": (400, "invalid_value"),
+    "image_for_assistant": (400, None),
+}
+
+
+def _assert_error_shape(body: dict) -> dict:
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+    return error
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_requests_with_openai_client(client, kind):
+    status, code = BAD[kind]
+    request = {"model": MODEL_NAME, "max_tokens": 4, **_bad(kind)}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**request)
+    assert info.value.status_code == status
+    error = _assert_error_shape(info.value.response.json())
+    assert error["code"] == code
+
+
+def test_malformed_and_oversize_bodies(live):
+    url = live[1] + "/v1/chat/completions"
+    r = httpx.post(url, content=b'{"model": "tiny-metalm", "messages": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    _assert_error_shape(r.json())
+    r = httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = httpx.post(url, content=b"x" * 1_100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert _assert_error_shape(r.json())["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the endpoint counts what it reads
+        for _ in range(12):
+            yield b" " * 100_000
+
+    r = httpx.post(url, content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.get(live[1] + "/no/such/route")
+    assert r.status_code == 404
+    _assert_error_shape(r.json())
+    page = httpx.get(live[1] + "/")
+    assert page.status_code == 200 and "metalm chat" in page.text
+    assert "script-src 'sha256-" in page.headers["content-security-policy"]
+
+
+def test_server_error_is_generic(live, monkeypatch):
+    engine, url = live
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(engine, "chat_parts", boom)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": _user("x")})
+    assert r.status_code == 500
+    error = _assert_error_shape(r.json())
+    assert "secret" not in error["message"] and error["type"] == "server_error"
+
+
+def test_queue_full_and_time_limit(serving_model_dir):
+    """With the model busy: requests beyond the limit get 429; one that waits past its time limit gets 408."""
+    engine, server = start_live_server(serving_model_dir, max_concurrent_requests=2, request_timeout_s=1.5)
+    url = None
+    results: dict[str, httpx.Response] = {}
+
+    def post(name: str) -> None:
+        body = {"model": MODEL_NAME, "messages": _user(name), "max_tokens": 3}
+        results[name] = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+    try:
+        with server:
+            url = server.url
+            with engine._model_lock:
+                a = threading.Thread(target=post, args=("a",))
+                a.start()
+                while engine.pending < 1 or not engine._queue.empty():
+                    time.sleep(0.01)
+                time.sleep(0.1)  # the worker has taken "a" into a batch and waits for the model
+                b = threading.Thread(target=post, args=("b",))
+                b.start()
+                while engine.pending < 2:
+                    time.sleep(0.01)
+                post("c")
+                assert results["c"].status_code == 429
+                assert _assert_error_shape(results["c"].json())["code"] == "rate_limit_exceeded"
+                time.sleep(1.7)  # past b's time limit while it is still queued
+            a.join(30)
+            b.join(30)
+            assert results["a"].status_code == 200  # it ran out of time after its first token
+            assert results["a"].json()["usage"]["completion_tokens"] <= 1
+            assert results["b"].status_code == 408
+            assert _assert_error_shape(results["b"].json())["code"] == "timeout"
+    finally:
+        engine.close()
+
+
+def test_load_concurrent_clients(client, live):
+    """8 concurrent clients x 3 requests (text, image, streamed): no failures, and requests get batched."""
+    engine, _ = live
+    before = len(engine.batch_sizes)
+
+    def session(i: int) -> list[str]:
+        out = []
+        for k in range(3):
+            if k == 0:
+                r = client.chat.completions.create(model=MODEL_NAME, messages=_user(f"client {i}"), max_tokens=6)
+                out.append(r.choices[0].message.content)
+            elif k == 1:
+                r = client.chat.completions.create(
+                    model=MODEL_NAME, messages=_user(f"image {i}", png_data_url(seed=i)), max_tokens=6
+                )
+                out.append(r.choices[0].message.content)
+            else:
+                stream = client.chat.completions.create(
+                    model=MODEL_NAME, messages=_user(f"stream {i}"), max_tokens=6, stream=True
+                )
+                out.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [a for result in pool.map(session, range(8)) for a in result]
+    assert len(answers) == 24 and all(isinstance(a, str) for a in answers)
+    assert max(engine.batch_sizes[before:]) > 1
+
+
+# --- image URL rules (unit) -----------------------------------------------------------------------------
+def test_image_resolver_allow_lists(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(allowed / "ok.png")
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (allowed / "link.png").symlink_to(outside)
+
+    # A tiny static file server on loopback plays the allowed host (and a redirect to elsewhere).
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(allowed), **kwargs)
+
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://example.com/x.png")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        resolver = ImageResolver(
+            ServerSettings(allow_image_dirs=(str(allowed),), allow_image_hosts=("127.0.0.1",), max_image_bytes=100_000)
+        )
+        run = asyncio.run
+        assert run(resolver.resolve((allowed / "ok.png").as_uri(), "p")).size == (8, 8)
+        assert run(resolver.resolve(f"http://127.0.0.1:{port}/ok.png", "p")).size == (8, 8)
+        for url in [
+            outside.as_uri(),  # outside the allowed folder
+            (allowed / "link.png").as_uri(),  # a symlink pointing outside
+            f"file://{allowed}/../secret.png",  # '..' escaping
+            f"http://localhost:{port}/ok.png",  # a host not on the list
+            f"http://127.0.0.1:{port}/redirect",  # redirects are not followed
+            f"http://127.0.0.1:{port}/missing.png",
+            "ftp://127.0.0.1/ok.png",
+        ]:
+            with pytest.raises(APIError) as info:
+                run(resolver.resolve(url, "p"))
+            assert info.value.status == 400, url
+        # Default settings: nothing but data URLs.
+        strict = ImageResolver(ServerSettings())
+        with pytest.raises(APIError):
+            run(strict.resolve((allowed / "ok.png").as_uri(), "p"))
+        with pytest.raises(APIError):
+            run(strict.resolve(f"http://127.0.0.1:{port}/ok.png", "p"))
+    finally:
+        httpd.shutdown()
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+def test_generate_command(serving_model_dir, tmp_path, capsys):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 10, 10)).save(image)
+    out = io.StringIO()
+    report = generate(
+        str(serving_model_dir), "question: what colour is it? answer:", images=[str(image)], max_new_tokens=5,
+        as_json=True, output=out,
+    )  # fmt: skip
+    printed = json.loads(out.getvalue())
+    assert printed == report
+    assert report["encoded_prompt"] is True and len(report["completions"]) == 1
+    assert 1 <= report["completion_tokens"] <= 5 and report["prompt_tokens"] > 0
+
+    streamed = io.StringIO()
+    plain = generate(str(serving_model_dir), "question: what colour is it? answer:", images=[str(image)],
+                     max_new_tokens=5, output=streamed)  # fmt: skip
+    assert streamed.getvalue().strip() == plain["completions"][0]["text"].strip() == report["completions"][0]["text"].strip()
+
+    code = main(
+        ["generate", "--model", str(serving_model_dir), "--prompt", "hello", "--no-encode-prompt",
+         "--max-new-tokens", "4", "--num-beams", "2", "--seed", "3", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    cli_report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_report["encoded_prompt"] is False and cli_report["completions"][0]["tokens"] <= 4
+    assert main(["generate", "--model", str(serving_model_dir), "--prompt", "x", "--image", str(tmp_path / "no.png")]) == 2
+
+
+def test_chat_command(serving_model_dir, tmp_path):
+    image = tmp_path / "blue.png"
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(image)
+    lines = iter(["hello", f"/image {image}", "what is it?", "/reset", "again", "/quit"])
+    out = io.StringIO()
+    history = chat(str(serving_model_dir), max_new_tokens=4, input_fn=lambda _: next(lines), output=out)
+    text = out.getvalue()
+    assert "(image attached" in text and "(conversation cleared)" in text and text.count("assistant> ") == 3
+    assert [m.role for m in history] == ["user", "assistant"] and history[0].text == "again"
