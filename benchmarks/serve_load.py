@@ -18,7 +18,6 @@ With ``--http`` the same burst also goes through the OpenAI-compatible server (u
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import threading
@@ -106,7 +105,9 @@ def run_batched(engine: Engine, prompts: list, params: SamplingParams, batch: in
     latencies = [job.finished - start_mono for job in jobs]
     sizes = engine.batch_sizes[first_batch:]
     row = summarize(f"batch<={batch}", latencies, sum(r.completion_tokens for r in results), wall)
-    print(f"{'':<12} {len(sizes)} generate calls, mean rows per call {statistics.mean(sizes):.1f}", flush=True)
+    print(
+        f"{'':<12} {len(sizes)} generate calls, mean rows per call {statistics.mean(sizes):.1f}", flush=True
+    )
     return row
 
 
@@ -129,7 +130,9 @@ def run_http(engine: Engine, prompts: list, params: SamplingParams, batch: int) 
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="-", max_retries=0)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="-", max_retries=0
+    )
 
     def to_openai(msgs: list[ChatMessage]) -> list[dict]:
         content: list[dict] = [{"type": "text", "text": msgs[0].text}]
@@ -164,13 +167,15 @@ def run_http(engine: Engine, prompts: list, params: SamplingParams, batch: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=1, help="1 is steadier on shared cores")
     parser.add_argument("--http", action="store_true", help="also run the burst through the HTTP server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

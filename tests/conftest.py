@@ -9,7 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models: one thread is as fast and immune to oversubscription when the machine is busy.
+torch.set_num_threads(1)
 
 TINY_LLAMA = {
     "model_type": "llama",

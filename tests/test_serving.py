@@ -114,7 +114,9 @@ def client(live):
 
 
 def _user(text: str, *images: str) -> list[dict]:
-    content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    content = [{"type": "text", "text": text}] + [
+        {"type": "image_url", "image_url": {"url": u}} for u in images
+    ]
     return [{"role": "user", "content": content}]
 
 
@@ -166,10 +168,13 @@ def test_stop_strings_and_stream_hold_back(live):
     words = full.text.split()
     assert len(words) >= 3
     stop = words[2]
-    cut = engine.generate("tell me", SamplingParams(max_new_tokens=10, temperature=0.0, stop=[stop])).completions[0]
+    cut = engine.generate(
+        "tell me", SamplingParams(max_new_tokens=10, temperature=0.0, stop=[stop])
+    ).completions[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
     streamed = "".join(
-        e.text for e in engine.stream("tell me", SamplingParams(max_new_tokens=10, temperature=0.0, stop=[stop]))
+        e.text
+        for e in engine.stream("tell me", SamplingParams(max_new_tokens=10, temperature=0.0, stop=[stop]))
     )
     assert streamed == cut.text
 
@@ -222,7 +227,10 @@ def test_models_and_health(client, live):
 
 def test_text_request(client, live):
     engine, _ = live
-    messages = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "what is a cat?"}]
+    messages = [
+        {"role": "system", "content": "answer briefly"},
+        {"role": "user", "content": "what is a cat?"},
+    ]
     r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, temperature=0)
     choice = r.choices[0]
     assert r.object == "chat.completion" and r.model == MODEL_NAME
@@ -276,7 +284,9 @@ def test_streamed_request(client, live):
 
 
 def test_n_two(client):
-    r = client.chat.completions.create(model=MODEL_NAME, messages=_user("hi"), max_tokens=5, n=2, temperature=1.0)
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=_user("hi"), max_tokens=5, n=2, temperature=1.0
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.message.content for c in r.choices)
     assert 2 <= r.usage.completion_tokens <= 10
@@ -310,7 +320,14 @@ def _bad(kind: str):
     if kind == "bad_role":
         return {"messages": [{"role": "tool", "content": "x"}]}
     if kind == "image_for_assistant":
-        return {"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}]}
+        return {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}],
+                }
+            ]
+        }
     raise AssertionError(kind)
 
 
@@ -354,7 +371,9 @@ def test_bad_requests_with_openai_client(client, kind):
 
 def test_malformed_and_oversize_bodies(live):
     url = live[1] + "/v1/chat/completions"
-    r = httpx.post(url, content=b'{"model": "tiny-metalm", "messages": [', headers={"content-type": "application/json"})
+    r = httpx.post(
+        url, content=b'{"model": "tiny-metalm", "messages": [', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
     _assert_error_shape(r.json())
     r = httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/json"})
@@ -436,7 +455,9 @@ def test_load_concurrent_clients(client, live):
         out = []
         for k in range(3):
             if k == 0:
-                r = client.chat.completions.create(model=MODEL_NAME, messages=_user(f"client {i}"), max_tokens=6)
+                r = client.chat.completions.create(
+                    model=MODEL_NAME, messages=_user(f"client {i}"), max_tokens=6
+                )
                 out.append(r.choices[0].message.content)
             elif k == 1:
                 r = client.chat.completions.create(
@@ -486,7 +507,9 @@ def test_image_resolver_allow_lists(tmp_path):
     port = httpd.server_address[1]
     try:
         resolver = ImageResolver(
-            ServerSettings(allow_image_dirs=(str(allowed),), allow_image_hosts=("127.0.0.1",), max_image_bytes=100_000)
+            ServerSettings(
+                allow_image_dirs=(str(allowed),), allow_image_hosts=("127.0.0.1",), max_image_bytes=100_000
+            )
         )
         run = asyncio.run
         assert run(resolver.resolve((allowed / "ok.png").as_uri(), "p")).size == (8, 8)
@@ -530,7 +553,11 @@ def test_generate_command(serving_model_dir, tmp_path, capsys):
     streamed = io.StringIO()
     plain = generate(str(serving_model_dir), "question: what colour is it? answer:", images=[str(image)],
                      max_new_tokens=5, output=streamed)  # fmt: skip
-    assert streamed.getvalue().strip() == plain["completions"][0]["text"].strip() == report["completions"][0]["text"].strip()
+    assert (
+        streamed.getvalue().strip()
+        == plain["completions"][0]["text"].strip()
+        == report["completions"][0]["text"].strip()
+    )
 
     code = main(
         ["generate", "--model", str(serving_model_dir), "--prompt", "hello", "--no-encode-prompt",
@@ -539,7 +566,20 @@ def test_generate_command(serving_model_dir, tmp_path, capsys):
     assert code == 0
     cli_report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli_report["encoded_prompt"] is False and cli_report["completions"][0]["tokens"] <= 4
-    assert main(["generate", "--model", str(serving_model_dir), "--prompt", "x", "--image", str(tmp_path / "no.png")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(serving_model_dir),
+                "--prompt",
+                "x",
+                "--image",
+                str(tmp_path / "no.png"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_chat_command(serving_model_dir, tmp_path):

@@ -27,7 +27,8 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed: pip install playwright (no `playwright install`)"
+    "playwright.sync_api",
+    reason="playwright is not installed: pip install playwright (no `playwright install`)",
 )
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() or shutil.which("chromium")),

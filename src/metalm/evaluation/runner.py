@@ -481,12 +481,13 @@ def eval_main(
     return summary
 
 
-def _eval_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return eval_main(
+def _eval_from_args(args: argparse.Namespace) -> int:
+    eval_main(
         args.model, args.task, shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
         normalization=args.normalization, device=args.device,
     )  # fmt: skip
+    return 0  # the `metalm` entry point turns this into the exit status
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

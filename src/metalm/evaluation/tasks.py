@@ -344,8 +344,12 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
         "easyvqa": lambda: Task(
             name="easyvqa",
             load=_easyvqa,
-            input_template="question: {question} answer:",
-            fewshot_input_template="Question: {question} Answer:",
+            # The question is encoded with the image; the answer cue is decoder text, as in training
+            # ([image] Enc("question: Q") answer: A); few-shot uses the paper's capitalised prompt.
+            input_template="question: {question}",
+            decoder_prompt="answer:",
+            fewshot_input_template="Question: {question}",
+            fewshot_decoder_prompt="Answer:",
             scoring="generate",
             metric="vqa_accuracy",
             max_new_tokens=5,
@@ -363,7 +367,10 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
         "bbc-topic": lambda: Task(
             name="bbc-topic",
             load=_bbc_topic,
-            input_template="Article: {text} Topic:",
+            # The article is encoded; "topic:" and the label are decoder text, as in the training documents
+            # "<article>\ntopic: <label>".
+            input_template="{text}",
+            decoder_prompt="topic:",
             scoring="rank",
             normalization="sum",
             options=BBC_TOPICS,

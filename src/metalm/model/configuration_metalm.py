@@ -113,6 +113,8 @@ class MetaLMConfig(PreTrainedConfig):
     """
 
     model_type = "metalm"
+    # There is no meaningful default decoder, so HF must not build a bare MetaLMConfig() to diff against.
+    has_no_defaults_at_init = True
     # The plain `sub_configs` mapping works across transformers 5.x (newer releases also accept
     # `sub_configs_defaults`); the dict → config conversion is done here so it does not depend on either.
     sub_configs = {"text_config": AutoConfig}

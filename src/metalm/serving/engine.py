@@ -712,7 +712,9 @@ class Engine:
         """Start generating directly in a background thread (no batching with other requests); read the
         job's `events()` as they arrive, then its `result()`."""
         job = self._new_job(prompt, params)
-        job._thread = threading.Thread(target=self._run, args=([job],), daemon=True, name=f"metalm-job-{job.id}")
+        job._thread = threading.Thread(
+            target=self._run, args=([job],), daemon=True, name=f"metalm-job-{job.id}"
+        )
         job._thread.start()
         return job
 

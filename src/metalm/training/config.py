@@ -415,8 +415,7 @@ def _check(cfg: TrainConfig) -> None:
     positive("run.keep_checkpoints", r.keep_checkpoints)
     if not r.output_dir:
         raise _FieldError("run.output_dir", "must not be empty")
-    if cfg.init_from is not None and not Path(cfg.init_from).is_dir():
-        raise _FieldError("init_from", f"{cfg.init_from!r} is not a folder (expected a saved MetaLM)")
+    # `init_from` is checked when training starts: a preset may name a model an earlier run produces.
 
 
 # --------------------------------------------------------------------------------------------

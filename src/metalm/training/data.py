@@ -320,14 +320,21 @@ class _Stream:
         o = self.owner
         p = o.processor
         rec = self.records[idx]
-        if not isinstance(rec, TextDocument | Classification) and o.vision is None:
-            raise ValueError(
-                f"stream {self.name!r}: {rec.kind} records need a vision encoder, and the model has none"
+        bos = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
+        eos = [p.eos_token_id] if p.eos_token_id is not None else []
+        blind = o.vision is None  # no vision encoder (the GPT baseline): images are left out
+        if blind and not o.warned_blind:
+            o.warned_blind = True
+            logger.warning(
+                "the model has no vision encoder: images in stream %r are left out (text-only baseline)",
+                self.name,
             )
         if isinstance(rec, ImageText):
             ids = self.ids.get(idx)
             if ids is None:
                 ids = self.ids[idx] = _tokenize(p, rec.text)
+            if blind:
+                return [*bos, TextSegment(ids + eos)]
             pixels = self._image(idx, rec.image)
             if pixels is None:
                 return None
@@ -357,13 +364,12 @@ class _Stream:
                     )
                     return None
                 self.ids[idx] = cached
-            pixels = self._image(idx, rec.image)
-            if pixels is None:
-                return None
-            sample: Sample = []
-            if p.bos_token_id is not None:
-                sample.append(TextSegment([p.bos_token_id], loss=False))
-            sample.append(EncodedSegment(o.vision, pixel_values=pixels))
+            sample: Sample = list(bos)
+            if not blind:
+                pixels = self._image(idx, rec.image)
+                if pixels is None:
+                    return None
+                sample.append(EncodedSegment(o.vision, pixel_values=pixels))
             if o.text_encoder:
                 sample.append(
                     EncodedSegment(
@@ -376,26 +382,27 @@ class _Stream:
                 sample.append(TextSegment(cached["answer_prompt"], loss=False))
             else:
                 sample.append(TextSegment(cached["question"] + cached["answer_prompt"], loss=False))
-            eos = [p.eos_token_id] if p.eos_token_id is not None else []
             sample.append(TextSegment(cached["answer"] + eos, loss=True))
             return sample
         if isinstance(rec, Interleaved):
-            sample = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
+            sample = list(bos)
             texts = self.ids.get(idx)
             if texts is None:
                 texts = self.ids[idx] = [
-                    p.tokenize(t.text) if isinstance(t, TextPart) else None for t in rec.parts
+                    _tokenize(p, t.text) if isinstance(t, TextPart) else None for t in rec.parts
                 ]
             for part, ids in zip(rec.parts, texts):
                 if isinstance(part, ImagePart):
+                    if blind:
+                        continue
                     pixels = self._image(idx, part.image)
                     if pixels is None:
                         return None
                     sample.append(EncodedSegment(o.vision, pixel_values=pixels))
                 elif ids:
                     sample.append(TextSegment(ids))
-            if p.eos_token_id is not None:
-                sample.append(TextSegment([p.eos_token_id]))
+            if eos:
+                sample.append(TextSegment(eos))
             return sample
         raise TypeError(f"unexpected record {type(rec).__name__}")
 
@@ -524,10 +531,15 @@ class DataStream:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"stream names must be unique, got {self.names}")
         self.weights = [s.weight for s in self.streams]
+        self.warned_blind = False
         self.draws = 0
         self.stats = {"samples": 0, "truncated": 0, "skipped_no_target": 0, "batches": 0}
         self.per_stream = dict.fromkeys(self.names, 0)
         self.last_sources: list[tuple[str, list[int]]] = []
+
+    def shard_order(self, stream: str, epoch: int) -> list[int]:
+        """The record indices stream `stream` reads on this rank in `epoch`, in order."""
+        return list(self.streams[self.names.index(stream)].order(epoch))
 
     def to_encoder_ids(self, ids: list[int]) -> list[int]:
         return self.processor.to_encoder_ids(self.text_encoder, ids)
@@ -546,7 +558,7 @@ class DataStream:
 
     def _sample_from(self, k: int) -> tuple[Sample, list[int]]:
         stream = self.streams[k]
-        for _ in range(10_000):
+        for _ in range(1000):
             sample, sources = stream.next_sample()
             if sample_length(sample, self.config) > self.seq_len:
                 sample = truncate_sample(sample, self.seq_len, self.config)
@@ -554,7 +566,10 @@ class DataStream:
             if _has_target(sample, self.config):
                 return sample, sources
             self.stats["skipped_no_target"] += 1
-        raise ValueError(f"stream {stream.name!r}: 10,000 samples in a row had nothing to train on")
+        raise ValueError(
+            f"stream {stream.name!r}: 1,000 samples in a row had nothing to train on "
+            f"(is seq_len {self.seq_len} too short for them?)"
+        )
 
     def next_sample(self) -> tuple[Sample, str, list[int]]:
         """One sample (mix per sample), with its stream name and record indices."""

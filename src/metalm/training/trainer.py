@@ -318,6 +318,16 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str 
 # The trainer
 
 
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 @contextlib.contextmanager
 def _quiet_hf_progress():
     """Hide transformers' "Writing model shards" bar while saving (it breaks the training bar)."""
@@ -372,6 +382,11 @@ class Trainer:
             return model, MetaLMProcessor.from_pretrained(resume / "model", config=model.config)
         if cfg.init_from is None:
             return cfg.model.to_recipe().build()
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise ConfigError(
+                f"{cfg.source or '<config>'}: init_from: {cfg.init_from!r} is not a saved MetaLM folder "
+                "(no config.json); train the model it names first, or point init_from elsewhere"
+            )
         model = MetaLMForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn)
         if cfg.model.semi_causal:
             model.config.semi_causal = {**model.config.semi_causal, **cfg.model.semi_causal}
@@ -484,6 +499,9 @@ class Trainer:
 
         run, optim = self.config.run, self.config.optim
         acc = self.accelerator = Accelerator(
+            # Without a GPU, say so: accelerate only sets up multi-process CPU training (gloo) under
+            # torchrun when told it runs on CPU.
+            cpu=not _has_accelerator_device(),
             gradient_accumulation_steps=optim.grad_accum,
             mixed_precision=run.mixed_precision,
             # A batch without images (or spans) leaves an encoder unused; DDP must not wait for its grads.
@@ -498,7 +516,9 @@ class Trainer:
         old_level = package_logger.level
         if handler is not None:
             package_logger.addHandler(handler)
-        if package_logger.getEffectiveLevel() > logging.INFO:
+        if not main:  # one voice: other processes only report problems
+            package_logger.setLevel(logging.WARNING)
+        elif package_logger.getEffectiveLevel() > logging.INFO:
             package_logger.setLevel(logging.INFO)
         try:
             return self._run()
@@ -724,7 +744,7 @@ class Trainer:
             data.stats["skipped_no_target"],
         )
         if report.count:
-            logger.warning("bad records: %s", report.summary(limit=50))
+            logger.warning("bad records: %s", _skip_summary(report, limit=50))
         else:
             logger.info("bad records: none")
         logger.info(
@@ -734,6 +754,17 @@ class Trainer:
             f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "-",
             result.final_dir,
         )
+
+
+def _skip_summary(report, limit: int = 50) -> str:
+    """Like SkipReport.summary, for records located by file:line or by stream and index."""
+    lines = [f"skipped {report.count} bad record{'s' if report.count != 1 else ''}:"]
+    for path, line, fld, reason in report.items[:limit]:
+        where = f"{path}:{line}" if line is not None else str(path)
+        lines.append(f"  {where}: {f'field {fld!r}: ' if fld else ''}{reason}")
+    if report.count > limit:
+        lines.append(f"  ... and {report.count - min(limit, len(report.items))} more")
+    return "\n".join(lines)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -773,8 +804,10 @@ def train_main(config_path: str, overrides: list[str], resume: bool | None = Non
 
     try:
         result = train(config)
-    except RecordError as err:
+    except (RecordError, ConfigError) as err:
         raise SystemExit(f"error: {err}") from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     print(f"final model: {result.final_dir}")
     print(f"metrics:     {result.metrics_path} (and metrics.csv, loss_curve.png)")
     if result.last_loss is not None:
