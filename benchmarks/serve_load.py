@@ -176,18 +176,20 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="1 is steadier on shared cores")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--http", action="store_true", help="also run the burst through the HTTP server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:
         build_model(directory, args.hidden, args.layers)
-        engine = Engine.from_pretrained(directory, device="cpu", name="bench")
+        engine = Engine.from_pretrained(directory, device=args.device, name="bench")
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     prompts = requests(args.requests)
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(
         f"model: llama decoder {args.hidden} wide x {args.layers} layers ({n_params / 1e6:.1f}M params with encoders); "
-        f"{args.requests} requests x {args.new_tokens} new tokens (greedy); torch threads {args.threads}",
+        f"{args.requests} requests x {args.new_tokens} new tokens (greedy); torch threads {args.threads}; "
+        f"device {engine.device}",
         flush=True,
     )
     engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up

@@ -98,6 +98,8 @@ def test_config_loads_and_overrides(tmp_path):
     assert cfg.optim.betas == (0.9, 0.95)  # default
     # `lr: 1e-4` is a string to YAML 1.1; it is read as the number it looks like.
     assert load_config(path).optim.lr == 1e-4
+    # A bare `no` is false to YAML; for mixed_precision it means "no".
+    assert load_config(path, ["run.mixed_precision=no"]).run.mixed_precision == "no"
 
 
 @pytest.mark.parametrize(
@@ -398,6 +400,11 @@ def test_run_writes_outputs(full_run):
     with open(out / "metrics.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 6 and table[2]["val_loss"] != "" and table[0]["val_loss"] == ""
+    # Per-stream validation losses; the overall one is their token-weighted mean.
+    assert {"val_loss_docs", "val_loss_captions"} <= set(rows[2]) and "val_loss_docs" in table[0]
+    assert min(rows[2]["val_loss_docs"], rows[2]["val_loss_captions"]) <= rows[2]["val_loss"]
+    assert result.last_val["val_loss"] == result.val_losses[6]
+    assert result.last_loss == rows[-1]["loss"]
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [
         "checkpoint-2",
@@ -478,8 +485,12 @@ def test_corrupt_checkpoint_is_skipped(full_run, tmp_path, caplog):
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "checkpoint-4" in warnings and "sha256" in warnings
     assert "checkpoint-6.tmp" in warnings
+    assert (out / "checkpoint-4.corrupt").is_dir()  # set aside, not deleted
     for step, loss in c.losses.items():
         assert loss == pytest.approx(a.losses[step], abs=1e-6), step
+    cfg.run.resume = False  # starting over must not mix with an earlier run's checkpoints
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(cfg)
 
 
 @pytest.mark.slow

@@ -159,6 +159,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         encoder_inputs: EncoderInputs | None = None,
         encoder_slots: dict[str, torch.Tensor] | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
@@ -174,6 +175,8 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
+            # Named here so generate() sees it and computes prefill logits for the last position only.
+            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
             **kwargs,
         )
 

@@ -98,7 +98,15 @@ def generate(
     return report
 
 
+def _quiet_loading() -> None:
+    # The weight-loading progress bar would land in the middle of a terminal answer.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _generate_from_args(args: argparse.Namespace) -> int:
+    _quiet_loading()
     try:
         generate(
             args.model, args.prompt, images=args.image or (), encode=args.encode_prompt,
@@ -211,6 +219,7 @@ def chat(
 
 
 def _chat_from_args(args: argparse.Namespace) -> int:
+    _quiet_loading()
     try:
         chat(
             args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -299,7 +308,12 @@ def serve(
         port,
     )
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False)
+        # A backstop on open connections (uvicorn answers 503 beyond it), so that slow or idle clients
+        # cannot hold unbounded memory; requests beyond max_concurrent_requests get the API's own 429.
+        uvicorn.run(
+            app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, server_header=False,
+            limit_concurrency=4 * max_concurrent_requests + 16,
+        )  # fmt: skip
     finally:
         engine.close()
 

@@ -620,8 +620,21 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 streaming = True  # the stream releases the slot when it ends
                 return response
             try:
-                while not Job.is_end(await asyncio.wait_for(events.get(), remaining)):
-                    pass
+                give_up = time.monotonic() + remaining
+                next_check = time.monotonic() + 0.5
+                while True:
+                    try:
+                        if Job.is_end(await asyncio.wait_for(events.get(), 0.5)):
+                            break
+                    except TimeoutError:
+                        if time.monotonic() > give_up:
+                            raise
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + 0.5
+                        if await request.is_disconnected():
+                            job.cancel()  # nobody is waiting for the answer: free the batch row
+                            logger.info("%s: client went away", rid)
+                            return JSONResponse({}, status_code=499)
             except TimeoutError:
                 job.cancel()
                 raise APIError(

@@ -226,6 +226,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise errors[0]
         raise _FieldError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no".
+        if isinstance(value, bool) and ("no", "yes")[value] in typing.get_args(tp):
+            value = ("no", "yes")[value]
         if value not in typing.get_args(tp):
             raise _FieldError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
         return value

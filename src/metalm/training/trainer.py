@@ -66,7 +66,8 @@ METRIC_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss",
 @dataclass
 class TrainResult:
     """What a run produced. ``losses``/``val_losses`` map step → loss for the steps this call ran
-    (after a resume: only the steps after the checkpoint)."""
+    (after a resume: only the steps after the checkpoint). ``last_val`` is the last evaluation, with
+    per-stream losses (``val_loss_<stream>``) when there are several validation streams."""
 
     output_dir: Path
     final_dir: Path
@@ -74,12 +75,18 @@ class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    final_train_loss: float | None = None
     tokens: int = 0
     resumed_from: Path | None = None
     checkpoints: list[Path] = field(default_factory=list)
 
     @property
     def last_loss(self) -> float | None:
+        """The mean train loss of the last logged row (the last `run.log_every` steps; one step's loss
+        swings with the stream it came from)."""
+        if self.final_train_loss is not None:
+            return self.final_train_loss
         return self.losses[max(self.losses)] if self.losses else None
 
     @property
@@ -242,7 +249,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class _Metrics:
     """metrics.jsonl + metrics.csv (+ TensorBoard) on the main process; `history` is every row."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, output_dir: Path, enabled: bool, tensorboard: bool, extra_columns: list[str] | None = None
+    ) -> None:
+        self.columns = METRIC_COLUMNS + list(extra_columns or [])
         self.jsonl = output_dir / "metrics.jsonl"
         self.csv = output_dir / "metrics.csv"
         self.enabled = enabled
@@ -265,7 +275,7 @@ class _Metrics:
             for row in self.history:
                 fh.write(json.dumps(row) + "\n")
         with open(self.csv, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.history)
 
@@ -276,14 +286,15 @@ class _Metrics:
         with open(self.jsonl, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         with open(self.csv, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore").writerow(row)
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerow(row)
         if self.tb is not None:
             step = row["step"]
             for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
                 if key in row:
                     self.tb.add_scalar(f"train/{key}", row[key], step)
-            if "val_loss" in row:
-                self.tb.add_scalar("val/loss", row["val_loss"], step)
+            for key, value in row.items():
+                if key.startswith("val_loss"):
+                    self.tb.add_scalar("val/" + (key[len("val_loss_") :] or "loss"), value, step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -474,24 +485,41 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Token-weighted validation loss over the fixed validation batches (all ranks together)."""
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted validation loss over the fixed validation batches (all processes together):
+        ``{"val_loss": ..., "val_loss_<stream>": ...}``; empty without validation data."""
         if not self.val_batches:
-            return None
+            return {}
         from accelerate.utils import send_to_device
 
         acc = self.accelerator
+        names = self.val_streams
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for batch in self.val_batches:
+        # Row sums of token losses and token counts, per stream: [streams, 2].
+        total = torch.zeros(len(names), 2, dtype=torch.float64, device=acc.device)
+        for batch, rows in zip(self.val_batches, self.val_rows):
             batch = send_to_device(batch, acc.device)
-            out = self.model(**batch)
-            n = (batch["labels"][:, 1:] != -100).sum()
-            total[0] += out.loss.double() * n
-            total[1] += n
+            labels = batch.pop("labels")[:, 1:]
+            logits = self.model(**batch).logits[:, :-1].float()
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            mask = labels != -100
+            row_loss = (token_loss * mask).sum(1).double()
+            row_n = mask.sum(1).double()
+            index = torch.tensor([names.index(r) for r in rows], device=acc.device)
+            total[:, 0].index_add_(0, index, row_loss)
+            total[:, 1].index_add_(0, index, row_n)
         self.model.train()
         total = acc.reduce(total, reduction="sum")
-        return float(total[0] / total[1]) if total[1] > 0 else None
+        out = {}
+        if total[:, 1].sum() > 0:
+            out["val_loss"] = float(total[:, 0].sum() / total[:, 1].sum())
+        if len(names) > 1:
+            for name, (loss_sum, n) in zip(names, total.tolist()):
+                if n > 0:
+                    out[f"val_loss_{name}"] = loss_sum / n
+        return out
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -550,9 +578,25 @@ class Trainer:
 
         # Which checkpoint to resume from: the main process verifies, everyone follows.
         resume_path = [None]
-        if run.resume and main:
-            found = find_checkpoint(self.output_dir, world_size=world)
+        if main:
+            existing = _checkpoints(self.output_dir)
+            if existing and not run.resume:
+                raise ValueError(
+                    f"{self.output_dir} already holds checkpoints ({existing[-1][1].name}); resume from them "
+                    "(--resume), choose another run.output_dir, or delete them"
+                )
+            found = find_checkpoint(self.output_dir, world_size=world) if run.resume else None
             resume_path = [str(found) if found else None]
+            # Checkpoints newer than the one resumed from failed verification: set them aside so that
+            # pruning and later resumes only see this run's timeline.
+            found_step = int(CHECKPOINT_PATTERN.match(found.name).group(1)) if found else -1
+            for step_n, path in existing:
+                if step_n > found_step:
+                    aside = path.with_name(f"{path.name}.corrupt")
+                    if aside.exists():
+                        shutil.rmtree(aside)
+                    os.replace(path, aside)
+                    logger.warning("moved unusable checkpoint %s to %s", path, aside.name)
         if world > 1:
             resume_path = broadcast_object_list(resume_path)
         resume = Path(resume_path[0]) if resume_path[0] else None
@@ -573,9 +617,11 @@ class Trainer:
             world_size=world,
             report=report,
         )
-        self.val_batches = (
-            val_data.take(run.eval_batches) if val_data is not None and run.eval_batches else []
-        )
+        self.val_batches, self.val_rows = [], []
+        self.val_streams = list(val_data.names) if val_data is not None else []
+        for _ in range(run.eval_batches if val_data is not None else 0):
+            self.val_batches.append(val_data.next_batch())
+            self.val_rows.append([name for name, _ in val_data.last_sources])
         if not self.val_batches:
             logger.info("no validation data: validation loss is not computed")
 
@@ -589,7 +635,8 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        metrics = _Metrics(self.output_dir, main, run.tensorboard)
+        per_stream = [f"val_loss_{n}" for n in self.val_streams] if len(self.val_streams) > 1 else []
+        metrics = _Metrics(self.output_dir, main, run.tensorboard, per_stream)
         step, tokens_total, elapsed = 0, 0, 0.0
         if resume is not None:
             tstate = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
@@ -602,8 +649,6 @@ class Trainer:
             logger.info("resumed from %s at step %d", resume, step)
         else:
             metrics.reset([])
-            if run.resume and main and _checkpoints(self.output_dir):
-                logger.warning("no usable checkpoint in %s: starting from scratch", self.output_dir)
 
         result = TrainResult(
             output_dir=self.output_dir,
@@ -612,6 +657,8 @@ class Trainer:
             step=step,
             resumed_from=resume,
         )
+        if step >= optim.max_steps:
+            logger.info("step %d already reaches optim.max_steps=%d: nothing to train", step, optim.max_steps)
         # RNG last, so nothing between here and the first step draws from it (exact resume).
         if resume is not None:
             _set_rng_state(torch.load(resume / f"rng_rank{rank}.pt", weights_only=True))
@@ -697,9 +744,10 @@ class Trainer:
                 if (run.eval_every and step % run.eval_every == 0) or step == optim.max_steps:
                     val = self.evaluate()
                     last_val_step = step
-                    if val is not None:
-                        row["val_loss"] = val
-                        result.val_losses[step] = val
+                    if val:
+                        row.update(val)
+                        result.val_losses[step] = val["val_loss"]
+                        result.last_val = val
                 if row:
                     metrics.write({"step": step, **row})
                 bar.update(1)
@@ -720,10 +768,13 @@ class Trainer:
         if step == start_step and self.val_batches and last_val_step is None:
             # Nothing left to train (resumed at max_steps): still report the validation loss.
             val = self.evaluate()
-            if val is not None:
-                result.val_losses[step] = val
+            if val:
+                result.val_losses[step] = val["val_loss"]
+                result.last_val = val
         result.step = step
         result.tokens = tokens_total
+        logged = [r["loss"] for r in metrics.history if "loss" in r]
+        result.final_train_loss = logged[-1] if logged else None
         result.final_dir = self._save_final()
         if main:
             plot_loss_curve(
@@ -747,11 +798,15 @@ class Trainer:
             logger.warning("bad records: %s", _skip_summary(report, limit=50))
         else:
             logger.info("bad records: none")
+        streams = ", ".join(
+            f"{k[len('val_loss_') :]} {v:.4f}" for k, v in result.last_val.items() if k != "val_loss"
+        )
         logger.info(
-            "finished at step %d: train loss %s, validation loss %s; final model in %s",
+            "finished at step %d: train loss %s, validation loss %s%s; final model in %s",
             result.step,
             f"{result.last_loss:.4f}" if result.last_loss is not None else "-",
             f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "-",
+            f" ({streams})" if streams else "",
             result.final_dir,
         )
 
