@@ -394,6 +394,8 @@ def test_run_writes_outputs(full_run):
     assert sorted(result.val_losses) == [3, 6]
     for name in ("metrics.jsonl", "metrics.csv", "loss_curve.png", "train.log", "config.yaml"):
         assert (out / name).is_file(), name
+    saved = load_config(out / "config.yaml")  # the resolved config reads back as the same config
+    assert saved.model == cfg.model and saved.data == cfg.data and saved.optim == cfg.optim
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "tokens_per_s", "grad_norm", "tokens"} <= set(rows[0]) and "val_loss" in rows[2]
@@ -402,6 +404,7 @@ def test_run_writes_outputs(full_run):
     assert len(table) == 6 and table[2]["val_loss"] != "" and table[0]["val_loss"] == ""
     # Per-stream validation losses; the overall one is their token-weighted mean.
     assert {"val_loss_docs", "val_loss_captions"} <= set(rows[2]) and "val_loss_docs" in table[0]
+    assert not any(k.startswith("loss_") for k in rows[0])  # mix: sample rows mix streams
     assert min(rows[2]["val_loss_docs"], rows[2]["val_loss_captions"]) <= rows[2]["val_loss"]
     assert result.last_val["val_loss"] == result.val_losses[6]
     assert result.last_loss == rows[-1]["loss"]
@@ -505,7 +508,11 @@ def test_gpt_baseline_and_bad_records_in_run_log(tmp_path):
     )
     cfg = tiny_config(
         tmp_path / "run",
-        data={"streams": [{"source": "pydoc"}, {"source": str(path), "weight": 0.5}], "skip_bad": True},
+        data={
+            "streams": [{"source": "pydoc"}, {"source": str(path), "weight": 0.5}],
+            "skip_bad": True,
+            "mix": "batch",
+        },
         optim={"max_steps": 2, "grad_accum": 1},
         run={"output_dir": str(tmp_path / "run"), "save_every": 0, "eval_every": 0, "eval_batches": 1},
     )
@@ -513,6 +520,10 @@ def test_gpt_baseline_and_bad_records_in_run_log(tmp_path):
     cfg["model"]["semi_causal"] = None
     result = train(config_from_dict(cfg))
     assert sorted(result.losses) == [1, 2]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(
+        any(k.startswith("loss_") for k in r) for r in rows
+    )  # mix: batch gives per-stream train losses
     log = (tmp_path / "run" / "train.log").read_text()
     assert "bad records: skipped 1 bad record" in log and "invalid JSON" in log
     assert not list((tmp_path / "run").glob("checkpoint-*"))

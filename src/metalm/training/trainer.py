@@ -293,6 +293,9 @@ class _Metrics:
                 if key in row:
                     self.tb.add_scalar(f"train/{key}", row[key], step)
             for key, value in row.items():
+                if key.startswith("loss_"):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+            for key, value in row.items():
                 if key.startswith("val_loss"):
                     self.tb.add_scalar("val/" + (key[len("val_loss_") :] or "loss"), value, step)
 
@@ -302,25 +305,54 @@ class _Metrics:
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Train and validation loss against step, as a PNG (matplotlib's Agg canvas: no display needed)."""
+    """Train and validation loss against step as a PNG (matplotlib's Agg canvas: no display needed).
+    With several streams, their own train (mix: batch) and validation losses are drawn too."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=110)
+    fig = Figure(figsize=(8, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in history if key in r]
+
+    streams = sorted({k[len("val_loss_") :] for r in history for k in r if k.startswith("val_loss_")})
+    streams += sorted({k[len("loss_") :] for r in history for k in r if k.startswith("loss_")} - set(streams))
+    colors = dict(zip(streams, ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
+    train = series("loss")
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
-    if val:
-        ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o", markersize=3.5)
+        ax.plot(
+            *zip(*train), label="train loss", color="tab:blue", linewidth=1.0, alpha=0.5 if streams else 1.0
+        )
+    for name in streams:
+        color = colors.get(name, "tab:gray")
+        if series(f"loss_{name}"):
+            ax.plot(*zip(*series(f"loss_{name}")), color=color, linewidth=1.0, label=f"train: {name}")
+        if series(f"val_loss_{name}"):
+            ax.plot(
+                *zip(*series(f"val_loss_{name}")),
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=3,
+                label=f"validation: {name}",
+            )
+    if series("val_loss"):
+        ax.plot(
+            *zip(*series("val_loss")),
+            label="validation loss (all)",
+            color="tab:orange",
+            marker="o",
+            markersize=4,
+            linewidth=2,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or "MetaLM training")
     ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend()
+    if train or streams:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(str(path))
 
@@ -581,7 +613,7 @@ class Trainer:
         if main:
             existing = _checkpoints(self.output_dir)
             if existing and not run.resume:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.output_dir} already holds checkpoints ({existing[-1][1].name}); resume from them "
                     "(--resume), choose another run.output_dir, or delete them"
                 )
@@ -636,6 +668,8 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         per_stream = [f"val_loss_{n}" for n in self.val_streams] if len(self.val_streams) > 1 else []
+        if len(self.train_data.names) > 1 and self.train_data.mix == "batch":
+            per_stream = [f"loss_{n}" for n in self.train_data.names] + per_stream
         metrics = _Metrics(self.output_dir, main, run.tensorboard, per_stream)
         step, tokens_total, elapsed = 0, 0, 0.0
         if resume is not None:
@@ -673,22 +707,31 @@ class Trainer:
             dynamic_ncols=True,
         )
         window = {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+        # Train loss per stream (sum, micro-batches) when each micro-batch comes from one stream.
+        train_streams = self.train_data.names if self.train_data.mix == "batch" else []
+        stream_window = torch.zeros(len(train_streams), 2, dtype=torch.float64, device=acc.device)
         last_val_step = None
         start_step = step
         try:
             while step < optim.max_steps:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=acc.device)
+                stream_step = torch.zeros_like(stream_window)
                 tokens = 0
                 grad_norm = None
                 for _ in range(optim.grad_accum):
                     batch = self.train_data.next_batch()
+                    sources = {name for name, _ in self.train_data.last_sources}
                     tokens += int(batch["attention_mask"].sum())
                     batch = send_to_device(batch, acc.device)
                     with acc.accumulate(self.model):
                         loss = self.model(**batch).loss
                         acc.backward(loss)
                         loss_sum += loss.detach().float()
+                        if train_streams and len(sources) == 1:
+                            k = train_streams.index(sources.pop())
+                            stream_step[k, 0] += loss.detach().double()
+                            stream_step[k, 1] += 1
                         if acc.sync_gradients:
                             clip = optim.grad_clip if optim.grad_clip is not None else math.inf
                             grad_norm = acc.clip_grad_norm_(trainable, clip)
@@ -708,6 +751,8 @@ class Trainer:
                 if world > 1:
                     stats = acc.reduce(stats, reduction="sum")
                     stats[:2] /= world
+                    stream_step = acc.reduce(stream_step, reduction="sum")
+                stream_window += stream_step
                 loss_value, gn, step_tokens = float(stats[0]), float(stats[1]), int(stats[2])
                 dt = time.perf_counter() - t0
                 elapsed += dt
@@ -737,10 +782,15 @@ class Trainer:
                         tokens=tokens_total,
                         elapsed_s=round(elapsed, 3),
                     )
+                    if len(train_streams) > 1:
+                        for name, (total, count) in zip(train_streams, stream_window.tolist()):
+                            if count:
+                                row[f"loss_{name}"] = total / count
                     bar.set_postfix(
                         loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False
                     )
                     window = dict.fromkeys(window, 0)
+                    stream_window.zero_()
                 if (run.eval_every and step % run.eval_every == 0) or step == optim.max_steps:
                     val = self.evaluate()
                     last_val_step = step
