@@ -176,7 +176,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             labels=labels,
             # Named here so generate() sees it and computes prefill logits for the last position only.
-            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
+            **({} if isinstance(logits_to_keep, int) and logits_to_keep == 0 else {"logits_to_keep": logits_to_keep}),
             **kwargs,
         )
 
