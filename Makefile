@@ -28,6 +28,7 @@ quickstart: setup
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/pytest -q
 
 test-fast: setup

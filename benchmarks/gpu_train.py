@@ -26,26 +26,69 @@ from metalm.data.segments import EncodedSegment, TextSegment, collate
 
 def sizes(tiny: bool) -> dict:
     if tiny:
-        return dict(dec=dict(n_embd=64, n_layer=2, n_head=4), vis=dict(hidden_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=16),
-                    txt=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
-                    batch=2, prefix=8, causal=24, image=32)
-    return dict(dec=dict(n_embd=1024, n_layer=24, n_head=16), vis=dict(hidden_size=1024, num_hidden_layers=16,
-                num_attention_heads=16, intermediate_size=4096, image_size=224, patch_size=16),
-                txt=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-                batch=32, prefix=32, causal=223, image=224)
+        return dict(
+            dec=dict(n_embd=64, n_layer=2, n_head=4),
+            vis=dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                image_size=32,
+                patch_size=16,
+            ),
+            txt=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+            batch=2,
+            prefix=8,
+            causal=24,
+            image=32,
+        )
+    return dict(
+        dec=dict(n_embd=1024, n_layer=24, n_head=16),
+        vis=dict(
+            hidden_size=1024,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=224,
+            patch_size=16,
+        ),
+        txt=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        batch=32,
+        prefix=32,
+        causal=223,
+        image=224,
+    )
 
 
 def build(s: dict, attn: str) -> MetaLMForCausalLM:
     vocab = 30522
     config = MetaLMConfig(
-        text_config={"model_type": "gpt2", "vocab_size": vocab, "n_positions": 1024, **s["dec"], "pad_token_id": 0,
-                     "bos_token_id": 101, "eos_token_id": 102},
+        text_config={
+            "model_type": "gpt2",
+            "vocab_size": vocab,
+            "n_positions": 1024,
+            **s["dec"],
+            "pad_token_id": 0,
+            "bos_token_id": 101,
+            "eos_token_id": 102,
+        },
         encoders=[
-            {"name": "vision", "kind": "vision", "config": {"model_type": "vit", **s["vis"]}, "connector": "mlp",
-             "image_size": s["image"], "num_slots": (s["image"] // 16) ** 2 + 1},
-            {"name": "text", "kind": "text", "config": {"model_type": "bert", "vocab_size": vocab, **s["txt"]},
-             "connector": "linear", "prefix_ids": [101], "suffix_ids": [102]},
+            {
+                "name": "vision",
+                "kind": "vision",
+                "config": {"model_type": "vit", **s["vis"]},
+                "connector": "mlp",
+                "image_size": s["image"],
+                "num_slots": (s["image"] // 16) ** 2 + 1,
+            },
+            {
+                "name": "text",
+                "kind": "text",
+                "config": {"model_type": "bert", "vocab_size": vocab, **s["txt"]},
+                "connector": "linear",
+                "prefix_ids": [101],
+                "suffix_ids": [102],
+            },
         ],
     )
     config._attn_implementation = attn
@@ -58,19 +101,25 @@ def batch_for(model: MetaLMForCausalLM, s: dict, device: str) -> dict:
     samples = []
     for _ in range(s["batch"]):
         ids = torch.randint(1000, 30000, (s["prefix"] + s["causal"],), generator=g).tolist()
-        samples.append([
-            TextSegment([101]),
-            EncodedSegment("vision", pixel_values=torch.randn(3, s["image"], s["image"], generator=g)),
-            EncodedSegment("text", input_ids=ids[: s["prefix"]], target_ids=ids[: s["prefix"]]),
-            TextSegment(ids[s["prefix"]:]),
-        ])
+        samples.append(
+            [
+                TextSegment([101]),
+                EncodedSegment("vision", pixel_values=torch.randn(3, s["image"], s["image"], generator=g)),
+                EncodedSegment("text", input_ids=ids[: s["prefix"]], target_ids=ids[: s["prefix"]]),
+                TextSegment(ids[s["prefix"] :]),
+            ]
+        )
     b = collate(samples, model.config, pad_token_id=0)
     move = lambda x: {k: move(v) if isinstance(v, dict) else v.to(device) for k, v in x.items()}  # noqa: E731
     return move(b)
 
 
 def params(module: torch.nn.Module, skip_embeddings: bool = False) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if not (skip_embeddings and ("wte" in n or "word_embeddings" in n)))
+    return sum(
+        p.numel()
+        for n, p in module.named_parameters()
+        if not (skip_embeddings and ("wte" in n or "word_embeddings" in n))
+    )
 
 
 def step_time(fn, steps: int, sync) -> float:
@@ -108,7 +157,11 @@ def main() -> None:
 
     decoder = model.decoder
     T = batch["input_ids"].shape[1]
-    plain = {"input_ids": batch["input_ids"], "labels": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    plain = {
+        "input_ids": batch["input_ids"],
+        "labels": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+    }
     dec_opt = torch.optim.AdamW(decoder.parameters(), lr=1e-4, fused=device == "cuda")
 
     def decoder_step():
@@ -130,19 +183,26 @@ def main() -> None:
     d, L = s["dec"]["n_embd"], s["dec"]["n_layer"]
     n_vis_tok = (s["image"] // 16) ** 2 + 1
     n_txt_tok = s["prefix"] + 2
-    dec_flops = 6 * params(decoder, skip_embeddings=True) * B * T + 12 * L * d * T * T * B + 6 * d * 30522 * B * T
+    dec_flops = (
+        6 * params(decoder, skip_embeddings=True) * B * T + 12 * L * d * T * T * B + 6 * d * 30522 * B * T
+    )
     vis, txt = model.encoders["vision"], model.encoders["text"]
     vd, vL = s["vis"]["hidden_size"], s["vis"]["num_hidden_layers"]
     td, tL = s["txt"]["hidden_size"], s["txt"]["num_hidden_layers"]
-    enc_flops = (6 * params(vis) * B * n_vis_tok + 12 * vL * vd * n_vis_tok**2 * B
-                 + 6 * params(txt, skip_embeddings=True) * B * n_txt_tok + 12 * tL * td * n_txt_tok**2 * B
-                 + 6 * params(model.connectors) * B * (n_vis_tok + s["prefix"]))
+    enc_flops = (
+        6 * params(vis) * B * n_vis_tok
+        + 12 * vL * vd * n_vis_tok**2 * B
+        + 6 * params(txt, skip_embeddings=True) * B * n_txt_tok
+        + 12 * tL * td * n_txt_tok**2 * B
+        + 6 * params(model.connectors) * B * (n_vis_tok + s["prefix"])
+    )
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "params_decoder_M": round(params(decoder) / 1e6, 1),
         "params_vision_M": round(params(vis) / 1e6, 1),
         "params_text_encoder_M": round(params(txt) / 1e6, 1),
-        "batch": B, "decoder_positions": T,
+        "batch": B,
+        "decoder_positions": T,
         "matmul_peak_TFLOPs": round(peak / 1e12, 1),
         "decoder_only_step_s": round(t_dec, 4),
         "decoder_only_tokens_per_s": round(B * T / t_dec),
@@ -153,7 +213,9 @@ def main() -> None:
     }
     result["metalm_MFU_vs_measured_peak"] = round((dec_flops + enc_flops) / t_meta / peak, 3)
     result["metalm_MFU_vs_989_TFLOPs_spec"] = round((dec_flops + enc_flops) / t_meta / 989e12, 3)
-    result["flops_ratio_metalm_vs_decoder"] = round(((dec_flops + enc_flops) / t_meta) / (dec_flops / t_dec), 3)
+    result["flops_ratio_metalm_vs_decoder"] = round(
+        ((dec_flops + enc_flops) / t_meta) / (dec_flops / t_dec), 3
+    )
     if device == "cuda":
         result["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     print(json.dumps(result, indent=2))

@@ -35,14 +35,27 @@ def quickstart_model() -> MetaLMForCausalLM:
     from metalm import EncoderRecipe, ModelRecipe
 
     model, _ = ModelRecipe(
-        decoder={"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-                 "tie_word_embeddings": True},
+        decoder={
+            "model_type": "llama",
+            "hidden_size": 256,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+        },
         tokenizer="packaged:minilm-l6",
         encoders=[
             EncoderRecipe("text", "text", source="packaged:minilm-l6", trainable_layers=2),
-            EncoderRecipe("vision", "vision", source="packaged:efficientnet-lite0", connector="mlp",
-                          image_size=64, trainable_layers=2),
+            EncoderRecipe(
+                "vision",
+                "vision",
+                source="packaged:efficientnet-lite0",
+                connector="mlp",
+                image_size=64,
+                trainable_layers=2,
+            ),
         ],
         semi_causal={"span_min": 4, "span_max": 12, "span_fraction": 0.25},
     ).build()
@@ -51,15 +64,49 @@ def quickstart_model() -> MetaLMForCausalLM:
 
 def paper_vl_model() -> MetaLMForCausalLM:
     config = MetaLMConfig(
-        text_config={"model_type": "gpt2", "vocab_size": VOCAB, "n_positions": 1024, "n_embd": 1024,
-                     "n_layer": 24, "n_head": 16, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102},
+        text_config={
+            "model_type": "gpt2",
+            "vocab_size": VOCAB,
+            "n_positions": 1024,
+            "n_embd": 1024,
+            "n_layer": 24,
+            "n_head": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 101,
+            "eos_token_id": 102,
+        },
         encoders=[
-            {"name": "vision", "kind": "vision", "connector": "mlp", "image_size": 224, "num_slots": 197,
-             "config": {"model_type": "vit", "hidden_size": 1024, "num_hidden_layers": 16,
-                        "num_attention_heads": 16, "intermediate_size": 4096, "image_size": 224, "patch_size": 16}},
-            {"name": "text", "kind": "text", "connector": "linear", "prefix_ids": [101], "suffix_ids": [102],
-             "config": {"model_type": "bert", "vocab_size": VOCAB, "hidden_size": 768, "num_hidden_layers": 12,
-                        "num_attention_heads": 12, "intermediate_size": 3072}},
+            {
+                "name": "vision",
+                "kind": "vision",
+                "connector": "mlp",
+                "image_size": 224,
+                "num_slots": 197,
+                "config": {
+                    "model_type": "vit",
+                    "hidden_size": 1024,
+                    "num_hidden_layers": 16,
+                    "num_attention_heads": 16,
+                    "intermediate_size": 4096,
+                    "image_size": 224,
+                    "patch_size": 16,
+                },
+            },
+            {
+                "name": "text",
+                "kind": "text",
+                "connector": "linear",
+                "prefix_ids": [101],
+                "suffix_ids": [102],
+                "config": {
+                    "model_type": "bert",
+                    "vocab_size": VOCAB,
+                    "hidden_size": 768,
+                    "num_hidden_layers": 12,
+                    "num_attention_heads": 12,
+                    "intermediate_size": 3072,
+                },
+            },
         ],
     )
     return MetaLMForCausalLM(config)
@@ -80,12 +127,16 @@ def metalm_batch(model: MetaLMForCausalLM, batch: int, seq_len: int, image_size:
             samples.append(semicausal_sample(ids, spans, "text", list))
         else:
             prefix = 8
-            samples.append([
-                TextSegment(ids[:1]),
-                EncodedSegment("vision", pixel_values=torch.randn(3, image_size, image_size, generator=g)),
-                EncodedSegment("text", input_ids=ids[1:1 + prefix], target_ids=ids[1:1 + prefix]),
-                TextSegment(ids[1 + prefix: seq_len - n_img]),
-            ])
+            samples.append(
+                [
+                    TextSegment(ids[:1]),
+                    EncodedSegment(
+                        "vision", pixel_values=torch.randn(3, image_size, image_size, generator=g)
+                    ),
+                    EncodedSegment("text", input_ids=ids[1 : 1 + prefix], target_ids=ids[1 : 1 + prefix]),
+                    TextSegment(ids[1 + prefix : seq_len - n_img]),
+                ]
+            )
     return collate(samples, model.config, pad_token_id=0)
 
 
@@ -131,7 +182,11 @@ def main() -> None:
     model.to(device).train()
     batch = to(metalm_batch(model, batch_size, seq_len, image_size), device)
     assert batch["input_ids"].shape == (batch_size, seq_len)
-    plain = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["input_ids"]}
+    plain = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["input_ids"],
+    }
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     def step(fn_model, inputs, params):
@@ -168,14 +223,22 @@ def main() -> None:
         t_meta = min(t_meta, timed(meta_run, args.steps, sync))
     tokens = batch_size * seq_len
     out = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "preset": args.preset, "precision": "bf16 autocast" if args.bf16 else "fp32",
-        "batch": batch_size, "seq_len": seq_len,
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "preset": args.preset,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
+        "batch": batch_size,
+        "seq_len": seq_len,
         "matmul_peak_GFLOPs": round(peak / 1e9, 1),
-        "decoder_step_s": round(t_dec, 4), "decoder_tokens_per_s": round(tokens / t_dec, 1),
-        "decoder_GFLOPs": round(f_dec / t_dec / 1e9, 1), "decoder_frac_of_peak": round(f_dec / t_dec / peak, 3),
-        "metalm_step_s": round(t_meta, 4), "metalm_tokens_per_s": round(tokens / t_meta, 1),
-        "metalm_GFLOPs": round(f_meta / t_meta / 1e9, 1), "metalm_frac_of_peak": round(f_meta / t_meta / peak, 3),
+        "decoder_step_s": round(t_dec, 4),
+        "decoder_tokens_per_s": round(tokens / t_dec, 1),
+        "decoder_GFLOPs": round(f_dec / t_dec / 1e9, 1),
+        "decoder_frac_of_peak": round(f_dec / t_dec / peak, 3),
+        "metalm_step_s": round(t_meta, 4),
+        "metalm_tokens_per_s": round(tokens / t_meta, 1),
+        "metalm_GFLOPs": round(f_meta / t_meta / 1e9, 1),
+        "metalm_frac_of_peak": round(f_meta / t_meta / peak, 3),
         "metalm_flops_per_step_vs_decoder": round(f_meta / f_dec, 3),
         "ratio_metalm_vs_decoder_achieved_flops": round((f_meta / t_meta) / (f_dec / t_dec), 3),
     }

@@ -21,7 +21,9 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 record_like = st.fixed_dictionaries(
@@ -101,7 +103,9 @@ def test_giant_image_header_is_refused_before_decoding():
             st.text(max_size=30),
             st.text(max_size=30).map(Encode),
             st.text(max_size=30).map(Target),
-            st.binary(max_size=30).map(lambda b: ImageInput("data:image/png;base64," + base64.b64encode(b).decode())),
+            st.binary(max_size=30).map(
+                lambda b: ImageInput("data:image/png;base64," + base64.b64encode(b).decode())
+            ),
             st.integers(),
             st.none(),
         ),

@@ -49,20 +49,28 @@ def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[st
     answers = list(train_answers)
     out["easyvqa"] = {
         "majority answer": 100 * sum(M.vqa_accuracy(majority, list(ex.answers)) for ex in test) / len(test),
-        "random answer": 100 * sum(M.vqa_accuracy(rng.choice(answers), list(ex.answers)) for ex in test) / len(test),
+        "random answer": 100
+        * sum(M.vqa_accuracy(rng.choice(answers), list(ex.answers)) for ex in test)
+        / len(test),
     }
     cap = builtin_task("easyvqa-caption")
     test = _subset(cap.examples(cap.eval_split), eval_limit)
     shuffled = [ex.answers[0] for ex in test]
     rng.shuffle(shuffled)
-    scores = M.caption_scores({ex.id: s for ex, s in zip(test, shuffled)}, {ex.id: list(ex.answers) for ex in test})
-    out["easyvqa-caption"] = {"CIDEr (another image's caption)": 100 * scores["CIDEr"],
-                              "BLEU-4 (another image's caption)": 100 * scores["BLEU-4"]}
+    scores = M.caption_scores(
+        {ex.id: s for ex, s in zip(test, shuffled)}, {ex.id: list(ex.answers) for ex in test}
+    )
+    out["easyvqa-caption"] = {
+        "CIDEr (another image's caption)": 100 * scores["CIDEr"],
+        "BLEU-4 (another image's caption)": 100 * scores["BLEU-4"],
+    }
     topic = builtin_task("bbc-topic")
     test = _subset(topic.examples(topic.eval_split), eval_limit)
     golds = [ex.answers[0] for ex in test]
-    out["bbc-topic"] = {"majority topic": 100 * M.accuracy([Counter(golds).most_common(1)[0][0]] * len(golds), golds),
-                        "uniform": 100 / len(topic.options)}
+    out["bbc-topic"] = {
+        "majority topic": 100 * M.accuracy([Counter(golds).most_common(1)[0][0]] * len(golds), golds),
+        "uniform": 100 / len(topic.options),
+    }
     return out
 
 
@@ -98,7 +106,7 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
     lines += [
         "",
         "easy-VQA answers are open-ended greedy generations scored with VQA accuracy (official normalization);",
-        "captions are greedy generations after the image and an encoded \"Summarize this image:\", scored with",
+        'captions are greedy generations after the image and an encoded "Summarize this image:", scored with',
         "pycocoevalcap CIDEr / BLEU-4 (×100). BBC topics are ranked by the log-likelihood of each topic name.",
         "VQA is not zero-shot here: the quickstart pre-trains on easy-VQA *training* question–answer pairs (the",
         "images and questions evaluated are held out).",
@@ -174,6 +182,8 @@ def add_quickstart_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--config", default="quickstart", help="preset name or YAML path")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=5e-4")
     p.set_defaults(
-        func=lambda a: quickstart(a.output_dir, a.max_steps, a.eval_limit or None, a.overrides, a.config) and 0
+        func=lambda a: (
+            quickstart(a.output_dir, a.max_steps, a.eval_limit or None, a.overrides, a.config) and 0
+        )
     )
     return p

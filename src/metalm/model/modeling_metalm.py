@@ -176,7 +176,11 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             labels=labels,
             # Named here so generate() sees it and computes prefill logits for the last position only.
-            **({} if isinstance(logits_to_keep, int) and logits_to_keep == 0 else {"logits_to_keep": logits_to_keep}),
+            **(
+                {}
+                if isinstance(logits_to_keep, int) and logits_to_keep == 0
+                else {"logits_to_keep": logits_to_keep}
+            ),
             **kwargs,
         )
 
