@@ -106,8 +106,12 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
     lines += [
         "",
         "easy-VQA answers are open-ended greedy generations scored with VQA accuracy (official normalization);",
-        'captions are greedy generations after the image and an encoded "Summarize this image:", scored with',
-        "pycocoevalcap CIDEr / BLEU-4 (×100). BBC topics are ranked by the log-likelihood of each topic name.",
+        "Captions are greedy generations after the image alone (`easyvqa-caption-image`: the pre-training",
+        'format with an empty encoded prefix) and after the image with the paper\'s encoded "Summarize this image:"',
+        "(`easyvqa-caption`: a prompt never seen in training), scored with pycocoevalcap CIDEr / BLEU-4 (x100).",
+        "The chance column scores a random other image's caption (its CIDEr is high: all captions share one",
+        "template). BBC topics are ranked by the log-likelihood of each topic name after `topic:`, a cue the",
+        "quickstart never trains on (its news stream is plain documents): that row measures transfer only.",
         "VQA is not zero-shot here: the quickstart pre-trains on easy-VQA *training* question–answer pairs (the",
         "images and questions evaluated are held out).",
         "",
@@ -156,7 +160,7 @@ def quickstart(
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     processor = MetaLMProcessor.from_pretrained(result.final_dir)
     summary = evaluate(
-        model, processor, ["easyvqa-caption", "easyvqa", "bbc-topic"], shots=(0,), limit=eval_limit,
+        model, processor, ["easyvqa-caption-image", "easyvqa-caption", "easyvqa", "bbc-topic"], shots=(0,), limit=eval_limit,
         batch_size=32, out_dir=out / "eval", model_name=str(result.final_dir),
     )  # fmt: skip
     chance = chance_baselines(eval_limit)

@@ -364,6 +364,17 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             max_new_tokens=20,
             description="easy-VQA images, zero-shot captioning with 'Summarize this image:', CIDEr + BLEU-4",
         ),
+        "easyvqa-caption-image": lambda: Task(
+            name="easyvqa-caption-image",
+            load=_easyvqa_caption,
+            # The image alone, as in image–caption pre-training with an empty encoded prefix: captioning
+            # with no instruction the small models here have never read.
+            input_template="",
+            scoring="generate",
+            metric="caption",
+            max_new_tokens=20,
+            description="easy-VQA images, captioning from the image alone (no prompt), CIDEr + BLEU-4",
+        ),
         "bbc-topic": lambda: Task(
             name="bbc-topic",
             load=_bbc_topic,

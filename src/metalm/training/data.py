@@ -19,11 +19,21 @@ A sample longer than ``seq_len`` is **truncated** (a text segment is cut; an enc
 fit is dropped with everything after it); one left with nothing to train on is skipped. Both are counted
 in :attr:`DataStream.stats`.
 
-Streams are mixed by ``weight`` with a seeded RNG, per sample or per batch (``data.mix``). Each stream is
-sharded across ranks at the record level: in every epoch a seeded permutation of the records is cut into
-``perm[rank::world_size]``, so the ranks together read each record exactly once per epoch. All randomness
-comes from RNGs seeded with (seed, split, stream, rank, counter), so :meth:`DataStream.state_dict` is a
-few counters plus the packer's partial window, and :meth:`DataStream.load_state_dict` resumes exactly.
+Streams are mixed by ``weight`` with a seeded RNG, per sample or per batch (``data.mix``). Each stream reads
+its records in a seeded permutation per epoch, every record once per epoch.
+
+**One global sequence for any number of processes.** The samples form a single sequence that does not
+depend on the number of processes: micro-batch ``g`` of the run is samples ``[g*G, (g+1)*G)`` with
+``G = batch_size * world_size`` (the *global* micro-batch), and rank ``r`` trains on rows
+``[r*batch_size, (r+1)*batch_size)`` of it. Every process walks the whole sequence (mixing draws, record
+order, tokenization and packing are cheap and cached) but decodes images only for its own rows (unless
+``skip_bad`` is on: then every process must see which images are bad to stay in step). So 2 processes ×
+batch ``B`` see exactly the batches of 1 process × batch ``2B``, and the data state is global: a
+checkpoint taken with one number of processes resumes with another.
+
+All randomness comes from RNGs seeded with (seed, split, stream, counter), so
+:meth:`DataStream.state_dict` is a few counters plus the packer's partial window, and
+:meth:`DataStream.load_state_dict` resumes exactly.
 """
 
 from __future__ import annotations
@@ -68,7 +78,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+# 2: one global state for all processes (1 was per rank).
+STATE_VERSION = 2
+# Stands in for the pixels of an image on another process's row: never collated, never decoded here.
+_NOT_DECODED = torch.empty(0)
 
 
 @dataclass
@@ -238,7 +251,7 @@ class _Packer:
 
 
 class _Stream:
-    """One stream on one rank: its epoch order, caches, packer and counters."""
+    """One stream of the global sample sequence: its epoch order, caches, packer and counters."""
 
     def __init__(self, spec: StreamRecords, owner: DataStream) -> None:
         self.name = spec.name
@@ -255,18 +268,14 @@ class _Stream:
         self.offset = 0
         self._order_epoch = -1
         self._order: list[int] = []
-        if len(self.records) < owner.world_size:
-            raise ValueError(
-                f"stream {self.name!r} has {len(self.records)} records, fewer than the {owner.world_size} ranks"
-            )
 
     # --- order and sharding ----------------------------------------------------------------------
     def order(self, epoch: int) -> list[int]:
-        """This rank's record indices for `epoch`: a seeded permutation cut into perm[rank::world]."""
+        """The record indices of `epoch`, in reading order: a seeded permutation (the same on every rank)."""
         if epoch != self._order_epoch:
             perm = list(range(len(self.records)))
             random.Random(f"{self.owner.seed}:{self.owner.split}:{self.name}:order:{epoch}").shuffle(perm)
-            self._order = perm[self.owner.rank :: self.owner.world_size]
+            self._order = perm
             self._order_epoch = epoch
         return self._order
 
@@ -282,7 +291,9 @@ class _Stream:
 
     def _rng(self) -> random.Random:
         o = self.owner
-        return random.Random(f"{o.seed}:{o.split}:{self.name}:{o.rank}:sample:{self.samples}")
+        # The ":0:" is where a rank used to be (one sequence per rank); kept so a seed gives the data it
+        # gave before.
+        return random.Random(f"{o.seed}:{o.split}:{self.name}:0:sample:{self.samples}")
 
     # --- records → samples -------------------------------------------------------------------------
     def _bad(self, idx: int, err: Exception, field: str | None = None) -> None:
@@ -293,7 +304,8 @@ class _Stream:
             raise error from err
         self.bad.add(idx)
         self.owner.report.add(error)
-        logger.warning("skipping bad record: %s", error)
+        if self.owner.rank == 0:  # every rank meets every record: one voice
+            logger.warning("skipping bad record: %s", error)
 
     def _text_ids(self, idx: int) -> list[int]:
         ids = self.ids.get(idx)
@@ -308,6 +320,8 @@ class _Stream:
 
     def _image(self, idx: int, ref: str) -> torch.Tensor | None:
         o = self.owner
+        if not o.decode_images:
+            return _NOT_DECODED
         try:
             return o.image_cache.get(
                 ref, o.image_pre, name=ref if not ref.startswith("data:") else "data URL"
@@ -483,8 +497,13 @@ class _Stream:
 class DataStream:
     """An endless, resumable stream of batches mixed from several record streams, for one rank.
 
-    ``next_batch()`` returns ``processor.collate(samples, padding_side="right")``; ``last_sources`` then
-    holds (stream name, record indices) per row."""
+    ``next_batch()`` returns this rank's ``batch_size`` rows of the next global micro-batch
+    (``batch_size * world_size`` samples, see the module docstring) as
+    ``processor.collate(samples, padding_side="right")``; ``last_sources`` then holds (stream name, record
+    indices) per row. With ``fill_encoders`` (FSDP: every rank must run the same sharded modules), an
+    encoder that the global micro-batch uses but this rank's rows do not gets one extra *filler* row at
+    the end: a tiny payload for each such encoder and no labels, so it adds nothing to the loss or the
+    gradients. ``last_sources`` never lists it."""
 
     def __init__(
         self,
@@ -501,6 +520,7 @@ class DataStream:
         split: str = "train",
         image_cache: ImageCache | None = None,
         report: SkipReport | None = None,
+        fill_encoders: bool = False,
     ) -> None:
         if not streams:
             raise ValueError("no data streams")
@@ -517,6 +537,9 @@ class DataStream:
         self.world_size = world_size
         self.mix = mix
         self.skip_bad = skip_bad
+        self.fill_encoders = fill_encoders
+        # False while building another rank's rows (their images are not needed here).
+        self.decode_images = True
         self.split = split
         self.image_cache = image_cache or ImageCache()
         self.report = report if report is not None else SkipReport()
@@ -538,17 +561,20 @@ class DataStream:
         self.last_sources: list[tuple[str, list[int]]] = []
 
     def shard_order(self, stream: str, epoch: int) -> list[int]:
-        """The record indices stream `stream` reads on this rank in `epoch`, in order."""
-        return list(self.streams[self.names.index(stream)].order(epoch))
+        """The records of `stream`'s `epoch` that land on this rank's rows, in order, when `stream` is read
+        alone and each record makes one sample (VQA, captions; text is packed into windows instead):
+        position ``p`` of the epoch order goes to rank ``(p // batch_size) % world_size``."""
+        order = self.streams[self.names.index(stream)].order(epoch)
+        return [i for p, i in enumerate(order) if (p // self.batch_size) % self.world_size == self.rank]
 
     def to_encoder_ids(self, ids: list[int]) -> list[int]:
         return self.processor.to_encoder_ids(self.text_encoder, ids)
 
     def choose(self, draw: int) -> int:
-        """The stream index of mixing draw number `draw` (a pure function of seed, rank and draw)."""
+        """The stream index of mixing draw number `draw` (a pure function of seed and draw)."""
         if len(self.streams) == 1:
             return 0
-        rng = random.Random(f"{self.seed}:{self.split}:mix:{self.rank}:{draw}")
+        rng = random.Random(f"{self.seed}:{self.split}:mix:0:{draw}")  # 0: see _Stream._rng
         return rng.choices(range(len(self.streams)), weights=self.weights)[0]
 
     def _draw(self) -> int:
@@ -572,7 +598,8 @@ class DataStream:
         )
 
     def next_sample(self) -> tuple[Sample, str, list[int]]:
-        """One sample (mix per sample), with its stream name and record indices."""
+        """The next sample of the global sequence (mix per sample), with its stream name and record
+        indices."""
         k = self._draw()
         sample, sources = self._sample_from(k)
         self.stats["samples"] += 1
@@ -580,17 +607,46 @@ class DataStream:
         return sample, self.names[k], sources
 
     def next_batch(self) -> dict:
+        """This rank's rows of the next global micro-batch, collated."""
         samples, self.last_sources = [], []
+        first = self.rank * self.batch_size
+        mine = range(first, first + self.batch_size)
+        used: set[str] = set()  # encoders of the global micro-batch
+        own: set[str] = set()  # encoders of this rank's rows
         batch_stream = self._draw() if self.mix == "batch" else None
-        for _ in range(self.batch_size):
-            k = batch_stream if batch_stream is not None else self._draw()
-            sample, sources = self._sample_from(k)
-            self.stats["samples"] += 1
-            self.per_stream[self.names[k]] += 1
-            samples.append(sample)
-            self.last_sources.append((self.names[k], sources))
+        try:
+            for row in range(self.batch_size * self.world_size):
+                # Another rank's row: build it (the sequence must advance identically everywhere) but
+                # leave its images undecoded, unless bad images are skipped (all ranks must see them).
+                self.decode_images = row in mine or self.skip_bad
+                k = batch_stream if batch_stream is not None else self._draw()
+                sample, sources = self._sample_from(k)
+                self.stats["samples"] += 1
+                self.per_stream[self.names[k]] += 1
+                encoders = {seg.encoder for seg in sample if isinstance(seg, EncodedSegment)}
+                used |= encoders
+                if row in mine:
+                    own |= encoders
+                    samples.append(sample)
+                    self.last_sources.append((self.names[k], sources))
+        finally:
+            self.decode_images = True
         self.stats["batches"] += 1
+        if self.fill_encoders and used - own:
+            samples.append(self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own]))
         return self.processor.collate(samples, padding_side="right")
+
+    def _filler(self, encoders: list[str]) -> Sample:
+        """A label-free row with a minimal payload for each of `encoders` (see the class docstring)."""
+        sample: Sample = []
+        for name in encoders:
+            spec = self.config.encoder_spec(name)
+            if spec["kind"] == "text":
+                sample.append(EncodedSegment(name, input_ids=[spec["pad_id"]], loss=False))
+            else:
+                size = self.processor.image_processors[name].size
+                sample.append(EncodedSegment(name, pixel_values=torch.zeros(3, size, size), loss=False))
+        return sample
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -601,12 +657,13 @@ class DataStream:
 
     # --- resume -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """JSON-ready state; `load_state_dict` on a stream built from the same records resumes exactly."""
+        """JSON-ready state of the global sequence (the same on every rank); `load_state_dict` on a stream
+        built from the same records resumes exactly, with any number of processes."""
         return {
             "version": STATE_VERSION,
             "split": self.split,
             "seed": self.seed,
-            "rank": self.rank,
+            "batch_size": self.batch_size,
             "world_size": self.world_size,
             "mix": self.mix,
             "draws": self.draws,
@@ -616,16 +673,31 @@ class DataStream:
             "skip_report": {"count": self.report.count, "items": [list(i) for i in self.report.items]},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue the sequence where `state` left it. The state is global, so the number of processes
+        may change; with ``strict`` the global micro-batch (``batch_size * world_size``) must stay the same
+        (2 × 8 → 1 × 16 or 4 × 4), so the batch sequence continues exactly as it would have. With
+        ``strict=False`` another global micro-batch is accepted: the *sample* sequence continues without
+        duplicates or gaps, cut into batches of the new size."""
         state = copy.deepcopy(state)
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported data state version {state.get('version')!r}")
-        for key in ("seed", "rank", "world_size", "mix"):
+            raise ValueError(
+                f"unsupported data state version {state.get('version')!r} (this version reads {STATE_VERSION})"
+            )
+        for key in ("seed", "mix", "split"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"data state was saved with {key}={state[key]!r}, this run has {getattr(self, key)!r}; "
-                    "resume with the same settings (and the same number of processes)"
+                    "resume with the same settings"
                 )
+        saved = state["batch_size"] * state["world_size"]
+        if strict and saved != self.batch_size * self.world_size:
+            raise ValueError(
+                f"data state was saved with a global micro-batch of {saved} samples (batch_size "
+                f"{state['batch_size']} x world_size {state['world_size']}), this run has "
+                f"{self.batch_size * self.world_size} (batch_size {self.batch_size} x world_size "
+                f"{self.world_size}); keep batch_size x world_size the same to continue the same batches"
+            )
         if sorted(state["streams"]) != sorted(self.names):
             raise ValueError(
                 f"data state has streams {sorted(state['streams'])}, this run has {sorted(self.names)}"
@@ -649,8 +721,10 @@ def build_data(
     world_size: int = 1,
     report: SkipReport | None = None,
     eval_batch_size: int | None = None,
+    fill_encoders: bool = False,
 ) -> tuple[DataStream, DataStream | None]:
-    """The training stream and the validation stream (None when no stream has validation records)."""
+    """The training stream and the validation stream (None when no stream has validation records).
+    `batch_size` is per process; see :class:`DataStream` for `fill_encoders`."""
     report = report if report is not None else SkipReport()
     val_report = SkipReport()
     cache = ImageCache(data.image_cache_mb * (1 << 20))
@@ -664,6 +738,7 @@ def build_data(
         mix=data.mix,
         skip_bad=data.skip_bad,
         image_cache=cache,
+        fill_encoders=fill_encoders,
     )
     train_stream = DataStream(train, processor, batch_size=batch_size, split="train", report=report, **common)
     val_stream = (
