@@ -15,7 +15,28 @@ COMMANDS = [
     ("generate", "metalm.serving.cli", "add_generate_parser"),
     ("chat", "metalm.serving.cli", "add_chat_parser"),
     ("serve", "metalm.serving.cli", "add_serve_parser"),
+    ("lm-eval", "metalm.cli", "add_lm_eval_parser"),
 ]
+
+
+def add_lm_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the `metalm` model registered (arguments as for `lm_eval`)",
+        description="Runs lm-evaluation-harness's own CLI with `--model metalm` available, e.g.\n"
+        "  metalm lm-eval run --model metalm --model_args pretrained=DIR,encode_context=true --tasks ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        from metalm.evaluation.lm_eval_adapter import main as lm_eval_main
+
+        lm_eval_main(args.args)
+        return 0
+
+    p.set_defaults(func=run)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -36,6 +57,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # every argument, --help included, belongs to lm_eval's own CLI
+        from metalm.evaluation.lm_eval_adapter import main as lm_eval_main
+
+        lm_eval_main(argv[1:])
+        return 0
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     result = args.func(args)

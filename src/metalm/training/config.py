@@ -128,7 +128,9 @@ class OptimConfig:
 class RunConfig:
     """``eval_every``/``save_every``/``log_every`` in optimizer steps (0: never, except that validation
     and the final model always happen at the end). ``resume``: continue from the newest valid checkpoint
-    in ``output_dir`` if there is one."""
+    in ``output_dir`` if there is one. ``fsdp``: shard parameters, gradients and optimizer state over
+    the processes with FSDP2 (needs ``torchrun``/``accelerate launch``; an accelerate config with
+    ``distributed_type: FSDP`` turns it on too)."""
 
     output_dir: str = "runs/metalm"
     seed: int = 0
@@ -140,6 +142,7 @@ class RunConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     resume: bool = True
     tensorboard: bool = True
+    fsdp: bool = False
 
 
 @dataclass

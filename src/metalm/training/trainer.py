@@ -1,8 +1,16 @@
 """The MetaLM trainer: semi-causal LM training on Hugging Face accelerate.
 
-The same code runs on CPU, one GPU, or several processes under ``accelerate launch`` / ``torchrun``
-(DDP; FSDP through an accelerate config). The model code knows nothing of parallelism: accelerate wraps
-it, and the data pipeline (:mod:`metalm.training.data`) shards records across ranks itself.
+The same code runs on CPU, one GPU, or several processes under ``accelerate launch`` / ``torchrun``: DDP
+(accelerate wraps the model), FSDP2 (``run.fsdp: true`` or an accelerate config with
+``distributed_type: FSDP``, ``fsdp_version: 2``: the trainer calls ``torch.distributed.fsdp.fully_shard``
+itself, each encoder as a unit, the decoder block by block, then the root), or DeepSpeed through an
+accelerate config. The model code knows nothing of parallelism.
+
+Exactness across numbers of processes: the data pipeline (:mod:`metalm.training.data`) yields one global
+sample sequence, rank ``r`` training on its slice of each global micro-batch; each micro-batch's loss is
+normalised by the number of target tokens of the *global* micro-batch (an all-reduced count passed as
+``num_items_in_batch``) and multiplied by the number of processes, so DDP's (and FSDP's) gradient averaging
+gives the gradient of the global mean. 2 processes × batch B then train like 1 process × batch 2B.
 
 Output folder (``run.output_dir``)::
 
@@ -10,14 +18,18 @@ Output folder (``run.output_dir``)::
     train.log                   the run log (skipped records, data statistics, checkpoints, resume)
     metrics.jsonl, metrics.csv  one row per logged step: step, loss, lr, tokens_per_s, grad_norm, val_loss…
     tensorboard/                when tensorboard is installed
-    checkpoint-N/               model/ (safetensors + processor), optimizer.pt, scheduler.pt,
-                                rng_rank*.pt, data_rank*.json, trainer_state.json, manifest.json
+    checkpoint-N/               model/ (safetensors + processor), optimizer.pt (full, by parameter name),
+                                scheduler.pt, data.json (global), rng_rank*.pt, trainer_state.json,
+                                manifest.json
     loss_curve.png              train and validation loss against step
     final/                      the final model + processor (``AutoModelForCausalLM.from_pretrained``)
 
 Checkpoints are written atomically: into ``checkpoint-N.tmp/``, every file fsynced, a ``manifest.json``
 with the sha256 of every file, then renamed to ``checkpoint-N/`` and the parent folder fsynced. Resume
 takes the newest checkpoint whose manifest verifies and warns about (and skips) corrupt or partial ones.
+Model and optimizer state are saved unsharded (gathered on the main process), keyed by parameter name, so
+a checkpoint resumes on any number of processes, with or without FSDP. Nothing is unpickled on load:
+safetensors for the model, ``torch.load(weights_only=True)`` for the rest.
 """
 
 from __future__ import annotations
@@ -60,6 +72,9 @@ logger = logging.getLogger("metalm.training")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
+# Test hook: seconds to sleep inside a checkpoint write (after the files, before the manifest), so that a
+# crash test can kill the process there deterministically.
+SLOW_CHECKPOINT_ENV = "METALM_TEST_SLOW_CHECKPOINT"
 METRIC_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss", "tokens", "elapsed_s"]
 
 
@@ -126,7 +141,7 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _write_manifest(folder: Path, step: int) -> None:
+def _write_manifest(folder: Path, step: int, world_size: int = 1) -> None:
     files = {}
     for path in _files_under(folder):
         rel = path.relative_to(folder).as_posix()
@@ -136,7 +151,7 @@ def _write_manifest(folder: Path, step: int) -> None:
         files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
     manifest = folder / MANIFEST
     with open(manifest, "w", encoding="utf-8") as fh:
-        json.dump({"format": 1, "step": step, "files": files}, fh, indent=1)
+        json.dump({"format": 2, "step": step, "world_size": world_size, "files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     for sub in sorted({p.parent for p in _files_under(folder)}, key=lambda p: -len(p.parts)):
@@ -144,20 +159,22 @@ def _write_manifest(folder: Path, step: int) -> None:
 
 
 def verify_checkpoint(folder: str | Path, world_size: int | None = None) -> str | None:
-    """None when `folder` is a complete checkpoint whose files match its manifest, else the reason."""
+    """None when `folder` is a complete checkpoint whose files match its manifest, else the reason.
+
+    The checkpoint's own manifest says how many processes wrote it (one RNG file each); any number of
+    processes can resume it, so `world_size` is accepted for compatibility and not used."""
+    del world_size
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
+        saved_world = int(manifest.get("world_size", 1))
     except FileNotFoundError:
         return "no manifest.json (interrupted save?)"
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         return f"unreadable manifest.json ({err})"
-    required = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "model/config.json"]
-    if world_size is not None:
-        required += [f"rng_rank{r}.pt" for r in range(world_size)] + [
-            f"data_rank{r}.json" for r in range(world_size)
-        ]
+    required = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "data.json", "model/config.json"]
+    required += [f"rng_rank{r}.pt" for r in range(saved_world)]
     for rel in required:
         if rel not in files:
             return f"{rel} is not in the manifest"
@@ -185,13 +202,13 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 def find_checkpoint(output_dir: str | Path, world_size: int | None = None) -> Path | None:
     """The newest checkpoint in `output_dir` that verifies; corrupt or partial ones are skipped with a
-    warning that names them."""
+    warning that names them. (`world_size`: unused, see :func:`verify_checkpoint`.)"""
     output_dir = Path(output_dir)
     if output_dir.is_dir():
         for p in sorted(output_dir.glob("checkpoint-*.tmp")):
             logger.warning("ignoring incomplete checkpoint %s (an interrupted save)", p)
     for _, path in reversed(_checkpoints(output_dir)):
-        reason = verify_checkpoint(path, world_size)
+        reason = verify_checkpoint(path)
         if reason is None:
             return path
         logger.warning("skipping checkpoint %s: %s", path, reason)
@@ -403,12 +420,55 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
+def shard_model(model: torch.nn.Module, device: torch.device | str, world_size: int) -> torch.nn.Module:
+    """Shard a MetaLM with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place: each transformer block
+    of the decoder (the classes the decoder lists in ``_no_split_modules``), each docked encoder as one
+    unit, then the root (embeddings, final norm, LM head, connectors). Frozen and trainable parameters
+    may share a unit (FSDP2 keeps the original parameters). Needs an initialised process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = torch.device(device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    model.to(device)
+    block_names = set(getattr(model.decoder, "_no_split_modules", None) or ())
+    # Children before parents: fully_shard groups the parameters that no inner unit has claimed.
+    blocks = [m for m in reversed(list(model.decoder.modules())) if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(
+            f"FSDP: cannot find the transformer blocks of {type(model.decoder).__name__} "
+            f"(its _no_split_modules is {sorted(block_names)})"
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    for encoder in model.encoders.values():
+        fully_shard(encoder, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _test_pause(env: str) -> None:
+    """Sleep for the seconds in environment variable `env` (crash tests aim their kills with it)."""
+    seconds = float(os.environ.get(env, "0") or 0)
+    if seconds > 0:
+        logger.warning("%s: pausing %.1f s", env, seconds)
+        time.sleep(seconds)
+
+
 class Trainer:
     """Train a MetaLM from a :class:`TrainConfig`; ``Trainer(config).train()`` returns a :class:`TrainResult`."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.output_dir = Path(config.run.output_dir)
+        self.fsdp = False  # set in train(): run.fsdp or an accelerate FSDP config
+        self.deepspeed = False
 
     # --- building -------------------------------------------------------------------------------------
     def _build_model(self, resume: Path | None = None):
@@ -452,6 +512,45 @@ class Trainer:
         with _quiet_hf_progress():
             return self._write_checkpoint(step, state)
 
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.model if self.fsdp else self.accelerator.unwrap_model(self.model)
+
+    def _raw_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+
+    def _model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) model state on the main process; every process must call this."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.model, options=options)
+        return self.accelerator.get_state_dict(self.model)  # DDP: a copy; DeepSpeed ZeRO-3 gathers
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        """The full optimizer state keyed by parameter name (not by position or shard), on the main
+        process, so that any number of processes, sharded or not, can load it; every process calls this."""
+        if self.deepspeed:
+            return {}  # ZeRO partitions it in DeepSpeed's own format (see docs/training.md)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized())
+        return get_optimizer_state_dict(self._unwrapped(), self._raw_optimizer(), options=options)
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.deepspeed or not state:
+            logger.warning("the checkpoint has no optimizer state (DeepSpeed): AdamW's moments start afresh")
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        optimizer = self._raw_optimizer()
+        set_optimizer_state_dict(
+            self._unwrapped(), optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
+        # Loading may create zero gradients; a parameter must have none until it gets a real one
+        # (AdamW skips parameters without a gradient, exactly as in an uninterrupted run).
+        optimizer.zero_grad(set_to_none=True)
+
     def _write_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
         acc = self.accelerator
         final = self.output_dir / f"checkpoint-{step}"
@@ -461,20 +560,24 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        model_state = acc.get_state_dict(self.model)  # every rank takes part (FSDP gathers here)
+        # Every rank takes part in gathering (FSDP, ZeRO-3); the main process receives the full state.
+        model_state = self._model_state_dict()
+        optimizer_state = self._optimizer_state_dict()
         rank = acc.process_index
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-        (tmp / f"data_rank{rank}.json").write_text(json.dumps(self.train_data.state_dict()), encoding="utf-8")
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(self.model)
-            unwrapped.save_pretrained(tmp / "model", state_dict=model_state)
+            self._unwrapped().save_pretrained(tmp / "model", state_dict=model_state)
             self.processor.save_pretrained(tmp / "model")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            # The data position is global (the same on every rank): one file.
+            (tmp / "data.json").write_text(json.dumps(self.train_data.state_dict()), encoding="utf-8")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+            _test_pause(SLOW_CHECKPOINT_ENV)
+        del model_state, optimizer_state
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _write_manifest(tmp, step)
+            _write_manifest(tmp, step, acc.num_processes)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -495,7 +598,7 @@ class Trainer:
         acc = self.accelerator
         final = self.output_dir / "final"
         tmp = self.output_dir / "final.tmp"
-        model_state = acc.get_state_dict(self.model)
+        model_state = self._model_state_dict()
         with _quiet_hf_progress():
             self._write_final(model_state, tmp, final)
         acc.wait_for_everyone()
@@ -506,7 +609,7 @@ class Trainer:
         if acc.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=model_state)
+            self._unwrapped().save_pretrained(tmp, state_dict=model_state)
             self.processor.save_pretrained(tmp)
             for path in _files_under(tmp):
                 _fsync_file(path)
@@ -532,13 +635,15 @@ class Trainer:
         for batch, rows in zip(self.val_batches, self.val_rows):
             batch = send_to_device(batch, acc.device)
             labels = batch.pop("labels")[:, 1:]
-            logits = self.model(**batch).logits[:, :-1].float()
+            with self._autocast():
+                logits = self.model(**batch).logits[:, :-1].float()
             token_loss = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
             )
             mask = labels != -100
-            row_loss = (token_loss * mask).sum(1).double()
-            row_n = mask.sum(1).double()
+            # A filler row (FSDP, see DataStream) has no labels; `rows` names the real ones.
+            row_loss = (token_loss * mask).sum(1).double()[: len(rows)]
+            row_n = mask.sum(1).double()[: len(rows)]
             index = torch.tensor([names.index(r) for r in rows], device=acc.device)
             total[:, 0].index_add_(0, index, row_loss)
             total[:, 1].index_add_(0, index, row_n)
@@ -553,9 +658,16 @@ class Trainer:
                     out[f"val_loss_{name}"] = loss_sum / n
         return out
 
+    def _autocast(self):
+        """bf16 autocast for a model accelerate did not wrap (FSDP); accelerate's DDP wrapper has its own."""
+        if self.fsdp and self.config.run.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     # --- the loop -------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import DistributedType
 
         run, optim = self.config.run, self.config.optim
         acc = self.accelerator = Accelerator(
@@ -567,6 +679,20 @@ class Trainer:
             # A batch without images (or spans) leaves an encoder unused; DDP must not wait for its grads.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        # FSDP from the config, or from an accelerate config (accelerate launch --config_file ...). The
+        # trainer shards the model itself (accelerate 1.15 has no FSDP on CPU, and MetaLM's units are
+        # known here); accelerate still provides the process group, the device and accumulation.
+        self.fsdp = run.fsdp or acc.distributed_type == DistributedType.FSDP
+        if acc.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version != 2:
+            raise ConfigError(
+                "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                "(metalm shards with torch.distributed.fsdp.fully_shard)"
+            )
+        if self.fsdp and self.deepspeed:
+            raise ConfigError("run.fsdp cannot be combined with DeepSpeed; use one or the other")
+        if self.deepspeed:
+            _fill_deepspeed_config(acc, optim)
         main = acc.is_main_process
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -605,7 +731,11 @@ class Trainer:
                 yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8"
             )
         logger.info(
-            "training on %s, %d process(es), mixed precision %s", acc.device, world, run.mixed_precision
+            "training on %s, %d process(es)%s, mixed precision %s",
+            acc.device,
+            world,
+            " (FSDP2)" if self.fsdp else " (DeepSpeed)" if self.deepspeed else "",
+            run.mixed_precision,
         )
 
         # Which checkpoint to resume from: the main process verifies, everyone follows.
@@ -617,7 +747,7 @@ class Trainer:
                     f"{self.output_dir} already holds checkpoints ({existing[-1][1].name}); resume from them "
                     "(--resume), choose another run.output_dir, or delete them"
                 )
-            found = find_checkpoint(self.output_dir, world_size=world) if run.resume else None
+            found = find_checkpoint(self.output_dir) if run.resume else None
             resume_path = [str(found) if found else None]
             # Checkpoints newer than the one resumed from failed verification: set them aside so that
             # pruning and later resumes only see this run's timeline.
@@ -648,6 +778,8 @@ class Trainer:
             rank=rank,
             world_size=world,
             report=report,
+            # FSDP: every rank must run every encoder the global micro-batch uses (see DataStream).
+            fill_encoders=self.fsdp,
         )
         self.val_batches, self.val_rows = [], []
         self.val_streams = list(val_data.names) if val_data is not None else []
@@ -657,11 +789,22 @@ class Trainer:
         if not self.val_batches:
             logger.info("no validation data: validation loss is not computed")
 
-        self.model = acc.prepare(model)
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
-        )
-        self.optimizer = acc.prepare(self.optimizer)
+        if self.fsdp:
+            if not torch.distributed.is_initialized():
+                raise ConfigError(
+                    "run.fsdp needs several processes: launch with torchrun or accelerate launch "
+                    "(e.g. torchrun --nproc_per_node 2 -m metalm.cli train ...)"
+                )
+            self.model = shard_model(model, acc.device, world)
+            self.optimizer = torch.optim.AdamW(
+                _param_groups(self.model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                _param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
+            )
+            # Together: DeepSpeed builds its engine from both.
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         # Stepped by hand once per optimizer step (not through accelerate, which would step it once
         # per process): `max_steps` counts optimizer steps.
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, optim.warmup_steps, optim.max_steps)
@@ -675,12 +818,32 @@ class Trainer:
         if resume is not None:
             tstate = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
             step, tokens_total, elapsed = tstate["step"], tstate["tokens"], tstate["elapsed_s"]
-            self.optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+            self._load_optimizer_state(torch.load(resume / "optimizer.pt", weights_only=True))
             self.scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
-            data_state = json.loads((resume / f"data_rank{rank}.json").read_text(encoding="utf-8"))
-            self.train_data.load_state_dict(data_state)
+            data_state = json.loads((resume / "data.json").read_text(encoding="utf-8"))
+            saved_batch = data_state["batch_size"] * data_state["world_size"]
+            if saved_batch != optim.batch_size * world:
+                logger.warning(
+                    "the checkpoint was trained with %d samples per micro-batch (%d process(es) x "
+                    "batch_size %d), this run uses %d (%d x %d): the sample sequence continues without "
+                    "duplicates or gaps, but the batches differ from the original run's; keep "
+                    "batch_size x processes the same to continue exactly",
+                    saved_batch,
+                    data_state["world_size"],
+                    data_state["batch_size"],
+                    optim.batch_size * world,
+                    world,
+                    optim.batch_size,
+                )
+            self.train_data.load_state_dict(data_state, strict=False)
             metrics.reset([r for r in tstate["history"] if r["step"] <= step])
-            logger.info("resumed from %s at step %d", resume, step)
+            saved_world = tstate.get("world_size", 1)
+            logger.info(
+                "resumed from %s at step %d%s",
+                resume,
+                step,
+                f" (saved by {saved_world} process(es), now {world})" if saved_world != world else "",
+            )
         else:
             metrics.reset([])
 
@@ -693,9 +856,14 @@ class Trainer:
         )
         if step >= optim.max_steps:
             logger.info("step %d already reaches optim.max_steps=%d: nothing to train", step, optim.max_steps)
-        # RNG last, so nothing between here and the first step draws from it (exact resume).
+        # RNG last, so nothing between here and the first step draws from it (exact resume). A rank that
+        # did not exist when the checkpoint was taken gets a seed of its own (only dropout draws on it).
         if resume is not None:
-            _set_rng_state(torch.load(resume / f"rng_rank{rank}.pt", weights_only=True))
+            rng_file = resume / f"rng_rank{rank}.pt"
+            if rng_file.is_file():
+                _set_rng_state(torch.load(rng_file, weights_only=True))
+            else:
+                set_seed(run.seed + 1000 * step + rank)
 
         self.model.train()
         bar = tqdm(
@@ -721,11 +889,20 @@ class Trainer:
                 grad_norm = None
                 for _ in range(optim.grad_accum):
                     batch = self.train_data.next_batch()
+                    rows = len(self.train_data.last_sources)  # a filler row (FSDP) comes after these
                     sources = {name for name, _ in self.train_data.last_sources}
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += int(batch["attention_mask"][:rows].sum())
+                    # The loss is the mean over the target tokens of the *global* micro-batch: each rank
+                    # sums its own and divides by the global count; times `world`, because DDP and FSDP
+                    # average gradients over ranks. 2 x B processes then equal 1 x 2B.
+                    targets = torch.tensor(float((batch["labels"][:, 1:] != -100).sum()), device=acc.device)
+                    if world > 1:
+                        targets = acc.reduce(targets, reduction="sum")
                     batch = send_to_device(batch, acc.device)
                     with acc.accumulate(self.model):
-                        loss = self.model(**batch).loss
+                        with self._autocast():
+                            out = self.model(**batch, num_items_in_batch=targets.clamp(min=1))
+                        loss = out.loss * world
                         acc.backward(loss)
                         loss_sum += loss.detach().float()
                         if train_streams and len(sources) == 1:
@@ -734,7 +911,11 @@ class Trainer:
                             stream_step[k, 1] += 1
                         if acc.sync_gradients:
                             clip = optim.grad_clip if optim.grad_clip is not None else math.inf
-                            grad_norm = acc.clip_grad_norm_(trainable, clip)
+                            if self.fsdp:
+                                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+                                grad_norm = getattr(grad_norm, "full_tensor", lambda g=grad_norm: g)()
+                            else:
+                                grad_norm = acc.clip_grad_norm_(trainable, clip)
                             self.optimizer.step()
                             self.scheduler.step()
                             self.optimizer.zero_grad(set_to_none=True)
@@ -859,6 +1040,22 @@ class Trainer:
             f" ({streams})" if streams else "",
             result.final_dir,
         )
+
+
+def _fill_deepspeed_config(acc, optim) -> None:
+    """Fill the DeepSpeed config's "auto" values that accelerate derives from a DataLoader (metalm has
+    none) from the training config: micro-batch size, accumulation, clipping."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    values = {
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "gradient_clipping": optim.grad_clip if optim.grad_clip is not None else 0.0,
+    }
+    for key, value in values.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = optim.batch_size * optim.grad_accum * acc.num_processes
 
 
 def _skip_summary(report, limit: int = 50) -> str:
