@@ -387,3 +387,52 @@ def test_different_encoder_tokenizer_retokenizes_spans(tmp_path):
     assert batch["encoder_slots"]["text"].sum() == len(enc)
     assert batch["labels"][0, 1] == dec[1]
     assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+        {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+    ],
+    ids=["clip", "siglip"],
+)
+def test_hf_vision_towers_dock(vision, tmp_path):
+    from metalm import EncoderRecipe, ModelRecipe
+
+    torch.manual_seed(0)
+    model, processor = ModelRecipe(
+        decoder=TINY_LLAMA,
+        tokenizer="packaged:minilm-l6",
+        encoders=[
+            EncoderRecipe(
+                "vision", "vision", config=vision, image_size=32, connector="mlp", trainable_layers=1
+            )
+        ],
+    ).build()
+    # CLIP has a class token (1 + 4 patches); SigLIP has none (4 patches).
+    assert model.config.num_slots("vision") == (5 if vision["model_type"].startswith("clip") else 4)
+    batch = processor([[image(7), Target("a blue square")]], padding_side="right")
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None for p in model.connectors["vision"].parameters())
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(per_position_logits(model, batch), per_position_logits(loaded, batch))

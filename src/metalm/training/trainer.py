@@ -524,7 +524,15 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.model, options=options)
+            state = get_model_state_dict(self.model, options=options)
+            # Gathering gives tied parameters (embeddings = LM head) one copy per name; share them
+            # again so save_pretrained stores the tie once, as it does for an unsharded model.
+            first: dict[int, str] = {}
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                if id(param) in first and name in state and first[id(param)] in state:
+                    state[name] = state[first[id(param)]]
+                first.setdefault(id(param), name)
+            return state
         return self.accelerator.get_state_dict(self.model)  # DDP: a copy; DeepSpeed ZeRO-3 gathers
 
     def _optimizer_state_dict(self) -> dict[str, Any]:
