@@ -331,9 +331,13 @@ BBC_TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sports"
 def _bbc_topic(split: str) -> list[Example]:
     from metalm.data.builtin import load_builtin
 
+    # `options` written the way an instruction stream writes them (metalm.training.config.OPTIONS_JOINER).
+    options = ", ".join(BBC_TOPICS)
     return [
         Example(
-            id=r.id or f"bbc-topic/{split}/{i}", fields={"text": " ".join(r.text.split())}, answers=(r.label,)
+            id=r.id or f"bbc-topic/{split}/{i}",
+            fields={"text": " ".join(r.text.split()), "options": options},
+            answers=(r.label,),
         )
         for i, r in enumerate(load_builtin("bbc_news", split))
     ]
@@ -389,6 +393,21 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             truncate_field="text",
             truncate_words=64,
             description="BBC News topic classification by ranking the 5 topics; accuracy + macro-F1",
+        ),
+        "bbc-topic-options": lambda: Task(
+            name="bbc-topic-options",
+            load=_bbc_topic,
+            # The instruction layout of configs/finetune-multitask.yaml (FLAN style, options written into the
+            # encoded input, nothing in the decoder before the answer); scored as the paper scores its
+            # multitask-finetuned multiple-choice tasks: exact match of an unconstrained greedy answer.
+            input_template="{text} OPTIONS: {options} TARGET:",
+            scoring="generate",
+            options=BBC_TOPICS,
+            metric="accuracy",
+            max_new_tokens=4,
+            truncate_field="text",
+            truncate_words=64,
+            description="BBC News topics, options written into the encoded input, greedy answer; accuracy + macro-F1",
         ),
     }
 

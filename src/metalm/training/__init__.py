@@ -22,6 +22,7 @@ _EXPORTS = {
     "add_train_parser": "metalm.training.trainer",
     "find_checkpoint": "metalm.training.trainer",
     "verify_checkpoint": "metalm.training.trainer",
+    "shard_model": "metalm.training.trainer",
 }
 
 __all__ = sorted(_EXPORTS)

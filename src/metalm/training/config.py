@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ from metalm.model.builder import EncoderRecipe, ModelRecipe
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "LoraSettings",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
     "StreamConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_template",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -37,6 +40,23 @@ __all__ = [
 
 RECORD_KINDS = ("text", "image_text", "interleaved", "vqa", "classification")
 SEMI_CAUSAL_KEYS = ("span_min", "span_max", "span_fraction")
+STREAM_FORMATS = ("lm", "instruction")
+# Instruction samples (`format: instruction`; VQA records always): the placeholders a template may use per
+# record kind, the one it must use, and the defaults. A classification record's `{options}` is the
+# stream's labels joined with OPTIONS_JOINER (FLAN writes the options into the input).
+TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "classification": ("text", "options"),
+    "vqa": ("question",),
+    "image_text": (),
+}
+TEMPLATE_REQUIRED = {"classification": "text", "vqa": "question"}
+DEFAULT_TEMPLATES = {
+    "classification": "{text} OPTIONS: {options} TARGET:",
+    "vqa": "question: {question}",
+    "image_text": "Summarize this image:",
+}
+DEFAULT_PROMPTS = {"vqa": "answer:"}
+OPTIONS_JOINER = ", "
 
 
 class ConfigError(ValueError):
@@ -48,12 +68,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the decoder (``peft``): rank ``r``, scaling ``alpha / r``, dropout on the adapter
+    input, and the decoder modules to adapt (default: peft's choice for the decoder's architecture, e.g.
+    ``q_proj``/``v_proj`` for Llama). The decoder's own weights stay frozen; the adapters are merged into
+    them when the final model is saved."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
 class ModelConfig:
     """What to build (mirrors :class:`metalm.ModelRecipe`). ``decoder``: an HF config dict with
     ``model_type`` (trained from scratch) or a local folder. With ``init_from`` set at the top level,
     leave ``decoder``/``tokenizer``/``encoders`` out; ``semi_causal`` and ``decoder_trainable`` then
     override the saved model's settings. ``decoder_trainable: null`` = True for a new model, the saved
-    value for ``init_from``."""
+    value for ``init_from``. ``lora``: train LoRA adapters on a frozen decoder (see :class:`LoraSettings`)."""
 
     decoder: str | dict[str, Any] | None = None
     tokenizer: str | None = None
@@ -61,6 +94,7 @@ class ModelConfig:
     semi_causal: dict[str, Any] | None = None
     decoder_trainable: bool | None = None
     attn_implementation: str = "sdpa"
+    lora: LoraSettings | None = None
 
     def to_recipe(self) -> ModelRecipe:
         if self.decoder is None:
@@ -81,7 +115,16 @@ class StreamConfig:
     folder of JSONL files. ``split`` applies to built-ins. ``kind`` picks another record kind of a
     built-in source (``bbc_news`` + ``kind: text``) or, for files, requires every record to be of it.
     Validation records: ``validation_source`` if set, else (built-ins) the ``validation_split`` of the
-    same dataset; a file stream without ``validation_source`` adds nothing to validation."""
+    same dataset; a file stream without ``validation_source`` adds nothing to validation.
+
+    ``format``: ``lm`` (semi-causal LM samples, see ``docs/training.md``) or ``instruction`` (supervised,
+    FLAN style: classification, VQA and image-text records become ``[BOS] [image] Enc(template) prompt
+    label [EOS]`` with only the label and EOS trained). ``template``: the encoder input, with ``{text}`` and
+    ``{options}`` (classification), ``{question}`` (VQA) or no placeholder (image-text); a list = one drawn
+    at random per sample. ``prompt``: decoder text between the input and the label (VQA: ``answer:``).
+    ``options``: the labels written into ``{options}`` (default: the sorted labels of the training
+    records). VQA records are always instruction samples, so ``template``/``prompt`` apply to them in
+    either format."""
 
     source: str
     name: str | None = None
@@ -90,6 +133,20 @@ class StreamConfig:
     kind: str | None = None
     validation_split: str | None = "validation"
     validation_source: str | None = None
+    format: Literal["lm", "instruction"] = "lm"
+    template: str | list[str] | None = None
+    prompt: str | None = None
+    options: list[str] | None = None
+
+    def templates(self, kind: str) -> list[str]:
+        """The templates for records of `kind` (the configured ones, else the default)."""
+        if self.template is None:
+            return [DEFAULT_TEMPLATES[kind]]
+        return [self.template] if isinstance(self.template, str) else list(self.template)
+
+    def decoder_prompt(self, kind: str) -> str:
+        """The decoder prompt for records of `kind` ("" for none)."""
+        return self.prompt if self.prompt is not None else DEFAULT_PROMPTS.get(kind, "")
 
 
 @dataclass
@@ -309,6 +366,70 @@ def _build(cls: type, data: Any, path: str) -> Any:
 # Semantic checks (values, not types)
 
 
+def check_template(template: str, kind: str) -> str | None:
+    """None when `template` is a valid instruction template for records of `kind`, else the reason."""
+    allowed = TEMPLATE_FIELDS[kind]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:  # unbalanced braces
+        return f"invalid template {template!r}: {err} (write a literal brace as {{{{ or }}}})"
+    used = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            return f"template {template!r}: positional placeholders ('{{}}') are not allowed; name the field"
+        if name not in allowed:
+            can = f"can use {', '.join(f'{{{a}}}' for a in allowed)}" if allowed else "take no placeholders"
+            return f"template {template!r}: unknown placeholder {{{name}}}; {kind} templates {can}"
+        if spec or conversion:
+            return f"template {template!r}: placeholder {{{name}}} takes no format spec or conversion"
+        used.add(name)
+    required = TEMPLATE_REQUIRED.get(kind)
+    if required and required not in used:
+        return f"template {template!r}: {kind} templates must contain {{{required}}}"
+    return None
+
+
+def _check_stream_format(s: StreamConfig, where: str, kind: str | None) -> None:
+    """Instruction settings of one stream; `kind` is None when the records' kind is only known on reading
+    (a JSONL stream without `kind`: then every kind a template could be for is tried)."""
+    if s.format == "lm" and kind in ("classification", "image_text"):
+        for key in ("template", "prompt", "options"):
+            if getattr(s, key) is not None:
+                raise _FieldError(
+                    f"{where}.{key}",
+                    f"applies to format: instruction; this {kind} stream has format: lm (set "
+                    f"{where}.format: instruction)",
+                )
+        return
+    if s.format == "instruction" and kind not in (None, *TEMPLATE_FIELDS):
+        raise _FieldError(
+            f"{where}.format",
+            f"instruction samples are built from classification, vqa and image_text records; this stream's "
+            f"records are {kind!r}",
+        )
+    if s.options is not None:
+        if s.format == "lm":
+            raise _FieldError(f"{where}.options", "applies to format: instruction (classification records)")
+        if kind not in (None, "classification"):
+            raise _FieldError(f"{where}.options", f"applies to classification records, not {kind!r}")
+        if not s.options or any(not o.strip() for o in s.options) or len(set(s.options)) != len(s.options):
+            raise _FieldError(f"{where}.options", "must be a non-empty list of distinct, non-empty labels")
+    if s.template is None:
+        return
+    templates = [s.template] if isinstance(s.template, str) else s.template
+    if not templates:
+        raise _FieldError(f"{where}.template", "an empty list; give at least one template (or leave it out)")
+    # In format lm only VQA records read a template.
+    kinds = [kind] if kind is not None else list(TEMPLATE_FIELDS) if s.format == "instruction" else ["vqa"]
+    for j, template in enumerate(templates):
+        path = f"{where}.template" if isinstance(s.template, str) else f"{where}.template[{j}]"
+        reasons = [check_template(template, k) for k in kinds]
+        if all(reasons):  # fits no kind it could be for
+            raise _FieldError(path, reasons[0])
+
+
 def _check(cfg: TrainConfig) -> None:
     from metalm.data.builtin import BUILTIN_DATASETS, SPLITS
 
@@ -347,6 +468,19 @@ def _check(cfg: TrainConfig) -> None:
         lo, hi = m.semi_causal.get("span_min"), m.semi_causal.get("span_max")
         if lo is not None and hi is not None and lo > hi:
             raise _FieldError("model.semi_causal", f"span_min ({lo}) > span_max ({hi})")
+    if m.lora is not None:
+        if m.decoder_trainable:
+            raise _FieldError(
+                "model.decoder_trainable",
+                "cannot be true with model.lora: LoRA trains adapters on a frozen decoder (set it to false "
+                "or leave it out)",
+            )
+        positive("model.lora.r", m.lora.r)
+        positive("model.lora.alpha", m.lora.alpha)
+        if not 0 <= m.lora.dropout < 1:
+            raise _FieldError("model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
+        if m.lora.target_modules is not None and not m.lora.target_modules:
+            raise _FieldError("model.lora.target_modules", "an empty list; name modules or leave it out")
     names = set()
     for i, enc in enumerate(m.encoders):
         where = f"model.encoders[{i}]"
@@ -394,6 +528,8 @@ def _check(cfg: TrainConfig) -> None:
             value = getattr(s, key)
             if value is not None and value not in SPLITS:
                 raise _FieldError(f"{where}.{key}", f"expected one of {', '.join(SPLITS)}, got {value!r}")
+        kind = s.kind or (BUILTIN_DATASETS[s.source].kind if s.source in BUILTIN_DATASETS else None)
+        _check_stream_format(s, where, kind)
     if d.seq_len < 8:
         raise _FieldError("data.seq_len", f"must be >= 8, got {d.seq_len}")
     if d.max_records is not None:

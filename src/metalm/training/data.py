@@ -65,7 +65,7 @@ from metalm.data.records import (
 )
 from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
 from metalm.data.semicausal import image_text_sample, sample_spans, semicausal_sample
-from metalm.training.config import DataConfig, StreamConfig
+from metalm.training.config import OPTIONS_JOINER, DataConfig, StreamConfig, check_template
 
 __all__ = [
     "DataStream",
@@ -82,15 +82,20 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 2
 # Stands in for the pixels of an image on another process's row: never collated, never decoded here.
 _NOT_DECODED = torch.empty(0)
+# Between an instruction sample's decoder text and its label: evaluation scores " " + option the same way.
+TARGET_DELIMITER = " "
 
 
 @dataclass
 class StreamRecords:
-    """One stream's records for one split."""
+    """One stream's records for one split. ``config``: the stream's settings (sample format, instruction
+    templates; None = the defaults); ``options``: the labels a classification template writes in."""
 
     name: str
     weight: float
     records: list[Record]
+    config: StreamConfig | None = None
+    options: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +149,15 @@ def load_stream_records(
     records = _subsample(list(records), data.max_records)
     if not records:
         raise ValueError(f"stream {name!r} ({source}, {split}): no records")
-    return StreamRecords(name, stream.weight, records)
+    options = None
+    if stream.format == "instruction" and any(isinstance(r, Classification) for r in records):
+        if stream.options is not None:
+            options = tuple(stream.options)
+        elif split == "train":
+            options = tuple(sorted({r.label for r in records if isinstance(r, Classification)}))
+        else:  # validation prompts must list the same options as training ones
+            options = load_stream_records(stream, data, "train").options
+    return StreamRecords(name, stream.weight, records, stream, options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +271,9 @@ class _Stream:
         self.weight = spec.weight
         self.records = spec.records
         self.owner = owner
+        self.config = spec.config or StreamConfig(source=spec.name)  # format and instruction templates
+        self.instruction = self.config.format == "instruction"
+        self.options = spec.options
         self.ids: dict[int, Any] = {}  # token cache, one entry per record
         self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
         self.packer = _Packer(owner.seq_len)
@@ -337,6 +353,8 @@ class _Stream:
         bos = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
         eos = [p.eos_token_id] if p.eos_token_id is not None else []
         blind = o.vision is None  # no vision encoder (the GPT baseline): images are left out
+        if self.instruction or isinstance(rec, VQAExample):  # VQA is an instruction sample in any format
+            return self._instruction_sample(idx, rng, bos, eos, blind)
         if blind and not o.warned_blind:
             o.warned_blind = True
             logger.warning(
@@ -362,42 +380,6 @@ class _Stream:
                 bos_id=p.bos_token_id,
                 eos_id=p.eos_token_id,
             )
-        if isinstance(rec, VQAExample):
-            cached = self.ids.get(idx)
-            if cached is None:
-                question = _tokenize(p, f"question: {rec.question}")
-                cached = {
-                    "question": question,
-                    "question_enc": o.to_encoder_ids(question) if o.text_encoder else None,
-                    "answer_prompt": _tokenize(p, "answer:"),
-                    "answer": _tokenize(p, rec.answers[0]),
-                }
-                if o.text_encoder and len(cached["question_enc"]) > p.span_limit(o.text_encoder):
-                    self._bad(
-                        idx, ValueError("question longer than the text encoder takes"), field="question"
-                    )
-                    return None
-                self.ids[idx] = cached
-            sample: Sample = list(bos)
-            if not blind:
-                pixels = self._image(idx, rec.image)
-                if pixels is None:
-                    return None
-                sample.append(EncodedSegment(o.vision, pixel_values=pixels))
-            if o.text_encoder:
-                sample.append(
-                    EncodedSegment(
-                        o.text_encoder,
-                        input_ids=cached["question_enc"],
-                        target_ids=cached["question"],
-                        loss=False,
-                    )
-                )
-                sample.append(TextSegment(cached["answer_prompt"], loss=False))
-            else:
-                sample.append(TextSegment(cached["question"] + cached["answer_prompt"], loss=False))
-            sample.append(TextSegment(cached["answer"] + eos, loss=True))
-            return sample
         if isinstance(rec, Interleaved):
             sample = list(bos)
             texts = self.ids.get(idx)
@@ -419,6 +401,149 @@ class _Stream:
                 sample.append(TextSegment(eos))
             return sample
         raise TypeError(f"unexpected record {type(rec).__name__}")
+
+    # --- instruction samples (format: instruction; VQA always) ------------------------------------
+    def _instruction_sample(
+        self, idx: int, rng: random.Random, bos: Sample, eos: list[int], blind: bool
+    ) -> Sample | None:
+        """``[BOS] [image] Enc(template) prompt label [EOS]`` with only ``label [EOS]`` trained; without a
+        text encoder (the GPT baseline) the rendered input is plain, untrained decoder text."""
+        o = self.owner
+        rec = self.records[idx]
+        if isinstance(rec, Classification):
+            if self.options is not None and rec.label not in self.options:
+                self._bad(
+                    idx,
+                    ValueError(f"label {rec.label!r} is not one of the options {list(self.options)}"),
+                    "label",
+                )
+                return None
+            fields = {"text": " ".join(rec.text.split()), "options": OPTIONS_JOINER.join(self.options or ())}
+            kind, target, image = "classification", rec.label, None
+        elif isinstance(rec, VQAExample):
+            kind, fields, target, image = "vqa", {"question": rec.question}, rec.answers[0], rec.image
+        elif isinstance(rec, ImageText):
+            kind, fields, target, image = "image_text", {}, rec.text, rec.image
+        else:
+            self._bad(
+                idx,
+                ValueError(
+                    f"a {rec.kind} record in a stream with format: instruction, which takes classification, "
+                    "vqa and image_text records"
+                ),
+                "kind",
+            )
+            return None
+        if image is not None and blind and not o.warned_blind:
+            o.warned_blind = True
+            logger.warning(
+                "the model has no vision encoder: images in stream %r are left out (text-only baseline)",
+                self.name,
+            )
+        templates = self.config.templates(kind)
+        k = rng.randrange(len(templates)) if len(templates) > 1 else 0
+        cache = self.ids.setdefault(idx, {})
+        entry = cache.get(k)
+        if entry is None:
+            with_image = image is not None and not blind
+            entry = self._render_instruction(idx, kind, templates[k], fields, target, with_image, bos, eos)
+            if entry is None:
+                return None
+            cache[k] = entry
+        sample: Sample = list(bos)
+        if image is not None and not blind:
+            pixels = self._image(idx, image)
+            if pixels is None:
+                return None
+            sample.append(EncodedSegment(o.vision, pixel_values=pixels))
+        if entry["input"]:
+            if o.text_encoder:
+                sample.append(
+                    EncodedSegment(
+                        o.text_encoder, input_ids=entry["input_enc"], target_ids=entry["input"], loss=False
+                    )
+                )
+            else:
+                sample.append(TextSegment(entry["input"], loss=False))
+        if entry["prompt"]:
+            sample.append(TextSegment(entry["prompt"], loss=False))
+        sample.append(TextSegment(entry["target"], loss=True))
+        if entry["cut"]:
+            o.stats["inputs_truncated"] = o.stats.get("inputs_truncated", 0) + 1
+        return sample
+
+    def _render_instruction(
+        self,
+        idx: int,
+        kind: str,
+        template: str,
+        fields: dict[str, str],
+        target: str,
+        with_image: bool,
+        bos: Sample,
+        eos: list[int],
+    ) -> dict[str, Any] | None:
+        """Token ids of one record under one template (cached by the caller). A classification text that
+        does not fit is cut word by word (binary search) until the rendered input fits the text encoder's
+        span limit and the whole sample fits ``seq_len``; any other input that exceeds the encoder's limit
+        makes the record bad."""
+        o = self.owner
+        p = o.processor
+        field = "question" if kind == "vqa" else "text"
+        reason = check_template(template, kind)  # a JSONL stream without `kind` meets kinds only here
+        if reason:
+            self._bad(idx, ValueError(reason), field)
+            return None
+        prompt_text = self.config.decoder_prompt(kind)
+        prompt = _tokenize(p, prompt_text) if prompt_text.strip() else []
+        # The label follows the decoder text with a space, as evaluation scores " " + option.
+        target_ids = _tokenize(p, TARGET_DELIMITER + target) + eos
+        slots = o.config.num_slots(o.vision) if with_image else 0
+        budget = o.seq_len - len(bos) - slots - len(prompt) - len(target_ids)
+        limit = p.span_limit(o.text_encoder) if o.text_encoder else None
+
+        def measure(text: str) -> tuple[list[int], list[int] | None, bool, bool]:
+            """(decoder ids, encoder ids, within the encoder's limit, within seq_len)."""
+            dec = _tokenize(p, text) if text.strip() else []
+            if limit is None:
+                return dec, None, True, len(dec) <= budget
+            enc = o.to_encoder_ids(dec) if dec else []
+            slots_used = o.config.num_slots(o.text_encoder, len(enc)) if enc else 0
+            return dec, enc, len(enc) <= limit, slots_used <= budget
+
+        text = template.format_map(fields)
+        dec, enc, in_encoder, in_window = measure(text)
+        cut = False
+        if kind == "classification" and not (in_encoder and in_window):
+            words = fields["text"].split()
+
+            def render(n: int) -> str:
+                return template.format_map({**fields, "text": " ".join(words[:n])})
+
+            # A word is at least one token, so no more than the token budget of words can fit.
+            lo, hi = 0, max(0, min(len(words), budget if limit is None else min(budget, limit)))
+            while lo < hi:  # the most words that fit
+                mid = (lo + hi + 1) // 2
+                if all(measure(render(mid))[2:]):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            dec, enc, in_encoder, in_window = measure(render(lo))
+            cut = True
+            if not (in_encoder and in_window):
+                self._bad(
+                    idx,
+                    ValueError(f"template {template!r} alone does not fit the text encoder or data.seq_len"),
+                    field,
+                )
+                return None
+        elif not in_encoder:
+            self._bad(idx, ValueError(f"input longer than the text encoder takes ({limit} tokens)"), field)
+            return None
+        if dec and enc is not None and not enc:
+            self._bad(idx, ValueError("input is empty in the text encoder's vocabulary"), field)
+            return None
+        return {"input": dec, "input_enc": enc, "prompt": prompt, "target": target_ids, "cut": cut}
 
     def _window_sample(self, ids: list[int], ranges: list[tuple[int, int]], rng: random.Random) -> Sample:
         o = self.owner
@@ -450,7 +575,8 @@ class _Stream:
                         raise ValueError(f"stream {self.name!r}: every record is bad; nothing to train on")
                     continue
                 rec = self.records[idx]
-                if not isinstance(rec, TextDocument | Classification):
+                # Instruction streams make one sample per record; only LM text is packed into windows.
+                if self.instruction or not isinstance(rec, TextDocument | Classification):
                     rng = self._rng()
                     self.samples += 1
                     sample = self._record_sample(idx, rng)

@@ -63,6 +63,7 @@ __all__ = [
     "Trainer",
     "add_train_parser",
     "find_checkpoint",
+    "shard_model",
     "train",
     "train_main",
     "verify_checkpoint",
@@ -469,6 +470,7 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
         self.fsdp = False  # set in train(): run.fsdp or an accelerate FSDP config
         self.deepspeed = False
+        self._lora = None  # the peft tuner while LoRA adapters are unmerged (model.lora)
 
     # --- building -------------------------------------------------------------------------------------
     def _build_model(self, resume: Path | None = None):
@@ -479,6 +481,12 @@ class Trainer:
 
         cfg = self.config
         attn = cfg.model.attn_implementation
+        if resume is not None and cfg.model.lora is not None:
+            # A LoRA run's checkpoints keep the adapters unmerged (see metalm.training.lora).
+            from metalm.training.lora import load_lora_checkpoint
+
+            model, self._lora = load_lora_checkpoint(resume / "model", cfg.model.lora, attn)
+            return model, MetaLMProcessor.from_pretrained(resume / "model", config=model.config)
         if resume is not None:
             model = MetaLMForCausalLM.from_pretrained(resume / "model", attn_implementation=attn)
             model.apply_freezing()
@@ -606,6 +614,12 @@ class Trainer:
         acc = self.accelerator
         final = self.output_dir / "final"
         tmp = self.output_dir / "final.tmp"
+        if self._lora is not None:
+            # final/ is a plain MetaLM: fold the adapters into the decoder (every process: DDP replicas).
+            from metalm.training.lora import merge_lora
+
+            merge_lora(self._unwrapped(), self._lora)
+            self._lora = None
         model_state = self._model_state_dict()
         with _quiet_hf_progress():
             self._write_final(model_state, tmp, final)
@@ -773,6 +787,15 @@ class Trainer:
 
         set_seed(run.seed)
         model, self.processor = self._build_model(resume)
+        if cfg.model.lora is not None:
+            if self.fsdp or self.deepspeed:
+                raise ConfigError("model.lora runs on one process or with DDP, not with FSDP or DeepSpeed")
+            if self._lora is None:  # a resumed LoRA model has its adapters already
+                from metalm.training.lora import apply_lora
+
+                self._lora = apply_lora(model, cfg.model.lora)
+            n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+            logger.info("LoRA on the decoder: %.2fM adapter parameters (merged into final/)", n_lora / 1e6)
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("model: %.1fM parameters, %.1fM trainable", n_params / 1e6, n_train / 1e6)
@@ -1033,6 +1056,11 @@ class Trainer:
             data.seq_len,
             data.stats["skipped_no_target"],
         )
+        if data.stats.get("inputs_truncated"):
+            logger.info(
+                "instruction inputs: %d cut to fit the text encoder / seq_len (classification text, word by word)",
+                data.stats["inputs_truncated"],
+            )
         if report.count:
             logger.warning("bad records: %s", _skip_summary(report, limit=50))
         else:
