@@ -468,3 +468,25 @@ def test_eval_parser_arguments():
     )
     assert args.baseline is False and args.batch_size == 8 and callable(args.func)
     assert parser.parse_args(["eval", "DIR", "--task", "x"]).baseline is None  # auto-detect
+
+
+def test_model_without_vision_encoder_is_evaluated_without_images(tmp_path):
+    """The GPT baseline cannot see images: image tasks run with the images left out, as it was trained."""
+    import torch
+
+    from metalm import ModelRecipe
+    from metalm.evaluation.icl import build_prompt, prompt_to_sample
+    from metalm.evaluation.runner import evaluate
+    from metalm.evaluation.tasks import Example, builtin_task
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    model, processor = ModelRecipe(decoder=TINY_LLAMA, tokenizer="packaged:minilm-l6").build()
+    task = builtin_task("easyvqa-caption-image")
+    ex = Example(id="x", fields={}, answers=("a red circle.",), image="unused.png")
+    parts = build_prompt(task, ex, [], baseline=True, images=False)
+    assert parts == []
+    sample = prompt_to_sample(processor, parts)
+    assert [s.ids for s in sample] == [[processor.bos_token_id]]
+    summary = evaluate(model.eval(), processor, ["easyvqa", "easyvqa-caption-image"], limit=3, progress=False)
+    assert set(summary["results"]) == {"easyvqa", "easyvqa-caption-image"}

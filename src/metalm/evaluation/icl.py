@@ -164,17 +164,24 @@ def split_for_encoder(processor: MetaLMProcessor, text: str, encoder: str | None
 # Prompts
 # ---------------------------------------------------------------------------------------------------------
 def input_parts(
-    task: Task, ex: Example, *, baseline: bool, fewshot: bool, fits: Callable[[str], bool] | None = None
+    task: Task,
+    ex: Example,
+    *,
+    baseline: bool,
+    fewshot: bool,
+    fits: Callable[[str], bool] | None = None,
+    images: bool = True,
 ) -> list[Part]:
-    """An example's input: its image (if any), then its rendered input text -- ``Encode``-d, or plain
-    decoder text in baseline mode -- then the task's decoder prompt (plain decoder text), if any."""
+    """An example's input: its image (if any, and if `images`: a model without a vision encoder, like the
+    GPT baseline, is evaluated without them, as it was trained), then its rendered input text --
+    ``Encode``-d, or plain decoder text in baseline mode -- then the task's decoder prompt, if any."""
     parts: list[Part] = []
-    if ex.image is not None:
+    if ex.image is not None and images:
         parts.append(ImageInput(ex.image))
     text = task.render_input(ex, fewshot=fewshot, fits=None if baseline else fits)
     if text.strip():
         parts.append(text if baseline else Encode(text))
-    if not parts:
+    if not parts and (images or ex.image is None):
         raise TaskError(f"task {task.name!r}, example {ex.id!r}: empty input (no text and no image)")
     prompt = task.render_decoder_prompt(fewshot=fewshot)
     if prompt.strip():
@@ -190,16 +197,18 @@ def build_prompt(
     baseline: bool = False,
     separator: str | None = None,
     fits: Callable[[str], bool] | None = None,
+    images: bool = True,
 ) -> list[PromptPart]:
     """The prompt for ``query`` after ``demonstrations`` (see the module docstring). ``separator=None``
-    uses the decoder's EOS token; ``fits`` shortens over-long encoder inputs (see ``Task.render_input``)."""
+    uses the decoder's EOS token; ``fits`` shortens over-long encoder inputs (see ``Task.render_input``);
+    ``images=False`` leaves images out (a model without a vision encoder)."""
     fewshot = bool(demonstrations)
     parts: list[PromptPart] = []
     for demo in demonstrations:
-        parts += input_parts(task, demo, baseline=baseline, fewshot=True, fits=fits)
+        parts += input_parts(task, demo, baseline=baseline, fewshot=True, fits=fits, images=images)
         parts.append(task.render_target(task.label(demo)))
         parts.append(Separator(separator))
-    parts += input_parts(task, query, baseline=baseline, fewshot=fewshot, fits=fits)
+    parts += input_parts(task, query, baseline=baseline, fewshot=fewshot, fits=fits, images=images)
     return parts
 
 
@@ -236,6 +245,9 @@ def prompt_to_sample(
         else:
             run.append(part)
     flush()
+    if not sample and processor.bos_token_id is not None:
+        # An image-only input for a model that cannot see images: the prompt is just the start token.
+        sample.append(TextSegment([processor.bos_token_id], loss=False))
     return sample
 
 

@@ -208,11 +208,16 @@ def _run(
 ) -> list[dict[str, Any]]:
     """Per-example records (id, prompt, prediction, gold, score, ...) for one (task, k, seed)."""
     fits = None if baseline else encoder_fits(processor)
+    images = (
+        bool(model.config.encoders_of_kind("vision")) if hasattr(model.config, "encoders_of_kind") else False
+    )
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
 
     def prompt(i: int, ex: Example):
         demos = sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None)
-        parts = build_prompt(task, ex, demos, baseline=baseline, separator=separator, fits=fits)
+        parts = build_prompt(
+            task, ex, demos, baseline=baseline, separator=separator, fits=fits, images=images
+        )
         return parts, prompt_to_sample(processor, parts, index=i)
 
     desc = f"{task.name} k={k} s={seed}"
