@@ -249,6 +249,24 @@ def saved_tiny(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def saved_text_tiny(tmp_path_factory):
+    """A tiny MetaLM with a text encoder only: on BBC articles every trainable parameter gets a gradient."""
+    from metalm import EncoderRecipe, ModelRecipe
+    from tests.conftest import TINY_BERT
+
+    torch.manual_seed(4)
+    model, processor = ModelRecipe(
+        decoder=TINY_LLAMA,
+        tokenizer="packaged:minilm-l6",
+        encoders=[EncoderRecipe("text", "text", source="config", tokenizer="decoder", config=TINY_BERT)],
+    ).build()
+    folder = tmp_path_factory.mktemp("init_text") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def finetune_config(init: Path, out: Path, **model) -> dict:
     return {
         "init_from": str(init),
@@ -286,14 +304,14 @@ def test_frozen_decoder_run_changes_only_encoders_and_connectors(saved_tiny, tmp
     assert "instruction inputs: " in (tmp_path / "run" / "train.log").read_text()  # articles were cut
 
 
-def test_lora_trains_adapters_merges_and_resumes(saved_tiny, tmp_path):
+def test_lora_trains_adapters_merges_and_resumes(saved_text_tiny, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from metalm.data.processor import MetaLMProcessor
     from metalm.training.trainer import Trainer, train
 
     lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
-    cfg = finetune_config(saved_tiny, tmp_path / "full", lora=lora)
+    cfg = finetune_config(saved_text_tiny, tmp_path / "full", lora=lora)
     cfg["optim"]["max_steps"] = 4
     cfg["run"]["save_every"] = 2
     trainer = Trainer(config_from_dict(cfg))
@@ -301,7 +319,7 @@ def test_lora_trains_adapters_merges_and_resumes(saved_tiny, tmp_path):
 
     # Mid-run checkpoints keep the adapters; the decoder's own weights never moved.
     ckpt = weights(tmp_path / "full" / "checkpoint-2" / "model")
-    before = weights(saved_tiny)
+    before = weights(saved_text_tiny)
     adapters = [k for k in ckpt if ".lora_" in k]
     assert adapters and all(("q_proj" in k or "v_proj" in k) for k in adapters)
     for k, v in ckpt.items():
@@ -325,11 +343,23 @@ def test_lora_trains_adapters_merges_and_resumes(saved_tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(merged(**batch).logits, reloaded(**batch).logits)
 
-    # Resume: 2 steps, then 2 more from checkpoint-2, equal the uninterrupted run's losses.
+    # Resume: a run interrupted in step 3 continues from checkpoint-2 (adapters, optimizer state, RNG for
+    # the adapter dropout) with the uninterrupted run's losses.
+    from metalm.training import data as data_module
+
     cfg["run"]["output_dir"] = str(tmp_path / "resumed")
-    cfg["optim"]["max_steps"] = 2
-    train(config_from_dict(cfg))
-    cfg["optim"]["max_steps"] = 4
+    real, calls = data_module.DataStream.next_batch, {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += self.split == "train"
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(data_module.DataStream, "next_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(cfg))
+    monkeypatch.setattr(data_module.DataStream, "next_batch", real)
     resumed = train(config_from_dict(cfg))
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "checkpoint-2"
     assert sorted(resumed.losses) == [3, 4]

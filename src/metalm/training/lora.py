@@ -13,11 +13,16 @@ resume.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from metalm.training.config import ConfigError, LoraSettings
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraModel
+
+    from metalm.model.modeling_metalm import MetaLMForCausalLM
 
 __all__ = ["apply_lora", "load_lora_checkpoint", "lora_parameter_names", "merge_lora"]
 
@@ -32,7 +37,7 @@ def _peft():
     return peft
 
 
-def apply_lora(model, settings: LoraSettings):
+def apply_lora(model: MetaLMForCausalLM, settings: LoraSettings) -> LoraModel:
     """Inject LoRA adapters into ``model.decoder`` (in place) and make them the decoder's only trainable
     parameters. Returns the peft tuner (keep it for :func:`merge_lora`)."""
     peft = _peft()
@@ -58,12 +63,12 @@ def apply_lora(model, settings: LoraSettings):
     return tuner
 
 
-def lora_parameter_names(model) -> list[str]:
+def lora_parameter_names(model: torch.nn.Module) -> list[str]:
     """Names of the LoRA adapter parameters in ``model`` (empty when none are injected)."""
     return [n for n, _ in model.named_parameters() if ".lora_" in n]
 
 
-def merge_lora(model, tuner) -> None:
+def merge_lora(model: MetaLMForCausalLM, tuner: LoraModel) -> None:
     """Fold the adapters into the decoder's weights and remove the LoRA layers (``merge_and_unload``)."""
     model.decoder = tuner.merge_and_unload()
     # peft leaves its config on the module it adapted; the merged decoder is a plain model again.
@@ -84,7 +89,9 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_lora_checkpoint(folder: str | Path, settings: LoraSettings, attn_implementation: str = "sdpa"):
+def load_lora_checkpoint(
+    folder: str | Path, settings: LoraSettings, attn_implementation: str = "sdpa"
+) -> tuple[MetaLMForCausalLM, LoraModel]:
     """A MetaLM with LoRA adapters from a checkpoint's ``model/`` folder written during a LoRA run (the
     adapters unmerged). Returns ``(model, tuner)``."""
     from transformers.utils import logging as hf_logging
@@ -127,13 +134,3 @@ def load_lora_checkpoint(folder: str | Path, settings: LoraSettings, attn_implem
             f"unexpected {unexpected[:4]} (resume with the LoRA settings it was trained with)"
         )
     return model, tuner
-
-
-def describe(model) -> dict[str, Any]:
-    """Parameter counts for the run log: total, trainable, LoRA."""
-    lora = set(lora_parameter_names(model))
-    return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "lora": sum(p.numel() for n, p in model.named_parameters() if n in lora),
-    }
