@@ -527,3 +527,37 @@ def test_gpt_baseline_and_bad_records_in_run_log(tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "bad records: skipped 1 bad record" in log and "invalid JSON" in log
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_resume_with_a_trainable_encoder_that_gets_no_gradient(tmp_path, monkeypatch):
+    """A text-only run of a model with a trainable vision encoder: that encoder never gets a gradient, so
+    AdamW keeps no state for it; resuming must still work and continue exactly."""
+    from metalm.training import data as data_module
+    from metalm.training.config import config_from_dict
+    from metalm.training.trainer import train
+
+    def cfg(out):
+        data = tiny_config(out)
+        data["data"]["streams"] = [{"name": "docs", "source": "pydoc", "weight": 1.0}]
+        return config_from_dict(data)
+
+    full = train(cfg(tmp_path / "full"))
+    calls = {"n": 0}
+    real = data_module.DataStream.next_batch
+
+    def interrupted(self):
+        if self.split == "train":
+            calls["n"] += 1
+            if calls["n"] > 10:  # dies during step 6 (2 micro-batches per step), after checkpoint-4
+                raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(data_module.DataStream, "next_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "part"))
+    monkeypatch.setattr(data_module.DataStream, "next_batch", real)
+    resumed = train(cfg(tmp_path / "part"))
+    assert resumed.resumed_from is not None and resumed.resumed_from.name == "checkpoint-4"
+    for step in (5, 6):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], abs=1e-6)

@@ -560,8 +560,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         optimizer = self._raw_optimizer()
+        # strict=False: a trainable parameter that never received a gradient (e.g. a vision encoder in a
+        # text-only finetune) has no AdamW state to save, exactly as in the uninterrupted run.
         set_optimizer_state_dict(
-            self._unwrapped(), optimizer, state, options=StateDictOptions(full_state_dict=True)
+            self._unwrapped(), optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False)
         )
         # Loading may create zero gradients; a parameter must have none until it gets a real one
         # (AdamW skips parameters without a gradient, exactly as in an uninterrupted run).
