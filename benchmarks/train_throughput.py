@@ -10,7 +10,8 @@ encoders' convolutions included), not estimated from parameter counts.
 
     python benchmarks/train_throughput.py                      # quickstart model, CPU, fp32
     python benchmarks/train_throughput.py --bf16               # with bf16 autocast
-    python benchmarks/train_throughput.py --preset paper-vl    # on a GPU (see benchmarks/gpu_train.py)
+
+The paper-size GPU step is `benchmarks/gpu_train.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from metalm import MetaLMConfig, MetaLMForCausalLM
+from metalm import MetaLMForCausalLM
 from metalm.data.segments import EncodedSegment, TextSegment, collate
 from metalm.data.semicausal import sample_spans, semicausal_sample
 
@@ -60,56 +61,6 @@ def quickstart_model() -> MetaLMForCausalLM:
         semi_causal={"span_min": 4, "span_max": 12, "span_fraction": 0.25},
     ).build()
     return model
-
-
-def paper_vl_model() -> MetaLMForCausalLM:
-    config = MetaLMConfig(
-        text_config={
-            "model_type": "gpt2",
-            "vocab_size": VOCAB,
-            "n_positions": 1024,
-            "n_embd": 1024,
-            "n_layer": 24,
-            "n_head": 16,
-            "pad_token_id": 0,
-            "bos_token_id": 101,
-            "eos_token_id": 102,
-        },
-        encoders=[
-            {
-                "name": "vision",
-                "kind": "vision",
-                "connector": "mlp",
-                "image_size": 224,
-                "num_slots": 197,
-                "config": {
-                    "model_type": "vit",
-                    "hidden_size": 1024,
-                    "num_hidden_layers": 16,
-                    "num_attention_heads": 16,
-                    "intermediate_size": 4096,
-                    "image_size": 224,
-                    "patch_size": 16,
-                },
-            },
-            {
-                "name": "text",
-                "kind": "text",
-                "connector": "linear",
-                "prefix_ids": [101],
-                "suffix_ids": [102],
-                "config": {
-                    "model_type": "bert",
-                    "vocab_size": VOCAB,
-                    "hidden_size": 768,
-                    "num_hidden_layers": 12,
-                    "num_attention_heads": 12,
-                    "intermediate_size": 3072,
-                },
-            },
-        ],
-    )
-    return MetaLMForCausalLM(config)
 
 
 def metalm_batch(model: MetaLMForCausalLM, batch: int, seq_len: int, image_size: int, seed: int = 0) -> dict:
@@ -163,7 +114,6 @@ def count_flops(fn) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["quickstart", "paper-vl"], default="quickstart")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
@@ -175,10 +125,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    if args.preset == "quickstart":
-        model, batch_size, seq_len, image_size = quickstart_model(), args.batch or 16, args.seq_len or 128, 64
-    else:
-        model, batch_size, seq_len, image_size = paper_vl_model(), args.batch or 32, args.seq_len or 453, 224
+    model, batch_size, seq_len, image_size = quickstart_model(), args.batch or 16, args.seq_len or 128, 64
     model.to(device).train()
     batch = to(metalm_batch(model, batch_size, seq_len, image_size), device)
     assert batch["input_ids"].shape == (batch_size, seq_len)
@@ -226,7 +173,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name()
         if device == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
-        "preset": args.preset,
+        "model": "quickstart",
         "precision": "bf16 autocast" if args.bf16 else "fp32",
         "batch": batch_size,
         "seq_len": seq_len,
