@@ -28,8 +28,6 @@ from metalm import MetaLMForCausalLM
 from metalm.data.segments import EncodedSegment, TextSegment, collate
 from metalm.data.semicausal import sample_spans, semicausal_sample
 
-VOCAB = 30522
-
 
 def quickstart_model() -> MetaLMForCausalLM:
     """The quickstart's shapes (configs/quickstart.yaml) with the real packaged encoders."""
