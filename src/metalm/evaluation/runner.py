@@ -68,12 +68,7 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 def decoder_context_length(model) -> int | None:
     """The decoder's position limit (``max_position_embeddings`` / ``n_positions``), if it states one."""
-    cfg = model.config.text_config
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return model.config.context_length()
 
 
 def _check_length(model, sample: Sample, where: str) -> None:

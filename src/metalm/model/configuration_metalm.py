@@ -161,6 +161,14 @@ class MetaLMConfig(PreTrainedConfig):
             f"no encoder named {name!r}; this model has {[s['name'] for s in self.encoders]}"
         )
 
+    def context_length(self) -> int | None:
+        """The decoder's maximum number of positions, if its config states one."""
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(self.text_config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     def encoders_of_kind(self, kind: str) -> list[str]:
         return [s["name"] for s in self.encoders if s["kind"] == kind]
 

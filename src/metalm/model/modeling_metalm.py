@@ -99,10 +99,10 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             backbone = self.encoders[spec["name"]].backbone
             backbone.requires_grad_(True)
             apply_trainable_layers(backbone, spec["trainable_layers"])
-            # Frozen BatchNorm statistics must not drift either: keep frozen BN modules in eval mode.
         self.decoder.requires_grad_(bool(self.config.decoder_trainable))
 
     def train(self, mode: bool = True) -> MetaLMForCausalLM:
+        # Frozen BatchNorm statistics must not drift either: frozen BN modules stay in eval mode.
         super().train(mode)
         for module in self.encoders.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(

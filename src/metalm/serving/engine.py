@@ -477,12 +477,7 @@ class Engine:
     @property
     def context_length(self) -> int | None:
         """The decoder's maximum number of positions (prompt + answer), if its config states one."""
-        cfg = self.config.text_config
-        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return self.config.context_length()
 
     @property
     def has_text_encoder(self) -> bool:
