@@ -40,6 +40,24 @@ TINY_VIT = {
     "patch_size": 16,
 }
 
+# The tiny model in the training-config schema (metalm.training.config.ModelConfig).
+TINY_MODEL = {
+    "decoder": TINY_LLAMA,
+    "tokenizer": "packaged:minilm-l6",
+    "encoders": [
+        {"name": "text", "kind": "text", "source": "config", "tokenizer": "decoder", "config": TINY_BERT},
+        {
+            "name": "vision",
+            "kind": "vision",
+            "source": "config",
+            "config": TINY_VIT,
+            "image_size": 32,
+            "connector": "mlp",
+        },
+    ],
+    "semi_causal": {"span_min": 2, "span_max": 6},
+}
+
 
 def tiny_recipe(decoder: dict | None = None, connector: str = "linear", text_layers: int | None = None, **kw):
     from metalm import EncoderRecipe, ModelRecipe

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from metalm.training.config import config_from_dict
-from tests.conftest import TINY_BERT, TINY_LLAMA, TINY_VIT
+from tests.conftest import TINY_MODEL
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -30,29 +30,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 def crash_config(output_dir: Path) -> dict:
     return {
-        "model": {
-            "decoder": TINY_LLAMA,
-            "tokenizer": "packaged:minilm-l6",
-            "encoders": [
-                # Dropout stays on: resume restores the RNG states, so even its masks repeat.
-                {
-                    "name": "text",
-                    "kind": "text",
-                    "source": "config",
-                    "tokenizer": "decoder",
-                    "config": TINY_BERT,
-                },
-                {
-                    "name": "vision",
-                    "kind": "vision",
-                    "source": "config",
-                    "config": TINY_VIT,
-                    "image_size": 32,
-                    "connector": "mlp",
-                },
-            ],
-            "semi_causal": {"span_min": 2, "span_max": 6},
-        },
+        # Dropout stays on: resume restores the RNG states, so even its masks repeat.
+        "model": copy.deepcopy(TINY_MODEL),
         "data": {
             "streams": [{"source": "pydoc"}, {"source": "easy_vqa_captions"}],
             "seq_len": 48,

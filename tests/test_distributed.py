@@ -23,39 +23,22 @@ import torch
 import yaml
 
 from metalm.training.config import config_from_dict
-from tests.conftest import TINY_BERT, TINY_LLAMA, TINY_VIT
+from tests.conftest import TINY_BERT, TINY_LLAMA, TINY_MODEL
 
 # Measured (torch 2.13 CPU, 2 processes): losses agree to ~1e-7 relative, weights to ~3e-7 absolute.
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 BATCH = 2  # per process; the single-process run uses 2 * BATCH
 
-TINY = {
-    # Tied embeddings (as in the quickstart): FSDP must keep the tie through sharding and saving.
-    "decoder": {**TINY_LLAMA, "tie_word_embeddings": True},
-    "tokenizer": "packaged:minilm-l6",
-    "encoders": [
-        {
-            "name": "text",
-            "kind": "text",
-            "source": "config",
-            "tokenizer": "decoder",
-            # Dropout off: its masks are drawn per process.
-            "config": {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-            # MiniLM-style: the first layer frozen, the last two trainable, in one FSDP unit.
-            "trainable_layers": 2,
-        },
-        {
-            "name": "vision",
-            "kind": "vision",
-            "source": "config",
-            "config": TINY_VIT,
-            "image_size": 32,
-            "connector": "mlp",
-        },
-    ],
-    "semi_causal": {"span_min": 2, "span_max": 6},
-}
+TINY = copy.deepcopy(TINY_MODEL)
+# Tied embeddings (as in the quickstart): FSDP must keep the tie through sharding and saving.
+TINY["decoder"] = {**TINY_LLAMA, "tie_word_embeddings": True}
+TINY["encoders"][0].update(
+    # Dropout off: its masks are drawn per process.
+    config={**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    # MiniLM-style: the first layer frozen, the last two trainable, in one FSDP unit.
+    trainable_layers=2,
+)
 
 
 def dist_config(output_dir: Path, batch_size: int = BATCH, **run) -> dict:

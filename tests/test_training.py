@@ -18,26 +18,9 @@ from metalm.data.segments import EncodedSegment, TextSegment
 from metalm.data.semicausal import pack_documents
 from metalm.training.config import ConfigError, config_from_dict, load_config
 from metalm.training.data import DataStream, StreamRecords, build_data, truncate_sample
-from tests.conftest import TINY_BERT, TINY_LLAMA, TINY_VIT
+from tests.conftest import TINY_LLAMA, TINY_MODEL
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-TINY_MODEL = {
-    "decoder": TINY_LLAMA,
-    "tokenizer": "packaged:minilm-l6",
-    "encoders": [
-        {"name": "text", "kind": "text", "source": "config", "tokenizer": "decoder", "config": TINY_BERT},
-        {
-            "name": "vision",
-            "kind": "vision",
-            "source": "config",
-            "config": TINY_VIT,
-            "image_size": 32,
-            "connector": "mlp",
-        },
-    ],
-    "semi_causal": {"span_min": 2, "span_max": 6},
-}
 
 
 def tiny_config(output_dir: Path, **sections) -> dict:
