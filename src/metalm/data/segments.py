@@ -1,11 +1,13 @@
-"""Segments (DESIGN.md §3) and the collator that turns lists of them into a MetaLM batch.
+"""Segments and the collator that turns lists of them into a MetaLM batch.
 
 A sample is an ordered list of segments:
 - `TextSegment`: decoder tokens, embedded by the decoder itself;
 - `EncodedSegment`: a payload for one named encoder (a text span in the encoder's vocabulary, or an image).
   It fills as many decoder slots as its connector emits.
 
-Labels follow DESIGN.md §2 and the HF convention (unshifted; position p is trained to predict labels[p+1]):
+Labels follow the semi-causal objective and the HF convention (unshifted; position p is trained to predict
+labels[p+1]):
+- a row's first real position never carries a label (nothing real precedes it, whatever the padding side);
 - every text token with `loss=True` is a label, so it is predicted at the position before it;
 - the first slot of an encoded text span carries the span's first *decoder* token (`target_ids[0]`), so it
   is predicted at the position before the span;
@@ -143,6 +145,9 @@ def collate(
         start = 0 if padding_side == "right" else width - n
         input_ids[i, start : start + n] = torch.tensor(ids)
         labels[i, start : start + n] = torch.tensor(labs)
+        # Nothing precedes a row's first real position: under left padding a label there would be
+        # "predicted" by a pad position, and under right padding the shift drops it anyway.
+        labels[i, start] = IGNORE_INDEX
         attention_mask[i, start : start + n] = 1
         for k, name in enumerate(owner):
             if name is not None:

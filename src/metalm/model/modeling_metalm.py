@@ -163,7 +163,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
-        them with the semi-causal rules of DESIGN.md §2."""
+        them with the semi-causal labelling rules."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with encoder_inputs/encoder_slots) or inputs_embeds")
@@ -198,7 +198,29 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         kwargs.pop("labels", None)
         if input_ids is not None and "inputs_embeds" not in kwargs:
             kwargs["inputs_embeds"] = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
+        if input_ids is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = self.real_positions(input_ids, encoder_slots, kwargs)
         return super().generate(input_ids=input_ids, **kwargs)
+
+    def real_positions(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_slots: dict[str, torch.Tensor] | None,
+        generate_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The attention mask generate() would otherwise infer from pad ids. Encoded slots hold the pad id,
+        so that inference would hide them; here slots always count as real, and pad ids elsewhere count as
+        padding only when the pad id is not also the end-of-text id (as in HF's own inference)."""
+        gen = generate_kwargs.get("generation_config") or self.generation_config
+        pad = generate_kwargs.get("pad_token_id", gen.pad_token_id)
+        eos = generate_kwargs.get("eos_token_id", gen.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        mask = torch.ones_like(input_ids, dtype=torch.long)
+        if pad is not None and pad not in eos_ids:
+            mask = (input_ids != pad).long()
+        for slots in (encoder_slots or {}).values():
+            mask = mask | slots.to(mask.device, torch.long)
+        return mask
 
 
 def register_auto_classes() -> None:
