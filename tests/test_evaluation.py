@@ -40,9 +40,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-LM_EVAL_TASKS = REPO / "tests" / "data" / "lm_eval_task"
-
-
 def _image_file(tmp: Path, name: str, color: tuple[int, int, int]) -> str:
     path = tmp / name
     Image.fromarray(np.full((32, 32, 3), color, dtype=np.uint8)).save(path)
@@ -403,56 +400,6 @@ def test_user_task_from_jsonl_and_template(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- lm-eval
-def test_lm_eval_adapter_on_a_local_task(tiny, tiny_saved, monkeypatch):
-    pytest.importorskip("lm_eval")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the repository root
-    import lm_eval
-    from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
-
-    from metalm.evaluation.lm_eval_adapter import MetaLMHarnessLM
-
-    assert get_model("metalm") is MetaLMHarnessLM  # registered on import
-    manager = TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
-    out = lm_eval.simple_evaluate(
-        model="metalm",
-        model_args={"pretrained": str(tiny_saved), "encode_context": "true", "device": "cpu"},
-        tasks=["metalm_tiny_mc", "metalm_tiny_gen", "metalm_tiny_ppl"],
-        task_manager=manager,
-        limit=3,
-        batch_size=4,
-        log_samples=False,
-    )
-    res = out["results"]
-    assert 0.0 <= res["metalm_tiny_mc"]["acc,none"] <= 1.0
-    assert "exact_match,none" in res["metalm_tiny_gen"]
-    assert res["metalm_tiny_ppl"]["word_perplexity,none"] > 1.0
-
-    # The context goes to the encoder with encode_context, to the decoder otherwise; the scores are
-    # the processor-built samples' log-likelihoods.
-    model, processor = tiny
-    enc = MetaLMHarnessLM(model=model, processor=processor, encode_context=True, device="cpu")
-    dec = MetaLMHarnessLM(model=model, processor=processor, device="cpu")
-    s_enc = enc._loglikelihood_sample("Question: sky? Answer:", " blue")
-    s_dec = dec._loglikelihood_sample("Question: sky? Answer:", " blue")
-    assert [type(s).__name__ for s in s_enc] == ["TextSegment", "EncodedSegment", "TextSegment"]
-    assert all(isinstance(s, TextSegment) for s in s_dec) and s_dec[-1].loss and not s_dec[1].loss
-
-    class Req:
-        def __init__(self, *args):
-            self.args = args
-
-    ((lp, greedy),) = dec.loglikelihood([Req("Question: sky? Answer:", " blue")], disable_tqdm=True)
-    assert lp == pytest.approx(score_samples(model, processor, [s_dec])[0][0], abs=1e-5)
-    (text,) = dec.generate_until(
-        [Req("Question: sky? Answer:", {"until": ["\n"], "max_gen_toks": 3})], disable_tqdm=True
-    )
-    assert isinstance(text, str)
-    (total,) = dec.loglikelihood_rolling([Req("the cat sat on the mat " * 100)], disable_tqdm=True)
-    assert total < 0
-
-
 def test_eval_parser_arguments():
     parser = argparse.ArgumentParser(prog="metalm")
     add_eval_parser(parser.add_subparsers(dest="command"))
