@@ -12,6 +12,7 @@ and a boolean map of the decoder slots they fill (`encoder_slots[name]`). The fo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from metalm.model.configuration_metalm import MetaLMConfig
 from metalm.model.connectors import build_connector
 from metalm.model.encoders import DockedEncoder, apply_trainable_layers
+from metalm.model.loading import check_model_folder
 
 EncoderInputs = dict[str, dict[str, torch.Tensor]]
 
@@ -79,6 +81,14 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     # --- HF plumbing -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        # A broken local folder raises one line (ModelLoadError), not a traceback from inside transformers.
+        folder = Path(pretrained_model_name_or_path or "", kwargs.get("subfolder") or "")
+        if pretrained_model_name_or_path and folder.is_dir():
+            check_model_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.decoder.get_input_embeddings()
 
