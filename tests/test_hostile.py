@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -65,30 +66,47 @@ def test_deeply_nested_json_is_a_record_error(tmp_path):
         list(read_jsonl(path))
 
 
-def _png(size=(8, 8)) -> bytes:
+def _png(size=(8, 8), color="blue") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", size, "blue").save(buf, format="PNG")
+    Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
 
 
+PNG = _png()
+PNG_B64 = base64.b64encode(PNG).decode()
+
+
 @FAST
-@given(cut=st.integers(min_value=0, max_value=len(_png()) - 1), noise=st.binary(max_size=16))
+@example(cut=len(PNG), noise=b"")  # the intact file must load: refusing everything cannot pass
+@example(cut=len(PNG), noise=b"trailing junk")  # bytes after IEND do not change the image
+@given(cut=st.integers(min_value=0, max_value=len(PNG)), noise=st.binary(max_size=16))
 def test_truncated_or_garbled_images_raise_image_error(cut, noise):
-    data = _png()[:cut] + noise
+    data = PNG[:cut] + noise
     try:
         img = load_image(data)
     except ImageError:
+        assert cut < len(PNG), "an intact PNG was refused"
         return
-    assert img.mode == "RGB"
+    assert img.mode == "RGB" and img.size == (8, 8)
+    if cut == len(PNG):
+        assert img.getpixel((0, 0)) == (0, 0, 255)
 
 
 @FAST
-@given(payload=st.text(max_size=40))
-def test_data_urls_never_crash(payload):
+@example(payload=PNG_B64)
+@example(payload=PNG_B64[:-4])
+@example(payload="%%%")
+@given(payload=st.text(max_size=40) | st.sampled_from([PNG_B64, PNG_B64[:10], PNG_B64 + "=="]))
+def test_data_urls_load_or_raise_image_error_quickly(payload):
+    started = time.monotonic()
     try:
-        load_image("data:image/png;base64," + payload)
-    except ImageError:
-        pass
+        img = load_image("data:image/png;base64," + payload)
+    except ImageError as err:
+        assert str(err)  # a message a person can read
+        assert payload != PNG_B64, "a valid data URL was refused"
+    else:
+        assert img.mode == "RGB" and img.size == (8, 8)
+    assert time.monotonic() - started < 2.0
 
 
 def test_giant_image_header_is_refused_before_decoding():
@@ -96,31 +114,60 @@ def test_giant_image_header_is_refused_before_decoding():
         load_image(_png((4000, 4000)), max_pixels=1_000_000)
 
 
-@FAST
-@given(
-    parts=st.lists(
-        st.one_of(
-            st.text(max_size=30),
-            st.text(max_size=30).map(Encode),
-            st.text(max_size=30).map(Target),
-            st.binary(max_size=30).map(
-                lambda b: ImageInput("data:image/png;base64," + base64.b64encode(b).decode())
-            ),
-            st.integers(),
-            st.none(),
-        ),
-        max_size=5,
-    )
+words = st.lists(
+    st.sampled_from(["red", "circle", "what", "shape", "is", "the", "a", "?"]), min_size=1, max_size=6
 )
-def test_processor_accepts_or_raises_input_error(tiny, parts):
+hostile_text = st.text(max_size=30)
+texts = st.one_of(words.map(" ".join), words.map(" ".join), hostile_text)
+valid_images = st.builds(
+    lambda w, h, c: Image.new("RGB", (w, h), c),
+    st.integers(1, 80),
+    st.integers(1, 80),
+    st.sampled_from(["red", "blue", "white", "black"]),
+)
+image_parts = st.one_of(
+    valid_images,
+    valid_images.map(
+        lambda im: ImageInput("data:image/png;base64," + base64.b64encode(_encode(im)).decode())
+    ),
+    st.binary(max_size=30).map(lambda b: ImageInput("data:image/png;base64," + base64.b64encode(b).decode())),
+)
+parts_lists = st.lists(
+    st.one_of(
+        texts, texts.map(Encode), texts.map(Target), image_parts, image_parts, st.integers(), st.none()
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def _encode(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_processor_accepts_or_raises_input_error(tiny):
+    """Most generated prompts are valid, many with images, so the model itself is reached often."""
     model, processor = tiny
-    try:
-        batch = processor([parts], padding_side="right")
-    except InputError:
-        return
-    with torch.no_grad():
-        out = model(**batch)
-    assert torch.isfinite(out.logits).all()
+    reached = {"model": 0, "image": 0}
+
+    @FAST
+    @given(parts=parts_lists)
+    def run(parts):
+        try:
+            batch = processor([parts], padding_side="right")
+        except InputError:
+            return
+        with torch.no_grad():
+            out = model(**batch)
+        assert torch.isfinite(out.logits).all()
+        reached["model"] += 1
+        reached["image"] += "vision" in batch["encoder_inputs"]
+
+    run()
+    assert reached["model"] >= 20, reached
+    assert reached["image"] >= 8, reached
 
 
 def test_nan_features_are_caught_not_propagated_silently(tiny):
