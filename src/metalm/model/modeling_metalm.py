@@ -12,6 +12,8 @@ and a boolean map of the decoder slots they fill (`encoder_slots[name]`). The fo
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -173,26 +175,34 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
-        them with the semi-causal labelling rules."""
+        them with the semi-causal labelling rules.
+
+        With `labels` (and no `logits_to_keep` of the caller's), the LM head runs only on the positions that
+        predict a label: the loss is the full-head loss (same terms, same normalisation), and `logits` then
+        holds just those positions, flattened to [targets, vocab] in row-major order. A semi-causal batch
+        labels a fraction of its positions, and with a large vocabulary (Gemma: 262k) the head is most of
+        the step's cost."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with encoder_inputs/encoder_slots) or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
         elif encoder_inputs:
             raise ValueError("encoder_inputs are already part of inputs_embeds; pass one or the other")
+        if labels is not None and _keeps_all(logits_to_keep) and self._head_takes_mask():
+            logits_to_keep, kwargs["shift_labels"] = labelled_positions(labels)
         return self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             # Named here so generate() sees it and computes prefill logits for the last position only.
-            **(
-                {}
-                if isinstance(logits_to_keep, int) and logits_to_keep == 0
-                else {"logits_to_keep": logits_to_keep}
-            ),
+            **({} if _keeps_all(logits_to_keep) else {"logits_to_keep": logits_to_keep}),
             **kwargs,
         )
+
+    def _head_takes_mask(self) -> bool:
+        """Whether the decoder's forward slices its head input with a boolean `logits_to_keep` mask."""
+        return "logits_to_keep" in inspect.signature(self.decoder.forward).parameters and _mask_slicing()
 
     @torch.no_grad()
     def generate(
@@ -231,6 +241,33 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         for slots in (encoder_slots or {}).values():
             mask = mask | slots.to(mask.device, torch.long)
         return mask
+
+
+def _keeps_all(logits_to_keep: int | torch.Tensor) -> bool:
+    return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of the positions whose next token is labelled [B, T], those next tokens [targets]): position
+    p predicts labels[:, p + 1], as the decoder's own causal loss shifts them."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = shifted != -100
+    return keep, shifted[keep]
+
+
+@functools.cache
+def _mask_slicing() -> bool:
+    """transformers' `slice_logits_to_keep` takes a boolean [B, T] mask (newer 5.x releases); with an
+    older one the head runs on every position, as before."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    try:
+        out = slice_logits_to_keep(torch.zeros(1, 2, 1), torch.tensor([[True, False]]))
+    except (IndexError, RuntimeError, TypeError):
+        return False
+    return tuple(out.shape) == (1, 1)
 
 
 def register_auto_classes() -> None:
