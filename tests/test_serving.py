@@ -82,6 +82,15 @@ class LiveServer:
         self.sock.close()
 
 
+def wait_until(condition, timeout: float = 20.0, what: str = "the condition") -> None:
+    """Polls `condition` until it holds; fails the test (instead of hanging) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
 def start_live_server(model_dir: Path, **overrides):
     """(engine, LiveServer) for a saved model; the caller enters the server and closes the engine."""
     engine = Engine.from_pretrained(model_dir, device="cpu", name=MODEL_NAME, max_batch_size=16)
@@ -430,15 +439,13 @@ def test_queue_full_and_time_limit(serving_model_dir):
             with engine._model_lock:
                 a = threading.Thread(target=post, args=("a",))
                 a.start()
-                while engine.pending < 1 or not engine._queue.empty():
-                    time.sleep(0.01)
+                wait_until(lambda: engine.pending >= 1 and engine._queue.empty(), what="a to be taken")
                 time.sleep(
                     0.3
                 )  # the worker has taken "a" into a batch (10 ms window) and waits for the model
                 b = threading.Thread(target=post, args=("b",))
                 b.start()
-                while engine.pending < 2:
-                    time.sleep(0.01)
+                wait_until(lambda: engine.pending >= 2, what="b to be queued")
                 post("c")
                 assert results["c"].status_code == 429
                 assert _assert_error_shape(results["c"].json())["code"] == "rate_limit_exceeded"
@@ -485,8 +492,7 @@ def test_client_disconnect_frees_the_row(serving_model_dir):
                                 break
                 except httpx.ReadTimeout:
                     assert not stream
-                while engine.pending:
-                    time.sleep(0.01)
+                wait_until(lambda: not engine.pending, timeout=10, what="the row to be freed")
                 assert time.monotonic() - start < 1.8, stream  # well before the answer would end
     finally:
         engine.close()
@@ -524,62 +530,112 @@ def test_load_concurrent_clients(client, live):
 
 
 # --- image URL rules (unit) -----------------------------------------------------------------------------
-def test_image_resolver_allow_lists(tmp_path):
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(allowed / "ok.png")
+class _ImageHost(http.server.SimpleHTTPRequestHandler):
+    """A loopback static file server that plays an image host. /redirect-allowed and /redirect-other
+    redirect to files that exist and are reachable (so a redirect that is followed would succeed: only a
+    refusal gives an error); /drip sends one byte every 0.2 s."""
+
+    folder = "."
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=self.folder, **kwargs)
+
+    def do_GET(self):
+        port = self.server.server_address[1]
+        targets = {
+            "/redirect-allowed": f"http://127.0.0.1:{port}/ok.png",
+            "/redirect-other": f"http://localhost:{port}/ok.png",
+        }
+        if self.path in targets:
+            self.send_response(302)
+            self.send_header("Location", targets[self.path])
+            self.end_headers()
+        elif self.path == "/drip":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client gave up: that is the point
+                pass
+        else:
+            super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def image_host(tmp_path):
+    """(folder it serves, port): ok.png (8x8) is there."""
+    folder = tmp_path / "allowed"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "ok.png")
+    handler = type("Handler", (_ImageHost,), {"folder": str(folder)})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield folder, httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _refusal_code(resolver: ImageResolver, url: str) -> str | None:
+    with pytest.raises(APIError) as info:
+        asyncio.run(resolver.resolve(url, "p"))
+    assert info.value.status == 400, url
+    return info.value.code
+
+
+def test_image_resolver_allow_lists(tmp_path, image_host):
+    allowed, port = image_host
     outside = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(outside)
     (allowed / "link.png").symlink_to(outside)
-
-    # A tiny static file server on loopback plays the allowed host (and a redirect to elsewhere).
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(allowed), **kwargs)
-
-        def do_GET(self):
-            if self.path == "/redirect":
-                self.send_response(302)
-                self.send_header("Location", "http://example.com/x.png")
-                self.end_headers()
-                return
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    port = httpd.server_address[1]
-    try:
-        resolver = ImageResolver(
-            ServerSettings(
-                allow_image_dirs=(str(allowed),), allow_image_hosts=("127.0.0.1",), max_image_bytes=100_000
-            )
+    resolver = ImageResolver(
+        ServerSettings(
+            allow_image_dirs=(str(allowed),), allow_image_hosts=("127.0.0.1", "allowed.test"),
+            max_image_bytes=100_000,
         )
-        run = asyncio.run
-        assert run(resolver.resolve((allowed / "ok.png").as_uri(), "p")).size == (8, 8)
-        assert run(resolver.resolve(f"http://127.0.0.1:{port}/ok.png", "p")).size == (8, 8)
-        for url in [
-            outside.as_uri(),  # outside the allowed folder
-            (allowed / "link.png").as_uri(),  # a symlink pointing outside
-            f"file://{allowed}/../secret.png",  # '..' escaping
-            f"http://localhost:{port}/ok.png",  # a host not on the list
-            f"http://127.0.0.1:{port}/redirect",  # redirects are not followed
-            f"http://127.0.0.1:{port}/missing.png",
-            "ftp://127.0.0.1/ok.png",
-        ]:
-            with pytest.raises(APIError) as info:
-                run(resolver.resolve(url, "p"))
-            assert info.value.status == 400, url
-        # Default settings: nothing but data URLs.
-        strict = ImageResolver(ServerSettings())
-        with pytest.raises(APIError):
-            run(strict.resolve((allowed / "ok.png").as_uri(), "p"))
-        with pytest.raises(APIError):
-            run(strict.resolve(f"http://127.0.0.1:{port}/ok.png", "p"))
-    finally:
-        httpd.shutdown()
+    )  # fmt: skip
+    assert asyncio.run(resolver.resolve((allowed / "ok.png").as_uri(), "p")).size == (8, 8)
+    assert asyncio.run(resolver.resolve(f"http://127.0.0.1:{port}/ok.png", "p")).size == (8, 8)
+    # Each refusal has its own code: "refused" must not pass for "tried and failed" (or the reverse).
+    expected = {
+        outside.as_uri(): "image_url_not_allowed",  # outside the allowed folder
+        (allowed / "link.png").as_uri(): "image_url_not_allowed",  # a symlink pointing outside
+        f"file://{allowed}/../secret.png": "image_url_not_allowed",  # '..' escaping
+        f"file://{allowed}/ok.png%00.txt": "image_url_not_allowed",  # a NUL byte (was a 500)
+        f"http://localhost:{port}/ok.png": "image_url_not_allowed",  # reachable, but not on the list
+        # Suffixes and prefixes of an allowed name are other hosts (refused before any lookup).
+        "http://evil-allowed.test/ok.png": "image_url_not_allowed",
+        "http://allowed.test.evil.net/ok.png": "image_url_not_allowed",
+        "http://sub.allowed.test/ok.png": "image_url_not_allowed",
+        # Redirects are not followed, not even to an allowed, reachable file.
+        f"http://127.0.0.1:{port}/redirect-allowed": "image_fetch_failed",
+        f"http://127.0.0.1:{port}/redirect-other": "image_fetch_failed",
+        f"http://127.0.0.1:{port}/missing.png": "image_fetch_failed",
+        "ftp://127.0.0.1/ok.png": "image_url_not_allowed",
+    }
+    assert {url: _refusal_code(resolver, url) for url in expected} == expected
+    # Default settings: nothing but data URLs.
+    strict = ImageResolver(ServerSettings())
+    for url in [(allowed / "ok.png").as_uri(), f"http://127.0.0.1:{port}/ok.png"]:
+        assert _refusal_code(strict, url) == "image_url_not_allowed"
+
+
+def test_image_fetch_has_one_total_deadline(image_host):
+    """A host that drips a byte every 0.2 s never trips a per-read timeout; the total deadline ends it."""
+    _, port = image_host
+    resolver = ImageResolver(ServerSettings(allow_image_hosts=("127.0.0.1",), image_fetch_timeout_s=1.0))
+    started = time.monotonic()
+    assert _refusal_code(resolver, f"http://127.0.0.1:{port}/drip") == "image_fetch_timeout"
+    assert time.monotonic() - started < 3.0
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

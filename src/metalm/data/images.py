@@ -3,7 +3,9 @@
 :func:`load_image` accepts a path, raw bytes, a ``data:image/...;base64,...`` URL or a PIL image
 and returns an RGB image, or raises :class:`ImageError` with a message that names the source and
 says what to do. It never fetches URLs and only decodes plain raster formats (no EPS/Ghostscript
-or other formats whose decoders run external programs).
+or other formats whose decoders run external programs). With ``target_size`` it decodes straight to
+about twice the size an encoder needs (JPEG at a reduced scale, others reduced right after decoding),
+and a shared :class:`DecodeBudget` bounds the pixels a group of loads (one server request) decodes.
 
 :class:`ImagePreprocessor` turns images into normalised ``[B, 3, size, size]`` float tensors.
 """
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import io
 import re
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "DecodeBudget",
     "EFFICIENTNET_LITE0_MEAN",
     "EFFICIENTNET_LITE0_PREPROCESSOR",
     "EFFICIENTNET_LITE0_STD",
@@ -54,7 +60,51 @@ _HINT = "pass a PNG/JPEG/GIF/BMP/WEBP/TIFF image as a file path, raw bytes or a 
 
 
 class ImageError(ValueError):
-    """An image could not be loaded; the message names the source and says what to do."""
+    """An image could not be loaded; the message names the source and says what to do. ``code`` is
+    ``invalid_image``, ``image_too_large`` or ``image_budget_exceeded`` (the server's error codes)."""
+
+    def __init__(self, message: str, code: str = "invalid_image") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DecodeBudget:
+    """The pixels that a group of loads (one server request) may decode in total; thread-safe.
+
+    Each load charges what it really decodes (a JPEG drafted to a smaller scale costs less) before
+    decoding, so a request over the budget is refused before the image that would cross it is decoded."""
+
+    def __init__(self, max_pixels: int) -> None:
+        self.max_pixels, self.used = int(max_pixels), 0
+        self._lock = threading.Lock()
+
+    def charge(self, pixels: int, label: str) -> None:
+        with self._lock:
+            if self.used + pixels > self.max_pixels:
+                raise ImageError(
+                    f"image {label}: the images of this request would decode {self.used + pixels:,} pixels "
+                    f"in all, over the limit of {self.max_pixels:,}; send fewer or smaller images",
+                    code="image_budget_exceeded",
+                )
+            self.used += pixels
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+_TRIM_ABOVE_PIXELS = 4_000_000  # a decode this large leaves tens of MB that glibc would keep resident
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps freed large image buffers otherwise)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _describe(source: object, name: str | None) -> str:
@@ -78,7 +128,8 @@ def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"image {label}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-            f"{max_pixels:,}; downscale the image (or raise max_pixels if you trust the source)"
+            f"{max_pixels:,}; downscale the image (or raise max_pixels if you trust the source)",
+            code="image_too_large",
         )
 
 
@@ -113,7 +164,8 @@ def _decode_data_url(url: str, label: str, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes:
         raise ImageError(
             f"image {label}: about {len(payload) * 3 // 4:,} bytes exceeds the limit of {max_bytes:,} bytes; "
-            "send a smaller image"
+            "send a smaller image",
+            code="image_too_large",
         )
     if "-" in payload or "_" in payload:  # URL-safe alphabet
         payload = payload.replace("-", "+").replace("_", "/")
@@ -126,25 +178,65 @@ def _decode_data_url(url: str, label: str, max_bytes: int) -> bytes:
         ) from None
 
 
-def _decode_bytes(data: bytes, label: str, max_pixels: int) -> Image.Image:
+_REDUCIBLE_MODES = ("RGB", "RGBA", "L", "LA")  # modes Image.reduce averages correctly (not palettes)
+
+
+def _reduce_factor(width: int, height: int, target_size: int) -> int:
+    """The integer factor that keeps both sides at least twice the encoder's size (its final resize
+    then still has enough pixels to average)."""
+    return max(1, min(width, height) // (2 * target_size))
+
+
+def _shrink(img: Image.Image, target_size: int) -> Image.Image:
+    factor = _reduce_factor(img.width, img.height, target_size)
+    return img.reduce(factor) if factor > 1 else img
+
+
+def _decode(
+    data: bytes, label: str, max_pixels: int, target_size: int | None, budget: DecodeBudget | None
+) -> Image.Image:
+    img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    _check_pixels(img.width, img.height, max_pixels, label)  # header only, before decoding
+    if target_size and img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly
+        img.draft("RGB", (2 * target_size, 2 * target_size))
+    decoded = img.width * img.height
+    if budget is not None:
+        budget.charge(decoded, label)
+    try:
+        img.load()  # full decode: catches corrupt and truncated files
+        if target_size and img.mode in _REDUCIBLE_MODES:
+            img = _shrink(img, target_size)  # drop the full-size buffer before any copy is made
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block must not reject a good image
+            pass
+        rgb = _to_rgb(img)
+        return _shrink(rgb, target_size) if target_size else rgb
+    finally:
+        if decoded >= _TRIM_ABOVE_PIXELS:
+            img = None  # the full-size buffer goes before the trim
+            release_memory()
+
+
+def _decode_bytes(
+    data: bytes,
+    label: str,
+    max_pixels: int,
+    target_size: int | None = None,
+    budget: DecodeBudget | None = None,
+) -> Image.Image:
     if not data:
         raise ImageError(f"image {label}: empty data; {_HINT}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-            _check_pixels(img.width, img.height, max_pixels, label)  # header only, before decoding
-            img.load()  # full decode: catches corrupt and truncated files
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # a broken EXIF block must not reject a good image
-                pass
-            return _to_rgb(img)
+            return _decode(data, label, max_pixels, target_size, budget)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(
-            f"image {label}: rejected as a possible decompression bomb ({exc}); downscale the image"
+            f"image {label}: rejected as a possible decompression bomb ({exc}); downscale the image",
+            code="image_too_large",
         ) from None
     except UnidentifiedImageError:
         raise ImageError(
@@ -157,12 +249,32 @@ def _decode_bytes(data: bytes, label: str, max_pixels: int) -> Image.Image:
         ) from None
 
 
+def _read_path(source: Path, label: str, max_bytes: int) -> bytes:
+    try:
+        if not source.exists():
+            raise ImageError(f"image {label}: file not found; check the path")
+        if not source.is_file():
+            raise ImageError(f"image {label}: not a regular file; pass the path of an image file")
+        size = source.stat().st_size
+        if size > max_bytes:
+            raise ImageError(
+                f"image {label}: file is {size:,} bytes, over the limit of {max_bytes:,} bytes; "
+                "downscale or recompress it",
+                code="image_too_large",
+            )
+        return source.read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ImageError(f"image {label}: cannot read the file ({exc}); check the path") from None
+
+
 def load_image(
     source: ImageSource,
     *,
     name: str | None = None,
     max_bytes: int = 20_000_000,
     max_pixels: int = 40_000_000,
+    target_size: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> Image.Image:
     """Load an image safely and return it in RGB mode.
 
@@ -170,7 +282,9 @@ def load_image(
     URL or a PIL image; ``name`` replaces the source's description in error messages. Files and
     payloads over ``max_bytes`` and images over ``max_pixels`` (checked from the header before
     decoding) are refused. Other URLs (``http://``, ``file://`` …) are never fetched. EXIF
-    orientation is applied and transparency is composited onto white.
+    orientation is applied and transparency is composited onto white. With ``target_size`` (the
+    encoder's input side) the result is shrunk by an integer factor to no less than twice that size,
+    JPEGs already while decoding; ``budget`` is charged the pixels decoded.
 
     Raises:
         ImageError: with a message naming the source and the fix.
@@ -187,36 +301,22 @@ def load_image(
         data = bytes(source)
         if len(data) > max_bytes:
             raise ImageError(
-                f"image {label}: {len(data):,} bytes exceeds the limit of {max_bytes:,} bytes; send a smaller image"
+                f"image {label}: {len(data):,} bytes exceeds the limit of {max_bytes:,} bytes; send a smaller image",
+                code="image_too_large",
             )
-        return _decode_bytes(data, label, max_pixels)
-    if isinstance(source, str):
-        if source[:5].lower() == "data:":
-            return _decode_bytes(_decode_data_url(source, label, max_bytes), label, max_pixels)
-        if _URL_SCHEME.match(source):
-            scheme = source.split(":", 1)[0]
-            raise ImageError(
-                f"image {label}: {scheme}:// URLs are not allowed here (nothing is fetched); "
-                "download the image yourself and pass a local path, bytes or a data:image/...;base64 URL"
-            )
-        source = Path(source)
-    if isinstance(source, Path):
-        try:
-            if not source.exists():
-                raise ImageError(f"image {label}: file not found; check the path")
-            if not source.is_file():
-                raise ImageError(f"image {label}: not a regular file; pass the path of an image file")
-            size = source.stat().st_size
-            if size > max_bytes:
-                raise ImageError(
-                    f"image {label}: file is {size:,} bytes, over the limit of {max_bytes:,} bytes; "
-                    "downscale or recompress it"
-                )
-            data = source.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"image {label}: cannot read the file ({exc}); check permissions") from None
-        return _decode_bytes(data, label, max_pixels)
-    raise ImageError(f"image {label}: unsupported source type; {_HINT}, or a PIL image")
+    elif isinstance(source, str) and source[:5].lower() == "data:":
+        data = _decode_data_url(source, label, max_bytes)
+    elif isinstance(source, str) and _URL_SCHEME.match(source):
+        scheme = source.split(":", 1)[0]
+        raise ImageError(
+            f"image {label}: {scheme}:// URLs are not allowed here (nothing is fetched); "
+            "download the image yourself and pass a local path, bytes or a data:image/...;base64 URL"
+        )
+    elif isinstance(source, (str, Path)):
+        data = _read_path(Path(source), label, max_bytes)
+    else:
+        raise ImageError(f"image {label}: unsupported source type; {_HINT}, or a PIL image")
+    return _decode_bytes(data, label, max_pixels, target_size, budget)
 
 
 _RESAMPLE = {

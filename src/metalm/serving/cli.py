@@ -273,29 +273,48 @@ def serve(
     max_body_bytes: int = 12_000_000,
     max_image_bytes: int = 8_000_000,
     max_image_pixels: int = 16_777_216,
+    max_request_pixels: int = 33_554_432,
+    max_concurrent_decodes: int = 2,
     max_images: int = 8,
     request_timeout_s: float = 120.0,
+    image_fetch_timeout_s: float = 10.0,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
     api_key: str | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve a saved model over HTTP (OpenAI chat completions API + a chat page at /). Loads the model once."""
+    """Serve a saved model over HTTP (OpenAI chat completions API + a chat page at /). Loads the model once.
+
+    The server answers to loopback Host names, the bound address and ``allowed_hosts`` ("*": any)."""
     import uvicorn
 
     from metalm.serving.server import ServerSettings, create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = [*ServerSettings.allowed_hosts, *allowed_hosts]
+    if host not in ("0.0.0.0", "::", ""):  # a wildcard bind has no name of its own
+        names.append(host)
     settings = ServerSettings(
         model_name=model_name, max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels, max_images=max_images, max_prompt_tokens=max_prompt_tokens,
-        max_tokens_limit=max_tokens_limit, default_max_tokens=min(default_max_tokens, max_tokens_limit),
+        max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
+        max_concurrent_decodes=max_concurrent_decodes, max_images=max_images,
+        max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+        default_max_tokens=min(default_max_tokens, max_tokens_limit),
         max_concurrent_requests=max_concurrent_requests, request_timeout_s=request_timeout_s,
-        allow_image_hosts=tuple(allow_image_hosts), allow_image_dirs=tuple(allow_image_dirs), api_key=api_key,
+        image_fetch_timeout_s=image_fetch_timeout_s, allow_image_hosts=tuple(allow_image_hosts),
+        allow_image_dirs=tuple(allow_image_dirs), allowed_hosts=tuple(names),
+        allowed_origins=tuple(allowed_origins), api_key=api_key,
     )  # fmt: skip
     if not _is_loopback(host):
         logger.warning(
             "binding to %s: the server is reachable from other machines%s", host,
-            "" if api_key else " and has no API key (--api-key)",
+            "" if api_key else " and has no API key (METALM_API_KEY)",
         )  # fmt: skip
+        if not allowed_hosts:
+            logger.warning(
+                "requests are answered only when their Host header is one of %s; add the names clients use "
+                "with --allowed-hosts", ", ".join(settings.allowed_hosts),
+            )  # fmt: skip
     engine = Engine.from_pretrained(
         model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests,
@@ -329,8 +348,11 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
-            max_image_pixels=args.max_image_pixels, max_images=args.max_images,
-            request_timeout_s=args.request_timeout, api_key=os.environ.get("METALM_API_KEY") or None,
+            max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
+            max_concurrent_decodes=args.max_concurrent_decodes, max_images=args.max_images,
+            request_timeout_s=args.request_timeout, image_fetch_timeout_s=args.image_fetch_timeout,
+            allowed_hosts=args.allowed_hosts or (), allowed_origins=args.allowed_origins or (),
+            api_key=os.environ.get("METALM_API_KEY") or None,
             log_level=args.log_level,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
@@ -358,6 +380,20 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--allow-image-dirs", nargs="*", metavar="DIR",
         help="folders whose files file:// image URLs may read (default: none)",
     )  # fmt: skip
+    p.add_argument(
+        "--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="total time to fetch one http(s) image, connect to last byte (default: 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-hosts", nargs="*", metavar="NAME",
+        help="Host header names to answer besides localhost, 127.0.0.1, ::1 and the --host address "
+        "(DNS-rebinding guard; '*' = any)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-origins", nargs="*", metavar="ORIGIN",
+        help="browser origins (scheme://host[:port]) besides the server's own that may call the API "
+        "('*' = any)",
+    )  # fmt: skip
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=16, help="rows per batched generate call")
     limits.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch")
@@ -367,7 +403,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
     limits.add_argument("--max-body-bytes", type=int, default=12_000_000)
     limits.add_argument("--max-image-bytes", type=int, default=8_000_000)
-    limits.add_argument("--max-image-pixels", type=int, default=16_777_216)
+    limits.add_argument("--max-image-pixels", type=int, default=16_777_216, help="per image, from its header")
+    limits.add_argument(
+        "--max-request-pixels", type=int, default=33_554_432, help="decoded by all images of a request"
+    )
+    limits.add_argument("--max-concurrent-decodes", type=int, default=2, help="image decodes at once")
     limits.add_argument("--max-images", type=int, default=8, help="images per request")
     limits.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

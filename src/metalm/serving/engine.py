@@ -488,6 +488,14 @@ class Engine:
         return bool(self._vision_encoders)
 
     @property
+    def image_size(self) -> int | None:
+        """The side of the square images the (first) vision encoder reads, if the model has one."""
+        if not self._vision_encoders:
+            return None
+        preprocessor = self.processor.image_processors.get(self._vision_encoders[0])
+        return preprocessor.size if preprocessor is not None else None
+
+    @property
     def pending(self) -> int:
         return self._pending
 
