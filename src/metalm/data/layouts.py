@@ -1,0 +1,93 @@
+"""Prompt layouts: how a trained model expects each kind of request to be laid out.
+
+A model answers well only in the layout it was trained on. VQA is trained as
+``[image] Enc("question: Q") answer: A``: the question goes through the text encoder, ``answer:`` is decoder
+text. Sending the whole question through the encoder, or chat labels the model never saw, gives captions
+or repeated words instead of answers. So the trainer writes the layouts of its streams into the saved
+model's config (``prompt_layouts``), and ``generate``, ``chat``, ``serve`` and ``eval`` read them from there.
+
+A layout is an encoder-input ``template`` (with ``{question}`` / ``{text}`` / ``{options}`` placeholders; sent
+through the text encoder, or as plain decoder text for a model without one) and a decoder ``prompt`` that
+follows it. Images come first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from metalm.data.processor import Encode, ImageInput
+
+__all__ = ["DEFAULT_LAYOUTS", "PromptLayout", "PromptLayouts", "chat_layout_parts", "layouts_of"]
+
+
+class PromptLayout(BaseModel):
+    """One request kind's layout: `[images] Enc(template.format(fields)) prompt`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    template: str = ""
+    prompt: str = ""
+
+    def parts(
+        self,
+        images: Iterable[Any] = (),
+        *,
+        text_encoder: str | None,
+        vision_encoder: str | None = None,
+        **fields: str,
+    ) -> list[Any]:
+        """Processor parts for one request. `text_encoder=None`: the input is plain decoder text."""
+        parts: list[Any] = [ImageInput(img, encoder=vision_encoder) for img in images]
+        text = self.template.format_map(fields) if self.template else ""
+        if text.strip():
+            parts.append(Encode(text, encoder=text_encoder) if text_encoder else text)
+        if self.prompt.strip():
+            parts.append(self.prompt)
+        return parts
+
+
+class PromptLayouts(BaseModel):
+    """A model's layouts by request kind. `caption`: what an image alone becomes (default: nothing but the
+    image, as image-text pairs are trained); `vqa`: a question, with or without images; `classification`:
+    a text to label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vqa: PromptLayout = PromptLayout(template="question: {question}", prompt="answer:")
+    caption: PromptLayout = PromptLayout()
+    classification: PromptLayout = PromptLayout(template="{text} OPTIONS: {options} TARGET:")
+
+
+DEFAULT_LAYOUTS = PromptLayouts()
+
+
+def layouts_of(config: Any) -> PromptLayouts:
+    """The layouts saved in a model config (`prompt_layouts`), the defaults for what it does not name."""
+    saved = getattr(config, "prompt_layouts", None) or {}
+    return PromptLayouts.model_validate(saved)
+
+
+def chat_layout_parts(
+    turns: Sequence[Mapping[str, Any]],
+    layouts: PromptLayouts,
+    *,
+    text_encoder: str | None,
+    vision_encoder: str | None,
+) -> list[Any]:
+    """A conversation in the trained layouts. Each user turn is a request: with text it is a `vqa` request
+    (its text the question), with images only a `caption` request. Earlier assistant turns follow their
+    request as the answer, closed by EOS (`None`), so the history reads as few-shot demonstrations, the
+    way in-context learning is evaluated. A turn is `{"role", "text", "images"}`; system turns are the
+    caller's to fold in."""
+    parts: list[Any] = []
+    for turn in turns:
+        text, images = (turn.get("text") or "").strip(), list(turn.get("images") or ())
+        if turn["role"] == "assistant":
+            parts += [text, None] if text else []
+            continue
+        layout = layouts.vqa if text else layouts.caption
+        parts += layout.parts(images, text_encoder=text_encoder, vision_encoder=vision_encoder, question=text)
+    return parts

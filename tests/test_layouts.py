@@ -1,0 +1,62 @@
+"""Prompt layouts: requests are laid out the way the model was trained."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from metalm.data.layouts import DEFAULT_LAYOUTS, PromptLayout, chat_layout_parts, layouts_of
+from metalm.data.processor import Encode, ImageInput
+
+RED = Image.new("RGB", (8, 8), "red")
+
+
+def test_vqa_layout_encodes_the_question_and_keeps_answer_in_the_decoder():
+    parts = DEFAULT_LAYOUTS.vqa.parts(
+        [RED], text_encoder="text", vision_encoder="vision", question="what color?"
+    )
+    assert isinstance(parts[0], ImageInput) and parts[0].encoder == "vision"
+    assert parts[1] == Encode("question: what color?", encoder="text")
+    assert parts[2] == "answer:"
+
+
+def test_without_a_text_encoder_the_input_is_decoder_text():
+    parts = DEFAULT_LAYOUTS.vqa.parts([], text_encoder=None, question="is it red?")
+    assert parts == ["question: is it red?", "answer:"]
+
+
+def test_saved_layouts_override_defaults_and_bad_ones_are_refused():
+    config = SimpleNamespace(prompt_layouts={"vqa": {"template": "Q: {question}", "prompt": "A:"}})
+    layouts = layouts_of(config)
+    assert layouts.vqa == PromptLayout(template="Q: {question}", prompt="A:")
+    assert layouts.caption == DEFAULT_LAYOUTS.caption
+    assert layouts_of(SimpleNamespace()) == DEFAULT_LAYOUTS
+    with pytest.raises(ValidationError):
+        layouts_of(SimpleNamespace(prompt_layouts={"vqa": {"templat": "typo"}}))
+
+
+def test_chat_history_reads_as_demonstrations_in_the_trained_layout():
+    turns = [
+        {"role": "user", "text": "what shape?", "images": [RED]},
+        {"role": "assistant", "text": "circle"},
+        {"role": "user", "text": "what color?"},
+    ]
+    parts = chat_layout_parts(turns, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="vision")
+    assert [type(p).__name__ for p in parts] == [
+        "ImageInput", "Encode", "str", "str", "NoneType", "Encode", "str",
+    ]  # fmt: skip
+    assert parts[2:5] == ["answer:", "circle", None]
+    assert parts[-2:] == [Encode("question: what color?", encoder="text"), "answer:"]
+
+
+def test_an_image_alone_is_a_caption_request():
+    parts = chat_layout_parts(
+        [{"role": "user", "text": "", "images": [RED]}],
+        DEFAULT_LAYOUTS,
+        text_encoder="text",
+        vision_encoder="v",
+    )
+    assert len(parts) == 1 and isinstance(parts[0], ImageInput)
