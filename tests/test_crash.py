@@ -196,11 +196,21 @@ def fake_checkpoint(folder: Path, step: int, world_size: int = 1) -> Path:
     ckpt = folder / f"checkpoint-{step}"
     (ckpt / "model").mkdir(parents=True)
     names = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "data.json", "model/config.json"]
-    names += [f"rng_rank{r}.pt" for r in range(world_size)]
+    names += ["model/model.safetensors"] + [f"rng_rank{r}.pt" for r in range(world_size)]
     for name in names:
         (ckpt / name).write_bytes(f"{name} of step {step}".encode() * 10)
     _write_manifest(ckpt, step, world_size)
     return ckpt
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 @pytest.mark.parametrize(
@@ -215,8 +225,20 @@ def fake_checkpoint(folder: Path, step: int, world_size: int = 1) -> Path:
             "data.json does not match its sha256",
         ),
         (lambda c: (c / "rng_rank1.pt").unlink(), "rng_rank1.pt is missing"),
+        # The model's weights: a checker that skipped them would let both through.
+        (lambda c: flip_byte(c / "model" / "model.safetensors"), "model/model.safetensors does not match"),
+        (lambda c: cut_in_half(c / "model" / "model.safetensors"), "model/model.safetensors has 165 bytes"),
     ],
-    ids=["truncated", "missing-file", "no-manifest", "bad-manifest", "flipped", "missing-rank-file"],
+    ids=[
+        "truncated",
+        "missing-file",
+        "no-manifest",
+        "bad-manifest",
+        "flipped",
+        "missing-rank-file",
+        "weights-flipped",
+        "weights-truncated",
+    ],
 )
 def test_damaged_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, caplog, damage, reason):
     from metalm.training.trainer import find_checkpoint, verify_checkpoint
@@ -239,6 +261,84 @@ def test_manifest_requires_every_rank_file(tmp_path):
     del manifest["files"]["rng_rank1.pt"]  # a manifest written before rank 1's file was there
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert "rng_rank1.pt is not in the manifest" in verify_checkpoint(ckpt)
+
+
+def test_manifest_requires_the_model_weights(tmp_path):
+    from metalm.training.trainer import verify_checkpoint
+
+    ckpt = fake_checkpoint(tmp_path, 2)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["model/model.safetensors"]  # a manifest that never vouched for the weights
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert "model/model.safetensors is not in the manifest" in verify_checkpoint(ckpt)
+
+
+def test_manifest_requires_every_weight_shard(tmp_path):
+    from metalm.training.trainer import _write_manifest, verify_checkpoint
+
+    ckpt = fake_checkpoint(tmp_path, 2)
+    (ckpt / "model" / "model.safetensors").unlink()
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = {"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}
+    (ckpt / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for shard in shards:
+        (ckpt / "model" / shard).write_bytes(shard.encode())
+    _write_manifest(ckpt, 2)
+    assert verify_checkpoint(ckpt) is None
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"][f"model/{shards[1]}"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert f"model/{shards[1]} is not in the manifest" in verify_checkpoint(ckpt)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume when no checkpoint is good: refuse, unless asked to start over
+
+
+def write_config(tmp_path: Path, out: Path) -> Path:
+    cfg = crash_config(out)
+    cfg["optim"]["max_steps"] = 2
+    cfg["run"]["save_every"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_resume_refuses_when_no_checkpoint_verifies(tmp_path):
+    from metalm.training.trainer import train_main
+
+    out = tmp_path / "run"
+    flip_byte(fake_checkpoint(out, 2) / "optimizer.pt")
+    (fake_checkpoint(out, 4) / "manifest.json").unlink()
+    with pytest.raises(SystemExit) as info:  # `metalm train` exits with status 1 and this message
+        train_main(str(write_config(tmp_path, out)), [])
+    message = str(info.value.code)
+    assert message.startswith("error: cannot resume: no checkpoint in")
+    assert "checkpoint-2: optimizer.pt does not match its sha256" in message
+    assert "checkpoint-4: no manifest.json" in message
+    assert "run.resume=restart" in message and "--restart" in message
+    # Nothing was set aside, nothing trained.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert not (out / "final").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_restart_sets_every_checkpoint_aside_and_trains_from_step_0(tmp_path):
+    from metalm.cli import build_parser
+
+    out = tmp_path / "run"
+    fake_checkpoint(out, 2)
+    (fake_checkpoint(out, 4) / "manifest.json").unlink()
+    args = build_parser(["train"]).parse_args(["train", str(write_config(tmp_path, out)), "--restart"])
+    assert args.resume == "restart"
+    args.func(args)
+    assert (out / "checkpoint-2.old").is_dir() and (out / "checkpoint-4.old").is_dir()
+    assert not (out / "checkpoint-2").exists() and not (out / "checkpoint-4").exists()
+    assert logged_steps(out) == [1, 2]
+    assert (out / "final" / "manifest.json").is_file()
 
 
 # --------------------------------------------------------------------------------------------

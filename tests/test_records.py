@@ -144,6 +144,13 @@ BAD_CASES = [
     ('{"content": [{"type": "image", "image": "missing.png"}]}', "content[0].image"),
     ('{"content": [{"type": "text", "text": "a", "image": "img/a.png"}]}', "content[0].image"),
     ('{"content": ["text"]}', "content[0]"),
+    # Over Python's int-string conversion limit: json.loads raises a bare ValueError on these.
+    ('{"text": "a", "id": ' + "9" * 5000 + "}", "id"),
+    (
+        '{"kind": "vqa", "image": "img/a.png", "question": "q", "answers": ["a", -' + "1" * 5000 + "]}",
+        "answers",
+    ),
+    ("9" * 5000, None),
 ]
 
 
@@ -156,6 +163,19 @@ def test_bad_record_names_line_and_field(folder: Path, line: str, field: str | N
     assert (err.path, err.line, err.field) == (str(path), 3, field)
     assert str(err).startswith(f"{path}:3: ")
     assert str(err).endswith("— fix the record or pass --skip-bad to skip it")
+
+
+def test_validate_cli_counts_a_5000_digit_integer(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from metalm.cli import main
+
+    path = _write_lines(folder / "d.jsonl", [GOOD, '{"text": "a", "id": ' + "7" * 5000 + "}", GOOD])
+    assert main(["data", "validate", "--skip-bad", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{path}: 2 good records, 1 bad" in out
+    assert f"{path}:2: field 'id': integer of 5000 digits is too long" in err and "Traceback" not in err
+    assert main(["data", "validate", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:2: field 'id': integer of 5000 digits") and "\n" not in err
 
 
 def test_error_message_format(folder: Path) -> None:

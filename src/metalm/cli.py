@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # (command, module, function adding its parser). Imported lazily so `metalm --help` stays fast.
 COMMANDS = [
@@ -64,7 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    result = args.func(args)
+    from metalm.model.loading import ModelLoadError, check_config
+
+    try:
+        # transformers reads a model folder's config.json before any metalm code runs; check it first so
+        # that a broken one is one line, like every other broken model folder (ModelLoadError).
+        model = getattr(args, "model", None)
+        if isinstance(model, str) and Path(model).is_dir():
+            check_config(model)
+        result = args.func(args)
+    except ModelLoadError as err:
+        print(f"metalm {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -21,6 +21,7 @@ import binascii
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -471,12 +472,37 @@ class _DuplicateKey(Exception):
     pass
 
 
+class _HugeInt(str):
+    """An integer literal over Python's int-string conversion limit (``sys.get_int_max_str_digits``):
+    json.loads would raise a bare ValueError; kept as a marker so the field holding it can be named."""
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeInt(text)
+
+
+def _huge_int(value: Any) -> str | None:
+    """Why `value` (a JSON value, its objects already checked) holds a _HugeInt, or None."""
+    if isinstance(value, list):
+        return next((r for r in map(_huge_int, value) if r), None)
+    if isinstance(value, _HugeInt):
+        limit = sys.get_int_max_str_digits()
+        return f"integer of {len(value.lstrip('-'))} digits is too long (Python reads at most {limit})"
+    return None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json.loads silently keeps the last of repeated keys; a repeated "text" is almost always a bug.
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
             raise _DuplicateKey(key)
+        huge = _huge_int(value)
+        if huge:
+            raise _Invalid(key, huge)
         out[key] = value
     return out
 
@@ -490,13 +516,17 @@ def _decode_line(raw: bytes) -> Any:
             f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}); re-encode the file as UTF-8",
         ) from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise _Invalid(None, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
         raise _Invalid(None, "invalid JSON: nested too deeply") from None
     except _DuplicateKey as exc:
         raise _Invalid(str(exc), "appears more than once in the object") from None
+    huge = _huge_int(value)  # a bare number or list at the top level (in an object, the hook names it)
+    if huge:
+        raise _Invalid(None, huge)
+    return value
 
 
 def _lines(fh: Any, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:

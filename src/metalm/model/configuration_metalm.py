@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -98,6 +100,24 @@ def normalize_encoder_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_local_path(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith(("~", "./", "../")) or os.path.exists(value)
+
+
+def _strip_local_paths(d: dict[str, Any]) -> None:
+    """Drop the folders this machine loaded the parts from from a serialised config (in place): HF's
+    `_name_or_path` (set again at load time) at every level, and an encoder's `initialized_from` when it
+    is a local folder (its name stays, as a hint). A config.json must not reveal or depend on them."""
+    d.pop("_name_or_path", None)
+    source = d.get("initialized_from")
+    if isinstance(source, str) and _is_local_path(source):
+        d["initialized_from"] = Path(source).name
+    for value in d.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                _strip_local_paths(item)
+
+
 class MetaLMConfig(PreTrainedConfig):
     r"""Configuration of a MetaLM: a causal decoder (the interface) and named bidirectional encoders.
 
@@ -152,6 +172,11 @@ class MetaLMConfig(PreTrainedConfig):
                 setattr(self, key, getattr(self.text_config, key))
         # The decoder ties its own head to its own embeddings; that is the decoder's business.
         self.tie_word_embeddings = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        _strip_local_paths(out)
+        return out
 
     def encoder_spec(self, name: str) -> dict[str, Any]:
         for spec in self.encoders:

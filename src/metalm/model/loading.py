@@ -25,6 +25,7 @@ __all__ = [
     "ModelLoadError",
     "check_config",
     "check_model_folder",
+    "fsync_dir",
     "sha256_file",
     "verify_manifest",
     "write_manifest",
@@ -51,7 +52,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders; nothing more we can do there
@@ -91,7 +92,7 @@ def write_manifest(folder: str | os.PathLike[str], **fields: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     for sub in sorted({p.parent for p in _files_under(folder)}, key=lambda p: -len(p.parts)):
-        _fsync_dir(sub)
+        fsync_dir(sub)
 
 
 def _weight_files(folder: Path, files: dict[str, Any], model_dir: str) -> list[str] | str:
@@ -159,7 +160,7 @@ def check_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelLoadError(f"{path} is not UTF-8 text (corrupt): {_FIX}") from None
     except json.JSONDecodeError as err:
         raise ModelLoadError(
-            f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): {_FIX}"
+            f"{path} is not valid JSON ({err.msg}: line {err.lineno} column {err.colno}): {_FIX}"
         ) from None
     except ValueError as err:  # e.g. an integer over Python's int-string conversion limit
         raise ModelLoadError(f"{path} is not valid JSON ({err}): {_FIX}") from None
@@ -172,7 +173,7 @@ def check_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
             MetaLMConfig.from_dict(dict(config))
         except (ValueError, TypeError, KeyError) as err:
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ModelLoadError(f"{path}: {detail}: fix the file or {_FIX}") from None
+            raise ModelLoadError(f"{path}: {detail}: fix the file, or re-save the model") from None
     return config
 
 

@@ -185,9 +185,11 @@ class OptimConfig:
 class RunConfig:
     """``eval_every``/``save_every``/``log_every`` in optimizer steps (0: never, except that validation
     and the final model always happen at the end). ``resume``: continue from the newest valid checkpoint
-    in ``output_dir`` if there is one. ``fsdp``: shard parameters, gradients and optimizer state over
-    the processes with FSDP2 (needs ``torchrun``/``accelerate launch``; an accelerate config with
-    ``distributed_type: FSDP`` turns it on too)."""
+    in ``output_dir`` if there is one (an error if there are checkpoints and none verifies); ``false``:
+    an error if there are checkpoints; ``restart``: move any checkpoints aside and start from step 0.
+    ``fsdp``: shard parameters, gradients and optimizer state over the processes with FSDP2 (needs
+    ``torchrun``/``accelerate launch``; an accelerate config with ``distributed_type: FSDP`` turns it on
+    too)."""
 
     output_dir: str = "runs/metalm"
     seed: int = 0
@@ -197,7 +199,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     mixed_precision: Literal["no", "bf16"] = "no"
-    resume: bool = True
+    resume: bool | Literal["restart"] = True
     tensorboard: bool = True
     fsdp: bool = False
 

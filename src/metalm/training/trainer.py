@@ -25,8 +25,11 @@ Output folder (``run.output_dir``)::
     final/                      the final model + processor (``AutoModelForCausalLM.from_pretrained``)
 
 Checkpoints are written atomically: into ``checkpoint-N.tmp/``, every file fsynced, a ``manifest.json``
-with the sha256 of every file, then renamed to ``checkpoint-N/`` and the parent folder fsynced. Resume
-takes the newest checkpoint whose manifest verifies and warns about (and skips) corrupt or partial ones.
+with the sha256 of every file, then renamed to ``checkpoint-N/`` and the parent folder fsynced (``final/``
+gets a manifest too, verified when it is loaded). Resume takes the newest checkpoint whose manifest
+verifies, moving newer corrupt or partial ones aside (``checkpoint-N.corrupt``) with a warning; when
+checkpoints exist and none verifies it stops with an error naming each problem, unless
+``run.resume=restart`` asks to start over.
 Model and optimizer state are saved unsharded (gathered on the main process), keyed by parameter name, so
 a checkpoint resumes on any number of processes, with or without FSDP. Nothing is unpickled on load:
 safetensors for the model, ``torch.load(weights_only=True)`` for the rest.
@@ -37,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 import yaml
 
+from metalm.model.loading import MANIFEST, fsync_dir, verify_manifest, write_manifest
 from metalm.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 
 __all__ = [
@@ -72,7 +75,6 @@ __all__ = [
 logger = logging.getLogger("metalm.training")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-MANIFEST = "manifest.json"
 # Test hook: seconds to sleep inside a checkpoint write (after the files, before the manifest), so that a
 # crash test can kill the process there deterministically.
 SLOW_CHECKPOINT_ENV = "METALM_TEST_SLOW_CHECKPOINT"
@@ -114,80 +116,25 @@ class TrainResult:
 # Files: fsync, sha256, manifests
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; nothing more we can do there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
 def _write_manifest(folder: Path, step: int, world_size: int = 1) -> None:
-    files = {}
-    for path in _files_under(folder):
-        rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST:
-            continue
-        _fsync_file(path)
-        files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-    manifest = folder / MANIFEST
-    with open(manifest, "w", encoding="utf-8") as fh:
-        json.dump({"format": 2, "step": step, "world_size": world_size, "files": files}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    for sub in sorted({p.parent for p in _files_under(folder)}, key=lambda p: -len(p.parts)):
-        _fsync_dir(sub)
+    write_manifest(folder, step=step, world_size=world_size)
 
 
 def verify_checkpoint(folder: str | Path, world_size: int | None = None) -> str | None:
     """None when `folder` is a complete checkpoint whose files match its manifest, else the reason.
 
     The checkpoint's own manifest says how many processes wrote it (one RNG file each); any number of
-    processes can resume it, so `world_size` is accepted for compatibility and not used."""
+    processes can resume it, so `world_size` is accepted for compatibility and not used. The model's
+    weights are always required (see :func:`metalm.model.loading.verify_manifest`)."""
     del world_size
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        saved_world = int(manifest.get("world_size", 1))
-    except FileNotFoundError:
-        return "no manifest.json (interrupted save?)"
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"unreadable manifest.json ({err})"
+        saved_world = int(json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        saved_world = 1  # verify_manifest names what is wrong with the manifest
     required = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "data.json", "model/config.json"]
     required += [f"rng_rank{r}.pt" for r in range(saved_world)]
-    for rel in required:
-        if rel not in files:
-            return f"{rel} is not in the manifest"
-    for rel, meta in files.items():
-        path = folder / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        if path.stat().st_size != meta.get("bytes"):
-            return f"{rel} has {path.stat().st_size} bytes, the manifest says {meta.get('bytes')}"
-        if _sha256(path) != meta.get("sha256"):
-            return f"{rel} does not match its sha256 in the manifest (corrupt)"
-    return None
+    return verify_manifest(folder, required, model_dir="model")
 
 
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -201,19 +148,77 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _scan_checkpoints(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies (or None), and the newer ones that do not, with reasons."""
+    rejected = []
+    for _, path in reversed(_checkpoints(output_dir)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, rejected
+        rejected.append((path, reason))
+    return None, rejected
+
+
+def _warn_interrupted(output_dir: Path) -> None:
+    if output_dir.is_dir():
+        for p in sorted(output_dir.glob("checkpoint-*.tmp")):
+            logger.warning("ignoring incomplete checkpoint %s (an interrupted save)", p)
+
+
 def find_checkpoint(output_dir: str | Path, world_size: int | None = None) -> Path | None:
     """The newest checkpoint in `output_dir` that verifies; corrupt or partial ones are skipped with a
     warning that names them. (`world_size`: unused, see :func:`verify_checkpoint`.)"""
     output_dir = Path(output_dir)
-    if output_dir.is_dir():
-        for p in sorted(output_dir.glob("checkpoint-*.tmp")):
-            logger.warning("ignoring incomplete checkpoint %s (an interrupted save)", p)
-    for _, path in reversed(_checkpoints(output_dir)):
-        reason = verify_checkpoint(path)
-        if reason is None:
-            return path
+    _warn_interrupted(output_dir)
+    found, rejected = _scan_checkpoints(output_dir)
+    for path, reason in rejected:
         logger.warning("skipping checkpoint %s: %s", path, reason)
-    return None
+    return found
+
+
+def _set_aside(path: Path, suffix: str) -> None:
+    aside = path.with_name(f"{path.name}.{suffix}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    logger.warning("moved checkpoint %s to %s", path, aside.name)
+
+
+def _resume_point(output_dir: Path, resume: bool | str) -> Path | None:
+    """The checkpoint to resume from (None: step 0), per ``run.resume``; raises ConfigError rather than
+    silently starting over when checkpoints exist but none can be used. Main process only."""
+    _warn_interrupted(output_dir)
+    existing = _checkpoints(output_dir)
+    if not existing:
+        return None
+    if resume == "restart":
+        # Asked for: the earlier run's checkpoints go aside (not deleted) so they cannot mix with this one.
+        for _, path in existing:
+            _set_aside(path, "old")
+        return None
+    if not resume:
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints ({existing[-1][1].name}); resume from them "
+            "(--resume), start over with run.resume=restart (--restart), choose another run.output_dir, "
+            "or delete them"
+        )
+    found, rejected = _scan_checkpoints(output_dir)
+    if found is None:
+        reasons = "\n".join(f"  {path.name}: {reason}" for path, reason in rejected)
+        raise ConfigError(
+            f"cannot resume: no checkpoint in {output_dir} is usable (nothing was changed):\n{reasons}\n"
+            "Start from step 0 with run.resume=restart (metalm train ... --restart; the checkpoints are "
+            "moved aside as checkpoint-N.old), or restore a good checkpoint into the folder"
+        )
+    for path, reason in rejected:
+        logger.warning("skipping checkpoint %s: %s", path, reason)
+    # Checkpoints newer than the one resumed from failed verification: set them aside so that pruning
+    # and later resumes only see this run's timeline.
+    found_step = int(CHECKPOINT_PATTERN.match(found.name).group(1))
+    for step_n, path in existing:
+        if step_n > found_step:
+            _set_aside(path, "corrupt")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,7 +604,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
             self._prune_checkpoints()
             logger.info("saved %s", final)
         acc.wait_for_everyone()
@@ -612,7 +617,7 @@ class Trainer:
             shutil.rmtree(path, ignore_errors=True)
             logger.info("removed old checkpoint %s", path)
 
-    def _save_final(self) -> Path:
+    def _save_final(self, step: int) -> Path:
         acc = self.accelerator
         final = self.output_dir / "final"
         tmp = self.output_dir / "final.tmp"
@@ -624,23 +629,23 @@ class Trainer:
             self._lora = None
         model_state = self._model_state_dict()
         with _quiet_hf_progress():
-            self._write_final(model_state, tmp, final)
+            self._write_final(model_state, tmp, final, step)
         acc.wait_for_everyone()
         return final
 
-    def _write_final(self, model_state, tmp: Path, final: Path) -> None:
+    def _write_final(self, model_state, tmp: Path, final: Path, step: int) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
             self._unwrapped().save_pretrained(tmp, state_dict=model_state)
             self.processor.save_pretrained(tmp)
-            for path in _files_under(tmp):
-                _fsync_file(path)
+            # Loading verifies it (metalm.model.loading): a changed byte is refused, not served.
+            write_manifest(tmp, step=step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
 
     # --- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -762,30 +767,19 @@ class Trainer:
             run.mixed_precision,
         )
 
-        # Which checkpoint to resume from: the main process verifies, everyone follows.
-        resume_path = [None]
+        # Which checkpoint to resume from: the main process decides, everyone follows (or fails with it).
+        decision: list[str | None] = [None, None]  # [checkpoint path, error]
         if main:
-            existing = _checkpoints(self.output_dir)
-            if existing and not run.resume:
-                raise ConfigError(
-                    f"{self.output_dir} already holds checkpoints ({existing[-1][1].name}); resume from them "
-                    "(--resume), choose another run.output_dir, or delete them"
-                )
-            found = find_checkpoint(self.output_dir) if run.resume else None
-            resume_path = [str(found) if found else None]
-            # Checkpoints newer than the one resumed from failed verification: set them aside so that
-            # pruning and later resumes only see this run's timeline.
-            found_step = int(CHECKPOINT_PATTERN.match(found.name).group(1)) if found else -1
-            for step_n, path in existing:
-                if step_n > found_step:
-                    aside = path.with_name(f"{path.name}.corrupt")
-                    if aside.exists():
-                        shutil.rmtree(aside)
-                    os.replace(path, aside)
-                    logger.warning("moved unusable checkpoint %s to %s", path, aside.name)
+            try:
+                found = _resume_point(self.output_dir, run.resume)
+                decision = [str(found) if found else None, None]
+            except ConfigError as err:
+                decision = [None, str(err)]
         if world > 1:
-            resume_path = broadcast_object_list(resume_path)
-        resume = Path(resume_path[0]) if resume_path[0] else None
+            decision = broadcast_object_list(decision)
+        if decision[1] is not None:
+            raise ConfigError(decision[1])
+        resume = Path(decision[0]) if decision[0] else None
 
         set_seed(run.seed)
         model, self.processor = self._build_model(resume)
@@ -1039,7 +1033,7 @@ class Trainer:
         result.tokens = tokens_total
         logged = [r["loss"] for r in metrics.history if "loss" in r]
         result.final_train_loss = logged[-1] if logged else None
-        result.final_dir = self._save_final()
+        result.final_dir = self._save_final(step)
         if main:
             plot_loss_curve(
                 metrics.history, self.output_dir / "loss_curve.png", title=f"MetaLM — {cfg.source or ''}"
@@ -1126,7 +1120,7 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def train_main(config_path: str, overrides: list[str], resume: bool | None = None) -> None:
+def train_main(config_path: str, overrides: list[str], resume: bool | str | None = None) -> None:
     """`metalm train CONFIG [key=value ...]`: load the config, train, print where the results are."""
     try:
         config = load_config(config_path, overrides)
@@ -1156,7 +1150,7 @@ def train_main(config_path: str, overrides: list[str], resume: bool | None = Non
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Wire `metalm train CONFIG [key=value ...] [--resume/--no-resume]` into an argparse subparsers."""
+    """Wire `metalm train CONFIG [key=value ...] [--resume/--no-resume | --restart]` into an argparse subparsers."""
     p = subparsers.add_parser(
         "train",
         help="train a MetaLM from a YAML config",
@@ -1166,11 +1160,19 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="continue from the newest valid checkpoint in run.output_dir (default: run.resume, true)",
+    )
+    how.add_argument(
+        "--restart",
+        dest="resume",
+        action="store_const",
+        const="restart",
+        help="start from step 0 even if run.output_dir holds checkpoints (moved aside as checkpoint-N.old)",
     )
     p.set_defaults(func=lambda args: train_main(args.config, args.overrides, resume=args.resume))
     return p
