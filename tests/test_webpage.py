@@ -5,9 +5,11 @@ of `playwright install` are not used (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -36,29 +38,52 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _api_answer(url: str, image_url: str, key: str) -> str:
+    """The API's greedy answer to the request the page sends for the first turn."""
+    content = [
+        {"type": "text", "text": "What colour is the shape?"},
+        {"type": "image_url", "image_url": {"url": image_url}},
+    ]
+    body = {"model": "tiny-metalm", "messages": [{"role": "user", "content": content}], "max_tokens": 12,
+            "temperature": 0}  # fmt: skip
+    r = httpx.post(
+        url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
 def test_chat_page_with_image(serving_model_dir, tmp_path):  # noqa: F811
+    """The page, with an API key typed in, answers greedily exactly what the API answers."""
     image = tmp_path / "shape.png"
     Image.new("RGB", (64, 64), (30, 160, 60)).save(image)
-    engine, server = start_live_server(serving_model_dir)
+    image_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    engine, server = start_live_server(serving_model_dir, api_key="page-key")
     console_errors: list[str] = []
     try:
         with server, sync_api.sync_playwright() as pw:
+            expected = _api_answer(server.url, image_url, "page-key")
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 900, "height": 640})
                 page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: console_errors.append(str(e)))
                 page.goto(server.url + "/")
                 # Locator assertions, not wait_for_function: the page's CSP (rightly) forbids eval.
+                sync_api.expect(page.locator("#model-name")).to_have_text("API key needed")
+                console_errors.clear()  # the 401 of the keyless model lookup is expected
+                page.on("pageerror", lambda e: console_errors.append(str(e)))
+                page.fill("#api-key", "page-key")
+                page.dispatch_event("#api-key", "change")
                 sync_api.expect(page.locator("#model-name")).to_have_text("tiny-metalm")
+                assert page.evaluate("sessionStorage.getItem('metalm-api-key')") == "page-key"
                 page.set_input_files("#image-input", str(image))
                 page.wait_for_selector("#attachments .thumb img")
                 page.fill("#max-tokens", "12")
+                page.fill("#temperature", "0")
                 page.fill("#prompt", "What colour is the shape?")
                 page.click("#send")
                 answer = page.wait_for_selector('.msg.assistant[data-state="done"]', timeout=30_000)
-                text = answer.inner_text().strip()
-                assert text and text != "(empty answer)"
+                assert answer.inner_text().strip() == expected.strip() and expected.strip()
                 assert page.locator(".msg.error").count() == 0
                 assert page.locator(".msg.user img").count() == 1  # the image went with the question
                 # A second turn keeps the history (the image included) and streams again.
