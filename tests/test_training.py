@@ -408,6 +408,26 @@ def test_run_writes_outputs(full_run):
 
 
 @pytest.mark.slow
+def test_final_folder_has_a_manifest_verified_at_load(full_run, tmp_path):
+    """final/ is vouched for like a checkpoint: a changed byte in its weights is refused at load (not
+    loaded, then failing every request)."""
+    from transformers import AutoModelForCausalLM
+
+    from metalm.model.loading import ModelLoadError, verify_manifest
+
+    _, result = full_run
+    assert verify_manifest(result.final_dir, ["config.json", "metalm_processor.json"]) is None
+    final = tmp_path / "final"
+    shutil.copytree(result.final_dir, final)
+    weights = final / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="model.safetensors does not match its sha256"):
+        AutoModelForCausalLM.from_pretrained(final)
+
+
+@pytest.mark.slow
 def test_golden_loss(full_run):
     _, result = full_run
     assert result.losses[6] == pytest.approx(GOLDEN_LOSS_STEP_6, abs=GOLDEN_TOLERANCE)
