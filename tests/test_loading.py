@@ -175,3 +175,23 @@ def test_saved_config_has_no_local_paths(tmp_path):
         assert "_name_or_path" not in text
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["encoders"][0]["initialized_from"] == "local-bert"  # the folder's name stays, as a hint
+
+
+def test_train_with_a_broken_init_from_is_one_line(saved, tmp_path):
+    import yaml
+
+    from metalm.training.trainer import train_main
+
+    folder = copy_of(saved, tmp_path)
+    truncate(folder)
+    cfg = {
+        "init_from": str(folder),
+        "data": {"streams": [{"source": "pydoc"}], "seq_len": 32, "max_records": 8},
+        "optim": {"max_steps": 1, "batch_size": 2},
+        "run": {"output_dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as info:  # `metalm train` exits with status 1 and this line
+        train_main(str(tmp_path / "c.yaml"), [])
+    message = str(info.value.code)
+    assert message.startswith(f"error: {folder}/model.safetensors is truncated") and "\n" not in message

@@ -1135,10 +1135,11 @@ def train_main(config_path: str, overrides: list[str], resume: bool | str | None
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
     from metalm.data.records import RecordError
+    from metalm.model.loading import ModelLoadError
 
     try:
         result = train(config)
-    except (RecordError, ConfigError) as err:
+    except (RecordError, ConfigError, ModelLoadError) as err:  # e.g. a broken init_from folder
         raise SystemExit(f"error: {err}") from None
     if int(os.environ.get("RANK", "0")) != 0:
         return
