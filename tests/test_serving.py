@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metalm import Encode, ImageInput
+from metalm import Encode, ImageInput, InputError
 from metalm.serving.cli import chat, generate, main
 from metalm.serving.engine import ChatMessage, Engine, QueueFull, SamplingParams, _Row
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
@@ -131,7 +131,9 @@ def _user(text: str, *images: str) -> list[dict]:
 
 
 # --- engine ---------------------------------------------------------------------------------------------
-def test_chat_template_routes_text_to_encoders(live):
+def test_chat_uses_the_trained_layouts(live):
+    """User turns become the model's VQA requests (question encoded, `answer:` in the decoder), earlier
+    answers are closed by EOS like demonstrations, an image alone is a caption request."""
     engine, _ = live
     img = Image.new("RGB", (20, 20), (0, 0, 255))
     long_text = " ".join(["word"] * 200)  # longer than the tiny text encoder's 62-token span limit
@@ -143,15 +145,35 @@ def test_chat_template_routes_text_to_encoders(live):
             ChatMessage("user", long_text),
         ]
     )
-    assert parts[0] == "System:" and isinstance(parts[1], Encode)
-    assert parts[2] == "User:" and isinstance(parts[3], ImageInput) and isinstance(parts[4], Encode)
-    assert parts[5:8] == ["Assistant:", "a square", None]  # None = EOS closing the answer
-    assert parts[8] == "User:" and parts[9] == long_text  # too long for the encoder: decoder text
-    assert parts[-1] == "Assistant:"
-    assert not isinstance(engine.chat_parts([ChatMessage("user", "hi")], encode=False)[1], Encode)
+    assert isinstance(parts[0], Encode) and parts[0].text == "be brief"
+    assert isinstance(parts[1], ImageInput)
+    assert isinstance(parts[2], Encode) and parts[2].text == "question: what is this"
+    assert parts[3:6] == ["answer:", "a square", None]  # None = EOS closing the answer
+    assert parts[6] == "question: " + long_text  # too long for the encoder: decoder text
+    assert parts[-1] == "answer:"
+    plain = engine.chat_parts([ChatMessage("user", "hi")], encode=False)
+    assert plain == ["question: hi", "answer:"]
+    caption = engine.chat_parts([ChatMessage("user", "", [img])])
+    assert len(caption) == 1 and isinstance(caption[0], ImageInput)
+    with pytest.raises(InputError, match="last message must come from the user"):
+        engine.chat_parts([ChatMessage("user", "hi"), ChatMessage("assistant", "hello")])
     prompt = engine.prepare(parts)
     eos = engine.processor.eos_token_id
     assert any(getattr(seg, "ids", None) == [eos] for seg in prompt.sample)
+
+
+def test_saved_layouts_drive_chat_and_generate(live):
+    engine, _ = live
+    from metalm.data.layouts import PromptLayouts
+
+    before = engine.layouts
+    try:
+        engine.layouts = PromptLayouts.model_validate({"vqa": {"template": "Q: {question}", "prompt": "A:"}})
+        parts = engine.chat_parts([ChatMessage("user", "what color")])
+        assert parts[0].text == "Q: what color" and parts[1] == "A:"
+        assert engine.layout_parts("vqa", question="why")[-1] == "A:"
+    finally:
+        engine.layouts = before
 
 
 def test_batched_generation_matches_direct(live):
@@ -917,6 +939,23 @@ def test_generate_command(serving_model_dir, tmp_path, capsys):
         )
         == 2
     )
+
+
+def test_generate_question_uses_the_vqa_layout(serving_model_dir, tmp_path):
+    """--question is the model's VQA layout: the same request as an encoded "question: ..." prompt followed
+    by decoder text "answer:"; an image alone is a caption request."""
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 10, 10)).save(image)
+    kw = {"images": [str(image)], "max_new_tokens": 5, "as_json": True, "output": io.StringIO()}
+    by_question = generate(str(serving_model_dir), question="what colour is it?", **kw)
+    by_parts = generate(str(serving_model_dir), "question: what colour is it?", text="answer:", **kw)
+    assert by_question["prompt_tokens"] == by_parts["prompt_tokens"]
+    assert by_question["completions"] == by_parts["completions"]
+    assert by_question["encoded_prompt"] is True
+    caption = generate(str(serving_model_dir), **kw)
+    assert caption["encoded_prompt"] is False and caption["completion_tokens"] >= 1
+    with pytest.raises(InputError, match="not both"):
+        generate(str(serving_model_dir), "x", question="y", **kw)
 
 
 def test_chat_command(serving_model_dir, tmp_path):

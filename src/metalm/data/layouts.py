@@ -13,7 +13,7 @@ follows it. Images come first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -74,14 +74,14 @@ def chat_layout_parts(
     turns: Sequence[Mapping[str, Any]],
     layouts: PromptLayouts,
     *,
-    text_encoder: str | None,
+    text_encoder: str | None | Callable[[str], str | None],
     vision_encoder: str | None,
 ) -> list[Any]:
     """A conversation in the trained layouts. Each user turn is a request: with text it is a `vqa` request
     (its text the question), with images only a `caption` request. Earlier assistant turns follow their
     request as the answer, closed by EOS (`None`), so the history reads as few-shot demonstrations, the
-    way in-context learning is evaluated. A turn is `{"role", "text", "images"}`; system turns are the
-    caller's to fold in."""
+    way in-context learning is evaluated. A turn is `{"role", "text", "images"}`. `text_encoder` may be a
+    function of the rendered input (the encoder's name, or None to keep that input as decoder text)."""
     parts: list[Any] = []
     for turn in turns:
         text, images = (turn.get("text") or "").strip(), list(turn.get("images") or ())
@@ -89,5 +89,7 @@ def chat_layout_parts(
             parts += [text, None] if text else []
             continue
         layout = layouts.vqa if text else layouts.caption
-        parts += layout.parts(images, text_encoder=text_encoder, vision_encoder=vision_encoder, question=text)
+        rendered = layout.template.format_map({"question": text}) if layout.template else ""
+        encoder = text_encoder(rendered) if callable(text_encoder) else text_encoder
+        parts += layout.parts(images, text_encoder=encoder, vision_encoder=vision_encoder, question=text)
     return parts

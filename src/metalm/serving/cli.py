@@ -34,8 +34,10 @@ logger = logging.getLogger("metalm.serving")
 # --- generate -----------------------------------------------------------------------------------------
 def generate(
     model: str | Engine,
-    prompt: str,
+    prompt: str | None = None,
     *,
+    question: str | None = None,
+    text: str | None = None,
     images: Sequence[str] = (),
     encode: bool | None = None,
     max_new_tokens: int = 64,
@@ -49,11 +51,15 @@ def generate(
     as_json: bool = False,
     output: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Generate from one prompt (and images) with a saved model folder (or a loaded `Engine`).
+    """Generate for one request with a saved model folder (or a loaded `Engine`).
 
-    The prompt goes through the text encoder when the model has one and it fits (``encode=None``), always
-    (``True``; an error if it does not fit) or never (``False``). Greedy by default (``temperature=0``).
-    Prints the answer as it is generated, or one JSON object with ``as_json``; returns that object."""
+    The request is laid out as the model was trained (:mod:`metalm.data.layouts`): ``question`` uses its
+    ``vqa`` layout (``[images] Enc("question: …") answer:``); images with neither ``question`` nor ``prompt``
+    use its ``caption`` layout; a raw ``prompt`` comes after the images, followed by decoder ``text`` if
+    given. Encoded text goes through the text encoder when the model has one and it fits (``encode=None``),
+    always (``True``; an error if it does not fit) or never (``False``). Greedy by default
+    (``temperature=0``). Prints the answer as it is generated, or one JSON object with ``as_json``; returns
+    that object."""
     output = output or sys.stdout
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device=device)
     params = SamplingParams(
@@ -61,7 +67,7 @@ def generate(
         stop=list(stop), seed=seed,
     )  # fmt: skip
     loaded = [engine.load_image(path) for path in images]
-    parts = engine.text_parts(prompt, loaded, encode=encode)
+    parts = _request_parts(engine, prompt, question, text, loaded, encode)
     if encode is True and not any(isinstance(p, Encode) for p in parts):
         raise InputError("--encode-prompt: the prompt does not fit the text encoder (or the model has none)")
     prepared = engine.prepare(parts)
@@ -82,6 +88,8 @@ def generate(
     report = {
         "model": engine.name,
         "prompt": prompt,
+        "question": question,
+        "text": text,
         "images": list(images),
         "encoded_prompt": any(isinstance(p, Encode) for p in parts),
         "prompt_tokens": prepared.num_tokens,
@@ -98,6 +106,27 @@ def generate(
     return report
 
 
+def _request_parts(
+    engine: Engine,
+    prompt: str | None,
+    question: str | None,
+    text: str | None,
+    images: list,
+    encode: bool | None,
+) -> list[Any]:
+    if question is not None and prompt is not None:
+        raise InputError("give --question (the model's VQA layout) or --prompt (raw), not both")
+    if question is not None:
+        parts = engine.layout_parts("vqa", images, encode=encode, question=question)
+    elif prompt is not None:
+        parts = engine.text_parts(prompt, images, encode=encode)
+    elif images:
+        parts = engine.layout_parts("caption", images, encode=encode)
+    else:
+        raise InputError("nothing to generate from: give --question, --prompt or --image")
+    return parts + ([text] if text and text.strip() else [])
+
+
 def _quiet_loading() -> None:
     # The weight-loading progress bar would land in the middle of a terminal answer.
     from transformers.utils import logging as hf_logging
@@ -109,7 +138,8 @@ def _generate_from_args(args: argparse.Namespace) -> int:
     _quiet_loading()
     try:
         generate(
-            args.model, args.prompt, images=args.image or (), encode=args.encode_prompt,
+            args.model, args.prompt, question=args.question, text=args.text, images=args.image or (),
+            encode=args.encode_prompt,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             num_beams=args.num_beams, n=args.n, stop=args.stop or (), seed=args.seed, device=args.device,
             as_json=args.json,
@@ -127,16 +157,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "generate", help="generate text from a prompt (and images)",
-        description="Generate from one prompt. Images come first, then the prompt (read by the text encoder "
-        "when it fits, as in the paper's zero-shot setting).",
+        "generate", help="generate text for a question, a prompt or an image",
+        description="Generate for one request, laid out as the model was trained: --question uses its VQA "
+        "layout ([images] Enc('question: ...') answer:), an image alone its caption layout; --prompt is raw "
+        "text read by the text encoder (the paper's zero-shot setting), optionally followed by decoder --text.",
     )  # fmt: skip
     _add_model_args(p)
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--question", default=None, help="a question, in the model's trained VQA layout")
+    p.add_argument("--prompt", default=None, help="raw prompt text (read by the text encoder when it fits)")
+    p.add_argument("--text", default=None, help="decoder text after the prompt, e.g. 'answer:'")
     p.add_argument("--image", action="append", metavar="PATH", help="an image file (repeatable)")
     p.add_argument(
         "--encode-prompt", action=argparse.BooleanOptionalAction, default=None,
-        help="read the prompt with the text encoder (default: when the model has one and the prompt fits)",
+        help="read the prompt/question with the text encoder (default: when the model has one and it fits)",
     )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

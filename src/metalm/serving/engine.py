@@ -1,20 +1,25 @@
 """Inference engine: load a saved MetaLM once, build prompts from chat messages, generate and stream.
 
-Prompt template (chat)
-----------------------
-A conversation becomes one list of segments::
+Prompt layouts (chat)
+---------------------
+A model answers in the layouts it was trained on, which the trainer saves in its config
+(``prompt_layouts``, :mod:`metalm.data.layouts`). A conversation becomes one list of segments::
 
-    [BOS] System: <enc(system)>  User: <image>... <enc(user text)> Assistant: answer [EOS]
-          User: <enc(user text)> Assistant:
+    [BOS] <enc(system)> <image>... <enc("question: " + user text)> answer: answer [EOS]
+          <enc("question: " + user text)> answer:
 
-- every *user* (and system) turn's text goes through the text encoder (``Encode``) when the model has one
-  and the text fits the encoder (``processor.span_limit``); otherwise it is plain decoder text;
+- each *user* turn with text is a ``vqa`` request: its text fills the layout's encoder template (through the
+  text encoder when the model has one and the rendered text fits ``processor.span_limit``; otherwise it is
+  plain decoder text), followed by the layout's decoder prompt (``answer:``);
+- a user turn with images only is a ``caption`` request (by default the images alone, as image-text pairs
+  are trained);
 - images of a turn come first in that turn, each through the vision encoder (``ImageInput``);
-- *assistant* answers are decoder text, closed by the EOS token (the model stops on EOS, so the history
-  reads the way its own answers end);
-- the labels ``System:``, ``User:`` and ``Assistant:`` are decoder text.
+- earlier *assistant* answers are decoder text closed by the EOS token, so the history reads as few-shot
+  demonstrations (the model stops on EOS);
+- system text, which no training stream has, is read as encoded context before the first turn.
 
-A raw prompt (``metalm generate``) is ``[BOS] <images...> <enc(prompt)>`` — the paper's zero-shot layout.
+A raw prompt (``metalm generate --prompt``) is ``[BOS] <images...> <enc(prompt)>`` — the paper's zero-shot
+layout; ``--question`` uses the ``vqa`` layout and an image with neither uses the ``caption`` layout.
 
 Generation
 ----------
@@ -52,13 +57,11 @@ from transformers import (
 )
 
 from metalm.data.images import ImageError, load_image
+from metalm.data.layouts import chat_layout_parts, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment, sample_length
 
 __all__ = [
-    "ASSISTANT_LABEL",
-    "SYSTEM_LABEL",
-    "USER_LABEL",
     "ChatMessage",
     "Completion",
     "Engine",
@@ -72,10 +75,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("metalm.serving")
-
-SYSTEM_LABEL = "System:"
-USER_LABEL = "User:"
-ASSISTANT_LABEL = "Assistant:"
 
 
 class QueueFull(RuntimeError):
@@ -432,6 +431,7 @@ class Engine:
         self.encode_max_tokens = encode_max_tokens
         self._text_encoders = self.config.encoders_of_kind("text")
         self._vision_encoders = self.config.encoders_of_kind("vision")
+        self.layouts = layouts_of(self.config)  # the request layouts the model was trained on
         self._eos = {i for i in self._eos_ids() if i is not None}
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
         self._model_lock = threading.Lock()
@@ -531,33 +531,58 @@ class Engine:
         return parts
 
     def chat_parts(self, messages: Sequence[ChatMessage | dict], *, encode: bool | None = None) -> list[Any]:
-        """The chat template (module docstring) as a list of parts; `None` entries mark an EOS token."""
+        """A conversation in the layouts the model was trained on (module docstring) as a list of parts;
+        `None` entries mark an EOS token."""
         msgs = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
         if not msgs:
             raise InputError("messages: at least one message is needed")
-        parts: list[Any] = []
+        turns: list[dict[str, Any]] = []
+        context: list[str] = []
         for i, msg in enumerate(msgs):
             role = {"developer": "system"}.get(msg.role, msg.role)
             if role not in ("system", "user", "assistant"):
                 raise InputError(
                     f"messages[{i}]: role {msg.role!r} is not supported (system, user, assistant)"
                 )
-            text = msg.text or ""
-            if role == "assistant":
+            text = (msg.text or "").strip()
+            if role == "system":
                 if msg.images:
-                    raise InputError(f"messages[{i}]: assistant messages cannot carry images")
-                if text.strip():
-                    parts += [ASSISTANT_LABEL, text, None]
+                    raise InputError(f"messages[{i}]: system messages cannot carry images")
+                context += [text] if text else []
                 continue
-            if not text.strip() and not msg.images:
-                raise InputError(f"messages[{i}]: empty {role} message")
-            parts.append(SYSTEM_LABEL if role == "system" else USER_LABEL)
-            parts += [self._image_part(img) for img in msg.images]
-            if text.strip():
-                parts.append(self._text_part(text, encode))
-        if msgs[-1].role == "assistant":
-            raise InputError("messages: the last message must come from the user (or system)")
-        parts.append(ASSISTANT_LABEL)
+            if role == "assistant" and msg.images:
+                raise InputError(f"messages[{i}]: assistant messages cannot carry images")
+            if role == "user" and not text and not msg.images:
+                raise InputError(f"messages[{i}]: empty user message")
+            turns.append(
+                {"role": role, "text": text, "images": [self._image_part(img).image for img in msg.images]}
+            )
+        if not turns or turns[-1]["role"] != "user":
+            raise InputError("messages: the last message must come from the user")
+        parts: list[Any] = [self._text_part(" ".join(context), encode)] if context else []
+        return parts + chat_layout_parts(
+            turns,
+            self.layouts,
+            text_encoder=lambda text: self._text_encoders[0] if self._encodable(text, encode) else None,
+            vision_encoder=self._vision_encoders[0] if self._vision_encoders else None,
+        )
+
+    def layout_parts(
+        self, kind: str, images: Iterable[Any] = (), *, encode: bool | None = None, **fields: str
+    ) -> list[Any]:
+        """One request in the model's trained layout `kind` (`vqa`, `caption`, `classification`)."""
+        layout = getattr(self.layouts, kind, None)
+        if layout is None:
+            raise InputError(
+                f"unknown layout {kind!r}; this model has {', '.join(type(self.layouts).model_fields)}"
+            )
+        rendered = layout.template.format_map(fields) if layout.template else ""
+        encoder = self._text_encoders[0] if rendered.strip() and self._encodable(rendered, encode) else None
+        vision = self._vision_encoders[0] if self._vision_encoders else None
+        images = [self._image_part(img).image for img in images]
+        parts = layout.parts(images, text_encoder=encoder, vision_encoder=vision, **fields)
+        if not parts:
+            raise InputError(f"empty {kind} request: give some text or an image")
         return parts
 
     def prepare(self, prompt: Prompt | str | Sequence[Any]) -> Prompt:
