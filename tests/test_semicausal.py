@@ -7,7 +7,14 @@ import random
 import torch
 
 from metalm.data.segments import EncodedSegment, TextSegment
-from metalm.data.semicausal import image_text_sample, pack_documents, sample_spans, semicausal_sample
+from metalm.data.semicausal import (
+    Word,
+    image_text_sample,
+    pack_documents,
+    prefix_cuts,
+    sample_spans,
+    semicausal_sample,
+)
 
 
 def _docs(rng: random.Random, n: int = 20) -> list[list[int]]:
@@ -101,3 +108,54 @@ def test_image_text_sample_layout():
                 range(10, 10 + len(sample[2].target_ids))
             )
     assert 10 < seen_prefix < 50
+
+
+def test_prefix_cuts_never_split_a_word():
+    """Cuts fall only at word starts, whatever the tokenizer splits: "teal" is `tea ##l` in MiniLM's
+    vocabulary, and a rest that opens with `##l` would teach the decoder to begin a caption with it."""
+    from metalm.model.builder import load_tokenizer
+    from metalm.training.data import _tokenize_words
+
+    class Processor:
+        tokenizer = load_tokenizer("packaged:minilm-l6")
+
+    tok = Processor.tokenizer
+    rng = random.Random(0)
+    texts = [
+        "a teal circle.",
+        "a red rectangle.",
+        "there is a teal circle in the image.",
+        "unbelievably teal",
+    ]
+    for text in texts:
+        ids, words = _tokenize_words(Processor, text)
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        for _ in range(40):
+            sample = image_text_sample(
+                torch.zeros(3, 8, 8), ids, "vision", rng, text_encoder="text", to_encoder_ids=list,
+                words=words, prefix_free=0.0,
+            )  # fmt: skip
+            rest = sample[-1].ids
+            assert not tok.convert_ids_to_tokens(rest[0]).startswith("##"), (text, rest)
+            if len(sample) == 3:  # the prefix never eats the content of a short caption
+                prefix = tok.decode(sample[1].target_ids)
+                assert len(prefix.split()) <= len(text.split()) // 2, (text, prefix)
+
+
+def test_prefix_cuts_budget_counts_informative_words():
+    words = [Word(0, True), Word(1, True), Word(3, True), Word(4, False)]  # a | tea ##l | circle | .
+    assert prefix_cuts(words, 5, 0.5) == [1]  # 3 informative words: at most 1 in the prefix
+    assert prefix_cuts(words, 5, 1.0) == [1, 3, 4]
+    assert prefix_cuts([Word(0, True)], 1, 0.5) == []  # one word: nothing to encode
+
+
+def test_prefix_free_share():
+    rng = random.Random(0)
+    words = [Word(i, True) for i in range(8)]
+    free = sum(
+        len(image_text_sample(torch.zeros(3, 8, 8), list(range(8)), "v", rng, text_encoder="t",
+                              to_encoder_ids=list, words=words, prefix_free=0.5)) == 2
+        for _ in range(2000)
+    )  # fmt: skip
+    # 1/2 prefix-free outright, and 1/5 of the rest draw the empty prefix among 0..4 words.
+    assert abs(free / 2000 - (0.5 + 0.5 / 5)) < 0.04

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -91,6 +92,39 @@ def semicausal_sample(
     return sample
 
 
+class Word(NamedTuple):
+    """A word of a tokenized text: the index of its first token, and whether it carries content (letters or
+    digits; punctuation does not)."""
+
+    start: int
+    informative: bool
+
+
+# Share of image-text samples whose caption is all causal (no encoded prefix). Captioning at evaluation is
+# this format (the image alone, or an encoded instruction that is not part of the caption), and a prefix
+# can hand over what the image should (in "a red | circle." the colour arrives through the text encoder).
+PREFIX_FREE_SHARE = 0.5
+
+
+def prefix_cuts(words: Sequence[Word], n_tokens: int, max_fraction: float) -> list[int]:
+    """Token indices where an encoded caption prefix may end (0, no prefix, excluded).
+
+    A cut falls only at a word start: a causal rest that opens with a continuation piece (``tea | ##l``)
+    teaches the decoder to begin a caption with one. The prefix holds at most ``max_fraction`` of the
+    *informative* words (punctuation does not count), so on a short caption it never eats the content
+    ("a red circle.": at most "a"), and at least one token stays causal."""
+    budget = int(max_fraction * sum(w.informative for w in words))
+    cuts: list[int] = []
+    seen = 0  # informative words before the current word (= in the prefix if we cut here)
+    for word in words:
+        if seen > budget or word.start >= n_tokens:
+            break
+        if word.start > 0:
+            cuts.append(word.start)
+        seen += word.informative
+    return cuts
+
+
 def image_text_sample(
     pixel_values: torch.Tensor,
     text_ids: list[int],
@@ -99,21 +133,27 @@ def image_text_sample(
     *,
     text_encoder: str | None = None,
     to_encoder_ids: ToEncoderIds | None = None,
+    words: Sequence[Word] | None = None,
     bos_id: int | None = None,
     eos_id: int | None = None,
     max_prefix_fraction: float = 0.5,
+    prefix_free: float = PREFIX_FREE_SHARE,
 ) -> Sample:
     """Vision-language pre-training sample: image → encoded text prefix of random length → causal rest.
 
-    The prefix length is uniform in [0, max_prefix_fraction × len(text)], leaving at least one causal token;
-    with no text encoder the whole text is causal."""
+    A share ``prefix_free`` of samples has no prefix; the others take a cut drawn uniformly from no prefix
+    and :func:`prefix_cuts` (the paper's random length in [0, max_prefix_fraction], counted in words).
+    ``words``: the text's words (default: each token a word, for text without a tokenizer word map).
+    With no text encoder the whole text is causal."""
     sample: Sample = []
     if bos_id is not None:
         sample.append(TextSegment([bos_id]))
     sample.append(EncodedSegment(vision_encoder, pixel_values=pixel_values))
     cut = 0
-    if text_encoder is not None and len(text_ids) > 1:
-        cut = rng.randint(0, min(len(text_ids) - 1, int(max_prefix_fraction * len(text_ids))))
+    if text_encoder is not None and rng.random() >= prefix_free:
+        if words is None:
+            words = [Word(i, True) for i in range(len(text_ids))]
+        cut = rng.choice([0, *prefix_cuts(words, len(text_ids), max_prefix_fraction)])
     if cut:
         prefix = text_ids[:cut]
         sample.append(EncodedSegment(text_encoder, input_ids=to_encoder_ids(prefix), target_ids=prefix))

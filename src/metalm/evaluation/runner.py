@@ -16,6 +16,7 @@ and ``results.md`` (task x k, mean ± std over seeds).
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import random
@@ -134,6 +135,25 @@ def _cut(text: str, stops: Iterable[str]) -> str:
     return text
 
 
+@functools.cache
+def _continuation_pieces(tokenizer) -> tuple[int, ...]:
+    prefix = getattr(
+        getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None),
+        "continuing_subword_prefix",
+        None,
+    )
+    if not prefix:
+        return ()
+    return tuple(sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(prefix)))
+
+
+def continuation_pieces(tokenizer) -> list[int]:
+    """Ids of the vocabulary's word-continuation pieces (WordPiece ``##l``), or [] for a vocabulary that
+    does not mark them (byte-BPE and SentencePiece mark word *starts*, and a text may open without one).
+    A text that begins with a continuation piece decodes to "##l ...", which no person writes."""
+    return list(_continuation_pieces(tokenizer))
+
+
 @torch.inference_mode()
 def generate_samples(
     model,
@@ -150,6 +170,9 @@ def generate_samples(
     batch = _to(processor.collate(list(samples), padding_side="left"), _device(model))
     batch.pop("labels")
     kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
+    pieces = continuation_pieces(processor.tokenizer)
+    if pieces:  # every generation here starts a new word (after encoded slots, a prompt or a cue)
+        kwargs.setdefault("begin_suppress_tokens", pieces)
     if processor.eos_token_id is not None:
         kwargs.setdefault("eos_token_id", processor.eos_token_id)
     kwargs.setdefault("pad_token_id", processor.pad_token_id)

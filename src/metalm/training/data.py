@@ -64,7 +64,7 @@ from metalm.data.records import (
     read_records,
 )
 from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
-from metalm.data.semicausal import image_text_sample, sample_spans, semicausal_sample
+from metalm.data.semicausal import Word, image_text_sample, sample_spans, semicausal_sample
 from metalm.training.config import OPTIONS_JOINER, DataConfig, StreamConfig, check_template
 
 __all__ = [
@@ -167,6 +167,25 @@ def load_stream_records(
 def _tokenize(processor, text: str) -> list[int]:
     # verbose=False: a long document is fine here (it is packed), so no "longer than max length" warning.
     return processor.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _tokenize_words(processor, text: str) -> tuple[list[int], list[Word]]:
+    """Token ids of ``text`` and its words (first token, has letters or digits), so that a caption prefix is
+    cut between words. A slow tokenizer has no word map: each token is then a word."""
+    tok = processor.tokenizer
+    if not getattr(tok, "is_fast", False):
+        ids = _tokenize(processor, text)
+        return ids, [Word(i, True) for i in range(len(ids))]
+    enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+    word_ids = enc.word_ids()
+    words: list[Word] = []
+    for i, (start, end) in enumerate(enc["offset_mapping"]):
+        content = any(ch.isalnum() for ch in text[start:end])
+        if i == 0 or word_ids[i] is None or word_ids[i] != word_ids[i - 1]:
+            words.append(Word(i, content))
+        elif content:  # a later piece with letters makes the word informative
+            words[-1] = Word(words[-1].start, True)
+    return list(enc["input_ids"]), words
 
 
 class ImageCache:
@@ -362,9 +381,10 @@ class _Stream:
                 self.name,
             )
         if isinstance(rec, ImageText):
-            ids = self.ids.get(idx)
-            if ids is None:
-                ids = self.ids[idx] = _tokenize(p, rec.text)
+            cached = self.ids.get(idx)
+            if cached is None:
+                cached = self.ids[idx] = _tokenize_words(p, rec.text)
+            ids, words = cached
             if blind:
                 return [*bos, TextSegment(ids + eos)]
             pixels = self._image(idx, rec.image)
@@ -377,6 +397,7 @@ class _Stream:
                 rng,
                 text_encoder=o.text_encoder,
                 to_encoder_ids=o.to_encoder_ids,
+                words=words,
                 bos_id=p.bos_token_id,
                 eos_id=p.eos_token_id,
             )

@@ -1,0 +1,63 @@
+"""Per-question-type VQA accuracy and per-attribute caption correctness on hand-made predictions."""
+
+from __future__ import annotations
+
+import pytest
+
+from metalm.evaluation.breakdown import (
+    attribute_correctness,
+    caption_attributes,
+    caption_by_attribute,
+    question_type,
+    vqa_by_question_type,
+)
+
+
+def test_question_type_from_answers():
+    assert question_type(["red"]) == "colour"
+    assert question_type(["Teal"]) == "colour"
+    assert question_type(["triangle"]) == "shape"
+    assert question_type(["yes"]) == "yes/no"
+    assert question_type(["no"]) == "yes/no"
+    with pytest.raises(ValueError):
+        question_type(["maybe"])
+
+
+def test_vqa_by_question_type():
+    records = [
+        {"gold": ["red"], "prediction": "red", "score": 1.0},
+        {"gold": ["blue"], "prediction": "red", "score": 0.0},
+        {"gold": ["circle"], "prediction": "circle", "score": 1.0},
+        {"gold": ["yes"], "prediction": "no", "score": 0.0},
+        {"gold": "no", "prediction": "no", "score": 1.0},
+    ]
+    out = vqa_by_question_type(records)
+    assert out == {
+        "colour": {"accuracy": 50.0, "n": 2},
+        "shape": {"accuracy": 100.0, "n": 1},
+        "yes/no": {"accuracy": 50.0, "n": 2},
+    }
+
+
+def test_caption_attributes_first_named_value_counts():
+    assert caption_attributes("a teal circle.") == {"colour": "teal", "shape": "circle"}
+    assert caption_attributes("##l triangle.") == {"colour": None, "shape": "triangle"}
+    # "bluel" is not a colour word; a later correct colour does not undo the first claim.
+    assert caption_attributes("a bluel triangle.") == {"colour": None, "shape": "triangle"}
+    assert caption_attributes("a red, no, blue circle") == {"colour": "red", "shape": "circle"}
+
+
+def test_attribute_correctness_and_aggregate():
+    assert attribute_correctness("a red circle.", "a red circle.") == {"colour": True, "shape": True}
+    assert attribute_correctness("a blue circle.", "a red circle.") == {"colour": False, "shape": True}
+    assert attribute_correctness("triangle.", "a gray triangle.") == {"colour": False, "shape": True}
+    records = [
+        {"prediction": "a red circle.", "gold": "a red circle."},
+        {"prediction": "a blue circle.", "gold": ["a red circle."]},
+        {"prediction": "a gray rectangle.", "gold": "a gray triangle."},
+        {"prediction": "", "gold": "a green triangle."},
+    ]
+    assert caption_by_attribute(records) == {
+        "colour": {"accuracy": 50.0, "n": 4},
+        "shape": {"accuracy": 50.0, "n": 4},
+    }
