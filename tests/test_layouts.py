@@ -60,3 +60,21 @@ def test_an_image_alone_is_a_caption_request():
         vision_encoder="v",
     )
     assert len(parts) == 1 and isinstance(parts[0], ImageInput)
+
+
+def test_layouts_follow_the_training_streams():
+    from metalm.training.config import StreamConfig, layouts_from_streams
+
+    streams = [
+        StreamConfig(source="bbc_news_text"),
+        StreamConfig(source="easy_vqa_captions"),
+        StreamConfig(source="easy_vqa_vqa", template="Q: {question}", prompt="A:"),
+    ]
+    layouts = layouts_of(SimpleNamespace(prompt_layouts=layouts_from_streams(streams)))
+    assert layouts.vqa == PromptLayout(template="Q: {question}", prompt="A:")
+    assert layouts.caption == PromptLayout()  # lm-format captions: the image, then the caption
+    assert layouts.classification == DEFAULT_LAYOUTS.classification
+    # Trained further on classification only: the VQA layout it had is kept.
+    more = [StreamConfig(source="bbc_news", format="instruction", template="{text} topic?", prompt="")]
+    kept = layouts_of(SimpleNamespace(prompt_layouts=layouts_from_streams(more, layouts.model_dump())))
+    assert kept.vqa == layouts.vqa and kept.classification.template == "{text} topic?"

@@ -398,6 +398,9 @@ def test_run_writes_outputs(full_run):
         "checkpoint-6",
     ]
     assert verify_checkpoint(out / "checkpoint-6", world_size=1) is None
+    # The final model carries the layouts of its streams (captions in lm format: the image, then text).
+    layouts = json.loads((out / "final" / "config.json").read_text())["prompt_layouts"]
+    assert layouts["caption"] == {"template": "", "prompt": ""}
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     processor = MetaLMProcessor.from_pretrained(result.final_dir)
     batch = processor(["question: what shape? answer:"], padding_side="left")

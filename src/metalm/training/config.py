@@ -149,6 +149,39 @@ class StreamConfig:
         return self.prompt if self.prompt is not None else DEFAULT_PROMPTS.get(kind, "")
 
 
+def stream_record_kind(stream: StreamConfig) -> str | None:
+    """The record kind a stream holds: its `kind`, else its built-in dataset's; None for a file stream of
+    mixed kinds."""
+    if stream.kind is not None:
+        return stream.kind
+    from metalm.data.builtin import BUILTIN_DATASETS
+
+    dataset = BUILTIN_DATASETS.get(stream.source)
+    return dataset.kind if dataset is not None else None
+
+
+def layouts_from_streams(streams: list[StreamConfig], saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The request layouts (`metalm.data.layouts`) these streams train, over `saved` ones (a model trained
+    further keeps the layouts of what it is not retrained on). VQA records are always laid out by their
+    stream's template and prompt; image-text records in `lm` format are the image then the caption; in
+    `instruction` format, like classification records, they follow their template and prompt."""
+    layouts = {k: dict(v) for k, v in (saved or {}).items()}
+    record_kinds = {"vqa": "vqa", "caption": "image_text", "classification": "classification"}
+    for stream in streams:
+        kind = stream_record_kind(stream)
+        for layout, record_kind in record_kinds.items():
+            if kind not in (record_kind, None):
+                continue
+            if record_kind == "vqa" or stream.format == "instruction":
+                layouts[layout] = {
+                    "template": stream.templates(record_kind)[0],
+                    "prompt": stream.decoder_prompt(record_kind),
+                }
+            elif record_kind == "image_text" and kind == "image_text":
+                layouts[layout] = {"template": "", "prompt": ""}
+    return layouts
+
+
 @dataclass
 class DataConfig:
     """``seq_len``: decoder positions per sample (text windows are exactly this long; longer samples are

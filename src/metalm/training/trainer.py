@@ -57,7 +57,7 @@ import torch
 import yaml
 
 from metalm.model.loading import MANIFEST, fsync_dir, verify_manifest, write_manifest
-from metalm.training.config import ConfigError, TrainConfig, config_to_dict, load_config
+from metalm.training.config import ConfigError, TrainConfig, config_to_dict, layouts_from_streams, load_config
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -783,6 +783,10 @@ class Trainer:
 
         set_seed(run.seed)
         model, self.processor = self._build_model(resume)
+        # The saved model carries the layouts it is trained on, so generate/chat/serve use them.
+        model.config.prompt_layouts = layouts_from_streams(
+            cfg.data.streams, getattr(model.config, "prompt_layouts", None)
+        )
         if cfg.model.lora is not None:
             if self.fsdp or self.deepspeed:
                 raise ConfigError("model.lora runs on one process or with DDP, not with FSDP or DeepSpeed")
