@@ -367,3 +367,40 @@ def test_lora_trains_adapters_merges_and_resumes(saved_text_tiny, tmp_path, monk
         assert resumed.losses[step] == pytest.approx(result.losses[step], abs=1e-6)
     key = "decoder.model.layers.0.self_attn.q_proj.weight"
     assert torch.allclose(weights(resumed.final_dir)[key], after[key], atol=1e-6)
+
+
+def test_finetune_my_data_config_extends_a_preset(tmp_path, caplog):
+    """`extends` a from-scratch preset + `init_from`: the preset's settings are kept, its architecture is
+    not (the saved model fixes it); setting an architecture key in the file itself stays an error."""
+    (tmp_path / "train.jsonl").write_text('{"kind": "text", "text": "hello"}\n')
+    (tmp_path / "mine.yaml").write_text(
+        f"extends: {CONFIGS / 'quickstart.yaml'}\n"
+        "init_from: runs/quickstart/final\n"
+        f"data:\n  streams:\n    - {{name: mine, source: {tmp_path / 'train.jsonl'}}}\n"
+        "run: {output_dir: runs/mine}\n"
+    )
+    cfg = load_config(tmp_path / "mine.yaml")
+    base = load_config(CONFIGS / "quickstart.yaml")
+    assert cfg.model.decoder is None and cfg.model.encoders is None and cfg.model.tokenizer is None
+    assert cfg.optim == base.optim and cfg.data.seq_len == base.data.seq_len
+    assert [s.name for s in cfg.data.streams] == ["mine"] and cfg.run.output_dir == "runs/mine"
+    assert load_config(tmp_path / "mine.yaml", ["model.encoders=null"]).model.encoders is None
+    with pytest.raises(
+        ConfigError, match="model.encoders: cannot be set together with init_from.*leave it out"
+    ):
+        load_config(tmp_path / "mine.yaml", ["model.encoders=[]"])
+    with pytest.raises(ConfigError, match="model.decoder: cannot be set together with init_from"):
+        load_config(tmp_path / "mine.yaml", ["model.decoder=gpt2"])
+
+
+def test_init_from_logs_what_it_loaded(saved_tiny, tmp_path, caplog):
+    import logging
+
+    from metalm.training.trainer import train
+
+    cfg = finetune_config(saved_tiny, tmp_path / "run", decoder_trainable=False)
+    cfg["optim"]["max_steps"] = 1
+    with caplog.at_level(logging.INFO, logger="metalm.training"):
+        train(config_from_dict(cfg))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("init_from"))
+    assert str(saved_tiny) in line and "decoder llama" in line and "frozen" in line and "text (text" in line

@@ -57,6 +57,8 @@ DEFAULT_TEMPLATES = {
 }
 DEFAULT_PROMPTS = {"vqa": "answer:"}
 OPTIONS_JOINER = ", "
+# What a saved model (`init_from`) fixes: a config that starts from one cannot set these.
+INIT_FROM_FIXED = ("decoder", "tokenizer", "encoders")
 
 
 class ConfigError(ValueError):
@@ -90,7 +92,7 @@ class ModelConfig:
 
     decoder: str | dict[str, Any] | None = None
     tokenizer: str | None = None
-    encoders: list[EncoderRecipe] = field(default_factory=list)
+    encoders: list[EncoderRecipe] | None = None
     semi_causal: dict[str, Any] | None = None
     decoder_trainable: bool | None = None
     attn_implementation: str = "sdpa"
@@ -102,7 +104,7 @@ class ModelConfig:
         return ModelRecipe(
             decoder=self.decoder,
             tokenizer=self.tokenizer,
-            encoders=[dataclasses.replace(e) for e in self.encoders],
+            encoders=[dataclasses.replace(e) for e in self.encoders or []],
             semi_causal=dict(self.semi_causal) if self.semi_causal else None,
             decoder_trainable=True if self.decoder_trainable is None else self.decoder_trainable,
             attn_implementation=self.attn_implementation,
@@ -486,9 +488,10 @@ def _check(cfg: TrainConfig) -> None:
                 raise _FieldError(
                     f"model.{key}", "cannot be set together with init_from (the saved model's is used)"
                 )
-        if m.encoders:
+        if m.encoders is not None:
             raise _FieldError(
-                "model.encoders", "cannot be set together with init_from (the saved model's are used)"
+                "model.encoders",
+                "cannot be set together with init_from (the saved model's are used); leave it out",
             )
     if m.semi_causal is not None:
         for key, value in m.semi_causal.items():
@@ -517,7 +520,7 @@ def _check(cfg: TrainConfig) -> None:
         if m.lora.target_modules is not None and not m.lora.target_modules:
             raise _FieldError("model.lora.target_modules", "an empty list; name modules or leave it out")
     names = set()
-    for i, enc in enumerate(m.encoders):
+    for i, enc in enumerate(m.encoders or []):
         where = f"model.encoders[{i}]"
         if not enc.name.isidentifier():
             raise _FieldError(f"{where}.name", f"must be an identifier, got {enc.name!r}")
@@ -631,6 +634,10 @@ def _read_yaml(path: Path, shown: str, chain: tuple[Path, ...] = ()) -> dict[str
     if base_path in chain:
         raise ConfigError(f"{shown}: extends: {parent!r} extends itself (a cycle)")
     base = _read_yaml(base_path, str(Path(shown).parent / parent), (*chain, path.resolve()))
+    if data.get("init_from") is not None and isinstance(base.get("model"), dict):
+        # A file that starts from a saved model keeps its base's settings but not the base's architecture:
+        # the saved model fixes the decoder, tokenizer and encoders.
+        base["model"] = {k: v for k, v in base["model"].items() if k not in INIT_FROM_FIXED}
     return _deep_merge(base, data)
 
 

@@ -467,6 +467,25 @@ def _test_pause(env: str) -> None:
         time.sleep(seconds)
 
 
+def describe_model(model) -> str:
+    """One line on what a MetaLM is made of and what of it trains (for logs)."""
+
+    def millions(params) -> str:
+        return f"{sum(p.numel() for p in params) / 1e6:.1f}M"
+
+    decoder = model.decoder
+    encoders = ", ".join(
+        f"{spec['name']} ({spec['kind']}, {spec['backbone']}, {millions(model.encoders[spec['name']].parameters())})"
+        for spec in model.config.encoders
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = "trainable" if any(p.requires_grad for p in decoder.parameters()) else "frozen"
+    return (
+        f"decoder {decoder.config.model_type} ({millions(decoder.parameters())}, {frozen}); "
+        f"encoders: {encoders or 'none'}; trainable {millions(trainable)} of {millions(model.parameters())}"
+    )
+
+
 class Trainer:
     """Train a MetaLM from a :class:`TrainConfig`; ``Trainer(config).train()`` returns a :class:`TrainResult`."""
 
@@ -510,6 +529,7 @@ class Trainer:
             model.config.decoder_trainable = cfg.model.decoder_trainable
         model.apply_freezing()
         processor = MetaLMProcessor.from_pretrained(cfg.init_from, config=model.config)
+        logger.info("init_from %s: %s", cfg.init_from, describe_model(model))
         return model, processor
 
     def _log_handler(self, main: bool) -> logging.Handler | None:
