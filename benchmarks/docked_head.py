@@ -97,7 +97,7 @@ def step(model, b: dict, full_head: bool) -> None:
             labels=b["labels"],
         ).loss
     else:
-        loss = model(**b).loss
+        loss = model(**b, labelled_logits_only=True).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
 

@@ -180,18 +180,37 @@ def test_labelled_head_loss_equals_full_head_loss(gemma, num_items):
     model, processor = gemma
     batch = _training_batch(processor)
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
-    out = model(**batch, **kwargs)
+    out = model(**batch, labelled_logits_only=True, **kwargs)
     targets = int((batch["labels"][:, 1:] != -100).sum())
     assert out.logits.shape == (targets, model.config.text_config.vocab_size)
     full = _full_head_loss(model, batch, **kwargs)
     torch.testing.assert_close(out.loss, full, rtol=1e-5, atol=1e-6)
+    # In eval mode (the default here) the logits keep their usual shape, with the same loss.
+    usual = model(**batch, **kwargs)
+    assert usual.logits.shape[:2] == batch["input_ids"].shape
+    torch.testing.assert_close(usual.loss, full, rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_runs_the_head_on_labelled_positions_only(gemma):
+    model, processor = gemma
+    batch = _training_batch(processor)
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    try:
+        model.train()
+        with torch.no_grad():
+            assert model(**batch).logits.shape[0] == targets
+    finally:
+        model.eval()
 
 
 def test_labelled_head_gradients_equal_full_head_gradients(gemma):
     model, processor = gemma
     batch = _training_batch(processor)
     grads = []
-    for loss_fn in (lambda: model(**batch).loss, lambda: _full_head_loss(model, batch)):
+    for loss_fn in (
+        lambda: model(**batch, labelled_logits_only=True).loss,
+        lambda: _full_head_loss(model, batch),
+    ):
         model.zero_grad(set_to_none=True)
         loss_fn().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

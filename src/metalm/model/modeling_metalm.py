@@ -172,23 +172,32 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         encoder_inputs: EncoderInputs | None = None,
         encoder_slots: dict[str, torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        labelled_logits_only: bool | None = None,
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
         them with the semi-causal labelling rules.
 
-        With `labels` (and no `logits_to_keep` of the caller's), the LM head runs only on the positions that
-        predict a label: the loss is the full-head loss (same terms, same normalisation), and `logits` then
-        holds just those positions, flattened to [targets, vocab] in row-major order. A semi-causal batch
-        labels a fraction of its positions, and with a large vocabulary (Gemma: 262k) the head is most of
-        the step's cost."""
+        `labelled_logits_only` (default: in training mode): with `labels` and no `logits_to_keep` of the
+        caller's, the LM head runs only on the positions that predict a label. The loss is the full-head loss
+        (same terms, same normalisation), and `logits` then holds just those positions, flattened to
+        [targets, vocab] in row-major order. A semi-causal batch labels a fraction of its positions, and
+        with a large vocabulary (Gemma: 262k) the head is most of a training step's cost; in eval mode the
+        logits keep the usual [batch, positions, vocab] shape."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with encoder_inputs/encoder_slots) or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
         elif encoder_inputs:
             raise ValueError("encoder_inputs are already part of inputs_embeds; pass one or the other")
-        if labels is not None and _keeps_all(logits_to_keep) and self._head_takes_mask():
+        if labelled_logits_only is None:
+            labelled_logits_only = self.training
+        if (
+            labelled_logits_only
+            and labels is not None
+            and _keeps_all(logits_to_keep)
+            and self._head_takes_mask()
+        ):
             logits_to_keep, kwargs["shift_labels"] = labelled_positions(labels)
         return self.decoder(
             inputs_embeds=inputs_embeds,
