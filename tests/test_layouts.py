@@ -78,3 +78,17 @@ def test_layouts_follow_the_training_streams():
     more = [StreamConfig(source="bbc_news", format="instruction", template="{text} topic?", prompt="")]
     kept = layouts_of(SimpleNamespace(prompt_layouts=layouts_from_streams(more, layouts.model_dump())))
     assert kept.vqa == layouts.vqa and kept.classification.template == "{text} topic?"
+
+
+def test_auto_classes_load_a_saved_model_and_its_processor(tiny_saved):
+    """The Hugging Face way works: AutoModelForCausalLM + AutoProcessor on a saved folder."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    import metalm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_saved)
+    processor = AutoProcessor.from_pretrained(tiny_saved)
+    assert isinstance(model, metalm.MetaLMForCausalLM) and isinstance(processor, metalm.MetaLMProcessor)
+    batch = processor([[RED, metalm.Encode("question: what color?"), "answer:"]])
+    out = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2

@@ -254,7 +254,11 @@ class MetaLMProcessor:
         (directory / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, config: MetaLMConfig | None = None) -> MetaLMProcessor:
+    def from_pretrained(
+        cls, directory: str | Path, config: MetaLMConfig | None = None, **hf_kwargs: Any
+    ) -> MetaLMProcessor:
+        """The processor saved in a model folder. `hf_kwargs`: what `AutoProcessor.from_pretrained` passes
+        along (`_from_auto`, `trust_remote_code`, ...); a saved folder needs none of them."""
         directory = Path(directory)
         if config is None:
             config = MetaLMConfig.from_pretrained(directory)
@@ -269,3 +273,13 @@ class MetaLMProcessor:
         }
         image_processors = {n: ImagePreprocessor.from_dict(d) for n, d in meta["image_processors"].items()}
         return cls(config, tokenizer, encoder_tokenizers, image_processors)
+
+
+def register_processor() -> None:
+    """`AutoProcessor.from_pretrained(model_folder)` returns a MetaLMProcessor (idempotent)."""
+    from transformers import AutoProcessor
+
+    try:
+        AutoProcessor.register(MetaLMConfig, MetaLMProcessor)
+    except ValueError:
+        pass
