@@ -251,3 +251,28 @@ def test_frozen_decoder_trains_connectors_under_bf16_autocast(bpe_dir):
     for name in ("text", "vision"):
         grads = [p.grad for p in model.connectors[name].parameters()]
         assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), name
+
+
+@pytest.mark.parametrize("connector", ["linear", "mlp", "resampler"])
+def test_every_connector_type_is_put_on_the_embedding_scale(bpe_dir, connector):
+    from metalm import EncoderRecipe, ModelRecipe
+    from tests.conftest import TINY_BERT
+    from tests.gemma_tiny import TINY_GEMMA
+
+    spec = {"type": connector, "num_heads": 4, "num_queries": 4} if connector == "resampler" else connector
+    model, processor = ModelRecipe(
+        decoder=TINY_GEMMA,
+        tokenizer=bpe_dir,
+        encoders=[
+            EncoderRecipe(
+                "text",
+                "text",
+                source="config",
+                config=TINY_BERT,
+                tokenizer="packaged:minilm-l6",
+                connector=spec,
+            )
+        ],
+    ).build()
+    model.eval()
+    assert connector_rms(model, processor, "text") == pytest.approx(embedding_rms(model, processor), rel=1e-3)
