@@ -417,7 +417,7 @@ def test_eval_parser_arguments():
     assert parser.parse_args(["eval", "DIR", "--task", "x"]).baseline is None  # auto-detect
 
 
-def test_model_without_vision_encoder_is_evaluated_without_images(tmp_path):
+def test_model_without_vision_encoder_is_evaluated_without_images(tmp_path, caplog):
     """The GPT baseline cannot see images: image tasks run with the images left out, as it was trained."""
     import torch
 
@@ -435,5 +435,16 @@ def test_model_without_vision_encoder_is_evaluated_without_images(tmp_path):
     assert parts == []
     sample = prompt_to_sample(processor, parts)
     assert [s.ids for s in sample] == [[processor.bos_token_id]]
-    summary = evaluate(model.eval(), processor, ["easyvqa", "easyvqa-caption-image"], limit=3, progress=False)
+    with caplog.at_level("WARNING", logger="metalm.evaluation"):
+        summary = evaluate(
+            model.eval(),
+            processor,
+            ["easyvqa", "easyvqa-caption-image"],
+            shots=[0, 1],
+            limit=3,
+            progress=False,
+        )
     assert set(summary["results"]) == {"easyvqa", "easyvqa-caption-image"}
+    # Said once per task (not per k or seed), naming it and how many images were left out.
+    warnings = [r.getMessage() for r in caplog.records if "no vision encoder" in r.getMessage()]
+    assert len(warnings) == 2 and "'easyvqa'" in warnings[0] and "3 of 3 examples" in warnings[0]

@@ -567,3 +567,32 @@ def test_resume_with_a_trainable_encoder_that_gets_no_gradient(tmp_path, monkeyp
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "checkpoint-4"
     for step in (5, 6):
         assert resumed.losses[step] == pytest.approx(full.losses[step], abs=1e-6)
+
+
+def test_a_model_without_vision_encoder_names_each_image_stream_once(caplog):
+    """The GPT baseline leaves images out: one warning per stream that has images, none for text streams,
+    and none repeated by the validation data."""
+    from metalm import ModelRecipe
+    from metalm.training.config import DataConfig, StreamConfig
+    from metalm.training.data import build_data
+    from tests.conftest import TINY_LLAMA
+
+    _, processor = ModelRecipe(decoder=TINY_LLAMA, tokenizer="packaged:minilm-l6").build()
+    data = DataConfig(
+        streams=[
+            StreamConfig(source="pydoc", name="docs"),
+            StreamConfig(source="easy_vqa_captions", name="captions"),
+            StreamConfig(source="easy_vqa_vqa", name="vqa"),
+        ],
+        seq_len=64,
+        max_records=20,
+    )
+    with caplog.at_level("WARNING", logger="metalm.training"):
+        train, val = build_data(data, processor, batch_size=4, seed=0)
+        train.take(12)
+        val.take(6)
+    said = [r.getMessage() for r in caplog.records if "no vision encoder" in r.getMessage()]
+    assert sorted(said) == sorted(
+        f"the model has no vision encoder: images in stream {name!r} are left out (text-only baseline)"
+        for name in ("captions", "vqa")
+    )

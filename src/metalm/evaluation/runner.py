@@ -19,6 +19,7 @@ import argparse
 import functools
 import inspect
 import json
+import logging
 import random
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 SUBSET_SEED = "metalm-eval-subset"
+logger = logging.getLogger("metalm.evaluation")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,6 +210,17 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def _gold(ex: Example) -> str | list[str]:
     return ex.answers[0] if len(ex.answers) == 1 else list(ex.answers)
+
+
+def _warn_if_images_left_out(model, task: Task, examples: list[Example]) -> None:
+    """A model without a vision encoder reads the text only (as it was trained): say so, once per task."""
+    has_vision = hasattr(model.config, "encoders_of_kind") and bool(model.config.encoders_of_kind("vision"))
+    with_images = sum(ex.image is not None for ex in examples)
+    if with_images and not has_vision:
+        logger.warning(
+            "task %r: the model has no vision encoder, so the images of %d of %d examples are left out "
+            "(it reads the text only, as it was trained)", task.name, with_images, len(examples),
+        )  # fmt: skip
 
 
 def _run(
@@ -420,6 +433,7 @@ def evaluate(
     try:
         for t in tasks:
             examples = _subset(t.examples(t.eval_split), limit)
+            _warn_if_images_left_out(model, t, examples)
             pool: list[Example] = []
             if any(k > 0 for k in shots):  # zero-shot runs never touch the demonstration split
                 pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)

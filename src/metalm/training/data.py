@@ -374,12 +374,8 @@ class _Stream:
         blind = o.vision is None  # no vision encoder (the GPT baseline): images are left out
         if self.instruction or isinstance(rec, VQAExample):  # VQA is an instruction sample in any format
             return self._instruction_sample(idx, rng, bos, eos, blind)
-        if blind and not o.warned_blind:
-            o.warned_blind = True
-            logger.warning(
-                "the model has no vision encoder: images in stream %r are left out (text-only baseline)",
-                self.name,
-            )
+        if blind and isinstance(rec, ImageText | Interleaved):
+            self._warn_images_left_out()
         if isinstance(rec, ImageText):
             cached = self.ids.get(idx)
             if cached is None:
@@ -423,6 +419,16 @@ class _Stream:
             return sample
         raise TypeError(f"unexpected record {type(rec).__name__}")
 
+    def _warn_images_left_out(self) -> None:
+        """Once per stream, and from the training data only (validation reads the same streams)."""
+        o = self.owner
+        if o.split == "train" and self.name not in o.warned_blind:
+            o.warned_blind.add(self.name)
+            logger.warning(
+                "the model has no vision encoder: images in stream %r are left out (text-only baseline)",
+                self.name,
+            )
+
     # --- instruction samples (format: instruction; VQA always) ------------------------------------
     def _instruction_sample(
         self, idx: int, rng: random.Random, bos: Sample, eos: list[int], blind: bool
@@ -455,12 +461,8 @@ class _Stream:
                 "kind",
             )
             return None
-        if image is not None and blind and not o.warned_blind:
-            o.warned_blind = True
-            logger.warning(
-                "the model has no vision encoder: images in stream %r are left out (text-only baseline)",
-                self.name,
-            )
+        if image is not None and blind:
+            self._warn_images_left_out()
         templates = self.config.templates(kind)
         k = rng.randrange(len(templates)) if len(templates) > 1 else 0
         cache = self.ids.setdefault(idx, {})
@@ -701,7 +703,7 @@ class DataStream:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"stream names must be unique, got {self.names}")
         self.weights = [s.weight for s in self.streams]
-        self.warned_blind = False
+        self.warned_blind: set[str] = set()  # streams whose images were said to be left out
         self.draws = 0
         self.stats = {"samples": 0, "truncated": 0, "skipped_no_target": 0, "batches": 0}
         self.per_stream = dict.fromkeys(self.names, 0)
