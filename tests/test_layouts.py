@@ -92,3 +92,12 @@ def test_auto_classes_load_a_saved_model_and_its_processor(tiny_saved):
     batch = processor([[RED, metalm.Encode("question: what color?"), "answer:"]])
     out = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a t-shirt, 3.5 inches; don't go", "the e-mail at 10:30 and/or later", "a man's black-and-white cap."],
+)
+def test_wordpiece_decode_writes_what_a_person_would(tiny, text):
+    _, processor = tiny
+    assert processor.decode(processor.tokenize(text)) == text.lower()

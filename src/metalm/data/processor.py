@@ -7,6 +7,7 @@ encoder, tokenizes each piece once, and collates with `metalm.data.segments.coll
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,21 @@ def part_separator(tokenizer: PreTrainedTokenizerBase) -> str:
     return "" if joined.strip().lower() == "hello world" else " "
 
 
+_JOINS = (
+    (re.compile(r"(?<=\w) ?([-/'’]) ?(?=\w)"), r"\1"),  # t - shirt, and / or, don ' t
+    (re.compile(r"(?<=\d) ?([.,:]) ?(?=\d)"), r"\1"),  # 3. 5, 10 : 30, 1, 000
+    (re.compile(r" ([.,;:!?%)\]}])"), r"\1"),  # a space before closing punctuation
+    (re.compile(r"([(\[{$]) "), r"\1"),  # a space after opening punctuation
+)
+
+
+def join_split_punctuation(text: str) -> str:
+    """Undo the spaces a WordPiece decode puts around punctuation inside and after words."""
+    for pattern, replacement in _JOINS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 class MetaLMProcessor:
     def __init__(
         self,
@@ -93,6 +109,8 @@ class MetaLMProcessor:
         if self.pad_token_id is None:
             raise InputError("the decoder tokenizer needs a pad token (or an eos token to pad with)")
         self.part_separator = part_separator(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._wordpiece = type(getattr(backend, "decoder", None)).__name__ == "WordPiece"
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -233,9 +251,12 @@ class MetaLMProcessor:
         return self.collate(samples, padding_side=padding_side, **kwargs)
 
     def decode(self, ids, **kwargs: Any) -> str:
-        return self.tokenizer.decode(
+        """Text as a person would write it. A WordPiece tokenizer (BERT, MiniLM) splits punctuation off
+        words and forgets the spacing, so its decode writes "t - shirt" and "3. 5"; that spacing is undone."""
+        text = self.tokenizer.decode(
             ids, skip_special_tokens=kwargs.pop("skip_special_tokens", True), **kwargs
         )
+        return join_split_punctuation(text) if self._wordpiece else text
 
     def batch_decode(self, ids, **kwargs: Any) -> list[str]:
         return [self.decode(row, **kwargs) for row in ids]
