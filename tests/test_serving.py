@@ -689,10 +689,10 @@ def test_images_decode_straight_to_the_encoder_size():
 
 
 def test_decodes_at_once_are_bounded(monkeypatch):
-    import metalm.serving.server as server_module
+    import metalm.serving.resolver as resolver_module
 
     active, peak, lock = [0], [0], threading.Lock()
-    real = server_module.load_image
+    real = resolver_module.load_image
 
     def counting(*args, **kwargs):
         with lock:
@@ -705,7 +705,7 @@ def test_decodes_at_once_are_bounded(monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(server_module, "load_image", counting)
+    monkeypatch.setattr(resolver_module, "load_image", counting)
     resolver = ImageResolver(ServerSettings(max_concurrent_decodes=2))
 
     async def many():

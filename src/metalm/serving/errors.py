@@ -1,0 +1,124 @@
+"""Every refusal the server gives, in OpenAI's error shape ``{"error": {"message", "type", "param",
+"code"}}``: `APIError` is the one way to say no, and this module the one place that turns anything else
+(validation errors, engine errors, routing errors, bugs) into one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metalm.data.processor import InputError
+from metalm.serving.engine import JobTimeout, QueueFull
+
+__all__ = ["APIError", "install_error_handlers", "refusal_for", "validation_refusal"]
+
+logger = logging.getLogger("metalm.serving")
+
+
+class APIError(Exception):
+    """A refusal with an HTTP status, rendered in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def request_timeout() -> APIError:
+    return APIError(408, "the request took longer than the time limit", type="timeout_error", code="timeout")
+
+
+def refusal_for(error: BaseException) -> APIError:
+    """The refusal for an error the engine raised or a job ended with. Anything unexpected becomes a
+    generic 500: its details stay in the log (the engine logs the traces of failed jobs)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, JobTimeout):
+        return APIError(408, str(error), type="timeout_error", code="timeout")
+    if isinstance(error, InputError):
+        return APIError(400, str(error), param="messages")
+    if isinstance(error, QueueFull):
+        return APIError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded")
+    return APIError(500, "internal server error", type="server_error")
+
+
+# Pydantic error types that mean "not the right kind of value" rather than "a value out of range".
+_TYPE_ERRORS = ("_type", "_parsing")
+_CUSTOM_STATUS = {"model_not_found": 404}  # custom error types raised by the request schema's validators
+
+
+def validation_refusal(error: ValidationError | RequestValidationError, data: Any) -> APIError:
+    """The first error of a failed validation of `data`, named by its path in the request
+    (``messages[0].content[1].text``)."""
+    first = error.errors()[0]
+    kind = first["type"]
+    param = _param(first["loc"], data)
+    if kind in _CUSTOM_STATUS or kind == "unsupported_parameter":
+        code = kind
+    elif kind == "missing":
+        code = "missing_required_parameter"
+    elif kind.endswith(_TYPE_ERRORS) or kind in ("int_from_float", "model_type"):
+        code = "invalid_type"
+    else:
+        code = "invalid_value"
+    message = first["msg"].removeprefix("Value error, ")
+    if param is not None and kind not in _CUSTOM_STATUS:
+        message = f"'{param}': {message}"
+    elif param is None and kind == "model_type":
+        message = "the request body must be a JSON object"
+    return APIError(_CUSTOM_STATUS.get(kind, 400), message, param=param, code=code)
+
+
+def _param(loc: tuple[int | str, ...], data: Any) -> str | None:
+    """``loc`` as a path into the request. Pydantic's locations also name union branches and
+    discriminator tags ("list[...]", "image_url"): a step is kept only where `data` has it, except a last
+    key, which names a missing field."""
+    path, node = "", data
+    for i, step in enumerate(loc):
+        if isinstance(step, int) and isinstance(node, list) and 0 <= step < len(node):
+            path, node = f"{path}[{step}]", node[step]
+        elif isinstance(step, str) and isinstance(node, dict) and (step in node or i == len(loc) - 1):
+            path, node = f"{path}.{step}" if path else step, node.get(step)
+    return path or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Routes every exception an endpoint raises through the shapes above."""
+
+    @app.exception_handler(APIError)
+    async def refused(request: Request, exc: APIError) -> JSONResponse:
+        logger.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_refusal(exc, exc.body).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return refusal_for(exc).response()

@@ -1,0 +1,96 @@
+"""The HTTP endpoints, as one router. Each handler reads the shared `ServerState` from the app; the
+chat completions flow itself lives in `metalm.serving.completions`."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
+
+from metalm.serving.completions import answer
+from metalm.serving.errors import APIError, validation_refusal
+from metalm.serving.http_guard import read_json_body
+from metalm.serving.schemas import ChatCompletion, ErrorResponse, Health, ModelCard, ModelList
+from metalm.serving.state import ServerState
+
+__all__ = ["CHAT_PATH", "router"]
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.metalm
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: State) -> None:
+    state.check_api_key(request.headers.get("authorization", ""))
+
+
+router = APIRouter()
+keyed = [Depends(require_api_key)]
+_REFUSALS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": "refused"}
+    for status in (400, 401, 403, 404, 408, 413, 415, 429)
+}
+
+
+@router.get("/", include_in_schema=False)
+async def index(state: State) -> HTMLResponse:
+    return HTMLResponse(state.page.html, headers=state.page.headers)
+
+
+@router.get("/health")
+async def health(state: State) -> Health:
+    return Health(model=state.model_name, in_flight=state.limiter.count, pending=state.engine.pending)
+
+
+@router.get("/v1/models", dependencies=keyed, responses=_REFUSALS)
+async def models(state: State) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.model_name, created=state.created)])
+
+
+@router.get("/v1/models/{name:path}", dependencies=keyed, responses=_REFUSALS)
+async def model_info(name: str, state: State) -> ModelCard:
+    if name != state.model_name:
+        raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+    return ModelCard(id=state.model_name, created=state.created)
+
+
+@router.post(
+    CHAT_PATH,
+    dependencies=keyed,
+    response_model=None,
+    responses={
+        200: {
+            "model": ChatCompletion,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "the answer; with `stream: true`, server-sent `chat.completion.chunk` events",
+        },
+        **_REFUSALS,
+    },
+)
+async def chat_completions(request: Request, state: State) -> Response:
+    # The body is read and validated here rather than by FastAPI: its size is counted as it arrives,
+    # hostile JSON is refused before pydantic sees it, and the limits come from this server's settings.
+    # Its schema is published by `publish_request_schema`.
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    body = await read_json_body(request, state.settings.max_body_bytes)
+    try:
+        req = state.request_model.model_validate(body)
+    except ValidationError as err:
+        raise validation_refusal(err, body) from None
+    slot = state.limiter.acquire()
+    try:
+        response = await answer(state, request, req, deadline, slot)
+    except BaseException:
+        slot.release()
+        raise
+    if not req.stream:
+        slot.release()
+    return response
