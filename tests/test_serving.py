@@ -406,6 +406,50 @@ def test_bad_requests_with_openai_client(client, kind):
     assert error["code"] == code
 
 
+def _part(part: dict) -> list[dict]:
+    return [{"role": "user", "content": [part]}]
+
+
+# Refusals by the request schema: (status, code, param), the param a path into the request.
+SCHEMA_REFUSALS = {
+    "no model": ({"model": None}, (400, "missing_required_parameter", "model")),
+    "text part not a string": ({"messages": _part({"type": "text", "text": 1})}, (400, "invalid_type", "messages[0].content[0].text")),
+    "unknown part type": ({"messages": _part({"type": "audio"})}, (400, "invalid_value", "messages[0].content[0]")),
+    "image_url not an object": ({"messages": _part({"type": "image_url", "image_url": "x"})}, (400, "invalid_type", "messages[0].content[0].image_url")),
+    "message not an object": ({"messages": ["hi"]}, (400, "invalid_type", "messages[0]")),
+    "content a number": ({"messages": [{"role": "user", "content": 3}]}, (400, "invalid_type", "messages[0].content")),
+    "temperature a string": ({"temperature": "1"}, (400, "invalid_type", "temperature")),
+    "n a float": ({"n": 2.0}, (400, "invalid_type", "n")),
+    "NaN top_p": ({"top_p": float("nan")}, (400, "invalid_value", "top_p")),
+    "five stop strings": ({"stop": ["a"] * 5}, (400, "invalid_value", "stop")),
+    "stop too long": ({"stop": "x" * 65}, (400, "invalid_value", "stop")),
+    "stream a string": ({"stream": "yes"}, (400, "invalid_type", "stream")),
+    "tools": ({"tools": [{"type": "function"}]}, (400, "unsupported_parameter", "tools")),
+    "penalty": ({"presence_penalty": 0.5}, (400, "unsupported_parameter", "presence_penalty")),
+    "penalty out of range": ({"frequency_penalty": 3}, (400, "invalid_value", "frequency_penalty")),
+    "nine images": ({"messages": _user("x", *["data:,"] * 9)}, (400, "too_many_images", "messages[0].content[9]")),
+}  # fmt: skip
+
+
+def test_schema_refusals_name_the_field(live):
+    """Validation errors come out in OpenAI's shape, the field named by its path in the request (not by
+    pydantic's union branches); empty unsupported options and zero penalties are accepted."""
+    url = live[1] + "/v1/chat/completions"
+    results = {}
+    for name, (fields, _) in SCHEMA_REFUSALS.items():
+        body = {"model": MODEL_NAME, "messages": _user("x"), "max_tokens": 2, **fields}
+        body = {k: v for k, v in body.items() if v is not None}
+        r = httpx.post(
+            url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30
+        )
+        error = _assert_error_shape(r.json())
+        results[name] = (r.status_code, error["code"], error["param"])
+    assert results == {name: expected for name, (_, expected) in SCHEMA_REFUSALS.items()}
+    accepted = {"tools": [], "logit_bias": {}, "presence_penalty": 0, "user": "someone", "top_p": 0}
+    body = {"model": MODEL_NAME, "messages": _user("x"), "max_tokens": 2, **accepted}
+    assert httpx.post(url, json=body, timeout=30).status_code == 200
+
+
 def test_malformed_and_oversize_bodies(live):
     url = live[1] + "/v1/chat/completions"
     r = httpx.post(

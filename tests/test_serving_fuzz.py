@@ -35,6 +35,21 @@ def api(serving_model_dir):  # noqa: F811
         engine.close()
 
 
+def test_published_schema_carries_the_limits(api):
+    """The schema the fuzzer draws from is the request model itself, bounded by the server's settings."""
+    schemas = api.raw_schema["components"]["schemas"]
+    body = api.raw_schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    fields = schemas["ChatCompletionRequest"]["properties"]
+    assert fields["model"]["enum"] == [MODEL_NAME]
+    assert fields["max_tokens"]["anyOf"][0]["maximum"] == 4
+    assert fields["n"]["anyOf"][0]["maximum"] == ServerSettings().max_n
+    assert fields["messages"]["maxItems"] == ServerSettings().max_messages
+    assert "tools" not in fields  # refused when set: not offered
+    assert schemas["Message"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    assert "ChatCompletion" in schemas and "ErrorResponse" in schemas
+
+
 def _check(case, response) -> None:
     where = f"{case.method} {case.path} {case.body!r:.300}"
     assert response.status_code < 500, f"{response.status_code} for {where}: {response.text[:300]}"

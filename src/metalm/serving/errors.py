@@ -67,11 +67,17 @@ _CUSTOM_STATUS = {"model_not_found": 404}  # custom error types raised by the re
 
 
 def validation_refusal(error: ValidationError | RequestValidationError, data: Any) -> APIError:
-    """The first error of a failed validation of `data`, named by its path in the request
-    (``messages[0].content[1].text``)."""
-    first = error.errors()[0]
-    kind = first["type"]
-    param = _param(first["loc"], data)
+    """The error of a failed validation of `data` to report, named by its path in the request
+    (``messages[0].content[1].text``): the first field's, and of a union (``content``: a string or a list
+    of parts) the branch that got furthest into the value."""
+    errors = error.errors()
+    field = errors[0]["loc"][:1]
+    chosen = max(
+        (e for e in errors if e["loc"][:1] == field),
+        key=lambda e: (len(_steps(e["loc"], data)), not e["type"].endswith(_TYPE_ERRORS)),
+    )
+    kind = chosen["type"]
+    param = _path(_steps(chosen["loc"], data))
     if kind in _CUSTOM_STATUS or kind == "unsupported_parameter":
         code = kind
     elif kind == "missing":
@@ -80,24 +86,32 @@ def validation_refusal(error: ValidationError | RequestValidationError, data: An
         code = "invalid_type"
     else:
         code = "invalid_value"
-    message = first["msg"].removeprefix("Value error, ")
-    if param is not None and kind not in _CUSTOM_STATUS:
+    message = chosen["msg"]
+    if kind == "model_type":  # pydantic says "a valid dictionary or instance of <class>"
+        message = f"'{param}' must be a JSON object" if param else "the request body must be a JSON object"
+    elif param is not None and kind not in _CUSTOM_STATUS:
         message = f"'{param}': {message}"
-    elif param is None and kind == "model_type":
-        message = "the request body must be a JSON object"
     return APIError(_CUSTOM_STATUS.get(kind, 400), message, param=param, code=code)
 
 
-def _param(loc: tuple[int | str, ...], data: Any) -> str | None:
-    """``loc`` as a path into the request. Pydantic's locations also name union branches and
+def _steps(loc: tuple[int | str, ...], data: Any) -> list[int | str]:
+    """``loc`` as steps into the request. Pydantic's locations also name union branches and
     discriminator tags ("list[...]", "image_url"): a step is kept only where `data` has it, except a last
     key, which names a missing field."""
-    path, node = "", data
+    steps: list[int | str] = []
+    node = data
     for i, step in enumerate(loc):
         if isinstance(step, int) and isinstance(node, list) and 0 <= step < len(node):
-            path, node = f"{path}[{step}]", node[step]
+            steps.append(step)
+            node = node[step]
         elif isinstance(step, str) and isinstance(node, dict) and (step in node or i == len(loc) - 1):
-            path, node = f"{path}.{step}" if path else step, node.get(step)
+            steps.append(step)
+            node = node.get(step)
+    return steps
+
+
+def _path(steps: list[int | str]) -> str | None:
+    path = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
     return path or None
 
 

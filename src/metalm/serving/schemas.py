@@ -189,12 +189,18 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _AnswerHead(BaseModel):
+    """What every body or chunk of one answer repeats."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
     system_fingerprint: None = None
+
+
+class ChatCompletion(_AnswerHead):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
 
@@ -216,15 +222,11 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_AnswerHead):
     """One server-sent event of a streamed answer. ``usage`` is present (null but in the last chunk)
     only when the request asked for it with ``stream_options.include_usage``."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
