@@ -565,6 +565,40 @@ def test_client_disconnect_frees_the_row(serving_model_dir):
         engine.close()
 
 
+def test_stream_frees_its_slot_when_the_body_never_starts():
+    """A client gone before the first chunk (the chunk generator never runs, so its own cleanup cannot)
+    still frees the batch row and the in-flight slot."""
+    from starlette.requests import ClientDisconnect
+
+    from metalm.serving.completions import _EventStream
+    from metalm.serving.state import InFlightLimiter
+
+    class FakeJob:
+        done, cancelled = False, False
+
+        def cancel(self):
+            self.cancelled = True
+
+    started = []
+
+    async def chunks():
+        started.append(True)
+        yield b"data: [DONE]\n\n"
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    limiter, job = InFlightLimiter(1), FakeJob()
+    response = _EventStream(chunks(), job, limiter.acquire())
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(response(scope, receive, send))
+    assert not started and job.cancelled and limiter.count == 0
+
+
 def test_load_concurrent_clients(client, live):
     """8 concurrent clients x 3 requests (text, image, streamed): no failures, and requests get batched."""
     engine, _ = live

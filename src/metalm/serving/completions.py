@@ -97,9 +97,8 @@ async def answer(
     remaining = max(0.1, deadline - time.monotonic()) + _GRACE_S
     if req.stream:
         first = await _first_event(job, events, remaining)
-        chunks = _stream(job, first, events, ids, req.include_usage, deadline + _GRACE_S, slot)
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+        chunks = _stream(job, first, events, ids, req.include_usage, deadline + _GRACE_S)
+        return _EventStream(chunks, job, slot)
     if not await _wait_for_end(job, events, request, remaining):
         logger.info("%s: client went away", ids.id)
         return JSONResponse({}, status_code=499)
@@ -177,36 +176,49 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+class _EventStream(StreamingResponse):
+    """A streamed answer that frees its batch row and in-flight slot however the response ends: also when
+    the client leaves before the first chunk, when the chunk generator never starts (so its own cleanup
+    never runs)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], job: Job, slot: InFlightSlot) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(chunks, media_type="text/event-stream", headers=headers)
+        self._job, self._slot = job, slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._job.done:
+                self._job.cancel()  # the client went away: free the batch row
+            self._slot.release()
+
+
 async def _stream(
-    job: Job, first: Any, events: asyncio.Queue, ids: _AnswerIds, include_usage: bool, hard_deadline: float,
-    slot: InFlightSlot,
+    job: Job, first: Any, events: asyncio.Queue, ids: _AnswerIds, include_usage: bool, hard_deadline: float
 ) -> AsyncIterator[bytes]:  # fmt: skip
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         body = ChatCompletionChunk(**ids.fields(), choices=choices, usage=usage)
         return _sse(body.model_dump(exclude=None if include_usage else {"usage"}))
 
-    try:
-        yield chunk(
-            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.params.n)]
-        )
-        completion_tokens = 0
-        async for ev in _events_until_end(job, first, events, hard_deadline):
-            if ev.finish_reason is not None:
-                completion_tokens += len(job.completions[ev.index].token_ids)
-                finish = _finish_reason(ev.finish_reason)
-                yield chunk([ChunkChoice(index=ev.index, delta=Delta(), finish_reason=finish)])
-            elif ev.text:
-                yield chunk([ChunkChoice(index=ev.index, delta=Delta(content=ev.text))])
-        if job.error is not None:  # the status line is sent: the error goes in the stream
-            logger.info("%s: stream ended by %s", ids.id, type(job.error).__name__)
-            yield _sse(refusal_for(job.error).body())
-        elif include_usage:
-            yield chunk([], Usage.of(job.prompt.num_tokens, completion_tokens))
-        yield _sse("[DONE]")
-    finally:
-        if not job.done:
-            job.cancel()  # the client went away: free the batch row
-        slot.release()
+    yield chunk(
+        [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(job.params.n)]
+    )
+    completion_tokens = 0
+    async for ev in _events_until_end(job, first, events, hard_deadline):
+        if ev.finish_reason is not None:
+            completion_tokens += len(job.completions[ev.index].token_ids)
+            finish = _finish_reason(ev.finish_reason)
+            yield chunk([ChunkChoice(index=ev.index, delta=Delta(), finish_reason=finish)])
+        elif ev.text:
+            yield chunk([ChunkChoice(index=ev.index, delta=Delta(content=ev.text))])
+    if job.error is not None:  # the status line is sent: the error goes in the stream
+        logger.info("%s: stream ended by %s", ids.id, type(job.error).__name__)
+        yield _sse(refusal_for(job.error).body())
+    elif include_usage:
+        yield chunk([], Usage.of(job.prompt.num_tokens, completion_tokens))
+    yield _sse("[DONE]")
 
 
 async def _events_until_end(
