@@ -61,3 +61,13 @@ def test_attribute_correctness_and_aggregate():
         "colour": {"accuracy": 50.0, "n": 4},
         "shape": {"accuracy": 50.0, "n": 4},
     }
+
+
+def test_continuation_pieces_of_a_wordpiece_vocabulary():
+    from metalm.evaluation.runner import continuation_pieces
+    from metalm.model.builder import load_tokenizer
+
+    tok = load_tokenizer("packaged:minilm-l6")
+    pieces = set(continuation_pieces(tok))
+    assert tok.convert_tokens_to_ids("##l") in pieces
+    assert tok.convert_tokens_to_ids("teal") not in pieces and tok.convert_tokens_to_ids("tea") not in pieces

@@ -29,7 +29,7 @@ _ENCODER_KEYS = {
     "pad_id",
     "initialized_from",
 }
-_CONNECTOR_KEYS = {"type", "hidden_size", "num_queries", "num_layers", "num_heads"}
+_CONNECTOR_KEYS = {"type", "hidden_size", "input_norm", "num_queries", "num_layers", "num_heads"}
 
 DEFAULT_SEMI_CAUSAL = {
     # Paper defaults for the language model (DESIGN.md §2); small presets scale the spans down.

@@ -18,11 +18,22 @@ class LinearConnector(nn.Module):
 
 
 class MLPConnector(nn.Module):
-    """The paper's vision connector: a three-layer feed-forward network."""
+    """The paper's vision connector: a three-layer feed-forward network.
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_size: int | None = None) -> None:
+    ``input_norm="batch"`` standardises each input feature over the data first (BatchNorm without affine
+    terms: running statistics at evaluation). A CNN's post-ReLU features share a large positive offset, so
+    the differences between images (easy-VQA's colours: cosine 0.25 between a red and a blue square before
+    the connector) are a small part of every vector, and the connector learnt to pass the offset and crush
+    the rest (0.95-0.99 between colours after it); centred features put the differences up front."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_size: int | None = None, input_norm: str | None = None
+    ) -> None:
         super().__init__()
         hidden = hidden_size or out_dim
+        if input_norm not in (None, "batch"):
+            raise ValueError(f"MLP connector input_norm must be 'batch' or null, got {input_norm!r}")
+        self.input_norm = nn.BatchNorm1d(in_dim, affine=False) if input_norm == "batch" else None
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden),
             nn.GELU(),
@@ -32,6 +43,22 @@ class MLPConnector(nn.Module):
         )
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_norm is not None:
+            # Statistics over the real vectors only: padding must not shift the mean.
+            real = features[mask]
+            norm = self.input_norm
+            # One vector has no batch statistics: it is standardised with the running ones.
+            batch_stats = norm.training and real.shape[0] > 1
+            normed = torch.zeros_like(features)
+            normed[mask] = nn.functional.batch_norm(
+                real,
+                norm.running_mean,
+                norm.running_var,
+                training=batch_stats,
+                momentum=norm.momentum,
+                eps=norm.eps,
+            )
+            features = normed
         return self.net(features), mask
 
 
@@ -78,7 +105,7 @@ def build_connector(spec: dict, in_dim: int, out_dim: int) -> nn.Module:
     if kind == "linear":
         return LinearConnector(in_dim, out_dim)
     if kind == "mlp":
-        return MLPConnector(in_dim, out_dim, spec.get("hidden_size"))
+        return MLPConnector(in_dim, out_dim, spec.get("hidden_size"), spec.get("input_norm"))
     if kind == "resampler":
         return ResamplerConnector(in_dim, out_dim, spec["num_queries"], spec["num_layers"], spec["num_heads"])
     raise ValueError(f"unknown connector type {kind!r}")
