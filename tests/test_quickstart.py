@@ -40,3 +40,37 @@ def test_quickstart_end_to_end_reduced(tmp_path):
     assert 0 < chance["easyvqa"]["majority answer"] < 100
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6
+
+
+def _write_predictions(eval_dir, task, rows):
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    with open(eval_dir / f"predictions-{task}-k0-s0.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def test_report_breakdown_and_results_page(tmp_path):
+    """The report's breakdown and the results-page section come from the prediction files (hand-made here)."""
+    from metalm.quickstart import RESULTS_BEGIN, RESULTS_END, breakdown, breakdown_lines, update_results_page
+
+    ev = tmp_path / "eval"
+    _write_predictions(ev, "easyvqa", [
+        {"id": "q1", "prediction": "red", "gold": ["red"], "score": 1.0},
+        {"id": "q2", "prediction": "yes", "gold": ["no"], "score": 0.0},
+    ])  # fmt: skip
+    caps = [{"id": "i1", "prediction": "a red circle.", "gold": "a red circle."},
+            {"id": "i2", "prediction": "a blue circle.", "gold": "a teal circle."}]  # fmt: skip
+    _write_predictions(ev, "easyvqa-caption-image", caps)
+    _write_predictions(ev, "easyvqa-caption", caps[:1])
+    table = breakdown(ev)
+    assert table["easyvqa"] == {"colour": {"accuracy": 100.0, "n": 1}, "yes/no": {"accuracy": 0.0, "n": 1}}
+    assert table["easyvqa-caption-image"]["colour"] == {"accuracy": 50.0, "n": 2}
+    assert table["easyvqa-caption-image"]["shape"] == {"accuracy": 100.0, "n": 2}
+    lines = breakdown_lines(table)
+    assert any("100.0 (n=1) | – | 0.0 (n=1)" in line for line in lines)
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nhand-written text\n")
+    update_results_page(page, [RESULTS_BEGIN, "first", RESULTS_END])
+    update_results_page(page, [RESULTS_BEGIN, "second", RESULTS_END])
+    text = page.read_text()
+    assert "hand-written text" in text and "second" in text and "first" not in text

@@ -74,12 +74,67 @@ def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[st
     return out
 
 
-def _sample_captions(eval_dir: Path, n: int = 8) -> list[dict[str, Any]]:
-    files = sorted(eval_dir.glob("predictions-easyvqa-caption-k0-*.jsonl"))
-    if not files:
-        return []
-    rows = [json.loads(line) for line in files[0].read_text().splitlines()[:n]]
-    return rows
+CAPTION_TASKS: dict[str, str] = {
+    "easyvqa-caption-image": "image alone",
+    "easyvqa-caption": '"Summarize this image:"',
+}
+
+
+def _predictions(eval_dir: Path, task: str) -> list[dict[str, Any]]:
+    from metalm.evaluation.breakdown import read_predictions
+
+    files = sorted(eval_dir.glob(f"predictions-{task}-k0-*.jsonl"))
+    return read_predictions(files[0]) if files else []
+
+
+def breakdown(eval_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """What the headline numbers hide: easy-VQA accuracy per question type and, per captioning task, how
+    often a caption names the right colour and shape (from the evaluation's prediction files)."""
+    from metalm.evaluation.breakdown import caption_by_attribute, vqa_by_question_type
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    vqa = _predictions(eval_dir, "easyvqa")
+    if vqa:
+        out["easyvqa"] = vqa_by_question_type(vqa)
+    for task in CAPTION_TASKS:
+        rows = _predictions(eval_dir, task)
+        if rows:
+            out[task] = caption_by_attribute(rows)
+    return out
+
+
+def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The breakdown as a markdown table (percent right, with the number of examples)."""
+    from metalm.evaluation.breakdown import ATTRIBUTES, QUESTION_TYPES
+
+    lines = ["| what | measure | colour | shape | yes/no |", "|---|---|---:|---:|---:|"]
+
+    def cell(row: dict[str, dict[str, float]], key: str) -> str:
+        return f"{row[key]['accuracy']:.1f} (n={row[key]['n']})" if key in row else "–"
+
+    if "easyvqa" in table:
+        cells = [cell(table["easyvqa"], t) for t in QUESTION_TYPES]
+        lines.append(f"| easy-VQA questions | VQA accuracy by question type | {' | '.join(cells)} |")
+    for task, how in CAPTION_TASKS.items():
+        if task in table:
+            cells = [cell(table[task], a) for a in ATTRIBUTES]
+            lines.append(
+                f"| captions, {how} (`{task}`) | % naming the image's attribute | {' | '.join(cells)} | |"
+            )
+    return lines
+
+
+def _sample_captions(eval_dir: Path, n: int = 8) -> list[str]:
+    """Rows of the sample-captions table: the same test images captioned both ways."""
+    by_task = {task: {r["id"]: r for r in _predictions(eval_dir, task)} for task in CAPTION_TASKS}
+    first = next(iter(by_task.values()))
+    lines = []
+    for image_id, row in list(first.items())[:n]:
+        gold = row.get("gold")
+        gold = gold[0] if isinstance(gold, list) else gold
+        generated = [by_task[t].get(image_id, {}).get("prediction", "–") for t in CAPTION_TASKS]
+        lines.append(f"| {image_id} | {gold} | {' | '.join(generated)} |")
+    return lines
 
 
 def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: float, eval_s: float) -> Path:
@@ -107,26 +162,69 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
         "",
         "easy-VQA answers are open-ended greedy generations scored with VQA accuracy (official normalization);",
         "Captions are greedy generations after the image alone (`easyvqa-caption-image`: the pre-training",
-        'format with an empty encoded prefix) and after the image with the paper\'s encoded "Summarize this image:"',
-        "(`easyvqa-caption`: a prompt never seen in training), scored with pycocoevalcap CIDEr / BLEU-4 (x100).",
-        "The chance column scores a random other image's caption (its CIDEr is high: all captions share one",
-        "template). BBC topics are ranked by the log-likelihood of each topic name after `topic:`, a cue the",
-        "quickstart never trains on (its news stream is plain documents): that row measures transfer only.",
-        "VQA is not zero-shot here: the quickstart pre-trains on easy-VQA *training* question–answer pairs (the",
-        "images and questions evaluated are held out).",
+        "format of a caption without an encoded prefix) and after the image with the paper's encoded",
+        '"Summarize this image:" (`easyvqa-caption`: a prompt never seen in training), scored with',
+        "pycocoevalcap CIDEr / BLEU-4 (x100). The chance column scores a random other image's caption (its",
+        "CIDEr is high: all captions share one template). BBC topics are ranked by the log-likelihood of each",
+        "topic name after `topic:`, a cue the quickstart never trains on (its news stream is plain documents):",
+        "that row measures transfer only. VQA is not zero-shot here: the quickstart pre-trains on easy-VQA",
+        "*training* question–answer pairs (the images and questions evaluated are held out).",
+        "",
+        "## What the model sees: VQA by question type, captions by attribute",
+        "",
+        *breakdown_lines(breakdown(out / "eval")),
+        "",
+        "A caption counts as right on an attribute when the first colour (shape) word it names is the image's.",
         "",
         "## Sample captions (held-out test images)",
         "",
-        "| image | generated | reference |",
-        "|---|---|---|",
+        "| image | reference | " + " | ".join(CAPTION_TASKS.values()) + " |",
+        "|---|---|" + "---|" * len(CAPTION_TASKS),
+        *_sample_captions(out / "eval"),
     ]
-    for row in _sample_captions(out / "eval"):
-        gold = row.get("gold")
-        gold = gold[0] if isinstance(gold, list) else gold
-        lines.append(f"| {row.get('id')} | {row.get('prediction')} | {gold} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    (out / "eval" / "breakdown.json").write_text(json.dumps(breakdown(out / "eval"), indent=2) + "\n")
     return path
+
+
+RESULTS_BEGIN = "<!-- quickstart-results:begin (written by `metalm quickstart --results-page`) -->"
+RESULTS_END = "<!-- quickstart-results:end -->"
+
+
+def results_section(out: Path, train_s: float, eval_s: float) -> list[str]:
+    """The quickstart's part of docs/results.md, from the run's own evaluation files."""
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    headline = "; ".join(
+        f"{task} {metric} {value:.1f}"
+        for task, by_k in summary["results"].items()
+        for metric, value in by_k["0"]["mean"].items()
+    )
+    return [
+        RESULTS_BEGIN,
+        f"`metalm quickstart --output-dir {out}` on {time.strftime('%Y-%m-%d')}: training "
+        f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min (2 CPU cores); {summary['limit']} held-out "
+        f"test examples per task, k = 0. Headline: {headline}.",
+        "",
+        *breakdown_lines(breakdown(out / "eval")),
+        "",
+        "| image | reference | " + " | ".join(CAPTION_TASKS.values()) + " |",
+        "|---|---|" + "---|" * len(CAPTION_TASKS),
+        *_sample_captions(out / "eval", n=6),
+        RESULTS_END,
+    ]
+
+
+def update_results_page(page: Path, section: list[str]) -> None:
+    """Replace the quickstart section of a results page (between its markers; appended if absent)."""
+    text = page.read_text() if page.exists() else ""
+    block = "\n".join(section)
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        text = head + block + rest.split(RESULTS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    page.write_text(text)
 
 
 def quickstart(
@@ -135,6 +233,7 @@ def quickstart(
     eval_limit: int | None = 300,
     overrides: list[str] | None = None,
     config: str = "quickstart",
+    results_page: str | None = None,
 ) -> Path:
     """Train the quickstart preset, evaluate it, write the report. Returns the report path."""
     from transformers import AutoModelForCausalLM
@@ -168,6 +267,8 @@ def quickstart(
     (out / "eval" / "chance.json").write_text(json.dumps(chance, indent=2) + "\n")
 
     report = write_report(out, cfg, result, summary, chance, train_s, eval_s)
+    if results_page:
+        update_results_page(Path(results_page), results_section(out, train_s, eval_s))
     print(f"[metalm quickstart] 3/3 report: {report}")
     print(report.read_text())
     return report
@@ -184,10 +285,16 @@ def add_quickstart_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--max-steps", type=int, default=None, help="override the preset's step count")
     p.add_argument("--eval-limit", type=int, default=300, help="examples per evaluation task (0 = all)")
     p.add_argument("--config", default="quickstart", help="preset name or YAML path")
+    p.add_argument(
+        "--results-page",
+        default=None,
+        help="also rewrite the quickstart section of this page (docs/results.md)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=5e-4")
     p.set_defaults(
         func=lambda a: (
-            quickstart(a.output_dir, a.max_steps, a.eval_limit or None, a.overrides, a.config) and 0
+            quickstart(a.output_dir, a.max_steps, a.eval_limit or None, a.overrides, a.config, a.results_page)
+            and 0
         )
     )
     return p
