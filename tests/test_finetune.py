@@ -56,10 +56,10 @@ def test_classification_instruction_sample(tiny):
     enc = p.decode(sample[1].target_ids)
     # The input is cut (word by word) to the encoder's span limit; the options stay written in.
     assert enc.startswith("word0 word1") and enc.endswith(
-        "options : business, entertainment, politics, sports, tech target :"
+        "options: business, entertainment, politics, sports, tech target:"
     )
     assert len(sample[1].input_ids) <= p.span_limit("text") and "word199" not in enc
-    assert p.decode(sample[2].ids) == "answer :"
+    assert p.decode(sample[2].ids) == "answer:"
     assert sample[3].ids[-1] == p.eos_token_id and p.decode(sample[3].ids) == "sports"
     assert data.stats["inputs_truncated"] == 1
     # Labels: only the label and EOS are trained.
@@ -72,7 +72,7 @@ def test_classification_instruction_sample(tiny):
     sample, _, _ = data.next_sample()
     assert layout(sample) == [("text", False), ("enc:text", False), ("text", True)]
     assert p.decode(sample[1].target_ids) == (
-        "shares rose. options : business, entertainment, politics, sports, tech target :"
+        "shares rose. options: business, entertainment, politics, sports, tech target:"
     )
     assert data.stats.get("inputs_truncated", 0) == 0
 
@@ -95,8 +95,8 @@ def test_vqa_and_caption_templates(tiny):
         ("text", False),
         ("text", True),
     ]
-    assert p.decode(sample[2].target_ids) == "q : " + vqa.question.lower()
-    assert p.decode(sample[3].ids) == "a :" and p.decode(sample[4].ids) == vqa.answers[0]
+    assert p.decode(sample[2].target_ids) == "q: " + vqa.question.lower()
+    assert p.decode(sample[3].ids) == "a:" and p.decode(sample[4].ids) == vqa.answers[0]
     cap = load_builtin("easy_vqa_captions", "validation")[0]
     data = stream([cap] * 4, p, template=["Summarize this image:", "Describe it."])
     seen = set()
@@ -105,7 +105,7 @@ def test_vqa_and_caption_templates(tiny):
         assert layout(sample) == [("text", False), ("enc:vision", True), ("enc:text", False), ("text", True)]
         seen.add(p.decode(sample[2].target_ids))
         assert p.decode(sample[3].ids) == cap.text
-    assert seen == {"summarize this image :", "describe it."}
+    assert seen == {"summarize this image:", "describe it."}
 
 
 def test_baseline_puts_the_input_in_untrained_text():
@@ -125,9 +125,9 @@ def test_baseline_puts_the_input_in_untrained_text():
         assert [s.loss for s in sample][-1] is True and not any(s.loss for s in sample[:-1])
         texts.add(" | ".join(p.decode(s.ids) for s in sample[1:]))
     assert texts == {
-        "shares rose. options : business, entertainment, politics, sports, tech target : | business",
-        "question : what shape? | answer : | circle",
-        "summarize this image : | a red circle.",
+        "shares rose. options: business, entertainment, politics, sports, tech target: | business",
+        "question: what shape? | answer: | circle",
+        "summarize this image: | a red circle.",
     }
 
 

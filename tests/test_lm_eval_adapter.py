@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from metalm import Encode, Target, TextSegment
+from metalm.data.processor import continuation_pieces
 from metalm.evaluation.runner import score_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,12 @@ def test_generation_is_greedy_decoding_cut_at_the_stop_string(harness_run, tiny_
         batch = processor([[Encode(context)]])
         with torch.no_grad():
             out = model.generate(
-                **batch, max_new_tokens=4, do_sample=False, pad_token_id=processor.pad_token_id
+                **batch,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=processor.pad_token_id,
+                # An answer starts a new word: never a WordPiece continuation piece (as metalm generates).
+                begin_suppress_tokens=continuation_pieces(processor.tokenizer),
             )
         text = processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).split("\n")[
             0

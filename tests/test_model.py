@@ -72,7 +72,8 @@ def test_labels_follow_semicausal_rules(tiny):
     n_a, n_s = len(a), len(span)
     # Unshifted (HF) labels: the span's first slot carries its first decoder token, so the position before
     # the span predicts it; other span slots carry nothing; text tokens carry themselves.
-    assert labels[:n_a] == a
+    assert labels[0] == IGNORE_INDEX  # nothing precedes a row's first position to predict it
+    assert labels[1:n_a] == a[1:]
     assert labels[n_a] == span[0]
     assert labels[n_a + 1 : n_a + n_s] == [IGNORE_INDEX] * (n_s - 1)
     assert labels[n_a + n_s :] == b

@@ -138,6 +138,11 @@ def test_presets_validate(path):
     if cfg.init_from is not None:  # finetuning presets start from a saved model (not built here)
         assert cfg.model.decoder is None
         return
+    if isinstance(
+        cfg.model.decoder, str
+    ):  # a pretrained decoder (a packaged one or a folder): not built here
+        assert cfg.model.decoder.startswith("packaged:") or Path(cfg.model.decoder).is_absolute()
+        return
     decoder = dict(cfg.model.decoder)
     config = AutoConfig.for_model(decoder.pop("model_type"), vocab_size=30522, **decoder)
     with torch.device("meta"):  # the architecture only: no memory, no weights
@@ -351,7 +356,9 @@ def test_bad_records_raise_or_are_counted(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Trainer (end to end on the tiny model)
 
-GOLDEN_LOSS_STEP_6 = 10.0364  # recorded once: torch 2.13 CPU, transformers 5.24, seed 0, tiny_config()
+# Re-recorded when connectors started on the decoder's embedding scale and caption prefixes were cut at word
+# starts: torch 2.13 CPU, transformers 5.24, seed 0, tiny_config().
+GOLDEN_LOSS_STEP_6 = 10.0216
 GOLDEN_TOLERANCE = 2e-3
 
 

@@ -6,6 +6,7 @@ encoder, tokenizes each piece once, and collates with `metalm.data.segments.coll
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -81,6 +82,25 @@ def join_split_punctuation(text: str) -> str:
     for pattern, replacement in _JOINS:
         text = pattern.sub(replacement, text)
     return text
+
+
+@functools.cache
+def _continuation_pieces(tokenizer) -> tuple[int, ...]:
+    prefix = getattr(
+        getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None),
+        "continuing_subword_prefix",
+        None,
+    )
+    if not prefix:
+        return ()
+    return tuple(sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(prefix)))
+
+
+def continuation_pieces(tokenizer) -> list[int]:
+    """Ids of the vocabulary's word-continuation pieces (WordPiece ``##l``), or [] for a vocabulary that
+    does not mark them (byte-BPE and SentencePiece mark word *starts*, and a text may open without one).
+    A text that begins with a continuation piece decodes to "##l ...", which no person writes."""
+    return list(_continuation_pieces(tokenizer))
 
 
 class MetaLMProcessor:

@@ -16,7 +16,6 @@ and ``results.md`` (task x k, mean ± std over seeds).
 from __future__ import annotations
 
 import argparse
-import functools
 import inspect
 import json
 import logging
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metalm.data.processor import InputError, MetaLMProcessor
+from metalm.data.processor import InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length
 from metalm.evaluation.icl import (
     build_prompt,
@@ -135,25 +134,6 @@ def _cut(text: str, stops: Iterable[str]) -> str:
             if at >= 0:
                 text = text[:at]
     return text
-
-
-@functools.cache
-def _continuation_pieces(tokenizer) -> tuple[int, ...]:
-    prefix = getattr(
-        getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None),
-        "continuing_subword_prefix",
-        None,
-    )
-    if not prefix:
-        return ()
-    return tuple(sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith(prefix)))
-
-
-def continuation_pieces(tokenizer) -> list[int]:
-    """Ids of the vocabulary's word-continuation pieces (WordPiece ``##l``), or [] for a vocabulary that
-    does not mark them (byte-BPE and SentencePiece mark word *starts*, and a text may open without one).
-    A text that begins with a continuation piece decodes to "##l ...", which no person writes."""
-    return list(_continuation_pieces(tokenizer))
 
 
 @torch.inference_mode()

@@ -58,7 +58,7 @@ from transformers import (
 
 from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, layouts_of
-from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor
+from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length
 
 __all__ = [
@@ -639,6 +639,9 @@ class Engine:
             "pad_token_id": self.processor.pad_token_id,
             "eos_token_id": sorted(self._eos) or None,
         }
+        pieces = continuation_pieces(self.processor.tokenizer)
+        if pieces:  # an answer starts a new word: never with a WordPiece continuation piece ("##l")
+            kwargs["begin_suppress_tokens"] = pieces
         if do_sample:
             # Sampling is done by our per-row processor; keep the model's own warpers out of the way.
             kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
