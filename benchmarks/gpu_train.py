@@ -1,6 +1,6 @@
 """Paper-size MetaLM training step on a GPU: tokens/s and MFU.
 
-The `paper-vl` shape (DESIGN.md / PAPER.md): a GPT-2-medium-shaped decoder (24 layers, 1024 wide, 16 heads)
+The `paper-vl` shape (docs/method.md): a GPT-2-medium-shaped decoder (24 layers, 1024 wide, 16 heads)
 with a ViT vision tower of ~200M parameters (16 layers, 1024 wide, 224x224, patch 16 → 197 tokens) and a
 BERT-base text encoder for the encoded text prefix, all from configs (random weights: speed does not depend
 on them). Each sample: BOS, 197 image slots, an encoded text prefix, causal text. bf16 autocast, SDPA.

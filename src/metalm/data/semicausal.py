@@ -1,4 +1,4 @@
-"""Semi-causal sampling (DESIGN.md §2): packed documents → random non-causal spans → segments."""
+"""Semi-causal sampling (docs/method.md): packed documents → random non-causal spans → segments."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""In-context prompt assembly (PAPER.md §3, "In-context learning").
+"""In-context prompt assembly (docs/method.md, "In-context learning").
 
 A prompt with k demonstrations is
 

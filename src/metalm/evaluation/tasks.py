@@ -357,7 +357,7 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             scoring="generate",
             metric="vqa_accuracy",
             max_new_tokens=5,
-            description="easy-VQA, open-ended greedy answers, VQA accuracy (PAPER.md §3 zero/few-shot VQA)",
+            description="easy-VQA, open-ended greedy answers, VQA accuracy (the paper's zero/few-shot VQA)",
         ),
         "easyvqa-caption": lambda: Task(
             name="easyvqa-caption",

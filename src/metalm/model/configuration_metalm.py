@@ -32,7 +32,7 @@ _ENCODER_KEYS = {
 _CONNECTOR_KEYS = {"type", "hidden_size", "input_norm", "num_queries", "num_layers", "num_heads"}
 
 DEFAULT_SEMI_CAUSAL = {
-    # Paper defaults for the language model (DESIGN.md §2); small presets scale the spans down.
+    # Paper defaults for the language model (docs/method.md); small presets scale the spans down.
     "span_min": 64,
     "span_max": 128,
     "span_fraction": 0.25,

@@ -1,4 +1,4 @@
-"""Connectors project an encoder's outputs to the decoder width (DESIGN.md §4)."""
+"""Connectors project an encoder's outputs to the decoder width (docs/method.md, Architecture)."""
 
 from __future__ import annotations
 
