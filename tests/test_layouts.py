@@ -101,3 +101,17 @@ def test_auto_classes_load_a_saved_model_and_its_processor(tiny_saved):
 def test_wordpiece_decode_writes_what_a_person_would(tiny, text):
     _, processor = tiny
     assert processor.decode(processor.tokenize(text)) == text.lower()
+
+
+def test_evaluation_asks_in_the_models_trained_layout():
+    from metalm.evaluation.tasks import builtin_task, in_model_layout
+
+    task = builtin_task("easyvqa")
+    trained = SimpleNamespace(prompt_layouts={"vqa": {"template": "Q: {question}", "prompt": "A:"}})
+    asked = in_model_layout(task, trained)
+    assert (asked.input_template, asked.decoder_prompt) == ("Q: {question}", "A:")
+    # Few-shot keeps the task's own demonstration form.
+    assert (asked.fewshot_input_template, asked.fewshot_decoder_prompt) == ("Question: {question}", "Answer:")
+    # No saved layouts, or a task that names none: unchanged.
+    assert in_model_layout(task, SimpleNamespace()) is task
+    assert in_model_layout(builtin_task("bbc-topic"), trained).input_template == "{text}"

@@ -38,7 +38,15 @@ from metalm.evaluation.icl import (
     resolve_baseline,
     sample_demonstrations,
 )
-from metalm.evaluation.tasks import METRICS, Example, Task, TaskError, get_task, with_overrides
+from metalm.evaluation.tasks import (
+    METRICS,
+    Example,
+    Task,
+    TaskError,
+    get_task,
+    in_model_layout,
+    with_overrides,
+)
 
 __all__ = [
     "add_eval_parser",
@@ -381,6 +389,7 @@ def evaluate(
     "mean": ..., "std": ..., "n": ...}}}, "protocols": ..., ...}``.
     """
     tasks = [get_task(t) for t in (task if isinstance(task, list | tuple) else [task])]
+    tasks = [in_model_layout(t, model.config) for t in tasks]
     if normalization is not None:
         tasks = [with_overrides(t, normalization=normalization) if t.scoring == "rank" else t for t in tasks]
     names = [t.name for t in tasks]

@@ -99,6 +99,8 @@ class Task:
             MetaLM and the GPT baseline see the same text); the field is also shortened further when an
             input would not fit the text encoder.
         caption_tokenizer: ``"ptb"`` (pycocoevalcap's Java PTB tokenizer) or ``"simple"``.
+        layout: the request layout (:mod:`metalm.data.layouts`) whose zero-shot form this task asks in; a
+            model that saved its own layouts (``prompt_layouts``) is asked in its trained form instead.
     """
 
     name: str
@@ -121,6 +123,7 @@ class Task:
     truncate_words: int | None = None
     caption_tokenizer: str = "ptb"
     description: str = ""
+    layout: str | None = None
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -354,6 +357,7 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             decoder_prompt="answer:",
             fewshot_input_template="Question: {question}",
             fewshot_decoder_prompt="Answer:",
+            layout="vqa",
             scoring="generate",
             metric="vqa_accuracy",
             max_new_tokens=5,
@@ -374,6 +378,7 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             # The image alone, as in image–caption pre-training with an empty encoded prefix: captioning
             # with no instruction the small models here have never read.
             input_template="",
+            layout="caption",
             scoring="generate",
             metric="caption",
             max_new_tokens=20,
@@ -584,6 +589,27 @@ def load_task_file(path: str | Path) -> Task:
         demo_split="train" if train is not None else None,
         **kwargs,
     )
+
+
+def in_model_layout(task: Task, config: Any) -> Task:
+    """`task` asked the way the model was trained: its zero-shot template and decoder prompt from the
+    model's saved layout (`prompt_layouts`), when the task names a layout and the model saved one."""
+    saved = getattr(config, "prompt_layouts", None) or {}
+    if task.layout is None or task.layout not in saved:
+        return task
+    from metalm.data.layouts import layouts_of
+
+    layout = getattr(layouts_of(config), task.layout)
+    if (layout.template, layout.prompt) == (task.input_template, task.decoder_prompt):
+        return task
+    few_input = task.fewshot_input_template or task.input_template
+    few_prompt = (
+        task.fewshot_decoder_prompt if task.fewshot_decoder_prompt is not None else task.decoder_prompt
+    )
+    return with_overrides(
+        task, input_template=layout.template, decoder_prompt=layout.prompt,
+        fewshot_input_template=few_input, fewshot_decoder_prompt=few_prompt,
+    )  # fmt: skip
 
 
 def with_overrides(task: Task, **changes: Any) -> Task:
