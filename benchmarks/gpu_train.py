@@ -6,7 +6,7 @@ BERT-base text encoder for the encoded text prefix, all from configs (random wei
 on them). Each sample: BOS, 197 image slots, an encoded text prefix, causal text. bf16 autocast, SDPA.
 
 In the same run it measures a bf16 matmul peak and the plain decoder-only HF training step on the same number
-of decoder positions, and prints the ratios.
+of decoder positions, and prints the ratios. Both steps are the trainer's own `train_step`.
 
     python benchmarks/gpu_train.py                 # on a GPU
     python benchmarks/gpu_train.py --tiny          # smoke test on CPU
@@ -19,9 +19,11 @@ import json
 import time
 
 import torch
+from accelerate import Accelerator
 
 from metalm import MetaLMConfig, MetaLMForCausalLM
 from metalm.data.segments import EncodedSegment, TextSegment, collate
+from metalm.training.step import train_step
 
 
 def sizes(tiny: bool) -> dict:
@@ -146,15 +148,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(s, args.attn).to(device).train()
     batch = batch_for(model, s, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-
-    def metalm_step():
-        with torch.autocast(device, dtype=dtype):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    accelerator = Accelerator(cpu=device == "cpu")
     decoder = model.decoder
     T = batch["input_ids"].shape[1]
     plain = {
@@ -162,14 +156,14 @@ def main() -> None:
         "labels": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
     }
-    dec_opt = torch.optim.AdamW(decoder.parameters(), lr=1e-4, fused=device == "cuda")
 
-    def decoder_step():
-        with torch.autocast(device, dtype=dtype):
-            loss = decoder(**plain).loss
-        loss.backward()
-        dec_opt.step()
-        dec_opt.zero_grad(set_to_none=True)
+    def training_step(fn_model, inputs):
+        """The trainer's own train_step on one fixed micro-batch, bf16 autocast, no clipping."""
+        opt = torch.optim.AdamW(fn_model.parameters(), lr=1e-4, fused=device == "cuda")
+        return lambda: train_step(fn_model, [inputs], opt, accelerator, autocast_dtype=dtype)
+
+    metalm_step = training_step(model, batch)
+    decoder_step = training_step(decoder, plain)
 
     # Matmul peak measured here, in this run.
     n = 1024 if args.tiny else 8192

@@ -5,7 +5,8 @@ Measures, in the same process (these machines are noisy; compare only within a r
 2. the decoder alone as a plain HF causal LM training step on B × T tokens;
 3. the MetaLM step on the same B × T decoder positions (image slots + encoded spans + causal text),
    encoders included.
-FLOPs are counted exactly by torch's FlopCounterMode over one forward+backward (attention and the
+Both steps are the trainer's own `train_step` (forward, backward, AdamW step; no clipping).
+FLOPs are counted exactly by torch's FlopCounterMode over one step (attention and the
 encoders' convolutions included), not estimated from parameter counts.
 
     python benchmarks/train_throughput.py                      # quickstart model, CPU, fp32
@@ -22,11 +23,13 @@ import random
 import time
 
 import torch
+from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalm import MetaLMForCausalLM
 from metalm.data.segments import EncodedSegment, TextSegment, collate
 from metalm.data.semicausal import sample_spans, semicausal_sample
+from metalm.training.step import train_step
 
 
 def quickstart_model() -> MetaLMForCausalLM:
@@ -134,33 +137,25 @@ def main() -> None:
     }
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-    def step(fn_model, inputs, params):
-        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
+    accelerator = Accelerator(cpu=device == "cpu")
+    autocast_dtype = torch.bfloat16 if args.bf16 else None
 
-        def run():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = fn_model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def fwd_bwd():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                fn_model(**inputs).loss.backward()
-            opt.zero_grad(set_to_none=True)
-
-        return run, fwd_bwd
+    def training_step(fn_model, inputs):
+        """The trainer's own train_step on one fixed micro-batch (no clipping, as before)."""
+        opt = torch.optim.AdamW([p for p in fn_model.parameters() if p.requires_grad], lr=1e-4)
+        return lambda: train_step(fn_model, [inputs], opt, accelerator, autocast_dtype=autocast_dtype)
 
     # The baseline decoder trains all its weights, as it would alone; MetaLM trains what its config says.
-    dec_run, dec_flops_fn = step(model.decoder, plain, model.decoder.parameters())
-    meta_run, meta_flops_fn = step(model, batch, model.parameters())
+    dec_run = training_step(model.decoder, plain)
+    meta_run = training_step(model, batch)
 
     n = 4096 if device == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     t_mm = min(timed(lambda: a @ a, 3 if device == "cpu" else 20, sync) for _ in range(3))  # best of three
     peak = 2 * n**3 / t_mm
 
-    f_dec, f_meta = count_flops(dec_flops_fn), count_flops(meta_flops_fn)
+    # Over a whole step; the optimizer's elementwise updates add no counted FLOPs.
+    f_dec, f_meta = count_flops(dec_run), count_flops(meta_run)
     # Interleave the two measurements so drift hits both alike.
     t_dec = t_meta = float("inf")
     for _ in range(3):

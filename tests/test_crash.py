@@ -191,7 +191,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
 
 
 def fake_checkpoint(folder: Path, step: int, world_size: int = 1) -> Path:
-    from metalm.training.trainer import _write_manifest
+    from metalm.training.checkpoint import write_checkpoint_manifest as _write_manifest
 
     ckpt = folder / f"checkpoint-{step}"
     (ckpt / "model").mkdir(parents=True)
@@ -274,7 +274,8 @@ def test_manifest_requires_the_model_weights(tmp_path):
 
 
 def test_manifest_requires_every_weight_shard(tmp_path):
-    from metalm.training.trainer import _write_manifest, verify_checkpoint
+    from metalm.training.checkpoint import verify_checkpoint
+    from metalm.training.checkpoint import write_checkpoint_manifest as _write_manifest
 
     ckpt = fake_checkpoint(tmp_path, 2)
     (ckpt / "model" / "model.safetensors").unlink()
@@ -409,7 +410,8 @@ def test_src_never_imports_pickle():
 
 def test_checkpoint_files_load_with_weights_only(tmp_path):
     """What the trainer saves with torch.save (RNG, optimizer, scheduler state) is plain tensors and numbers."""
-    from metalm.training.trainer import _rng_state, _set_rng_state
+    from metalm.training.checkpoint import capture_rng_state as _rng_state
+    from metalm.training.checkpoint import restore_rng_state as _set_rng_state
 
     torch.save(_rng_state(), tmp_path / "rng.pt")
     state = torch.load(tmp_path / "rng.pt", weights_only=True)

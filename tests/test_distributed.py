@@ -260,7 +260,7 @@ def test_accelerate_and_deepspeed_configs_parse():
 
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from metalm.training.trainer import _fill_deepspeed_config
+    from metalm.training.parallel import fill_deepspeed_config as _fill_deepspeed_config
 
     kinds = {
         p.name: str(load_config_from_file(str(p)).distributed_type)

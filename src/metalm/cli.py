@@ -10,7 +10,7 @@ from pathlib import Path
 # (command, module, function adding its parser). Imported lazily so `metalm --help` stays fast.
 COMMANDS = [
     ("quickstart", "metalm.quickstart", "add_quickstart_parser"),
-    ("train", "metalm.training.trainer", "add_train_parser"),
+    ("train", "metalm.training.cli", "add_train_parser"),
     ("data", "metalm.data.cli", "add_data_parser"),
     ("eval", "metalm.evaluation.runner", "add_eval_parser"),
     ("generate", "metalm.serving.cli", "add_generate_parser"),

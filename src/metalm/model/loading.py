@@ -44,7 +44,7 @@ class ModelLoadError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Manifests (the checkpoint format of metalm.training.trainer, shared by model folders)
+# Manifests (the checkpoint format of metalm.training.checkpoint, shared by model folders)
 
 
 def _fsync_file(path: Path) -> None:

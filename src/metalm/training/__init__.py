@@ -1,4 +1,5 @@
-"""Training: YAML configs (`config`), data streams (`data`) and the accelerate trainer (`trainer`).
+"""Training: YAML configs (`config`), data streams (`data`), one optimizer step (`step`), the accelerate
+trainer around it (`trainer`), and beside it `checkpoint`, `metrics`, `optimizer`, `parallel` and `cli`.
 
 `from metalm.training import load_config, train` is the short way in; the names are imported lazily so
 that reading a config does not import accelerate.
@@ -18,11 +19,14 @@ _EXPORTS = {
     "TrainResult": "metalm.training.trainer",
     "Trainer": "metalm.training.trainer",
     "train": "metalm.training.trainer",
-    "train_main": "metalm.training.trainer",
-    "add_train_parser": "metalm.training.trainer",
-    "find_checkpoint": "metalm.training.trainer",
-    "verify_checkpoint": "metalm.training.trainer",
-    "shard_model": "metalm.training.trainer",
+    "train_main": "metalm.training.cli",
+    "add_train_parser": "metalm.training.cli",
+    "find_checkpoint": "metalm.training.checkpoint",
+    "verify_checkpoint": "metalm.training.checkpoint",
+    "shard_model": "metalm.training.parallel",
+    "MicroBatch": "metalm.training.step",
+    "StepResult": "metalm.training.step",
+    "train_step": "metalm.training.step",
 }
 
 __all__ = sorted(_EXPORTS)

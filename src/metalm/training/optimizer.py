@@ -1,0 +1,47 @@
+"""The optimizer and learning-rate schedule of a training run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from metalm.training.config import OptimConfig
+
+__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower():
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (everything is frozen)")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model`, as `optim` configures it."""
+    groups = param_groups(model, optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> Any:
+    """Linear warm-up over `optim.warmup_steps`, then linear decay to 0 at `optim.max_steps`.
+
+    Stepped once per optimizer step by :func:`metalm.training.step.train_step` (not through accelerate,
+    which would step it once per process): `max_steps` counts optimizer steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        "linear", optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=optim.max_steps
+    )
