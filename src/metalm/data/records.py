@@ -22,11 +22,27 @@ import json
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from metalm.schema import FieldProblem, declared_fields, dotted_path, locate, union_arms, value_at
 
 __all__ = [
     "KINDS",
@@ -135,29 +151,6 @@ KINDS: dict[str, type] = {
     cls.kind: cls for cls in (TextDocument, ImageText, Interleaved, VQAExample, Classification)
 }
 
-# Data fields (beyond the common kind/id/meta) each kind accepts; a VQA record takes either
-# "answers" (list) or "answer" (one string).
-_FIELDS: dict[str, frozenset[str]] = {
-    "text": frozenset({"text"}),
-    "image_text": frozenset({"image", "text"}),
-    "interleaved": frozenset({"content"}),
-    "vqa": frozenset({"image", "question", "answers", "answer"}),
-    "classification": frozenset({"text", "label"}),
-}
-_COMMON = frozenset({"kind", "id", "meta"})
-_ALL_FIELDS = frozenset().union(*_FIELDS.values()) | _COMMON
-
-# Kind inference when "kind" is absent: the set of data fields must match one of these exactly.
-_INFER: dict[frozenset[str], str] = {
-    frozenset({"text"}): "text",
-    frozenset({"image", "text"}): "image_text",
-    frozenset({"content"}): "interleaved",
-    frozenset({"image", "question", "answers"}): "vqa",
-    frozenset({"image", "question", "answer"}): "vqa",
-    frozenset({"text", "label"}): "classification",
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Errors and skip reports
 
@@ -231,29 +224,26 @@ class _Invalid(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Parsing one record
+# The JSONL line schema: what one line may hold, a union discriminated by "kind"
+#
+# A line is not the record it becomes: it may give one "answer" or a list of "answers", an integer id,
+# free-form "meta" and image paths relative to the file. `to_record` turns it into the record.
 
 
-def _type_name(value: Any) -> str:
+def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number"
     )
 
 
-def _text(obj: dict[str, Any], key: str, where: str | None = None) -> str:
-    name = where or key
-    if key not in obj:
-        raise _Invalid(name, "missing")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise _Invalid(name, f"expected a string, got {_type_name(value)}")
+def _text(value: str) -> str:
     if not value.strip():
-        raise _Invalid(name, "empty string")
+        raise ValueError("empty string")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         # JSON "\ud800" escapes decode to lone surrogates that no tokenizer can encode.
-        raise _Invalid(name, f"contains an invalid lone surrogate at character {exc.start}") from None
+        raise ValueError(f"contains an invalid lone surrogate at character {exc.start}") from None
     return value
 
 
@@ -261,156 +251,260 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _B64_ONLY = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
-def _check_data_url(value: str, name: str) -> None:
+def _check_data_url(value: str) -> None:
     header, sep, payload = value.partition(",")
     if not sep:
-        raise _Invalid(name, "malformed data URL (no comma); expected data:image/png;base64,<data>")
+        raise ValueError("malformed data URL (no comma); expected data:image/png;base64,<data>")
     params = [p.strip().lower() for p in header[len("data:") :].split(";")]
     if not params[0].startswith("image/"):
-        raise _Invalid(name, f"data URL media type {params[0]!r} is not image/*")
+        raise ValueError(f"data URL media type {params[0]!r} is not image/*")
     if "base64" not in params[1:]:
-        raise _Invalid(name, "only base64 data URLs are supported (data:image/<type>;base64,<data>)")
+        raise ValueError("only base64 data URLs are supported (data:image/<type>;base64,<data>)")
     payload = "".join(payload.split())
     if not payload:
-        raise _Invalid(name, "data URL has no payload")
+        raise ValueError("data URL has no payload")
     # Same leniency as images.load_image: URL-safe alphabet and missing padding are accepted.
     payload = payload.replace("-", "+").replace("_", "/")
     payload += "=" * (-len(payload) % 4)
     try:
         base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _Invalid(name, f"malformed base64 in data URL ({exc})") from None
+        raise ValueError(f"malformed base64 in data URL ({exc})") from None
 
 
-def _image(value: Any, name: str, base_dir: Path | None, check_images: bool) -> str:
-    """Validate an image reference; returns an absolute path or the data URL unchanged."""
-    if not isinstance(value, str):
-        raise _Invalid(name, f"expected a string (path or data: URL), got {_type_name(value)}")
+def _local_image(value: str, base_dir: Path | None) -> str:
+    """The absolute path of an image file named by `value` (relative to `base_dir`)."""
+    path = Path(value)
+    if not path.is_absolute():
+        path = (base_dir if base_dir is not None else Path.cwd()) / path
+    ref = os.path.abspath(path)  # normalise ".." without resolving symlinks
+    if not os.path.isfile(ref):
+        hint = ""
+        if len(value) > 100 and "." not in value and _B64_ONLY.match(value):
+            hint = " (this looks like raw base64: prefix it with data:image/png;base64,)"
+        elif base_dir is not None and not Path(value).is_absolute():
+            hint = " (relative paths are resolved against the JSONL file's folder)"
+        raise ValueError(f"image file not found: {ref}{hint}")
+    return ref
+
+
+def _image(value: str, info: ValidationInfo) -> str:
+    """Validate an image reference; returns an absolute path or the data URL unchanged. The validation
+    context holds ``base_dir`` (relative paths) and ``check_images`` (decode every image)."""
+    base_dir, check_images = info.context["base_dir"], info.context["check_images"]
     if not value.strip():
-        raise _Invalid(name, "empty string")
+        raise ValueError("empty string")
     if value[:5].lower() == "data:":
-        _check_data_url(value, name)
+        _check_data_url(value)
         ref = value
     elif _URL_SCHEME.match(value):
-        raise _Invalid(
-            name,
+        raise ValueError(
             f"{value.split(':', 1)[0]}:// URLs are not fetched; download the image and give a local "
-            "path or a data:image/...;base64 URL",
+            "path or a data:image/...;base64 URL"
         )
     else:
-        path = Path(value)
-        if not path.is_absolute():
-            path = (base_dir if base_dir is not None else Path.cwd()) / path
-        ref = os.path.abspath(path)  # normalise ".." without resolving symlinks
-        if not os.path.isfile(ref):
-            hint = ""
-            if len(value) > 100 and "." not in value and _B64_ONLY.match(value):
-                hint = " (this looks like raw base64: prefix it with data:image/png;base64,)"
-            elif base_dir is not None and not Path(value).is_absolute():
-                hint = " (relative paths are resolved against the JSONL file's folder)"
-            raise _Invalid(name, f"image file not found: {ref}{hint}")
+        ref = _local_image(value, base_dir)
     if check_images:
         from metalm.data.images import ImageError, load_image  # lazy: pulls in torch
 
         try:
             load_image(ref, name="data URL" if ref is value else value)
         except ImageError as exc:
-            raise _Invalid(name, str(exc)) from None
+            raise ValueError(str(exc)) from None
     return ref
 
 
-def _check_keys(obj: dict[str, Any], kind: str) -> None:
-    allowed = _FIELDS[kind] | _COMMON
-    for key in obj:
-        if key not in allowed:
-            raise _Invalid(key, f"unknown field for kind '{kind}' (allowed: {', '.join(sorted(allowed))})")
+Text = Annotated[str, AfterValidator(_text)]
+ImageRef = Annotated[str, AfterValidator(_image)]
+
+
+class _Strict(BaseModel):
+    """JSON as written: unknown fields are errors and nothing is coerced (5 is no string)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _TextPartLine(_Strict):
+    type: Literal["text"]
+    text: Text
+
+    def to_part(self) -> TextPart:
+        return TextPart(self.text)
+
+
+class _ImagePartLine(_Strict):
+    type: Literal["image"]
+    image: ImageRef
+
+    def to_part(self) -> ImagePart:
+        return ImagePart(self.image)
+
+
+class _Line(_Strict):
+    """Fields every kind takes besides its own: an id (a number becomes its string) and free-form meta."""
+
+    id: str | int | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def record_id(self) -> str | None:
+        return None if self.id is None else str(self.id)
+
+
+class _TextLine(_Line):
+    kind: Literal["text"]
+    text: Text
+
+    def to_record(self) -> TextDocument:
+        return TextDocument(self.text, id=self.record_id)
+
+
+class _ImageTextLine(_Line):
+    kind: Literal["image_text"]
+    image: ImageRef
+    text: Text
+
+    def to_record(self) -> ImageText:
+        return ImageText(self.image, self.text, id=self.record_id)
+
+
+class _InterleavedLine(_Line):
+    kind: Literal["interleaved"]
+    content: list[Annotated[_TextPartLine | _ImagePartLine, Field(discriminator="type")]]
+
+    @field_validator("content")
+    @classmethod
+    def _not_empty(cls, content: list[Any]) -> list[Any]:
+        if not content:
+            raise ValueError("empty array")
+        return content
+
+    def to_record(self) -> Interleaved:
+        return Interleaved(tuple(part.to_part() for part in self.content), id=self.record_id)
+
+
+class _VQALine(_Line):
+    """The answers: a list in "answers", or one string in "answer"."""
+
+    kind: Literal["vqa"]
+    image: ImageRef
+    question: Text
+    answers: list[Text] | None = None
+    answer: Text | None = None
+
+    @field_validator("answers")
+    @classmethod
+    def _some_answer(cls, answers: list[str] | None) -> list[str] | None:
+        if answers is not None and not answers:
+            raise ValueError("empty array; give at least one answer")
+        return answers
+
+    @model_validator(mode="after")
+    def _answers_or_answer(self) -> _VQALine:
+        if self.answers is not None and self.answer is not None:
+            raise FieldProblem("give either 'answers' (list) or 'answer' (string), not both", "answer")
+        if self.answers is None and self.answer is None:
+            raise FieldProblem("missing", "answers")
+        return self
+
+    def to_record(self) -> VQAExample:
+        answers = tuple(self.answers) if self.answers is not None else (self.answer,)
+        return VQAExample(self.image, self.question, answers, id=self.record_id)
+
+
+class _ClassificationLine(_Line):
+    kind: Literal["classification"]
+    text: Text
+    label: Text
+
+    def to_record(self) -> Classification:
+        return Classification(self.text, self.label, id=self.record_id)
+
+
+_RecordLine = Annotated[
+    _TextLine | _ImageTextLine | _InterleavedLine | _VQALine | _ClassificationLine,
+    Field(discriminator="kind"),
+]
+_LINES = TypeAdapter(_RecordLine)
+_COMMON = frozenset(_Line.model_fields) | {"kind"}
+_ALL_FIELDS = frozenset().union(*(arm.model_fields for arm in union_arms(typing.get_args(_RecordLine)[0])))
+
+# Kind inference when "kind" is absent: the set of data fields must match one of these exactly.
+_INFER: dict[frozenset[str], str] = {
+    frozenset({"text"}): "text",
+    frozenset({"image", "text"}): "image_text",
+    frozenset({"content"}): "interleaved",
+    frozenset({"image", "question", "answers"}): "vqa",
+    frozenset({"image", "question", "answer"}): "vqa",
+    frozenset({"text", "label"}): "classification",
+}
+
+
+def _with_kind(obj: Any) -> dict[str, Any]:
+    """`obj` with its "kind", inferred from its fields when it has none."""
+    if not isinstance(obj, dict):
+        raise _Invalid(None, f"a record must be a JSON object, got {_json_type(obj)}")
+    if "kind" in obj:
+        return obj
+    unknown = next((key for key in obj if key not in _ALL_FIELDS), None)
+    if unknown is not None:
+        raise _Invalid(unknown, "unknown field")
+    data = frozenset(obj) - _COMMON
+    if data not in _INFER:
+        raise _Invalid(
+            "kind",
+            f"missing, and cannot be inferred from the fields {sorted(data)}; "
+            f'add "kind": one of {", ".join(KINDS)}',
+        )
+    return {**obj, "kind": _INFER[data]}
+
+
+def _json_type_name(tp: Any) -> str:
+    """How a message names a declared type: ``a string``, ``a string or an integer``."""
+    arms = union_arms(tp)
+    if arms:
+        return " or ".join(dict.fromkeys(_json_type_name(a) for a in arms))  # models are all "an object"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array"}
+    return names.get(typing.get_origin(tp) or tp, "an object")
+
+
+def _tags(union: Any, discriminator: str) -> list[str]:
+    """The values a discriminated union's members declare for `discriminator`."""
+    return [typing.get_args(declared_fields(arm)[discriminator])[0] for arm in union_arms(union)]
+
+
+def _invalid(error: ErrorDetails, obj: dict[str, Any]) -> _Invalid:
+    """One pydantic error as the field it names and the reason, in the words of this format."""
+    where = locate(error, _RecordLine)
+    field = dotted_path(where.steps) or None
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        discriminator = ctx["discriminator"].strip("'")
+        field = f"{field}.{discriminator}" if field else discriminator
+        tags = ", ".join(_tags(where.declared, discriminator))
+        if kind == "union_tag_not_found":
+            return _Invalid(field, f"missing (one of {tags})")
+        return _Invalid(field, f"unknown {discriminator} {ctx['tag']!r}; expected one of {tags}")
+    if kind == "missing":
+        return _Invalid(field, "missing")
+    if kind == "extra_forbidden":
+        allowed = ", ".join(sorted(declared_fields(where.parent) or ()))
+        return _Invalid(field, f"unknown field for kind '{obj['kind']}' (allowed: {allowed})")
+    if kind in ("value_error", "assertion_error"):
+        return _Invalid(field, str(ctx["error"]))
+    if kind == "string_unicode":
+        return _Invalid(field, "contains an invalid lone surrogate")
+    got = _json_type(value_at(obj, where.steps))
+    return _Invalid(field, f"expected {_json_type_name(where.declared)}, got {got}")
 
 
 def _parse(obj: Any, base_dir: Path | None, check_images: bool) -> Record:
-    if not isinstance(obj, dict):
-        raise _Invalid(None, f"a record must be a JSON object, got {_type_name(obj)}")
-    if "kind" in obj:
-        kind = obj["kind"]
-        if not isinstance(kind, str):
-            raise _Invalid("kind", f"expected a string, got {_type_name(kind)}")
-        if kind not in _FIELDS:
-            raise _Invalid("kind", f"unknown kind {kind!r}; expected one of {', '.join(_FIELDS)}")
-        _check_keys(obj, kind)
-    else:
-        for key in obj:
-            if key not in _ALL_FIELDS:
-                raise _Invalid(key, "unknown field")
-        data = frozenset(obj) - _COMMON
-        if data not in _INFER:
-            raise _Invalid(
-                "kind",
-                f"missing, and cannot be inferred from the fields {sorted(data)}; "
-                f'add "kind": one of {", ".join(_FIELDS)}',
-            )
-        kind = _INFER[data]
-
-    rid = obj.get("id")
-    if rid is not None:
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise _Invalid("id", f"expected a string or integer, got {_type_name(rid)}")
-        rid = str(rid)
-    if "meta" in obj and not isinstance(obj["meta"], dict):
-        raise _Invalid("meta", f"expected an object, got {_type_name(obj['meta'])}")
-
-    def image(key: str = "image", o: dict[str, Any] = obj, where: str | None = None) -> str:
-        if key not in o:
-            raise _Invalid(where or key, "missing")
-        return _image(o[key], where or key, base_dir, check_images)
-
-    if kind == "text":
-        return TextDocument(text=_text(obj, "text"), id=rid)
-    if kind == "image_text":
-        return ImageText(image=image(), text=_text(obj, "text"), id=rid)
-    if kind == "classification":
-        return Classification(text=_text(obj, "text"), label=_text(obj, "label"), id=rid)
-    if kind == "vqa":
-        img = image()
-        question = _text(obj, "question")
-        if "answers" in obj and "answer" in obj:
-            raise _Invalid("answer", "give either 'answers' (list) or 'answer' (string), not both")
-        if "answer" in obj:
-            answers: tuple[str, ...] = (_text(obj, "answer"),)
-        else:
-            if "answers" not in obj:
-                raise _Invalid("answers", "missing")
-            raw = obj["answers"]
-            if not isinstance(raw, list):
-                raise _Invalid("answers", f"expected an array of strings, got {_type_name(raw)}")
-            if not raw:
-                raise _Invalid("answers", "empty array; give at least one answer")
-            answers = tuple(_text({"a": a}, "a", f"answers[{i}]") for i, a in enumerate(raw))
-        return VQAExample(image=img, question=question, answers=answers, id=rid)
-    # interleaved
-    content = obj.get("content")
-    if "content" not in obj:
-        raise _Invalid("content", "missing")
-    if not isinstance(content, list):
-        raise _Invalid("content", f"expected an array of parts, got {_type_name(content)}")
-    if not content:
-        raise _Invalid("content", "empty array")
-    parts: list[TextPart | ImagePart] = []
-    for i, part in enumerate(content):
-        at = f"content[{i}]"
-        if not isinstance(part, dict):
-            raise _Invalid(at, f"expected an object, got {_type_name(part)}")
-        if "type" not in part:
-            raise _Invalid(f"{at}.type", "missing ('text' or 'image')")
-        ptype = part["type"]
-        if ptype not in ("text", "image"):
-            raise _Invalid(f"{at}.type", f"expected 'text' or 'image', got {ptype!r}")
-        for key in part:
-            if key not in ("type", ptype):
-                raise _Invalid(f"{at}.{key}", f"unknown field for a {ptype} part")
-        if ptype == "text":
-            parts.append(TextPart(_text(part, "text", f"{at}.text")))
-        else:
-            parts.append(ImagePart(image("image", part, f"{at}.image")))
-    return Interleaved(parts=tuple(parts), id=rid)
+    line = _with_kind(obj)
+    try:
+        parsed = _LINES.validate_python(line, context={"base_dir": base_dir, "check_images": check_images})
+    except ValidationError as err:
+        raise _invalid(err.errors()[0], line) from None
+    return parsed.to_record()
 
 
 def parse_record(

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ConfigDict, StrictInt, StrictStr, with_config
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -53,21 +54,25 @@ def _config_from_dict(cfg: dict[str, Any]):
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
+# A training config's `model.encoders` entries are validated against these fields (metalm.training.config):
+# unknown keys are errors and values are not coerced ('224' is not an int). A plain dataclass still, so
+# building one in Python costs nothing and positional arguments keep working.
+@with_config(ConfigDict(extra="forbid"))
 @dataclass
 class EncoderRecipe:
     """Where an encoder comes from and how it docks. `source`: `config` (random init from `config`),
     `packaged:minilm-l6`, `packaged:efficientnet-lite0`, or a local folder / hub id. A vision encoder's
     `image_size` must be the size its backbone was built for (an HF tower's position embeddings)."""
 
-    name: str
-    kind: str
-    source: str = "config"
-    config: dict[str, Any] | None = None
-    tokenizer: str | None = None
-    connector: str | dict[str, Any] = "linear"
-    trainable_layers: int | None = None
-    image_size: int = 224
-    max_length: int | None = None
+    name: StrictStr
+    kind: StrictStr
+    source: StrictStr = "config"
+    config: dict[StrictStr, Any] | None = None
+    tokenizer: StrictStr | None = None
+    connector: StrictStr | dict[StrictStr, Any] = "linear"
+    trainable_layers: StrictInt | None = None
+    image_size: StrictInt = 224
+    max_length: StrictInt | None = None
 
 
 @dataclass

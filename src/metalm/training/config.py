@@ -1,4 +1,4 @@
-"""Training configuration: small dataclasses, loaded from YAML with strict validation.
+"""Training configuration: pydantic models, loaded from YAML with strict validation.
 
 A config file has the sections ``model``, ``data``, ``optim``, ``run`` and optionally ``init_from`` and
 ``extends`` (see ``docs/training.md``). :func:`load_config` turns YAML plus ``key=value`` overrides into a
@@ -9,18 +9,30 @@ A config file has the sections ``model``, ``data``, ``optim``, ``run`` and optio
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 import string
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
+from metalm.data.records import KINDS
 from metalm.model.builder import EncoderRecipe, ModelRecipe
+from metalm.model.configuration_metalm import CONNECTOR_TYPES
+from metalm.schema import FieldProblem, Location, declared_fields, dotted_path, locate, union_arms, value_at
 
 __all__ = [
     "ConfigError",
@@ -38,9 +50,10 @@ __all__ = [
     "load_config",
 ]
 
-RECORD_KINDS = ("text", "image_text", "interleaved", "vqa", "classification")
+RECORD_KINDS = tuple(KINDS)
 SEMI_CAUSAL_KEYS = ("span_min", "span_max", "span_fraction")
-STREAM_FORMATS = ("lm", "instruction")
+# The encoder kinds a training config can build (the model config also lists "audio", not built yet).
+TRAINABLE_ENCODER_KINDS = ("text", "vision")
 # Instruction samples (`format: instruction`; VQA records always): the placeholders a template may use per
 # record kind, the one it must use, and the defaults. A classification record's `{options}` is the
 # stream's labels joined with OPTIONS_JOINER (FLAN writes the options into the input).
@@ -66,24 +79,59 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
+# Value types
+
+
+def _number_from_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: accept any string Python reads as a finite number."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def _no_as_text(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``no`` as false: ``mixed_precision: no`` means "no"."""
+    return "no" if value is False else value
+
+
+Float = Annotated[float, BeforeValidator(_number_from_text)]
+UnitFloat = Annotated[Float, Field(ge=0, lt=1)]
+
+
+class _Section(BaseModel):
+    """One mapping of a config: unknown keys are errors and values are not coerced (``'3'`` is no int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --------------------------------------------------------------------------------------------
 # The schema
 
 
-@dataclass
-class LoraSettings:
+class LoraSettings(_Section):
     """LoRA adapters on the decoder (``peft``): rank ``r``, scaling ``alpha / r``, dropout on the adapter
     input, and the decoder modules to adapt (default: peft's choice for the decoder's architecture, e.g.
     ``q_proj``/``v_proj`` for Llama). The decoder's own weights stay frozen; the adapters are merged into
     them when the final model is saved."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = Field(8, gt=0)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: UnitFloat = 0.0
     target_modules: list[str] | None = None
 
+    @field_validator("target_modules")
+    @classmethod
+    def _names_some_module(cls, modules: list[str] | None) -> list[str] | None:
+        if modules is not None and not modules:
+            raise ValueError("an empty list; name modules or leave it out")
+        return modules
 
-@dataclass
-class ModelConfig:
+
+class ModelConfig(_Section):
     """What to build (mirrors :class:`metalm.ModelRecipe`). ``decoder``: an HF config dict with
     ``model_type`` (trained from scratch) or a local folder. With ``init_from`` set at the top level,
     leave ``decoder``/``tokenizer``/``encoders`` out; ``semi_causal`` and ``decoder_trainable`` then
@@ -98,21 +146,88 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     lora: LoraSettings | None = None
 
+    @field_validator("semi_causal")
+    @classmethod
+    def _known_span_settings(cls, settings: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, value in (settings or {}).items():
+            if key not in SEMI_CAUSAL_KEYS:
+                raise FieldProblem(f"unknown key; allowed keys here: {', '.join(SEMI_CAUSAL_KEYS)}", key)
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            if key == "span_fraction" and not (is_number and 0 <= value < 1):
+                raise FieldProblem(f"expected a float in [0, 1), got {_describe(value)}", key)
+            if key != "span_fraction" and not (isinstance(value, int) and is_number and value >= 1):
+                raise FieldProblem(f"expected an int >= 1, got {_describe(value)}", key)
+        low, high = (settings or {}).get("span_min"), (settings or {}).get("span_max")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"span_min ({low}) > span_max ({high})")
+        return settings
+
+    @field_validator("encoders")
+    @classmethod
+    def _encoders_can_be_built(cls, encoders: list[EncoderRecipe] | None) -> list[EncoderRecipe] | None:
+        names: set[str] = set()
+        for i, enc in enumerate(encoders or []):
+            if not enc.name.isidentifier():
+                raise FieldProblem(f"must be an identifier, got {enc.name!r}", i, "name")
+            if enc.name in names:
+                raise FieldProblem(f"duplicate encoder name {enc.name!r}", i, "name")
+            names.add(enc.name)
+            if enc.kind not in TRAINABLE_ENCODER_KINDS:
+                raise FieldProblem(f"expected 'text' or 'vision', got {enc.kind!r}", i, "kind")
+            if enc.source == "config" and enc.config is None:
+                raise FieldProblem("source 'config' needs a config mapping with 'model_type'", i, "config")
+            connector = enc.connector if isinstance(enc.connector, str) else enc.connector.get("type")
+            if connector not in CONNECTOR_TYPES:
+                allowed = f"{', '.join(CONNECTOR_TYPES[:-1])} or {CONNECTOR_TYPES[-1]}"
+                raise FieldProblem(f"expected {allowed}, got {connector!r}", i, "connector")
+            if enc.trainable_layers is not None and enc.trainable_layers < 0:
+                raise FieldProblem("must be >= 0 (or null for all layers)", i, "trainable_layers")
+            if enc.image_size <= 0:
+                raise FieldProblem(f"must be > 0, got {enc.image_size}", i, "image_size")
+        return encoders
+
+    @model_validator(mode="after")
+    def _lora_keeps_the_decoder_frozen(self) -> ModelConfig:
+        if self.lora is not None and self.decoder_trainable:
+            raise FieldProblem(
+                "cannot be true with model.lora: LoRA trains adapters on a frozen decoder (set it to false "
+                "or leave it out)",
+                "decoder_trainable",
+            )
+        return self
+
+    def check_against_init_from(self, init_from: str | None) -> None:
+        """A new model needs its architecture here; a saved one (`init_from`) brings its own."""
+        if init_from is None:
+            if self.decoder is None:
+                raise FieldProblem("missing required key (or set init_from to a saved MetaLM)", "decoder")
+            if isinstance(self.decoder, dict) and "model_type" not in self.decoder:
+                raise FieldProblem("a decoder config needs 'model_type' (e.g. llama, gpt2)", "decoder")
+            if isinstance(self.decoder, dict) and self.tokenizer is None:
+                raise FieldProblem("a decoder built from a config needs a tokenizer", "tokenizer")
+            return
+        for key in ("decoder", "tokenizer"):
+            if getattr(self, key) is not None:
+                raise FieldProblem("cannot be set together with init_from (the saved model's is used)", key)
+        if self.encoders is not None:
+            raise FieldProblem(
+                "cannot be set together with init_from (the saved model's are used); leave it out", "encoders"
+            )
+
     def to_recipe(self) -> ModelRecipe:
         if self.decoder is None:
             raise ConfigError("model.decoder: missing (or set init_from)")
         return ModelRecipe(
             decoder=self.decoder,
             tokenizer=self.tokenizer,
-            encoders=[dataclasses.replace(e) for e in self.encoders or []],
+            encoders=[copy.copy(e) for e in self.encoders or []],
             semi_causal=dict(self.semi_causal) if self.semi_causal else None,
             decoder_trainable=True if self.decoder_trainable is None else self.decoder_trainable,
             attn_implementation=self.attn_implementation,
         )
 
 
-@dataclass
-class StreamConfig:
+class StreamConfig(_Section):
     """One data stream. ``source``: a built-in dataset name (``metalm.data.builtin``) or a JSONL file /
     folder of JSONL files. ``split`` applies to built-ins. ``kind`` picks another record kind of a
     built-in source (``bbc_news`` + ``kind: text``) or, for files, requires every record to be of it.
@@ -126,12 +241,15 @@ class StreamConfig:
     at random per sample. ``prompt``: decoder text between the input and the label (VQA: ``answer:``).
     ``options``: the labels written into ``{options}`` (default: the sorted labels of the training
     records). VQA records are always instruction samples, so ``template``/``prompt`` apply to them in
-    either format."""
+    either format.
+
+    A stream is checked on its own here; whether its files exist is checked by :class:`DataConfig`, so a
+    stream can be described in code before its file is written."""
 
     source: str
     name: str | None = None
     split: str = "train"
-    weight: float = 1.0
+    weight: Float = Field(1.0, gt=0)
     kind: str | None = None
     validation_split: str | None = "validation"
     validation_source: str | None = None
@@ -139,6 +257,31 @@ class StreamConfig:
     template: str | list[str] | None = None
     prompt: str | None = None
     options: list[str] | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_record_kind(cls, kind: str | None) -> str | None:
+        if kind is not None and kind not in RECORD_KINDS:
+            raise ValueError(f"expected one of {', '.join(RECORD_KINDS)}, got {kind!r}")
+        return kind
+
+    @field_validator("split", "validation_split")
+    @classmethod
+    def _known_split(cls, split: str | None) -> str | None:
+        from metalm.data.builtin import SPLITS
+
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"expected one of {', '.join(SPLITS)}, got {split!r}")
+        return split
+
+    @model_validator(mode="after")
+    def _named_and_consistent(self) -> StreamConfig:
+        from metalm.data.builtin import BUILTIN_DATASETS
+
+        if self.name is None:
+            self.name = self.source if self.source in BUILTIN_DATASETS else Path(self.source).stem
+        _check_stream_format(self, stream_record_kind(self))
+        return self
 
     def templates(self, kind: str) -> list[str]:
         """The templates for records of `kind` (the configured ones, else the default)."""
@@ -184,40 +327,63 @@ def layouts_from_streams(streams: list[StreamConfig], saved: dict[str, Any] | No
     return layouts
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """``seq_len``: decoder positions per sample (text windows are exactly this long; longer samples are
     truncated, see docs). ``mix``: draw the stream per ``sample`` (rows of one batch mix streams) or per
     ``batch`` (each batch from one stream: much less padding when streams differ in length)."""
 
     streams: list[StreamConfig]
-    seq_len: int = 512
+    seq_len: int = Field(512, ge=8)
     skip_bad: bool = False
     check_images: bool = False
     mix: Literal["sample", "batch"] = "sample"
-    max_records: int | None = None
-    image_cache_mb: int = 1024
+    max_records: int | None = Field(None, gt=0)
+    image_cache_mb: int = Field(1024, ge=0)
+
+    @field_validator("streams")
+    @classmethod
+    def _distinct_streams_that_exist(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+        from metalm.data.builtin import BUILTIN_DATASETS
+
+        if not streams:
+            raise ValueError("needs at least one stream")
+        seen: set[str | None] = set()
+        for i, stream in enumerate(streams):
+            if stream.name in seen:
+                raise FieldProblem(
+                    f"duplicate stream name {stream.name!r}; give each stream a name", i, "name"
+                )
+            seen.add(stream.name)
+            for key in ("source", "validation_source"):
+                src = getattr(stream, key)
+                if src is not None and src not in BUILTIN_DATASETS and not Path(src).exists():
+                    raise FieldProblem(
+                        f"{src!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                        "nor an existing JSONL file or folder",
+                        i,
+                        key,
+                    )
+        return streams
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """AdamW with linear warm-up then linear decay to 0 at ``max_steps`` (optimizer steps).
     ``batch_size`` is per device and per micro-batch: one optimizer step sees
     ``batch_size * grad_accum * world_size`` samples."""
 
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    max_steps: int = 1000
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
-    batch_size: int = 8
+    lr: Float = Field(3e-4, gt=0)
+    weight_decay: Float = Field(0.01, ge=0)
+    # Not strict: YAML gives a list, the schema keeps a tuple.
+    betas: tuple[UnitFloat, UnitFloat] = Field((0.9, 0.95), strict=False)
+    eps: Float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(1000, gt=0)
+    grad_clip: Annotated[Float, Field(gt=0)] | None = 1.0
+    grad_accum: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0)
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Section):
     """``eval_every``/``save_every``/``log_every`` in optimizer steps (0: never, except that validation
     and the final model always happen at the end). ``resume``: continue from the newest valid checkpoint
     in ``output_dir`` if there is one (an error if there are checkpoints and none verifies); ``false``:
@@ -226,181 +392,46 @@ class RunConfig:
     ``torchrun``/``accelerate launch``; an accelerate config with ``distributed_type: FSDP`` turns it on
     too)."""
 
-    output_dir: str = "runs/metalm"
+    output_dir: str = Field("runs/metalm", min_length=1)
     seed: int = 0
-    eval_every: int = 0
-    eval_batches: int = 8
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    mixed_precision: Literal["no", "bf16"] = "no"
+    eval_every: int = Field(0, ge=0)
+    eval_batches: int = Field(8, ge=0)
+    save_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, ge=0)
+    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(_no_as_text)] = "no"
     resume: bool | Literal["restart"] = True
     tensorboard: bool = True
     fsdp: bool = False
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    """A whole training run. `init_from` is checked when training starts: a preset may name a model that
+    an earlier run produces."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
     init_from: str | None = None
     # Where the config came from (not a YAML key): used in messages only.
-    source: str | None = field(default=None, repr=False, compare=False)
+    _source: str | None = PrivateAttr(default=None)
 
+    @property
+    def source(self) -> str | None:
+        return self._source
 
-_NOT_KEYS = {(TrainConfig, "source")}
-
-
-# --------------------------------------------------------------------------------------------
-# Generic conversion of plain YAML data into the dataclasses above
-
-
-class _FieldError(Exception):
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "null"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        item = typing.get_args(tp)[0]
-        return "a list of mappings" if dataclasses.is_dataclass(item) else f"a list of {_type_name(item)}"
-    if origin is tuple:
-        return f"a list of {len(typing.get_args(tp))} numbers"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _FieldError(path, f"expected {_type_name(tp)}, got null")
-        errors = []
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _convert(value, arm, path)
-            except _FieldError as err:
-                errors.append(err)
-        # A single non-null arm: its own message is the most precise.
-        if len(errors) == 1:
-            raise errors[0]
-        raise _FieldError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
-    if origin is Literal:
-        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no".
-        if isinstance(value, bool) and ("no", "yes")[value] in typing.get_args(tp):
-            value = ("no", "yes")[value]
-        if value not in typing.get_args(tp):
-            raise _FieldError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _FieldError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, _join(path, i)) for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise _FieldError(path, f"expected {_type_name(tp)}, got {_describe(value)}")
-        return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _FieldError(path, f"expected a mapping, got {_describe(value)}")
-        for k in value:
-            if not isinstance(k, str):
-                raise _FieldError(path, f"keys must be strings, got {k!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _FieldError(path, f"expected bool (true/false), got {_describe(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _FieldError(path, f"expected int, got {_describe(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise _FieldError(path, f"expected float, got {_describe(value)}")
-        if isinstance(value, int | float):
-            return float(value)
-        # YAML 1.1 reads `1e-4` (no dot) as a string; accept any string Python reads as a number.
-        if isinstance(value, str):
-            try:
-                out = float(value)
-            except ValueError:
-                pass
-            else:
-                if math.isfinite(out):
-                    return out
-        raise _FieldError(path, f"expected float, got {_describe(value)}")
-    if tp is str:
-        if not isinstance(value, str):
-            raise _FieldError(path, f"expected str, got {_describe(value)}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in the schema, not the file
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise _FieldError(path or "<top level>", f"expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if (cls, f.name) not in _NOT_KEYS}
-    for key in data:
-        if key not in fields:
-            raise _FieldError(
-                _join(path, str(key)), f"unknown key; allowed keys here: {', '.join(sorted(fields))}"
-            )
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise _FieldError(_join(path, name), "missing required key")
-    return cls(**kwargs)
+    @model_validator(mode="after")
+    def _model_fits_init_from(self) -> TrainConfig:
+        try:
+            self.model.check_against_init_from(self.init_from)
+        except FieldProblem as problem:
+            raise FieldProblem(str(problem), "model", *problem.at) from None
+        return self
 
 
 # --------------------------------------------------------------------------------------------
-# Semantic checks (values, not types)
+# Instruction templates
 
 
 def check_template(template: str, kind: str) -> str | None:
@@ -428,174 +459,125 @@ def check_template(template: str, kind: str) -> str | None:
     return None
 
 
-def _check_stream_format(s: StreamConfig, where: str, kind: str | None) -> None:
+def _check_stream_format(s: StreamConfig, kind: str | None) -> None:
     """Instruction settings of one stream; `kind` is None when the records' kind is only known on reading
     (a JSONL stream without `kind`: then every kind a template could be for is tried)."""
     if s.format == "lm" and kind in ("classification", "image_text"):
         for key in ("template", "prompt", "options"):
             if getattr(s, key) is not None:
-                raise _FieldError(
-                    f"{where}.{key}",
-                    f"applies to format: instruction; this {kind} stream has format: lm (set "
-                    f"{where}.format: instruction)",
+                raise FieldProblem(
+                    f"applies to format: instruction; this {kind} stream has format: lm (set format: "
+                    "instruction)",
+                    key,
                 )
         return
     if s.format == "instruction" and kind not in (None, *TEMPLATE_FIELDS):
-        raise _FieldError(
-            f"{where}.format",
+        raise FieldProblem(
             f"instruction samples are built from classification, vqa and image_text records; this stream's "
             f"records are {kind!r}",
+            "format",
         )
     if s.options is not None:
         if s.format == "lm":
-            raise _FieldError(f"{where}.options", "applies to format: instruction (classification records)")
+            raise FieldProblem("applies to format: instruction (classification records)", "options")
         if kind not in (None, "classification"):
-            raise _FieldError(f"{where}.options", f"applies to classification records, not {kind!r}")
+            raise FieldProblem(f"applies to classification records, not {kind!r}", "options")
         if not s.options or any(not o.strip() for o in s.options) or len(set(s.options)) != len(s.options):
-            raise _FieldError(f"{where}.options", "must be a non-empty list of distinct, non-empty labels")
+            raise FieldProblem("must be a non-empty list of distinct, non-empty labels", "options")
     if s.template is None:
         return
     templates = [s.template] if isinstance(s.template, str) else s.template
     if not templates:
-        raise _FieldError(f"{where}.template", "an empty list; give at least one template (or leave it out)")
+        raise FieldProblem("an empty list; give at least one template (or leave it out)", "template")
     # In format lm only VQA records read a template.
     kinds = [kind] if kind is not None else list(TEMPLATE_FIELDS) if s.format == "instruction" else ["vqa"]
     for j, template in enumerate(templates):
-        path = f"{where}.template" if isinstance(s.template, str) else f"{where}.template[{j}]"
+        at = ("template",) if isinstance(s.template, str) else ("template", j)
         reasons = [check_template(template, k) for k in kinds]
         if all(reasons):  # fits no kind it could be for
-            raise _FieldError(path, reasons[0])
+            raise FieldProblem(reasons[0], *at)
 
 
-def _check(cfg: TrainConfig) -> None:
-    from metalm.data.builtin import BUILTIN_DATASETS, SPLITS
+# --------------------------------------------------------------------------------------------
+# Validation errors as messages
 
-    def positive(path: str, value: float, strict: bool = True) -> None:
-        if value < 0 or (strict and value == 0):
-            raise _FieldError(path, f"must be {'> 0' if strict else '>= 0'}, got {value}")
 
-    m = cfg.model
-    if cfg.init_from is None:
-        if m.decoder is None:
-            raise _FieldError("model.decoder", "missing required key (or set init_from to a saved MetaLM)")
-        if isinstance(m.decoder, dict) and "model_type" not in m.decoder:
-            raise _FieldError("model.decoder", "a decoder config needs 'model_type' (e.g. llama, gpt2)")
-        if isinstance(m.decoder, dict) and m.tokenizer is None:
-            raise _FieldError("model.tokenizer", "a decoder built from a config needs a tokenizer")
-    else:
-        for key in ("decoder", "tokenizer"):
-            if getattr(m, key) is not None:
-                raise _FieldError(
-                    f"model.{key}", "cannot be set together with init_from (the saved model's is used)"
-                )
-        if m.encoders is not None:
-            raise _FieldError(
-                "model.encoders",
-                "cannot be set together with init_from (the saved model's are used); leave it out",
-            )
-    if m.semi_causal is not None:
-        for key, value in m.semi_causal.items():
-            where = f"model.semi_causal.{key}"
-            if key not in SEMI_CAUSAL_KEYS:
-                raise _FieldError(where, f"unknown key; allowed keys here: {', '.join(SEMI_CAUSAL_KEYS)}")
-            if key == "span_fraction":
-                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-                    raise _FieldError(where, f"expected a float in [0, 1), got {_describe(value)}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _FieldError(where, f"expected an int >= 1, got {_describe(value)}")
-        lo, hi = m.semi_causal.get("span_min"), m.semi_causal.get("span_max")
-        if lo is not None and hi is not None and lo > hi:
-            raise _FieldError("model.semi_causal", f"span_min ({lo}) > span_max ({hi})")
-    if m.lora is not None:
-        if m.decoder_trainable:
-            raise _FieldError(
-                "model.decoder_trainable",
-                "cannot be true with model.lora: LoRA trains adapters on a frozen decoder (set it to false "
-                "or leave it out)",
-            )
-        positive("model.lora.r", m.lora.r)
-        positive("model.lora.alpha", m.lora.alpha)
-        if not 0 <= m.lora.dropout < 1:
-            raise _FieldError("model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
-        if m.lora.target_modules is not None and not m.lora.target_modules:
-            raise _FieldError("model.lora.target_modules", "an empty list; name modules or leave it out")
-    names = set()
-    for i, enc in enumerate(m.encoders or []):
-        where = f"model.encoders[{i}]"
-        if not enc.name.isidentifier():
-            raise _FieldError(f"{where}.name", f"must be an identifier, got {enc.name!r}")
-        if enc.name in names:
-            raise _FieldError(f"{where}.name", f"duplicate encoder name {enc.name!r}")
-        names.add(enc.name)
-        if enc.kind not in ("text", "vision"):
-            raise _FieldError(f"{where}.kind", f"expected 'text' or 'vision', got {enc.kind!r}")
-        if enc.source == "config" and enc.config is None:
-            raise _FieldError(f"{where}.config", "source 'config' needs a config mapping with 'model_type'")
-        conn = enc.connector if isinstance(enc.connector, str) else enc.connector.get("type")
-        if conn not in ("linear", "mlp", "resampler"):
-            raise _FieldError(f"{where}.connector", f"expected linear, mlp or resampler, got {conn!r}")
-        if enc.trainable_layers is not None and enc.trainable_layers < 0:
-            raise _FieldError(f"{where}.trainable_layers", "must be >= 0 (or null for all layers)")
-        positive(f"{where}.image_size", enc.image_size)
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
 
-    d = cfg.data
-    if not d.streams:
-        raise _FieldError("data.streams", "needs at least one stream")
-    seen = set()
-    for i, s in enumerate(d.streams):
-        where = f"data.streams[{i}]"
-        if s.name is None:
-            s.name = Path(s.source).stem if s.source not in BUILTIN_DATASETS else s.source
-        if s.name in seen:
-            raise _FieldError(f"{where}.name", f"duplicate stream name {s.name!r}; give each stream a name")
-        seen.add(s.name)
-        positive(f"{where}.weight", s.weight)
-        if s.kind is not None and s.kind not in RECORD_KINDS:
-            raise _FieldError(f"{where}.kind", f"expected one of {', '.join(RECORD_KINDS)}, got {s.kind!r}")
-        for key in ("source", "validation_source"):
-            src = getattr(s, key)
-            if src is None or src in BUILTIN_DATASETS:
-                continue
-            if not Path(src).exists():
-                raise _FieldError(
-                    f"{where}.{key}",
-                    f"{src!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                    "nor an existing JSONL file or folder",
-                )
-        for key in ("split", "validation_split"):
-            value = getattr(s, key)
-            if value is not None and value not in SPLITS:
-                raise _FieldError(f"{where}.{key}", f"expected one of {', '.join(SPLITS)}, got {value!r}")
-        kind = s.kind or (BUILTIN_DATASETS[s.source].kind if s.source in BUILTIN_DATASETS else None)
-        _check_stream_format(s, where, kind)
-    if d.seq_len < 8:
-        raise _FieldError("data.seq_len", f"must be >= 8, got {d.seq_len}")
-    if d.max_records is not None:
-        positive("data.max_records", d.max_records)
-    positive("data.image_cache_mb", d.image_cache_mb, strict=False)
 
-    o = cfg.optim
-    positive("optim.lr", o.lr)
-    positive("optim.weight_decay", o.weight_decay, strict=False)
-    for j, b in enumerate(o.betas):
-        if not 0 <= b < 1:
-            raise _FieldError(f"optim.betas[{j}]", f"must be in [0, 1), got {b}")
-    positive("optim.eps", o.eps)
-    positive("optim.warmup_steps", o.warmup_steps, strict=False)
-    positive("optim.max_steps", o.max_steps)
-    if o.grad_clip is not None:
-        positive("optim.grad_clip", o.grad_clip)
-    positive("optim.grad_accum", o.grad_accum)
-    positive("optim.batch_size", o.batch_size)
+def _type_name(tp: Any) -> str:
+    """How a message names a declared type: ``int``, ``a list of str``, ``one of 'no', 'bf16'``."""
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if tp is type(None):
+        return "null"
+    if union_arms(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return "a list of mappings" if _is_mapping_type(args[0]) else f"a list of {_type_name(args[0])}"
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if origin is dict or tp is dict or _is_mapping_type(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
 
-    r = cfg.run
-    for key in ("eval_every", "save_every", "log_every"):
-        positive(f"run.{key}", getattr(r, key), strict=False)
-    positive("run.eval_batches", r.eval_batches, strict=False)
-    positive("run.keep_checkpoints", r.keep_checkpoints)
-    if not r.output_dir:
-        raise _FieldError("run.output_dir", "must not be empty")
-    # `init_from` is checked when training starts: a preset may name a model an earlier run produces.
+
+def _is_mapping_type(tp: Any) -> bool:
+    return isinstance(tp, type) and (issubclass(tp, BaseModel) or hasattr(tp, "__dataclass_fields__"))
+
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<")}
+
+
+def _error_message(error: ErrorDetails, where: Location, data: Any) -> str:
+    """Today's wording for one pydantic error, found at `where` in the raw config `data`."""
+    kind = error["type"]
+    if kind == "missing":
+        return (
+            "missing list item"
+            if where.steps and isinstance(where.steps[-1], int)
+            else "missing required key"
+        )
+    if error["loc"][-1:] == ("[key]",):
+        return f"keys must be strings, got {error['input']!r}"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        allowed = sorted(declared_fields(where.parent) or ())
+        return f"unknown key; allowed keys here: {', '.join(allowed)}"
+    if kind in ("value_error", "assertion_error"):
+        return str(error["ctx"]["error"])
+    if kind in _BOUNDS:
+        name, sign = _BOUNDS[kind]
+        return f"must be {sign} {error['ctx'][name]}, got {error['input']}"
+    if kind in ("too_short", "string_too_short"):
+        return "must not be empty"
+    return f"expected {_type_name(where.declared)}, got {_describe(value_at(data, where.steps))}"
+
+
+def _origin(path: str, applied: dict[str, list[str | int]], default: str) -> str:
+    """Name the override that set `path` (or a mapping above it), else the file."""
+    for text, parts in applied.items():
+        prefix = dotted_path(parts)
+        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
+            return f"override {text!r}"
+    return default
+
+
+def _config_error(err: ValidationError, data: Any, applied: dict[str, list[str | int]], source: str) -> str:
+    """The first error, prefixed with the file or override that set the value and its key path."""
+    error = err.errors()[0]
+    where = locate(error, TrainConfig)
+    path = dotted_path(where.steps) or "<top level>"
+    return f"{_origin(path, applied, source)}: {path}: {_error_message(error, where, data)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,32 +669,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, lis
     return applied
 
 
-def _origin(path: str, applied: dict[str, list[str | int]], default: str) -> str:
-    """Name the override that set `path` (or a mapping above it), else the file."""
-    for text, parts in applied.items():
-        prefix = ""
-        for p in parts:
-            prefix = _join(prefix, p)
-        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
-            return f"override {text!r}"
-    return default
-
-
 def config_from_dict(
     data: dict[str, Any], *, source: str = "<config>", overrides: list[str] | None = None
 ) -> TrainConfig:
     """Validate raw data (e.g. parsed YAML) into a :class:`TrainConfig`; raises :class:`ConfigError`."""
-    import copy
-
     data = copy.deepcopy(data)
     data.pop("extends", None)
     applied = apply_overrides(data, list(overrides or []))
     try:
-        cfg = _build(TrainConfig, data, "")
-        _check(cfg)
-    except _FieldError as err:
-        raise ConfigError(f"{_origin(err.path, applied, source)}: {err.path}: {err.message}") from None
-    cfg.source = source
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_config_error(err, data, applied, source)) from None
+    cfg._source = source
     return cfg
 
 
@@ -725,7 +693,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """Plain data (YAML/JSON-ready) for a config; `config_from_dict` reads it back."""
-    out = dataclasses.asdict(cfg)
-    out.pop("source", None)
-    out["optim"]["betas"] = list(cfg.optim.betas)
-    return out
+    return cfg.model_dump(mode="json")
