@@ -178,11 +178,14 @@ def test_packing_matches_pack_documents(gpt_processor):
     data = DataStream([StreamRecords("t", 1.0, records)], p, seq_len=16, batch_size=1, seed=3)
     order = data.shard_order("t", 0)
     docs = [p.tokenize(records[i].text) for i in order]
-    expected = list(pack_documents(docs, 16, eos_id=p.eos_token_id))
+    bos = [p.bos_token_id] if p.bos_token_id is not None else []
+    expected = list(pack_documents(docs, 16 - len(bos), eos_id=p.eos_token_id))
     got = [data.next_sample()[0] for _ in range(len(expected))]
-    # No text encoder (the GPT baseline): a window is one causal text segment.
-    assert [s[0].ids for s in got] == [ids for ids, _ in expected]
-    assert all(len(s) == 1 and isinstance(s[0], TextSegment) for s in got)
+    # No text encoder (the GPT baseline): a window is BOS (untrained) and one causal text segment.
+    head = [bos] if bos else []
+    assert [[seg.ids for seg in s] for s in got] == [[*head, ids] for ids, _ in expected]
+    assert all(isinstance(seg, TextSegment) for s in got for seg in s)
+    assert all(not s[0].loss for s in got) or not bos
 
 
 def test_semicausal_windows_keep_spans_inside_documents(tiny):
@@ -190,12 +193,14 @@ def test_semicausal_windows_keep_spans_inside_documents(tiny):
     records = text_records(40, seed=1)
     data = DataStream([StreamRecords("t", 1.0, records)], p, seq_len=32, batch_size=1, seed=0)
     order = data.shard_order("t", 0)
-    expected = list(pack_documents([p.tokenize(records[i].text) for i in order], 32, eos_id=p.eos_token_id))
+    # Windows are one token shorter: each opens with BOS (not part of the packed documents).
+    expected = list(pack_documents([p.tokenize(records[i].text) for i in order], 31, eos_id=p.eos_token_id))
     n_spans = 0
     for ids, ranges in expected:
         sample, _, _ = data.next_sample()
+        assert sample[0].ids == [p.bos_token_id] and not sample[0].loss
         flat, pos = [], 0
-        for seg in sample:
+        for seg in sample[1:]:
             if isinstance(seg, EncodedSegment):
                 assert 2 <= len(seg.input_ids) <= 6 or any(e - s < 2 for s, e in ranges)
                 assert seg.input_ids == seg.target_ids  # shared vocabulary
@@ -356,9 +361,9 @@ def test_bad_records_raise_or_are_counted(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Trainer (end to end on the tiny model)
 
-# Re-recorded when connectors started on the decoder's embedding scale and caption prefixes were cut at word
-# starts: torch 2.13 CPU, transformers 5.24, seed 0, tiny_config().
-GOLDEN_LOSS_STEP_6 = 10.0216
+# Re-recorded when connectors started on the decoder's embedding scale, caption prefixes were cut at word
+# starts and text windows opened with BOS: torch 2.13 CPU, transformers 5.24, seed 0, tiny_config().
+GOLDEN_LOSS_STEP_6 = 9.9711
 GOLDEN_TOLERANCE = 2e-3
 
 
@@ -603,3 +608,17 @@ def test_a_model_without_vision_encoder_names_each_image_stream_once(caplog):
         f"the model has no vision encoder: images in stream {name!r} are left out (text-only baseline)"
         for name in ("captions", "vqa")
     )
+
+
+def test_text_windows_open_with_bos_and_fill_seq_len(tiny):
+    from metalm.data.segments import sample_length
+    from metalm.training.config import DataConfig, StreamConfig
+    from metalm.training.data import build_data
+
+    model, processor = tiny
+    data = DataConfig(streams=[StreamConfig(source="pydoc", name="docs")], seq_len=48, max_records=5)
+    train, _ = build_data(data, processor, batch_size=2, seed=0)
+    for _ in range(4):
+        sample, _ = train.streams[0].next_sample()
+        assert sample[0].ids == [processor.bos_token_id] and sample[0].loss is False
+        assert sample_length(sample, model.config) == 48

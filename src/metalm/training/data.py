@@ -295,7 +295,10 @@ class _Stream:
         self.options = spec.options
         self.ids: dict[int, Any] = {}  # token cache, one entry per record
         self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
-        self.packer = _Packer(owner.seq_len)
+        # Every window opens with BOS, as every other sample does: a pretrained decoder reads text that
+        # starts without it badly (frozen Gemma-3: loss 8.3 on a news sentence without BOS, 2.8 with it).
+        self.bos = [owner.processor.bos_token_id] if owner.processor.bos_token_id is not None else []
+        self.packer = _Packer(owner.seq_len - len(self.bos))
         self.epoch = 0
         self.cursor = 0
         self.samples = 0
@@ -570,8 +573,9 @@ class _Stream:
 
     def _window_sample(self, ids: list[int], ranges: list[tuple[int, int]], rng: random.Random) -> Sample:
         o = self.owner
+        head = [TextSegment(list(self.bos), loss=False)] if self.bos else []
         if o.text_encoder is None:
-            return [TextSegment(list(ids))]
+            return [*head, TextSegment(list(ids))]
         sc = o.semi_causal
         span_max = min(sc["span_max"], o.processor.span_limit(o.text_encoder))
         span_min = min(sc["span_min"], span_max)
@@ -579,7 +583,7 @@ class _Stream:
         sample = semicausal_sample(ids, spans, o.text_encoder, o.to_encoder_ids)
         limit = o.processor.span_limit(o.text_encoder)
         # A span whose re-tokenization for a different encoder vocabulary is empty or too long stays causal.
-        return [
+        return head + [
             TextSegment(list(seg.target_ids))
             if isinstance(seg, EncodedSegment) and not (0 < len(seg.input_ids) <= limit)
             else seg
