@@ -132,13 +132,20 @@ image_parts = st.one_of(
     ),
     st.binary(max_size=30).map(lambda b: ImageInput("data:image/png;base64," + base64.b64encode(b).decode())),
 )
-parts_lists = st.lists(
+sentences = words.map(" ".join)
+# Two in three prompts are well formed (so the model is reached often, and with images); the rest mix in
+# hostile text, garbled images, ints and None.
+valid_lists = st.lists(
+    st.one_of(sentences, sentences.map(Encode), sentences.map(Target), valid_images), min_size=1, max_size=4
+)
+hostile_lists = st.lists(
     st.one_of(
         texts, texts.map(Encode), texts.map(Target), image_parts, image_parts, st.integers(), st.none()
     ),
     min_size=1,
     max_size=5,
 )
+parts_lists = st.one_of(valid_lists, valid_lists, hostile_lists)
 
 
 def _encode(img: Image.Image) -> bytes:
@@ -152,7 +159,7 @@ def test_processor_accepts_or_raises_input_error(tiny):
     model, processor = tiny
     reached = {"model": 0, "image": 0}
 
-    @FAST
+    @settings(FAST, derandomize=True)  # a fixed example set: the reach counts below cannot flake
     @given(parts=parts_lists)
     def run(parts):
         try:
