@@ -1,4 +1,4 @@
-"""Does the language model work as a general-purpose interface? Writes docs/results-interface.md.
+"""Does the language model work as a general-purpose interface? Writes docs/results.md.
 
 Four models, each evaluated the same way:
 
@@ -35,7 +35,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "src" / "metalm" / "configs"
-PAGE = REPO / "docs" / "results-interface.md"
+PAGE = REPO / "docs" / "results.md"
 MODELS = ("gemma-vl", "quickstart", "gpt-baseline", "gemma-bare")
 TRAINED = {"gemma-vl": "gemma-vl.yaml", "quickstart": "quickstart.yaml", "gpt-baseline": "gpt-baseline.yaml"}
 logger = logging.getLogger("interface_results")
