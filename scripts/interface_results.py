@@ -264,8 +264,10 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "# Results: the language model as a general-purpose interface",
         "",
         "Written by `scripts/interface_results.py` from its own outputs "
-        f"(`{' '.join(['python scripts/interface_results.py', *(sys.argv[1:])])}`; {seconds / 60:.0f} min on "
-        f"this machine). Seeds {seeds} (demonstration draws and finetuning runs; k = 0 and captioning are greedy "
+        f"(`{' '.join(['python scripts/interface_results.py', *(sys.argv[1:])])}`, on this 2-core CPU machine; "
+        "each step's outputs are kept under `--out` and reused by a rerun, "
+        f"this one took {seconds / 60:.0f} min). Seeds {seeds} (demonstration draws and finetuning runs; k = 0 "
+        "and captioning are greedy "
         f"and run once). {args.limit} easy-VQA questions / images and {args.bbc_limit} BBC articles per task "
         "(fixed random subsets of the test splits). Scores ×100; ± is the sample std over seeds.",
         "",
@@ -295,7 +297,11 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "The paper's protocol (`configs/finetune-frozen-decoder.yaml`: decoder frozen, LR 5e-5, batch 32, "
         "3 epochs), one run per seed, evaluated zero-shot on the test subset.",
         "",
-        *_finetune_rows(results),
+        *(
+            _finetune_rows(results)
+            if any(r.get("bbc_frozen") for r in results.values())
+            else ["Not run in this invocation (`--no-finetune`): no row here is measured."]
+        ),
         "",
         "## Does the decoder read the encoder?",
         "",
