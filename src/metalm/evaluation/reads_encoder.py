@@ -20,6 +20,7 @@ from metalm.data.segments import EncodedSegment, Sample, TextSegment
 from metalm.evaluation.runner import score_samples
 
 CONDITIONS = ("encoded", "removed", "plain")
+MIN_GAP = 0.05  # nats per token: below this, plain text barely helps and no share of it is reported
 
 
 def text_encoder_name(model) -> str:
@@ -85,6 +86,7 @@ def reads_encoder_losses(
     finally:
         model.train(was_training)
     loss = {c: totals[c] / tokens[c] for c in CONDITIONS}
+    # The share of the plain-text benefit is meaningless when reading the span as text hardly helps.
     denominator = loss["removed"] - loss["plain"]
     return {
         "documents": len(per_doc),
@@ -93,5 +95,5 @@ def reads_encoder_losses(
         "continuation_tokens": continuation_tokens,
         "loss": loss,
         "perplexity": {c: math.exp(v) for c, v in loss.items()},
-        "gap_closed": (loss["removed"] - loss["encoded"]) / denominator if denominator > 0 else None,
+        "gap_closed": (loss["removed"] - loss["encoded"]) / denominator if denominator > MIN_GAP else None,
     }
