@@ -23,6 +23,13 @@ CONDITIONS = ("encoded", "removed", "plain")
 MIN_GAP = 0.05  # nats per token: below this, plain text barely helps and no share of it is reported
 
 
+def gap_closed(loss: dict[str, float]) -> float | None:
+    """(removed - encoded) / (removed - plain); None where reading the span as text hardly helps, since no
+    share of that benefit is then meaningful."""
+    benefit = loss["removed"] - loss["plain"]
+    return (loss["removed"] - loss["encoded"]) / benefit if benefit > MIN_GAP else None
+
+
 def text_encoder_name(model) -> str:
     names = [spec["name"] for spec in model.config.encoders if spec["kind"] == "text"]
     if not names:
@@ -86,8 +93,6 @@ def reads_encoder_losses(
     finally:
         model.train(was_training)
     loss = {c: totals[c] / tokens[c] for c in CONDITIONS}
-    # The share of the plain-text benefit is meaningless when reading the span as text hardly helps.
-    denominator = loss["removed"] - loss["plain"]
     return {
         "documents": len(per_doc),
         "skipped": skipped,
@@ -95,5 +100,5 @@ def reads_encoder_losses(
         "continuation_tokens": continuation_tokens,
         "loss": loss,
         "perplexity": {c: math.exp(v) for c, v in loss.items()},
-        "gap_closed": (loss["removed"] - loss["encoded"]) / denominator if denominator > MIN_GAP else None,
+        "gap_closed": gap_closed(loss),
     }
