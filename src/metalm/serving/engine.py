@@ -516,10 +516,16 @@ class Engine:
             return Encode(text, encoder=self._text_encoders[0])
         return text
 
-    def _image_part(self, image: Any) -> ImageInput:
+    def _vision_for(self, images: Sequence[Any]) -> str | None:
+        """The vision encoder that reads `images` (None when there are none); an error if the model has none."""
+        if not images:
+            return self._vision_encoders[0] if self._vision_encoders else None
         if not self._vision_encoders:
             raise InputError("this model has no vision encoder, so it cannot read images")
-        return ImageInput(image, encoder=self._vision_encoders[0])
+        return self._vision_encoders[0]
+
+    def _image_part(self, image: Any) -> ImageInput:
+        return ImageInput(image, encoder=self._vision_for([image]))
 
     def text_parts(self, prompt: str, images: Iterable[Any] = (), *, encode: bool | None = None) -> list[Any]:
         """A raw prompt: images first, then the prompt text (encoded when it fits, unless ``encode=False``)."""
@@ -554,9 +560,7 @@ class Engine:
                 raise InputError(f"messages[{i}]: assistant messages cannot carry images")
             if role == "user" and not text and not msg.images:
                 raise InputError(f"messages[{i}]: empty user message")
-            turns.append(
-                {"role": role, "text": text, "images": [self._image_part(img).image for img in msg.images]}
-            )
+            turns.append({"role": role, "text": text, "images": list(msg.images)})
         if not turns or turns[-1]["role"] != "user":
             raise InputError("messages: the last message must come from the user")
         parts: list[Any] = [self._text_part(" ".join(context), encode)] if context else []
@@ -564,7 +568,7 @@ class Engine:
             turns,
             self.layouts,
             text_encoder=lambda text: self._text_encoders[0] if self._encodable(text, encode) else None,
-            vision_encoder=self._vision_encoders[0] if self._vision_encoders else None,
+            vision_encoder=self._vision_for([img for turn in turns for img in turn["images"]]),
         )
 
     def layout_parts(
@@ -578,9 +582,8 @@ class Engine:
             )
         rendered = layout.template.format_map(fields) if layout.template else ""
         encoder = self._text_encoders[0] if rendered.strip() and self._encodable(rendered, encode) else None
-        vision = self._vision_encoders[0] if self._vision_encoders else None
-        images = [self._image_part(img).image for img in images]
-        parts = layout.parts(images, text_encoder=encoder, vision_encoder=vision, **fields)
+        images = list(images)
+        parts = layout.parts(images, text_encoder=encoder, vision_encoder=self._vision_for(images), **fields)
         if not parts:
             raise InputError(f"empty {kind} request: give some text or an image")
         return parts
