@@ -25,7 +25,8 @@ import time
 import torch
 
 from metalm import Encode, EncoderRecipe, ModelRecipe
-from metalm.serving.engine import Engine, SamplingParams, _to_device
+from metalm.data.segments import to_device
+from metalm.serving.engine import Engine, SamplingParams
 
 TEXT = (
     "the quick brown fox jumps over the lazy dog while the cat watches from the old wooden fence and the "
@@ -83,7 +84,7 @@ def main() -> None:
     prompt = [Encode(encoded), text]
     batch = processor([prompt] * args.batch)
     batch.pop("labels")
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     positions = batch["input_ids"].shape[1]
     plain_ids = torch.tensor([[processor.bos_token_id] + ids[: positions - 1]] * args.batch, device=device)
     assert plain_ids.shape[1] == positions, (plain_ids.shape, positions)

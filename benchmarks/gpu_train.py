@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from metalm import MetaLMConfig, MetaLMForCausalLM
-from metalm.data.segments import EncodedSegment, TextSegment, collate
+from metalm.data.segments import EncodedSegment, TextSegment, collate, to_device
 from metalm.training.step import train_step
 
 
@@ -111,9 +111,7 @@ def batch_for(model: MetaLMForCausalLM, s: dict, device: str) -> dict:
                 TextSegment(ids[s["prefix"] :]),
             ]
         )
-    b = collate(samples, model.config, pad_token_id=0)
-    move = lambda x: {k: move(v) if isinstance(v, dict) else v.to(device) for k, v in x.items()}  # noqa: E731
-    return move(b)
+    return to_device(collate(samples, model.config, pad_token_id=0), device)
 
 
 def params(module: torch.nn.Module, skip_embeddings: bool = False) -> int:

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalm import MetaLMForCausalLM
-from metalm.data.segments import EncodedSegment, TextSegment, collate
+from metalm.data.segments import EncodedSegment, TextSegment, collate, to_device
 from metalm.data.semicausal import sample_spans, semicausal_sample
 from metalm.training.step import train_step
 
@@ -92,10 +92,6 @@ def metalm_batch(model: MetaLMForCausalLM, batch: int, seq_len: int, image_size:
     return collate(samples, model.config, pad_token_id=0)
 
 
-def to(x, device):
-    return {k: to(v, device) if isinstance(v, dict) else v.to(device) for k, v in x.items()}
-
-
 def timed(fn, steps: int, sync) -> float:
     fn()
     fn()
@@ -128,7 +124,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, batch_size, seq_len, image_size = quickstart_model(), args.batch or 16, args.seq_len or 128, 64
     model.to(device).train()
-    batch = to(metalm_batch(model, batch_size, seq_len, image_size), device)
+    batch = to_device(metalm_batch(model, batch_size, seq_len, image_size), device)
     assert batch["input_ids"].shape == (batch_size, seq_len)
     plain = {
         "input_ids": batch["input_ids"],

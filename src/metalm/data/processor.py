@@ -1,7 +1,9 @@
 """MetaLMProcessor: interleaved user input (text, images, text marked to be encoded) → model inputs.
 
-It owns the decoder tokenizer, one tokenizer per text encoder and one image preprocessor per vision
-encoder, tokenizes each piece once, and collates with `metalm.data.segments.collate`.
+It owns the decoder tokenizer and one preprocessor per encoder (a text encoder's tokenizer, a vision
+encoder's image preprocessor: whatever its kind's plugin in `metalm.modalities` uses), tokenizes each piece
+once, and collates with `metalm.data.segments.collate`. Decoder text is its own; every other part is
+turned into a segment by the plugin that reads it.
 """
 
 from __future__ import annotations
@@ -16,25 +18,28 @@ from typing import Any
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from metalm.data.images import ImageError, ImagePreprocessor, load_image
-from metalm.data.segments import EncodedSegment, Sample, SampleError, TextSegment, collate
+from metalm.data.images import ImagePreprocessor
+from metalm.data.segments import InputError, Sample, SampleError, TextSegment, collate
+from metalm.modalities import get_modality, modality_of_part
+from metalm.modalities.text import Encode, span_limit
+from metalm.modalities.vision import ImageInput
 from metalm.model.configuration_metalm import MetaLMConfig
 
+__all__ = [
+    "PROCESSOR_FILE",
+    "Encode",
+    "ImageInput",
+    "InputError",
+    "MetaLMProcessor",
+    "Part",
+    "Target",
+    "continuation_pieces",
+    "join_split_punctuation",
+    "part_separator",
+    "register_processor",
+]
+
 PROCESSOR_FILE = "metalm_processor.json"
-
-
-class InputError(ValueError):
-    """Bad user input; the message names the sample and the part."""
-
-
-@dataclass
-class Encode:
-    """Text to be read by a bidirectional encoder instead of the decoder. `encoder=None` picks the model's
-    only text encoder. With `loss=True` (pre-training spans) its first token is a training target."""
-
-    text: str
-    encoder: str | None = None
-    loss: bool = False
 
 
 @dataclass
@@ -44,14 +49,7 @@ class Target:
     text: str
 
 
-@dataclass
-class ImageInput:
-    """An image (path, bytes, data URL or PIL image) for a named vision encoder."""
-
-    image: Any
-    encoder: str | None = None
-
-
+# The built-in parts; a registered modality adds its own (its `part_types`).
 Part = str | Encode | Target | ImageInput | Image.Image
 
 
@@ -108,20 +106,19 @@ class MetaLMProcessor:
         self,
         config: MetaLMConfig,
         tokenizer: PreTrainedTokenizerBase,
-        encoder_tokenizers: dict[str, PreTrainedTokenizerBase] | None = None,
-        image_processors: dict[str, ImagePreprocessor] | None = None,
+        preprocessors: dict[str, Any] | None = None,
     ) -> None:
+        """`preprocessors`: by encoder name (a tokenizer, an image preprocessor, ...); an encoder left out
+        gets its kind's default, rebuilt from its spec (a vision encoder's normalisation), where it has one."""
         self.config = config
         self.tokenizer = tokenizer
-        self.encoder_tokenizers = dict(encoder_tokenizers or {})
-        self.image_processors = dict(image_processors or {})
+        self.preprocessors = dict(preprocessors or {})
         for spec in config.encoders:
-            if spec["kind"] == "text" and spec["name"] not in self.encoder_tokenizers:
-                raise InputError(f"text encoder {spec['name']!r} has no tokenizer")
-            if spec["kind"] == "vision" and spec["name"] not in self.image_processors:
-                from metalm.model.encoders import image_preprocessor_for
-
-                self.image_processors[spec["name"]] = image_preprocessor_for(spec)
+            if spec["name"] not in self.preprocessors:
+                try:
+                    self.preprocessors[spec["name"]] = get_modality(spec["kind"]).default_preprocessor(spec)
+                except ValueError as err:
+                    raise InputError(f"{spec['kind']} encoder {spec['name']!r} {err}") from err
         # Same vocabulary → a decoder span is its own encoder input (the paper's setting); otherwise the
         # span is decoded and re-tokenized for the encoder.
         vocab = tokenizer.get_vocab()
@@ -131,6 +128,19 @@ class MetaLMProcessor:
         self.part_separator = part_separator(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._wordpiece = type(getattr(backend, "decoder", None)).__name__ == "WordPiece"
+
+    def _preprocessors_of_kind(self, kind: str) -> dict[str, Any]:
+        return {name: self.preprocessors[name] for name in self.config.encoders_of_kind(kind)}
+
+    @property
+    def encoder_tokenizers(self) -> dict[str, PreTrainedTokenizerBase]:
+        """The text encoders' tokenizers by encoder name."""
+        return self._preprocessors_of_kind("text")
+
+    @property
+    def image_processors(self) -> dict[str, ImagePreprocessor]:
+        """The vision encoders' image preprocessors by encoder name."""
+        return self._preprocessors_of_kind("vision")
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -160,17 +170,30 @@ class MetaLMProcessor:
         return self.part_separator + text
 
     def to_encoder_ids(self, name: str, decoder_ids: list[int]) -> list[int]:
-        """A decoder-token span in encoder `name`'s vocabulary."""
+        """A decoder-token span in text encoder `name`'s vocabulary."""
         if self._shared_vocab[name]:
             return list(decoder_ids)
         text = self.tokenizer.decode(decoder_ids, skip_special_tokens=True)
-        return self.encoder_tokenizers[name](text, add_special_tokens=False)["input_ids"]
+        return self.preprocessors[name](text, add_special_tokens=False)["input_ids"]
+
+    def encoder_ids(self, name: str, text: str) -> list[int]:
+        """`text` in text encoder `name`'s vocabulary (the decoder's tokens when the two share one)."""
+        if self._shared_vocab[name]:
+            return self.tokenize(text)
+        return self.preprocessors[name](text, add_special_tokens=False)["input_ids"]
 
     def span_limit(self, name: str) -> int:
-        spec = self.config.encoder_spec(name)
-        return spec["max_length"] - len(spec["prefix_ids"]) - len(spec["suffix_ids"])
+        """The most tokens of a span text encoder `name` reads (its `max_length` less its special tokens)."""
+        return span_limit(self.config.encoder_spec(name))
 
-    def _default_encoder(self, kind: str, requested: str | None, where: str) -> str:
+    def fits_encoder(self, name: str, text: str, max_tokens: int | None = None) -> bool:
+        """Whether `Encode(text)` is a span text encoder `name` takes: at least one token, and no more
+        than its span limit (nor `max_tokens`, when given)."""
+        limit = self.span_limit(name) if max_tokens is None else min(self.span_limit(name), max_tokens)
+        return 0 < len(self.encoder_ids(name, text)) <= limit
+
+    def encoder_for(self, kind: str, requested: str | None, where: str) -> str:
+        """The encoder that reads a part of `kind`: the one it names, else the model's only one."""
         if requested is not None:
             spec = self.config.encoder_spec(requested)
             if spec["kind"] != kind:
@@ -186,8 +209,9 @@ class MetaLMProcessor:
         self, parts: list[Part], *, add_bos: bool = True, add_eos: bool = False, index: int = 0
     ) -> Sample:
         """One sample from interleaved parts: `str` = decoder text (no loss), `Target` = decoder text with
-        loss, `Encode` = text for a text encoder, PIL image / `ImageInput` = an image for a vision encoder."""
-        if isinstance(parts, str | Encode | Target | ImageInput | Image.Image):
+        loss, `Encode` = text for a text encoder, PIL image / `ImageInput` = an image for a vision encoder,
+        and any other part a registered modality reads (`metalm.modalities`)."""
+        if isinstance(parts, str | Target) or modality_of_part(parts) is not None:
             parts = [parts]
         if not isinstance(parts, list | tuple) or not parts:
             raise InputError(f"sample {index}: expected a non-empty list of parts, got {parts!r:.80}")
@@ -206,37 +230,13 @@ class MetaLMProcessor:
                 previous = text
                 continue
             previous = None
-            if isinstance(part, Encode):
-                if not isinstance(part.text, str) or not part.text.strip():
-                    raise InputError(f"{where}: empty text to encode")
-                name = self._default_encoder("text", part.encoder, where)
-                dec_ids = self.tokenize(part.text)
-                enc_ids = (
-                    dec_ids
-                    if self._shared_vocab[name]
-                    else self.encoder_tokenizers[name](part.text, add_special_tokens=False)["input_ids"]
-                )
-                if len(enc_ids) > self.span_limit(name):
-                    raise InputError(
-                        f"{where}: text to encode has {len(enc_ids)} tokens, more than encoder {name!r} "
-                        f"takes ({self.span_limit(name)}); shorten it or split it into several Encode parts"
-                    )
-                sample.append(EncodedSegment(name, input_ids=enc_ids, target_ids=dec_ids, loss=part.loss))
-            elif isinstance(part, ImageInput | Image.Image):
-                image, requested = (
-                    (part.image, part.encoder) if isinstance(part, ImageInput) else (part, None)
-                )
-                name = self._default_encoder("vision", requested, where)
-                try:
-                    pil = load_image(image, name=where)
-                except ImageError as err:
-                    raise InputError(str(err)) from err
-                sample.append(EncodedSegment(name, pixel_values=self.image_processors[name]([pil])[0]))
-            else:
+            modality = modality_of_part(part)
+            if modality is None:
                 raise InputError(
                     f"{where}: unsupported part type {type(part).__name__}; use str, Encode, Target, "
                     "ImageInput or a PIL image"
                 )
+            sample.append(modality.segment(self, part, where))
         if add_eos and self.eos_token_id is not None:
             sample.append(TextSegment([self.eos_token_id], loss=True))
         return sample
@@ -286,12 +286,11 @@ class MetaLMProcessor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
-        for name, tok in self.encoder_tokenizers.items():
-            tok.save_pretrained(directory / "encoders" / name)
-        meta = {
-            "encoder_tokenizers": sorted(self.encoder_tokenizers),
-            "image_processors": {n: p.to_dict() for n, p in self.image_processors.items()},
-        }
+        # Both keys always, as earlier versions wrote the file; each plugin files its own encoders.
+        meta: dict[str, Any] = {"encoder_tokenizers": [], "image_processors": {}}
+        for spec in self.config.encoders:
+            modality = get_modality(spec["kind"])
+            modality.save_preprocessor(spec["name"], self.preprocessors[spec["name"]], directory, meta)
         (directory / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -308,12 +307,12 @@ class MetaLMProcessor:
             raise FileNotFoundError(f"{meta_path} not found: is {directory} a metalm checkpoint?")
         meta = json.loads(meta_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        encoder_tokenizers = {
-            name: AutoTokenizer.from_pretrained(directory / "encoders" / name)
-            for name in meta["encoder_tokenizers"]
-        }
-        image_processors = {n: ImagePreprocessor.from_dict(d) for n, d in meta["image_processors"].items()}
-        return cls(config, tokenizer, encoder_tokenizers, image_processors)
+        preprocessors = {}
+        for spec in config.encoders:
+            saved = get_modality(spec["kind"]).load_preprocessor(spec, directory, meta)
+            if saved is not None:
+                preprocessors[spec["name"]] = saved
+        return cls(config, tokenizer, preprocessors)
 
 
 def register_processor() -> None:

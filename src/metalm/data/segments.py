@@ -2,8 +2,8 @@
 
 A sample is an ordered list of segments:
 - `TextSegment`: decoder tokens, embedded by the decoder itself;
-- `EncodedSegment`: a payload for one named encoder (a text span in the encoder's vocabulary, or an image).
-  It fills as many decoder slots as its connector emits.
+- `EncodedSegment`: a payload for one named encoder (a text span in the encoder's vocabulary, an image, or
+  whatever its kind's plugin reads). It fills as many decoder slots as its connector emits.
 
 Labels follow the semi-causal objective and the HF convention (unshifted; position p is trained to predict
 labels[p+1]):
@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from metalm.modalities import get_modality
 
 IGNORE_INDEX = -100
 
@@ -36,14 +39,16 @@ class TextSegment:
 @dataclass
 class EncodedSegment:
     """A payload for encoder `encoder`: `input_ids` (a text span in the encoder's vocabulary, without the
-    encoder's own special tokens) or `pixel_values` ([3, H, W]). `target_ids` are the same span in the
-    decoder's vocabulary; with `loss=True` its first token is the target at the slot before the segment."""
+    encoder's own special tokens), `pixel_values` ([3, H, W]), or for another kind its plugin's `payload`.
+    `target_ids` are a text span in the decoder's vocabulary; with `loss=True` its first token is the
+    target at the slot before the segment."""
 
     encoder: str
     input_ids: list[int] | None = None
     pixel_values: torch.Tensor | None = None
     target_ids: list[int] | None = None
     loss: bool = True
+    payload: Any = None
 
 
 Segment = TextSegment | EncodedSegment
@@ -54,14 +59,19 @@ class SampleError(ValueError):
     """A sample cannot be collated; the message names the sample and segment."""
 
 
+class InputError(ValueError):
+    """Bad user input; the message names the sample and the part."""
+
+
+def segment_slots(seg: EncodedSegment, config) -> int:
+    """Decoder slots an encoded segment fills."""
+    modality = get_modality(config.encoder_spec(seg.encoder)["kind"])
+    return config.num_slots(seg.encoder, modality.payload_size(seg))
+
+
 def sample_length(sample: Sample, config) -> int:
     """Decoder positions a sample occupies."""
-    return sum(
-        len(seg.ids)
-        if isinstance(seg, TextSegment)
-        else config.num_slots(seg.encoder, None if seg.input_ids is None else len(seg.input_ids))
-        for seg in sample
-    )
+    return sum(len(seg.ids) if isinstance(seg, TextSegment) else segment_slots(seg, config) for seg in sample)
 
 
 def collate(
@@ -80,8 +90,7 @@ def collate(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     rows_ids, rows_labels, rows_owner = [], [], []
-    text_payloads: dict[str, list[list[int]]] = {}
-    image_payloads: dict[str, list[torch.Tensor]] = {}
+    payloads: dict[str, list[EncodedSegment]] = {}
     for i, sample in enumerate(samples):
         ids: list[int] = []
         labels: list[int] = []
@@ -100,22 +109,9 @@ def collate(
                     f"{where}: expected TextSegment or EncodedSegment, got {type(seg).__name__}"
                 )
             spec = config.encoder_spec(seg.encoder)
-            if spec["kind"] == "text":
-                if not seg.input_ids:
-                    raise SampleError(f"{where}: encoded text span for {seg.encoder!r} is empty")
-                limit = spec["max_length"] - len(spec["prefix_ids"]) - len(spec["suffix_ids"])
-                if len(seg.input_ids) > limit:
-                    raise SampleError(
-                        f"{where}: span of {len(seg.input_ids)} tokens exceeds encoder {seg.encoder!r}'s "
-                        f"limit of {limit}; split the span or raise the encoder's max_length"
-                    )
-                text_payloads.setdefault(seg.encoder, []).append(seg.input_ids)
-                n = config.num_slots(seg.encoder, len(seg.input_ids))
-            else:
-                if seg.pixel_values is None:
-                    raise SampleError(f"{where}: {spec['kind']} encoder {seg.encoder!r} needs pixel_values")
-                image_payloads.setdefault(seg.encoder, []).append(seg.pixel_values)
-                n = config.num_slots(seg.encoder)
+            get_modality(spec["kind"]).check_segment(spec, seg, where)
+            payloads.setdefault(seg.encoder, []).append(seg)
+            n = segment_slots(seg, config)
             first = seg.target_ids[0] if (seg.loss and seg.target_ids) else IGNORE_INDEX
             ids += [pad_token_id] * n
             labels += [first] + [IGNORE_INDEX] * (n - 1)
@@ -138,7 +134,8 @@ def collate(
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    names = [*text_payloads, *image_payloads]
+    # The model's encoder order, so that encoders run in the same order whatever order a batch meets them.
+    names = [spec["name"] for spec in config.encoders if spec["name"] in payloads]
     slots = {name: torch.zeros((batch, width), dtype=torch.bool) for name in names}
     for i, (ids, labs, owner) in enumerate(zip(rows_ids, rows_labels, rows_owner)):
         n = len(ids)
@@ -155,11 +152,9 @@ def collate(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask
 
     encoder_inputs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, spans in text_payloads.items():
+    for name in names:
         spec = config.encoder_spec(name)
-        encoder_inputs[name] = _text_payload(spans, spec["prefix_ids"], spec["suffix_ids"], spec["pad_id"])
-    for name, images in image_payloads.items():
-        encoder_inputs[name] = {"pixel_values": torch.stack(images)}
+        encoder_inputs[name] = get_modality(spec["kind"]).collate(spec, payloads[name])
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -170,16 +165,10 @@ def collate(
     }
 
 
-def _text_payload(spans: list[list[int]], prefix: list[int], suffix: list[int], pad_id: int) -> dict:
-    """Encoder input `prefix + span + suffix` per span (e.g. [CLS] span [SEP]), right-padded; `slot_mask`
-    marks the span's own outputs, the ones that become decoder slots."""
-    rows = [prefix + s + suffix for s in spans]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    slot = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (row, span) in enumerate(zip(rows, spans)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        slot[i, len(prefix) : len(prefix) + len(span)] = True
-    return {"input_ids": ids, "attention_mask": mask, "slot_mask": slot}
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """`batch` with every tensor in it (nested dicts too: `encoder_inputs`, `encoder_slots`) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch

@@ -110,17 +110,13 @@ def _text_encoder(processor: MetaLMProcessor, encoder: str | None) -> str:
 
 def encoder_token_count(processor: MetaLMProcessor, text: str, encoder: str | None = None) -> int:
     """Tokens ``Encode(text)`` gives encoder ``encoder`` (counted as the processor counts them)."""
-    name = _text_encoder(processor, encoder)
-    if processor._shared_vocab[name]:
-        return len(processor.tokenize(text))
-    return len(processor.encoder_tokenizers[name](text, add_special_tokens=False)["input_ids"])
+    return len(processor.encoder_ids(_text_encoder(processor, encoder), text))
 
 
 def encoder_fits(processor: MetaLMProcessor, encoder: str | None = None) -> Callable[[str], bool]:
-    """``text -> bool``: does ``Encode(text)`` fit the text encoder's span limit?"""
+    """``text -> bool``: does ``Encode(text)`` fit the text encoder (``MetaLMProcessor.fits_encoder``)?"""
     name = _text_encoder(processor, encoder)
-    limit = processor.span_limit(name)
-    return lambda text: encoder_token_count(processor, text, name) <= limit
+    return lambda text: processor.fits_encoder(name, text)
 
 
 def _largest_prefix(units: list[str], start: int, fits: Callable[[str], bool], joiner: str) -> int:

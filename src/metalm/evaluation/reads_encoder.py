@@ -31,7 +31,7 @@ def gap_closed(loss: dict[str, float]) -> float | None:
 
 
 def text_encoder_name(model) -> str:
-    names = [spec["name"] for spec in model.config.encoders if spec["kind"] == "text"]
+    names = model.config.encoders_of_kind("text")
     if not names:
         raise ValueError("the model has no text encoder: there is no encoded span to read")
     return names[0]

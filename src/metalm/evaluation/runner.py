@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metalm.data.processor import InputError, MetaLMProcessor, continuation_pieces
-from metalm.data.segments import Sample, TextSegment, sample_length
+from metalm.data.segments import Sample, TextSegment, sample_length, to_device
 from metalm.evaluation.icl import (
     build_prompt,
     describe_prompt,
@@ -68,14 +68,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
 def decoder_context_length(model) -> int | None:
     """The decoder's position limit (``max_position_embeddings`` / ``n_positions``), if it states one."""
     return model.config.context_length()
@@ -108,7 +100,7 @@ def score_samples(
     The scored tokens are those with labels (``Target`` parts / ``TextSegment(loss=True)``); label at
     position p is predicted by the logits at p - 1. Only the logit rows needed are computed when the
     decoder supports ``logits_to_keep`` (large vocabularies)."""
-    batch = _to(processor.collate(list(samples), padding_side="right"), _device(model))
+    batch = to_device(processor.collate(list(samples), padding_side="right"), _device(model))
     labels = batch.pop("labels")
     target = labels[:, 1:] != -100
     rows, cols = target.nonzero(as_tuple=True)  # cols = predicting position p - 1
@@ -157,7 +149,7 @@ def generate_samples(
 ) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded, cut at the first stop string and (``strip``)
     stripped. Generation ends at the decoder's EOS token (the default demonstration separator)."""
-    batch = _to(processor.collate(list(samples), padding_side="left"), _device(model))
+    batch = to_device(processor.collate(list(samples), padding_side="left"), _device(model))
     batch.pop("labels")
     kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
     pieces = continuation_pieces(processor.tokenizer)

@@ -5,25 +5,27 @@ config holds every part's full architecture, and the weights are in its safetens
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from pydantic import ConfigDict, StrictInt, StrictStr, with_config
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from metalm.data.processor import Encode, ImageInput, MetaLMProcessor
+from metalm.data.processor import MetaLMProcessor
+from metalm.data.segments import to_device
+from metalm.modalities import get_modality
+from metalm.modalities.text import PROBE_TEXT
+from metalm.modalities.vision import probe_image
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError
-from metalm.model.encoders import image_preprocessor_for
+from metalm.model.hf_config import config_from_dict
 from metalm.model.modeling_metalm import MetaLMForCausalLM
 from metalm.model.packaged import (
     PACKAGED_EFFICIENTNET,
     PACKAGED_GEMMA,
     PACKAGED_MINILM,
+    load_tokenizer,
     packaged_minilm_path,
     resolve_source,
 )
@@ -38,20 +40,10 @@ __all__ = [
     "load_tokenizer",
     "match_connector_scale",
     "packaged_minilm_path",
+    "probe_image",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_source(source))
-
-
-def _config_from_dict(cfg: dict[str, Any]):
-    cfg = dict(cfg)
-    if "model_type" not in cfg:
-        raise MetaLMConfigError(f"a config dict needs 'model_type', got keys {sorted(cfg)}")
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 # A training config's `model.encoders` entries are validated against these fields (metalm.training.config):
@@ -116,7 +108,7 @@ def _build_decoder(recipe: ModelRecipe, tok: PreTrainedTokenizerBase):
         "pad_token_id": tok.pad_token_id,
     }
     if isinstance(recipe.decoder, dict):
-        config = _config_from_dict({**recipe.decoder, **special, "vocab_size": len(tok)})
+        config = config_from_dict({**recipe.decoder, **special, "vocab_size": len(tok)}, "decoder")
         config._attn_implementation = recipe.attn_implementation
         return AutoModelForCausalLM.from_config(config, attn_implementation=recipe.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
@@ -127,82 +119,34 @@ def _build_decoder(recipe: ModelRecipe, tok: PreTrainedTokenizerBase):
     return model
 
 
-def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tuple[dict, Any, Any]:
-    """Returns (spec, backbone, tokenizer-or-image-processor)."""
+def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tuple[dict, nn.Module, Any]:
+    """Returns (spec, backbone, preprocessor): how the backbone loads and what its spec holds beyond the
+    common fields is its kind's business (`metalm.modalities`)."""
+    try:
+        modality = get_modality(r.kind)
+    except ValueError as err:
+        raise MetaLMConfigError(f"encoder {r.name!r}: {err}") from None
+    backbone, architecture, folder = modality.load_backbone(r)
     spec: dict[str, Any] = {
         "name": r.name,
         "kind": r.kind,
         "connector": r.connector,
         "trainable_layers": r.trainable_layers,
         "initialized_from": r.source,
+        **architecture,
     }
-    if r.source == PACKAGED_EFFICIENTNET:
-        from metalm.model.vision import EfficientNetLite0Encoder
-
-        if r.kind != "vision":
-            raise MetaLMConfigError(f"encoder {r.name!r}: {PACKAGED_EFFICIENTNET} is a vision encoder")
-        backbone = EfficientNetLite0Encoder.from_packaged()
-        spec.update(backbone="efficientnet_lite0", image_size=r.image_size)
-        spec["num_slots"] = math.ceil(r.image_size / 32) ** 2
-        return spec, backbone, image_preprocessor_for(spec)
-    if r.source == "config":
-        if r.config is None:
-            raise MetaLMConfigError(f"encoder {r.name!r}: source 'config' needs a 'config' dict")
-        if r.config.get("model_type") == "efficientnet_lite0":
-            from metalm.model.vision import EfficientNetLite0Encoder
-
-            backbone = EfficientNetLite0Encoder()
-            spec.update(backbone="efficientnet_lite0")
-        else:
-            backbone = AutoModel.from_config(_config_from_dict(r.config))
-    folder = None if r.source == "config" else resolve_source(r.source)
-    if folder is not None:
-        backbone = AutoModel.from_pretrained(folder)
-    if hasattr(backbone, "vision_model") and r.kind == "vision" and not hasattr(backbone, "embeddings"):
-        backbone = backbone.vision_model
-    if spec.get("backbone") != "efficientnet_lite0":
-        spec.update(backbone="hf", config=backbone.config.to_dict())
-
-    if r.kind == "text":
-        tok_source = r.tokenizer or (r.source if r.source != "config" else None)
-        if tok_source is None:
-            raise MetaLMConfigError(f"encoder {r.name!r}: a text encoder from a config needs 'tokenizer'")
-        tok = decoder_tok if tok_source == "decoder" else load_tokenizer(tok_source)
-        limit = getattr(backbone.config, "max_position_embeddings", 512)
-        spec.update(
-            max_length=min(r.max_length or limit, limit),
-            prefix_ids=[tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id],
-            suffix_ids=[tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id],
-            pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-        )
-        spec["prefix_ids"] = [i for i in spec["prefix_ids"] if i is not None]
-        spec["suffix_ids"] = [i for i in spec["suffix_ids"] if i is not None]
-        return spec, backbone, tok
-    if r.kind == "vision":
-        spec["image_size"] = r.image_size
-        with torch.no_grad():
-            dummy = torch.zeros(1, 3, r.image_size, r.image_size)
-            out = (
-                backbone(dummy) if spec["backbone"] == "efficientnet_lite0" else backbone(pixel_values=dummy)
-            )
-            spec["num_slots"] = (out if isinstance(out, torch.Tensor) else out.last_hidden_state).shape[1]
-        return spec, backbone, image_preprocessor_for(spec, folder)
-    raise MetaLMConfigError(f"encoder {r.name!r}: kind {r.kind!r} is not supported yet (text, vision)")
+    preprocessor = modality.complete_spec(r, spec, backbone, folder, decoder_tok)
+    return spec, backbone, preprocessor
 
 
 def build_metalm(recipe: ModelRecipe) -> tuple[MetaLMForCausalLM, MetaLMProcessor]:
     """Build the model and its processor from a recipe (loading pretrained parts where named)."""
     tok = _decoder_tokenizer(recipe)
     decoder = _build_decoder(recipe, tok)
-    specs, backbones, enc_toks, image_procs = [], {}, {}, {}
+    specs, backbones, preprocessors = [], {}, {}
     for r in recipe.encoders:
-        spec, backbone, extra = _build_encoder(r, tok)
+        spec, backbones[r.name], preprocessors[r.name] = _build_encoder(r, tok)
         specs.append(spec)
-        backbones[r.name] = backbone
-        if r.kind == "text":
-            enc_toks[r.name] = extra
-        else:
-            image_procs[r.name] = extra
     config = MetaLMConfig(
         text_config=decoder.config,
         encoders=specs,
@@ -211,26 +155,9 @@ def build_metalm(recipe: ModelRecipe) -> tuple[MetaLMForCausalLM, MetaLMProcesso
     )
     config._attn_implementation = recipe.attn_implementation
     model = MetaLMForCausalLM(config, decoder=decoder, encoder_backbones=backbones)
-    processor = MetaLMProcessor(config, tok, enc_toks, image_procs)
+    processor = MetaLMProcessor(config, tok, preprocessors)
     match_connector_scale(model, processor)
     return model, processor
-
-
-# Probe inputs for measuring scales: ordinary words (the tokens slots sit among) and a coloured image.
-PROBE_TEXT = (
-    "A small red circle sits next to a blue square on a white background. The news today covers sport, "
-    "business, politics and the weather."
-)
-
-
-def probe_image(size: int = 64) -> Image.Image:
-    """A fixed colourful image: RGB gradients with a dark square (content for an encoder, not noise)."""
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    rgb = np.stack(
-        [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), 255 - np.tile(ramp, (size, 1))], -1
-    )
-    rgb[size // 4 : size // 2, size // 4 : size // 2] = (20, 40, 60)
-    return Image.fromarray(rgb.astype(np.uint8))
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -248,10 +175,10 @@ def embedding_rms(model: MetaLMForCausalLM, processor: MetaLMProcessor) -> float
 @torch.no_grad()
 def connector_rms(model: MetaLMForCausalLM, processor: MetaLMProcessor, name: str) -> float:
     """RMS of encoder `name`'s projected slot vectors on the probe input (model in eval mode)."""
-    part = Encode(PROBE_TEXT, encoder=name) if model.config.encoder_spec(name)["kind"] == "text" else None
-    part = part or ImageInput(probe_image(), encoder=name)
+    spec = model.config.encoder_spec(name)
+    part = get_modality(spec["kind"]).probe_part(spec)
     batch = processor([[part]], add_bos=False)
-    payload = {k: v.to(model.device) for k, v in batch["encoder_inputs"][name].items()}
+    payload = to_device(batch["encoder_inputs"][name], model.device)
     return _rms(model.encode(name, payload))
 
 

@@ -9,12 +9,15 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 
-ENCODER_KINDS = ("text", "vision", "audio")
-BACKBONES = ("hf", "efficientnet_lite0")
-CONNECTOR_TYPES = ("linear", "mlp", "resampler")
+from metalm.modalities import encoder_kinds, get_modality
+from metalm.model.connectors import CONNECTOR_TYPES
+from metalm.model.hf_config import MetaLMConfigError, config_from_dict
 
-# Keys an encoder spec may carry; anything else is a typo and raises.
-_ENCODER_KEYS = {
+__all__ = ["DEFAULT_SEMI_CAUSAL", "MetaLMConfig", "MetaLMConfigError", "normalize_encoder_spec"]
+
+# Fields every encoder spec may carry; its kind's plugin adds its own (`Modality.spec_defaults`), and
+# anything else is a typo and raises.
+_COMMON_ENCODER_KEYS = {
     "name",
     "kind",
     "backbone",
@@ -22,11 +25,6 @@ _ENCODER_KEYS = {
     "connector",
     "trainable_layers",
     "num_slots",
-    "max_length",
-    "image_size",
-    "prefix_ids",
-    "suffix_ids",
-    "pad_id",
     "initialized_from",
 }
 _CONNECTOR_KEYS = {"type", "hidden_size", "input_norm", "num_queries", "num_layers", "num_heads"}
@@ -39,32 +37,29 @@ DEFAULT_SEMI_CAUSAL = {
 }
 
 
-class MetaLMConfigError(ValueError):
-    """A MetaLM configuration is invalid; the message names the encoder and the field."""
-
-
 def normalize_encoder_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Validate one encoder spec and fill its defaults. Raises MetaLMConfigError naming the field."""
     if not isinstance(spec, dict):
         raise MetaLMConfigError(f"encoder spec must be a dict, got {type(spec).__name__}")
     name = spec.get("name")
     where = f"encoder {name!r}" if name else "encoder spec"
-    unknown = set(spec) - _ENCODER_KEYS
-    if unknown:
+    if spec.get("kind") not in encoder_kinds():
         raise MetaLMConfigError(
-            f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_ENCODER_KEYS)}"
+            f"{where}: field 'kind' must be one of {encoder_kinds()}, got {spec.get('kind')!r}"
         )
+    modality = get_modality(spec["kind"])
+    allowed = _COMMON_ENCODER_KEYS | set(modality.spec_defaults)
+    unknown = set(spec) - allowed
+    if unknown:
+        raise MetaLMConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     if not isinstance(name, str) or not name.isidentifier():
         raise MetaLMConfigError(f"{where}: field 'name' must be a Python identifier, got {name!r}")
     out = copy.deepcopy(spec)
-    if out.get("kind") not in ENCODER_KINDS:
-        raise MetaLMConfigError(
-            f"{where}: field 'kind' must be one of {ENCODER_KINDS}, got {out.get('kind')!r}"
-        )
     out.setdefault("backbone", "hf")
-    if out["backbone"] not in BACKBONES:
+    if out["backbone"] not in modality.backbones:
         raise MetaLMConfigError(
-            f"{where}: field 'backbone' must be one of {BACKBONES}, got {out['backbone']!r}"
+            f"{where}: field 'backbone' of a {out['kind']} encoder must be one of {modality.backbones}, "
+            f"got {out['backbone']!r}"
         )
     if out["backbone"] == "hf":
         cfg = out.get("config")
@@ -72,7 +67,21 @@ def normalize_encoder_spec(spec: dict[str, Any]) -> dict[str, Any]:
             out["config"] = cfg.to_dict()
         elif not isinstance(cfg, dict) or "model_type" not in cfg:
             raise MetaLMConfigError(f"{where}: field 'config' must be an HF config dict with a 'model_type'")
-    connector = out.get("connector") or {"type": "linear"}
+    out["connector"] = _normalize_connector(out.get("connector"), where)
+    layers = out.setdefault("trainable_layers", None)
+    if layers is not None and (not isinstance(layers, int) or layers < 0):
+        raise MetaLMConfigError(f"{where}: field 'trainable_layers' must be null (all) or an int >= 0")
+    for key, default in modality.spec_defaults.items():
+        out.setdefault(key, copy.deepcopy(default))
+    try:
+        modality.check_spec(out)
+    except ValueError as err:
+        raise MetaLMConfigError(f"{where}: {err}") from err
+    return out
+
+
+def _normalize_connector(connector: str | dict[str, Any] | None, where: str) -> dict[str, Any]:
+    connector = connector or {"type": "linear"}
     if isinstance(connector, str):
         connector = {"type": connector}
     bad = set(connector) - _CONNECTOR_KEYS
@@ -86,18 +95,7 @@ def normalize_encoder_spec(spec: dict[str, Any]) -> dict[str, Any]:
         connector.setdefault("num_queries", 32)
         connector.setdefault("num_layers", 2)
         connector.setdefault("num_heads", 8)
-    out["connector"] = connector
-    layers = out.setdefault("trainable_layers", None)
-    if layers is not None and (not isinstance(layers, int) or layers < 0):
-        raise MetaLMConfigError(f"{where}: field 'trainable_layers' must be null (all) or an int >= 0")
-    if out["kind"] == "text":
-        out.setdefault("max_length", 512)
-        out.setdefault("prefix_ids", [])
-        out.setdefault("suffix_ids", [])
-        out.setdefault("pad_id", 0)
-    if out["kind"] == "vision":
-        out.setdefault("image_size", 224)
-    return out
+    return connector
 
 
 def _is_local_path(value: str) -> bool:
@@ -123,11 +121,12 @@ class MetaLMConfig(PreTrainedConfig):
 
     Args:
         text_config: the decoder's HF config (any `AutoModelForCausalLM` architecture) or its dict.
-        encoders: a list of encoder specs (dicts): `name`, `kind` (text / vision / audio), `backbone`
-            (`hf` = any `AutoModel` from `config`; `efficientnet_lite0`), `connector` (`linear`, `mlp`,
-            `resampler`), `trainable_layers` (None = all; N = all frozen except the last N layers),
-            and kind-specific fields (`max_length`, `prefix_ids`/`suffix_ids` around a text span,
-            `image_size`, `num_slots`).
+        encoders: a list of encoder specs (dicts): `name`, `kind` (a registered modality: text, vision;
+            see `metalm.modalities`), `backbone` (`hf` = any `AutoModel` from `config`; a vision encoder
+            may name `efficientnet_lite0`), `connector` (`linear`, `mlp`, `resampler`), `trainable_layers`
+            (None = all; N = all frozen except the last N layers), `num_slots`, and the fields of its
+            kind (text: `max_length`, `prefix_ids`/`suffix_ids` around a span, `pad_id`; vision:
+            `image_size`).
         semi_causal: span sampling settings (`span_min`, `span_max`, `span_fraction`).
         decoder_trainable: False freezes the decoder (the paper's single-task finetuning protocol).
     """
@@ -149,10 +148,7 @@ class MetaLMConfig(PreTrainedConfig):
         if self.text_config is None:
             raise MetaLMConfigError("MetaLMConfig needs `text_config`: the decoder's config or its dict")
         if isinstance(self.text_config, dict):
-            cfg = dict(self.text_config)
-            if "model_type" not in cfg:
-                raise MetaLMConfigError("text_config: a decoder config dict needs 'model_type'")
-            self.text_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            self.text_config = config_from_dict(self.text_config, "text_config")
         super().__post_init__(**kwargs)
         self.encoders = [normalize_encoder_spec(s) for s in (self.encoders or [])]
         names = [s["name"] for s in self.encoders]
@@ -198,17 +194,12 @@ class MetaLMConfig(PreTrainedConfig):
         return [s["name"] for s in self.encoders if s["kind"] == kind]
 
     def num_slots(self, name: str, payload_tokens: int | None = None) -> int:
-        """Decoder positions an encoded segment occupies: its span length for per-token connectors on a
-        text encoder, K for a resampler, the token count for vision/audio encoders."""
+        """Decoder positions an encoded segment occupies: K for a resampler, else what the encoder's kind
+        says (a text span: its token count `payload_tokens`; an image: the measured `num_slots`)."""
         spec = self.encoder_spec(name)
         if spec["connector"]["type"] == "resampler":
             return int(spec["connector"]["num_queries"])
-        if spec["kind"] == "text":
-            if payload_tokens is None:
-                raise MetaLMConfigError(f"encoder {name!r}: a text span needs its token count")
-            return int(payload_tokens)
-        if spec.get("num_slots") is None:
-            raise MetaLMConfigError(
-                f"encoder {name!r}: 'num_slots' is unknown; build the model once to measure it"
-            )
-        return int(spec["num_slots"])
+        try:
+            return get_modality(spec["kind"]).num_slots(spec, payload_tokens)
+        except ValueError as err:
+            raise MetaLMConfigError(f"encoder {name!r}: {err}") from err

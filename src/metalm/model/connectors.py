@@ -99,13 +99,21 @@ class ResamplerConnector(nn.Module):
         return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
 
 
+# Connector type -> builder(spec, in_dim, out_dim); its keys are the types an encoder spec may name.
+CONNECTORS = {
+    "linear": lambda spec, in_dim, out_dim: LinearConnector(in_dim, out_dim),
+    "mlp": lambda spec, in_dim, out_dim: MLPConnector(
+        in_dim, out_dim, spec.get("hidden_size"), spec.get("input_norm")
+    ),
+    "resampler": lambda spec, in_dim, out_dim: ResamplerConnector(
+        in_dim, out_dim, spec["num_queries"], spec["num_layers"], spec["num_heads"]
+    ),
+}
+CONNECTOR_TYPES = tuple(CONNECTORS)
+
+
 def build_connector(spec: dict, in_dim: int, out_dim: int) -> nn.Module:
     """Build the connector an encoder spec names. Each returns (features, valid_mask)."""
-    kind = spec["type"]
-    if kind == "linear":
-        return LinearConnector(in_dim, out_dim)
-    if kind == "mlp":
-        return MLPConnector(in_dim, out_dim, spec.get("hidden_size"), spec.get("input_norm"))
-    if kind == "resampler":
-        return ResamplerConnector(in_dim, out_dim, spec["num_queries"], spec["num_layers"], spec["num_heads"])
-    raise ValueError(f"unknown connector type {kind!r}")
+    if spec["type"] not in CONNECTORS:
+        raise ValueError(f"unknown connector type {spec['type']!r}; one of {CONNECTOR_TYPES}")
+    return CONNECTORS[spec["type"]](spec, in_dim, out_dim)

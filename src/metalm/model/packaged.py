@@ -17,7 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from metalm.model.configuration_metalm import MetaLMConfigError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from metalm.model.hf_config import MetaLMConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +124,8 @@ def resolve_source(source: str) -> str:
             raise MetaLMConfigError(f"unknown packaged part {source!r}; packaged parts: {known}")
         return _PACKAGED_FOLDERS[source]()
     return source
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder, hub id or packaged part."""
+    return AutoTokenizer.from_pretrained(resolve_source(source))

@@ -59,7 +59,7 @@ from transformers import (
 from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
-from metalm.data.segments import Sample, TextSegment, sample_length
+from metalm.data.segments import Sample, TextSegment, sample_length, to_device
 
 __all__ = [
     "ChatMessage",
@@ -376,18 +376,6 @@ class _RowSampling(LogitsProcessor):
 
 
 # --- the engine ---------------------------------------------------------------------------------------
-def _to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device)
-        elif isinstance(value, dict):
-            out[key] = _to_device(value, device)
-        else:
-            out[key] = value
-    return out
-
-
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -503,13 +491,8 @@ class Engine:
     def _encodable(self, text: str, encode: bool | None) -> bool:
         if encode is False or not self._text_encoders:
             return False
-        name = self._text_encoders[0]
         with self._tok_lock:
-            n = len(self.processor.encoder_tokenizers[name](text, add_special_tokens=False)["input_ids"])
-        limit = self.processor.span_limit(name)
-        if self.encode_max_tokens is not None:
-            limit = min(limit, self.encode_max_tokens)
-        return 0 < n <= limit
+            return self.processor.fits_encoder(self._text_encoders[0], text, self.encode_max_tokens)
 
     def _text_part(self, text: str, encode: bool | None) -> str | Encode:
         if self._encodable(text, encode):
@@ -660,7 +643,7 @@ class Engine:
             rows += [_Row(job, i, limit, self._decode, self._eos) for i in range(job.params.n)]
         batch = self.processor.collate([r.job.prompt.sample for r in rows], padding_side="left")
         batch.pop("labels", None)
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         width = batch["input_ids"].shape[1]
         temps = [float(r.job.params.temperature) for r in rows]
         do_sample = any(t > 0 for t in temps)
@@ -691,7 +674,7 @@ class Engine:
         limit = self._max_new_tokens(job.prompt, params)
         batch = self.processor.collate([job.prompt.sample], padding_side="left")
         batch.pop("labels", None)
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         kwargs = self._generation_kwargs(params.temperature > 0)
         if params.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList(

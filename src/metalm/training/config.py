@@ -30,8 +30,9 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from metalm.data.records import KINDS
+from metalm.modalities import encoder_kinds
 from metalm.model.builder import EncoderRecipe, ModelRecipe
-from metalm.model.configuration_metalm import CONNECTOR_TYPES
+from metalm.model.connectors import CONNECTOR_TYPES
 from metalm.schema import FieldProblem, Location, declared_fields, dotted_path, locate, union_arms, value_at
 
 __all__ = [
@@ -52,8 +53,6 @@ __all__ = [
 
 RECORD_KINDS = tuple(KINDS)
 SEMI_CAUSAL_KEYS = ("span_min", "span_max", "span_fraction")
-# The encoder kinds a training config can build (the model config also lists "audio", not built yet).
-TRAINABLE_ENCODER_KINDS = ("text", "vision")
 # Instruction samples (`format: instruction`; VQA records always): the placeholders a template may use per
 # record kind, the one it must use, and the defaults. A classification record's `{options}` is the
 # stream's labels joined with OPTIONS_JOINER (FLAN writes the options into the input).
@@ -131,6 +130,12 @@ class LoraSettings(_Section):
         return modules
 
 
+def _one_of(names: tuple[str, ...]) -> str:
+    """'a', 'a' or 'b', 'a', 'b' or 'c': the allowed values in an error message."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 class ModelConfig(_Section):
     """What to build (mirrors :class:`metalm.ModelRecipe`). ``decoder``: an HF config dict with
     ``model_type`` (trained from scratch) or a local folder. With ``init_from`` set at the top level,
@@ -172,14 +177,13 @@ class ModelConfig(_Section):
             if enc.name in names:
                 raise FieldProblem(f"duplicate encoder name {enc.name!r}", i, "name")
             names.add(enc.name)
-            if enc.kind not in TRAINABLE_ENCODER_KINDS:
-                raise FieldProblem(f"expected 'text' or 'vision', got {enc.kind!r}", i, "kind")
+            if enc.kind not in encoder_kinds():
+                raise FieldProblem(f"expected {_one_of(encoder_kinds())}, got {enc.kind!r}", i, "kind")
             if enc.source == "config" and enc.config is None:
                 raise FieldProblem("source 'config' needs a config mapping with 'model_type'", i, "config")
             connector = enc.connector if isinstance(enc.connector, str) else enc.connector.get("type")
             if connector not in CONNECTOR_TYPES:
-                allowed = f"{', '.join(CONNECTOR_TYPES[:-1])} or {CONNECTOR_TYPES[-1]}"
-                raise FieldProblem(f"expected {allowed}, got {connector!r}", i, "connector")
+                raise FieldProblem(f"expected {_one_of(CONNECTOR_TYPES)}, got {connector!r}", i, "connector")
             if enc.trainable_layers is not None and enc.trainable_layers < 0:
                 raise FieldProblem("must be >= 0 (or null for all layers)", i, "trainable_layers")
             if enc.image_size <= 0:

@@ -65,6 +65,7 @@ from metalm.data.records import (
 )
 from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
 from metalm.data.semicausal import Word, image_text_sample, sample_spans, semicausal_sample
+from metalm.modalities import get_modality
 from metalm.training.config import OPTIONS_JOINER, DataConfig, StreamConfig, check_template
 
 __all__ = [
@@ -791,15 +792,11 @@ class DataStream:
 
     def _filler(self, encoders: list[str]) -> Sample:
         """A label-free row with a minimal payload for each of `encoders` (see the class docstring)."""
-        sample: Sample = []
-        for name in encoders:
-            spec = self.config.encoder_spec(name)
-            if spec["kind"] == "text":
-                sample.append(EncodedSegment(name, input_ids=[spec["pad_id"]], loss=False))
-            else:
-                size = self.processor.image_processors[name].size
-                sample.append(EncodedSegment(name, pixel_values=torch.zeros(3, size, size), loss=False))
-        return sample
+        specs = [self.config.encoder_spec(name) for name in encoders]
+        return [
+            get_modality(spec["kind"]).filler(spec, self.processor.preprocessors[spec["name"]])
+            for spec in specs
+        ]
 
     def __iter__(self) -> Iterator[dict]:
         while True:

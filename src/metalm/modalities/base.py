@@ -1,0 +1,123 @@
+"""The `Modality` interface: what a plugin answers for the encoders of its kind (see metalm.modalities)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModel
+
+from metalm.data.segments import EncodedSegment
+from metalm.model.hf_config import MetaLMConfigError, config_from_dict
+
+if TYPE_CHECKING:
+    from metalm.data.processor import MetaLMProcessor
+    from metalm.model.builder import EncoderRecipe
+
+Payload = dict[str, torch.Tensor]
+
+
+class Modality:
+    """One encoder kind. Subclasses set the class attributes and implement `encode`, `segment`, `collate`
+    and `filler`; the other methods have the defaults of an HF backbone with a fixed slot count."""
+
+    kind: ClassVar[str] = ""
+    # The spec fields of this kind, with the defaults filled in when a spec leaves them out.
+    spec_defaults: ClassVar[dict[str, Any]] = {}
+    # The `backbone` values a spec of this kind may name ("hf": any AutoModel built from its `config`).
+    backbones: ClassVar[tuple[str, ...]] = ("hf",)
+    # The processor parts this kind reads (e.g. `Encode`, `ImageInput`).
+    part_types: ClassVar[tuple[type, ...]] = ()
+
+    # --- the encoder spec ---------------------------------------------------------------------------
+    def check_spec(self, spec: dict[str, Any]) -> None:
+        """Kind-specific checks of a spec whose defaults are filled in; raise ValueError naming the field."""
+
+    def num_slots(self, spec: dict[str, Any], payload_size: int | None) -> int:
+        """Decoder slots one payload fills through a per-vector connector; by default the count measured
+        when the model was built (`num_slots`). `payload_size`: see `payload_size`."""
+        if spec.get("num_slots") is None:
+            raise ValueError("'num_slots' is unknown; build the model once to measure it")
+        return int(spec["num_slots"])
+
+    # --- the model ----------------------------------------------------------------------------------
+    def build_backbone(self, spec: dict[str, Any]) -> nn.Module:
+        """A randomly initialised backbone (its weights come from a checkpoint or from the builder)."""
+        return AutoModel.from_config(config_from_dict(spec["config"], f"encoder {spec['name']!r}"))
+
+    def encode(
+        self, backbone: nn.Module, spec: dict[str, Any], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's outputs for a collated payload: `(features [N, L, H], mask [N, L])`, `mask`
+        marking the outputs that become decoder slots."""
+        raise NotImplementedError
+
+    # --- building from a recipe (metalm.model.builder) -----------------------------------------------
+    def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
+        """The backbone a recipe names, the spec fields that rebuild its architecture (`backbone`,
+        `config`), and the folder it was loaded from (None when built from a config)."""
+        from metalm.model.packaged import PACKAGED_EFFICIENTNET, resolve_source
+
+        if recipe.source == PACKAGED_EFFICIENTNET:
+            raise MetaLMConfigError(f"encoder {recipe.name!r}: {PACKAGED_EFFICIENTNET} is a vision encoder")
+        folder = None if recipe.source == "config" else resolve_source(recipe.source)
+        if folder is None:
+            if recipe.config is None:
+                raise MetaLMConfigError(f"encoder {recipe.name!r}: source 'config' needs a 'config' dict")
+            backbone = AutoModel.from_config(config_from_dict(recipe.config, f"encoder {recipe.name!r}"))
+        else:
+            backbone = AutoModel.from_pretrained(folder)
+        return backbone, {"backbone": "hf", "config": backbone.config.to_dict()}, folder
+
+    def complete_spec(
+        self,
+        recipe: EncoderRecipe,
+        spec: dict[str, Any],
+        backbone: nn.Module,
+        folder: str | None,
+        decoder_tokenizer: Any,
+    ) -> Any:
+        """Fill in the spec's kind-specific fields (measured on the backbone where needed) and return the
+        encoder's preprocessor (a tokenizer, an image preprocessor; None when payloads need none)."""
+        return None
+
+    def probe_part(self, spec: dict[str, Any]) -> Any:
+        """A fixed processor part for encoder `spec["name"]`: the input connector scales are measured on."""
+        raise NotImplementedError
+
+    # --- the processor (metalm.data.processor) -------------------------------------------------------
+    def default_preprocessor(self, spec: dict[str, Any]) -> Any:
+        """The preprocessor when the processor was given none (rebuilt from the spec); ValueError saying
+        what is missing when it cannot be."""
+        return None
+
+    def save_preprocessor(self, name: str, preprocessor: Any, directory: Path, meta: dict[str, Any]) -> None:
+        """Save encoder `name`'s preprocessor into a model folder: files under `directory`, settings into
+        the processor file's `meta`."""
+
+    def load_preprocessor(self, spec: dict[str, Any], directory: Path, meta: dict[str, Any]) -> Any:
+        """The preprocessor `save_preprocessor` saved (None: rebuild it from the spec)."""
+        return None
+
+    def segment(self, processor: MetaLMProcessor, part: Any, where: str) -> EncodedSegment:
+        """The segment a processor part becomes (its encoder picked with `processor.encoder_for`); raise
+        `metalm.data.segments.InputError` naming `where` for bad input."""
+        raise NotImplementedError
+
+    # --- collation (metalm.data.segments) ------------------------------------------------------------
+    def payload_size(self, seg: EncodedSegment) -> int | None:
+        """What `num_slots` needs to know of one payload (a text span's token count); None by default."""
+        return None
+
+    def check_segment(self, spec: dict[str, Any], seg: EncodedSegment, where: str) -> None:
+        """Raise `metalm.data.segments.SampleError` naming `where` when `seg` cannot be collated."""
+
+    def collate(self, spec: dict[str, Any], segments: list[EncodedSegment]) -> Payload:
+        """The payload tensors of one encoder call over `segments`, in order."""
+        raise NotImplementedError
+
+    def filler(self, spec: dict[str, Any], preprocessor: Any) -> EncodedSegment:
+        """A minimal label-free segment for encoder `spec["name"]` (an FSDP filler row, metalm.training.data)."""
+        raise NotImplementedError

@@ -1,0 +1,155 @@
+"""Text encoders (BERT-like, e.g. MiniLM): a span of text read bidirectionally, one slot per span token.
+
+The processor part is `Encode`; a segment holds the span in the encoder's vocabulary (`input_ids`) and in
+the decoder's (`target_ids`, whose first token is the label at the slot before the span). The payload is
+`prefix + span + suffix` per span (e.g. [CLS] span [SEP]), right-padded, with `slot_mask` marking the
+span's own outputs: only those become decoder slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from metalm.data.segments import EncodedSegment, InputError, SampleError
+from metalm.modalities import register_modality
+from metalm.modalities.base import Modality, Payload
+from metalm.model.hf_config import MetaLMConfigError
+
+if TYPE_CHECKING:
+    from metalm.data.processor import MetaLMProcessor
+    from metalm.model.builder import EncoderRecipe
+
+
+@dataclass
+class Encode:
+    """Text to be read by a bidirectional encoder instead of the decoder. `encoder=None` picks the model's
+    only text encoder. With `loss=True` (pre-training spans) its first token is a training target."""
+
+    text: str
+    encoder: str | None = None
+    loss: bool = False
+
+
+# Ordinary words: the tokens encoded slots sit among (the probe that connector scales are matched on).
+PROBE_TEXT = (
+    "A small red circle sits next to a blue square on a white background. The news today covers sport, "
+    "business, politics and the weather."
+)
+
+
+def span_limit(spec: dict[str, Any]) -> int:
+    """The longest span (in encoder tokens) a text encoder takes: its `max_length` less its special tokens."""
+    return spec["max_length"] - len(spec["prefix_ids"]) - len(spec["suffix_ids"])
+
+
+class TextModality(Modality):
+    kind = "text"
+    spec_defaults = {"max_length": 512, "prefix_ids": [], "suffix_ids": [], "pad_id": 0}
+    part_types = (Encode,)
+
+    def num_slots(self, spec: dict[str, Any], payload_size: int | None) -> int:
+        if payload_size is None:
+            raise ValueError("a text span needs its token count")
+        return int(payload_size)
+
+    def encode(
+        self, backbone: nn.Module, spec: dict[str, Any], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = backbone(input_ids=payload["input_ids"], attention_mask=payload["attention_mask"])
+        return out.last_hidden_state, payload["slot_mask"]
+
+    def complete_spec(
+        self,
+        recipe: EncoderRecipe,
+        spec: dict[str, Any],
+        backbone: nn.Module,
+        folder: str | None,
+        decoder_tokenizer: Any,
+    ) -> Any:
+        """The span's special tokens and length limit come from the encoder's tokenizer and positions."""
+        from metalm.model.packaged import load_tokenizer
+
+        source = recipe.tokenizer or (recipe.source if recipe.source != "config" else None)
+        if source is None:
+            raise MetaLMConfigError(
+                f"encoder {recipe.name!r}: a text encoder from a config needs 'tokenizer'"
+            )
+        tok = decoder_tokenizer if source == "decoder" else load_tokenizer(source)
+        limit = getattr(backbone.config, "max_position_embeddings", 512)
+        prefix = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        suffix = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        spec.update(
+            max_length=min(recipe.max_length or limit, limit),
+            prefix_ids=[prefix] if prefix is not None else [],
+            suffix_ids=[suffix] if suffix is not None else [],
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        )
+        return tok
+
+    def probe_part(self, spec: dict[str, Any]) -> Encode:
+        return Encode(PROBE_TEXT, encoder=spec["name"])
+
+    # --- the tokenizer ---------------------------------------------------------------------------------
+    def default_preprocessor(self, spec: dict[str, Any]) -> Any:
+        raise ValueError("has no tokenizer")
+
+    def save_preprocessor(self, name: str, preprocessor: Any, directory: Path, meta: dict[str, Any]) -> None:
+        preprocessor.save_pretrained(directory / "encoders" / name)
+        meta["encoder_tokenizers"] = sorted([*meta.get("encoder_tokenizers", []), name])
+
+    def load_preprocessor(self, spec: dict[str, Any], directory: Path, meta: dict[str, Any]) -> Any:
+        if spec["name"] not in meta.get("encoder_tokenizers", []):
+            return None
+        return AutoTokenizer.from_pretrained(directory / "encoders" / spec["name"])
+
+    def segment(self, processor: MetaLMProcessor, part: Encode, where: str) -> EncodedSegment:
+        if not isinstance(part.text, str) or not part.text.strip():
+            raise InputError(f"{where}: empty text to encode")
+        name = processor.encoder_for(self.kind, part.encoder, where)
+        enc_ids = processor.encoder_ids(name, part.text)
+        limit = span_limit(processor.config.encoder_spec(name))
+        if len(enc_ids) > limit:
+            raise InputError(
+                f"{where}: text to encode has {len(enc_ids)} tokens, more than encoder {name!r} "
+                f"takes ({limit}); shorten it or split it into several Encode parts"
+            )
+        target_ids = processor.tokenize(part.text)
+        return EncodedSegment(name, input_ids=enc_ids, target_ids=target_ids, loss=part.loss)
+
+    # --- collation -------------------------------------------------------------------------------------
+    def payload_size(self, seg: EncodedSegment) -> int | None:
+        return None if seg.input_ids is None else len(seg.input_ids)
+
+    def check_segment(self, spec: dict[str, Any], seg: EncodedSegment, where: str) -> None:
+        if not seg.input_ids:
+            raise SampleError(f"{where}: encoded text span for {seg.encoder!r} is empty")
+        if len(seg.input_ids) > span_limit(spec):
+            raise SampleError(
+                f"{where}: span of {len(seg.input_ids)} tokens exceeds encoder {seg.encoder!r}'s "
+                f"limit of {span_limit(spec)}; split the span or raise the encoder's max_length"
+            )
+
+    def collate(self, spec: dict[str, Any], segments: list[EncodedSegment]) -> Payload:
+        prefix, suffix = spec["prefix_ids"], spec["suffix_ids"]
+        spans = [seg.input_ids for seg in segments]
+        rows = [prefix + span + suffix for span in spans]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), spec["pad_id"], dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        slot = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (row, span) in enumerate(zip(rows, spans)):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            slot[i, len(prefix) : len(prefix) + len(span)] = True
+        return {"input_ids": ids, "attention_mask": mask, "slot_mask": slot}
+
+    def filler(self, spec: dict[str, Any], preprocessor: Any) -> EncodedSegment:
+        return EncodedSegment(spec["name"], input_ids=[spec["pad_id"]], loss=False)
+
+
+register_modality(TextModality())

@@ -1,0 +1,210 @@
+"""Vision encoders: an image read by EfficientNet-Lite0 (packaged) or an HF vision tower (CLIP, SigLIP,
+ViT, ...), one slot per output vector (a fixed count, measured when the model is built).
+
+The processor parts are `ImageInput` and a bare PIL image; the preprocessor is an `ImagePreprocessor` with
+the normalisation the backbone was trained with; a segment holds `pixel_values` [3, H, W], and the payload
+stacks them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from metalm.data.images import (
+    EFFICIENTNET_LITE0_MEAN,
+    EFFICIENTNET_LITE0_STD,
+    ImageError,
+    ImagePreprocessor,
+    load_image,
+)
+from metalm.data.segments import EncodedSegment, InputError, SampleError
+from metalm.modalities import register_modality
+from metalm.modalities.base import Modality, Payload
+from metalm.model.packaged import PACKAGED_EFFICIENTNET
+from metalm.model.vision import EfficientNetLite0Encoder
+
+if TYPE_CHECKING:
+    from metalm.data.processor import MetaLMProcessor
+    from metalm.model.builder import EncoderRecipe
+
+EFFICIENTNET = "efficientnet_lite0"
+
+
+@dataclass
+class ImageInput:
+    """An image (path, bytes, data URL or PIL image) for a named vision encoder."""
+
+    image: Any
+    encoder: str | None = None
+
+
+def probe_image(size: int = 64) -> Image.Image:
+    """A fixed colourful image: RGB gradients with a dark square (content for an encoder, not noise)."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgb = np.stack(
+        [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), 255 - np.tile(ramp, (size, 1))], -1
+    )
+    rgb[size // 4 : size // 2, size // 4 : size // 2] = (20, 40, 60)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """A CLIP/SigLIP full model holds a vision tower next to its text tower: dock only the vision tower."""
+    if hasattr(model, "vision_model") and not hasattr(model, "embeddings"):
+        return model.vision_model
+    return model
+
+
+class VisionModality(Modality):
+    kind = "vision"
+    spec_defaults = {"image_size": 224}
+    backbones = ("hf", EFFICIENTNET)
+    part_types = (ImageInput, Image.Image)
+
+    def check_spec(self, spec: dict[str, Any]) -> None:
+        size = spec["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"field 'image_size' must be an int > 0, got {size!r}")
+
+    # --- the model ---------------------------------------------------------------------------------
+    def build_backbone(self, spec: dict[str, Any]) -> nn.Module:
+        if spec["backbone"] == EFFICIENTNET:
+            return EfficientNetLite0Encoder()
+        return vision_tower(super().build_backbone(spec))
+
+    def encode(
+        self, backbone: nn.Module, spec: dict[str, Any], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pixel_values = payload["pixel_values"].to(next(backbone.parameters()).dtype)
+        if spec["backbone"] == EFFICIENTNET:
+            feats = backbone(pixel_values)
+        else:
+            feats = backbone(pixel_values=pixel_values).last_hidden_state
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+
+    # --- building from a recipe ----------------------------------------------------------------------
+    def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
+        if recipe.source == PACKAGED_EFFICIENTNET:
+            return EfficientNetLite0Encoder.from_packaged(), {"backbone": EFFICIENTNET}, None
+        if recipe.source == "config" and (recipe.config or {}).get("model_type") == EFFICIENTNET:
+            return EfficientNetLite0Encoder(), {"backbone": EFFICIENTNET}, None
+        backbone, _, folder = super().load_backbone(recipe)
+        backbone = vision_tower(backbone)
+        return backbone, {"backbone": "hf", "config": backbone.config.to_dict()}, folder
+
+    def complete_spec(
+        self,
+        recipe: EncoderRecipe,
+        spec: dict[str, Any],
+        backbone: nn.Module,
+        folder: str | None,
+        decoder_tokenizer: Any,
+    ) -> ImagePreprocessor:
+        """The slot count is measured on a blank image of the recipe's size."""
+        spec["image_size"] = recipe.image_size
+        with torch.no_grad():
+            dummy = torch.zeros(1, 3, recipe.image_size, recipe.image_size)
+            spec["num_slots"] = self.encode(backbone, spec, {"pixel_values": dummy})[0].shape[1]
+        return image_preprocessor_for(spec, folder)
+
+    def probe_part(self, spec: dict[str, Any]) -> ImageInput:
+        return ImageInput(probe_image(), encoder=spec["name"])
+
+    # --- the image preprocessor ----------------------------------------------------------------------
+    def default_preprocessor(self, spec: dict[str, Any]) -> ImagePreprocessor:
+        return image_preprocessor_for(spec)
+
+    def save_preprocessor(
+        self, name: str, preprocessor: ImagePreprocessor, directory: Path, meta: dict[str, Any]
+    ) -> None:
+        meta.setdefault("image_processors", {})[name] = preprocessor.to_dict()
+
+    def load_preprocessor(
+        self, spec: dict[str, Any], directory: Path, meta: dict[str, Any]
+    ) -> ImagePreprocessor | None:
+        saved = meta.get("image_processors", {}).get(spec["name"])
+        return None if saved is None else ImagePreprocessor.from_dict(saved)
+
+    def segment(self, processor: MetaLMProcessor, part: Any, where: str) -> EncodedSegment:
+        image, requested = (part.image, part.encoder) if isinstance(part, ImageInput) else (part, None)
+        name = processor.encoder_for(self.kind, requested, where)
+        try:
+            pil = load_image(image, name=where)
+        except ImageError as err:
+            raise InputError(str(err)) from err
+        return EncodedSegment(name, pixel_values=processor.preprocessors[name]([pil])[0])
+
+    # --- collation -------------------------------------------------------------------------------------
+    def check_segment(self, spec: dict[str, Any], seg: EncodedSegment, where: str) -> None:
+        if seg.pixel_values is None:
+            raise SampleError(f"{where}: {spec['kind']} encoder {seg.encoder!r} needs pixel_values")
+
+    def collate(self, spec: dict[str, Any], segments: list[EncodedSegment]) -> Payload:
+        return {"pixel_values": torch.stack([seg.pixel_values for seg in segments])}
+
+    def filler(self, spec: dict[str, Any], preprocessor: ImagePreprocessor) -> EncodedSegment:
+        size = preprocessor.size
+        return EncodedSegment(spec["name"], pixel_values=torch.zeros(3, size, size), loss=False)
+
+
+def image_preprocessor_for(spec: dict[str, Any], folder: str | Path | None = None) -> ImagePreprocessor:
+    """The input normalisation a vision backbone was trained with, at the spec's `image_size`.
+
+    EfficientNet-Lite0: the TF Lite inception-style (x - 127) / 128. An HF tower (CLIP, SigLIP, ViT, ...):
+    its own image processor's mean, std, resampling filter and centre crop, read from the tower's
+    `preprocessor_config.json` when `folder` has one, else the defaults of the image processor class that
+    transformers maps its model type to (CLIP's OpenAI mean/std, SigLIP's and ViT's 0.5/0.5); ImageNet
+    statistics only when transformers knows no processor for it. The size stays the spec's: the tower's
+    position embeddings are built for it."""
+    size = int(spec["image_size"])
+    if spec["backbone"] == EFFICIENTNET:
+        return ImagePreprocessor(size=size, mean=EFFICIENTNET_LITE0_MEAN, std=EFFICIENTNET_LITE0_STD)
+    settings = _preprocessor_json(folder) or _processor_class_defaults(spec["config"]["model_type"])
+    kwargs: dict[str, Any] = {"size": size}
+    if settings.get("image_mean") is not None and settings.get("image_std") is not None:
+        kwargs.update(mean=tuple(settings["image_mean"]), std=tuple(settings["image_std"]))
+    if isinstance(settings.get("resample"), int):
+        kwargs["resample"] = Image.Resampling(settings["resample"]).name.lower()
+    # CLIP resizes the short side and crops the centre square; cropping first then resizing is the same.
+    kwargs["center_crop"] = bool(settings.get("do_center_crop", False))
+    return ImagePreprocessor(**kwargs)
+
+
+def _preprocessor_json(folder: str | Path | None) -> dict[str, Any]:
+    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _processor_class_defaults(model_type: str) -> dict[str, Any]:
+    """mean/std/resample/centre-crop defaults of transformers' image processor for `model_type` (a tower's
+    own type such as `clip_vision_model` falls back to its family, `clip`); {} when there is none."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    for key in (model_type, model_type.removesuffix("_vision_model")):
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(key)
+        if names is None:
+            continue
+        # transformers 5 maps a type to {"pil": ..., "torchvision": ...}; earlier ones to (slow, fast).
+        candidates = [names.get("pil"), *names.values()] if isinstance(names, dict) else list(names)
+        for name in candidates:
+            cls = getattr(transformers, name, None) if name else None
+            if cls is not None:
+                proc = cls()
+                return {
+                    k: getattr(proc, k, None)
+                    for k in ("image_mean", "image_std", "resample", "do_center_crop")
+                }
+    return {}
+
+
+register_modality(VisionModality())
