@@ -9,7 +9,10 @@ from metalm.evaluation.breakdown import (
     caption_attributes,
     caption_by_attribute,
     question_type,
+    question_wording,
     vqa_by_question_type,
+    wording_prior,
+    wording_prior_by_question_type,
 )
 
 
@@ -36,6 +39,36 @@ def test_vqa_by_question_type():
         "colour": {"accuracy": 50.0, "n": 2},
         "shape": {"accuracy": 100.0, "n": 1},
         "yes/no": {"accuracy": 50.0, "n": 2},
+    }
+
+
+def test_wording_prior_answers_from_the_question_alone():
+    assert question_wording("Is there not a RED shape?") == "is there not a <colour> shape ?"
+    assert question_wording("what color is the triangle?") == "what color is the <shape> ?"
+    train = [
+        ("is there a red shape?", "no"),
+        ("is there a blue shape?", "no"),
+        ("is there a teal shape?", "yes"),  # the minority answer of its wording
+        ("is there not a red shape?", "yes"),
+        ("what color is the circle?", "red"),
+    ]
+    prior = wording_prior(train)
+    assert prior == {
+        "is there a <colour> shape ?": "no",
+        "is there not a <colour> shape ?": "yes",
+        "what color is the <shape> ?": "red",
+    }
+    test = [
+        ("is there a gray shape?", ["no"]),  # prior right
+        ("is there a green shape?", ["yes"]),  # prior wrong: only the image tells
+        ("is there not a black shape?", ["yes"]),
+        ("what color is the rectangle?", ["blue"]),
+        ("what shape is this?", ["circle"]),  # a wording never seen in training scores 0
+    ]
+    assert wording_prior_by_question_type(test, prior) == {
+        "colour": {"accuracy": 0.0, "n": 1},
+        "shape": {"accuracy": 0.0, "n": 1},
+        "yes/no": {"accuracy": 200 / 3, "n": 3},
     }
 
 

@@ -87,6 +87,19 @@ def _predictions(eval_dir: Path, task: str) -> list[dict[str, Any]]:
     return read_predictions(files[0]) if files else []
 
 
+def wording_prior_table(example_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Per question type, what answering each of these easy-VQA test questions from its wording alone
+    scores (the training split's most common answer for the wording, colour and shape words masked)."""
+    from metalm.evaluation.breakdown import wording_prior, wording_prior_by_question_type
+    from metalm.evaluation.tasks import builtin_task
+
+    task = builtin_task("easyvqa")
+    prior = wording_prior((ex.fields["question"], ex.answers[0]) for ex in task.examples("train"))
+    by_id = {ex.id: ex for ex in task.examples(task.eval_split)}
+    chosen = [by_id[i] for i in example_ids if i in by_id]
+    return wording_prior_by_question_type(((ex.fields["question"], ex.answers) for ex in chosen), prior)
+
+
 def breakdown(eval_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     """What the headline numbers hide: easy-VQA accuracy per question type and, per captioning task, how
     often a caption names the right colour and shape (from the evaluation's prediction files)."""
@@ -96,6 +109,7 @@ def breakdown(eval_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     vqa = _predictions(eval_dir, "easyvqa")
     if vqa:
         out["easyvqa"] = vqa_by_question_type(vqa)
+        out["easyvqa-wording-prior"] = wording_prior_table([r["id"] for r in vqa])
     for task in CAPTION_TASKS:
         rows = _predictions(eval_dir, task)
         if rows:
@@ -115,6 +129,12 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     if "easyvqa" in table:
         cells = [cell(table["easyvqa"], t) for t in QUESTION_TYPES]
         lines.append(f"| easy-VQA questions | VQA accuracy by question type | {' | '.join(cells)} |")
+    if "easyvqa-wording-prior" in table:
+        cells = [cell(table["easyvqa-wording-prior"], t) for t in QUESTION_TYPES]
+        lines.append(
+            "| the same questions, answered from their wording alone | training-split majority answer per "
+            f"wording (no image) | {' | '.join(cells)} |"
+        )
     for task, how in CAPTION_TASKS.items():
         if task in table:
             cells = [cell(table[task], a) for a in ATTRIBUTES]
@@ -174,7 +194,9 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
         "",
         *breakdown_lines(breakdown(out / "eval")),
         "",
-        "A caption counts as right on an attribute when the first colour (shape) word it names is the image's.",
+        "A caption counts as right on an attribute when the first colour (shape) word it names is the image's. "
+        "A model whose yes/no accuracy is no better than the wording-alone row answers from the question, not "
+        "from the image (most easy-VQA yes/no questions ask about a colour the image does not have).",
         "",
         "## Sample captions (held-out test images)",
         "",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ __all__ = [
     "attribute_correctness",
     "caption_attributes",
     "question_type",
+    "question_wording",
     "read_predictions",
     "vqa_by_question_type",
+    "wording_prior",
+    "wording_prior_by_question_type",
 ]
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "yes/no")
@@ -84,6 +88,38 @@ def caption_by_attribute(records: Iterable[Mapping[str, Any]]) -> dict[str, dict
         for attr, ok in attribute_correctness(str(r["prediction"]), _gold_list(r["gold"])[0]).items():
             hits[attr].append(ok)
     return {a: {"accuracy": 100 * sum(h) / len(h), "n": len(h)} for a, h in hits.items() if h}
+
+
+def question_wording(question: str) -> str:
+    """The question with its colour and shape words masked: all that a model ignoring the image can use
+    ("is there not a red shape?" -> "is there not a <colour> shape?")."""
+    masked = []
+    for word in re.findall(r"[a-z]+|[^a-z\s]", question.lower()):
+        attr = next((a for a, values in ATTRIBUTES.items() if word in values), None)
+        masked.append(f"<{attr}>" if attr else word)
+    return " ".join(masked)
+
+
+def wording_prior(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The most common answer of each question wording, from (question, answer) pairs of a training split:
+    the language prior a model can learn without looking at the image."""
+    counts: dict[str, Counter[str]] = {}
+    for question, answer in pairs:
+        counts.setdefault(question_wording(question), Counter())[answer.strip().lower()] += 1
+    return {wording: c.most_common(1)[0][0] for wording, c in counts.items()}
+
+
+def wording_prior_by_question_type(
+    examples: Iterable[tuple[str, Sequence[str]]], prior: Mapping[str, str]
+) -> dict[str, dict[str, float]]:
+    """What answering every (question, gold answers) example with its wording's prior scores, per question
+    type (exact match with any gold answer; a wording unseen in training scores 0). A model's yes/no
+    accuracy at this level says it answers from the question's wording, not from the image."""
+    totals: dict[str, list[float]] = {t: [] for t in QUESTION_TYPES}
+    for question, answers in examples:
+        guess = prior.get(question_wording(question))
+        totals[question_type(answers)].append(float(guess in {a.strip().lower() for a in answers}))
+    return {t: {"accuracy": 100 * sum(s) / len(s), "n": len(s)} for t, s in totals.items() if s}
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
