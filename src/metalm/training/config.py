@@ -334,7 +334,9 @@ def layouts_from_streams(streams: list[StreamConfig], saved: dict[str, Any] | No
 class DataConfig(_Section):
     """``seq_len``: decoder positions per sample (text windows are exactly this long; longer samples are
     truncated, see docs). ``mix``: draw the stream per ``sample`` (rows of one batch mix streams) or per
-    ``batch`` (each batch from one stream: much less padding when streams differ in length)."""
+    ``batch`` (each batch from one stream: much less padding when streams differ in length).
+    ``num_workers``: DataLoader worker processes that build the training batches (0: the training
+    process builds them between steps); the batches are the same for any number."""
 
     streams: list[StreamConfig]
     seq_len: int = Field(512, ge=8)
@@ -343,6 +345,7 @@ class DataConfig(_Section):
     mix: Literal["sample", "batch"] = "sample"
     max_records: int | None = Field(None, gt=0)
     image_cache_mb: int = Field(1024, ge=0)
+    num_workers: int = Field(0, ge=0)
 
     @field_validator("streams")
     @classmethod

@@ -16,8 +16,10 @@ ids are computed once per record and cached, and decoded images are cached as ui
 - ``interleaved``: text and images in order, all text trained.
 
 A sample longer than ``seq_len`` is **truncated** (a text segment is cut; an encoded segment that does not
-fit is dropped with everything after it); one left with nothing to train on is skipped. Both are counted
-in :attr:`DataStream.stats`.
+fit is dropped with everything after it). Both are counted in :attr:`DataStream.stats`. A row whose sample
+is unusable, a bad record (under ``skip_bad``) or nothing left to train on, is **replaced** by something
+that depends on that row alone, so no other row moves: a window is trained as plain causal text, a record
+is swapped for a record of the same stream drawn with the row's own RNG.
 
 Streams are mixed by ``weight`` with a seeded RNG, per sample or per batch (``data.mix``). Each stream reads
 its records in a seeded permutation per epoch, every record once per epoch.
@@ -25,14 +27,17 @@ its records in a seeded permutation per epoch, every record once per epoch.
 **One global sequence for any number of processes.** The samples form a single sequence that does not
 depend on the number of processes: micro-batch ``g`` of the run is samples ``[g*G, (g+1)*G)`` with
 ``G = batch_size * world_size`` (the *global* micro-batch), and rank ``r`` trains on rows
-``[r*batch_size, (r+1)*batch_size)`` of it. Every process walks the whole sequence (mixing draws, record
-order, tokenization and packing are cheap and cached) but decodes images only for its own rows (unless
-``skip_bad`` is on: then every process must see which images are bad to stay in step). So 2 processes ×
-batch ``B`` see exactly the batches of 1 process × batch ``2B``, and the data state is global: a
-checkpoint taken with one number of processes resumes with another.
+``[r*batch_size, (r+1)*batch_size)`` of it. Which stream, record or window, and RNG counter each row gets
+is a plan (:mod:`metalm.training.plan`) that every process walks in full: mixing draws, epoch orders and
+the packing of documents by their token counts, integers only. Each process builds only its own rows
+(tokenising their text, drawing spans, decoding images). So 2 processes × batch ``B`` see exactly the
+batches of 1 process × batch ``2B``, and the data state is global: a checkpoint taken with one number of
+processes resumes with another. (The one thing every process still computes for every text document is
+its token count, once: where a window starts depends on the documents before it.) DataLoader workers
+(:mod:`metalm.training.loader`) split a rank's batches the same way.
 
 All randomness comes from RNGs seeded with (seed, split, stream, counter), so
-:meth:`DataStream.state_dict` is a few counters plus the packer's partial window, and
+:meth:`DataStream.state_dict` is a few counters plus the pieces of the text window being filled, and
 :meth:`DataStream.load_state_dict` resumes exactly.
 """
 
@@ -43,7 +48,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,6 +72,7 @@ from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_len
 from metalm.data.semicausal import Word, image_text_sample, sample_spans, semicausal_sample
 from metalm.modalities import get_modality
 from metalm.training.config import OPTIONS_JOINER, DataConfig, StreamConfig, check_template
+from metalm.training.plan import Plan, Row, StreamWalk
 
 __all__ = [
     "DataStream",
@@ -79,10 +85,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# 2: one global state for all processes (1 was per rank).
-STATE_VERSION = 2
-# Stands in for the pixels of an image on another process's row: never collated, never decoded here.
-_NOT_DECODED = torch.empty(0)
+# 3: a text window in progress is pieces of documents (2: its token ids; still read); 2: one global
+# state for all processes (1 was per rank).
+STATE_VERSION = 3
 # Between an instruction sample's decoder text and its label: evaluation scores " " + option the same way.
 TARGET_DELIMITER = " "
 
@@ -251,116 +256,120 @@ def _has_target(sample: Sample, config) -> bool:
     return False
 
 
-class _Packer:
-    """`pack_documents` as a resumable object: the partial window and the document in progress are
-    plain data (see `state`)."""
+@dataclass
+class Tally:
+    """What building samples found, since it was last drained: counts (``truncated``,
+    ``skipped_no_target``, ``inputs_truncated``), bad records as ``(stream, record, (path, line, field,
+    reason))`` and one-off warnings. Plain data, so a loader worker can send it to the training process."""
 
-    def __init__(self, seq_len: int) -> None:
-        self.seq_len = seq_len
-        self.buf: list[int] = []
-        self.ranges: list[list[int]] = []
-        self.docs: list[int] = []  # record index of each range, for the run's bookkeeping
+    counts: dict[str, int] = field(default_factory=dict)
+    bad: list[tuple[str, int, tuple]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def add(self, ids: list[int], start: int, record: int) -> tuple[int, tuple | None]:
-        """Feed `ids[start:]`; returns (new start, a full window or None)."""
-        take = min(len(ids) - start, self.seq_len - len(self.buf))
-        self.ranges.append([len(self.buf), len(self.buf) + take])
-        self.docs.append(record)
-        self.buf += ids[start : start + take]
-        start += take
-        if len(self.buf) == self.seq_len:
-            window = (self.buf, [tuple(r) for r in self.ranges], self.docs)
-            self.buf, self.ranges, self.docs = [], [], []
-            return start, window
-        return start, None
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
 
-    def state(self) -> dict[str, Any]:
-        return {"buf": list(self.buf), "ranges": [list(r) for r in self.ranges], "docs": list(self.docs)}
+    def drain(self) -> Tally:
+        """This tally's contents (it is left empty)."""
+        out = Tally(self.counts, self.bad, self.notes)
+        self.counts, self.bad, self.notes = {}, [], []
+        return out
 
-    def load(self, state: dict[str, Any]) -> None:
-        self.buf = list(state["buf"])
-        self.ranges = [list(r) for r in state["ranges"]]
-        self.docs = list(state["docs"])
+
+@dataclass
+class _Context:
+    """What building a sample reads: the processor, the model's encoders, the data settings. Shared by a
+    DataStream's streams; what building finds goes to ``tally``."""
+
+    processor: Any
+    seq_len: int
+    skip_bad: bool
+    split: str
+    image_cache: ImageCache
+    seed: int
+    tally: Tally = field(default_factory=Tally)
+
+    def __post_init__(self) -> None:
+        self.config = self.processor.config
+        texts = self.config.encoders_of_kind("text")
+        visions = self.config.encoders_of_kind("vision")
+        self.text_encoder: str | None = texts[0] if texts else None
+        self.vision: str | None = visions[0] if visions else None
+        self.image_pre = self.processor.image_processors[self.vision] if self.vision else None
+        self.semi_causal = dict(self.config.semi_causal)
+
+    def to_encoder_ids(self, ids: list[int]) -> list[int]:
+        return self.processor.to_encoder_ids(self.text_encoder, ids)
+
+
+# A row whose sample is unusable is replaced by another record of its stream; at most this many tries.
+MAX_TRIES = 1000
 
 
 class _Stream:
-    """One stream of the global sample sequence: its epoch order, caches, packer and counters."""
+    """One stream's records and what turns them into samples: token caches, the records found bad here,
+    and the sample builders. Where the stream is in the global sequence is a StreamWalk (plan.py)."""
 
-    def __init__(self, spec: StreamRecords, owner: DataStream) -> None:
+    def __init__(self, spec: StreamRecords, ctx: _Context) -> None:
         self.name = spec.name
         self.weight = spec.weight
         self.records = spec.records
-        self.owner = owner
+        self.ctx = ctx
         self.config = spec.config or StreamConfig(source=spec.name)  # format and instruction templates
         self.instruction = self.config.format == "instruction"
         self.options = spec.options
         self.ids: dict[int, Any] = {}  # token cache, one entry per record
         self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
+        self.warned = False  # said that the images of this stream are left out
         # Every window opens with BOS, as every other sample does: a pretrained decoder reads text that
         # starts without it badly (frozen Gemma-3: loss 8.3 on a news sentence without BOS, 2.8 with it).
-        self.bos = [owner.processor.bos_token_id] if owner.processor.bos_token_id is not None else []
-        self.packer = _Packer(owner.seq_len - len(self.bos))
-        self.epoch = 0
-        self.cursor = 0
-        self.samples = 0
-        self.doc: int | None = None  # text record in progress in the packer
-        self.offset = 0
-        self._order_epoch = -1
-        self._order: list[int] = []
+        bos = ctx.processor.bos_token_id
+        self.bos = [bos] if bos is not None else []
+        self.walk = StreamWalk(
+            self.name,
+            len(self.records),
+            seed=ctx.seed,
+            split=ctx.split,
+            window=ctx.seq_len - len(self.bos),
+            packs=self.packs,
+            length=lambda idx: len(self._text_ids(idx)),
+        )
+        self._singles: list[int] | None = None
+        self._record_encoders: set[str] | None = None
 
-    # --- order and sharding ----------------------------------------------------------------------
-    def order(self, epoch: int) -> list[int]:
-        """The record indices of `epoch`, in reading order: a seeded permutation (the same on every rank)."""
-        if epoch != self._order_epoch:
-            perm = list(range(len(self.records)))
-            random.Random(f"{self.owner.seed}:{self.owner.split}:{self.name}:order:{epoch}").shuffle(perm)
-            self._order = perm
-            self._order_epoch = epoch
-        return self._order
+    def packs(self, idx: int) -> bool:
+        """Does record `idx` go into text windows? (Instruction streams make one sample per record; only LM
+        text is packed.)"""
+        return not self.instruction and isinstance(self.records[idx], TextDocument | Classification)
 
-    def _next_record(self) -> int:
-        order = self.order(self.epoch)
-        if self.cursor >= len(order):
-            self.epoch += 1
-            self.cursor = 0
-            order = self.order(self.epoch)
-        idx = order[self.cursor]
-        self.cursor += 1
-        return idx
-
-    def _rng(self) -> random.Random:
-        o = self.owner
+    def _rng(self, counter: int) -> random.Random:
         # The ":0:" is where a rank used to be (one sequence per rank); kept so a seed gives the data it
         # gave before.
-        return random.Random(f"{o.seed}:{o.split}:{self.name}:0:sample:{self.samples}")
+        return random.Random(f"{self.ctx.seed}:{self.ctx.split}:{self.name}:0:sample:{counter}")
 
     # --- records → samples -------------------------------------------------------------------------
     def _bad(self, idx: int, err: Exception, field: str | None = None) -> None:
         rec = self.records[idx]
         rid = f" (id {rec.id})" if getattr(rec, "id", None) else ""
         error = RecordError(str(err), path=f"stream {self.name!r}, record {idx}{rid}", field=field)
-        if not self.owner.skip_bad:
+        if not self.ctx.skip_bad:
             raise error from err
         self.bad.add(idx)
-        self.owner.report.add(error)
-        if self.owner.rank == 0:  # every rank meets every record: one voice
-            logger.warning("skipping bad record: %s", error)
+        self.ctx.tally.bad.append((self.name, idx, error))  # reported and logged by the DataStream
 
     def _text_ids(self, idx: int) -> list[int]:
         ids = self.ids.get(idx)
         if ids is None:
             rec = self.records[idx]
             text = f"{rec.text}\ntopic: {rec.label}" if isinstance(rec, Classification) else rec.text
-            ids = _tokenize(self.owner.processor, text)
-            eos = self.owner.processor.eos_token_id
+            ids = _tokenize(self.ctx.processor, text)
+            eos = self.ctx.processor.eos_token_id
             ids = ids + ([eos] if eos is not None else [])
             self.ids[idx] = ids
         return ids
 
     def _image(self, idx: int, ref: str) -> torch.Tensor | None:
-        o = self.owner
-        if not o.decode_images:
-            return _NOT_DECODED
+        o = self.ctx
         try:
             return o.image_cache.get(
                 ref, o.image_pre, name=ref if not ref.startswith("data:") else "data URL"
@@ -370,7 +379,7 @@ class _Stream:
             return None
 
     def _record_sample(self, idx: int, rng: random.Random) -> Sample | None:
-        o = self.owner
+        o = self.ctx
         p = o.processor
         rec = self.records[idx]
         bos = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
@@ -425,12 +434,11 @@ class _Stream:
 
     def _warn_images_left_out(self) -> None:
         """Once per stream, and from the training data only (validation reads the same streams)."""
-        o = self.owner
-        if o.split == "train" and self.name not in o.warned_blind:
-            o.warned_blind.add(self.name)
-            logger.warning(
-                "the model has no vision encoder: images in stream %r are left out (text-only baseline)",
-                self.name,
+        if self.ctx.split == "train" and not self.warned:
+            self.warned = True
+            self.ctx.tally.notes.append(
+                f"the model has no vision encoder: images in stream {self.name!r} are left out "
+                "(text-only baseline)"
             )
 
     # --- instruction samples (format: instruction; VQA always) ------------------------------------
@@ -439,7 +447,7 @@ class _Stream:
     ) -> Sample | None:
         """``[BOS] [image] Enc(template) prompt label [EOS]`` with only ``label [EOS]`` trained; without a
         text encoder (the GPT baseline) the rendered input is plain, untrained decoder text."""
-        o = self.owner
+        o = self.ctx
         rec = self.records[idx]
         if isinstance(rec, Classification):
             if self.options is not None and rec.label not in self.options:
@@ -496,7 +504,7 @@ class _Stream:
             sample.append(TextSegment(entry["prompt"], loss=False))
         sample.append(TextSegment(entry["target"], loss=True))
         if entry["cut"]:
-            o.stats["inputs_truncated"] = o.stats.get("inputs_truncated", 0) + 1
+            o.tally.count("inputs_truncated")
         return sample
 
     def _render_instruction(
@@ -514,7 +522,7 @@ class _Stream:
         does not fit is cut word by word (binary search) until the rendered input fits the text encoder's
         span limit and the whole sample fits ``seq_len``; any other input that exceeds the encoder's limit
         makes the record bad."""
-        o = self.owner
+        o = self.ctx
         p = o.processor
         field = "question" if kind == "vqa" else "text"
         reason = check_template(template, kind)  # a JSONL stream without `kind` meets kinds only here
@@ -573,7 +581,7 @@ class _Stream:
         return {"input": dec, "input_enc": enc, "prompt": prompt, "target": target_ids, "cut": cut}
 
     def _window_sample(self, ids: list[int], ranges: list[tuple[int, int]], rng: random.Random) -> Sample:
-        o = self.owner
+        o = self.ctx
         head = [TextSegment(list(self.bos), loss=False)] if self.bos else []
         if o.text_encoder is None:
             return [*head, TextSegment(list(ids))]
@@ -591,61 +599,83 @@ class _Stream:
             for seg in sample
         ]
 
+    # --- rows → samples -----------------------------------------------------------------------------
+    def build(self, row: Row) -> tuple[Sample, list[int]]:
+        """The sample of `row` and the records it came from, cut to ``seq_len``. A row whose sample is
+        unusable (a bad record, nothing left to train on) gets a replacement that depends on the row
+        alone, so no other row moves: a window is trained as plain causal text, a record is swapped for
+        one drawn with the row's own RNG."""
+        if row.pieces:
+            buf, ranges, docs = self._window(row.pieces)
+            sample = self._fit(self._window_sample(buf, ranges, self._rng(row.counter)))
+            if sample is None:
+                sample = [TextSegment(list(self.bos), loss=False)] if self.bos else []
+                sample = self._fit([*sample, TextSegment(list(buf))])
+            return sample, sorted(set(docs))
+        idx, rng = row.record, self._rng(row.counter)
+        for tries in range(MAX_TRIES):
+            if tries:
+                spare = random.Random(
+                    f"{self.ctx.seed}:{self.ctx.split}:{self.name}:spare:{row.counter}:{tries}"
+                )
+                idx, rng = spare.choice(self._single_records()), spare
+            if idx in self.bad:
+                continue
+            sample = self._record_sample(idx, rng)
+            sample = self._fit(sample) if sample is not None else None
+            if sample is not None:
+                return sample, [idx]
+            if len(self.bad) == len(self._single_records()):
+                raise ValueError(f"stream {self.name!r}: every record is bad; nothing to train on")
+        raise ValueError(
+            f"stream {self.name!r}: {MAX_TRIES:,} samples in a row had nothing to train on "
+            f"(is seq_len {self.ctx.seq_len} too short for them?)"
+        )
+
     def next_sample(self) -> tuple[Sample, list[int]]:
-        """The next sample and the record indices it came from."""
-        misses = 0
-        while True:
-            if self.doc is None:
-                idx = self._next_record()
-                if idx in self.bad:
-                    misses += 1
-                    if misses > len(self.records):
-                        raise ValueError(f"stream {self.name!r}: every record is bad; nothing to train on")
-                    continue
-                rec = self.records[idx]
-                # Instruction streams make one sample per record; only LM text is packed into windows.
-                if self.instruction or not isinstance(rec, TextDocument | Classification):
-                    rng = self._rng()
-                    self.samples += 1
-                    sample = self._record_sample(idx, rng)
-                    if sample is None:
-                        misses += 1
-                        continue
-                    return sample, [idx]
-                self.doc, self.offset = idx, 0
-            ids = self._text_ids(self.doc)
-            doc = self.doc
-            self.offset, window = self.packer.add(ids, self.offset, doc)
-            if self.offset >= len(ids):
-                self.doc, self.offset = None, 0
-            if window is not None:
-                rng = self._rng()
-                self.samples += 1
-                buf, ranges, docs = window
-                return self._window_sample(buf, ranges, rng), sorted(set(docs))
+        """The next sample of this stream read on its own (its walk advances, no mixing draw)."""
+        return self.build(self.walk.next_row(0))
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "records": len(self.records),
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "samples": self.samples,
-            "doc": self.doc,
-            "offset": self.offset,
-            "packer": self.packer.state(),
-            "bad": sorted(self.bad),
-        }
+    def _single_records(self) -> list[int]:
+        if self._singles is None:
+            self._singles = [i for i in range(len(self.records)) if not self.packs(i)]
+        return self._singles
 
-    def load(self, state: dict[str, Any]) -> None:
-        if state["records"] != len(self.records):
-            raise ValueError(
-                f"stream {self.name!r}: the checkpoint was taken with {state['records']} records, "
-                f"the data now has {len(self.records)}; cannot resume the data position"
-            )
-        self.epoch, self.cursor, self.samples = state["epoch"], state["cursor"], state["samples"]
-        self.doc, self.offset = state["doc"], state["offset"]
-        self.packer.load(state["packer"])
-        self.bad = set(state["bad"])
+    def _window(self, pieces: tuple[tuple[int, int, int], ...]) -> tuple[list[int], list, list[int]]:
+        """The token ids of a packed window, each document's range in it, and the documents."""
+        buf: list[int] = []
+        ranges, docs = [], []
+        for doc, start, end in pieces:
+            ranges.append((len(buf), len(buf) + end - start))
+            docs.append(doc)
+            buf += self._text_ids(doc)[start:end]
+        return buf, ranges, docs
+
+    def _fit(self, sample: Sample) -> Sample | None:
+        """`sample` cut to ``seq_len`` (counted), or None when nothing in it is left to train on."""
+        ctx = self.ctx
+        if sample_length(sample, ctx.config) > ctx.seq_len:
+            sample = truncate_sample(sample, ctx.seq_len, ctx.config)
+            ctx.tally.count("truncated")
+        if _has_target(sample, ctx.config):
+            return sample
+        ctx.tally.count("skipped_no_target")
+        return None
+
+    def encoders(self, row: Row) -> set[str]:
+        """The encoders `row`'s sample may use, known without building it (its replacement included):
+        the text encoder for a window; for a record, what any one-record sample of this stream may use."""
+        ctx = self.ctx
+        if row.pieces:
+            return {ctx.text_encoder} if ctx.text_encoder else set()
+        if self._record_encoders is None:
+            kinds = {type(self.records[i]) for i in self._single_records()}
+            images = bool(kinds & {ImageText, VQAExample, Interleaved})
+            encoded_text = self.instruction or bool(kinds & {ImageText, VQAExample})
+            self._record_encoders = {
+                e for e, used in ((ctx.vision, images), (ctx.text_encoder, encoded_text)) if e and used
+            }
+        return self._record_encoders
 
 
 class DataStream:
@@ -654,10 +684,12 @@ class DataStream:
     ``next_batch()`` returns this rank's ``batch_size`` rows of the next global micro-batch
     (``batch_size * world_size`` samples, see the module docstring) as
     ``processor.collate(samples, padding_side="right")``; ``last_sources`` then holds (stream name, record
-    indices) per row. With ``fill_encoders`` (FSDP: every rank must run the same sharded modules), an
-    encoder that the global micro-batch uses but this rank's rows do not gets one extra *filler* row at
-    the end: a tiny payload for each such encoder and no labels, so it adds nothing to the loss or the
-    gradients. ``last_sources`` never lists it."""
+    indices) per row. Only this rank's rows are built; the rest of the sequence is walked in the plan
+    (:mod:`metalm.training.plan`). With ``fill_encoders`` (FSDP: every rank must run the same sharded
+    modules), an encoder that the global micro-batch may use but this rank's rows do not gets one extra
+    *filler* row at the end: a tiny payload for each such encoder and no labels, so it adds nothing to the
+    loss or the gradients. "May use" is decided from the plan alone (the same on every rank); ``last_sources``
+    never lists the filler."""
 
     def __init__(
         self,
@@ -690,104 +722,84 @@ class DataStream:
         self.rank = rank
         self.world_size = world_size
         self.mix = mix
-        self.skip_bad = skip_bad
-        self.fill_encoders = fill_encoders
-        # False while building another rank's rows (their images are not needed here).
-        self.decode_images = True
         self.split = split
-        self.image_cache = image_cache or ImageCache()
+        self.fill_encoders = fill_encoders
         self.report = report if report is not None else SkipReport()
-        texts = self.config.encoders_of_kind("text")
-        visions = self.config.encoders_of_kind("vision")
-        self.text_encoder: str | None = texts[0] if texts else None
-        self.vision: str | None = visions[0] if visions else None
-        self.image_pre = processor.image_processors[self.vision] if self.vision else None
-        self.semi_causal = dict(self.config.semi_causal)
-        self.streams = [_Stream(s, self) for s in streams]
+        self.ctx = _Context(processor, seq_len, skip_bad, split, image_cache or ImageCache(), seed)
+        self.streams = [_Stream(s, self.ctx) for s in streams]
         self.names = [s.name for s in self.streams]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"stream names must be unique, got {self.names}")
-        self.weights = [s.weight for s in self.streams]
-        self.warned_blind: set[str] = set()  # streams whose images were said to be left out
-        self.draws = 0
-        self.stats = {"samples": 0, "truncated": 0, "skipped_no_target": 0, "batches": 0}
-        self.per_stream = dict.fromkeys(self.names, 0)
+        self.plan = Plan(
+            [s.walk for s in self.streams], [s.weight for s in self.streams], seed=seed, split=split, mix=mix
+        )
+        # Counts of building (truncated, skipped...): loaded from a checkpoint (global) + built here.
+        self.base_counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.said: set[str] = set()  # one-off warnings already logged
+        self.reported: set[tuple[str, int]] = set()  # bad records already in the report
         self.last_sources: list[tuple[str, list[int]]] = []
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Samples and batches of the global sequence; samples truncated or skipped (as built here, plus
+        what a loaded checkpoint counted)."""
+        out = {
+            "samples": self.plan.samples,
+            "truncated": 0,
+            "skipped_no_target": 0,
+            "batches": self.plan.batches,
+        }
+        for counts in (self.base_counts, self.counts):
+            for key, n in counts.items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    @property
+    def per_stream(self) -> dict[str, int]:
+        return dict(self.plan.per_stream)
 
     def shard_order(self, stream: str, epoch: int) -> list[int]:
         """The records of `stream`'s `epoch` that land on this rank's rows, in order, when `stream` is read
         alone and each record makes one sample (VQA, captions; text is packed into windows instead):
         position ``p`` of the epoch order goes to rank ``(p // batch_size) % world_size``."""
-        order = self.streams[self.names.index(stream)].order(epoch)
+        order = self.streams[self.names.index(stream)].walk.order(epoch)
         return [i for p, i in enumerate(order) if (p // self.batch_size) % self.world_size == self.rank]
-
-    def to_encoder_ids(self, ids: list[int]) -> list[int]:
-        return self.processor.to_encoder_ids(self.text_encoder, ids)
 
     def choose(self, draw: int) -> int:
         """The stream index of mixing draw number `draw` (a pure function of seed and draw)."""
-        if len(self.streams) == 1:
-            return 0
-        rng = random.Random(f"{self.seed}:{self.split}:mix:0:{draw}")  # 0: see _Stream._rng
-        return rng.choices(range(len(self.streams)), weights=self.weights)[0]
-
-    def _draw(self) -> int:
-        k = self.choose(self.draws)
-        self.draws += 1
-        return k
-
-    def _sample_from(self, k: int) -> tuple[Sample, list[int]]:
-        stream = self.streams[k]
-        for _ in range(1000):
-            sample, sources = stream.next_sample()
-            if sample_length(sample, self.config) > self.seq_len:
-                sample = truncate_sample(sample, self.seq_len, self.config)
-                self.stats["truncated"] += 1
-            if _has_target(sample, self.config):
-                return sample, sources
-            self.stats["skipped_no_target"] += 1
-        raise ValueError(
-            f"stream {stream.name!r}: 1,000 samples in a row had nothing to train on "
-            f"(is seq_len {self.seq_len} too short for them?)"
-        )
+        return self.plan.choose(draw)
 
     def next_sample(self) -> tuple[Sample, str, list[int]]:
         """The next sample of the global sequence (mix per sample), with its stream name and record
         indices."""
-        k = self._draw()
-        sample, sources = self._sample_from(k)
-        self.stats["samples"] += 1
-        self.per_stream[self.names[k]] += 1
-        return sample, self.names[k], sources
+        row = self.plan.next_row()
+        sample, sources = self.streams[row.stream].build(row)
+        self.absorb(self.ctx.tally.drain())
+        return sample, self.names[row.stream], sources
 
     def next_batch(self) -> dict:
         """This rank's rows of the next global micro-batch, collated."""
-        samples, self.last_sources = [], []
+        batch = self.build_batch(self.plan.next_batch(self.batch_size * self.world_size))
+        self.absorb(self.ctx.tally.drain())
+        return batch
+
+    def build_batch(self, rows: list[Row]) -> dict:
+        """Build and collate this rank's share of the global micro-batch `rows` (sets `last_sources`)."""
         first = self.rank * self.batch_size
-        mine = range(first, first + self.batch_size)
-        used: set[str] = set()  # encoders of the global micro-batch
+        samples, self.last_sources = [], []
         own: set[str] = set()  # encoders of this rank's rows
-        batch_stream = self._draw() if self.mix == "batch" else None
-        try:
-            for row in range(self.batch_size * self.world_size):
-                # Another rank's row: build it (the sequence must advance identically everywhere) but
-                # leave its images undecoded, unless bad images are skipped (all ranks must see them).
-                self.decode_images = row in mine or self.skip_bad
-                k = batch_stream if batch_stream is not None else self._draw()
-                sample, sources = self._sample_from(k)
-                self.stats["samples"] += 1
-                self.per_stream[self.names[k]] += 1
-                encoders = {seg.encoder for seg in sample if isinstance(seg, EncodedSegment)}
-                used |= encoders
-                if row in mine:
-                    own |= encoders
-                    samples.append(sample)
-                    self.last_sources.append((self.names[k], sources))
-        finally:
-            self.decode_images = True
-        self.stats["batches"] += 1
-        if self.fill_encoders and used - own:
-            samples.append(self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own]))
+        for row in rows[first : first + self.batch_size]:
+            sample, sources = self.streams[row.stream].build(row)
+            own |= {seg.encoder for seg in sample if isinstance(seg, EncodedSegment)}
+            samples.append(sample)
+            self.last_sources.append((self.names[row.stream], sources))
+        if self.fill_encoders:
+            used = set().union(*(self.streams[row.stream].encoders(row) for row in rows))
+            if used - own:
+                samples.append(
+                    self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own])
+                )
         return self.processor.collate(samples, padding_side="right")
 
     def _filler(self, encoders: list[str]) -> Sample:
@@ -798,6 +810,22 @@ class DataStream:
             for spec in specs
         ]
 
+    def absorb(self, tally: Tally) -> None:
+        """Count what building found (here or in a loader worker), report bad records once each and log
+        one-off warnings once."""
+        for key, n in tally.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        for name, idx, err in tally.bad:
+            self.streams[self.names.index(name)].bad.add(idx)  # a worker's find: skipped here from now on
+            if (name, idx) not in self.reported:
+                self.reported.add((name, idx))
+                self.report.add(err)
+                logger.warning("skipping bad record: %s", err)
+        for note in tally.notes:
+            if note not in self.said:
+                self.said.add(note)
+                logger.warning("%s", note)
+
     def __iter__(self) -> Iterator[dict]:
         while True:
             yield self.next_batch()
@@ -806,9 +834,32 @@ class DataStream:
         return [self.next_batch() for _ in range(n)]
 
     # --- resume -------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-ready state of the global sequence (the same on every rank); `load_state_dict` on a stream
-        built from the same records resumes exactly, with any number of processes."""
+    def local_tally(self) -> dict[str, Any]:
+        """What this process found while building (counts, bad records): for
+        :meth:`state_dict`'s ``peers`` on the process that saves the state."""
+        return {
+            "counts": dict(self.counts),
+            "bad": {s.name: sorted(s.bad) for s in self.streams},
+            "report": [list(i) for i in self.report.items],
+        }
+
+    def state_dict(self, peers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """JSON-ready state of the global sequence; `load_state_dict` on a stream built from the same
+        records resumes exactly, with any number of processes. The plan's position is the same on every
+        rank; what building found differs per rank: `peers` are the other ranks' :meth:`local_tally`, to
+        count and list their finds too."""
+        stats = self.stats
+        bad = {s.name: set(s.bad) for s in self.streams}
+        report = SkipReport(self.report.count, list(self.report.items), self.report.max_items)
+        for peer in peers or []:
+            for key, n in peer["counts"].items():
+                stats[key] = stats.get(key, 0) + n
+            for name, idxs in peer["bad"].items():
+                bad[name] |= set(idxs)
+            for item in peer["report"]:
+                if tuple(item) not in report.items:
+                    report.add(RecordError(item[3], path=item[0], line=item[1], field=item[2]))
+        plan = self.plan.state()
         return {
             "version": STATE_VERSION,
             "split": self.split,
@@ -816,11 +867,11 @@ class DataStream:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "mix": self.mix,
-            "draws": self.draws,
-            "stats": dict(self.stats),
-            "per_stream": dict(self.per_stream),
-            "streams": {s.name: s.state() for s in self.streams},
-            "skip_report": {"count": self.report.count, "items": [list(i) for i in self.report.items]},
+            "draws": plan["draws"],
+            "stats": stats,
+            "per_stream": plan["per_stream"],
+            "streams": {name: {**walk, "bad": sorted(bad[name])} for name, walk in plan["walks"].items()},
+            "skip_report": {"count": report.count, "items": [list(i) for i in report.items]},
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -830,6 +881,8 @@ class DataStream:
         ``strict=False`` another global micro-batch is accepted: the *sample* sequence continues without
         duplicates or gaps, cut into batches of the new size."""
         state = copy.deepcopy(state)
+        if state.get("version") == 2:
+            state = self._upgrade_v2(state)
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"unsupported data state version {state.get('version')!r} (this version reads {STATE_VERSION})"
@@ -852,13 +905,39 @@ class DataStream:
             raise ValueError(
                 f"data state has streams {sorted(state['streams'])}, this run has {sorted(self.names)}"
             )
+        stats = state["stats"]
+        walks = {name: {k: v for k, v in s.items() if k != "bad"} for name, s in state["streams"].items()}
+        self.plan.load(
+            {
+                "draws": state["draws"],
+                "samples": stats["samples"],
+                "batches": stats["batches"],
+                "per_stream": state["per_stream"],
+                "walks": walks,
+            }
+        )
+        self.base_counts = {k: v for k, v in stats.items() if k not in ("samples", "batches")}
+        self.counts = {}
         for s in self.streams:
-            s.load(state["streams"][s.name])
-        self.draws = state["draws"]
-        self.stats = dict(state["stats"])
-        self.per_stream = dict(state["per_stream"])
+            s.bad = set(state["streams"][s.name]["bad"])
+        self.reported = {(s.name, i) for s in self.streams for i in s.bad}
         self.report.count = state["skip_report"]["count"]
         self.report.items = [tuple(i) for i in state["skip_report"]["items"]]
+
+    def _upgrade_v2(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A version-2 state (a packer holding token ids) as version 3 (pieces of documents). A v2 packer
+        that holds tokens always holds whole document ends: a document still in progress means the buffer
+        was just emitted, empty."""
+        for name, s in state["streams"].items():
+            stream = self.streams[self.names.index(name)] if name in self.names else None
+            packer = s.pop("packer")
+            pieces = []
+            for doc, (a, b) in zip(packer["docs"], packer["ranges"]):
+                n = len(stream._text_ids(doc)) if stream is not None else b - a
+                pieces.append([doc, n - (b - a), n])
+            s["pieces"] = pieces
+        state["version"] = STATE_VERSION
+        return state
 
 
 def build_data(

@@ -230,7 +230,7 @@ class Trainer:
         self._restore_rng(resume, progress.step)
         start_step = progress.step
         self._train_loop(progress, result)
-        return self._finish(progress, result, report, trained=progress.step > start_step)
+        return self._finish(progress, result, trained=progress.step > start_step)
 
     # --- setting up -----------------------------------------------------------------------------------
     def _log_start(self) -> None:
@@ -448,6 +448,10 @@ class Trainer:
             disable=not self.accelerator.is_main_process,
             dynamic_ncols=True,
         )
+        from metalm.training.loader import BatchLoader
+
+        # Started here, after a resume moved the data to where training continues.
+        self.batches = BatchLoader(self.train_data, self.config.data.num_workers)
         try:
             while progress.step < optim.max_steps:
                 started = time.perf_counter()
@@ -481,15 +485,16 @@ class Trainer:
                 ):
                     result.checkpoints.append(self._save_checkpoint(progress))
         finally:
+            self.batches.close()
             bar.close()
 
     def _micro_batches(self, sources: list[set[str]]) -> Iterator[MicroBatch]:
         """This step's micro-batches, read as train_step asks; `sources` gets each one's stream names."""
         for _ in range(self.config.optim.grad_accum):
-            batch = self.train_data.next_batch()
-            rows = self.train_data.last_sources  # a filler row (FSDP) comes after these
-            sources.append({name for name, _ in rows})
-            yield MicroBatch(batch, rows=len(rows))
+            batch = self.batches.next()
+            sources.append({name for name, _ in batch.sources})
+            # A filler row (FSDP) comes after the real ones.
+            yield MicroBatch(batch.inputs, rows=len(batch.sources))
 
     def _reduce_step(
         self, measured: StepResult, sources: list[set[str]], streams: list[str]
@@ -540,14 +545,26 @@ class Trainer:
     def _unwrapped(self) -> torch.nn.Module:
         return unwrap_model(self.model, self.accelerator)
 
+    def _data_state(self) -> dict[str, Any]:
+        """The training data's state, with what every process found while building its rows (each
+        builds only its own: truncations and bad records differ per process)."""
+        peers = None
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            tallies = gather_object([self.train_data.local_tally()])
+            peers = [t for i, t in enumerate(tallies) if i != self.accelerator.process_index]
+        return self.train_data.state_dict(peers)
+
     def _save_checkpoint(self, progress: _Progress) -> Path:
+        data_state = self._data_state()
         trainer_state = {
             "step": progress.step,
             "tokens": progress.tokens,
             "elapsed_s": progress.elapsed,
             "world_size": self.accelerator.num_processes,
             "history": self.metrics.history,
-            "data_stats": self.train_data.stats,
+            "data_stats": data_state["stats"],
             "config": config_to_dict(self.config),
         }
         return self.checkpoints.save(
@@ -556,7 +573,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.processor,
-            self.train_data.state_dict(),
+            data_state,
             trainer_state,
         )
 
@@ -569,7 +586,7 @@ class Trainer:
             self._lora = None
         return self.checkpoints.save_final(step, self.model, self.processor)
 
-    def _finish(self, progress: _Progress, result: TrainResult, report: Any, trained: bool) -> TrainResult:
+    def _finish(self, progress: _Progress, result: TrainResult, trained: bool) -> TrainResult:
         if not trained and self.val_batches:
             # Nothing left to train (resumed at max_steps): still report the validation loss.
             self._validate(result, progress.step)
@@ -585,7 +602,7 @@ class Trainer:
                 title=f"MetaLM — {self.config.source or ''}",
             )
         self.metrics.close()
-        self._log_summary(report, result)
+        self._log_summary(result)
         return result
 
     # --- evaluation -----------------------------------------------------------------------------------
@@ -628,21 +645,25 @@ class Trainer:
                     out[f"val_loss_{name}"] = loss_sum / n
         return out
 
-    def _log_summary(self, report: Any, result: TrainResult) -> None:
-        data = self.train_data
+    def _log_summary(self, result: TrainResult) -> None:
+        from metalm.data.records import SkipReport
+
+        state = self._data_state()  # every process's finds
+        stats = state["stats"]
         logger.info(
             "data: %d samples (%s); %d truncated to seq_len %d, %d skipped with nothing to train on",
-            data.stats["samples"],
-            ", ".join(f"{k} {v}" for k, v in data.per_stream.items()),
-            data.stats["truncated"],
-            data.seq_len,
-            data.stats["skipped_no_target"],
+            stats["samples"],
+            ", ".join(f"{k} {v}" for k, v in state["per_stream"].items()),
+            stats["truncated"],
+            self.train_data.seq_len,
+            stats["skipped_no_target"],
         )
-        if data.stats.get("inputs_truncated"):
+        if stats.get("inputs_truncated"):
             logger.info(
                 "instruction inputs: %d cut to fit the text encoder / seq_len (classification text, word by word)",
-                data.stats["inputs_truncated"],
+                stats["inputs_truncated"],
             )
+        report = SkipReport(state["skip_report"]["count"], [tuple(i) for i in state["skip_report"]["items"]])
         if report.count:
             logger.warning("bad records: %s", _skip_summary(report, limit=50))
         else:
