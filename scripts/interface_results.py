@@ -181,7 +181,7 @@ def frozen_decoder_finetune(name: str, folder: Path, runs: Path, out: Path, args
     # the small decoder's), so each model is finetuned at the length it was trained on.
     window = load_config(CONFIGS / TRAINED[name]).data.seq_len
     scores = {}
-    for seed in args.seeds:
+    for seed in args.finetune_seeds or args.seeds:
         run = runs / f"{name}-bbc-frozen-s{seed}"
         if not (run / "final" / "config.json").is_file():
             overrides = [
@@ -380,6 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bbc-shots", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 4])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-finetune", action="store_true", help="skip the frozen-decoder BBC finetunes")
+    p.add_argument(
+        "--finetune-seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="seeds of the BBC finetunes (default: --seeds)",
+    )
+    p.add_argument(
+        "--finetune-models", nargs="+", default=None, help="models to finetune (default: all but gemma-bare)"
+    )
     p.add_argument("--finetune-override", nargs="*", default=[], help="key=value for the finetune config")
     p.add_argument("--page", type=Path, default=PAGE)
     args = p.parse_args(argv)
@@ -389,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models:
         folder = model_dir(name, args.runs)
         results[name] = evaluate_model(name, folder, args.out / name, args)
-        if not args.no_finetune and name != "gemma-bare":
+        if not args.no_finetune and name != "gemma-bare" and name in (args.finetune_models or MODELS):
             results[name]["bbc_frozen"] = frozen_decoder_finetune(
                 name, folder, args.runs, args.out / name, args
             )
