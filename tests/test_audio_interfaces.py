@@ -27,8 +27,8 @@ soundfile = pytest.importorskip("soundfile")
 pytest.importorskip("jiwer")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def _build_audio_model(path):
+    """A tiny random MetaLM with text, vision and audio encoders, saved at `path` (returned)."""
     torch.manual_seed(0)
     recipe = ModelRecipe(
         decoder=TINY_LLAMA,
@@ -40,10 +40,14 @@ def model_dir(tmp_path_factory):
         ],
     )
     model, processor = build_metalm(recipe)
-    path = tmp_path_factory.mktemp("audio_model")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _build_audio_model(tmp_path_factory.mktemp("audio_model"))
 
 
 @pytest.fixture(scope="module")
