@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	# Java runs pycocoevalcap's PTB tokenizer.
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 	command -v java >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jre-headless; }
+	# espeak-ng synthesises the offline speech data set (`metalm data speech`, docs/speech.md).
+	command -v espeak-ng >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; }
 	touch $(STAMP)
 
 setup: $(STAMP)

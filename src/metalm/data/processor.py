@@ -234,7 +234,7 @@ class MetaLMProcessor:
             if modality is None:
                 raise InputError(
                     f"{where}: unsupported part type {type(part).__name__}; use str, Encode, Target, "
-                    "ImageInput or a PIL image"
+                    "ImageInput, a PIL image or AudioInput"
                 )
             sample.append(modality.segment(self, part, where))
         if add_eos and self.eos_token_id is not None:

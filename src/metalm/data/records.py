@@ -4,12 +4,16 @@ One JSON object per line; a ``kind`` field says what the record is (see ``docs/d
 
     {"kind": "text", "text": "..."}
     {"kind": "image_text", "image": "images/0.png", "text": "..."}
-    {"kind": "interleaved", "content": [{"type": "text", "text": "..."}, {"type": "image", "image": "..."}]}
+    {"kind": "audio_text", "audio": "clips/0.wav", "text": "..."}
+    {"kind": "interleaved", "content": [{"type": "text", "text": "..."}, {"type": "image", "image": "..."},
+                                        {"type": "audio", "audio": "..."}]}
     {"kind": "vqa", "image": "...", "question": "...", "answers": ["..."]}
+    {"kind": "vqa", "image": "...", "audio": "question.wav", "answers": ["..."]}   (a spoken question)
     {"kind": "classification", "text": "...", "label": "..."}
+    {"kind": "classification", "audio": "...", "label": "..."}                     (spoken text)
 
-Records carry raw text and *unresolved* image references (an absolute path, or a ``data:`` URL kept
-verbatim); tokenization and image decoding happen later, once per record, elsewhere.
+Records carry raw text and *unresolved* image and audio references (an absolute path, or a ``data:`` URL
+kept verbatim); tokenization and decoding happen later, once per record, elsewhere.
 :func:`read_jsonl` streams a file line by line and raises :class:`RecordError` naming the file,
 line and field of the first bad record, or skips and counts bad records into a :class:`SkipReport`.
 """
@@ -47,6 +51,8 @@ from metalm.schema import FieldProblem, declared_fields, dotted_path, locate, un
 __all__ = [
     "KINDS",
     "MAX_LINE_BYTES",
+    "AudioPart",
+    "AudioText",
     "Caption",
     "Classification",
     "ImagePart",
@@ -116,39 +122,62 @@ class ImagePart:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioPart:
+    """Speech inside an :class:`Interleaved` record (absolute path or ``data:`` URL)."""
+
+    type: ClassVar[str] = "audio"
+    audio: str
+
+
+@dataclass(frozen=True, slots=True)
 class Interleaved:
-    """Text and images in reading order."""
+    """Text, images and speech in reading order."""
 
     kind: ClassVar[str] = "interleaved"
-    parts: tuple[TextPart | ImagePart, ...]
+    parts: tuple[TextPart | ImagePart | AudioPart, ...]
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AudioText:
+    """Speech with its transcript. ``audio`` is an absolute path or a ``data:`` URL."""
+
+    kind: ClassVar[str] = "audio_text"
+    audio: str
+    text: str
     id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class VQAExample:
-    """A visual question with one or more reference answers (the first is the training target)."""
+    """A visual question with one or more reference answers (the first is the training target).
+    With ``audio`` the question is spoken: the clip is what the model hears, and ``question`` (its
+    transcript, when known; else None) is not shown to it."""
 
     kind: ClassVar[str] = "vqa"
     image: str
-    question: str
+    question: str | None
     answers: tuple[str, ...]
     id: str | None = None
+    audio: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Classification:
-    """A text with a class label (the label is text the decoder writes, e.g. ``"sports"``)."""
+    """A text with a class label (the label is text the decoder writes, e.g. ``"sports"``). With
+    ``audio`` the text is spoken and ``text`` is its transcript, when known (else None)."""
 
     kind: ClassVar[str] = "classification"
-    text: str
+    text: str | None
     label: str
     id: str | None = None
+    audio: str | None = None
 
 
-Record = TextDocument | ImageText | Interleaved | VQAExample | Classification
+Record = TextDocument | ImageText | AudioText | Interleaved | VQAExample | Classification
 
 KINDS: dict[str, type] = {
-    cls.kind: cls for cls in (TextDocument, ImageText, Interleaved, VQAExample, Classification)
+    cls.kind: cls for cls in (TextDocument, ImageText, AudioText, Interleaved, VQAExample, Classification)
 }
 
 # --------------------------------------------------------------------------------------------
@@ -251,15 +280,16 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _B64_ONLY = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
-def _check_data_url(value: str) -> None:
+def _check_data_url(value: str, media: str = "image") -> None:
+    example = "image/png" if media == "image" else "audio/wav"
     header, sep, payload = value.partition(",")
     if not sep:
-        raise ValueError("malformed data URL (no comma); expected data:image/png;base64,<data>")
+        raise ValueError(f"malformed data URL (no comma); expected data:{example};base64,<data>")
     params = [p.strip().lower() for p in header[len("data:") :].split(";")]
-    if not params[0].startswith("image/"):
-        raise ValueError(f"data URL media type {params[0]!r} is not image/*")
+    if not params[0].startswith(f"{media}/"):
+        raise ValueError(f"data URL media type {params[0]!r} is not {media}/*")
     if "base64" not in params[1:]:
-        raise ValueError("only base64 data URLs are supported (data:image/<type>;base64,<data>)")
+        raise ValueError(f"only base64 data URLs are supported (data:{media}/<type>;base64,<data>)")
     payload = "".join(payload.split())
     if not payload:
         raise ValueError("data URL has no payload")
@@ -272,8 +302,8 @@ def _check_data_url(value: str) -> None:
         raise ValueError(f"malformed base64 in data URL ({exc})") from None
 
 
-def _local_image(value: str, base_dir: Path | None) -> str:
-    """The absolute path of an image file named by `value` (relative to `base_dir`)."""
+def _local_image(value: str, base_dir: Path | None, media: str = "image") -> str:
+    """The absolute path of an image (or audio) file named by `value` (relative to `base_dir`)."""
     path = Path(value)
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
@@ -281,10 +311,11 @@ def _local_image(value: str, base_dir: Path | None) -> str:
     if not os.path.isfile(ref):
         hint = ""
         if len(value) > 100 and "." not in value and _B64_ONLY.match(value):
-            hint = " (this looks like raw base64: prefix it with data:image/png;base64,)"
+            example = "image/png" if media == "image" else "audio/wav"
+            hint = f" (this looks like raw base64: prefix it with data:{example};base64,)"
         elif base_dir is not None and not Path(value).is_absolute():
             hint = " (relative paths are resolved against the JSONL file's folder)"
-        raise ValueError(f"image file not found: {ref}{hint}")
+        raise ValueError(f"{media} file not found: {ref}{hint}")
     return ref
 
 
@@ -314,8 +345,34 @@ def _image(value: str, info: ValidationInfo) -> str:
     return ref
 
 
+def _audio(value: str, info: ValidationInfo) -> str:
+    """Validate an audio reference as `_image` does an image; ``check_images`` also decodes the clip."""
+    base_dir, check = info.context["base_dir"], info.context["check_images"]
+    if not value.strip():
+        raise ValueError("empty string")
+    if value[:5].lower() == "data:":
+        _check_data_url(value, "audio")
+        ref = value
+    elif _URL_SCHEME.match(value):
+        raise ValueError(
+            f"{value.split(':', 1)[0]}:// URLs are not fetched; download the audio and give a local "
+            "path or a data:audio/...;base64 URL"
+        )
+    else:
+        ref = _local_image(value, base_dir, "audio")
+    if check:
+        from metalm.data.audio import AudioError, load_audio  # lazy: pulls in scipy
+
+        try:
+            load_audio(ref, name="data URL" if ref is value else value)
+        except AudioError as exc:
+            raise ValueError(str(exc)) from None
+    return ref
+
+
 Text = Annotated[str, AfterValidator(_text)]
 ImageRef = Annotated[str, AfterValidator(_image)]
+AudioRef = Annotated[str, AfterValidator(_audio)]
 
 
 class _Strict(BaseModel):
@@ -338,6 +395,14 @@ class _ImagePartLine(_Strict):
 
     def to_part(self) -> ImagePart:
         return ImagePart(self.image)
+
+
+class _AudioPartLine(_Strict):
+    type: Literal["audio"]
+    audio: AudioRef
+
+    def to_part(self) -> AudioPart:
+        return AudioPart(self.audio)
 
 
 class _Line(_Strict):
@@ -368,9 +433,18 @@ class _ImageTextLine(_Line):
         return ImageText(self.image, self.text, id=self.record_id)
 
 
+class _AudioTextLine(_Line):
+    kind: Literal["audio_text"]
+    audio: AudioRef
+    text: Text
+
+    def to_record(self) -> AudioText:
+        return AudioText(self.audio, self.text, id=self.record_id)
+
+
 class _InterleavedLine(_Line):
     kind: Literal["interleaved"]
-    content: list[Annotated[_TextPartLine | _ImagePartLine, Field(discriminator="type")]]
+    content: list[Annotated[_TextPartLine | _ImagePartLine | _AudioPartLine, Field(discriminator="type")]]
 
     @field_validator("content")
     @classmethod
@@ -384,11 +458,13 @@ class _InterleavedLine(_Line):
 
 
 class _VQALine(_Line):
-    """The answers: a list in "answers", or one string in "answer"."""
+    """The answers: a list in "answers", or one string in "answer". A spoken question ("audio") may come
+    without its transcript ("question")."""
 
     kind: Literal["vqa"]
     image: ImageRef
-    question: Text
+    question: Text | None = None
+    audio: AudioRef | None = None
     answers: list[Text] | None = None
     answer: Text | None = None
 
@@ -405,24 +481,35 @@ class _VQALine(_Line):
             raise FieldProblem("give either 'answers' (list) or 'answer' (string), not both", "answer")
         if self.answers is None and self.answer is None:
             raise FieldProblem("missing", "answers")
+        if self.question is None and self.audio is None:
+            raise FieldProblem("missing (or give the question spoken, in 'audio')", "question")
         return self
 
     def to_record(self) -> VQAExample:
         answers = tuple(self.answers) if self.answers is not None else (self.answer,)
-        return VQAExample(self.image, self.question, answers, id=self.record_id)
+        return VQAExample(self.image, self.question, answers, id=self.record_id, audio=self.audio)
 
 
 class _ClassificationLine(_Line):
+    """A text, or a spoken one ("audio", with "text" its transcript when known), and its label."""
+
     kind: Literal["classification"]
-    text: Text
+    text: Text | None = None
+    audio: AudioRef | None = None
     label: Text
 
+    @model_validator(mode="after")
+    def _text_or_audio(self) -> _ClassificationLine:
+        if self.text is None and self.audio is None:
+            raise FieldProblem("missing (or give the text spoken, in 'audio')", "text")
+        return self
+
     def to_record(self) -> Classification:
-        return Classification(self.text, self.label, id=self.record_id)
+        return Classification(self.text, self.label, id=self.record_id, audio=self.audio)
 
 
 _RecordLine = Annotated[
-    _TextLine | _ImageTextLine | _InterleavedLine | _VQALine | _ClassificationLine,
+    _TextLine | _ImageTextLine | _AudioTextLine | _InterleavedLine | _VQALine | _ClassificationLine,
     Field(discriminator="kind"),
 ]
 _LINES = TypeAdapter(_RecordLine)
@@ -433,10 +520,16 @@ _ALL_FIELDS = frozenset().union(*(arm.model_fields for arm in union_arms(typing.
 _INFER: dict[frozenset[str], str] = {
     frozenset({"text"}): "text",
     frozenset({"image", "text"}): "image_text",
+    frozenset({"audio", "text"}): "audio_text",
     frozenset({"content"}): "interleaved",
-    frozenset({"image", "question", "answers"}): "vqa",
-    frozenset({"image", "question", "answer"}): "vqa",
-    frozenset({"text", "label"}): "classification",
+    **{
+        frozenset({"image", *asked, answer}): "vqa"
+        for asked in (("question",), ("audio",), ("question", "audio"))
+        for answer in ("answers", "answer")
+    },
+    **{
+        frozenset({*given, "label"}): "classification" for given in (("text",), ("audio",), ("text", "audio"))
+    },
 }
 
 
@@ -540,22 +633,33 @@ def record_to_dict(record: Record, *, base_dir: str | os.PathLike[str] | None = 
         out["text"] = record.text
     elif isinstance(record, ImageText):
         out.update(image=img(record.image), text=record.text)
+    elif isinstance(record, AudioText):
+        out.update(audio=img(record.audio), text=record.text)
     elif isinstance(record, Classification):
         out.update(text=record.text, label=record.label)
     elif isinstance(record, VQAExample):
         out.update(image=img(record.image), question=record.question, answers=list(record.answers))
     elif isinstance(record, Interleaved):
-        out["content"] = [
-            {"type": "text", "text": p.text}
-            if isinstance(p, TextPart)
-            else {"type": "image", "image": img(p.image)}
-            for p in record.parts
-        ]
+        out["content"] = [_part_dict(p, img) for p in record.parts]
     else:
         raise TypeError(f"not a record: {type(record).__name__}")
+    if getattr(record, "audio", None) is not None and not isinstance(record, AudioText):
+        out["audio"] = img(record.audio)
+    # A spoken question or text without its transcript: the field is left out, not written as null.
+    for key in ("question", "text"):
+        if key in out and out[key] is None:
+            del out[key]
     if record.id is not None:
         out["id"] = record.id
     return out
+
+
+def _part_dict(part: TextPart | ImagePart | AudioPart, ref: Any) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, AudioPart):
+        return {"type": "audio", "audio": ref(part.audio)}
+    return {"type": "image", "image": ref(part.image)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def prefix_cuts(words: Sequence[Word], n_tokens: int, max_fraction: float) -> li
 
 
 def image_text_sample(
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | EncodedSegment,
     text_ids: list[int],
     vision_encoder: str,
     rng: random.Random,
@@ -140,6 +140,8 @@ def image_text_sample(
     prefix_free: float = PREFIX_FREE_SHARE,
 ) -> Sample:
     """Vision-language pre-training sample: image → encoded text prefix of random length → causal rest.
+    ``pixel_values`` may also be a ready segment of another medium (speech: an audio encoder's segment),
+    which then stands where the image does.
 
     A share ``prefix_free`` of samples has no prefix; the others take a cut drawn uniformly from no prefix
     and :func:`prefix_cuts` (the paper's random length in [0, max_prefix_fraction], counted in words).
@@ -148,7 +150,10 @@ def image_text_sample(
     sample: Sample = []
     if bos_id is not None:
         sample.append(TextSegment([bos_id]))
-    sample.append(EncodedSegment(vision_encoder, pixel_values=pixel_values))
+    if isinstance(pixel_values, EncodedSegment):
+        sample.append(pixel_values)
+    else:
+        sample.append(EncodedSegment(vision_encoder, pixel_values=pixel_values))
     cut = 0
     if text_encoder is not None and rng.random() >= prefix_free:
         if words is None:

@@ -25,6 +25,7 @@ from PIL import Image
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, Part, Target
 from metalm.data.segments import Sample, TextSegment
 from metalm.evaluation.tasks import Example, Task, TaskError
+from metalm.modalities.audio import AudioInput
 
 __all__ = [
     "PromptPart",
@@ -174,10 +175,12 @@ def input_parts(
     parts: list[Part] = []
     if ex.image is not None and images:
         parts.append(ImageInput(ex.image))
+    if ex.audio is not None:
+        parts.append(AudioInput(ex.audio))
     text = task.render_input(ex, fewshot=fewshot, fits=None if baseline else fits)
     if text.strip():
         parts.append(text if baseline else Encode(text))
-    if not parts and (images or ex.image is None):
+    if not parts and (images or ex.image is None):  # (a clip is a part: it never lands here)
         raise TaskError(f"task {task.name!r}, example {ex.id!r}: empty input (no text and no image)")
     prompt = task.render_decoder_prompt(fewshot=fewshot)
     if prompt.strip():
@@ -270,6 +273,12 @@ def describe_prompt(parts: Sequence[PromptPart], *, max_chars: int = 80) -> str:
             out.append(f"<image:{name}>")
         elif isinstance(part, Image.Image):
             out.append("<image>")
+        elif isinstance(part, AudioInput):
+            src = part.audio
+            name = (
+                src.rsplit("/", 1)[-1] if isinstance(src, str) and not src.startswith("data:") else "inline"
+            )
+            out.append(f"<audio:{name}>")
         else:
             out.append(short(str(part)))
     return " ".join(out)

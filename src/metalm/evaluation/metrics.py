@@ -355,6 +355,26 @@ _SQUAD_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _SQUAD_PUNCT = frozenset(string.punctuation)
 
 
+def normalize_transcript(text: str) -> str:
+    """Lower case, punctuation to spaces (apostrophes kept: "don't"), single spaces: transcripts are
+    compared on their words, as ASR is usually scored."""
+    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
+
+def word_error_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus word error rate (jiwer: substitutions + deletions + insertions over reference words) of
+    normalised transcripts; 0 is perfect and it can exceed 1."""
+    _check_pair(predictions, references)
+    try:
+        import jiwer
+    except ImportError:
+        raise ImportError("word error rate needs jiwer: pip install jiwer (the speech extra)") from None
+    refs = [normalize_transcript(r) for r in references]
+    if not all(refs):
+        raise ValueError("a reference transcript is empty after normalisation")
+    return float(jiwer.wer(refs, [normalize_transcript(p) for p in predictions]))
+
+
 def normalize_squad_answer(text: str) -> str:
     """SQuAD normalization: lower-case, drop punctuation, drop articles, collapse whitespace."""
     text = "".join(ch for ch in text.lower() if ch not in _SQUAD_PUNCT)

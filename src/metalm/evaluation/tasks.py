@@ -17,6 +17,7 @@ from a small YAML/JSON task file with a JSONL data file (:func:`load_task_file`,
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "caption": ("CIDEr", "BLEU-4"),
     "rouge_l": ("rouge_l",),
     "squad_f1": ("f1", "exact_match"),
+    "wer": ("wer",),  # the one lower-is-better score: word error rate in percent
 }
 
 
@@ -60,13 +62,15 @@ class Example:
 
     ``fields`` feed the templates (``{question}``, ``{text}`` ...); ``answers`` holds the gold label(s)
     (the first one is the demonstration label and the class for accuracy); ``options`` are candidates
-    for this example (else the task's); ``image`` is a path / data URL for the vision encoder."""
+    for this example (else the task's); ``image`` is a path / data URL for the vision encoder, ``audio``
+    one for the audio encoder (heard after the image, before the rendered input)."""
 
     id: str
     fields: dict[str, Any]
     answers: tuple[str, ...]
     options: tuple[str, ...] | None = None
     image: str | None = None
+    audio: str | None = None
 
 
 def _placeholders(template: str) -> list[str]:
@@ -136,7 +140,13 @@ class Task:
             )
         if self.metric not in METRICS:
             raise TaskError(f"{where}: metric must be one of {sorted(METRICS)}, got {self.metric!r}")
-        if self.scoring == "rank" and self.metric in ("caption", "rouge_l", "squad_f1", "vqa_accuracy"):
+        if self.scoring == "rank" and self.metric in (
+            "caption",
+            "rouge_l",
+            "squad_f1",
+            "vqa_accuracy",
+            "wer",
+        ):
             raise TaskError(f"{where}: metric {self.metric!r} needs scoring 'generate'")
         if "answer" not in _placeholders(self.target_template):
             raise TaskError(
@@ -261,6 +271,8 @@ class Task:
             out["CIDEr"] = 100 * scores["CIDEr"]
             out["BLEU-4"] = 100 * scores["BLEU-4"]
             out["caption_tokenizer"] = scores["tokenizer"]
+        elif self.metric == "wer":
+            out["wer"] = 100 * M.word_error_rate(predictions, [self.label(e) for e in examples])
         elif self.metric == "squad_f1":
             out["f1"] = (
                 100
@@ -328,6 +340,31 @@ def _easyvqa_caption(split: str) -> list[Example]:
     ]
 
 
+def _spoken_vqa(split: str, *, spoken: bool = True) -> list[Example]:
+    """speech_easy_vqa's records: the question heard (`spoken`), or the same questions typed."""
+    from metalm.data.builtin import load_builtin
+
+    return [
+        Example(
+            id=r.id,
+            fields={"question": r.question},
+            answers=tuple(r.answers),
+            image=r.image,
+            audio=r.audio if spoken else None,
+        )
+        for r in load_builtin("speech_easy_vqa", split)
+    ]
+
+
+def _transcribe(split: str) -> list[Example]:
+    from metalm.data.builtin import load_builtin
+
+    return [
+        Example(id=r.id, fields={}, answers=(r.text,), audio=r.audio)
+        for r in load_builtin("speech_bbc", split)
+    ]
+
+
 BBC_TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sports", "tech")
 
 
@@ -383,6 +420,40 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             metric="caption",
             max_new_tokens=20,
             description="easy-VQA images, captioning from the image alone (no prompt), CIDEr + BLEU-4",
+        ),
+        "speech-transcribe": lambda: Task(
+            name="speech-transcribe",
+            load=_transcribe,
+            # The clip alone, as in speech-transcript pre-training with an empty encoded prefix.
+            input_template="",
+            scoring="generate",
+            metric="wer",
+            max_new_tokens=40,
+            demo_split=None,
+            description="speech_bbc (espeak-ng BBC sentences), transcription from the clip alone; word error rate",
+        ),
+        "easyvqa-spoken": lambda: Task(
+            name="easyvqa-spoken",
+            load=_spoken_vqa,
+            # [image] [spoken question] answer: A, as speech_easy_vqa trains: the clip is the question.
+            input_template="",
+            decoder_prompt="answer:",
+            scoring="generate",
+            metric="vqa_accuracy",
+            max_new_tokens=5,
+            description="speech_easy_vqa: image + spoken question -> open-ended answer; VQA accuracy",
+        ),
+        "easyvqa-spoken-typed": lambda: Task(
+            name="easyvqa-spoken-typed",
+            load=functools.partial(_spoken_vqa, spoken=False),
+            # The same questions typed, in easyvqa's protocol: what the spoken accuracy is measured against.
+            input_template="question: {question}",
+            decoder_prompt="answer:",
+            layout="vqa",
+            scoring="generate",
+            metric="vqa_accuracy",
+            max_new_tokens=5,
+            description="speech_easy_vqa's questions typed (easyvqa's protocol): the typed baseline of easyvqa-spoken",
         ),
         "bbc-topic": lambda: Task(
             name="bbc-topic",

@@ -29,8 +29,8 @@ __all__ = [
     "unregister_modality",
 ]
 
-# The kinds metalm ships, in the order they are listed. Audio arrives as metalm.modalities.audio.
-BUILTIN_MODALITIES = ("metalm.modalities.text", "metalm.modalities.vision")
+# The kinds metalm ships, in the order they are listed.
+BUILTIN_MODALITIES = ("metalm.modalities.text", "metalm.modalities.vision", "metalm.modalities.audio")
 
 _REGISTRY: dict[str, Modality] = {}
 _builtins_loaded = False
@@ -61,9 +61,15 @@ def unregister_modality(kind: str) -> None:
 
 
 def encoder_kinds() -> tuple[str, ...]:
-    """The encoder kinds a spec may name: one per registered plugin."""
+    """The encoder kinds a spec may name: one per registered plugin, the built-in ones first in their
+    listed order (whichever module happened to be imported first), then the others as registered."""
     _load_builtins()
-    return tuple(_REGISTRY)
+
+    def rank(kind: str) -> int:
+        module = type(_REGISTRY[kind]).__module__
+        return BUILTIN_MODALITIES.index(module) if module in BUILTIN_MODALITIES else len(BUILTIN_MODALITIES)
+
+    return tuple(sorted(_REGISTRY, key=rank))
 
 
 def get_modality(kind: str) -> Modality:

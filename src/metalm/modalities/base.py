@@ -58,10 +58,12 @@ class Modality:
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         """The backbone a recipe names, the spec fields that rebuild its architecture (`backbone`,
         `config`), and the folder it was loaded from (None when built from a config)."""
-        from metalm.model.packaged import PACKAGED_EFFICIENTNET, resolve_source
+        from metalm.model.packaged import NOT_FOLDERS, resolve_source
 
-        if recipe.source == PACKAGED_EFFICIENTNET:
-            raise MetaLMConfigError(f"encoder {recipe.name!r}: {PACKAGED_EFFICIENTNET} is a vision encoder")
+        if recipe.source in NOT_FOLDERS:
+            raise MetaLMConfigError(
+                f"encoder {recipe.name!r}: {recipe.source} is a {NOT_FOLDERS[recipe.source]} encoder"
+            )
         folder = None if recipe.source == "config" else resolve_source(recipe.source)
         if folder is None:
             if recipe.config is None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from torch import nn
 
-PACKAGED_WHISPER = "packaged:whisper-tiny-en"
+from metalm.model.packaged import PACKAGED_WHISPER  # noqa: F401  (re-exported: the name of this part)
+
 # Whisper tiny.en's encoder (the decoder is not docked: MetaLM's decoder is the language model).
 WHISPER_TINY_EN = {
     "model_type": "whisper",
@@ -146,3 +148,95 @@ def load_packaged_whisper_encoder():
     encoder = WhisperEncoder(config)
     encoder.load_state_dict(whisper_encoder_state_dict(variables, config.encoder_layers), strict=True)
     return encoder.eval()
+
+
+def whisper_encoder_config(fields: dict[str, Any]):
+    """A `WhisperConfig` from the encoder fields of `WHISPER_TINY_EN` (an audio spec's `config`)."""
+    from transformers import WhisperConfig
+
+    unknown = set(fields) - set(WHISPER_TINY_EN)
+    if unknown:
+        raise ValueError(
+            f"unknown Whisper encoder field(s) {sorted(unknown)}; known: {sorted(WHISPER_TINY_EN)}"
+        )
+    return WhisperConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+
+
+def encoder_fields(config) -> dict[str, Any]:
+    """The encoder fields of a `WhisperConfig` (what an audio spec stores to rebuild the encoder)."""
+    return {key: getattr(config, key) if key != "model_type" else "whisper" for key in WHISPER_TINY_EN}
+
+
+class WhisperAudioEncoder(nn.Module):
+    """transformers' `WhisperEncoder` run on the clip's real length, its output frames stacked `frame_stack`
+    at a time.
+
+    Whisper is trained on 30 s windows (3000 mel frames, 1500 output frames) and transformers refuses any
+    other length. The layers themselves take any length up to 1500 frames, so `frames` runs the same
+    modules (the convolutions, the first T rows of the sinusoidal position table, the layers, the final
+    norm) on the real frames only: a 3 s clip costs 150 positions instead of 1500. The outputs differ from
+    a 30 s-padded run because attention no longer sees the trailing silence (tests/test_audio.py measures
+    it; docs/speech.md gives the figures); the connector and the trainable last layer learn on what this
+    path produces, in training and inference alike.
+
+    Stacking k adjacent frames into one vector of k x d (the last group zero-filled) divides the slot
+    count by k: the connector (an MLP, `connector: mlp`) then maps each stacked vector to one decoder slot.
+    """
+
+    def __init__(self, config, frame_stack: int) -> None:
+        super().__init__()
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        self.whisper = WhisperEncoder(config)
+        self.frame_stack = int(frame_stack)
+        self.hidden_size = config.d_model * self.frame_stack
+        self.config = config
+
+    def layer_groups(self) -> list[nn.Module]:
+        """The transformer layers, in order (what `trainable_layers` counts from the end)."""
+        return list(self.whisper.layers)
+
+    @staticmethod
+    def num_frames(mel_frames: int) -> int:
+        """Output frames of `mel_frames` input frames (the second convolution has stride 2, padding 1)."""
+        return (mel_frames + 1) // 2
+
+    def frames(self, mel: torch.Tensor) -> torch.Tensor:
+        """[N, n_mels, T] log-mel features of equal real length → [N, ceil(T / 2), d] encoder outputs."""
+        w = self.whisper
+        limit = w.embed_positions.num_embeddings
+        if self.num_frames(mel.shape[-1]) > limit:
+            raise ValueError(f"{mel.shape[-1]} mel frames exceed Whisper's {2 * limit}")
+        x = nn.functional.gelu(w.conv1(mel))
+        x = nn.functional.gelu(w.conv2(x)).permute(0, 2, 1)
+        x = x + w.embed_positions.weight[: x.shape[1]]
+        x = nn.functional.dropout(x, p=w.dropout, training=self.training)
+        for layer in w.layers:
+            x = layer(x, None)
+        return w.layer_norm(x)
+
+    def stack(self, frames: torch.Tensor) -> torch.Tensor:
+        """[N, T, d] → [N, ceil(T / k), k * d]: frames t*k .. t*k+k-1 concatenated (zeros past the end)."""
+        n, t, d = frames.shape
+        k = self.frame_stack
+        pad = -t % k
+        if pad:
+            frames = torch.cat([frames, frames.new_zeros(n, pad, d)], dim=1)
+        return frames.reshape(n, (t + pad) // k, k * d)
+
+    def forward(
+        self, input_features: torch.Tensor, mel_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded features [N, n_mels, T_max] and each clip's real mel length → stacked outputs
+        [N, S_max, k * d] and the mask of each clip's own slots [N, S_max]. Clips of equal length run
+        together; each clip's outputs depend on that clip alone (no padding is ever attended to)."""
+        lengths = [int(n) for n in mel_lengths.tolist()]
+        slots = [-(-self.num_frames(n) // self.frame_stack) for n in lengths]
+        out = input_features.new_zeros(len(lengths), max(slots), self.hidden_size)
+        mask = torch.zeros(len(lengths), max(slots), dtype=torch.bool, device=input_features.device)
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            stacked = self.stack(self.frames(input_features[rows, :, :length]))
+            out[rows, : stacked.shape[1]] = stacked.to(out.dtype)
+            mask[rows, : stacked.shape[1]] = True
+        return out, mask

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from metalm.data.processor import Encode, InputError
+from metalm.modalities.audio import AudioInput
 from metalm.serving.engine import ChatMessage, Engine, SamplingParams
 
 __all__ = [
@@ -39,6 +40,7 @@ def generate(
     question: str | None = None,
     text: str | None = None,
     images: Sequence[str] = (),
+    audio: Sequence[str] = (),
     encode: bool | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
@@ -56,7 +58,9 @@ def generate(
     The request is laid out as the model was trained (:mod:`metalm.data.layouts`): ``question`` uses its
     ``vqa`` layout (``[images] Enc("question: …") answer:``); images with neither ``question`` nor ``prompt``
     use its ``caption`` layout; a raw ``prompt`` comes after the images, followed by decoder ``text`` if
-    given. Encoded text goes through the text encoder when the model has one and it fits (``encode=None``),
+    given. Speech clips (``audio``) are heard right after the images: alone they are transcribed (the
+    ``speech_bbc`` layout: the clip, then the decoder writes), with images and no question they are a
+    spoken question (``[images] [clip] answer:``). Encoded text goes through the text encoder when the model has one and it fits (``encode=None``),
     always (``True``; an error if it does not fit) or never (``False``). Greedy by default
     (``temperature=0``). Prints the answer as it is generated, or one JSON object with ``as_json``; returns
     that object."""
@@ -67,7 +71,7 @@ def generate(
         stop=list(stop), seed=seed,
     )  # fmt: skip
     loaded = [engine.load_image(path) for path in images]
-    parts = _request_parts(engine, prompt, question, text, loaded, encode)
+    parts = _request_parts(engine, prompt, question, text, loaded, encode, [AudioInput(a) for a in audio])
     if encode is True and not any(isinstance(p, Encode) for p in parts):
         raise InputError("--encode-prompt: the prompt does not fit the text encoder (or the model has none)")
     prepared = engine.prepare(parts)
@@ -91,6 +95,7 @@ def generate(
         "question": question,
         "text": text,
         "images": list(images),
+        "audio": list(audio),
         "encoded_prompt": any(isinstance(p, Encode) for p in parts),
         "prompt_tokens": prepared.num_tokens,
         "completions": [
@@ -113,9 +118,22 @@ def _request_parts(
     text: str | None,
     images: list,
     encode: bool | None,
+    clips: Sequence[AudioInput] = (),
 ) -> list[Any]:
     if question is not None and prompt is not None:
         raise InputError("give --question (the model's VQA layout) or --prompt (raw), not both")
+    if clips and question is None and prompt is None:
+        # Transcription (the clip alone), or a spoken question about the images: [images] [clip] answer:
+        cue = text if text and text.strip() else ("answer:" if images else None)
+        return (engine.text_parts("", images) if images else []) + list(clips) + ([cue] if cue else [])
+    parts = _layout_or_prompt(engine, prompt, question, images, encode)
+    parts[len(images) : len(images)] = clips  # heard right after the images, before the text
+    return parts + ([text] if text and text.strip() else [])
+
+
+def _layout_or_prompt(
+    engine: Engine, prompt: str | None, question: str | None, images: list, encode: bool | None
+) -> list[Any]:
     if question is not None:
         parts = engine.layout_parts("vqa", images, encode=encode, question=question)
     elif prompt is not None:
@@ -123,8 +141,8 @@ def _request_parts(
     elif images:
         parts = engine.layout_parts("caption", images, encode=encode)
     else:
-        raise InputError("nothing to generate from: give --question, --prompt or --image")
-    return parts + ([text] if text and text.strip() else [])
+        raise InputError("nothing to generate from: give --question, --prompt, --image or --audio")
+    return parts
 
 
 def _quiet_loading() -> None:
@@ -139,7 +157,7 @@ def _generate_from_args(args: argparse.Namespace) -> int:
     try:
         generate(
             args.model, args.prompt, question=args.question, text=args.text, images=args.image or (),
-            encode=args.encode_prompt,
+            audio=args.audio or (), encode=args.encode_prompt,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             num_beams=args.num_beams, n=args.n, stop=args.stop or (), seed=args.seed, device=args.device,
             as_json=args.json,
@@ -167,6 +185,11 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="raw prompt text (read by the text encoder when it fits)")
     p.add_argument("--text", default=None, help="decoder text after the prompt, e.g. 'answer:'")
     p.add_argument("--image", action="append", metavar="PATH", help="an image file (repeatable)")
+    p.add_argument(
+        "--audio", action="append", metavar="PATH",
+        help="a speech clip (WAV/FLAC/OGG/MP3; repeatable): alone it is transcribed, with --image it is the "
+        "question",
+    )  # fmt: skip
     p.add_argument(
         "--encode-prompt", action=argparse.BooleanOptionalAction, default=None,
         help="read the prompt/question with the text encoder (default: when the model has one and it fits)",

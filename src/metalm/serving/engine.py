@@ -126,11 +126,12 @@ class SamplingParams:
 @dataclass
 class ChatMessage:
     """One chat turn: ``role`` is system / user / assistant; ``images`` are PIL images, paths, bytes or data
-    URLs (user turns only)."""
+    URLs, ``audio`` speech clips (16 kHz sample arrays, paths, bytes or data URLs): user turns only."""
 
     role: str
     text: str = ""
     images: list[Any] = field(default_factory=list)
+    audio: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -468,6 +469,12 @@ class Engine:
         return self.config.context_length()
 
     @property
+    def max_audio_seconds(self) -> float | None:
+        """The longest clip the model's audio encoders take (None: it has none, so clips are refused later)."""
+        specs = [self.config.encoder_spec(n) for n in self.config.encoders_of_kind("audio")]
+        return min((float(s["max_seconds"]) for s in specs), default=None)
+
+    @property
     def has_text_encoder(self) -> bool:
         return bool(self._text_encoders)
 
@@ -535,15 +542,15 @@ class Engine:
                 )
             text = (msg.text or "").strip()
             if role == "system":
-                if msg.images:
-                    raise InputError(f"messages[{i}]: system messages cannot carry images")
+                if msg.images or msg.audio:
+                    raise InputError(f"messages[{i}]: system messages cannot carry images or audio")
                 context += [text] if text else []
                 continue
-            if role == "assistant" and msg.images:
-                raise InputError(f"messages[{i}]: assistant messages cannot carry images")
-            if role == "user" and not text and not msg.images:
+            if role == "assistant" and (msg.images or msg.audio):
+                raise InputError(f"messages[{i}]: assistant messages cannot carry images or audio")
+            if role == "user" and not text and not msg.images and not msg.audio:
                 raise InputError(f"messages[{i}]: empty user message")
-            turns.append({"role": role, "text": text, "images": list(msg.images)})
+            turns.append({"role": role, "text": text, "images": list(msg.images), "audio": list(msg.audio)})
         if not turns or turns[-1]["role"] != "user":
             raise InputError("messages: the last message must come from the user")
         parts: list[Any] = [self._text_part(" ".join(context), encode)] if context else []

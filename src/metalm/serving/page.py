@@ -30,7 +30,7 @@ class ChatPage:
         # The page's inline script and style are allowed by hash only: no other script can run on it.
         csp = (
             f"default-src 'none'; script-src {_inline_hashes(html, 'script')}; "
-            f"style-src {_inline_hashes(html, 'style')}; img-src 'self' data: blob:; connect-src 'self'; "
+            f"style-src {_inline_hashes(html, 'style')}; img-src 'self' data: blob:; media-src data:; connect-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         )
         headers = {

@@ -47,7 +47,17 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(BaseModel):
+    data: StrictStr  # base64 of the file's bytes
+    format: StrictStr  # "wav" or "mp3", as OpenAI's API takes them
+
+
+class AudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -63,6 +73,11 @@ class Message(BaseModel):
         """(index of the content part, URL) of each image."""
         parts = self.content if isinstance(self.content, list) else []
         return [(j, p.image_url.url) for j, p in enumerate(parts) if isinstance(p, ImagePart)]
+
+    def audio_clips(self) -> list[tuple[int, InputAudio]]:
+        """(index of the content part, its input_audio) of each speech clip."""
+        parts = self.content if isinstance(self.content, list) else []
+        return [(j, p.input_audio) for j, p in enumerate(parts) if isinstance(p, AudioPart)]
 
 
 class StreamOptions(BaseModel):

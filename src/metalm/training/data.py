@@ -13,7 +13,13 @@ ids are computed once per record and cached, and decoded images are cached as ui
   length, causal rest.
 - ``vqa``: ``[BOS] [image] Enc("question: Q") answer: A [EOS]`` with only ``A [EOS]`` trained (without a
   text encoder the question is plain decoder text).
-- ``interleaved``: text and images in order, all text trained.
+- ``interleaved``: text, images and speech in order, all text trained.
+- ``audio_text``: as ``image_text``, the clip standing where the image does: speech, encoded transcript
+  prefix of random length, causal rest.
+- a spoken ``vqa`` or ``classification`` record (one with ``audio``): ``[BOS] [image] [speech] answer: A
+  [EOS]`` with only ``A [EOS]`` trained; the clip is the question (or text), so no template is rendered.
+  Clips are decoded on every process (their length sets their slot count) and their log-mel features
+  cached (:class:`metalm.modalities.audio.FeatureCache`).
 
 A sample longer than ``seq_len`` is **truncated** (a text segment is cut; an encoded segment that does not
 fit is dropped with everything after it). Both are counted in :attr:`DataStream.stats`. A row whose sample
@@ -54,8 +60,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from metalm.data.audio import AudioError
 from metalm.data.images import ImageError, ImagePreprocessor, load_image
 from metalm.data.records import (
+    AudioPart,
+    AudioText,
     Classification,
     ImagePart,
     ImageText,
@@ -71,7 +80,14 @@ from metalm.data.records import (
 from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
 from metalm.data.semicausal import Word, image_text_sample, sample_spans, semicausal_sample
 from metalm.modalities import get_modality
-from metalm.training.config import OPTIONS_JOINER, DataConfig, StreamConfig, check_template
+from metalm.modalities.audio import FeatureCache
+from metalm.training.config import (
+    DEFAULT_PROMPTS,
+    OPTIONS_JOINER,
+    DataConfig,
+    StreamConfig,
+    check_template,
+)
 from metalm.training.plan import Plan, Row, StreamWalk
 
 __all__ = [
@@ -296,6 +312,9 @@ class _Context:
         self.text_encoder: str | None = texts[0] if texts else None
         self.vision: str | None = visions[0] if visions else None
         self.image_pre = self.processor.image_processors[self.vision] if self.vision else None
+        audios = self.config.encoders_of_kind("audio")
+        self.audio: str | None = audios[0] if audios else None
+        self.audio_cache = FeatureCache()
         self.semi_causal = dict(self.config.semi_causal)
 
     def to_encoder_ids(self, ids: list[int]) -> list[int]:
@@ -340,7 +359,9 @@ class _Stream:
     def packs(self, idx: int) -> bool:
         """Does record `idx` go into text windows? (Instruction streams make one sample per record; only LM
         text is packed.)"""
-        return not self.instruction and isinstance(self.records[idx], TextDocument | Classification)
+        rec = self.records[idx]
+        spoken = getattr(rec, "audio", None) is not None  # a spoken classification is no document
+        return not self.instruction and not spoken and isinstance(rec, TextDocument | Classification)
 
     def _rng(self, counter: int) -> random.Random:
         # The ":0:" is where a rank used to be (one sequence per rank); kept so a seed gives the data it
@@ -378,6 +399,45 @@ class _Stream:
             self._bad(idx, err, field="image")
             return None
 
+    def _speech(self, idx: int, ref: str) -> EncodedSegment | None:
+        """The audio encoder's segment for clip `ref`, or None when the record is bad."""
+        o = self.ctx
+        try:
+            if o.audio is None:
+                raise ValueError("the model has no audio encoder to hear this clip")
+            spec = o.config.encoder_spec(o.audio)
+            features = o.audio_cache.get(ref, o.processor.preprocessors[o.audio], spec["max_seconds"])
+        except (AudioError, ValueError) as err:
+            self._bad(idx, err, field="audio")
+            return None
+        return EncodedSegment(o.audio, payload=features)
+
+    def _spoken_sample(self, idx: int, bos: Sample, eos: list[int]) -> Sample | None:
+        """``[BOS] [image] [speech] prompt label [EOS]``, only ``label [EOS]`` trained: a spoken VQA question
+        (or classification text) is heard, not rendered into a template."""
+        o = self.ctx
+        rec = self.records[idx]
+        speech = self._speech(idx, rec.audio)
+        if speech is None:
+            return None
+        ids = self.ids.get(idx)
+        if ids is None:
+            target = rec.answers[0] if isinstance(rec, VQAExample) else rec.label
+            prompt = self.config.decoder_prompt(rec.kind) or DEFAULT_PROMPTS["vqa"]
+            ids = self.ids[idx] = (
+                _tokenize(o.processor, prompt),
+                _tokenize(o.processor, TARGET_DELIMITER + target) + eos,
+            )
+        sample: Sample = list(bos)
+        if isinstance(rec, VQAExample) and o.vision is not None:
+            pixels = self._image(idx, rec.image)
+            if pixels is None:
+                return None
+            sample.append(EncodedSegment(o.vision, pixel_values=pixels))
+        elif isinstance(rec, VQAExample):
+            self._warn_images_left_out()
+        return [*sample, speech, TextSegment(ids[0], loss=False), TextSegment(ids[1], loss=True)]
+
     def _record_sample(self, idx: int, rng: random.Random) -> Sample | None:
         o = self.ctx
         p = o.processor
@@ -385,22 +445,27 @@ class _Stream:
         bos = [TextSegment([p.bos_token_id], loss=False)] if p.bos_token_id is not None else []
         eos = [p.eos_token_id] if p.eos_token_id is not None else []
         blind = o.vision is None  # no vision encoder (the GPT baseline): images are left out
+        if isinstance(rec, VQAExample | Classification) and rec.audio is not None:
+            return self._spoken_sample(idx, bos, eos)
         if self.instruction or isinstance(rec, VQAExample):  # VQA is an instruction sample in any format
             return self._instruction_sample(idx, rng, bos, eos, blind)
         if blind and isinstance(rec, ImageText | Interleaved):
             self._warn_images_left_out()
-        if isinstance(rec, ImageText):
+        if isinstance(rec, ImageText | AudioText):
             cached = self.ids.get(idx)
             if cached is None:
                 cached = self.ids[idx] = _tokenize_words(p, rec.text)
             ids, words = cached
-            if blind:
+            if blind and isinstance(rec, ImageText):
                 return [*bos, TextSegment(ids + eos)]
-            pixels = self._image(idx, rec.image)
-            if pixels is None:
+            # Speech stands where the image does: the same semi-causal recipe.
+            medium = (
+                self._image(idx, rec.image) if isinstance(rec, ImageText) else self._speech(idx, rec.audio)
+            )
+            if medium is None:
                 return None
             return image_text_sample(
-                pixels,
+                medium,
                 ids,
                 o.vision,
                 rng,
@@ -425,6 +490,11 @@ class _Stream:
                     if pixels is None:
                         return None
                     sample.append(EncodedSegment(o.vision, pixel_values=pixels))
+                elif isinstance(part, AudioPart):
+                    speech = self._speech(idx, part.audio)
+                    if speech is None:
+                        return None
+                    sample.append(speech)
                 elif ids:
                     sample.append(TextSegment(ids))
             if eos:
