@@ -24,7 +24,7 @@ import torch
 
 from metalm import EncoderRecipe, ModelRecipe
 from metalm.data.segments import EncodedSegment, TextSegment, collate
-from metalm.model.builder import probe_image
+from metalm.recipe import probe_image
 
 GEMMA_270M = {
     "model_type": "gemma3_text",

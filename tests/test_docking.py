@@ -14,7 +14,7 @@ from metalm import Encode, ImageInput, Target
 from metalm.data.images import EFFICIENTNET_LITE0_MEAN
 from metalm.data.processor import part_separator
 from metalm.modalities.vision import image_preprocessor_for
-from metalm.model.builder import connector_rms, embedding_rms, load_tokenizer, probe_image
+from metalm.recipe import connector_rms, embedding_rms, load_tokenizer, probe_image
 from tests.gemma_tiny import gemma_recipe, write_bpe_tokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -279,8 +279,8 @@ def test_packaged_encoders_keep_their_weights():
     from transformers import AutoModel
 
     from metalm import EncoderRecipe, ModelRecipe
-    from metalm.model.builder import packaged_minilm_path
     from metalm.model.vision import EfficientNetLite0Encoder
+    from metalm.recipe import packaged_minilm_path
 
     torch.manual_seed(0)
     model, processor = ModelRecipe(

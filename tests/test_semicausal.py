@@ -113,7 +113,7 @@ def test_image_text_sample_layout():
 def test_prefix_cuts_never_split_a_word():
     """Cuts fall only at word starts, whatever the tokenizer splits: "teal" is `tea ##l` in MiniLM's
     vocabulary, and a rest that opens with `##l` would teach the decoder to begin a caption with it."""
-    from metalm.model.builder import load_tokenizer
+    from metalm.recipe import load_tokenizer
     from metalm.training.data import _tokenize_words
 
     class Processor:

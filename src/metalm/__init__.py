@@ -3,9 +3,9 @@
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, Target, register_processor
 from metalm.data.segments import EncodedSegment, TextSegment, collate
 from metalm.modalities.audio import AudioInput
-from metalm.model.builder import EncoderRecipe, ModelRecipe, build_metalm
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError
 from metalm.model.modeling_metalm import MetaLMForCausalLM, SlotCountError, register_auto_classes
+from metalm.recipe import EncoderRecipe, ModelRecipe, build_metalm
 
 register_auto_classes()
 register_processor()  # AutoProcessor.from_pretrained(model_folder) -> MetaLMProcessor

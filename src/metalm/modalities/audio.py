@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from transformers import WhisperFeatureExtractor
 
     from metalm.data.processor import MetaLMProcessor
-    from metalm.model.builder import EncoderRecipe
+    from metalm.recipe import EncoderRecipe
 
 WHISPER = "whisper"
 # The audio settings a recipe's `config` may carry besides a Whisper architecture.

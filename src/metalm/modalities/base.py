@@ -14,7 +14,7 @@ from metalm.model.hf_config import MetaLMConfigError, config_from_dict
 
 if TYPE_CHECKING:
     from metalm.data.processor import MetaLMProcessor
-    from metalm.model.builder import EncoderRecipe
+    from metalm.recipe import EncoderRecipe
 
 Payload = dict[str, torch.Tensor]
 
@@ -54,7 +54,7 @@ class Modality:
         marking the outputs that become decoder slots."""
         raise NotImplementedError
 
-    # --- building from a recipe (metalm.model.builder) -----------------------------------------------
+    # --- building from a recipe (metalm.recipe) -----------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         """The backbone a recipe names, the spec fields that rebuild its architecture (`backbone`,
         `config`), and the folder it was loaded from (None when built from a config)."""

@@ -22,7 +22,7 @@ from metalm.model.hf_config import MetaLMConfigError
 
 if TYPE_CHECKING:
     from metalm.data.processor import MetaLMProcessor
-    from metalm.model.builder import EncoderRecipe
+    from metalm.recipe import EncoderRecipe
 
 
 @dataclass

@@ -32,7 +32,7 @@ from metalm.model.vision import EfficientNetLite0Encoder
 
 if TYPE_CHECKING:
     from metalm.data.processor import MetaLMProcessor
-    from metalm.model.builder import EncoderRecipe
+    from metalm.recipe import EncoderRecipe
 
 EFFICIENTNET = "efficientnet_lite0"
 

@@ -31,8 +31,8 @@ from pydantic_core import ErrorDetails
 
 from metalm.data.records import KINDS
 from metalm.modalities import encoder_kinds
-from metalm.model.builder import EncoderRecipe, ModelRecipe
 from metalm.model.connectors import CONNECTOR_TYPES
+from metalm.recipe import EncoderRecipe, ModelRecipe
 from metalm.schema import FieldProblem, Location, declared_fields, dotted_path, locate, union_arms, value_at
 
 __all__ = [
