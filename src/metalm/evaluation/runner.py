@@ -224,7 +224,7 @@ def _run(
     )
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
 
-    def prompt(i: int, ex: Example):
+    def prompt(i: int, ex: Example) -> tuple[list[Any], Sample]:
         demos = sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None)
         parts = build_prompt(
             task, ex, demos, baseline=baseline, separator=separator, fits=fits, images=images
@@ -232,35 +232,48 @@ def _run(
         return parts, prompt_to_sample(processor, parts, index=i)
 
     desc = f"{task.name} k={k} s={seed}"
-    records: list[dict[str, Any]] = []
     if task.scoring == "generate":
         bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
-        for chunk in _chunks(list(enumerate(examples)), batch_size):
-            built = [prompt(i, ex) for i, ex in chunk]
-            for (_, ex), (_, sample) in zip(chunk, built):
-                _check_length(model, sample, f"task {task.name!r}, example {ex.id!r}")
-            texts = generate_samples(
-                model,
-                processor,
-                [s for _, s in built],
-                max_new_tokens=task.max_new_tokens,
-                stop=[*task.stop, *([separator] if separator else [])],
-            )
-            for (_, ex), (parts, _), text in zip(chunk, built, texts):
-                records.append(
-                    {
-                        "id": ex.id,
-                        "prompt": describe_prompt(parts),
-                        "prediction": text,
-                        "gold": _gold(ex),
-                        "score": task.example_score(text, ex),
-                    }
-                )
-            bar.update(len(chunk))
-        bar.close()
-        return records
+        stop = [*task.stop, *([separator] if separator else [])]
+        return _generated_records(model, processor, task, examples, prompt, batch_size, stop, bar)
+    bar = tqdm(
+        total=sum(len(task.options_for(ex)) for ex in examples), desc=desc, unit="seq", disable=not progress
+    )
+    return _ranked_records(model, processor, task, examples, prompt, batch_size, bar)
 
-    # rank: flatten (example, option) pairs; one forward per batch_size sequences.
+
+def _generated_records(
+    model, processor, task: Task, examples: list[Example], prompt, batch_size: int, stop: list[str], bar
+) -> list[dict[str, Any]]:
+    """Greedy generations, `batch_size` prompts at a time, scored against the gold answers."""
+    records: list[dict[str, Any]] = []
+    for chunk in _chunks(list(enumerate(examples)), batch_size):
+        built = [prompt(i, ex) for i, ex in chunk]
+        for (_, ex), (_, sample) in zip(chunk, built):
+            _check_length(model, sample, f"task {task.name!r}, example {ex.id!r}")
+        texts = generate_samples(
+            model, processor, [s for _, s in built], max_new_tokens=task.max_new_tokens, stop=stop
+        )
+        for (_, ex), (parts, _), text in zip(chunk, built, texts):
+            records.append(
+                {
+                    "id": ex.id,
+                    "prompt": describe_prompt(parts),
+                    "prediction": text,
+                    "gold": _gold(ex),
+                    "score": task.example_score(text, ex),
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def _ranked_records(
+    model, processor, task: Task, examples: list[Example], prompt, batch_size: int, bar
+) -> list[dict[str, Any]]:
+    """Each example's options ranked by their (summed or mean) log-likelihood after the prompt: the
+    (example, option) pairs are flattened, one forward per `batch_size` sequences."""
     option_ids: dict[str, list[int]] = {}
 
     def ids_of(option: str) -> list[int]:
@@ -270,18 +283,15 @@ def _run(
                 raise TaskError(f"task {task.name!r}: option {option!r} tokenizes to nothing")
         return option_ids[option]
 
-    total = sum(len(task.options_for(ex)) for ex in examples)
-    bar = tqdm(total=total, desc=desc, unit="seq", disable=not progress)
     scores: dict[int, list[tuple[float, int, bool]]] = {}
     prompts: dict[int, str] = {}
     pending: list[tuple[int, Sample]] = []
 
     def flush() -> None:
-        if pending:
-            for (i, _), result in zip(pending, score_samples(model, processor, [s for _, s in pending])):
-                scores.setdefault(i, []).append(result)
-            bar.update(len(pending))
-            pending.clear()
+        for (i, _), result in zip(pending, score_samples(model, processor, [s for _, s in pending])):
+            scores.setdefault(i, []).append(result)
+        bar.update(len(pending))
+        pending.clear()
 
     for i, ex in enumerate(examples):
         parts, sample = prompt(i, ex)
@@ -292,23 +302,26 @@ def _run(
             pending.append((i, full))
             if len(pending) >= batch_size:
                 flush()
-    flush()
+    if pending:
+        flush()
     bar.close()
-    for i, ex in enumerate(examples):
-        options = task.options_for(ex)
-        values = [s / c if task.normalization == "mean" else s for s, c, _ in scores[i]]
-        best = max(range(len(options)), key=values.__getitem__)
-        records.append(
-            {
-                "id": ex.id,
-                "prompt": prompts[i],
-                "prediction": options[best],
-                "gold": _gold(ex),
-                "score": task.example_score(options[best], ex),
-                "option_scores": {o: round(v, 6) for o, v in zip(options, values)},
-            }
-        )
-    return records
+    return [_ranked_record(task, ex, prompts[i], scores[i]) for i, ex in enumerate(examples)]
+
+
+def _ranked_record(
+    task: Task, ex: Example, prompt: str, scores: list[tuple[float, int, bool]]
+) -> dict[str, Any]:
+    options = task.options_for(ex)
+    values = [s / c if task.normalization == "mean" else s for s, c, _ in scores]
+    best = max(range(len(options)), key=values.__getitem__)
+    return {
+        "id": ex.id,
+        "prompt": prompt,
+        "prediction": options[best],
+        "gold": _gold(ex),
+        "score": task.example_score(options[best], ex),
+        "option_scores": {o: round(v, 6) for o, v in zip(options, values)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,6 +366,54 @@ def _results_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _checked_runs(shots: Sequence[int], seeds: Sequence[int], batch_size: int) -> tuple[list[int], list[int]]:
+    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
+    if not shots or any(k < 0 for k in shots):
+        raise ValueError(f"shots must be non-negative integers, got {shots}")
+    if not seeds:
+        raise ValueError("need at least one seed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return shots, seeds
+
+
+def _evaluate_task(
+    model,
+    processor,
+    t: Task,
+    shots: list[int],
+    seeds: list[int],
+    *,
+    limit: int | None,
+    out: Path | None,
+    **run,
+) -> dict[str, Any]:
+    """One task's results by k (the `results` entry of the summary); prediction files go to `out`."""
+    examples = _subset(t.examples(t.eval_split), limit)
+    _warn_if_images_left_out(model, t, examples)
+    pool: list[Example] = []
+    if any(k > 0 for k in shots):  # zero-shot runs never touch the demonstration split
+        pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
+    by_k: dict[str, Any] = {}
+    for k in shots:
+        per_seed: dict[int, dict[str, Any]] = {}
+        for seed in seeds if k > 0 else seeds[:1]:
+            records = _run(model, processor, t, examples, pool, k=k, seed=seed, **run)
+            per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], examples)
+            if out is not None:
+                with open(out / f"predictions-{t.name}-k{k}-s{seed}.jsonl", "w", encoding="utf-8") as fh:
+                    for r in records:
+                        fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        mean, std = _aggregate(per_seed)
+        by_k[str(k)] = {
+            "n": len(examples),
+            "seeds": {str(s): m for s, m in per_seed.items()},
+            "mean": mean,
+            "std": std,
+        }
+    return by_k
+
+
 def evaluate(
     model,
     processor: MetaLMProcessor,
@@ -387,14 +448,7 @@ def evaluate(
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise TaskError(f"task names must be unique, got {names}")
-    shots = [int(k) for k in shots]
-    seeds = [int(s) for s in seeds]
-    if not shots or any(k < 0 for k in shots):
-        raise ValueError(f"shots must be non-negative integers, got {shots}")
-    if not seeds:
-        raise ValueError("need at least one seed")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shots, seeds = _checked_runs(shots, seeds, batch_size)
     baseline = resolve_baseline(model, baseline)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -413,33 +467,10 @@ def evaluate(
     }
     try:
         for t in tasks:
-            examples = _subset(t.examples(t.eval_split), limit)
-            _warn_if_images_left_out(model, t, examples)
-            pool: list[Example] = []
-            if any(k > 0 for k in shots):  # zero-shot runs never touch the demonstration split
-                pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
-            by_k: dict[str, Any] = {}
-            for k in shots:
-                per_seed: dict[int, dict[str, Any]] = {}
-                for seed in seeds if k > 0 else seeds[:1]:
-                    records = _run(
-                        model, processor, t, examples, pool, k=k, seed=seed, baseline=baseline,
-                        separator=separator, batch_size=batch_size, progress=progress,
-                    )  # fmt: skip
-                    per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], examples)
-                    if out is not None:
-                        path = out / f"predictions-{t.name}-k{k}-s{seed}.jsonl"
-                        with open(path, "w", encoding="utf-8") as fh:
-                            for r in records:
-                                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-                mean, std = _aggregate(per_seed)
-                by_k[str(k)] = {
-                    "n": len(examples),
-                    "seeds": {str(s): m for s, m in per_seed.items()},
-                    "mean": mean,
-                    "std": std,
-                }
-            summary["results"][t.name] = by_k
+            summary["results"][t.name] = _evaluate_task(
+                model, processor, t, shots, seeds, limit=limit, out=out, baseline=baseline,
+                separator=separator, batch_size=batch_size, progress=progress,
+            )  # fmt: skip
     finally:
         model.train(was_training)
     if out is not None:
