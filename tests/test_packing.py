@@ -146,9 +146,7 @@ def test_padding_layouts_are_untouched(tiny):
         processor.collate(samples, padding_side="left", pack=64)
 
 
-def _train(tmp_path, pack: bool, **data):
-    from metalm.training.config import config_from_dict
-    from metalm.training.trainer import train
+def _train_config(tmp_path, pack: bool, **data) -> dict:
     from tests.test_training import tiny_config
 
     cfg = tiny_config(
@@ -160,11 +158,26 @@ def _train(tmp_path, pack: bool, **data):
     # Dropout draws depend on the layout (an encoder's payloads come in another order when packed).
     for enc in cfg["model"]["encoders"]:
         enc["config"] = {**enc["config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    return train(config_from_dict(cfg))
+    return cfg
 
 
-def test_packed_training_gives_the_padded_losses(tmp_path):
+def _train(tmp_path, pack: bool, **data):
+    from metalm.training.config import config_from_dict
+    from metalm.training.trainer import train
+
+    return train(config_from_dict(_train_config(tmp_path, pack, **data)))
+
+
+def test_packed_training_gives_the_padded_losses(tmp_path, tiny):
     """Three optimizer steps on mixed text/image micro-batches: packing changes the layout, not the run."""
+    from metalm.training.config import config_from_dict
+    from metalm.training.data import build_data
+
+    # The run really packs: its micro-batches have fewer rows than samples.
+    cfg = config_from_dict(_train_config(tmp_path, pack=True))
+    stream, _ = build_data(cfg.data, tiny[1], batch_size=cfg.optim.batch_size, seed=0)
+    batches = stream.take(4)
+    assert sum(b["input_ids"].shape[0] for b in batches) < 4 * cfg.optim.batch_size
     padded = _train(tmp_path, pack=False)
     packed = _train(tmp_path, pack=True)
     assert sorted(packed.losses) == sorted(padded.losses) == [1, 2, 3]
