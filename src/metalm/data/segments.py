@@ -74,6 +74,89 @@ def sample_length(sample: Sample, config) -> int:
     return sum(len(seg.ids) if isinstance(seg, TextSegment) else segment_slots(seg, config) for seg in sample)
 
 
+@dataclass
+class _Flat:
+    """One sample laid out for the decoder, before it is put in a row."""
+
+    ids: list[int]
+    labels: list[int]
+    owner: list[str | None]
+    encoded: list[EncodedSegment]
+
+
+def _flatten(sample: Sample, i: int, config, pad_token_id: int, max_length: int | None) -> _Flat:
+    """One sample's decoder ids, labels, slot owners (encoder name or None) and encoded segments."""
+    flat = _Flat([], [], [], [])
+    for j, seg in enumerate(sample):
+        where = f"sample {i}, segment {j}"
+        if isinstance(seg, TextSegment):
+            if not seg.ids:
+                raise SampleError(f"{where}: empty text segment")
+            flat.ids += seg.ids
+            flat.labels += seg.ids if seg.loss else [IGNORE_INDEX] * len(seg.ids)
+            flat.owner += [None] * len(seg.ids)
+            continue
+        if not isinstance(seg, EncodedSegment):
+            raise SampleError(f"{where}: expected TextSegment or EncodedSegment, got {type(seg).__name__}")
+        spec = config.encoder_spec(seg.encoder)
+        get_modality(spec["kind"]).check_segment(spec, seg, where)
+        flat.encoded.append(seg)
+        n = segment_slots(seg, config)
+        first = seg.target_ids[0] if (seg.loss and seg.target_ids) else IGNORE_INDEX
+        flat.ids += [pad_token_id] * n
+        flat.labels += [first] + [IGNORE_INDEX] * (n - 1)
+        flat.owner += [seg.encoder] * n
+    if not flat.ids:
+        raise SampleError(f"sample {i}: no segments")
+    if max_length is not None and len(flat.ids) > max_length:
+        raise SampleError(
+            f"sample {i}: {len(flat.ids)} decoder positions exceed max_length {max_length}; "
+            "shorten it or raise the context length"
+        )
+    # Nothing precedes a sample's first position: under left padding a label there would be "predicted"
+    # by a pad position, under right padding the shift drops it anyway, and in a packed row it would be
+    # predicted by the previous sample's last position.
+    flat.labels[0] = IGNORE_INDEX
+    return flat
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows of at most `capacity` positions, first-fit decreasing (ties in
+    sample order, so the packing is a pure function of the lengths). Each row lists its samples in the
+    order they were placed."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        if lengths[i] > capacity:
+            raise SampleError(f"sample {i}: {lengths[i]} decoder positions exceed the pack length {capacity}")
+        row = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def tight_packing(lengths: Sequence[int], limit: int) -> list[list[int]]:
+    """:func:`pack_rows` at the row capacity (at most `limit`) that leaves the least padding: the batch is
+    as wide as its longest row, so filling rows up to `limit` can leave a last, short row padded to
+    `limit`. Tried: `limit`, the longest sample (never more padding than one sample a row), and for each
+    row count k the capacity that would split the positions evenly over k rows (ties: fewer rows)."""
+    longest, total = max(lengths), sum(lengths)
+    capacities = {limit, min(longest, limit)} | {
+        c for k in range(1, len(lengths) + 1) if longest <= (c := -(-total // k)) <= limit
+    }
+    best: tuple[int, int, list[list[int]]] | None = None
+    for capacity in sorted(capacities, reverse=True):
+        rows = pack_rows(lengths, capacity)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if best is None or (len(rows) * width, len(rows)) < best[:2]:
+            best = (len(rows) * width, len(rows), rows)
+    return best[2]
+
+
 def collate(
     samples: Sequence[Sample],
     config,
@@ -82,80 +165,65 @@ def collate(
     padding_side: str = "right",
     max_length: int | None = None,
     pad_to_multiple_of: int | None = None,
+    pack: int | None = None,
 ) -> dict:
     """Batch samples. All payloads of one encoder across the batch are stacked for a single encoder call.
 
-    Returns `input_ids`, `attention_mask`, `position_ids` (counting real positions only, so padding never
-    shifts them), `labels`, `encoder_inputs` and `encoder_slots`."""
+    Returns `input_ids`, `attention_mask`, `position_ids` (counting each sample's real positions only, so
+    padding never shifts them), `labels`, `encoder_inputs` and `encoder_slots`.
+
+    `pack`: put several samples in one row of at most `pack` positions (:func:`tight_packing`, right
+    padding only). Each sample's position ids restart at 0, and `sequence_ids` ([B, T]: the sample's index in its
+    row, -1 on padding) is added; the model then keeps attention inside each sample (see
+    `MetaLMForCausalLM.forward`). Without `pack` a row is one sample, as before."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    rows_ids, rows_labels, rows_owner = [], [], []
-    payloads: dict[str, list[EncodedSegment]] = {}
-    for i, sample in enumerate(samples):
-        ids: list[int] = []
-        labels: list[int] = []
-        owner: list[str | None] = []
-        for j, seg in enumerate(sample):
-            where = f"sample {i}, segment {j}"
-            if isinstance(seg, TextSegment):
-                if not seg.ids:
-                    raise SampleError(f"{where}: empty text segment")
-                ids += seg.ids
-                labels += seg.ids if seg.loss else [IGNORE_INDEX] * len(seg.ids)
-                owner += [None] * len(seg.ids)
-                continue
-            if not isinstance(seg, EncodedSegment):
-                raise SampleError(
-                    f"{where}: expected TextSegment or EncodedSegment, got {type(seg).__name__}"
-                )
-            spec = config.encoder_spec(seg.encoder)
-            get_modality(spec["kind"]).check_segment(spec, seg, where)
-            payloads.setdefault(seg.encoder, []).append(seg)
-            n = segment_slots(seg, config)
-            first = seg.target_ids[0] if (seg.loss and seg.target_ids) else IGNORE_INDEX
-            ids += [pad_token_id] * n
-            labels += [first] + [IGNORE_INDEX] * (n - 1)
-            owner += [seg.encoder] * n
-        if not ids:
-            raise SampleError(f"sample {i}: no segments")
-        if max_length is not None and len(ids) > max_length:
-            raise SampleError(
-                f"sample {i}: {len(ids)} decoder positions exceed max_length {max_length}; "
-                "shorten it or raise the context length"
-            )
-        rows_ids.append(ids)
-        rows_labels.append(labels)
-        rows_owner.append(owner)
+    if pack is not None and padding_side != "right":
+        raise ValueError("packed rows are right-padded (packing is for training)")
+    flats = [_flatten(sample, i, config, pad_token_id, max_length) for i, sample in enumerate(samples)]
+    groups = (
+        [[i] for i in range(len(flats))] if pack is None else tight_packing([len(f.ids) for f in flats], pack)
+    )
 
-    width = max(len(r) for r in rows_ids)
+    width = max(sum(len(flats[i].ids) for i in group) for group in groups)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    batch = len(rows_ids)
+    batch = len(groups)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    sequence_ids = torch.full((batch, width), -1, dtype=torch.long)
+    payloads: dict[str, list[EncodedSegment]] = {}
+    owners: list[tuple[int, int, str]] = []
+    for r, group in enumerate(groups):
+        n = sum(len(flats[i].ids) for i in group)
+        at = 0 if padding_side == "right" else width - n
+        for k, i in enumerate(group):
+            flat = flats[i]
+            m = len(flat.ids)
+            input_ids[r, at : at + m] = torch.tensor(flat.ids)
+            labels[r, at : at + m] = torch.tensor(flat.labels)
+            attention_mask[r, at : at + m] = 1
+            position_ids[r, at : at + m] = torch.arange(m)
+            sequence_ids[r, at : at + m] = k
+            # Payloads in reading order (row by row, position by position): the order the model fills
+            # the slots in.
+            for seg in flat.encoded:
+                payloads.setdefault(seg.encoder, []).append(seg)
+            owners += [(r, at + p, name) for p, name in enumerate(flat.owner) if name is not None]
+            at += m
     # The model's encoder order, so that encoders run in the same order whatever order a batch meets them.
     names = [spec["name"] for spec in config.encoders if spec["name"] in payloads]
     slots = {name: torch.zeros((batch, width), dtype=torch.bool) for name in names}
-    for i, (ids, labs, owner) in enumerate(zip(rows_ids, rows_labels, rows_owner)):
-        n = len(ids)
-        start = 0 if padding_side == "right" else width - n
-        input_ids[i, start : start + n] = torch.tensor(ids)
-        labels[i, start : start + n] = torch.tensor(labs)
-        # Nothing precedes a row's first real position: under left padding a label there would be
-        # "predicted" by a pad position, and under right padding the shift drops it anyway.
-        labels[i, start] = IGNORE_INDEX
-        attention_mask[i, start : start + n] = 1
-        for k, name in enumerate(owner):
-            if name is not None:
-                slots[name][i, start + k] = True
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask
+    for r, p, name in owners:
+        slots[name][r, p] = True
 
     encoder_inputs: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         spec = config.encoder_spec(name)
         encoder_inputs[name] = get_modality(spec["kind"]).collate(spec, payloads[name])
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
@@ -163,6 +231,9 @@ def collate(
         "encoder_inputs": encoder_inputs,
         "encoder_slots": slots,
     }
+    if pack is not None:
+        out["sequence_ids"] = sequence_ids
+    return out
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -173,6 +173,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         encoder_slots: dict[str, torch.Tensor] | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         labelled_logits_only: bool | None = None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
@@ -183,13 +184,26 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         (same terms, same normalisation), and `logits` then holds just those positions, flattened to
         [targets, vocab] in row-major order. A semi-causal batch labels a fraction of its positions, and
         with a large vocabulary (Gemma: 262k) the head is most of a training step's cost; in eval mode the
-        logits keep the usual [batch, positions, vocab] shape."""
+        logits keep the usual [batch, positions, vocab] shape.
+
+        `sequence_ids` (a packed batch, see `metalm.data.segments.collate`): rows hold several samples, each
+        with position ids restarting at 0. The decoder then gets no 2D mask, only the position ids, from
+        which transformers' mask functions build the block-diagonal causal mask (per-sample sliding windows
+        too) and flash attention its varlen boundaries; padding (position id 0 after a sample) becomes
+        one-position blocks that no real position attends to. See `supports_packing`."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with encoder_inputs/encoder_slots) or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
         elif encoder_inputs:
             raise ValueError("encoder_inputs are already part of inputs_embeds; pass one or the other")
+        if sequence_ids is not None:
+            if position_ids is None:
+                raise ValueError("a packed batch (sequence_ids) needs the position_ids its collate built")
+            attention_mask = None
+            # transformers looks for packed rows only without a KV cache (which a packed batch, never a
+            # generation prompt, has no use for).
+            kwargs["use_cache"] = False
         if labelled_logits_only is None:
             labelled_logits_only = self.training
         if (
@@ -208,6 +222,26 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             **({} if _keeps_all(logits_to_keep) else {"logits_to_keep": logits_to_keep}),
             **kwargs,
         )
+
+    @torch.no_grad()
+    def supports_packing(self) -> bool:
+        """Whether the decoder keeps packed samples apart (see `forward`), measured rather than assumed:
+        a decoder whose mask code ignores the position ids would let samples attend to each other. Two
+        random 3-position sequences packed in one row must give the second one the logits it gets alone."""
+        width = self.config.text_config.hidden_size
+        param = next(self.decoder.parameters())
+        generator = torch.Generator().manual_seed(0)
+        embeds = torch.randn(1, 6, width, generator=generator).to(param.device, param.dtype)
+        positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=param.device)
+        was_training = self.decoder.training
+        self.decoder.eval()  # dropout off: the two runs must be comparable
+        try:
+            packed = self.decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits[0, 3:]
+            alone = self.decoder(inputs_embeds=embeds[:, 3:], position_ids=positions[:, :3], use_cache=False)
+        finally:
+            self.decoder.train(was_training)
+        packed, alone = packed.float(), alone.logits[0].float()
+        return bool(torch.allclose(packed, alone, rtol=1e-2, atol=1e-2 * float(alone.abs().max())))
 
     def _head_takes_mask(self) -> bool:
         """Whether the decoder's forward slices its head input with a boolean `logits_to_keep` mask."""

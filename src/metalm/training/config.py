@@ -336,7 +336,9 @@ class DataConfig(_Section):
     truncated, see docs). ``mix``: draw the stream per ``sample`` (rows of one batch mix streams) or per
     ``batch`` (each batch from one stream: much less padding when streams differ in length).
     ``num_workers``: DataLoader worker processes that build the training batches (0: the training
-    process builds them between steps); the batches are the same for any number."""
+    process builds them between steps); the batches are the same for any number. ``pack``: put the
+    samples of a training micro-batch into as few rows of at most ``seq_len`` positions as they fit in,
+    each sample attending only to itself (same losses and gradients, less padding; see docs/training.md)."""
 
     streams: list[StreamConfig]
     seq_len: int = Field(512, ge=8)
@@ -346,6 +348,7 @@ class DataConfig(_Section):
     max_records: int | None = Field(None, gt=0)
     image_cache_mb: int = Field(1024, ge=0)
     num_workers: int = Field(0, ge=0)
+    pack: bool = False
 
     @field_validator("streams")
     @classmethod

@@ -754,7 +754,8 @@ class DataStream:
     ``next_batch()`` returns this rank's ``batch_size`` rows of the next global micro-batch
     (``batch_size * world_size`` samples, see the module docstring) as
     ``processor.collate(samples, padding_side="right")``; ``last_sources`` then holds (stream name, record
-    indices) per row. Only this rank's rows are built; the rest of the sequence is walked in the plan
+    indices) per sample, which is per row unless ``pack`` (then ``collate(..., pack=seq_len)`` puts
+    several samples in one row; validation streams are never packed). Only this rank's rows are built; the rest of the sequence is walked in the plan
     (:mod:`metalm.training.plan`). With ``fill_encoders`` (FSDP: every rank must run the same sharded
     modules), an encoder that the global micro-batch may use but this rank's rows do not gets one extra
     *filler* row at the end: a tiny payload for each such encoder and no labels, so it adds nothing to the
@@ -777,6 +778,7 @@ class DataStream:
         image_cache: ImageCache | None = None,
         report: SkipReport | None = None,
         fill_encoders: bool = False,
+        pack: bool = False,
     ) -> None:
         if not streams:
             raise ValueError("no data streams")
@@ -794,6 +796,7 @@ class DataStream:
         self.mix = mix
         self.split = split
         self.fill_encoders = fill_encoders
+        self.pack = pack
         self.report = report if report is not None else SkipReport()
         self.ctx = _Context(processor, seq_len, skip_bad, split, image_cache or ImageCache(), seed)
         self.streams = [_Stream(s, self.ctx) for s in streams]
@@ -870,7 +873,8 @@ class DataStream:
                 samples.append(
                     self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own])
                 )
-        return self.processor.collate(samples, padding_side="right")
+        pack = self.seq_len if self.pack else None
+        return self.processor.collate(samples, padding_side="right", pack=pack)
 
     def _filler(self, encoders: list[str]) -> Sample:
         """A label-free row with a minimal payload for each of `encoders` (see the class docstring)."""
@@ -1039,7 +1043,9 @@ def build_data(
         image_cache=cache,
         fill_encoders=fill_encoders,
     )
-    train_stream = DataStream(train, processor, batch_size=batch_size, split="train", report=report, **common)
+    train_stream = DataStream(
+        train, processor, batch_size=batch_size, split="train", report=report, pack=data.pack, **common
+    )
     val_stream = (
         DataStream(
             val,

@@ -209,6 +209,7 @@ class Trainer:
         resume = self._agree_on_resume_point()
         set_seed(run.seed)
         model = self._build_model_for_training(resume)
+        self._check_packing(model)
         report = SkipReport()
         self._build_data(report)
         self._prepare_model_and_optimizer(model)
@@ -314,6 +315,21 @@ class Trainer:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("model: %.1fM parameters, %.1fM trainable", n_params / 1e6, n_train / 1e6)
         return model
+
+    def _check_packing(self, model: torch.nn.Module) -> None:
+        """`data.pack` needs a decoder that keeps packed samples apart (measured, see `supports_packing`)
+        and no filler rows (FSDP's are appended after the real rows, which packing would mix)."""
+        if not self.config.data.pack:
+            return
+        where = f"{self.config.source or '<config>'}: data.pack"
+        if self.fsdp:
+            raise ConfigError(f"{where}: packing does not run with FSDP yet; use DDP or one process")
+        if not model.supports_packing():
+            decoder = model.config.text_config
+            raise ConfigError(
+                f"{where}: the decoder ({decoder.model_type}, attention {decoder._attn_implementation}) lets "
+                "packed samples attend to each other; train it without packing"
+            )
 
     def _add_lora(self, model: torch.nn.Module) -> None:
         if self.fsdp or self.deepspeed:
@@ -493,8 +509,9 @@ class Trainer:
         for _ in range(self.config.optim.grad_accum):
             batch = self.batches.next()
             sources.append({name for name, _ in batch.sources})
-            # A filler row (FSDP) comes after the real ones.
-            yield MicroBatch(batch.inputs, rows=len(batch.sources))
+            # A filler row (FSDP) comes after the real ones; packed rows (never with FSDP) are all real.
+            rows = None if self.config.data.pack else len(batch.sources)
+            yield MicroBatch(batch.inputs, rows=rows)
 
     def _reduce_step(
         self, measured: StepResult, sources: list[set[str]], streams: list[str]
