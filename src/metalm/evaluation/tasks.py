@@ -383,7 +383,7 @@ def _bbc_topic(split: str) -> list[Example]:
     ]
 
 
-def _builtin_tasks() -> dict[str, Callable[[], Task]]:
+def _image_tasks() -> dict[str, Callable[[], Task]]:
     return {
         "easyvqa": lambda: Task(
             name="easyvqa",
@@ -421,6 +421,11 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             max_new_tokens=20,
             description="easy-VQA images, captioning from the image alone (no prompt), CIDEr + BLEU-4",
         ),
+    }
+
+
+def _speech_tasks() -> dict[str, Callable[[], Task]]:
+    return {
         "speech-transcribe": lambda: Task(
             name="speech-transcribe",
             load=_transcribe,
@@ -455,6 +460,11 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             max_new_tokens=5,
             description="speech_easy_vqa's questions typed (easyvqa's protocol): the typed baseline of easyvqa-spoken",
         ),
+    }
+
+
+def _text_tasks() -> dict[str, Callable[[], Task]]:
+    return {
         "bbc-topic": lambda: Task(
             name="bbc-topic",
             load=_bbc_topic,
@@ -486,6 +496,10 @@ def _builtin_tasks() -> dict[str, Callable[[], Task]]:
             description="BBC News topics, options written into the encoded input, greedy answer; accuracy + macro-F1",
         ),
     }
+
+
+def _builtin_tasks() -> dict[str, Callable[[], Task]]:
+    return {**_image_tasks(), **_speech_tasks(), **_text_tasks()}
 
 
 BUILTIN_TASKS: tuple[str, ...] = tuple(_builtin_tasks())
@@ -559,12 +573,8 @@ def _as_answers(value: Any, options: Sequence[str] | None, where: str) -> tuple[
     )
 
 
-def load_task_file(path: str | Path) -> Task:
-    """A user task from a YAML or JSON task file (keys documented in ``docs/evaluation.md``).
-
-    Relative ``data`` / ``train`` paths and image paths in the records are resolved against the task file's
-    folder (images: against the data file's folder)."""
-    path = Path(path)
+def _read_task_spec(path: Path) -> dict[str, Any]:
+    """The task file's mapping, checked for unknown and missing keys."""
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
     raw_text = path.read_text(encoding="utf-8")
@@ -579,27 +589,86 @@ def load_task_file(path: str | Path) -> Task:
     unknown = set(spec) - _TASK_KEYS
     if unknown:
         raise TaskError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TASK_KEYS)}")
-    name = str(spec.get("name") or path.stem)
     for key in ("data", "label"):
         if key not in spec:
             raise TaskError(f"{path}: missing required key {key!r}")
     if "input" not in spec and "image" not in spec:
         raise TaskError(f"{path}: give an 'input' template (and/or an 'image' field)")
+    return spec
+
+
+@dataclass(frozen=True)
+class _RowReader:
+    """Turns the rows of a task's data files into examples (fields named by the task file)."""
+
+    name: str
+    label_field: str
+    image_field: str | None
+    id_field: str
+    options: tuple[str, ...] | None  # the task's own options
+    options_field: str | None  # or a field holding each row's options
+
+    def example(self, row: dict[str, Any], n: int, file: Path) -> Example:
+        where = f"{file}:{n}"
+        if self.label_field not in row:
+            raise TaskError(f"{where}: label field {self.label_field!r} missing")
+        options = None
+        if self.options_field is not None:
+            value = row.get(self.options_field)
+            if not isinstance(value, list) or not value:
+                raise TaskError(f"{where}: options field {self.options_field!r} must be a non-empty list")
+            options = tuple(str(o) for o in value)
+        answers = _as_answers(row[self.label_field], options or self.options, where)
+        image = None
+        if self.image_field:
+            if not isinstance(row.get(self.image_field), str):
+                raise TaskError(f"{where}: image field {self.image_field!r} missing or not a string")
+            image = row[self.image_field]
+            if not image.startswith("data:") and not Path(image).is_absolute():
+                image = str((file.parent / image).resolve())
+        rid = row.get(self.id_field, f"{self.name}/{file.stem}/{n}")
+        return Example(id=str(rid), fields=row, answers=answers, options=options, image=image)
+
+
+# Task-file key -> Task field, for the settings that pass through unchanged.
+_PASSED_THROUGH = (
+    ("normalization", "normalization"),
+    ("max_new_tokens", "max_new_tokens"),
+    ("truncate_field", "truncate_field"),
+    ("truncate_words", "truncate_words"),
+    ("caption_tokenizer", "caption_tokenizer"),
+    ("description", "description"),
+    ("target_delimiter", "target_delimiter"),
+    ("fewshot_input", "fewshot_input_template"),
+    ("decoder_prompt", "decoder_prompt"),
+    ("fewshot_decoder_prompt", "fewshot_decoder_prompt"),
+    ("target", "target_template"),
+)
+
+
+def load_task_file(path: str | Path) -> Task:
+    """A user task from a YAML or JSON task file (keys documented in ``docs/evaluation.md``).
+
+    Relative ``data`` / ``train`` paths and image paths in the records are resolved against the task file's
+    folder (images: against the data file's folder)."""
+    path = Path(path)
+    spec = _read_task_spec(path)
+    name = str(spec.get("name") or path.stem)
     base = path.resolve().parent
     data = (base / spec["data"]).resolve()
     train = (base / spec["train"]).resolve() if spec.get("train") else None
-    label_field = str(spec["label"])
-    image_field = spec.get("image")
-    id_field = spec.get("id", "id")
     options_spec = spec.get("options")
-    task_options: tuple[str, ...] | None = None
-    options_field: str | None = None
-    if isinstance(options_spec, list):
-        task_options = tuple(str(o) for o in options_spec)
-    elif isinstance(options_spec, str):
-        options_field = options_spec
-    elif options_spec is not None:
+    if options_spec is not None and not isinstance(options_spec, list | str):
         raise TaskError(f"{path}: 'options' must be a list of labels or the name of a field holding them")
+    task_options = tuple(str(o) for o in options_spec) if isinstance(options_spec, list) else None
+    reader = _RowReader(
+        name=name,
+        label_field=str(spec["label"]),
+        image_field=spec.get("image"),
+        id_field=spec.get("id", "id"),
+        options=task_options,
+        options_field=options_spec if isinstance(options_spec, str) else None,
+    )
     scoring = spec.get("scoring") or ("rank" if options_spec is not None else "generate")
     metric = spec.get("metric") or ("accuracy" if scoring == "rank" else "exact_match")
 
@@ -607,45 +676,9 @@ def load_task_file(path: str | Path) -> Task:
         file = train if split == "train" else data
         if file is None:
             raise TaskError(f"task {name!r}: no 'train' file")
-        examples = []
-        for n, row in _read_rows(file, name):
-            where = f"{file}:{n}"
-            if label_field not in row:
-                raise TaskError(f"{where}: label field {label_field!r} missing")
-            options = None
-            if options_field is not None:
-                value = row.get(options_field)
-                if not isinstance(value, list) or not value:
-                    raise TaskError(f"{where}: options field {options_field!r} must be a non-empty list")
-                options = tuple(str(o) for o in value)
-            answers = _as_answers(row[label_field], options or task_options, where)
-            image = None
-            if image_field:
-                if not isinstance(row.get(image_field), str):
-                    raise TaskError(f"{where}: image field {image_field!r} missing or not a string")
-                image = row[image_field]
-                if not image.startswith("data:") and not Path(image).is_absolute():
-                    image = str((file.parent / image).resolve())
-            rid = row.get(id_field, f"{name}/{file.stem}/{n}")
-            examples.append(Example(id=str(rid), fields=row, answers=answers, options=options, image=image))
-        return examples
+        return [reader.example(row, n, file) for n, row in _read_rows(file, name)]
 
-    kwargs: dict[str, Any] = {}
-    for key, attr in (
-        ("normalization", "normalization"),
-        ("max_new_tokens", "max_new_tokens"),
-        ("truncate_field", "truncate_field"),
-        ("truncate_words", "truncate_words"),
-        ("caption_tokenizer", "caption_tokenizer"),
-        ("description", "description"),
-        ("target_delimiter", "target_delimiter"),
-        ("fewshot_input", "fewshot_input_template"),
-        ("decoder_prompt", "decoder_prompt"),
-        ("fewshot_decoder_prompt", "fewshot_decoder_prompt"),
-        ("target", "target_template"),
-    ):
-        if key in spec:
-            kwargs[attr] = spec[key]
+    kwargs: dict[str, Any] = {attr: spec[key] for key, attr in _PASSED_THROUGH if key in spec}
     if "stop" in spec:
         stop = spec["stop"]
         kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())

@@ -310,6 +310,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _warn_exposed(host: str, settings: Any, api_key: str | None, allowed_hosts: Sequence[str]) -> None:
+    """Say what a non-loopback bind exposes, and which Host names are answered."""
+    logger.warning(
+        "binding to %s: the server is reachable from other machines%s", host,
+        "" if api_key else " and has no API key (METALM_API_KEY)",
+    )  # fmt: skip
+    if not allowed_hosts:
+        logger.warning(
+            "requests are answered only when their Host header is one of %s; add the names clients use "
+            "with --allowed-hosts", ", ".join(settings.allowed_hosts),
+        )  # fmt: skip
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -362,15 +375,7 @@ def serve(
         allowed_origins=tuple(allowed_origins), api_key=api_key,
     )  # fmt: skip
     if not _is_loopback(host):
-        logger.warning(
-            "binding to %s: the server is reachable from other machines%s", host,
-            "" if api_key else " and has no API key (METALM_API_KEY)",
-        )  # fmt: skip
-        if not allowed_hosts:
-            logger.warning(
-                "requests are answered only when their Host header is one of %s; add the names clients use "
-                "with --allowed-hosts", ", ".join(settings.allowed_hosts),
-            )  # fmt: skip
+        _warn_exposed(host, settings, api_key, allowed_hosts)
     engine = Engine.from_pretrained(
         model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests,
