@@ -37,7 +37,7 @@ def preset_path(name: str) -> Path:
 def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[str, float]]:
     """What guessing scores on the very examples the quickstart evaluates (same metrics, same subsets)."""
     from metalm.evaluation import metrics as M
-    from metalm.evaluation.runner import _subset
+    from metalm.evaluation.runner import subset_examples
     from metalm.evaluation.tasks import builtin_task
 
     rng = random.Random(seed)
@@ -45,7 +45,7 @@ def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[st
     vqa = builtin_task("easyvqa")
     train_answers = Counter(a for ex in vqa.examples("train") for a in ex.answers[:1])
     majority = train_answers.most_common(1)[0][0]
-    test = _subset(vqa.examples(vqa.eval_split), eval_limit)
+    test = subset_examples(vqa.examples(vqa.eval_split), eval_limit)
     answers = list(train_answers)
     out["easyvqa"] = {
         "majority answer": 100 * sum(M.vqa_accuracy(majority, list(ex.answers)) for ex in test) / len(test),
@@ -54,7 +54,7 @@ def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[st
         / len(test),
     }
     cap = builtin_task("easyvqa-caption")
-    test = _subset(cap.examples(cap.eval_split), eval_limit)
+    test = subset_examples(cap.examples(cap.eval_split), eval_limit)
     shuffled = [ex.answers[0] for ex in test]
     rng.shuffle(shuffled)
     scores = M.caption_scores(
@@ -65,7 +65,7 @@ def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[st
         "BLEU-4 (another image's caption)": 100 * scores["BLEU-4"],
     }
     topic = builtin_task("bbc-topic")
-    test = _subset(topic.examples(topic.eval_split), eval_limit)
+    test = subset_examples(topic.examples(topic.eval_split), eval_limit)
     golds = [ex.answers[0] for ex in test]
     out["bbc-topic"] = {
         "majority topic": 100 * M.accuracy([Counter(golds).most_common(1)[0][0]] * len(golds), golds),

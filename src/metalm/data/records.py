@@ -53,7 +53,6 @@ __all__ = [
     "MAX_LINE_BYTES",
     "AudioPart",
     "AudioText",
-    "Caption",
     "Classification",
     "ImagePart",
     "ImageText",
@@ -100,9 +99,6 @@ class ImageText:
     image: str
     text: str
     id: str | None = None
-
-
-Caption = ImageText
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,7 +172,7 @@ def generate_samples(
 # ---------------------------------------------------------------------------------------------------------
 # One (task, k, seed) run
 # ---------------------------------------------------------------------------------------------------------
-def _subset(examples: list[Example], limit: int | None) -> list[Example]:
+def subset_examples(examples: list[Example], limit: int | None) -> list[Example]:
     """The first ``limit`` examples of a fixed shuffle (built-in splits can be sorted by label, so a plain
     head would be one class); the same subset for every k and seed."""
     if limit is None or limit >= len(examples):
@@ -389,7 +389,7 @@ def _evaluate_task(
     **run,
 ) -> dict[str, Any]:
     """One task's results by k (the `results` entry of the summary); prediction files go to `out`."""
-    examples = _subset(t.examples(t.eval_split), limit)
+    examples = subset_examples(t.examples(t.eval_split), limit)
     _warn_if_images_left_out(model, t, examples)
     pool: list[Example] = []
     if any(k > 0 for k in shots):  # zero-shot runs never touch the demonstration split

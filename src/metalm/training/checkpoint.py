@@ -62,13 +62,12 @@ def write_checkpoint_manifest(folder: Path, step: int, world_size: int = 1) -> N
     write_manifest(folder, step=step, world_size=world_size)
 
 
-def verify_checkpoint(folder: str | Path, world_size: int | None = None) -> str | None:
+def verify_checkpoint(folder: str | Path) -> str | None:
     """None when `folder` is a complete checkpoint whose files match its manifest, else the reason.
 
     The checkpoint's own manifest says how many processes wrote it (one RNG file each); any number of
-    processes can resume it, so `world_size` is accepted for compatibility and not used. The model's
-    weights are always required (see :func:`metalm.model.loading.verify_manifest`)."""
-    del world_size
+    processes can resume it. The model's weights are always required (see
+    :func:`metalm.model.loading.verify_manifest`)."""
     folder = Path(folder)
     try:
         saved_world = int(json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("world_size", 1))
@@ -107,9 +106,9 @@ def _warn_interrupted(output_dir: Path) -> None:
             logger.warning("ignoring incomplete checkpoint %s (an interrupted save)", p)
 
 
-def find_checkpoint(output_dir: str | Path, world_size: int | None = None) -> Path | None:
+def find_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest checkpoint in `output_dir` that verifies; corrupt or partial ones are skipped with a
-    warning that names them. (`world_size`: unused, see :func:`verify_checkpoint`.)"""
+    warning that names them."""
     output_dir = Path(output_dir)
     _warn_interrupted(output_dir)
     found, rejected = _newest_verified(output_dir)
