@@ -364,7 +364,8 @@ def append_quickstart_run(page: Path, run: Path) -> None:
     page.write_text(
         page.read_text().rstrip("\n")
         + "\n\n## The quickstart run itself (300 test examples per task, sample captions)\n\n"
-        "Its times are those of the run recorded in docs/training.md (Measured), which shared the CPU.\n"
+        "Its times are that run's wall-clock times; where other jobs shared the 2 cores they overstate what the "
+        "quickstart costs on its own (the machine's load is not recorded).\n"
     )
     update_results_page(page, results_section(run, train_s, eval_s))
 
