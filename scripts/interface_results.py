@@ -347,6 +347,12 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "average alone would hide a model that gets shapes right and colours at chance.",
         "- It does not show the paper's scale: the decoders are 11M (quickstart) and 270M (Gemma) "
         "parameters, trained for minutes on 2 CPU cores, on synthetic shapes and one news corpus.",
+        "- The captioning prompt is held out: gemma-vl and the quickstart train captioning on request with five "
+        'other phrasings (their `described` stream), never "Summarize this image:" itself; the GPT baseline '
+        "and bare Gemma never train on captions by request.",
+        "- A yes/no accuracy at the level of the \"question's wording alone\" row (the training split's most "
+        "common answer for each wording, colour and shape words masked, no image) says the model answers "
+        "from the question, not from the image.",
         "- The subsets are small (see above): differences of a few points are within noise.",
         "",
     ]
