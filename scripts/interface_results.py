@@ -130,11 +130,6 @@ def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace)
         }
         for k in (0, 4)
     }
-    from metalm.evaluation.breakdown import read_predictions
-    from metalm.quickstart import wording_prior_table
-
-    evaluated = read_predictions(out / "easyvqa" / "predictions-easyvqa-k0-s0.jsonl")
-    res["easyvqa_wording_prior"] = wording_prior_table([r["id"] for r in evaluated])
     modes = {"encoded": False, "plain": True} if has_text else {"plain": True}
     res["bbc-topic"] = {
         mode: cached_eval(
@@ -220,7 +215,19 @@ def _caption_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _vqa_rows(results: dict[str, Any]) -> list[str]:
+def wording_prior(results: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
+    """What answering from the question's wording alone scores on the evaluated questions (every model is
+    asked the same fixed subset, so it is computed once, from the first model's k = 0 predictions)."""
+    from metalm.evaluation.breakdown import read_predictions
+    from metalm.quickstart import wording_prior_table
+
+    if not results:
+        return {}
+    evaluated = read_predictions(out / next(iter(results)) / "easyvqa" / "predictions-easyvqa-k0-s0.jsonl")
+    return wording_prior_table([r["id"] for r in evaluated])
+
+
+def _vqa_rows(results: dict[str, Any], out: Path) -> list[str]:
     rows = ["| model | k | all | colour | shape | yes/no |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         for k, entry in r["easyvqa"].items():
@@ -229,7 +236,7 @@ def _vqa_rows(results: dict[str, Any]) -> list[str]:
                 _pm(by[t]["mean"], by[t]["std"]) if t in by else "—" for t in ("colour", "shape", "yes/no")
             ]
             rows.append(f"| {name} | {k} | {_pm(entry['all']['vqa_accuracy'])} | " + " | ".join(cells) + " |")
-    prior = next(iter(results.values())).get("easyvqa_wording_prior", {})
+    prior = wording_prior(results, out)
     if prior:
         cells = [_pm(prior[t]["accuracy"]) if t in prior else "—" for t in ("colour", "shape", "yes/no")]
         rows.append("| the question's wording alone (no image) | – | – | " + " | ".join(cells) + " |")
@@ -310,7 +317,7 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "",
         "## Easy-VQA by question type (k = 0 and 4)",
         "",
-        *_vqa_rows(results),
+        *_vqa_rows(results, args.out),
         "",
         "## BBC topic, in-context learning",
         "",

@@ -158,6 +158,7 @@ def _sample_captions(eval_dir: Path, n: int = 8) -> list[str]:
 
 
 def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: float, eval_s: float) -> Path:
+    table = breakdown(out / "eval")
     lines = [
         "# metalm quickstart report",
         "",
@@ -193,7 +194,7 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
         "",
         "## What the model sees: VQA by question type, captions by attribute",
         "",
-        *breakdown_lines(breakdown(out / "eval")),
+        *breakdown_lines(table),
         "",
         "A caption counts as right on an attribute when the first colour (shape) word it names is the image's. "
         "A model whose yes/no accuracy is no better than the wording-alone row answers from the question, not "
@@ -207,7 +208,7 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "eval" / "breakdown.json").write_text(json.dumps(breakdown(out / "eval"), indent=2) + "\n")
+    (out / "eval" / "breakdown.json").write_text(json.dumps(table, indent=2) + "\n")
     return path
 
 
