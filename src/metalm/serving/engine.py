@@ -34,6 +34,7 @@ together.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -50,7 +51,6 @@ import torch
 from PIL import Image
 from transformers import (
     AutoModelForCausalLM,
-    LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -60,6 +60,7 @@ from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length, to_device
+from metalm.serving.continuous import RowSampling, RunningBatch, continuous_unsupported
 
 __all__ = [
     "ChatMessage",
@@ -197,6 +198,7 @@ class Job:
         self.completions: list[Completion | None] = [None] * params.n
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._counted = False  # holds one of the engine's pending slots (submitted, not yet released)
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._queue: queue.Queue | None = None if on_event else queue.Queue()
@@ -352,28 +354,7 @@ class _RowTracker(StoppingCriteria):
         return torch.tensor([row.done for row in self.rows], device=input_ids.device)
 
 
-class _RowSampling(LogitsProcessor):
-    """Per-row temperature and nucleus (top-p) filtering; temperature 0 keeps only the argmax (greedy)."""
-
-    def __init__(self, temperatures: list[float], top_ps: list[float]) -> None:
-        self.temperatures = torch.tensor(temperatures, dtype=torch.float32)
-        self.top_ps = torch.tensor(top_ps, dtype=torch.float32)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        temps = self.temperatures.to(scores.device)
-        top_ps = self.top_ps.to(scores.device)
-        greedy = temps <= 0
-        scores = scores.float() / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
-        if bool((top_ps < 1).any()):
-            sorted_scores, order = scores.sort(dim=-1)
-            remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_ps)[:, None]
-            remove[:, -1] = False  # always keep the most likely token
-            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        if bool(greedy.any()):
-            onehot = torch.full_like(scores, float("-inf"))
-            onehot.scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
-            scores = torch.where(greedy[:, None], onehot, scores)
-        return scores
+_RowSampling = RowSampling  # the per-row temperature / top-p processor, shared with the running batch
 
 
 # --- the engine ---------------------------------------------------------------------------------------
@@ -393,6 +374,9 @@ class Engine:
         max_batch_size: most rows (choices) in one batched `generate` call.
         batch_wait_ms: how long the batch worker waits for more jobs after the first one arrives.
         max_pending: most jobs queued or running at once; :meth:`submit` raises `QueueFull` beyond it.
+        batching: ``"continuous"`` (default): jobs join and leave one running batch between decode steps
+            (:mod:`metalm.serving.continuous`); ``"dynamic"``: each collected batch is one `generate` call.
+            A decoder whose cache cannot be joined row by row gets ``"dynamic"`` (``batching_note`` says why).
         encode_max_tokens: user text longer than this (in encoder tokens) goes to the decoder instead of the
             text encoder (default: the encoder's own span limit).
     """
@@ -407,6 +391,7 @@ class Engine:
         max_batch_size: int = 16,
         batch_wait_ms: float = 10.0,
         max_pending: int = 64,
+        batching: str = "continuous",
         encode_max_tokens: int | None = None,
     ) -> None:
         self.device = _resolve_device(device)
@@ -429,7 +414,11 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closing = threading.Event()
-        self.batch_sizes: list[int] = []  # rows per batched generate call, for monitoring and benchmarks
+        # Rows per batched generate call (dynamic), or in the running batch after each join (continuous),
+        # for monitoring and benchmarks.
+        self.batch_sizes: list[int] = []
+        self.batching, self.batching_note = self._choose_batching(batching)
+        self._begin_suppress = continuation_pieces(self.processor.tokenizer) or []
 
     @classmethod
     def from_pretrained(
@@ -455,6 +444,16 @@ class Engine:
         model = AutoModelForCausalLM.from_pretrained(directory, **load_kwargs)
         processor = MetaLMProcessor.from_pretrained(directory, config=model.config)
         return cls(model, processor, name=name or directory.resolve().name, device=device, **kwargs)
+
+    def _choose_batching(self, batching: str) -> tuple[str, str | None]:
+        if batching not in ("continuous", "dynamic"):
+            raise ValueError(f"batching must be 'continuous' or 'dynamic', got {batching!r}")
+        reason = continuous_unsupported(self.model) if batching == "continuous" else None
+        if reason is None:
+            return batching, None
+        note = f"continuous batching is not available for this model: {reason}; using dynamic batching"
+        logger.warning(note)
+        return "dynamic", note
 
     # --- facts ----------------------------------------------------------------------------------------
     def _eos_ids(self) -> list[int | None]:
@@ -710,15 +709,64 @@ class Engine:
         try:
             if len(jobs) == 1 and jobs[0].params.num_beams > 1:
                 self._run_beams(jobs[0])
+            elif self.batching == "continuous" and not any(job.params.exclusive for job in jobs):
+                self._run_continuous(jobs)
             else:
                 self._run_jobs(jobs)
-        except InputError as err:
-            for job in jobs:
-                job._fail(err)
         except Exception as err:  # noqa: BLE001  (a failed batch must not kill the worker)
-            logger.exception("generation failed for jobs %s", [j.id for j in jobs])
+            self._fail_jobs(jobs, err)
+
+    def _fail_jobs(self, jobs: Iterable[Job], err: BaseException) -> None:
+        """Fail `jobs` with a bad-input error as it is, anything else as a generic error (logged)."""
+        jobs = list(jobs)
+        if not isinstance(err, InputError):
+            logger.error("generation failed for jobs %s", [j.id for j in jobs], exc_info=err)
+            err = RuntimeError(f"generation failed: {type(err).__name__}")
+        for job in jobs:
+            job._fail(err)
+
+    # --- continuous batching --------------------------------------------------------------------------
+    def _run_continuous(self, jobs: list[Job]) -> None:
+        """Generate `jobs` in a running batch of their own (direct calls): the same decode loop as the
+        continuous worker's, with no newcomers."""
+        running = RunningBatch(self.model, self._begin_suppress)
+        self._join_running(running, jobs)
+        while len(running):
+            self._step_running(running)
+
+    def _join_running(self, running: RunningBatch, jobs: list[Job]) -> list[Job]:
+        """Prefill `jobs` and add their rows to `running`; returns the jobs that already left (failed, or
+        finished on their first token)."""
+        now = time.monotonic()
+        rows_per_prompt = []
+        try:
             for job in jobs:
-                job._fail(RuntimeError(f"generation failed: {type(err).__name__}"))
+                job.started = now
+                limit = self._max_new_tokens(job.prompt, job.params)
+                rows_per_prompt.append(
+                    [_Row(job, i, limit, self._decode, self._eos) for i in range(job.params.n)]
+                )
+            batch = self.processor.collate([job.prompt.sample for job in jobs], padding_side="left")
+            batch.pop("labels", None)
+            batch = to_device(batch, self.device)
+            with self._model_lock:
+                running.join(batch, rows_per_prompt)
+            self.batch_sizes.append(len(running))
+        except Exception as err:  # noqa: BLE001  (only these newcomers fail; the running rows go on)
+            self._fail_jobs(jobs, err)
+        left = running.drop_finished()
+        return left + [job for job in jobs if job.done and job not in left]
+
+    def _step_running(self, running: RunningBatch) -> list[Job]:
+        """One decode step of `running`; returns the jobs whose rows all left the batch."""
+        try:
+            with self._model_lock:
+                running.step()
+        except Exception as err:  # noqa: BLE001  (a failed step fails its rows, never the worker)
+            jobs = running.clear()
+            self._fail_jobs(jobs, err)
+            return jobs
+        return running.drop_finished()
 
     def _decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)
@@ -792,13 +840,17 @@ class Engine:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests are already in flight; retry later")
             self._pending += 1
+            job._counted = True
         self.start()
         self._queue.put(job)
         return job
 
-    def _release(self, jobs: list[Job]) -> None:
+    def _release(self, jobs: Iterable[Job]) -> None:
         with self._pending_lock:
-            self._pending -= len(jobs)
+            for job in jobs:
+                if job._counted:
+                    job._counted = False
+                    self._pending -= 1
 
     def _usable(self, job: Job) -> bool:
         if job.cancelled:
@@ -811,6 +863,12 @@ class Engine:
         return False
 
     def _work(self) -> None:
+        if self.batching == "continuous":
+            self._work_continuous()
+        else:
+            self._work_dynamic()
+
+    def _work_dynamic(self) -> None:
         held: Job | None = None  # an exclusive job that arrived while a batch was being collected
         while not self._closing.is_set():
             if held is not None:
@@ -844,3 +902,51 @@ class Engine:
         if held is not None:
             held._fail(RuntimeError("the engine is shutting down"))
             self._release([held])
+
+    def _work_continuous(self) -> None:
+        """The continuous worker: between decode steps, queued jobs join the running batch (up to
+        `max_batch_size` rows) and finished ones leave. An exclusive job (seed, beams) waits at the head
+        of the line until the running batch drains, then runs alone; later jobs wait behind it."""
+        running = RunningBatch(self.model, self._begin_suppress)
+        waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet admitted
+        try:
+            while not self._closing.is_set():
+                newcomers = self._admit(running, waiting)
+                if newcomers:
+                    self._release(self._join_running(running, newcomers))
+                if len(running):
+                    self._release(self._step_running(running))
+                elif waiting and waiting[0].params.exclusive:
+                    job = waiting.popleft()
+                    try:
+                        self._run([job])
+                    finally:
+                        self._release([job])
+        finally:
+            leftover = running.clear() + list(waiting)
+            for job in leftover:
+                job._fail(RuntimeError("the engine is shutting down"))
+            self._release(leftover)
+
+    def _admit(self, running: RunningBatch, waiting: collections.deque[Job]) -> list[Job]:
+        """The queued jobs that join the running batch now, in arrival order, while rows are free. Blocks
+        briefly for the first job only when nothing is running or waiting."""
+        jobs: list[Job] = []
+        rows = len(running)
+        idle = not rows and not waiting
+        while True:
+            if not waiting:
+                try:
+                    job = self._queue.get(timeout=0.2) if idle and not jobs else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                waiting.append(job)
+            job = waiting[0]
+            if not self._usable(job):
+                waiting.popleft()
+                continue
+            if job.params.exclusive or rows + job.params.n > self.max_batch_size:
+                break
+            jobs.append(waiting.popleft())
+            rows += job.params.n
+        return jobs
