@@ -178,7 +178,8 @@ def test_saved_layouts_drive_chat_and_generate(live):
 
 def test_batched_generation_matches_direct(live):
     """Left-padded dynamic batches give the same greedy answers as one-by-one generation."""
-    engine, _ = live
+    live_engine, _ = live
+    engine = Engine(live_engine.model, live_engine.processor, device="cpu", batching="dynamic")
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     img = Image.new("RGB", (32, 32), (10, 200, 10))
     prompts = [
@@ -195,8 +196,10 @@ def test_batched_generation_matches_direct(live):
         batched = [j.result(timeout=60).completions[0].text for j in jobs]
     finally:
         engine.batch_wait = wait
+    engine.close()
     assert engine.batch_sizes[before:] == [3]
     assert batched == direct
+    assert [live_engine.generate(p, greedy).completions[0].text for p in prompts] == direct  # continuous
 
 
 def test_stop_strings_and_stream_hold_back(live):

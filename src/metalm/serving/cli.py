@@ -335,6 +335,7 @@ def serve(
     dtype: str | None = None,
     max_batch_size: int = 16,
     batch_wait_ms: float = 10.0,
+    batching: str = "continuous",
     max_concurrent_requests: int = 32,
     max_tokens_limit: int = 1024,
     default_max_tokens: int = 256,
@@ -378,7 +379,7 @@ def serve(
         _warn_exposed(host, settings, api_key, allowed_hosts)
     engine = Engine.from_pretrained(
         model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests,
+        batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests, batching=batching,
     )  # fmt: skip
     app = create_app(engine, settings)
     logger.info(
@@ -406,7 +407,7 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             args.model, args.host, args.port, allow_image_hosts=args.allow_image_hosts or (),
             allow_image_dirs=args.allow_image_dirs or (), model_name=args.model_name, device=args.device,
             dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-            max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
+            batching=args.batching, max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
@@ -456,8 +457,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "('*' = any)",
     )  # fmt: skip
     limits = p.add_argument_group("limits")
-    limits.add_argument("--max-batch-size", type=int, default=16, help="rows per batched generate call")
-    limits.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests to batch")
+    limits.add_argument("--max-batch-size", type=int, default=16, help="most rows decoded together")
+    limits.add_argument(
+        "--batching", choices=["continuous", "dynamic"], default="continuous",
+        help="continuous: requests join and leave the running batch between decode steps; dynamic: one "
+        "generate call per collected batch (also the fallback for decoders whose cache cannot be joined)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="dynamic batching: wait for more requests to batch"
+    )
     limits.add_argument("--max-concurrent-requests", type=int, default=32, help="in flight; more get 429")
     limits.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens allowed")
     limits.add_argument("--default-max-tokens", type=int, default=256)
