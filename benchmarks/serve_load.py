@@ -1,23 +1,34 @@
-"""Dynamic batching vs one-by-one generation, in one run on one model.
+"""Continuous vs dynamic batching vs one-by-one generation, in one run on one model.
 
-A burst of R chat requests (a user turn read by the text encoder, every third with an image) arrives at
-once. Measured for each setting: per-request latency from the burst's start to the request's last token
-(p50 / p95), and throughput (generated tokens / wall time until the last request finishes).
+Chat requests (a user turn read by the text encoder, every third with an image). Two workloads:
+
+**Burst** (default): R requests arrive at once, each for exactly ``--new-tokens`` tokens. Latency = the
+burst's start to the request's last token (p50 / p95); throughput = generated tokens / wall time.
 
 - ``sequential``: ``Engine.generate`` called for one request after the other (no batching worker);
-- ``batch<=B``: all requests submitted to the engine's dynamic batcher with ``max_batch_size=B``
-  (10 ms wait window, left padding, KV cache).
+- ``dyn<=B``: the dynamic batcher with ``max_batch_size=B`` (10 ms wait window, one ``generate`` call per
+  collected batch, left padding, KV cache);
+- ``cont<=B``: the continuous batcher with ``max_batch_size=B`` (requests join and leave the running batch
+  between decode steps).
 
-With ``--http`` the same burst also goes through the OpenAI-compatible server (uvicorn on loopback, the
-``openai`` client, one thread per request) with the batcher at the largest B.
+**Poisson arrivals** (``--rates``): at each rate (requests/s) R requests arrive with exponential gaps, each
+asking for a token budget drawn uniformly from ``--min-new-tokens``..``--new-tokens``; the same arrival
+times and budgets (seeded) for both batchers, at ``max_batch_size=B`` (the largest of ``--batch-sizes``).
+Latency = arrival to the request's last token; throughput = generated tokens (and requests) / the time
+from the first arrival to the last answer.
 
-    python benchmarks/serve_load.py                    # defaults: 32 requests x 32 new tokens
+With ``--http`` the burst also goes through the OpenAI-compatible server (uvicorn on loopback, the
+``openai`` client, one thread per request) with each batcher at the largest B.
+
+    python benchmarks/serve_load.py                    # burst: 32 requests x 32 new tokens
     python benchmarks/serve_load.py --http --requests 16
+    python benchmarks/serve_load.py --rates 2 4 8 16 --requests 48 --min-new-tokens 8 --new-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import threading
@@ -104,10 +115,45 @@ def run_batched(engine: Engine, prompts: list, params: SamplingParams, batch: in
     wall = time.perf_counter() - start
     latencies = [job.finished - start_mono for job in jobs]
     sizes = engine.batch_sizes[first_batch:]
-    row = summarize(f"batch<={batch}", latencies, sum(r.completion_tokens for r in results), wall)
-    print(
-        f"{'':<12} {len(sizes)} generate calls, mean rows per call {statistics.mean(sizes):.1f}", flush=True
+    name = f"{engine.batching[:4]}<={batch}"
+    row = summarize(name, latencies, sum(r.completion_tokens for r in results), wall)
+    what = (
+        "generate calls, mean rows per call"
+        if engine.batching == "dynamic"
+        else "joins, mean rows after a join"
     )
+    print(f"{'':<12} {len(sizes)} {what} {statistics.mean(sizes):.1f}", flush=True)
+    return row
+
+
+def poisson_schedule(
+    n: int, rate: float, min_tokens: int, max_tokens: int, seed: int
+) -> list[tuple[float, int]]:
+    """(arrival time in seconds from the start, token budget) for n requests arriving at `rate` per second."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append((t, rng.randint(min_tokens, max_tokens)))
+        t += rng.expovariate(rate)
+    return out
+
+
+def run_poisson(engine: Engine, prompts: list, schedule: list[tuple[float, int]], batch: int) -> dict:
+    """Submit `prompts` at the schedule's times from this thread; latency = arrival to last token."""
+    engine.max_batch_size = batch
+    engine.max_pending = len(prompts) + 1
+    prepared = [engine.prepare(p) for p in prompts]  # tokenizing is the client's share, not the batcher's
+    start = time.monotonic()
+    jobs, arrivals = [], []
+    for prompt, (at, tokens) in zip(prepared, schedule):
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        arrivals.append(time.monotonic())
+        jobs.append(engine.submit(prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0)))
+    results = [job.result(timeout=600) for job in jobs]
+    end = max(job.finished for job in jobs)
+    latencies = [job.finished - arrived for job, arrived in zip(jobs, arrivals)]
+    row = summarize(f"{engine.batching}", latencies, sum(r.completion_tokens for r in results), end - start)
+    row["req_s"] = len(jobs) / (end - start)
     return row
 
 
@@ -163,7 +209,7 @@ def run_http(engine: Engine, prompts: list, params: SamplingParams, batch: int) 
     wall = time.perf_counter() - start
     server.should_exit = True
     thread.join(10)
-    return summarize(f"http b<={batch}", latencies, sum(tokens), wall)
+    return summarize(f"http {engine.batching[:4]}<={batch}", latencies, sum(tokens), wall)
 
 
 def main() -> None:
@@ -171,40 +217,99 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, help="burst: every request's; Poisson: the most"
+    )
+    parser.add_argument("--min-new-tokens", type=int, default=8, help="Poisson: the fewest")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--rates", type=float, nargs="*", default=[], help="Poisson arrival rates (requests/s)"
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="1 is steadier on shared cores")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="Poisson arrival times and token budgets")
     parser.add_argument("--http", action="store_true", help="also run the burst through the HTTP server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:
         build_model(directory, args.hidden, args.layers)
-        engine = Engine.from_pretrained(directory, device=args.device, name="bench")
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+        continuous = Engine.from_pretrained(directory, device=args.device, name="bench")
+    dynamic = Engine(
+        continuous.model, continuous.processor, device=args.device, name="bench", batching="dynamic"
+    )
+    engines = [dynamic, continuous]
     prompts = requests(args.requests)
-    n_params = sum(p.numel() for p in engine.model.parameters())
+    n_params = sum(p.numel() for p in continuous.model.parameters())
     print(
         f"model: llama decoder {args.hidden} wide x {args.layers} layers ({n_params / 1e6:.1f}M params with encoders); "
-        f"{args.requests} requests x {args.new_tokens} new tokens (greedy); torch threads {args.threads}; "
-        f"device {engine.device}",
+        f"{args.requests} requests; torch threads {args.threads}; device {continuous.device}",
         flush=True,
     )
-    engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
-    rows = [run_sequential(engine, prompts, params)]
+    for engine in engines:  # warm-up
+        engine.generate(prompts[0], SamplingParams(max_new_tokens=4))
+    if args.rates:
+        run_rates(engines, prompts, args)
+    else:
+        run_burst(engines, prompts, args)
+    for engine in engines:
+        engine.close()
+
+
+def run_burst(engines: list[Engine], prompts: list, args: argparse.Namespace) -> None:
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+    print(f"burst: {len(prompts)} requests at once x {args.new_tokens} new tokens (greedy)", flush=True)
+    rows = [run_sequential(engines[0], prompts, params)]
     for batch in args.batch_sizes:
-        rows.append(run_batched(engine, prompts, params, batch))
+        rows += [run_batched(engine, prompts, params, batch) for engine in engines]
     if args.http:
-        rows.append(run_http(engine, prompts, params, max(args.batch_sizes)))
-    engine.close()
+        rows += [run_http(engine, prompts, params, max(args.batch_sizes)) for engine in engines]
     base = rows[0]
     print("\nratios vs sequential (throughput up, latency down is better):")
     for row in rows[1:]:
         print(
             f"{row['name']:<12} throughput x{row['tok_s'] / base['tok_s']:.2f}   "
             f"p50 latency x{row['p50'] / base['p50']:.2f}   p95 latency x{row['p95'] / base['p95']:.2f}"
+        )
+    print("\ncontinuous vs dynamic at the same batch size:")
+    by_name = {row["name"]: row for row in rows}
+    for name, cont in by_name.items():
+        dyn = by_name.get(name.replace("cont<=", "dyn<="))
+        if "cont<=" in name and dyn is not None:
+            print(
+                f"{name:<12} throughput x{cont['tok_s'] / dyn['tok_s']:.2f}   p50 x{cont['p50'] / dyn['p50']:.2f}   "
+                f"p95 x{cont['p95'] / dyn['p95']:.2f}"
+            )
+
+
+def run_rates(engines: list[Engine], prompts: list, args: argparse.Namespace) -> None:
+    batch = max(args.batch_sizes)
+    print(
+        f"Poisson arrivals: {len(prompts)} requests per rate, token budgets {args.min_new_tokens}..{args.new_tokens} "
+        f"(greedy), max_batch_size {batch}, seed {args.seed}",
+        flush=True,
+    )
+    table = []
+    for rate in args.rates:
+        schedule = poisson_schedule(len(prompts), rate, args.min_new_tokens, args.new_tokens, args.seed)
+        print(
+            f"rate {rate:g} requests/s (offered {len(prompts) / max(schedule[-1][0], 1e-9):.1f})", flush=True
+        )
+        table.append((rate, [run_poisson(engine, prompts, schedule, batch) for engine in engines]))
+    print("\n| rate (req/s) | batcher | tokens/s | requests/s | p50 latency | p95 latency |")
+    print("|---|---|---|---|---|---|")
+    for rate, rows in table:
+        for row in rows:
+            print(
+                f"| {rate:g} | {row['name']} | {row['tok_s']:.1f} | {row['req_s']:.2f} | {row['p50'] * 1000:.0f} ms | "
+                f"{row['p95'] * 1000:.0f} ms |"
+            )
+    print("\ncontinuous / dynamic:")
+    for rate, (dyn, cont) in table:
+        print(
+            f"rate {rate:<6g} throughput x{cont['tok_s'] / dyn['tok_s']:.2f}   p50 x{cont['p50'] / dyn['p50']:.2f}   "
+            f"p95 x{cont['p95'] / dyn['p95']:.2f}"
         )
 
 
