@@ -23,13 +23,19 @@ layout; ``--question`` uses the ``vqa`` layout and an image with neither uses th
 
 Generation
 ----------
-Requests run as *jobs*. Every choice of every job is one row of a left-padded batch that goes through
-``model.generate`` once, with the KV cache (encoder features are computed once, in the prefill). Rows carry
-their own temperature / top-p (a per-row logits processor), token budget, stop strings, deadline and
-cancellation (a per-row stopping criterion, which also emits the streamed text). So the same code serves a
-single CLI call and a dynamic batch of concurrent server requests (:meth:`Engine.submit`): a worker thread
-takes the first queued job, waits ``batch_wait_ms`` for more (up to ``max_batch_size`` rows) and runs them
-together.
+Requests run as *jobs*. Every choice of every job is one row of a left-padded batch decoded with the KV cache
+(encoder features are computed once, in the prefill, which computes logits for the last position only). Rows
+carry their own temperature / top-p, token budget, stop strings, deadline and cancellation (`_Row`, which
+also emits the streamed text). The batch worker (:meth:`Engine.submit`) batches concurrent requests in one
+of two ways (``batching``):
+
+- ``"continuous"`` (default): one running batch (:mod:`metalm.serving.continuous`); between decode steps
+  queued jobs are prefilled and join it, finished rows leave it. Direct calls run the same loop alone.
+- ``"dynamic"``: take the first queued job, wait ``batch_wait_ms`` for more (up to ``max_batch_size`` rows),
+  run them through one ``model.generate`` call (per-row logits processor and stopping criterion). Also the
+  fallback for decoders whose cache cannot be joined row by row (sliding-window layers, e.g. Gemma-3).
+
+Seeded and beam-search jobs run alone through ``model.generate`` in both modes.
 """
 
 from __future__ import annotations
