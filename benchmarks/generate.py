@@ -7,6 +7,8 @@ median of R repeats:
 
 - ``decoder``: ``model.decoder.generate(input_ids)`` — the HF causal LM on its own (the baseline);
 - ``metalm``: ``model.generate(**processor(prompt))`` — encoder run once in the prefill, then the cache;
+- ``metalm-allpos``: the same with the LM head on every prompt position in the prefill
+  (``logits_to_keep=0``), the path that last-position prefill logits replaced;
 - ``engine``: the serving path with continuous batching (the default): the batch's B prompts as B
   requests in one running batch (``metalm.serving.continuous``: prefill of the last position's logits only,
   then a decode loop on the joined KV cache), with stream bookkeeping and decoding of the text each step;
@@ -111,6 +113,10 @@ def main() -> None:
         out = model.generate(**batch, **greedy)
         return (out.shape[1] - positions) * args.batch
 
+    def run_metalm_all_positions() -> int:
+        out = model.generate(**batch, **greedy, logits_to_keep=0)
+        return (out.shape[1] - positions) * args.batch
+
     def serve(on: Engine) -> int:
         # B requests run together as the batch worker runs them (`_run`, without the queue's thread hop).
         # The engine stops on EOS; a random decoder rarely emits it, and the tokens are counted as produced.
@@ -130,6 +136,7 @@ def main() -> None:
     paths = {
         "decoder": run_decoder,
         "metalm": run_metalm,
+        "metalm-allpos": run_metalm_all_positions,
         "engine": lambda: serve(engine),
         "engine-dyn": lambda: serve(engine_dyn),
         "encoder": run_encoder,
@@ -160,7 +167,7 @@ def main() -> None:
     encoder_ms = 1000 / med.pop("encoder")
     for name, rate in med.items():
         spread = f"(min {min(rates[name]):.1f}, max {max(rates[name]):.1f})"
-        print(f"{name:<10} {rate:8.1f} tok/s  {spread}")
+        print(f"{name:<13} {rate:8.1f} tok/s  {spread}")
     call_ms = 1000 * T * args.batch / med["metalm"]
     print(
         f"encoded prefix (encoder + connector, once per call): {encoder_ms:.0f} ms of a {call_ms:.0f} ms metalm call"
@@ -168,6 +175,7 @@ def main() -> None:
     # Ratios of runs next to each other in time are steadier than ratios of medians on shared cores.
     for name, base in (
         ("metalm", "decoder"),
+        ("metalm", "metalm-allpos"),
         ("engine", "decoder"),
         ("engine-dyn", "decoder"),
         ("engine", "engine-dyn"),
