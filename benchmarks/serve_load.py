@@ -52,6 +52,9 @@ QUESTIONS = [
 ]
 
 
+SHORT = {"dynamic": "dyn", "continuous": "cont"}  # row names: dyn<=16, cont<=16
+
+
 def build_model(directory: str, hidden: int, layers: int) -> None:
     torch.manual_seed(0)
     model, processor = ModelRecipe(
@@ -115,7 +118,7 @@ def run_batched(engine: Engine, prompts: list, params: SamplingParams, batch: in
     wall = time.perf_counter() - start
     latencies = [job.finished - start_mono for job in jobs]
     sizes = engine.batch_sizes[first_batch:]
-    name = f"{engine.batching[:4]}<={batch}"
+    name = f"{SHORT[engine.batching]}<={batch}"
     row = summarize(name, latencies, sum(r.completion_tokens for r in results), wall)
     what = (
         "generate calls, mean rows per call"
@@ -209,7 +212,7 @@ def run_http(engine: Engine, prompts: list, params: SamplingParams, batch: int) 
     wall = time.perf_counter() - start
     server.should_exit = True
     thread.join(10)
-    return summarize(f"http {engine.batching[:4]}<={batch}", latencies, sum(tokens), wall)
+    return summarize(f"http {SHORT[engine.batching]}<={batch}", latencies, sum(tokens), wall)
 
 
 def main() -> None:
@@ -276,7 +279,7 @@ def run_burst(engines: list[Engine], prompts: list, args: argparse.Namespace) ->
     by_name = {row["name"]: row for row in rows}
     for name, cont in by_name.items():
         dyn = by_name.get(name.replace("cont<=", "dyn<="))
-        if "cont<=" in name and dyn is not None:
+        if "cont<=" in name and dyn is not None:  # the burst rows, and the HTTP ones
             print(
                 f"{name:<12} throughput x{cont['tok_s'] / dyn['tok_s']:.2f}   p50 x{cont['p50'] / dyn['p50']:.2f}   "
                 f"p95 x{cont['p95'] / dyn['p95']:.2f}"
