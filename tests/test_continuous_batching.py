@@ -256,3 +256,16 @@ def test_left_padding_is_cut_when_rows_leave():
         engine._step_running(running)
     alone = engine.generate("hi", greedy(20)).completions[0].token_ids
     assert narrow.result().completions[0].token_ids == alone
+
+
+def test_closing_the_engine_fails_running_and_waiting_jobs(model_and_processor):
+    model, processor = model_and_processor
+    engine = slowed(Engine(model, processor, device="cpu", max_batch_size=1), 0.02)
+    running = engine.submit("a long answer", greedy(60))
+    waiting = engine.submit("no room for this one yet", greedy(4))  # the batch holds one row
+    time.sleep(0.1)
+    engine.close()
+    for job in (running, waiting):
+        with pytest.raises(RuntimeError, match="shutting down"):
+            job.result(timeout=10)
+    assert engine.pending == 0
