@@ -163,30 +163,39 @@ def test_sampling_seeds_and_cancellation_in_the_running_batch(model_and_processo
     assert engine.pending == 0
 
 
-def test_a_failing_newcomer_leaves_the_running_rows_alone(model_and_processor, monkeypatch):
+def test_a_failing_newcomer_fails_alone(model_and_processor, monkeypatch):
+    """A prefill that raises fails its own request only: rows already running and a newcomer prefilled in
+    the same group go on, with their answers unchanged."""
     model, processor = model_and_processor
     engine = slowed(Engine(model, processor, device="cpu"), 0.01)
     join = continuous.RunningBatch.join
+    groups: list[int] = []
 
     def failing_join(self, batch, rows_per_prompt):
-        if rows_per_prompt[0][0].job.prompt.num_tokens == bad_len:
+        groups.append(len(rows_per_prompt))
+        if any(rows[0].job.prompt.num_tokens == bad_len for rows in rows_per_prompt):
             raise RuntimeError("boom")
         return join(self, batch, rows_per_prompt)
 
     monkeypatch.setattr(continuous.RunningBatch, "join", failing_join)
     bad_prompt = engine.prepare("this one fails in its prefill, whatever happens")
     bad_len = bad_prompt.num_tokens
-    expected = engine.generate("a good one", greedy(12)).completions[0].token_ids
+    fine = engine.prepare("fine")
+    expected = [engine.generate(p, greedy(12)).completions[0].token_ids for p in ("a good one", fine)]
     try:
         good = engine.submit("a good one", greedy(12))
         time.sleep(0.04)
-        bad = engine.submit(bad_prompt, greedy(4))
+        with engine._model_lock:  # both newcomers are queued before the next step: one prefill group
+            bad = engine.submit(bad_prompt, greedy(4))
+            other = engine.submit(fine, greedy(12))
         with pytest.raises(RuntimeError, match="generation failed"):
             bad.result(timeout=60)
-        assert good.result(timeout=60).completions[0].token_ids == expected
+        assert good.result(timeout=60).completions[0].token_ids == expected[0]
+        assert other.result(timeout=60).completions[0].token_ids == expected[1]
     finally:
         engine.close()
     assert engine.pending == 0
+    assert 2 in groups  # the bad request and "fine" were prefilled as one group first, then one by one
 
 
 def test_a_sliding_window_decoder_falls_back_to_dynamic_batching():

@@ -377,7 +377,7 @@ class Engine:
         model, processor: a `MetaLMForCausalLM` and its `MetaLMProcessor`.
         name: the model id the server reports.
         device: where the model runs (moved there once).
-        max_batch_size: most rows (choices) in one batched `generate` call.
+        max_batch_size: most rows (choices) decoded together.
         batch_wait_ms: how long the batch worker waits for more jobs after the first one arrives.
         max_pending: most jobs queued or running at once; :meth:`submit` raises `QueueFull` beyond it.
         batching: ``"continuous"`` (default): jobs join and leave one running batch between decode steps
@@ -742,10 +742,11 @@ class Engine:
 
     def _join_running(self, running: RunningBatch, jobs: list[Job]) -> list[Job]:
         """Prefill `jobs` and add their rows to `running`; returns the jobs that already left (failed, or
-        finished on their first token)."""
+        finished on their first token). A failed prefill of several jobs is retried job by job, so that
+        one bad request fails alone; the running rows go on either way."""
         now = time.monotonic()
-        rows_per_prompt = []
         try:
+            rows_per_prompt = []
             for job in jobs:
                 job.started = now
                 limit = self._max_new_tokens(job.prompt, job.params)
@@ -758,8 +759,14 @@ class Engine:
             with self._model_lock:
                 running.join(batch, rows_per_prompt)
             self.batch_sizes.append(len(running))
-        except Exception as err:  # noqa: BLE001  (only these newcomers fail; the running rows go on)
-            self._fail_jobs(jobs, err)
+        except Exception as err:  # noqa: BLE001
+            joined = {id(row.job) for row in running.rows}
+            retry = [job for job in jobs if id(job) not in joined and not job.done]
+            if len(jobs) == 1 or len(retry) < len(jobs):  # alone, or failed after joining: no retry
+                self._fail_jobs(jobs, err)
+            else:
+                left = [job for one in retry for job in self._join_running(running, [one])]
+                return left + running.drop_finished()
         left = running.drop_finished()
         return left + [job for job in jobs if job.done and job not in left]
 
