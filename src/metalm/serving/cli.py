@@ -426,7 +426,7 @@ def _serve_from_args(args: argparse.Namespace) -> int:
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve a model over HTTP (OpenAI-compatible API + chat page)",
-        description="OpenAI-compatible chat completions server with dynamic batching and a chat page at /. "
+        description="OpenAI-compatible chat completions server with continuous batching and a chat page at /. "
         "Set METALM_API_KEY to require 'Authorization: Bearer <key>'.",
     )  # fmt: skip
     _add_model_args(p)
