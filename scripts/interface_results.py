@@ -219,12 +219,12 @@ def wording_prior(results: dict[str, Any], out: Path) -> dict[str, dict[str, flo
     """What answering from the question's wording alone scores on the evaluated questions (every model is
     asked the same fixed subset, so it is computed once, from the first model's k = 0 predictions)."""
     from metalm.evaluation.breakdown import read_predictions
-    from metalm.quickstart import wording_prior_table
+    from metalm.quickstart import wording_prior_tables
 
     if not results:
         return {}
     evaluated = read_predictions(out / next(iter(results)) / "easyvqa" / "predictions-easyvqa-k0-s0.jsonl")
-    return wording_prior_table([r["id"] for r in evaluated])
+    return wording_prior_tables(evaluated)["easyvqa-wording-prior"]
 
 
 def _vqa_rows(results: dict[str, Any], out: Path) -> list[str]:

@@ -10,6 +10,7 @@ from metalm.evaluation.breakdown import (
     caption_by_attribute,
     question_type,
     question_wording,
+    vqa_against_wording_prior,
     vqa_by_question_type,
     wording_prior,
     wording_prior_by_question_type,
@@ -69,6 +70,27 @@ def test_wording_prior_answers_from_the_question_alone():
         "colour": {"accuracy": 0.0, "n": 1},
         "shape": {"accuracy": 0.0, "n": 1},
         "yes/no": {"accuracy": 200 / 3, "n": 3},
+    }
+
+
+def test_vqa_against_wording_prior_keeps_only_what_the_image_answers():
+    prior = {"is there a <colour> shape ?": "no", "is there not a <colour> shape ?": "yes"}
+    questions = {
+        "a": "is there a red shape?",  # gold no = prior: left out
+        "b": "is there a blue shape?",  # gold yes: only the image tells
+        "c": "is there not a teal shape?",  # gold no: only the image tells
+        "d": "what color is the circle?",  # no prior for this wording: kept
+    }
+    records = [
+        {"id": "a", "gold": ["no"], "score": 1.0},
+        {"id": "b", "gold": ["yes"], "score": 1.0},
+        {"id": "c", "gold": ["no"], "score": 0.0},
+        {"id": "d", "gold": ["red"], "score": 1.0},
+        {"id": "e", "gold": ["yes"], "score": 1.0},  # question unknown: left out
+    ]
+    assert vqa_against_wording_prior(records, questions, prior) == {
+        "colour": {"accuracy": 100.0, "n": 1},
+        "yes/no": {"accuracy": 50.0, "n": 2},
     }
 
 

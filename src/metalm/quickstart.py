@@ -87,17 +87,28 @@ def _predictions(eval_dir: Path, task: str) -> list[dict[str, Any]]:
     return read_predictions(files[0]) if files else []
 
 
-def wording_prior_table(example_ids: list[str]) -> dict[str, dict[str, float]]:
-    """Per question type, what answering each of these easy-VQA test questions from its wording alone
-    scores (the training split's most common answer for the wording, colour and shape words masked)."""
-    from metalm.evaluation.breakdown import wording_prior, wording_prior_by_question_type
+def wording_prior_tables(vqa: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per question type, for these easy-VQA test predictions: what answering each question from its
+    wording alone scores (the training split's most common answer for the wording, colour and shape words
+    masked), and what the model scores on the questions that wording gets wrong."""
+    from metalm.evaluation.breakdown import (
+        vqa_against_wording_prior,
+        wording_prior,
+        wording_prior_by_question_type,
+    )
     from metalm.evaluation.tasks import builtin_task
 
     task = builtin_task("easyvqa")
     prior = wording_prior((ex.fields["question"], ex.answers[0]) for ex in task.examples("train"))
     by_id = {ex.id: ex for ex in task.examples(task.eval_split)}
-    chosen = [by_id[i] for i in example_ids if i in by_id]
-    return wording_prior_by_question_type(((ex.fields["question"], ex.answers) for ex in chosen), prior)
+    chosen = [by_id[r["id"]] for r in vqa if r["id"] in by_id]
+    questions = {ex.id: ex.fields["question"] for ex in chosen}
+    return {
+        "easyvqa-wording-prior": wording_prior_by_question_type(
+            ((ex.fields["question"], ex.answers) for ex in chosen), prior
+        ),
+        "easyvqa-against-prior": vqa_against_wording_prior(vqa, questions, prior),
+    }
 
 
 def breakdown(eval_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -109,7 +120,7 @@ def breakdown(eval_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     vqa = _predictions(eval_dir, "easyvqa")
     if vqa:
         out["easyvqa"] = vqa_by_question_type(vqa)
-        out["easyvqa-wording-prior"] = wording_prior_table([r["id"] for r in vqa])
+        out.update(wording_prior_tables(vqa))
     for task in CAPTION_TASKS:
         rows = _predictions(eval_dir, task)
         if rows:
@@ -134,6 +145,12 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
         lines.append(
             "| the same questions, answered from their wording alone | training-split majority answer per "
             f"wording (no image) | {' | '.join(cells)} |"
+        )
+    if "easyvqa-against-prior" in table:
+        cells = [cell(table["easyvqa-against-prior"], t) for t in QUESTION_TYPES]
+        lines.append(
+            "| the questions their wording alone gets wrong | VQA accuracy on them (only the image can "
+            f"answer these) | {' | '.join(cells)} |"
         )
     for task, how in CAPTION_TASKS.items():
         if task in table:

@@ -28,6 +28,7 @@ __all__ = [
     "vqa_by_question_type",
     "wording_prior",
     "wording_prior_by_question_type",
+    "vqa_against_wording_prior",
 ]
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "yes/no")
@@ -119,6 +120,24 @@ def wording_prior_by_question_type(
     for question, answers in examples:
         guess = prior.get(question_wording(question))
         totals[question_type(answers)].append(float(guess in {a.strip().lower() for a in answers}))
+    return {t: {"accuracy": 100 * sum(s) / len(s), "n": len(s)} for t, s in totals.items() if s}
+
+
+def vqa_against_wording_prior(
+    records: Iterable[Mapping[str, Any]], questions: Mapping[str, str], prior: Mapping[str, str]
+) -> dict[str, dict[str, float]]:
+    """VQA accuracy per question type on the questions whose wording alone gives a wrong answer (their
+    gold answers do not include the wording's prior): the questions only the image can answer. On
+    easy-VQA's yes/no questions this is the measure that tells a model that looks from one that answers
+    from the wording (which scores 0 here by construction). ``questions``: example id → question text;
+    records without a question are left out."""
+    totals: dict[str, list[float]] = {t: [] for t in QUESTION_TYPES}
+    for r in records:
+        question = questions.get(r["id"])
+        gold = _gold_list(r["gold"])
+        if question is None or prior.get(question_wording(question)) in {g.strip().lower() for g in gold}:
+            continue
+        totals[question_type(gold)].append(float(r["score"]))
     return {t: {"accuracy": 100 * sum(s) / len(s), "n": len(s)} for t, s in totals.items() if s}
 
 
