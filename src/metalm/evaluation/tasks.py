@@ -383,6 +383,64 @@ def _bbc_topic(split: str) -> list[Example]:
     ]
 
 
+# The ten largest WordNet noun lexicographer files (``noun.`` dropped), alphabetical.
+WORDNET_CATEGORIES: tuple[str, ...] = (
+    "act", "animal", "artifact", "attribute", "communication", "location", "person", "plant", "state",
+    "substance",
+)  # fmt: skip
+GCIDE_POS_LABELS: tuple[str, ...] = ("adjective", "adverb", "noun", "verb")
+
+
+def _classification(dataset: str, options: tuple[str, ...], split: str) -> list[Example]:
+    """A built-in classification dataset as examples, ``{options}`` written as an instruction stream writes
+    them (metalm.training.config.OPTIONS_JOINER)."""
+    from metalm.data.builtin import load_builtin
+
+    joined = ", ".join(options)
+    return [
+        Example(
+            id=r.id or f"{dataset}/{split}/{i}",
+            fields={"text": " ".join(r.text.split()), "options": joined},
+            answers=(r.label,),
+        )
+        for i, r in enumerate(load_builtin(dataset, split))
+    ]
+
+
+def _lexical_tasks() -> dict[str, Callable[[], Task]]:
+    """WordNet categories and GCIDE parts of speech: a prompt-and-label layout (ranked; single-task
+    finetuning and in-context learning) and a FLAN-style one with the options written into the input
+    (greedy answer, exact match; multitask finetuning), as for the BBC topics."""
+    wordnet = functools.partial(_classification, "wordnet_category", WORDNET_CATEGORIES)
+    gcide = functools.partial(_classification, "gcide_pos", GCIDE_POS_LABELS)
+    common = {"metric": "accuracy", "truncate_field": "text", "truncate_words": 64}
+    return {
+        "wordnet-category": lambda: Task(
+            name="wordnet-category", load=wordnet, input_template="{text}", decoder_prompt="category:",
+            options=WORDNET_CATEGORIES, **common,
+            description="WordNet noun gloss -> one of 10 lexicographer categories, ranked; accuracy + macro-F1",
+        ),
+        "wordnet-category-options": lambda: Task(
+            name="wordnet-category-options", load=wordnet,
+            input_template="What kind of thing does this definition describe? {text} OPTIONS: {options} TARGET:",
+            scoring="generate", options=WORDNET_CATEGORIES, max_new_tokens=4, **common,
+            description="WordNet categories, FLAN-style (options in the encoded input), greedy answer",
+        ),
+        "gcide-pos": lambda: Task(
+            name="gcide-pos", load=gcide, input_template="{text}", decoder_prompt="part of speech:",
+            options=GCIDE_POS_LABELS, **common,
+            description="GCIDE definition -> part of speech of the defined word (4 classes), ranked",
+        ),
+        "gcide-pos-options": lambda: Task(
+            name="gcide-pos-options", load=gcide,
+            input_template="Which part of speech is the word this definition defines? {text} OPTIONS: {options} "
+            "TARGET:",
+            scoring="generate", options=GCIDE_POS_LABELS, max_new_tokens=4, **common,
+            description="GCIDE parts of speech, FLAN-style (options in the encoded input), greedy answer",
+        ),
+    }  # fmt: skip
+
+
 def _image_tasks() -> dict[str, Callable[[], Task]]:
     return {
         "easyvqa": lambda: Task(
@@ -499,7 +557,7 @@ def _text_tasks() -> dict[str, Callable[[], Task]]:
 
 
 def _builtin_tasks() -> dict[str, Callable[[], Task]]:
-    return {**_image_tasks(), **_speech_tasks(), **_text_tasks()}
+    return {**_image_tasks(), **_speech_tasks(), **_text_tasks(), **_lexical_tasks()}
 
 
 BUILTIN_TASKS: tuple[str, ...] = tuple(_builtin_tasks())
