@@ -25,6 +25,8 @@ starts over. The page states this invocation's run time and which steps it reuse
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
 import logging
 import math
@@ -36,11 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metalm.evaluation.experiments import cached_eval, load_model, mean_std, train_once
+from metalm.evaluation.experiments import cached_eval, load_model, train_once
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "src" / "metalm" / "configs"
-MODELS = {"metalm": "claims-metalm.yaml", "gpt": "claims-gpt.yaml", "random-encoder": "claims-random-encoder.yaml"}
+MODELS = {
+    "metalm": "claims-metalm.yaml",
+    "gpt": "claims-gpt.yaml",
+    "random-encoder": "claims-random-encoder.yaml",
+}
 # task -> (built-in dataset, ranked task (single-task, ICL), FLAN task (multitask), decoder prompt)
 TASKS = {
     "bbc": ("bbc_news", "bbc-topic", "bbc-topic-options", "topic:"),
@@ -60,18 +66,20 @@ class Budget:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     pretrain_steps: int | None = None  # None: the configs' max_steps
-    finetune_examples: int = 768  # training examples per task (evenly spaced, so every class stays)
+    finetune_examples: int = 384  # training examples per task (evenly spaced, so every class stays)
     eval_limit: int = 200  # test examples per task after finetuning
     icl_limit: int = 100  # test examples per task for in-context learning
     shots: list[int] = field(default_factory=lambda: [0, 1, 4])
     ppl_documents: int = 300  # test documents for perplexity (their first 255 tokens each)
     batch_size: int = 16  # evaluation batch
+    finetune_batch: int | None = None  # None: the protocol's (32); smaller only for the smoke run
+    finetune_overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
 
 
 SMOKE = Budget(
-    seeds=[0, 1], pretrain_steps=3, finetune_examples=32, eval_limit=8, icl_limit=6, shots=[0, 1],
-    ppl_documents=8, batch_size=8,
+    seeds=[0, 1], pretrain_steps=3, finetune_examples=12, eval_limit=8, icl_limit=6, shots=[0, 1],
+    ppl_documents=8, batch_size=8, finetune_batch=4, finetune_overrides=["run.eval_batches=1"],
     pretrain_overrides=["data.max_records=400", "optim.warmup_steps=1", "run.eval_every=0", "run.eval_batches=1",
                         "run.save_every=0", "run.log_every=1", "optim.batch_size=4"],
 )  # fmt: skip
@@ -99,18 +107,28 @@ def perplexity(folder: Path, out: Path, budget: Budget) -> dict[str, Any]:
         return json.loads(path.read_text())
     model, processor = load_model(folder)
     docs = load_builtin("text_corpus", "test")
-    n = min(budget.ppl_documents, len(docs))
-    picked = [docs[i * len(docs) // n] for i in range(n)]
+    # Documents at evenly spaced character offsets, so each source counts by its volume, not by its number of
+    # (short dictionary) documents.
+    ends = list(itertools.accumulate(len(d.text) for d in docs))
+    offsets = [i * ends[-1] // budget.ppl_documents for i in range(budget.ppl_documents)]
+    picked = [docs[i] for i in sorted({bisect.bisect_right(ends, o) for o in offsets})]
     head = [TextSegment([processor.bos_token_id], loss=False)]
-    samples = [[*head, TextSegment(processor.tokenize(d.text)[:255], loss=True)] for d in picked]
+    samples = [[*head, TextSegment(processor.tokenize(d.text[:2000])[:255], loss=True)] for d in picked]
     samples = [s for s in samples if len(s[1].ids) >= 8]
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), budget.batch_size):
-            for logprob, count, _ in score_samples(model, processor, samples[start : start + budget.batch_size]):
+            for logprob, count, _ in score_samples(
+                model, processor, samples[start : start + budget.batch_size]
+            ):
                 total -= logprob
                 tokens += count
-    result = {"documents": len(samples), "tokens": tokens, "loss": total / tokens, "perplexity": math.exp(total / tokens)}
+    result = {
+        "documents": len(samples),
+        "tokens": tokens,
+        "loss": total / tokens,
+        "perplexity": math.exp(total / tokens),
+    }
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -139,8 +157,11 @@ def _steps(examples: int, batch: int, epochs: int) -> int:
     return max(1, math.ceil(epochs * examples / batch))
 
 
-def _finetune_overrides(folder: Path, seed: int, streams: list[dict], examples: int, proto: dict) -> list[str]:
-    steps = _steps(examples, proto["batch"], proto["epochs"])
+def _finetune_overrides(
+    folder: Path, seed: int, streams: list[dict], examples: int, proto: dict, budget: Budget
+) -> list[str]:
+    batch = budget.finetune_batch or proto["batch"]
+    steps = _steps(examples, batch, proto["epochs"])
     return [
         f"init_from={folder}",
         f"run.seed={seed}",
@@ -148,13 +169,14 @@ def _finetune_overrides(folder: Path, seed: int, streams: list[dict], examples: 
         f"data.seq_len={FINETUNE_SEQ_LEN}",
         f"data.max_records={examples // len(streams)}",
         f"optim.lr={proto['lr']}",
-        f"optim.batch_size={proto['batch']}",
+        f"optim.batch_size={batch}",
         f"optim.max_steps={steps}",
         f"optim.warmup_steps={max(1, steps // 10)}",
         "run.eval_every=0",
         "run.eval_batches=2",
         "run.save_every=0",
         "run.log_every=10",
+        *budget.finetune_overrides,
     ]
 
 
@@ -166,8 +188,14 @@ def single_task(name: str, folder: Path, runs: Path, out: Path, budget: Budget) 
     for task, (dataset, ranked, _, prompt) in TASKS.items():
         scores[task] = {"values": [], "n": 0}
         for seed in budget.seeds:
-            stream = {"name": task, "source": dataset, "format": "instruction", "template": "{text}", "prompt": prompt}
-            overrides = _finetune_overrides(folder, seed, [stream], budget.finetune_examples, SINGLE)
+            stream = {
+                "name": task,
+                "source": dataset,
+                "format": "instruction",
+                "template": "{text}",
+                "prompt": prompt,
+            }
+            overrides = _finetune_overrides(folder, seed, [stream], budget.finetune_examples, SINGLE, budget)
             final = train_once(config, runs / f"{name}-single-{task}-s{seed}", overrides)
             model, processor = load_model(final)
             summary = cached_eval(out / f"single-{task}-s{seed}", model, processor, ranked, [0], [seed],
@@ -182,13 +210,18 @@ def multitask(name: str, folder: Path, runs: Path, out: Path, budget: Budget) ->
     from metalm.evaluation.tasks import builtin_task
 
     streams = [
-        {"name": task, "source": dataset, "format": "instruction", "template": builtin_task(flan).input_template}
+        {
+            "name": task,
+            "source": dataset,
+            "format": "instruction",
+            "template": builtin_task(flan).input_template,
+        }
         for task, (dataset, _, flan, _) in TASKS.items()
     ]
     examples = budget.finetune_examples * len(TASKS)
     scores: dict[str, dict[str, Any]] = {task: {"values": [], "n": 0} for task in TASKS}
     for seed in budget.seeds:
-        overrides = _finetune_overrides(folder, seed, streams, examples, MULTI)
+        overrides = _finetune_overrides(folder, seed, streams, examples, MULTI, budget)
         final = train_once(CONFIGS / "finetune-multitask.yaml", runs / f"{name}-multitask-s{seed}", overrides)
         model, processor = load_model(final)
         for task, (_, _, flan, _) in TASKS.items():
@@ -235,11 +268,23 @@ def _pretrain_log(run: Path) -> dict[str, Any]:
     }
 
 
+def ensure_corpus() -> None:
+    """Extract text_corpus from the Debian packages unless it is there (about 3 minutes, counted in the run
+    time)."""
+    from metalm.data.corpus import build_text_corpus, corpus_dir
+
+    if not (corpus_dir() / "train.jsonl").is_file():
+        logger.info("extracting text_corpus into %s", corpus_dir())
+        build_text_corpus()
+
+
 # --- main -----------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "paper-claims", help="runs and evaluations")
-    p.add_argument("--page", type=Path, default=None, help="default: docs/paper-claims.md (OUT/ with --smoke)")
+    p.add_argument(
+        "--page", type=Path, default=None, help="default: docs/paper-claims.md (OUT/ with --smoke)"
+    )
     p.add_argument("--smoke", action="store_true", help="every step with a handful of examples and steps")
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing its steps")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -270,12 +315,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     page = args.page or (args.out / "paper-claims.md" if args.smoke else REPO / "docs" / "paper-claims.md")
     runs, evals = args.out / "runs", args.out / "eval"
     start = time.time()
+    ensure_corpus()
     results: dict[str, Any] = {}
     for name in args.models:
         results[name] = run_model(name, runs, evals, budget)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     meta = {
-        "command": " ".join(["python scripts/paper_claims.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python scripts/paper_claims.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "seconds": time.time() - start,
         "budget": asdict(budget),
         "single": SINGLE,

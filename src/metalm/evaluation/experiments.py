@@ -1,19 +1,18 @@
 """Building blocks of the results scripts (``scripts/interface_results.py``, ``scripts/paper_claims.py``):
-train a config once, load a saved model, evaluate once, summarise seeds. Each step writes its outputs to a
+train a config once, load a saved model, evaluate once. Each step writes its outputs to a
 folder and is skipped when they are already there, so an interrupted script resumes where it stopped."""
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cached_eval", "load_model", "mean_std", "train_once"]
+__all__ = ["cached_eval", "load_model", "train_once"]
 
 
 def train_once(config: str | Path, run_dir: Path, overrides: Sequence[str] = ()) -> Path:
@@ -48,13 +47,3 @@ def cached_eval(
     if summary.is_file():
         return json.loads(summary.read_text())
     return evaluate(model, processor, task, shots=shots, seeds=seeds, out_dir=out, **kw)
-
-
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value) and the values themselves."""
-    values = [float(v) for v in values]
-    return {
-        "mean": statistics.fmean(values) if values else float("nan"),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
