@@ -56,7 +56,6 @@ TASKS = {
 # The paper's protocols (single-task: MNLI; multitask: its 34-dataset mixture).
 SINGLE = {"lr": 5e-5, "batch": 32, "epochs": 3}
 MULTI = {"lr": 1e-4, "batch": 32, "epochs": 1}
-FINETUNE_SEQ_LEN = 128  # positions per finetuning sample: BOS + encoded input (cut to fit) + prompt + label
 logger = logging.getLogger("paper_claims")
 
 
@@ -73,13 +72,16 @@ class Budget:
     ppl_documents: int = 300  # test documents for perplexity (their first 255 tokens each)
     batch_size: int = 16  # evaluation batch
     finetune_batch: int | None = None  # None: the protocol's (32); smaller only for the smoke run
+    finetune_seq_len: int = (
+        128  # positions per finetuning sample: BOS + encoded input (cut to fit) + prompt + label
+    )
     finetune_overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
 
 
 SMOKE = Budget(
-    seeds=[0, 1], pretrain_steps=3, finetune_examples=12, eval_limit=8, icl_limit=6, shots=[0, 1],
-    ppl_documents=8, batch_size=8, finetune_batch=4, finetune_overrides=["run.eval_batches=1"],
+    seeds=[0, 1], pretrain_steps=3, finetune_examples=4, eval_limit=6, icl_limit=4, shots=[0, 1],
+    ppl_documents=8, batch_size=8, finetune_batch=4, finetune_seq_len=48, finetune_overrides=["run.eval_batches=1"],
     pretrain_overrides=["data.max_records=400", "optim.warmup_steps=1", "run.eval_every=0", "run.eval_batches=1",
                         "run.save_every=0", "run.log_every=1", "optim.batch_size=4"],
 )  # fmt: skip
@@ -166,7 +168,7 @@ def _finetune_overrides(
         f"init_from={folder}",
         f"run.seed={seed}",
         f"data.streams={json.dumps(streams)}",
-        f"data.seq_len={FINETUNE_SEQ_LEN}",
+        f"data.seq_len={budget.finetune_seq_len}",
         f"data.max_records={examples // len(streams)}",
         f"optim.lr={proto['lr']}",
         f"optim.batch_size={batch}",
@@ -328,7 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget": asdict(budget),
         "single": SINGLE,
         "multi": MULTI,
-        "finetune_seq_len": FINETUNE_SEQ_LEN,
         "smoke": args.smoke,
     }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))

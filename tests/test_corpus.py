@@ -104,7 +104,10 @@ def test_gcide_entries_are_grouped_by_headword_and_cleaned(tmp_path: Path) -> No
     path.write_bytes(gzip.compress(GCIDE.encode()))  # dictzip is gzip-compatible
     docs = list(C.gcide_documents(path))
     assert [d.id for d in docs] == ["gcide/abaca", "gcide/aback", "gcide/abacinate"]
-    assert docs[0].text == "Abaca , n. [The native name.] The Manila-hemp plant (Musa textilis); also, its fiber."
+    assert (
+        docs[0].text
+        == "Abaca , n. [The native name.] The Manila-hemp plant (Musa textilis); also, its fiber."
+    )
     assert "An abacus." in docs[1].text and "Behind; in the rear." in docs[1].text  # both Aback entries
     for marker in ("[1913 Webster]", "\\", "{", "[a^]"):
         assert marker not in "".join(d.text for d in docs)
@@ -193,7 +196,9 @@ def test_lexical_tasks_from_the_installed_packages_match_the_registry() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (C.corpus_dir() / "train.jsonl").is_file(), reason="run `metalm data text-corpus` first")
+@pytest.mark.skipif(
+    not (C.corpus_dir() / "train.jsonl").is_file(), reason="run `metalm data text-corpus` first"
+)
 def test_paper_claims_smoke_writes_the_page(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
