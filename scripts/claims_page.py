@@ -162,6 +162,18 @@ def overall(results: dict[str, Any], key: str) -> str:
     return f"**{word}** (MetaLM − GPT = {d:+.1f} ± {se:.1f} points, averaged over the tasks)"
 
 
+def before_finetuning(results: dict[str, Any]) -> str:
+    """Each pre-trained model's k = 0 score, averaged over the tasks: what finetuning started from."""
+    first = next(iter(results.values()))
+    if "0" not in first["icl"][next(iter(first["icl"]))]:
+        return ""
+    cells = []
+    for m, r in results.items():
+        values = averaged([r["icl"][t]["0"] for t in r["icl"]])["values"]
+        cells.append(f"{LABELS[m]} {statistics.fmean(values):.1f}")
+    return " Before finetuning (k = 0, average of the tasks): " + ", ".join(cells) + "."
+
+
 def encoder_effect(results: dict[str, Any], key: str) -> str:
     """The pre-trained against the random encoder, on the average over tasks (no verdict: not a paper claim)."""
     if "metalm" not in results or "random-encoder" not in results:
@@ -257,7 +269,8 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
         "demonstrations drawn from the training split per seed (k = 0 is deterministic and runs once); options "
         "ranked.",
         f"- **Seeds** {seeds} (finetuning runs and demonstration draws); test examples per task: "
-        f"{b['eval_limit']} after finetuning, {b['icl_limit']} for in-context learning (fixed subsets); "
+        f"{b['eval_limit']} after finetuning, {b['icl_limit']} for in-context learning (a fixed subset, the "
+        "same one where the counts are equal); "
         "perplexity on the first 255 tokens of test documents picked at evenly spaced character offsets of the "
         "corpus's test split, decoder alone.",
     ]
@@ -305,7 +318,7 @@ def _claim_sections(results: dict[str, Any]) -> list[str]:
         "",
         f"Paper: {CLAIMS['single']}",
         "",
-        f"Here: {overall(results, 'single')}.{encoder_effect(results, 'single')}",
+        f"Here: {overall(results, 'single')}.{encoder_effect(results, 'single')}{before_finetuning(results)}",
         "",
         *_score_table(results, "single"),
         "",

@@ -15,7 +15,7 @@ Then, for each model and each seed:
 
 and once per model the held-out perplexity of its decoder on the corpus's test split.
 
-    python scripts/paper_claims.py                 # the full comparison (about 100 min on 2 CPU cores)
+    python scripts/paper_claims.py                 # the full comparison (about 100-110 min on 2 CPU cores)
     python scripts/paper_claims.py --smoke --out /tmp/claims   # every step, a few steps each (~3 min)
 
 Each step's outputs (runs, evaluation summaries) are kept under --out and reused by a rerun; --fresh
@@ -65,9 +65,11 @@ class Budget:
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     pretrain_steps: int | None = None  # None: the configs' max_steps
-    finetune_examples: int = 384  # training examples per task (evenly spaced, so every class stays)
-    eval_limit: int = 200  # test examples per task after finetuning
-    icl_limit: int = 100  # test examples per task for in-context learning
+    finetune_examples: int = 256  # training examples per task (evenly spaced, so every class stays)
+    # Test examples per task after finetuning and for in-context learning; equal, so the k = 0 score of the
+    # pre-trained model is on the same examples as the finetuned ones (the subset depends on the limit).
+    eval_limit: int = 150
+    icl_limit: int = 150
     shots: list[int] = field(default_factory=lambda: [0, 1, 4])
     ppl_documents: int = 300  # test documents for perplexity (their first 255 tokens each)
     batch_size: int = 16  # evaluation batch
@@ -80,7 +82,7 @@ class Budget:
 
 
 SMOKE = Budget(
-    seeds=[0, 1], pretrain_steps=3, finetune_examples=4, eval_limit=6, icl_limit=4, shots=[0, 1],
+    seeds=[0, 1], pretrain_steps=3, finetune_examples=4, eval_limit=4, icl_limit=4, shots=[0, 1],
     ppl_documents=8, batch_size=8, finetune_batch=4, finetune_seq_len=48, finetune_overrides=["run.eval_batches=1"],
     pretrain_overrides=["data.max_records=400", "optim.warmup_steps=1", "run.eval_every=0", "run.eval_batches=1",
                         "run.save_every=0", "run.log_every=1", "optim.batch_size=4"],
@@ -182,21 +184,29 @@ def _finetune_overrides(
     ]
 
 
+def _stream(task: str) -> dict[str, Any]:
+    """An instruction stream of `task` whose options are the evaluation task's (a capped training set may
+    lack a class, and the options written into FLAN inputs must match the evaluation's)."""
+    from metalm.evaluation.tasks import builtin_task
+
+    dataset, ranked = TASKS[task][:2]
+    return {
+        "name": task,
+        "source": dataset,
+        "format": "instruction",
+        "options": list(builtin_task(ranked).options),
+    }
+
+
 def single_task(name: str, folder: Path, runs: Path, out: Path, budget: Budget) -> dict[str, dict[str, Any]]:
     """The paper's single-task protocol per task and seed: MetaLM's decoder frozen, GPT's fully trained."""
     has_encoder = name != "gpt"
     config = CONFIGS / ("finetune-frozen-decoder.yaml" if has_encoder else "finetune-full.yaml")
     scores: dict[str, dict[str, Any]] = {}
-    for task, (dataset, ranked, _, prompt) in TASKS.items():
+    for task, (_, ranked, _, prompt) in TASKS.items():
         scores[task] = {"values": [], "n": 0}
         for seed in budget.seeds:
-            stream = {
-                "name": task,
-                "source": dataset,
-                "format": "instruction",
-                "template": "{text}",
-                "prompt": prompt,
-            }
+            stream = {**_stream(task), "template": "{text}", "prompt": prompt}
             overrides = _finetune_overrides(folder, seed, [stream], budget.finetune_examples, SINGLE, budget)
             final = train_once(config, runs / f"{name}-single-{task}-s{seed}", overrides)
             model, processor = load_model(final)
@@ -212,13 +222,8 @@ def multitask(name: str, folder: Path, runs: Path, out: Path, budget: Budget) ->
     from metalm.evaluation.tasks import builtin_task
 
     streams = [
-        {
-            "name": task,
-            "source": dataset,
-            "format": "instruction",
-            "template": builtin_task(flan).input_template,
-        }
-        for task, (dataset, _, flan, _) in TASKS.items()
+        {**_stream(task), "template": builtin_task(flan).input_template}
+        for task, (_, _, flan, _) in TASKS.items()
     ]
     examples = budget.finetune_examples * len(TASKS)
     scores: dict[str, dict[str, Any]] = {task: {"values": [], "n": 0} for task in TASKS}

@@ -407,38 +407,55 @@ def _classification(dataset: str, options: tuple[str, ...], split: str) -> list[
     ]
 
 
-def _lexical_tasks() -> dict[str, Callable[[], Task]]:
-    """WordNet categories and GCIDE parts of speech: a prompt-and-label layout (ranked; single-task
-    finetuning and in-context learning) and a FLAN-style one with the options written into the input
-    (greedy answer, exact match; multitask finetuning), as for the BBC topics."""
-    wordnet = functools.partial(_classification, "wordnet_category", WORDNET_CATEGORIES)
-    gcide = functools.partial(_classification, "gcide_pos", GCIDE_POS_LABELS)
-    common = {"metric": "accuracy", "truncate_field": "text", "truncate_words": 64}
+def _ranked_and_flan(
+    name: str,
+    load: Callable[[str], list[Example]],
+    options: tuple[str, ...],
+    prompt: str,
+    flan: str,
+    what: str,
+) -> dict[str, Callable[[], Task]]:
+    """A classification task in two layouts: ``name`` ranks the options after a decoder ``prompt`` (single-task
+    finetuning, in-context learning); ``name-options`` writes them into a FLAN-style input ``flan`` and is
+    scored by exact match of a greedy answer (multitask finetuning), as for the BBC topics."""
+    common = {
+        "load": load,
+        "options": options,
+        "metric": "accuracy",
+        "truncate_field": "text",
+        "truncate_words": 64,
+    }
     return {
-        "wordnet-category": lambda: Task(
-            name="wordnet-category", load=wordnet, input_template="{text}", decoder_prompt="category:",
-            options=WORDNET_CATEGORIES, **common,
-            description="WordNet noun gloss -> one of 10 lexicographer categories, ranked; accuracy + macro-F1",
+        name: lambda: Task(
+            name=name, input_template="{text}", decoder_prompt=prompt, description=f"{what}, ranked", **common
         ),
-        "wordnet-category-options": lambda: Task(
-            name="wordnet-category-options", load=wordnet,
-            input_template="What kind of thing does this definition describe? {text} OPTIONS: {options} TARGET:",
-            scoring="generate", options=WORDNET_CATEGORIES, max_new_tokens=4, **common,
-            description="WordNet categories, FLAN-style (options in the encoded input), greedy answer",
-        ),
-        "gcide-pos": lambda: Task(
-            name="gcide-pos", load=gcide, input_template="{text}", decoder_prompt="part of speech:",
-            options=GCIDE_POS_LABELS, **common,
-            description="GCIDE definition -> part of speech of the defined word (4 classes), ranked",
-        ),
-        "gcide-pos-options": lambda: Task(
-            name="gcide-pos-options", load=gcide,
-            input_template="Which part of speech is the word this definition defines? {text} OPTIONS: {options} "
-            "TARGET:",
-            scoring="generate", options=GCIDE_POS_LABELS, max_new_tokens=4, **common,
-            description="GCIDE parts of speech, FLAN-style (options in the encoded input), greedy answer",
+        f"{name}-options": lambda: Task(
+            name=f"{name}-options", input_template=flan, scoring="generate", max_new_tokens=4,
+            description=f"{what}, FLAN-style (options in the encoded input), greedy answer", **common,
         ),
     }  # fmt: skip
+
+
+def _lexical_tasks() -> dict[str, Callable[[], Task]]:
+    """WordNet categories and GCIDE parts of speech (docs/data.md), each in both layouts."""
+    return {
+        **_ranked_and_flan(
+            "wordnet-category",
+            functools.partial(_classification, "wordnet_category", WORDNET_CATEGORIES),
+            WORDNET_CATEGORIES,
+            "category:",
+            "What kind of thing does this definition describe? {text} OPTIONS: {options} TARGET:",
+            "WordNet noun gloss -> one of 10 lexicographer categories",
+        ),
+        **_ranked_and_flan(
+            "gcide-pos",
+            functools.partial(_classification, "gcide_pos", GCIDE_POS_LABELS),
+            GCIDE_POS_LABELS,
+            "part of speech:",
+            "Which part of speech is the word this definition defines? {text} OPTIONS: {options} TARGET:",
+            "GCIDE definition -> part of speech of the defined word (4 classes)",
+        ),
+    }
 
 
 def _image_tasks() -> dict[str, Callable[[], Task]]:
