@@ -1,22 +1,30 @@
-"""The ``text_corpus`` pre-training corpus: English prose extracted from Debian documentation packages.
+"""The ``text_corpus`` pre-training corpus: English prose extracted from Debian documentation and dictionaries.
 
-=====================  ===========================================  ===============================================
-source                 Debian package (files)                       one document is
-=====================  ===========================================  ===============================================
-``linux``              ``linux-doc-6.1`` (``Documentation/**/*.rst.gz``)  one reStructuredText page, markup removed
-``python``             ``python3.11-doc`` (``html/_sources/**/*.txt``)    one reStructuredText page, markup removed
-``gcide``              ``dict-gcide`` (``gcide.dict.dz``)           every entry of one headword, markup removed
-=====================  ===========================================  ===============================================
+==============  =====================  ===================================================================
+source          Debian package         one document is
+==============  =====================  ===================================================================
+``linux``       ``linux-doc-6.1``      a kernel documentation page (reStructuredText, ``*.rst.gz``)
+``python``      ``python3.11-doc``     a page of the Python manuals (reStructuredText sources)
+``perl``        ``perl-doc``           a Perl manual page (POD)
+``postgresql``  ``postgresql-doc-15``  a page of the PostgreSQL manual (HTML)
+``sqlite``      ``sqlite3-doc``        a page of the SQLite documentation (HTML)
+``octave``      ``octave-doc``         a page of the GNU Octave manual (HTML)
+``gimp``        ``gimp-help-en``       a page of the GIMP user manual (HTML)
+``gcide``       ``dict-gcide``         every entry of one headword of the GCIDE dictionary
+``foldoc``      ``dict-foldoc``        one entry of the Free On-line Dictionary of Computing
+``wordnet``     ``wordnet-base``       up to 16 consecutive WordNet synsets of one lexicographer file
+==============  =====================  ===================================================================
 
 Left out on purpose: the kernel's ``translations/`` (not English) and ``devicetree/`` (property lists, not
-prose); the Python docs' ``whatsnew/`` change lists. Code blocks, tables, directives and comments are dropped
-from reStructuredText; inline markup keeps its text (``:ref:`Foo <bar>``` -> ``Foo``).
+prose), the Python docs' ``whatsnew/`` and Perl's ``*delta.pod`` change lists. Code blocks, tables, directives
+and comments are dropped; inline markup keeps its text (``:ref:`Foo <bar>``` -> ``Foo``).
 
 ``metalm data text-corpus`` extracts the corpus once into ``<metalm cache>/text_corpus/v1/<split>.jsonl``
-(``$METALM_CACHE``, default ``~/.cache/metalm``) with ``stats.json`` (documents and MiniLM tokens per source
-and split). Splits are by document: ``split_of("<source>/<path or headword>", 94, 3)`` (94 % train, 3 %
-validation, 3 % test), so a document is in one split whatever else changes. A GCIDE headword lands in the
-same split here as in the ``gcide_pos`` task (``metalm.data.lexical``), so no test definition is pre-trained on.
+(``$METALM_CACHE``, default ``~/.cache/metalm``) with ``stats.json`` (documents, characters and MiniLM tokens
+per source and split). Splits are by document: ``split_of("<source>/<path or headword>", *CORPUS_SPLIT)``
+(96 % train, 2 % validation, 2 % test). The lexical tasks (``metalm.data.lexical``) split their examples by
+the same keys, so no validation or test example of theirs is in the training split here. docs/data.md has
+the sizes and licences.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ __all__ = [
     "corpus_dir",
     "gcide_entries",
     "load_text_corpus",
+    "read_text_file",
     "rst_documents",
 ]
 
@@ -150,7 +159,8 @@ def clean_rst(source: str) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A text file of a package, gzip (``.gz``) or dictzip (``.dz``) compressed or not; bad bytes replaced."""
     # dictzip (.dz) is gzip with an index in its header: gzip reads it.
     raw = gzip.decompress(path.read_bytes()) if path.suffix in (".gz", ".dz") else path.read_bytes()
     return raw.decode("utf-8", errors="replace")
@@ -163,7 +173,7 @@ def rst_documents(root: Path, pattern: str, skip: tuple[str, ...], source: str) 
         rel = path.relative_to(root)
         if rel.parts[0] in skip:
             continue
-        text = clean_rst(_read_text(path))
+        text = clean_rst(read_text_file(path))
         if len(text) >= MIN_CHARS:
             yield TextDocument(text=text, id=f"{source}/{rel.as_posix()}")
 
@@ -208,7 +218,7 @@ def clean_gcide_entry(entry: str) -> str:
 def gcide_documents(path: Path = GCIDE_DICT) -> Iterator[TextDocument]:
     """One document per headword (its consecutive entries joined), ids ``gcide/<headword lower-cased>``."""
     current, parts = None, []
-    for head, entry in gcide_entries(_read_text(path)):
+    for head, entry in gcide_entries(read_text_file(path)):
         key = head.lower()
         if key != current and parts:
             yield TextDocument(text="\n".join(parts), id=f"gcide/{current}")
@@ -258,7 +268,7 @@ def pod_documents(root: Path, source: str) -> Iterator[TextDocument]:
     for path in sorted(root.glob("*.pod")):
         if path.stem.endswith("delta"):
             continue
-        text = clean_pod(_read_text(path))
+        text = clean_pod(read_text_file(path))
         if len(text) >= MIN_CHARS:
             yield TextDocument(text=text, id=f"{source}/{path.name}")
 
@@ -312,7 +322,7 @@ def clean_html(source: str) -> str:
 def html_documents(root: Path, source: str) -> Iterator[TextDocument]:
     """Cleaned ``*.html`` pages under ``root`` (recursively), ids ``<source>/<relative path>``."""
     for path in sorted(p for p in root.rglob("*.html") if p.is_file()):
-        text = clean_html(_read_text(path))
+        text = clean_html(read_text_file(path))
         if len(text) >= MIN_CHARS:
             yield TextDocument(text=text, id=f"{source}/{path.relative_to(root).as_posix()}")
 
@@ -320,7 +330,7 @@ def html_documents(root: Path, source: str) -> Iterator[TextDocument]:
 def foldoc_documents(path: Path = FOLDOC_DICT) -> Iterator[TextDocument]:
     """One document per FOLDOC entry: the headword, then the body with ``{cross references}`` unbraced,
     ``<domain>`` tags and the closing ``(date)`` removed."""
-    for head, entry in gcide_entries(_read_text(path)):
+    for head, entry in gcide_entries(read_text_file(path)):
         body = entry.split("\n", 1)[1] if "\n" in entry else ""
         body = _BRACES.sub("", re.sub(r"^\s*<[^>\n]*>\s*|\(\d{4}-\d\d-\d\d\)\s*$", "", body.strip()))
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]

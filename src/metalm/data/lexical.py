@@ -180,9 +180,9 @@ def gcide_definitions(text: str) -> Iterator[tuple[str, str, str]]:
 
 @lru_cache(maxsize=2)
 def _gcide_definitions_of(path: Path) -> tuple[tuple[str, str, str], ...]:
-    from metalm.data.corpus import _read_text
+    from metalm.data.corpus import read_text_file
 
-    return tuple(gcide_definitions(_read_text(path)))
+    return tuple(gcide_definitions(read_text_file(path)))
 
 
 def gcide_pos(split: str, path: Path | None = None) -> list[Classification]:
