@@ -171,7 +171,7 @@ def before_finetuning(results: dict[str, Any]) -> str:
     for m, r in results.items():
         values = averaged([r["icl"][t]["0"] for t in r["icl"]])["values"]
         cells.append(f"{LABELS[m]} {statistics.fmean(values):.1f}")
-    return " Before finetuning (k = 0, average of the tasks): " + ", ".join(cells) + "."
+    return " Before finetuning (k = 0, average of the tasks): " + "; ".join(cells) + "."
 
 
 def encoder_effect(results: dict[str, Any], key: str) -> str:
@@ -214,15 +214,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 label=LABELS[m],
                 capsize=3,
             )
-        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(tasks))], tasks)
-        ax.set_title(title)
-        ax.set_ylabel("accuracy (%)")
+        centres = [j + width * (len(models) - 1) / 2 for j in range(len(tasks))]
+        ax.hlines([CHANCE[t] for t in tasks], [c - 0.45 for c in centres], [c + 0.45 for c in centres],
+                  colors="grey", linestyles=":", label="chance")  # fmt: skip
+        ax.set_xticks(centres, tasks)
+        ax.set(title=title, ylabel="accuracy (%)", ylim=(0, 100))
     shots = list(results[models[0]]["icl"][tasks[0]])
     for m in models:
         avg = [averaged([results[m]["icl"][t][k] for t in tasks]) for k in shots]
         means = [statistics.fmean(a["values"]) for a in avg]
         stds = [statistics.stdev(a["values"]) if len(a["values"]) > 1 else 0 for a in avg]
-        axes[2].errorbar([int(k) for k in shots], means, yerr=stds, marker="o", capsize=3, label=LABELS[m])
+        style = "--" if m == "random-encoder" else "-"  # it may lie on top of another line
+        axes[2].errorbar([int(k) for k in shots], means, yerr=stds, marker="o", capsize=3, linestyle=style)
     axes[2].axhline(statistics.fmean(CHANCE[t] for t in tasks), color="grey", linestyle=":", label="chance")
     axes[2].set(
         title="in-context learning (mean of tasks)", xlabel="k", ylabel="accuracy (%)", ylim=(0, None)

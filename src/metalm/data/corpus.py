@@ -75,7 +75,7 @@ MIN_CHARS = 200
 
 
 # Documents per split as `metalm data text-corpus` extracts them from the Debian 12 packages (measured).
-TEXT_CORPUS_SIZES = {"train": 129584, "validation": 2613, "test": 2639}
+TEXT_CORPUS_SIZES = {"train": 128729, "validation": 2601, "test": 2615}
 
 
 class CorpusNotBuilt(FileNotFoundError):
@@ -216,19 +216,15 @@ def clean_gcide_entry(entry: str) -> str:
 
 
 def gcide_documents(path: Path = GCIDE_DICT) -> Iterator[TextDocument]:
-    """One document per headword (its consecutive entries joined), ids ``gcide/<headword lower-cased>``."""
-    current, parts = None, []
+    """One document per headword (lower-cased; all its entries, in dictionary order, even where the
+    dictionary lists them apart), ids ``gcide/<headword>``, in order of first appearance."""
+    parts: dict[str, list[str]] = {}
     for head, entry in gcide_entries(read_text_file(path)):
-        key = head.lower()
-        if key != current and parts:
-            yield TextDocument(text="\n".join(parts), id=f"gcide/{current}")
-            parts = []
-        current = key
         cleaned = clean_gcide_entry(entry)
         if cleaned:
-            parts.append(cleaned)
-    if parts:
-        yield TextDocument(text="\n".join(parts), id=f"gcide/{current}")
+            parts.setdefault(head.lower(), []).append(cleaned)
+    for key, texts in parts.items():
+        yield TextDocument(text="\n".join(texts), id=f"gcide/{key}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,15 +324,18 @@ def html_documents(root: Path, source: str) -> Iterator[TextDocument]:
 
 
 def foldoc_documents(path: Path = FOLDOC_DICT) -> Iterator[TextDocument]:
-    """One document per FOLDOC entry: the headword, then the body with ``{cross references}`` unbraced,
-    ``<domain>`` tags and the closing ``(date)`` removed."""
+    """One document per FOLDOC headword (lower-cased; entries of the same headword joined): the headword, then
+    the body with ``{cross references}`` unbraced, ``<domain>`` tags and the closing ``(date)`` removed."""
+    bodies: dict[str, tuple[str, list[str]]] = {}
     for head, entry in gcide_entries(read_text_file(path)):
         body = entry.split("\n", 1)[1] if "\n" in entry else ""
         body = _BRACES.sub("", re.sub(r"^\s*<[^>\n]*>\s*|\(\d{4}-\d\d-\d\d\)\s*$", "", body.strip()))
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", body)]
-        text = "\n".join([head, *(p for p in paragraphs if p)])
+        bodies.setdefault(head.lower(), (head, []))[1].extend(p for p in paragraphs if p)
+    for key, (head, paragraphs) in bodies.items():
+        text = "\n".join([head, *paragraphs])
         if len(text) >= MIN_CHARS // 2:
-            yield TextDocument(text=text, id=f"foldoc/{head.lower()}")
+            yield TextDocument(text=text, id=f"foldoc/{key}")
 
 
 # --------------------------------------------------------------------------------------------
