@@ -192,7 +192,9 @@ def test_lexical_tasks_from_the_installed_packages_match_the_registry() -> None:
             records = load(split)
             assert len(records) == BUILTIN_DATASETS[name].sizes[split]
             labels = {r.label for r in records}
-            assert len(labels) == (10 if name == "wordnet_category" else 4)
+            # No `substance` document fell into the validation split (its 432 glosses have 9 classes).
+            missing = 1 if (name, split) == ("wordnet_category", "validation") else 0
+            assert len(labels) == (10 if name == "wordnet_category" else 4) - missing
 
 
 @pytest.mark.slow
