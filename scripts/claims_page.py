@@ -256,14 +256,16 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
         "covering 25 % of each window (the paper's 64–128 in 2,048-token windows, scaled by 1/8). GPT: no encoder, "
         "every token a target. Random encoder: MiniLM's shape and tokenizer, random weights, same trainable layers.",
         f"- **Single-task finetuning**: the paper's MNLI protocol — LR {single['lr']:g}, batch {single['batch']}"
-        f"{smaller}, {single['epochs']} epochs; MetaLM (both) with the decoder frozen (encoder's last two layers + connector "
+        f"{smaller}, {single['epochs']} epochs; MetaLM (both) with the decoder frozen (encoder's last two layers + "
+        "connector "
         "trained), GPT fully finetuned. Layout: `[BOS] Enc(input) <prompt> <label> [EOS]` (GPT: the input as "
         "plain decoder text), only the label trained; evaluated by ranking the options after the prompt. "
         f"Scaled: {b['finetune_examples']} training examples per task instead of MNLI's 393k, so "
         f"{math.ceil(single['epochs'] * b['finetune_examples'] / batch)} optimizer steps; inputs cut to fit "
         f"{b['finetune_seq_len']} positions.",
         f"- **Multitask finetuning**: the three tasks together in FLAN-style templates with the options written "
-        f"into the input (`… OPTIONS: a, b, c TARGET:`), whole model trained, LR {multi['lr']:g} (the paper's), "
+        "into the input (`… OPTIONS: a, b, c TARGET:`), decoder, connector and the encoder's last two layers "
+        f"trained (GPT: the decoder), LR {multi['lr']:g} (the paper's), "
         f"batch {multi['batch']}{smaller}, {multi['epochs']} epoch over {b['finetune_examples']} examples per task "
         "(the paper: 20k steps of batch 256 over 34 datasets). Scored as the paper scores multiple choice: exact "
         "match of an unconstrained greedy answer.",

@@ -67,9 +67,6 @@ def model_dir(name: str, runs: Path) -> Path:
     return bare_gemma(runs) if name == "gemma-bare" else trained_model(name, runs)
 
 
-load = load_model
-
-
 # --- evaluations ---------------------------------------------------------------------------------------
 def per_seed_breakdown(out: Path, task: str, k: int, fn) -> dict[str, dict[str, float]]:
     """A breakdown (by question type or attribute) as mean and std over the seeds' prediction files."""
@@ -90,7 +87,7 @@ def per_seed_breakdown(out: Path, task: str, k: int, fn) -> dict[str, dict[str, 
 def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     from metalm.evaluation.breakdown import caption_by_attribute, vqa_by_question_type
 
-    model, processor = load(folder)
+    model, processor = load_model(folder)
     has_text = any(s["kind"] == "text" for s in model.config.encoders)
     kw = {"limit": args.limit, "batch_size": args.batch_size, "progress": True}
     res: dict[str, Any] = {"has_text_encoder": has_text}
@@ -157,7 +154,7 @@ def frozen_decoder_finetune(name: str, folder: Path, runs: Path, out: Path, args
         run = runs / f"{name}-bbc-frozen-s{seed}"
         overrides = [f"init_from={folder}", f"run.seed={seed}", f"data.seq_len={window}"]
         final = train_once(CONFIGS / "finetune-frozen-decoder.yaml", run, overrides + args.finetune_override)
-        model, processor = load(final)
+        model, processor = load_model(final)
         summary = cached_eval(out / f"bbc-frozen-s{seed}", model, processor, "bbc-topic", [0], [seed],
                               limit=args.bbc_limit, batch_size=args.batch_size)  # fmt: skip
         scores[str(seed)] = summary["results"]["bbc-topic"]["0"]["mean"]

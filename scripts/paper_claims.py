@@ -9,13 +9,14 @@ Then, for each model and each seed:
 - single-task finetuning on every task (BBC topics, WordNet categories, GCIDE parts of speech) with the
   paper's MNLI protocol: LR 5e-5, batch 32, 3 epochs; MetaLM's decoder frozen, GPT fully finetuned;
 - multitask finetuning on the three tasks together, FLAN-style templates with the options written in (the
-  inputs through the encoder for MetaLM), LR 1e-4, batch 32, whole model; greedy answers, exact match;
+  inputs through the encoder for MetaLM), LR 1e-4, batch 32, decoder + connector + encoder's top layers;
+  greedy answers, exact match;
 - in-context learning of the pre-trained model, k = 0/1/4 (demonstration inputs through the encoder for
   MetaLM, plain text for GPT);
 
 and once per model the held-out perplexity of its decoder on the corpus's test split.
 
-    python scripts/paper_claims.py                 # the full comparison (about 100-110 min on 2 CPU cores)
+    python scripts/paper_claims.py                 # the full comparison (about 100 min on 2 quiet CPU cores)
     python scripts/paper_claims.py --smoke --out /tmp/claims   # every step, a few steps each (~3 min)
 
 Each step's outputs (runs, evaluation summaries) are kept under --out and reused by a rerun; --fresh
@@ -218,7 +219,8 @@ def single_task(name: str, folder: Path, runs: Path, out: Path, budget: Budget) 
 
 
 def multitask(name: str, folder: Path, runs: Path, out: Path, budget: Budget) -> dict[str, dict[str, Any]]:
-    """All tasks together in their FLAN templates (whole model trained), per seed; exact match per task."""
+    """All tasks together in their FLAN templates, per seed (decoder, connector and the encoder's trainable
+    layers updated); exact match per task."""
     from metalm.evaluation.tasks import builtin_task
 
     streams = [

@@ -89,7 +89,10 @@ def test_clean_rst_keeps_prose_and_drops_code_comments_and_tables() -> None:
 
 
 def test_clean_pod_and_html() -> None:
-    pod = "=head1 A Heading Of Words\nX<index>\n\n=over 4\n\nperlfoo - does B<bold> things with C<code> and L<links|perlsyn>\n\n    verbatim code\n"
+    pod = (
+        "=head1 A Heading Of Words\nX<index>\n\n=over 4\n\n"
+        "perlfoo - does B<bold> things with C<code> and L<links|perlsyn>\n\n    verbatim code\n"
+    )
     assert C.clean_pod(pod) == "A Heading Of Words\n\nperlfoo - does bold things with code and links"
     html = (
         "<div class='navheader'><table><tr><td>Prev Next Up Home</td></tr></table></div>"
