@@ -246,6 +246,11 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
     seeds = ", ".join(map(str, b["seeds"]))
     batch = b.get("finetune_batch") or single["batch"]
     smaller = f" (batch {batch} in this run)" if batch != single["batch"] else ""
+    single_used, multi_used = b.get("single_lr", single["lr"]), b.get("multi_lr", multi["lr"])
+    paper = f" (the paper's {single['lr']:g})" if single_used != single["lr"] else ""
+    single_lr = f"LR {single_used:g}{paper}"
+    paper = " (the paper's)" if multi_used == multi["lr"] else f" (the paper's {multi['lr']:g})"
+    multi_lr = f"LR {multi_used:g}{paper}"
     return [
         "- **Pre-training**: `configs/claims-metalm.yaml`, `claims-gpt.yaml`, `claims-random-encoder.yaml` — one "
         "decoder (Llama-shaped, 4 layers, 256 wide, MiniLM's 30,522-token vocabulary, tied embeddings) trained from "
@@ -255,7 +260,7 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
         "MiniLM (all-MiniLM-L6-v2) frozen except its last two layers, linear connector, spans of 8–16 tokens "
         "covering 25 % of each window (the paper's 64–128 in 2,048-token windows, scaled by 1/8). GPT: no encoder, "
         "every token a target. Random encoder: MiniLM's shape and tokenizer, random weights, same trainable layers.",
-        f"- **Single-task finetuning**: the paper's MNLI protocol — LR {single['lr']:g}, batch {single['batch']}"
+        f"- **Single-task finetuning**: the paper's MNLI protocol — {single_lr}, batch {single['batch']}"
         f"{smaller}, {single['epochs']} epochs; MetaLM (both) with the decoder frozen (encoder's last two layers + "
         "connector "
         "trained), GPT fully finetuned. Layout: `[BOS] Enc(input) <prompt> <label> [EOS]` (GPT: the input as "
@@ -265,7 +270,7 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
         f"{b['finetune_seq_len']} positions.",
         f"- **Multitask finetuning**: the three tasks together in FLAN-style templates with the options written "
         "into the input (`… OPTIONS: a, b, c TARGET:`), decoder, connector and the encoder's last two layers "
-        f"trained (GPT: the decoder), LR {multi['lr']:g} (the paper's), "
+        f"trained (GPT: the decoder), {multi_lr}, "
         f"batch {multi['batch']}{smaller}, {multi['epochs']} epoch over {b['finetune_examples']} examples per task "
         "(the paper: 20k steps of batch 256 over 34 datasets). Scored as the paper scores multiple choice: exact "
         "match of an unconstrained greedy answer.",

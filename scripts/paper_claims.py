@@ -79,6 +79,8 @@ class Budget:
         128  # positions per finetuning sample: BOS + encoded input (cut to fit) + prompt + label
     )
     finetune_overrides: list[str] = field(default_factory=list)
+    single_lr: float = SINGLE["lr"]  # the paper's unless --single-lr
+    multi_lr: float = MULTI["lr"]
     pretrain_overrides: list[str] = field(default_factory=list)
 
 
@@ -208,7 +210,9 @@ def single_task(name: str, folder: Path, runs: Path, out: Path, budget: Budget) 
         scores[task] = {"values": [], "n": 0}
         for seed in budget.seeds:
             stream = {**_stream(task), "template": "{text}", "prompt": prompt}
-            overrides = _finetune_overrides(folder, seed, [stream], budget.finetune_examples, SINGLE, budget)
+            overrides = _finetune_overrides(
+                folder, seed, [stream], budget.finetune_examples, {**SINGLE, "lr": budget.single_lr}, budget
+            )
             final = train_once(config, runs / f"{name}-single-{task}-s{seed}", overrides)
             model, processor = load_model(final)
             summary = cached_eval(out / f"single-{task}-s{seed}", model, processor, ranked, [0], [seed],
@@ -230,7 +234,9 @@ def multitask(name: str, folder: Path, runs: Path, out: Path, budget: Budget) ->
     examples = budget.finetune_examples * len(TASKS)
     scores: dict[str, dict[str, Any]] = {task: {"values": [], "n": 0} for task in TASKS}
     for seed in budget.seeds:
-        overrides = _finetune_overrides(folder, seed, streams, examples, MULTI, budget)
+        overrides = _finetune_overrides(
+            folder, seed, streams, examples, {**MULTI, "lr": budget.multi_lr}, budget
+        )
         final = train_once(CONFIGS / "finetune-multitask.yaml", runs / f"{name}-multitask-s{seed}", overrides)
         model, processor = load_model(final)
         for task, (_, _, flan, _) in TASKS.items():
@@ -302,12 +308,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-examples", type=int, default=None, help="training examples per task")
     p.add_argument("--eval-limit", type=int, default=None, help="test examples per task after finetuning")
     p.add_argument("--icl-limit", type=int, default=None, help="test examples per task for ICL")
+    p.add_argument("--single-lr", type=float, default=None, help=f"single-task LR (paper: {SINGLE['lr']:g})")
+    p.add_argument("--multi-lr", type=float, default=None, help=f"multitask LR (paper: {MULTI['lr']:g})")
     return p.parse_args(argv)
 
 
 def budget_of(args: argparse.Namespace) -> Budget:
     budget = Budget(**asdict(SMOKE)) if args.smoke else Budget()
-    for key in ("seeds", "pretrain_steps", "finetune_examples", "eval_limit", "icl_limit"):
+    for key in (
+        "seeds",
+        "pretrain_steps",
+        "finetune_examples",
+        "eval_limit",
+        "icl_limit",
+        "single_lr",
+        "multi_lr",
+    ):
         if getattr(args, key) is not None:
             setattr(budget, key, getattr(args, key))
     return budget
