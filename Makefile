@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.metalm-setup
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CORPUS_PACKAGES := linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 sqlite3-doc octave-doc gimp-help-en \
+	dict-gcide dict-foldoc wordnet-base
 
 .PHONY: setup quickstart test test-fast lint format bench clean
 
@@ -21,6 +23,10 @@ $(STAMP): pyproject.toml
 	command -v java >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq default-jre-headless; }
 	# espeak-ng synthesises the offline speech data set (`metalm data speech`, docs/speech.md).
 	command -v espeak-ng >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; }
+	# Documentation and dictionaries the text_corpus pre-training corpus and the lexical tasks are extracted
+	# from (`metalm data text-corpus`, docs/data.md).
+	dpkg -s $(CORPUS_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends $(CORPUS_PACKAGES); }
 	touch $(STAMP)
 
 setup: $(STAMP)

