@@ -175,7 +175,8 @@ class FeatureCache:
         """`encoder.encode_lower(payload)`, row by row from the cache where it has them; the missing rows
         (each distinct one once) are computed in one call and stored."""
         fingerprint = self.fingerprint(encoder)
-        keys = [row_key(row) for row in encoder.modality.row_inputs(encoder.spec, payload)]
+        on_host = {name: value.detach().cpu() for name, value in payload.items()}  # one copy, not per row
+        keys = [row_key(row) for row in encoder.modality.row_inputs(encoder.spec, on_host)]
         found: dict[str, State] = {}
         for key in dict.fromkeys(keys):
             state = self._read(fingerprint, key)
