@@ -37,6 +37,7 @@ from metalm.modalities import get_modality
 from metalm.model.feature_cache import CacheStats, FeatureCache, row_key
 from metalm.training.config import load_config
 from metalm.training.data import build_data
+from metalm.training.optimizer import build_optimizer
 from metalm.training.step import train_step
 
 
@@ -59,7 +60,7 @@ def run_setting(cfg, frozen: bool, batches: list[tuple[str, dict]], device: str,
     model, processor = cfg.model.to_recipe().build()
     model.to(device).train()
     accelerator = Accelerator(cpu=device == "cpu")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model, cfg.optim)  # the trainer's AdamW over the trainable parameters
     cache = FeatureCache(folder, preprocessors=processor.preprocessors)
     timed_step(model, batches[0][1], optimizer, accelerator, device)  # warm-up, uncached
     names = cache.attach(model)

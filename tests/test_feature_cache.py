@@ -225,24 +225,58 @@ def trainer_config(output_dir, feature_cache) -> dict:
             "log_every": 1,
             "eval_every": 2,
             "eval_batches": 2,
-            "save_every": 0,
+            "save_every": 2,
             "tensorboard": False,
             "feature_cache": feature_cache,
         },
     }
 
 
-@pytest.mark.slow
-def test_a_trainer_run_with_the_cache_gives_the_same_losses(tmp_path):
+@pytest.fixture(scope="module")
+def plain_and_cached_runs(tmp_path_factory):
     from metalm.training.config import config_from_dict
     from metalm.training.trainer import train
 
-    plain = train(config_from_dict(trainer_config(tmp_path / "plain", False)))
-    cached = train(config_from_dict(trainer_config(tmp_path / "cached", str(tmp_path / "features"))))
+    root = tmp_path_factory.mktemp("runs")
+    plain = train(config_from_dict(trainer_config(root / "plain", False)))
+    cached_cfg = config_from_dict(trainer_config(root / "cached", str(root / "features")))
+    return root, plain, cached_cfg, train(cached_cfg)
+
+
+@pytest.mark.slow
+def test_a_trainer_run_with_the_cache_gives_the_same_losses(plain_and_cached_runs):
+    root, plain, _, cached = plain_and_cached_runs
     assert cached.losses == pytest.approx(plain.losses, abs=1e-5)
     assert cached.val_losses == pytest.approx(plain.val_losses, abs=1e-5)
     rows = [json.loads(line) for line in cached.metrics_path.read_text().splitlines()]
     rates = [row["feature_cache_hit_rate"] for row in rows if "feature_cache_hit_rate" in row]
     assert rates and rates[-1] > 0
-    assert list((tmp_path / "features").rglob("*.safetensors"))
-    assert "feature cache:" in (tmp_path / "cached" / "train.log").read_text()
+    assert list((root / "features").rglob("*.safetensors"))
+    assert "feature cache:" in (root / "cached" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_the_cache_continues_exactly(plain_and_cached_runs, monkeypatch):
+    from metalm.training import data as data_module
+    from metalm.training.trainer import train
+
+    root, plain, cached_cfg, _ = plain_and_cached_runs
+    cfg = copy.deepcopy(cached_cfg)
+    cfg.run.output_dir = str(root / "resumed")
+    calls = {"n": 0}
+    real = data_module.DataStream.next_batch
+
+    def interrupted(self):
+        if self.split == "train":
+            calls["n"] += 1
+            if calls["n"] > 6:  # dies during step 4 (2 micro-batches per step), after checkpoint-2
+                raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(data_module.DataStream, "next_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(data_module.DataStream, "next_batch", real)
+    resumed = train(cfg)  # its cache: the entries both earlier runs wrote, read from disk
+    assert resumed.resumed_from is not None and resumed.resumed_from.name == "checkpoint-2"
+    assert resumed.losses == pytest.approx({k: plain.losses[k] for k in (3, 4, 5)}, abs=1e-5)
