@@ -7,11 +7,12 @@ batch 16):
 - `frozen encoders`: the same with both encoders' `trainable_layers: 0` (a frozen-encoder finetune).
 
 The micro-batches are drawn once (the input pipeline is `benchmarks/data_pipeline.py`'s subject). A first
-pass over them with the cache attached fills it (the cold pass, also timed); then every micro-batch is
-trained on twice, once without the cache (the frozen lower layers computed, as the path it replaces) and
-once with it (warm: every row a hit), the two interleaved step by step so that drift on a shared machine
-hits both alike. A step is the trainer's own `train_step`: forward, backward, AdamW step; the forward pass alone (no
-gradients) is timed too, after each step.
+pass over them with the cache attached fills it; then every micro-batch is trained on three times: without
+the cache (the frozen lower layers computed, the path the cache replaces), with a cold cache (every row
+computed, hashed and written to disk: the first epoch's cost) and with the warm one (every row a hit),
+in an order rotated step by step so that drift on a shared machine hits all three alike. A step is the
+trainer's own `train_step` (forward, backward, AdamW step); the forward pass alone (no gradients) is
+timed too, without and with the warm cache.
 
 `--hit-rate-steps N` also counts, without running the model, what share of the rows a real run of N
 steps of the preset would find in the cache (each image, span and question is looked up by content).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -50,56 +52,70 @@ def timed_step(model, batch: dict, optimizer, accelerator, device: str) -> float
     return time.perf_counter() - start
 
 
-def run_setting(cfg, frozen: bool, batches: list[tuple[str, dict]], device: str, folder: str) -> dict:
-    """Step times of one setting: cold cache, then no cache and warm cache interleaved."""
+PATHS = ("no cache", "cold cache", "warm cache")
+
+
+def build_model(cfg, frozen: bool, device: str):
     cfg = cfg.model_copy(deep=True)
     if frozen:
         for encoder in cfg.model.encoders:
             encoder.trainable_layers = 0
     torch.manual_seed(cfg.run.seed)
     model, processor = cfg.model.to_recipe().build()
-    model.to(device).train()
+    return model.to(device).train(), processor, cfg
+
+
+def run_setting(cfg, frozen: bool, batches: list[tuple[str, dict]], device: str, folder: str) -> dict:
+    """Step times of one setting without the cache, with a cold one and with a warm one, interleaved."""
+    model, processor, cfg = build_model(cfg, frozen, device)
     accelerator = Accelerator(cpu=device == "cpu")
     optimizer = build_optimizer(model, cfg.optim)  # the trainer's AdamW over the trainable parameters
-    cache = FeatureCache(folder, preprocessors=processor.preprocessors)
+    warm = FeatureCache(f"{folder}/warm", preprocessors=processor.preprocessors)
+    # Cold: no memory layer, its folder emptied before each step, so every row is computed and written.
+    cold = FeatureCache(f"{folder}/cold", memory_mb=0, preprocessors=processor.preprocessors)
     timed_step(model, batches[0][1], optimizer, accelerator, device)  # warm-up, uncached
-    names = cache.attach(model)
+    names = warm.attach(model)
     start = time.perf_counter()
     for name in names:  # once per run: hashing the frozen weights
-        cache.fingerprint(model.encoders[name])
+        warm.fingerprint(model.encoders[name])
     fingerprint_s = time.perf_counter() - start
-    cold = [timed_step(model, batch, optimizer, accelerator, device) for _, batch in batches]
-    cold_stats, cache.stats = cache.stats, CacheStats()
-    paths = ("no cache", "cache (warm)")
-    steps: dict[str, list[float]] = {path: [] for path in paths}
-    forwards: dict[str, list[float]] = {path: [] for path in paths}
-    per_stream: dict[str, dict[str, list[float]]] = defaultdict(lambda: {path: [] for path in paths})
+    for name in names:
+        cold.fingerprint(model.encoders[name])
+    for _, batch in batches:  # the first pass fills the warm cache
+        timed_step(model, batch, optimizer, accelerator, device)
+    warm.stats = CacheStats()
+    steps: dict[str, list[float]] = {path: [] for path in PATHS}
+    forwards: dict[str, list[float]] = {path: [] for path in PATHS}
+    per_stream: dict[str, dict[str, list[float]]] = defaultdict(lambda: {path: [] for path in PATHS})
     for k, (stream, batch) in enumerate(batches):
-        for path in paths if k % 2 == 0 else paths[::-1]:
-            FeatureCache.detach(model) if path == "no cache" else cache.attach(model)
+        for path in PATHS[k % 3 :] + PATHS[: k % 3]:  # rotated, so drift hits every path alike
+            if path == "no cache":
+                FeatureCache.detach(model)
+            else:
+                shutil.rmtree(cold.directory, ignore_errors=True)
+                (cold if path == "cold cache" else warm).attach(model)
             took = timed_step(model, batch, optimizer, accelerator, device)
             steps[path].append(took)
             per_stream[stream][path].append(took)
-            forwards[path].append(timed_forward(model, batch, device))
-    out = {
-        "encoders cached": names,
-        "fingerprint s (once)": round(fingerprint_s, 2),
-        "cold pass ms/step (misses: computed and stored)": round(1000 * statistics.mean(cold), 1),
-        "cold pass lookups": cold_stats.as_dict(),
-    }
-    for path in paths:
+            if path != "cold cache":
+                forwards[path].append(timed_forward(model, batch, device))
+    out: dict = {"encoders cached": names, "fingerprint s (once)": round(fingerprint_s, 2)}
+    for path in PATHS:
         out[f"{path} ms/step"] = round(1000 * statistics.mean(steps[path]), 1)
-    out["step speed-up (no cache / warm cache)"] = ratio(steps)
-    out["per stream, step speed-up"] = {name: ratio(times) for name, times in per_stream.items()}
-    for path in paths:
+    out["step speed-up, warm cache"] = ratio(steps, "warm cache")
+    out["step speed-up, cold cache"] = ratio(steps, "cold cache")
+    out["per stream, step speed-up (warm)"] = {name: ratio(t, "warm cache") for name, t in per_stream.items()}
+    for path in ("no cache", "warm cache"):
         out[f"{path} forward ms"] = round(1000 * statistics.mean(forwards[path]), 1)
-    out["forward speed-up"] = ratio(forwards)
-    out["warm lookups"] = cache.stats.as_dict()
+    out["forward speed-up, warm cache"] = ratio(forwards, "warm cache")
+    out["warm lookups"] = warm.stats.as_dict()
+    out["cold lookups"] = cold.stats.as_dict()
     return out
 
 
-def ratio(seconds: dict[str, list[float]]) -> float:
-    return round(statistics.mean(seconds["no cache"]) / statistics.mean(seconds["cache (warm)"]), 2)
+def ratio(seconds: dict[str, list[float]], path: str) -> float:
+    """Mean time without the cache over mean time on `path` (> 1: the cache is faster)."""
+    return round(statistics.mean(seconds["no cache"]) / statistics.mean(seconds[path]), 2)
 
 
 def timed_forward(model, batch: dict, device: str) -> float:

@@ -63,7 +63,7 @@ class DockedEncoder(nn.Module):
                 f"encoder {self.name!r}: its frozen lower layers have trainable parameters; set "
                 "requires_grad through the config's trainable_layers (model.apply_freezing())"
             )
-        if any(module.training for module in lower):
+        if any(module.training for module in lower):  # someone set the backbone's mode directly
             self.train(self.training)
         with torch.no_grad():
             return self.modality.encode_lower(self.backbone, self.spec, payload)
