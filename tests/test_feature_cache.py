@@ -73,7 +73,7 @@ def loss_and_grads(model, batch, seed: int = 3) -> tuple[float, dict[str, torch.
     loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("setting", [PARTIAL, FROZEN], ids=["partly-frozen", "fully-frozen"])
@@ -202,6 +202,20 @@ def test_frozen_lower_layers_stay_in_eval_mode_in_training():
         {"input_ids": torch.tensor([[101, 2054, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     )
     assert not any(m.training for m in text.lower_modules())
+
+
+def test_lower_layers_that_train_after_all_run_whole_and_are_not_cached(tmp_path):
+    # E.g. a model loaded with from_pretrained, whose parameters all require gradients until
+    # apply_freezing() runs: nothing is frozen, so nothing is split off or cached.
+    model, processor = build(*PARTIAL)
+    model.requires_grad_(True)
+    assert all(encoder.lower_modules() is None for encoder in model.encoders.values())
+    assert FeatureCache(tmp_path).attach(model) == []
+    model.train()
+    model(**batch_of(processor)).loss.backward()
+    assert model.encoders["text"].backbone.embeddings.word_embeddings.weight.grad is not None
+    model.apply_freezing()
+    assert [m.training for m in model.encoders["text"].lower_modules()] == [False] * 3
 
 
 def trainer_config(output_dir, feature_cache) -> dict:

@@ -35,8 +35,13 @@ class DockedEncoder(nn.Module):
         self.train(self.training)
 
     def lower_modules(self) -> list[nn.Module] | None:
-        """The frozen lower part of the backbone (see `Modality.lower_modules`); None when there is none."""
-        return self.modality.lower_modules(self.backbone, self.spec)
+        """The frozen lower part of the backbone (see `Modality.lower_modules`); None when there is none,
+        or when some of its parameters train after all (e.g. a model loaded without `apply_freezing`):
+        then the backbone runs whole, as it would without the split."""
+        lower = self.modality.lower_modules(self.backbone, self.spec)
+        if lower is None or any(p.requires_grad for module in lower for p in module.parameters()):
+            return None
+        return lower
 
     def train(self, mode: bool = True) -> DockedEncoder:
         # The frozen lower part always runs in eval mode (BatchNorm running statistics, no dropout): its
@@ -58,11 +63,6 @@ class DockedEncoder(nn.Module):
     def encode_lower(self, payload: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The frozen lower part's per-row outputs, computed (eval mode, no gradients)."""
         lower = self.lower_modules() or []
-        if any(p.requires_grad for module in lower for p in module.parameters()):
-            raise ValueError(
-                f"encoder {self.name!r}: its frozen lower layers have trainable parameters; set "
-                "requires_grad through the config's trainable_layers (model.apply_freezing())"
-            )
         if any(module.training for module in lower):  # someone set the backbone's mode directly
             self.train(self.training)
         with torch.no_grad():

@@ -45,7 +45,8 @@ State = dict[str, torch.Tensor]
 
 @dataclass
 class CacheStats:
-    """Rows served from memory, from disk, computed (misses), and disk entries found unreadable."""
+    """Distinct rows of each batch served from memory, from disk, computed (misses), and disk entries
+    found unreadable (a row repeated within a batch is looked up once)."""
 
     memory_hits: int = 0
     disk_hits: int = 0
@@ -188,7 +189,8 @@ class FeatureCache:
             index = torch.tensor(missing, device=next(iter(payload.values())).device)
             computed = encoder.encode_lower({name: value[index] for name, value in payload.items()})
             for i, state in zip(missing, computed):
-                state = {name: value.contiguous() for name, value in state.items()}
+                # Own copies: a row's slice must not keep the whole batch's tensor alive in memory.
+                state = {name: value.clone() for name, value in state.items()}
                 found[keys[i]] = state
                 self._write(fingerprint, keys[i], state)
         device = next(iter(payload.values())).device
