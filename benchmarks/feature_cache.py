@@ -10,7 +10,8 @@ The micro-batches are drawn once (the input pipeline is `benchmarks/data_pipelin
 pass over them with the cache attached fills it; then every micro-batch is trained on three times: without
 the cache (the frozen lower layers computed, the path the cache replaces), with a cold cache (every row
 computed, hashed and written to disk: the first epoch's cost) and with the warm one (every row a hit),
-in an order rotated step by step so that drift on a shared machine hits all three alike. A step is the
+in an order rotated step by step so that drift on a shared machine hits all three alike. Ratios are of
+mean step times, and (robust to a spike from another job) the median of each micro-batch's own ratio. A step is the
 trainer's own `train_step` (forward, backward, AdamW step); the forward pass alone (no gradients) is
 timed too, without and with the warm cache.
 
@@ -104,6 +105,11 @@ def run_setting(cfg, frozen: bool, batches: list[tuple[str, dict]], device: str,
         out[f"{path} ms/step"] = round(1000 * statistics.mean(steps[path]), 1)
     out["step speed-up, warm cache"] = ratio(steps, "warm cache")
     out["step speed-up, cold cache"] = ratio(steps, "cold cache")
+    # Robust to a spike from another job: each micro-batch's own ratio, the median over them.
+    for path in ("warm cache", "cold cache"):
+        out[f"median per-step speed-up, {path}"] = round(
+            statistics.median(a / b for a, b in zip(steps["no cache"], steps[path])), 2
+        )
     out["per stream, step speed-up (warm)"] = {name: ratio(t, "warm cache") for name, t in per_stream.items()}
     for path in ("no cache", "warm cache"):
         out[f"{path} forward ms"] = round(1000 * statistics.mean(forwards[path]), 1)
