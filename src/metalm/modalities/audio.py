@@ -120,6 +120,13 @@ class AudioModality(Modality):
         features = payload["input_features"].to(next(backbone.parameters()).dtype)
         return backbone(features, payload["mel_lengths"])
 
+    def row_inputs(self, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        # A clip's outputs depend on its real frames only (see WhisperAudioEncoder.forward).
+        return [
+            {"input_features": features[:, : int(n)], "mel_lengths": n}
+            for features, n in zip(payload["input_features"], payload["mel_lengths"])
+        ]
+
     # --- building from a recipe ----------------------------------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         settings, architecture = _split_recipe_config(recipe)

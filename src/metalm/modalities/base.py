@@ -54,6 +54,34 @@ class Modality:
         marking the outputs that become decoder slots."""
         raise NotImplementedError
 
+    # --- the frozen lower part (run in eval mode, without gradients; cacheable, metalm.model.feature_cache)
+    def lower_modules(self, backbone: nn.Module, spec: dict[str, Any]) -> list[nn.Module] | None:
+        """The modules of the backbone's frozen lower part, which `encode_lower` runs; None when there is
+        none. By default only a fully frozen backbone (`trainable_layers: 0`) has one: all of it."""
+        return [backbone] if spec.get("trainable_layers") == 0 else None
+
+    def encode_lower(self, backbone: nn.Module, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        """The frozen lower part's outputs, one dict of tensors per payload row: a pure function of that
+        row's `row_inputs` and the frozen weights. By default (fully frozen): each row's slot vectors."""
+        features, mask = self.encode(backbone, spec, payload)
+        return [{"features": row[keep]} for row, keep in zip(features, mask)]
+
+    def encode_upper(
+        self, backbone: nn.Module, spec: dict[str, Any], states: list[Payload], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `encode` returns, computed from the rows' `encode_lower` states by the trainable upper
+        part. By default: the slot vectors, right-padded (connectors read only the masked outputs)."""
+        rows = [state["features"] for state in states]
+        features = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        lengths = torch.tensor([len(row) for row in rows], device=features.device)
+        mask = torch.arange(features.shape[1], device=features.device)[None, :] < lengths[:, None]
+        return features, mask
+
+    def row_inputs(self, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        """Each payload row's inputs to the lower part, without padding (what a cache entry is keyed on)."""
+        size = len(next(iter(payload.values())))
+        return [{key: value[i] for key, value in payload.items()} for i in range(size)]
+
     # --- building from a recipe (metalm.recipe) -----------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         """The backbone a recipe names, the spec fields that rebuild its architecture (`backbone`,

@@ -63,6 +63,40 @@ class TextModality(Modality):
         out = backbone(input_ids=payload["input_ids"], attention_mask=payload["attention_mask"])
         return out.last_hidden_state, payload["slot_mask"]
 
+    # --- the frozen lower part: a BERT splits between its layers, other encoders only fully frozen -----
+    def lower_modules(self, backbone: nn.Module, spec: dict[str, Any]) -> list[nn.Module] | None:
+        if not _splits_by_layer(backbone):
+            return super().lower_modules(backbone, spec)
+        trainable = spec.get("trainable_layers")
+        layers = backbone.encoder.layer
+        if trainable is None or trainable >= len(layers):
+            return None
+        return [backbone.embeddings, *list(layers)[: len(layers) - trainable]]
+
+    def encode_lower(self, backbone: nn.Module, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        if not _splits_by_layer(backbone):
+            return super().encode_lower(backbone, spec, payload)
+        embeddings, *layers = self.lower_modules(backbone, spec)
+        hidden = _run_layers(backbone, layers, embeddings(input_ids=payload["input_ids"]), payload)
+        lengths = payload["attention_mask"].sum(1).tolist()  # rows are right-padded (collate)
+        return [{"hidden": row[:n]} for row, n in zip(hidden, lengths)]
+
+    def encode_upper(
+        self, backbone: nn.Module, spec: dict[str, Any], states: list[Payload], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not _splits_by_layer(backbone):
+            return super().encode_upper(backbone, spec, states, payload)
+        first = states[0]["hidden"]
+        hidden = first.new_zeros(len(states), payload["input_ids"].shape[1], first.shape[-1])
+        for i, state in enumerate(states):
+            hidden[i, : len(state["hidden"])] = state["hidden"]
+        upper = list(backbone.encoder.layer)[len(self.lower_modules(backbone, spec)) - 1 :]
+        return _run_layers(backbone, upper, hidden, payload), payload["slot_mask"]
+
+    def row_inputs(self, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        lengths = payload["attention_mask"].sum(1).tolist()
+        return [{"input_ids": row[:n]} for row, n in zip(payload["input_ids"], lengths)]
+
     def complete_spec(
         self,
         recipe: EncoderRecipe,
@@ -150,6 +184,31 @@ class TextModality(Modality):
 
     def filler(self, spec: dict[str, Any], preprocessor: Any) -> EncodedSegment:
         return EncodedSegment(spec["name"], input_ids=[spec["pad_id"]], loss=False)
+
+
+def _splits_by_layer(backbone: nn.Module) -> bool:
+    """A BERT: embeddings, then a stack of post-norm layers and nothing after them, so its forward pass is
+    `encoder.layer` applied in turn to the embeddings under one bidirectional mask."""
+    config = getattr(backbone, "config", None)
+    return (
+        getattr(config, "model_type", None) == "bert"
+        and not config.is_decoder
+        and isinstance(getattr(getattr(backbone, "encoder", None), "layer", None), nn.ModuleList)
+    )
+
+
+def _run_layers(
+    backbone: nn.Module, layers: list[nn.Module], hidden: torch.Tensor, payload: Payload
+) -> torch.Tensor:
+    """`hidden` through `layers` under the payload's attention mask, as BertModel.forward runs them."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = create_bidirectional_mask(
+        config=backbone.config, inputs_embeds=hidden, attention_mask=payload["attention_mask"]
+    )
+    for layer in layers:
+        hidden = layer(hidden, mask)
+    return hidden
 
 
 register_modality(TextModality())

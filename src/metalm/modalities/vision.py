@@ -89,6 +89,34 @@ class VisionModality(Modality):
             feats = backbone(pixel_values=pixel_values).last_hidden_state
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
 
+    # --- the frozen lower part: EfficientNet splits between its layers, an HF tower only fully frozen --
+    def lower_modules(self, backbone: nn.Module, spec: dict[str, Any]) -> list[nn.Module] | None:
+        if spec["backbone"] != EFFICIENTNET:
+            return super().lower_modules(backbone, spec)
+        trainable = spec.get("trainable_layers")
+        if trainable is None or trainable >= len(backbone.layers):
+            return None
+        return list(backbone.layers)[: len(backbone.layers) - trainable]
+
+    def encode_lower(self, backbone: nn.Module, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        if spec["backbone"] != EFFICIENTNET:
+            return super().encode_lower(backbone, spec, payload)
+        maps = payload["pixel_values"].to(next(backbone.parameters()).dtype)
+        for layer in self.lower_modules(backbone, spec):
+            maps = layer(maps)
+        return [{"feature_map": row} for row in maps]
+
+    def encode_upper(
+        self, backbone: nn.Module, spec: dict[str, Any], states: list[Payload], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if spec["backbone"] != EFFICIENTNET:
+            return super().encode_upper(backbone, spec, states, payload)
+        maps = torch.stack([state["feature_map"] for state in states])
+        for layer in list(backbone.layers)[len(self.lower_modules(backbone, spec)) :]:
+            maps = layer(maps)
+        feats = maps.flatten(2).transpose(1, 2)
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+
     # --- building from a recipe ----------------------------------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         if recipe.source == PACKAGED_EFFICIENTNET:

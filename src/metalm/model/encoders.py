@@ -29,8 +29,44 @@ class DockedEncoder(nn.Module):
         _drop_unused_heads(self.backbone)
         self.hidden_size = encoder_hidden_size(self.backbone)
 
+        # A `metalm.model.feature_cache.FeatureCache` the frozen lower part's outputs are looked up in
+        # (None: computed every time). Not a module: never saved with the model.
+        self.feature_cache: Any = None
+        self.train(self.training)
+
+    def lower_modules(self) -> list[nn.Module] | None:
+        """The frozen lower part of the backbone (see `Modality.lower_modules`); None when there is none,
+        or when some of its parameters train after all (e.g. a model loaded without `apply_freezing`):
+        then the backbone runs whole, as it would without the split."""
+        lower = self.modality.lower_modules(self.backbone, self.spec)
+        if lower is None or any(p.requires_grad for module in lower for p in module.parameters()):
+            return None
+        return lower
+
+    def train(self, mode: bool = True) -> DockedEncoder:
+        # The frozen lower part always runs in eval mode (BatchNorm running statistics, no dropout): its
+        # outputs are then a pure function of the input, the same cached or not.
+        super().train(mode)
+        for module in self.lower_modules() or []:
+            module.eval()
+        return self
+
     def forward(self, payload: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.modality.encode(self.backbone, self.spec, payload)
+        if self.lower_modules() is None:
+            return self.modality.encode(self.backbone, self.spec, payload)
+        if self.feature_cache is not None:
+            states = self.feature_cache.lower_states(self, payload)
+        else:
+            states = self.encode_lower(payload)
+        return self.modality.encode_upper(self.backbone, self.spec, states, payload)
+
+    def encode_lower(self, payload: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The frozen lower part's per-row outputs, computed (eval mode, no gradients)."""
+        lower = self.lower_modules() or []
+        if any(module.training for module in lower):  # someone set the backbone's mode directly
+            self.train(self.training)
+        with torch.no_grad():
+            return self.modality.encode_lower(self.backbone, self.spec, payload)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -112,6 +112,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             backbone.requires_grad_(True)
             apply_trainable_layers(backbone, spec["trainable_layers"])
         self.decoder.requires_grad_(bool(self.config.decoder_trainable))
+        self.train(self.training)  # frozen lower parts (which the split points decide) to eval mode
 
     def train(self, mode: bool = True) -> MetaLMForCausalLM:
         # Frozen BatchNorm statistics must not drift either: frozen BN modules stay in eval mode.

@@ -400,7 +400,9 @@ class RunConfig(_Section):
     an error if there are checkpoints; ``restart``: move any checkpoints aside and start from step 0.
     ``fsdp``: shard parameters, gradients and optimizer state over the processes with FSDP2 (needs
     ``torchrun``/``accelerate launch``; an accelerate config with ``distributed_type: FSDP`` turns it on
-    too)."""
+    too). ``feature_cache``: keep the outputs of the encoders' frozen lower layers (``trainable_layers``)
+    per image / span / clip, content-addressed, in memory and on disk (``true``: under
+    ``$METALM_CACHE/features``; a path: there); it changes no result (see docs/training.md)."""
 
     output_dir: str = Field("runs/metalm", min_length=1)
     seed: int = 0
@@ -413,6 +415,7 @@ class RunConfig(_Section):
     resume: bool | Literal["restart"] = True
     tensorboard: bool = True
     fsdp: bool = False
+    feature_cache: bool | Annotated[str, Field(min_length=1)] = False
 
 
 class TrainConfig(_Section):

@@ -160,6 +160,7 @@ class Trainer:
         self.deepspeed = False
         self.autocast_dtype: torch.dtype | None = None
         self._lora = None  # the peft tuner while LoRA adapters are unmerged (model.lora)
+        self.feature_cache = None  # run.feature_cache (see _attach_feature_cache)
 
     def train(self) -> TrainResult:
         """Set up the processes, train to ``optim.max_steps`` (resuming if asked), save ``final/``."""
@@ -213,6 +214,7 @@ class Trainer:
         report = SkipReport()
         self._build_data(report)
         self._prepare_model_and_optimizer(model)
+        self._attach_feature_cache()
         self.metrics = MetricsLog(
             self.output_dir, self.accelerator.is_main_process, run.tensorboard, self._per_stream_columns()
         )
@@ -383,11 +385,49 @@ class Trainer:
             acc, self.output_dir, self.config.run.keep_checkpoints, self.deepspeed
         )
 
+    def _attach_feature_cache(self) -> None:
+        """`run.feature_cache`: serve the encoders' frozen lower parts from a FeatureCache (one process, DDP)."""
+        from metalm.model.feature_cache import CacheStats, FeatureCache, default_cache_dir
+
+        self.feature_cache = None
+        setting = self.config.run.feature_cache
+        if setting is False:
+            return
+        if self.fsdp or self.deepspeed:
+            # Sharded weights cannot be fingerprinted outside the forward pass: train without the cache.
+            logger.warning("run.feature_cache is off: it does not run with FSDP or DeepSpeed yet")
+            return
+        directory = default_cache_dir() if setting is True else Path(setting).expanduser()
+        cache = FeatureCache(directory, preprocessors=self.processor.preprocessors)
+        names = cache.attach(self._unwrapped())
+        if not names:
+            logger.info(
+                "run.feature_cache: no encoder has frozen lower layers (trainable_layers); nothing to cache"
+            )
+            return
+        self.feature_cache, self.feature_cache_total = cache, CacheStats()
+        logger.info("feature cache for encoder(s) %s in %s", ", ".join(names), directory)
+
+    def _feature_cache_row(self) -> dict[str, float]:
+        """The cache's hit rate over the lookups since the last logged row (training and validation)."""
+        if self.feature_cache is None:
+            return {}
+        from metalm.model.feature_cache import CacheStats
+
+        stats, self.feature_cache.stats = self.feature_cache.stats, CacheStats()
+        for name, value in vars(stats).items():
+            setattr(self.feature_cache_total, name, getattr(self.feature_cache_total, name) + value)
+        if stats.corrupt:
+            logger.warning("feature cache: %d unreadable entries recomputed", stats.corrupt)
+        return {"feature_cache_hit_rate": round(stats.hit_rate, 4)} if stats.lookups else {}
+
     def _per_stream_columns(self) -> list[str]:
         """Metrics columns beyond METRIC_COLUMNS: per-stream validation and (``mix: batch``) train losses."""
         columns = [f"val_loss_{n}" for n in self.val_streams] if len(self.val_streams) > 1 else []
         if len(self.train_data.names) > 1 and self.train_data.mix == "batch":
             columns = [f"loss_{n}" for n in self.train_data.names] + columns
+        if self.feature_cache is not None:
+            columns.append("feature_cache_hit_rate")
         return columns
 
     def _restore(self, resume: Path | None) -> _Progress:
@@ -546,6 +586,7 @@ class Trainer:
         row: dict[str, Any] = {}
         if (run.log_every and step % run.log_every == 0) or last:
             row = window.take_row(self.scheduler.get_last_lr()[0], progress.tokens, progress.elapsed)
+            row.update(self._feature_cache_row())
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
         if (run.eval_every and step % run.eval_every == 0) or last:
             row.update(self._validate(result, step))
@@ -664,6 +705,19 @@ class Trainer:
 
     def _log_summary(self, result: TrainResult) -> None:
         from metalm.data.records import SkipReport
+
+        if self.feature_cache is not None:
+            self._feature_cache_row()
+            total = self.feature_cache_total
+            logger.info(
+                "feature cache: %d rows looked up, hit rate %.3f (%d from memory, %d from disk), %d "
+                "unreadable entries recomputed",
+                total.lookups,
+                total.hit_rate,
+                total.memory_hits,
+                total.disk_hits,
+                total.corrupt,
+            )
 
         state = self._data_state()  # every process's finds
         stats = state["stats"]
