@@ -32,7 +32,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of `model`, as `optim` configures it."""
     groups = param_groups(model, optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=_can_fuse(groups) or None
+    )
+
+
+def _can_fuse(groups: list[dict[str, Any]]) -> bool:
+    """The fused AdamW kernel (one pass over all parameters) where it applies: plain floating-point tensors
+    on one CPU or CUDA device. On CPU it cut the quickstart's optimizer step about 4x (docs/benchmarks.md);
+    sharded (DTensor) or mixed-device parameters keep the default implementation."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in params}
+    return (
+        len(devices) == 1
+        and next(iter(devices)).type in ("cpu", "cuda")
+        and all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point for p in params)
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> Any:
