@@ -183,31 +183,43 @@ def _caption_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
-def wording_prior(results: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
-    """What answering from the question's wording alone scores on the evaluated questions (every model is
-    asked the same fixed subset, so it is computed once, from the first model's k = 0 predictions)."""
+def wording_prior(results: dict[str, Any], out: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model, from its k = 0 predictions on the same fixed subset: what answering each question from its
+    wording alone scores (``easyvqa-wording-prior``, the same for every model) and what the model scores on
+    the questions that wording gets wrong (``easyvqa-against-prior``)."""
     from metalm.evaluation.breakdown import read_predictions
     from metalm.quickstart import wording_prior_tables
 
-    if not results:
-        return {}
-    evaluated = read_predictions(out / next(iter(results)) / "easyvqa" / "predictions-easyvqa-k0-s0.jsonl")
-    return wording_prior_tables(evaluated)["easyvqa-wording-prior"]
+    tables = {}
+    for name in results:
+        path = out / name / "easyvqa" / "predictions-easyvqa-k0-s0.jsonl"
+        if path.is_file():
+            tables[name] = wording_prior_tables(read_predictions(path))
+    return tables
 
 
 def _vqa_rows(results: dict[str, Any], out: Path) -> list[str]:
-    rows = ["| model | k | all | colour | shape | yes/no |", "|---|---:|---:|---:|---:|---:|"]
+    types = ("colour", "shape", "yes/no")
+    rows = [
+        "| model | k | all | colour | shape | yes/no | yes/no its wording gets wrong |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    prior = wording_prior(results, out)
     for name, r in results.items():
         for k, entry in r["easyvqa"].items():
             by = entry["by_type"]
-            cells = [
-                _pm(by[t]["mean"], by[t]["std"]) if t in by else "—" for t in ("colour", "shape", "yes/no")
-            ]
-            rows.append(f"| {name} | {k} | {_pm(entry['all']['vqa_accuracy'])} | " + " | ".join(cells) + " |")
-    prior = wording_prior(results, out)
+            cells = [_pm(by[t]["mean"], by[t]["std"]) if t in by else "—" for t in types]
+            against = prior.get(name, {}).get("easyvqa-against-prior", {}).get("yes/no")
+            hard = f"{against['accuracy']:.1f} (n={against['n']})" if str(k) == "0" and against else "—"
+            rows.append(
+                f"| {name} | {k} | {_pm(entry['all']['vqa_accuracy'])} | "
+                + " | ".join(cells)
+                + f" | {hard} |"
+            )
     if prior:
-        cells = [_pm(prior[t]["accuracy"]) if t in prior else "—" for t in ("colour", "shape", "yes/no")]
-        rows.append("| the question's wording alone (no image) | – | – | " + " | ".join(cells) + " |")
+        alone = next(iter(prior.values()))["easyvqa-wording-prior"]
+        cells = [_pm(alone[t]["accuracy"]) if t in alone else "—" for t in types]
+        rows.append("| the question's wording alone (no image) | – | – | " + " | ".join(cells) + " | 0 |")
     return rows
 
 
@@ -299,7 +311,7 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "",
         "The paper's protocol (`configs/finetune-frozen-decoder.yaml`: decoder frozen, LR 5e-5, batch 32, "
         "3 epochs), one run per seed, evaluated zero-shot on the test subset. Each article is cut to the "
-        "model's own pre-training window (quickstart 128 positions, gemma-vl 48), counted in train.log.",
+        "model's own pre-training window (its preset's `data.seq_len`), counted in train.log.",
         "",
         *(
             _finetune_rows(results)
@@ -327,7 +339,8 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "and bare Gemma never train on captions by request.",
         "- A yes/no accuracy at the level of the \"question's wording alone\" row (the training split's most "
         "common answer for each wording, colour and shape words masked, no image) says the model answers "
-        "from the question, not from the image.",
+        "from the question, not from the image; the last column scores each model on the yes/no questions "
+        "that row gets wrong (only the image can answer them; the wording alone scores 0 there).",
         "- The subsets are small (see above): differences of a few points are within noise.",
         "",
     ]
