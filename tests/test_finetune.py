@@ -404,3 +404,31 @@ def test_init_from_logs_what_it_loaded(saved_tiny, tmp_path, caplog):
         train(config_from_dict(cfg))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("init_from"))
     assert str(saved_tiny) in line and "decoder llama" in line and "frozen" in line and "text (text" in line
+
+
+def test_trainable_layers_override_the_saved_encoders(saved_text_tiny, tmp_path):
+    """A model pre-trained with its encoder frozen is finetuned with the encoder's top layer training:
+    `model.trainable_layers` replaces the saved setting, and the saved finetuned model records it."""
+    from metalm.training.trainer import train
+
+    cfg = finetune_config(
+        saved_text_tiny, tmp_path / "run", decoder_trainable=False, trainable_layers={"text": 1}
+    )
+    result = train(config_from_dict(cfg))
+    before, after = weights(saved_text_tiny), weights(result.final_dir)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    encoder = {k for k in changed if k.startswith("encoders.text.")}
+    last = max(int(k.split(".layer.")[1].split(".")[0]) for k in before if ".layer." in k)
+    assert encoder and all(f".layer.{last}." in k for k in encoder), sorted(encoder)  # the top layer only
+    saved = json.loads((result.final_dir / "config.json").read_text())
+    assert saved["encoders"][0]["trainable_layers"] == 1
+
+    cfg = finetune_config(saved_text_tiny, tmp_path / "bad", trainable_layers={"vision": 2})
+    with pytest.raises(
+        ConfigError, match=r"model.trainable_layers.vision: .* no encoder 'vision' \(it has: text\)"
+    ):
+        train(config_from_dict(cfg))
+    with pytest.raises(ConfigError, match="model.trainable_layers: overrides a saved model's encoders"):
+        config_from_dict(
+            {**cfg, "init_from": None, "model": {"decoder": TINY_LLAMA, "trainable_layers": {"text": 1}}}
+        )

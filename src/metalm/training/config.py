@@ -139,15 +139,17 @@ def _one_of(names: tuple[str, ...]) -> str:
 class ModelConfig(_Section):
     """What to build (mirrors :class:`metalm.ModelRecipe`). ``decoder``: an HF config dict with
     ``model_type`` (trained from scratch) or a local folder. With ``init_from`` set at the top level,
-    leave ``decoder``/``tokenizer``/``encoders`` out; ``semi_causal`` and ``decoder_trainable`` then
-    override the saved model's settings. ``decoder_trainable: null`` = True for a new model, the saved
-    value for ``init_from``. ``lora``: train LoRA adapters on a frozen decoder (see :class:`LoraSettings`)."""
+    leave ``decoder``/``tokenizer``/``encoders`` out; ``semi_causal``, ``decoder_trainable`` and
+    ``trainable_layers`` (encoder name → how many top layers train, e.g. ``{text: 2}``) then override the
+    saved model's settings. ``decoder_trainable: null`` = True for a new model, the saved value for
+    ``init_from``. ``lora``: train LoRA adapters on a frozen decoder (see :class:`LoraSettings`)."""
 
     decoder: str | dict[str, Any] | None = None
     tokenizer: str | None = None
     encoders: list[EncoderRecipe] | None = None
     semi_causal: dict[str, Any] | None = None
     decoder_trainable: bool | None = None
+    trainable_layers: dict[str, Annotated[int, Field(ge=0)]] | None = None
     attn_implementation: str = "sdpa"
     lora: LoraSettings | None = None
 
@@ -203,6 +205,12 @@ class ModelConfig(_Section):
     def check_against_init_from(self, init_from: str | None) -> None:
         """A new model needs its architecture here; a saved one (`init_from`) brings its own."""
         if init_from is None:
+            if self.trainable_layers is not None:
+                raise FieldProblem(
+                    "overrides a saved model's encoders (with init_from); for a new model set "
+                    "trainable_layers on each encoder in model.encoders",
+                    "trainable_layers",
+                )
             if self.decoder is None:
                 raise FieldProblem("missing required key (or set init_from to a saved MetaLM)", "decoder")
             if isinstance(self.decoder, dict) and "model_type" not in self.decoder:

@@ -298,10 +298,23 @@ class Trainer:
             model.config.semi_causal = {**model.config.semi_causal, **cfg.model.semi_causal}
         if cfg.model.decoder_trainable is not None:
             model.config.decoder_trainable = cfg.model.decoder_trainable
+        self._override_trainable_layers(model)
         model.apply_freezing()
         processor = MetaLMProcessor.from_pretrained(cfg.init_from, config=model.config)
         logger.info("init_from %s: %s", cfg.init_from, describe_model(model))
         return model, processor
+
+    def _override_trainable_layers(self, model: torch.nn.Module) -> None:
+        """`model.trainable_layers` ({encoder name: N}) replaces the saved model's per-encoder setting (a
+        model pre-trained with frozen encoders can be finetuned with their top layers training)."""
+        specs = {spec["name"]: spec for spec in model.config.encoders}
+        for name, layers in (self.config.model.trainable_layers or {}).items():
+            if name not in specs:
+                raise ConfigError(
+                    f"{self.config.source or '<config>'}: model.trainable_layers.{name}: the model in "
+                    f"init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
+                )
+            specs[name]["trainable_layers"] = layers
 
     def _build_model_for_training(self, resume: Path | None) -> torch.nn.Module:
         """The model (and `self.processor`), with the run's prompt layouts and any LoRA adapters."""
