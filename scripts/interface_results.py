@@ -155,8 +155,9 @@ def frozen_decoder_finetune(name: str, folder: Path, runs: Path, out: Path, args
         overrides = [f"init_from={folder}", f"run.seed={seed}", f"data.seq_len={window}"]
         final = train_once(CONFIGS / "finetune-frozen-decoder.yaml", run, overrides + args.finetune_override)
         model, processor = load_model(final)
-        summary = cached_eval(out / f"bbc-frozen-s{seed}", model, processor, "bbc-topic", [0], [seed],
-                              limit=args.bbc_limit, batch_size=args.batch_size)  # fmt: skip
+        limit = args.finetune_limit or args.bbc_limit
+        summary = cached_eval(out / f"bbc-frozen-n{limit}-s{seed}", model, processor, "bbc-topic", [0], [seed],
+                              limit=limit, batch_size=args.batch_size)  # fmt: skip
         scores[str(seed)] = summary["results"]["bbc-topic"]["0"]["mean"]
     return scores
 
@@ -310,7 +311,8 @@ def write_page(results: dict[str, Any], args: argparse.Namespace, seconds: float
         "## BBC topic, frozen-decoder single-task finetuning",
         "",
         "The paper's protocol (`configs/finetune-frozen-decoder.yaml`: decoder frozen, LR 5e-5, batch 32, "
-        "3 epochs), one run per seed, evaluated zero-shot on the test subset. Each article is cut to the "
+        f"3 epochs), one run per seed, evaluated zero-shot on {args.finetune_limit or args.bbc_limit} test "
+        "articles (a fixed random subset). Each article is cut to the "
         "model's own pre-training window (its preset's `data.seq_len`), counted in train.log.",
         "",
         *(
@@ -383,6 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--finetune-models", nargs="+", default=None, help="models to finetune (default: all but gemma-bare)"
+    )
+    p.add_argument(
+        "--finetune-limit",
+        type=int,
+        default=None,
+        help="BBC test articles for the finetuned models (default: --bbc-limit)",
     )
     p.add_argument("--finetune-override", nargs="*", default=[], help="key=value for the finetune config")
     p.add_argument("--page", type=Path, default=PAGE)

@@ -91,6 +91,7 @@ def test_vqa_against_wording_prior_keeps_only_what_the_image_answers():
     assert vqa_against_wording_prior(records, questions, prior) == {
         "colour": {"accuracy": 100.0, "n": 1},
         "yes/no": {"accuracy": 50.0, "n": 2},
+        "yes/no: colour": {"accuracy": 50.0, "n": 2},
     }
 
 

@@ -133,6 +133,7 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     from metalm.evaluation.breakdown import ATTRIBUTES, QUESTION_TYPES
 
     lines = ["| what | measure | colour | shape | yes/no |", "|---|---|---:|---:|---:|"]
+    notes: list[str] = []  # sentences under the table
 
     def cell(row: dict[str, dict[str, float]], key: str) -> str:
         return f"{row[key]['accuracy']:.1f} (n={row[key]['n']})" if key in row else "–"
@@ -152,13 +153,15 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
             "| the questions their wording alone gets wrong | VQA accuracy on them (only the image can "
             f"answer these) | {' | '.join(cells)} |"
         )
+        by_attr = [f"{attr} {cell(table['easyvqa-against-prior'], f'yes/no: {attr}')}" for attr in ATTRIBUTES]
+        notes.append(f"The yes/no questions their wording alone gets wrong, by the attribute asked about: {', '.join(by_attr)}.")
     for task, how in CAPTION_TASKS.items():
         if task in table:
             cells = [cell(table[task], a) for a in ATTRIBUTES]
             lines.append(
                 f"| captions, {how} (`{task}`) | % naming the image's attribute | {' | '.join(cells)} | |"
             )
-    return lines
+    return lines + (["", *notes] if notes else [])
 
 
 def _sample_captions(eval_dir: Path, n: int = 8) -> list[str]:

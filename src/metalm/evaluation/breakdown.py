@@ -22,6 +22,7 @@ __all__ = [
     "QUESTION_TYPES",
     "attribute_correctness",
     "caption_attributes",
+    "question_attribute",
     "question_type",
     "question_wording",
     "read_predictions",
@@ -137,8 +138,19 @@ def vqa_against_wording_prior(
         gold = _gold_list(r["gold"])
         if question is None or prior.get(question_wording(question)) in {g.strip().lower() for g in gold}:
             continue
-        totals[question_type(gold)].append(float(r["score"]))
+        kind = question_type(gold)
+        totals[kind].append(float(r["score"]))
+        if kind == "yes/no":  # which attribute the yes/no question asks about: their difficulty differs
+            asked = question_attribute(question)
+            if asked:
+                totals.setdefault(f"yes/no: {asked}", []).append(float(r["score"]))
     return {t: {"accuracy": 100 * sum(s) / len(s), "n": len(s)} for t, s in totals.items() if s}
+
+
+def question_attribute(question: str) -> str | None:
+    """The attribute a question names a value of (``"is there a red shape?"`` → ``colour``), or None."""
+    words = set(_words(question))
+    return next((attr for attr, values in ATTRIBUTES.items() if words & set(values)), None)
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
