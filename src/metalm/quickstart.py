@@ -154,7 +154,9 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
             f"answer these) | {' | '.join(cells)} |"
         )
         by_attr = [f"{attr} {cell(table['easyvqa-against-prior'], f'yes/no: {attr}')}" for attr in ATTRIBUTES]
-        notes.append(f"The yes/no questions their wording alone gets wrong, by the attribute asked about: {', '.join(by_attr)}.")
+        notes.append(
+            f"The yes/no questions their wording alone gets wrong, by the attribute asked about: {', '.join(by_attr)}."
+        )
     for task, how in CAPTION_TASKS.items():
         if task in table:
             cells = [cell(table[task], a) for a in ATTRIBUTES]
