@@ -159,7 +159,9 @@ def test_processor_accepts_or_raises_input_error(tiny):
     model, processor = tiny
     reached = {"model": 0, "image": 0}
 
-    @settings(FAST, derandomize=True)  # a fixed example set: the reach counts below cannot flake
+    # A fixed example set (derandomized), and enough of them that the reach counts hold whichever
+    # hypothesis version draws them (60 examples reached 7 images with one version, 8 with another).
+    @settings(FAST, max_examples=150, derandomize=True)
     @given(parts=parts_lists)
     def run(parts):
         try:
