@@ -202,6 +202,19 @@ def test_batched_generation_matches_direct(live):
     assert [live_engine.generate(p, greedy).completions[0].text for p in prompts] == direct  # continuous
 
 
+def test_answers_do_not_open_with_the_joining_space(live, monkeypatch):
+    """A SentencePiece decoder decodes a continuation with the space before its first word; the answer,
+    whole and streamed, starts at the word."""
+    engine, _ = live
+    decode = engine.processor.decode
+    monkeypatch.setattr(engine.processor, "decode", lambda ids, **kw: " " + decode(ids, **kw))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    job = engine.submit(engine.prepare([ChatMessage("user", "hello")]), greedy)
+    streamed = "".join(ev.text for ev in job.events() if ev.text)
+    text = job.result(timeout=60).completions[0].text
+    assert text and text == text.lstrip() and streamed == text
+
+
 def test_stop_strings_and_stream_hold_back(live):
     engine, _ = live
     full = engine.generate("tell me", SamplingParams(max_new_tokens=10, temperature=0.0)).completions[0]

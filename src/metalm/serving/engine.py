@@ -782,7 +782,9 @@ class Engine:
         return running.drop_finished()
 
     def _decode(self, ids: list[int]) -> str:
-        return self.processor.decode(ids)
+        # A SentencePiece/byte-BPE decoder writes the space that joins the answer to the cue before it
+        # (Gemma: "answer:" then " red"); every generation here is an answer, shown on its own.
+        return self.processor.decode(ids).lstrip()
 
     def _new_job(self, prompt: Any, params: SamplingParams | None, **kwargs: Any) -> Job:
         return Job(self.prepare(prompt), params or SamplingParams(), **kwargs)
