@@ -44,12 +44,41 @@ def test_chat_history_reads_as_demonstrations_in_the_trained_layout():
         {"role": "assistant", "text": "circle"},
         {"role": "user", "text": "what color?"},
     ]
-    parts = chat_layout_parts(turns, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="vision")
+    parts = chat_layout_parts(
+        turns, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="vision", history="demonstrations"
+    )
     assert [type(p).__name__ for p in parts] == [
         "ImageInput", "Encode", "str", "str", "NoneType", "Encode", "str",
     ]  # fmt: skip
     assert parts[2:5] == ["answer:", "circle", None]
     assert parts[-2:] == [Encode("question: what color?", encoder="text"), "answer:"]
+    with pytest.raises(ValueError, match="history must be one of"):
+        chat_layout_parts(turns, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="v", history="all")
+
+
+def test_chat_answers_the_latest_question_with_the_image_in_view():
+    """By default only the last user turn is the request, in the single-request layout training uses; a
+    follow-up without an image takes the latest image shown, a new image replaces it."""
+    blue = Image.new("RGB", (8, 8), (0, 0, 255))
+    turns = [
+        {"role": "user", "text": "what shape?", "images": [RED]},
+        {"role": "assistant", "text": "circle"},
+        {"role": "user", "text": "and this one?", "images": [blue]},
+        {"role": "assistant", "text": "square"},
+        {"role": "user", "text": "what color?"},
+    ]
+    parts = chat_layout_parts(turns, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="vision")
+    assert parts == [
+        ImageInput(blue, encoder="vision"), Encode("question: what color?", encoder="text"), "answer:",
+    ]  # fmt: skip
+    alone = chat_layout_parts(turns[:1], DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="vision")
+    assert alone == chat_layout_parts(
+        turns[:1], DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="vision", history="demonstrations"
+    )
+    text_only = [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello"}, turns[-1]]
+    assert chat_layout_parts(text_only, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="v") == [
+        Encode("question: what color?", encoder="text"), "answer:",
+    ]  # fmt: skip
 
 
 def test_an_image_alone_is_a_caption_request():

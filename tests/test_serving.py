@@ -132,19 +132,29 @@ def _user(text: str, *images: str) -> list[dict]:
 
 # --- engine ---------------------------------------------------------------------------------------------
 def test_chat_uses_the_trained_layouts(live):
-    """User turns become the model's VQA requests (question encoded, `answer:` in the decoder), earlier
-    answers are closed by EOS like demonstrations, an image alone is a caption request."""
+    """User turns become the model's VQA requests (question encoded, `answer:` in the decoder); by default
+    the last one alone, with the image still in view; with chat_history="demonstrations" earlier answers
+    are closed by EOS like demonstrations; an image alone is a caption request."""
     engine, _ = live
     img = Image.new("RGB", (20, 20), (0, 0, 255))
     long_text = " ".join(["word"] * 200)  # longer than the tiny text encoder's 62-token span limit
-    parts = engine.chat_parts(
-        [
-            ChatMessage("system", "be brief"),
-            ChatMessage("user", "what is this", [img]),
-            ChatMessage("assistant", "a square"),
-            ChatMessage("user", long_text),
-        ]
-    )
+    conversation = [
+        ChatMessage("system", "be brief"),
+        ChatMessage("user", "what is this", [img]),
+        ChatMessage("assistant", "a square"),
+        ChatMessage("user", "what color is it"),
+    ]
+    latest = engine.chat_parts(conversation)
+    assert isinstance(latest[0], Encode) and latest[0].text == "be brief"
+    assert isinstance(latest[1], ImageInput) and latest[1].image is img  # the image still in view
+    assert isinstance(latest[2], Encode) and latest[2].text == "question: what color is it"
+    assert latest[3:] == ["answer:"]
+    assert engine.chat_history == "latest"
+    engine.chat_history = "demonstrations"
+    try:
+        parts = engine.chat_parts([*conversation[:-1], ChatMessage("user", long_text)])
+    finally:
+        engine.chat_history = "latest"
     assert isinstance(parts[0], Encode) and parts[0].text == "be brief"
     assert isinstance(parts[1], ImageInput)
     assert isinstance(parts[2], Encode) and parts[2].text == "question: what is this"

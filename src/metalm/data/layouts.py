@@ -21,7 +21,15 @@ from pydantic import BaseModel, ConfigDict
 from metalm.data.processor import Encode, ImageInput
 from metalm.modalities.audio import AudioInput
 
-__all__ = ["DEFAULT_LAYOUTS", "PromptLayout", "PromptLayouts", "chat_layout_parts", "layouts_of"]
+__all__ = [
+    "CHAT_HISTORY",
+    "DEFAULT_LAYOUTS",
+    "PromptLayout",
+    "PromptLayouts",
+    "chat_layout_parts",
+    "latest_request",
+    "layouts_of",
+]
 
 
 class PromptLayout(BaseModel):
@@ -71,20 +79,44 @@ def layouts_of(config: Any) -> PromptLayouts:
     return PromptLayouts.model_validate(saved)
 
 
+CHAT_HISTORY = ("latest", "demonstrations")
+
+
+def latest_request(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The conversation's last user turn alone; when it carries no image, the images of the latest user
+    turn that did go with it (a follow-up question is about the picture still in view)."""
+    last = dict(turns[-1])
+    if not last.get("images"):
+        earlier = (t.get("images") for t in reversed(turns[:-1]) if t.get("role") == "user")
+        last["images"] = list(next((images for images in earlier if images), ()))
+    return [last]
+
+
 def chat_layout_parts(
     turns: Sequence[Mapping[str, Any]],
     layouts: PromptLayouts,
     *,
     text_encoder: str | None | Callable[[str], str | None],
     vision_encoder: str | None,
+    history: str = "latest",
 ) -> list[Any]:
     """A conversation in the trained layouts. Each user turn is a request: with text it is a `vqa` request
-    (its text the question), with images only a `caption` request. Earlier assistant turns follow their
-    request as the answer, closed by EOS (`None`), so the history reads as few-shot demonstrations, the
-    way in-context learning is evaluated. A turn is `{"role", "text", "images"}` and maybe `"audio"`
-    (speech clips, heard right after the images): speech without text is transcribed, or with images is a
-    spoken question (`[images] [speech] answer:`, as speech_easy_vqa trains). `text_encoder` may be a
-    function of the rendered input (the encoder's name, or None to keep that input as decoder text)."""
+    (its text the question), with images only a `caption` request. A turn is `{"role", "text", "images"}`
+    and maybe `"audio"` (speech clips, heard right after the images): speech without text is transcribed,
+    or with images is a spoken question (`[images] [speech] answer:`, as speech_easy_vqa trains).
+    `text_encoder` may be a function of the rendered input (the encoder's name, or None to keep that input
+    as decoder text).
+
+    `history`: ``"latest"`` (default) answers the last user turn alone, in exactly the single-request layout
+    every built-in stream trains (:func:`latest_request`); earlier answers in the prompt make a model that
+    never trained on conversations copy them (the Gemma-docked preset answered a follow-up "what shape is
+    it?" with the colour it had just given). ``"demonstrations"``: earlier turns stay, each assistant answer
+    after its request closed by EOS (`None`), so the history reads as few-shot demonstrations, the way
+    in-context learning is evaluated."""
+    if history not in CHAT_HISTORY:
+        raise ValueError(f"history must be one of {', '.join(CHAT_HISTORY)}, got {history!r}")
+    if history == "latest":
+        turns = latest_request(turns)
     parts: list[Any] = []
     for turn in turns:
         text, images = (turn.get("text") or "").strip(), list(turn.get("images") or ())

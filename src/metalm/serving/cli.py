@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from metalm.data.layouts import CHAT_HISTORY
 from metalm.data.processor import Encode, InputError
 from metalm.modalities.audio import AudioInput
 from metalm.serving.engine import ChatMessage, Engine, SamplingParams
@@ -173,6 +174,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
 
+def _add_chat_history_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chat-history", choices=list(CHAT_HISTORY), default="latest",
+        help="latest: answer the last question alone (with the image still in view), in the layout the model "
+        "trained on; demonstrations: earlier turns stay in the prompt as few-shot demonstrations",
+    )  # fmt: skip
+
+
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate", help="generate text for a question, a prompt or an image",
@@ -218,12 +227,17 @@ def chat(
     top_p: float = 0.9,
     encode: bool | None = None,
     device: str = "auto",
+    chat_history: str = "latest",
     input_fn: Callable[[str], str] = input,
     output: TextIO | None = None,
 ) -> list[ChatMessage]:
     """A multi-turn chat in the terminal with streamed answers. Returns the conversation at the end."""
     output = output or sys.stdout
-    engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device=device)
+    engine = (
+        model
+        if isinstance(model, Engine)
+        else Engine.from_pretrained(model, device=device, chat_history=chat_history)
+    )
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     history: list[ChatMessage] = []
     images: list[Any] = []
@@ -279,7 +293,7 @@ def _chat_from_args(args: argparse.Namespace) -> int:
     try:
         chat(
             args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            encode=args.encode_prompt, device=args.device,
+            encode=args.encode_prompt, device=args.device, chat_history=args.chat_history,
         )  # fmt: skip
     except (InputError, ValueError, FileNotFoundError) as err:
         print(f"metalm chat: error: {err}", file=sys.stderr)
@@ -296,6 +310,7 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--encode-prompt", action=argparse.BooleanOptionalAction, default=None)
+    _add_chat_history_arg(p)
     p.set_defaults(func=_chat_from_args)
     return p
 
@@ -336,6 +351,7 @@ def serve(
     max_batch_size: int = 16,
     batch_wait_ms: float = 10.0,
     batching: str = "continuous",
+    chat_history: str = "latest",
     max_concurrent_requests: int = 32,
     max_tokens_limit: int = 1024,
     default_max_tokens: int = 256,
@@ -380,6 +396,7 @@ def serve(
     engine = Engine.from_pretrained(
         model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests, batching=batching,
+        chat_history=chat_history,
     )  # fmt: skip
     app = create_app(engine, settings)
     logger.info(
@@ -407,7 +424,8 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             args.model, args.host, args.port, allow_image_hosts=args.allow_image_hosts or (),
             allow_image_dirs=args.allow_image_dirs or (), model_name=args.model_name, device=args.device,
             dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-            batching=args.batching, max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
+            batching=args.batching, chat_history=args.chat_history,
+            max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
@@ -456,6 +474,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="browser origins (scheme://host[:port]) besides the server's own that may call the API "
         "('*' = any)",
     )  # fmt: skip
+    _add_chat_history_arg(p)
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=16, help="most rows decoded together")
     limits.add_argument(

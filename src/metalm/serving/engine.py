@@ -3,20 +3,22 @@
 Prompt layouts (chat)
 ---------------------
 A model answers in the layouts it was trained on, which the trainer saves in its config
-(``prompt_layouts``, :mod:`metalm.data.layouts`). A conversation becomes one list of segments::
+(``prompt_layouts``, :mod:`metalm.data.layouts`). A conversation becomes one request in them::
 
-    [BOS] <enc(system)> <image>... <enc("question: " + user text)> answer: answer [EOS]
-          <enc("question: " + user text)> answer:
+    [BOS] <enc(system)> <image>... <enc("question: " + user text)> answer:
 
-- each *user* turn with text is a ``vqa`` request: its text fills the layout's encoder template (through the
+- the last *user* turn is the request; when it has no image, the images of the latest user turn that had
+  some go with it (a follow-up is about the picture still in view). Earlier turns are left out by default
+  (``chat_history="latest"``): no built-in stream trains conversations, and a model shown its earlier
+  answers copies them. ``chat_history="demonstrations"`` keeps them, each assistant answer closed by EOS
+  after its request, as few-shot demonstrations (``... answer: red [EOS] <enc("question: ...")> answer:``);
+- a user turn with text is a ``vqa`` request: its text fills the layout's encoder template (through the
   text encoder when the model has one and the rendered text fits ``processor.span_limit``; otherwise it is
   plain decoder text), followed by the layout's decoder prompt (``answer:``);
 - a user turn with images only is a ``caption`` request (by default the images alone, as image-text pairs
   are trained);
 - images of a turn come first in that turn, each through the vision encoder (``ImageInput``);
-- earlier *assistant* answers are decoder text closed by the EOS token, so the history reads as few-shot
-  demonstrations (the model stops on EOS);
-- system text, which no training stream has, is read as encoded context before the first turn.
+- system text, which no training stream has, is read as encoded context before the request.
 
 A raw prompt (``metalm generate --prompt``) is ``[BOS] <images...> <enc(prompt)>`` — the paper's zero-shot
 layout; ``--question`` uses the ``vqa`` layout and an image with neither uses the ``caption`` layout.
@@ -63,7 +65,7 @@ from transformers import (
 )
 
 from metalm.data.images import ImageError, load_image
-from metalm.data.layouts import chat_layout_parts, layouts_of
+from metalm.data.layouts import CHAT_HISTORY, chat_layout_parts, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length, to_device
 from metalm.serving.continuous import RowSampling, RunningBatch, continuous_unsupported
@@ -385,6 +387,9 @@ class Engine:
             A decoder whose cache cannot be joined row by row gets ``"dynamic"`` (``batching_note`` says why).
         encode_max_tokens: user text longer than this (in encoder tokens) goes to the decoder instead of the
             text encoder (default: the encoder's own span limit).
+        chat_history: ``"latest"`` (default): a conversation is answered from its last user turn (with the
+            images still in view) in the layout the model trained on; ``"demonstrations"``: earlier turns
+            stay in the prompt as few-shot demonstrations (:func:`metalm.data.layouts.chat_layout_parts`).
     """
 
     def __init__(
@@ -399,7 +404,11 @@ class Engine:
         max_pending: int = 64,
         batching: str = "continuous",
         encode_max_tokens: int | None = None,
+        chat_history: str = "latest",
     ) -> None:
+        if chat_history not in CHAT_HISTORY:
+            raise ValueError(f"chat_history must be one of {', '.join(CHAT_HISTORY)}, got {chat_history!r}")
+        self.chat_history = chat_history
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
@@ -564,6 +573,7 @@ class Engine:
             self.layouts,
             text_encoder=lambda text: self._text_encoders[0] if self._encodable(text, encode) else None,
             vision_encoder=self._vision_for([img for turn in turns for img in turn["images"]]),
+            history=self.chat_history,
         )
 
     def layout_parts(
