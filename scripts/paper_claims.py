@@ -19,11 +19,12 @@ Then, for each model and each seed:
 
 and once per model the held-out perplexity of its decoder on the corpus's test split.
 
-    python scripts/paper_claims.py                 # the full comparison (about 100 min on 2 quiet CPU cores)
+    python scripts/paper_claims.py                 # the full comparison (about 2 h on 2 quiet CPU cores)
     python scripts/paper_claims.py --smoke --out /tmp/claims   # every step, a few steps each (~3 min)
 
 Each step's outputs (runs, evaluation summaries) are kept under --out and reused by a rerun; --fresh
-starts over. The page states this invocation's run time and which steps it reused.
+starts over. The page states this invocation's run time and, from each step's recorded time
+(OUT/eval/<model>/step-seconds.json), what all the steps cost together.
 """
 
 from __future__ import annotations
