@@ -300,9 +300,7 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
 
 def _compute_minutes(results: dict[str, Any]) -> float:
     """Minutes every step of every model cost when it ran (its own record, so reused steps count too)."""
-    return (
-        sum(sum((r.get("compute_seconds") or r.get("seconds") or {}).values()) for r in results.values()) / 60
-    )
+    return sum(sum(r["compute_seconds"].values()) for r in results.values()) / 60
 
 
 def write_page(results: dict[str, Any], meta: dict[str, Any], page: Path) -> None:

@@ -52,7 +52,7 @@ def test_chat_history_reads_as_demonstrations_in_the_trained_layout():
     ]  # fmt: skip
     assert parts[2:5] == ["answer:", "circle", None]
     assert parts[-2:] == [Encode("question: what color?", encoder="text"), "answer:"]
-    with pytest.raises(ValueError, match="history must be one of"):
+    with pytest.raises(ValueError, match="chat history must be one of"):
         chat_layout_parts(turns, DEFAULT_LAYOUTS, text_encoder="text", vision_encoder="v", history="all")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "PromptLayout",
     "PromptLayouts",
     "chat_layout_parts",
+    "check_chat_history",
     "latest_request",
     "layouts_of",
 ]
@@ -82,6 +83,13 @@ def layouts_of(config: Any) -> PromptLayouts:
 CHAT_HISTORY = ("latest", "demonstrations")
 
 
+def check_chat_history(history: str) -> str:
+    """`history` when it is one of CHAT_HISTORY, else a ValueError naming them."""
+    if history not in CHAT_HISTORY:
+        raise ValueError(f"chat history must be one of {', '.join(CHAT_HISTORY)}, got {history!r}")
+    return history
+
+
 def latest_request(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The conversation's last user turn alone; when it carries no image, the images of the latest user
     turn that did go with it (a follow-up question is about the picture still in view)."""
@@ -113,9 +121,7 @@ def chat_layout_parts(
     it?" with the colour it had just given). ``"demonstrations"``: earlier turns stay, each assistant answer
     after its request closed by EOS (`None`), so the history reads as few-shot demonstrations, the way
     in-context learning is evaluated."""
-    if history not in CHAT_HISTORY:
-        raise ValueError(f"history must be one of {', '.join(CHAT_HISTORY)}, got {history!r}")
-    if history == "latest":
+    if check_chat_history(history) == "latest":
         turns = latest_request(turns)
     parts: list[Any] = []
     for turn in turns:

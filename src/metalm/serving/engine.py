@@ -65,7 +65,7 @@ from transformers import (
 )
 
 from metalm.data.images import ImageError, load_image
-from metalm.data.layouts import CHAT_HISTORY, chat_layout_parts, layouts_of
+from metalm.data.layouts import chat_layout_parts, check_chat_history, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length, to_device
 from metalm.serving.continuous import RowSampling, RunningBatch, continuous_unsupported
@@ -406,9 +406,7 @@ class Engine:
         encode_max_tokens: int | None = None,
         chat_history: str = "latest",
     ) -> None:
-        if chat_history not in CHAT_HISTORY:
-            raise ValueError(f"chat_history must be one of {', '.join(CHAT_HISTORY)}, got {chat_history!r}")
-        self.chat_history = chat_history
+        self.chat_history = check_chat_history(chat_history)  # refused at start-up, not at the first chat
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
