@@ -139,8 +139,8 @@ def test_evaluation_asks_in_the_models_trained_layout():
     trained = SimpleNamespace(prompt_layouts={"vqa": {"template": "Q: {question}", "prompt": "A:"}})
     asked = in_model_layout(task, trained)
     assert (asked.input_template, asked.decoder_prompt) == ("Q: {question}", "A:")
-    # Few-shot keeps the task's own demonstration form.
-    assert (asked.fewshot_input_template, asked.fewshot_decoder_prompt) == ("Question: {question}", "Answer:")
+    # Demonstrations and query alike: in-context rows repeat the trained layout.
+    assert (asked.fewshot_input_template, asked.fewshot_decoder_prompt) == ("Q: {question}", "A:")
     # No saved layouts, or a task that names none: unchanged.
     assert in_model_layout(task, SimpleNamespace()) is task
     assert in_model_layout(builtin_task("bbc-topic"), trained).input_template == "{text}"

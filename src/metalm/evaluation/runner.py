@@ -216,30 +216,38 @@ def _run(
     separator: str | None,
     batch_size: int,
     progress: bool,
-) -> list[dict[str, Any]]:
-    """Per-example records (id, prompt, prediction, gold, score, ...) for one (task, k, seed)."""
+) -> tuple[list[dict[str, Any]], list[Example]]:
+    """Per-example records (id, prompt, prediction, gold, score, ...) for one (task, k, seed), and the
+    queries as asked (an episode task renames their answers)."""
     fits = None if baseline else encoder_fits(processor)
     images = (
         bool(model.config.encoders_of_kind("vision")) if hasattr(model.config, "encoders_of_kind") else False
     )
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
+    if task.episodes is not None:
+        episodes = [task.episodes(ex, pool, k, seed, i) for i, ex in enumerate(examples)]
+    else:
+        episodes = [
+            (sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None), ex)
+            for i, ex in enumerate(examples)
+        ]
+    queries = [query for _, query in episodes]
 
     def prompt(i: int, ex: Example) -> tuple[list[Any], Sample]:
-        demos = sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None)
         parts = build_prompt(
-            task, ex, demos, baseline=baseline, separator=separator, fits=fits, images=images
+            task, ex, episodes[i][0], baseline=baseline, separator=separator, fits=fits, images=images
         )
         return parts, prompt_to_sample(processor, parts, index=i)
 
     desc = f"{task.name} k={k} s={seed}"
     if task.scoring == "generate":
-        bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress)
+        bar = tqdm(total=len(queries), desc=desc, unit="ex", disable=not progress)
         stop = [*task.stop, *([separator] if separator else [])]
-        return _generated_records(model, processor, task, examples, prompt, batch_size, stop, bar)
+        return _generated_records(model, processor, task, queries, prompt, batch_size, stop, bar), queries
     bar = tqdm(
-        total=sum(len(task.options_for(ex)) for ex in examples), desc=desc, unit="seq", disable=not progress
+        total=sum(len(task.options_for(ex)) for ex in queries), desc=desc, unit="seq", disable=not progress
     )
-    return _ranked_records(model, processor, task, examples, prompt, batch_size, bar)
+    return _ranked_records(model, processor, task, queries, prompt, batch_size, bar), queries
 
 
 def _generated_records(
@@ -392,14 +400,14 @@ def _evaluate_task(
     examples = subset_examples(t.examples(t.eval_split), limit)
     _warn_if_images_left_out(model, t, examples)
     pool: list[Example] = []
-    if any(k > 0 for k in shots):  # zero-shot runs never touch the demonstration split
+    if any(k > 0 for k in shots) or t.episodes is not None:  # zero-shot runs never touch demonstrations
         pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
     by_k: dict[str, Any] = {}
     for k in shots:
         per_seed: dict[int, dict[str, Any]] = {}
-        for seed in seeds if k > 0 else seeds[:1]:
-            records = _run(model, processor, t, examples, pool, k=k, seed=seed, **run)
-            per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], examples)
+        for seed in seeds if k > 0 or t.episodes is not None else seeds[:1]:
+            records, queries = _run(model, processor, t, examples, pool, k=k, seed=seed, **run)
+            per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], queries)
             if out is not None:
                 with open(out / f"predictions-{t.name}-k{k}-s{seed}.jsonl", "w", encoding="utf-8") as fh:
                     for r in records:

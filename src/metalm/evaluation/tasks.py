@@ -105,6 +105,9 @@ class Task:
         caption_tokenizer: ``"ptb"`` (pycocoevalcap's Java PTB tokenizer) or ``"simple"``.
         layout: the request layout (:mod:`metalm.data.layouts`) whose zero-shot form this task asks in; a
             model that saved its own layouts (``prompt_layouts``) is asked in its trained form instead.
+        episodes: ``(query, pool, k, seed, index) -> (demonstrations, query)`` for a task whose
+            demonstrations depend on the query and rename its answers (:mod:`metalm.evaluation.fastbind`);
+            None: ``k`` demonstrations drawn at random from the pool.
     """
 
     name: str
@@ -128,6 +131,7 @@ class Task:
     caption_tokenizer: str = "ptb"
     description: str = ""
     layout: str | None = None
+    episodes: Callable[[Example, list[Example], int, int, int], tuple[list[Example], Example]] | None = None
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -573,8 +577,24 @@ def _text_tasks() -> dict[str, Callable[[], Task]]:
     }
 
 
+def _fastbind(attribute: str, ways: int, made_up: bool) -> Task:
+    from metalm.evaluation.fastbind import fastbind_task
+
+    return fastbind_task(attribute, ways, made_up=made_up)
+
+
+def _fastbind_tasks() -> dict[str, Callable[[], Task]]:
+    """Fast binding (metalm.evaluation.fastbind): made-up names, and the same episodes with real names."""
+    sets = (("shape", 2), ("color", 2), ("color", 5))  # fastbind.FASTBIND_SETS (imported lazily: a cycle)
+    return {
+        f"fastbind-{a}-{w}way{suffix}": (lambda a=a, w=w, m=not suffix: _fastbind(a, w, m))
+        for a, w in sets
+        for suffix in ("", "-real")
+    }
+
+
 def _builtin_tasks() -> dict[str, Callable[[], Task]]:
-    return {**_image_tasks(), **_speech_tasks(), **_text_tasks(), **_lexical_tasks()}
+    return {**_image_tasks(), **_fastbind_tasks(), **_speech_tasks(), **_text_tasks(), **_lexical_tasks()}
 
 
 BUILTIN_TASKS: tuple[str, ...] = tuple(_builtin_tasks())
@@ -771,23 +791,19 @@ def load_task_file(path: str | Path) -> Task:
 
 
 def in_model_layout(task: Task, config: Any) -> Task:
-    """`task` asked the way the model was trained: its zero-shot template and decoder prompt from the
-    model's saved layout (`prompt_layouts`), when the task names a layout and the model saved one."""
+    """`task` asked the way the model was trained: its template and decoder prompt from the model's saved
+    layout (`prompt_layouts`), when the task names a layout and the model saved one. Demonstrations and
+    query alike: a model's in-context rows (``format: in_context``) are its trained layout repeated, so the
+    paper's capitalised few-shot prompt ("Question: ... Answer:") is used only for a model that saved none."""
     saved = getattr(config, "prompt_layouts", None) or {}
     if task.layout is None or task.layout not in saved:
         return task
     from metalm.data.layouts import layouts_of
 
     layout = getattr(layouts_of(config), task.layout)
-    if (layout.template, layout.prompt) == (task.input_template, task.decoder_prompt):
-        return task
-    few_input = task.fewshot_input_template or task.input_template
-    few_prompt = (
-        task.fewshot_decoder_prompt if task.fewshot_decoder_prompt is not None else task.decoder_prompt
-    )
     return with_overrides(
         task, input_template=layout.template, decoder_prompt=layout.prompt,
-        fewshot_input_template=few_input, fewshot_decoder_prompt=few_prompt,
+        fewshot_input_template=layout.template, fewshot_decoder_prompt=layout.prompt,
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from metalm.modalities import encoder_kinds
 from metalm.model.connectors import CONNECTOR_TYPES
 from metalm.recipe import EncoderRecipe, ModelRecipe
 from metalm.schema import FieldProblem, Location, declared_fields, dotted_path, locate, union_arms, value_at
+from metalm.training.episodes import InContextSettings
 
 __all__ = [
     "ConfigError",
@@ -248,7 +249,9 @@ class StreamConfig(_Section):
 
     ``format``: ``lm`` (semi-causal LM samples, see ``docs/training.md``) or ``instruction`` (supervised,
     FLAN style: classification, VQA and image-text records become ``[BOS] [image] Enc(template) prompt
-    label [EOS]`` with only the label and EOS trained). ``template``: the encoder input, with ``{text}`` and
+    label [EOS]`` with only the label and EOS trained) or ``in_context`` (several instruction samples of the
+    stream in one window, attending across each other, every answer trained: the layout of k-shot
+    evaluation; ``in_context`` settings in :class:`~metalm.training.episodes.InContextSettings`). ``template``: the encoder input, with ``{text}`` and
     ``{options}`` (classification), ``{question}`` (VQA) or no placeholder (image-text); a list = one drawn
     at random per sample. ``prompt``: decoder text between the input and the label (VQA: ``answer:``).
     ``options``: the labels written into ``{options}`` (default: the sorted labels of the training
@@ -265,7 +268,8 @@ class StreamConfig(_Section):
     kind: str | None = None
     validation_split: str | None = "validation"
     validation_source: str | None = None
-    format: Literal["lm", "instruction"] = "lm"
+    format: Literal["lm", "instruction", "in_context"] = "lm"
+    in_context: InContextSettings | None = None
     template: str | list[str] | None = None
     prompt: str | None = None
     options: list[str] | None = None
@@ -293,7 +297,16 @@ class StreamConfig(_Section):
         if self.name is None:
             self.name = self.source if self.source in BUILTIN_DATASETS else Path(self.source).stem
         _check_stream_format(self, stream_record_kind(self))
+        if self.format == "in_context" and self.in_context is None:
+            self.in_context = InContextSettings()
+        elif self.format != "in_context" and self.in_context is not None:
+            raise FieldProblem("applies to format: in_context", "in_context")
         return self
+
+    @property
+    def supervised(self) -> bool:
+        """Records become instruction samples (formats ``instruction`` and ``in_context``)."""
+        return self.format in ("instruction", "in_context")
 
     def templates(self, kind: str) -> list[str]:
         """The templates for records of `kind` (the configured ones, else the default)."""
@@ -329,7 +342,7 @@ def layouts_from_streams(streams: list[StreamConfig], saved: dict[str, Any] | No
         for layout, record_kind in record_kinds.items():
             if kind not in (record_kind, None):
                 continue
-            if record_kind == "vqa" or stream.format == "instruction":
+            if record_kind == "vqa" or stream.supervised:
                 layouts[layout] = {
                     "template": stream.templates(record_kind)[0],
                     "prompt": stream.decoder_prompt(record_kind),
@@ -492,7 +505,7 @@ def _check_stream_format(s: StreamConfig, kind: str | None) -> None:
                     key,
                 )
         return
-    if s.format == "instruction" and kind not in (None, *TEMPLATE_FIELDS):
+    if s.format != "lm" and kind not in (None, *TEMPLATE_FIELDS):
         raise FieldProblem(
             f"instruction samples are built from classification, vqa and image_text records; this stream's "
             f"records are {kind!r}",
@@ -511,7 +524,7 @@ def _check_stream_format(s: StreamConfig, kind: str | None) -> None:
     if not templates:
         raise FieldProblem("an empty list; give at least one template (or leave it out)", "template")
     # In format lm only VQA records read a template.
-    kinds = [kind] if kind is not None else list(TEMPLATE_FIELDS) if s.format == "instruction" else ["vqa"]
+    kinds = [kind] if kind is not None else list(TEMPLATE_FIELDS) if s.format != "lm" else ["vqa"]
     for j, template in enumerate(templates):
         at = ("template",) if isinstance(s.template, str) else ("template", j)
         reasons = [check_template(template, k) for k in kinds]

@@ -88,6 +88,7 @@ from metalm.training.config import (
     StreamConfig,
     check_template,
 )
+from metalm.training.episodes import EpisodeSampler, answer_of
 from metalm.training.plan import Plan, Row, StreamWalk
 
 __all__ = [
@@ -172,7 +173,7 @@ def load_stream_records(
     if not records:
         raise ValueError(f"stream {name!r} ({source}, {split}): no records")
     options = None
-    if stream.format == "instruction" and any(isinstance(r, Classification) for r in records):
+    if stream.supervised and any(isinstance(r, Classification) for r in records):
         if stream.options is not None:
             options = tuple(stream.options)
         elif split == "train":
@@ -335,7 +336,8 @@ class _Stream:
         self.records = spec.records
         self.ctx = ctx
         self.config = spec.config or StreamConfig(source=spec.name)  # format and instruction templates
-        self.instruction = self.config.format == "instruction"
+        self.instruction = self.config.supervised
+        self._episodes: EpisodeSampler | None = None  # format: in_context (built on first use)
         self.options = spec.options
         self.ids: dict[int, Any] = {}  # token cache, one entry per record
         self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
@@ -691,16 +693,60 @@ class _Stream:
                 idx, rng = spare.choice(self._single_records()), spare
             if idx in self.bad:
                 continue
-            sample = self._record_sample(idx, rng)
+            used = [idx]
+            if self.config.format == "in_context":
+                sample, used = self._episode_sample(idx, rng)
+            else:
+                sample = self._record_sample(idx, rng)
             sample = self._fit(sample) if sample is not None else None
             if sample is not None:
-                return sample, [idx]
+                return sample, used
             if len(self.bad) == len(self._single_records()):
                 raise ValueError(f"stream {self.name!r}: every record is bad; nothing to train on")
         raise ValueError(
             f"stream {self.name!r}: {MAX_TRIES:,} samples in a row had nothing to train on "
             f"(is seq_len {self.ctx.seq_len} too short for them?)"
         )
+
+    # --- in-context rows (format: in_context; see metalm.training.episodes) ---------------------------
+    def _episode_sample(self, idx: int, rng: random.Random) -> tuple[Sample | None, list[int]]:
+        """Demonstrations and the query ``idx`` in one window: each the stream's instruction sample, BOS only
+        at the start, every answer trained (under relabelling, only answers whose word was shown before).
+        A row that would not fit ``seq_len`` loses its earliest demonstrations. Also returns the records
+        of the row in order (the query last)."""
+        if self._episodes is None:
+            self._episodes = EpisodeSampler(self.records, self.config.in_context, self._single_records())
+        episode = self._episodes.draw(idx, rng)
+        start = len(self.bos)  # every sample opens with the BOS segment when there is one
+        examples: list[tuple[int, Sample]] = []
+        for j in (*episode.demonstrations, idx):
+            sample = self._record_sample(j, rng)
+            if sample is None and j == idx:
+                return None, [idx]
+            if sample is not None:
+                examples.append((j, sample[start:] if start else sample))
+        used, keep = len(self.bos), 0
+        for _, sample in reversed(examples):  # the query and the latest demonstrations that fit
+            n = sample_length(sample, self.ctx.config)
+            if keep and used + n > self.ctx.seq_len:
+                break
+            used, keep = used + n, keep + 1
+        row: Sample = [TextSegment(list(self.bos), loss=False)] if self.bos else []
+        shown: set[str] = set()
+        kept = examples[len(examples) - keep :]
+        for j, sample in kept:
+            if episode.words is not None:
+                label = answer_of(self.records[j])
+                sample = self._relabelled(sample, episode.words[label], trained=label in shown)
+                shown.add(label)
+            row += sample
+        return row, [j for j, _ in kept]
+
+    def _relabelled(self, sample: Sample, word: str, *, trained: bool) -> Sample:
+        """``sample`` with its answer (the last, trained segment) replaced by ``word``."""
+        p = self.ctx.processor
+        eos = [p.eos_token_id] if p.eos_token_id is not None else []
+        return [*sample[:-1], TextSegment(_tokenize(p, TARGET_DELIMITER + word) + eos, loss=trained)]
 
     def next_sample(self) -> tuple[Sample, list[int]]:
         """The next sample of this stream read on its own (its walk advances, no mixing draw)."""

@@ -1,0 +1,102 @@
+"""Fast binding: a few-shot task only in-context learning can solve (after Frozen, Tsimpoukelli et al. 2021).
+
+Each query is an *episode*: ``ways`` classes of one attribute of easy-VQA images (their shape, or their
+colour), each class named by a made-up word (``dax``, ``blicket``, ...) that appears only in the
+demonstrations; ``k`` demonstrations per class (an image, the attribute's question, the class's word),
+shuffled; then a query image of one of the classes and the same question. The model answers by greedy
+generation; a prediction is right when it is the query class's word. With no demonstrations the word is
+unknowable, so k = 0 is at 0 % by construction and chance with demonstrations is ``1 / ways``; only reading
+the demonstrations scores. The ``-real`` variants name each class by its real name (``circle``, ``red``):
+the same episodes, solvable zero-shot by a model that knows the attribute.
+
+Classes, names and demonstrations are drawn per (seed, query index); the names are
+:data:`metalm.training.episodes.HELD_OUT_WORDS`, which in-context training (``relabel``) never uses.
+Queries come from the test split, demonstrations from the train split. ``k`` (``--shots``) counts
+demonstrations *per class*, as in Frozen: 2-way at k = 4 shows 8.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+
+from metalm.evaluation.tasks import Example, Task
+from metalm.training.episodes import HELD_OUT_WORDS
+
+__all__ = ["FASTBIND_SETS", "fastbind_task", "make_episode"]
+
+# (attribute, ways) of the built-in tasks `fastbind-{attribute}-{ways}way` and their `-real` twins.
+FASTBIND_SETS = (("shape", 2), ("color", 2), ("color", 5))
+
+# The attribute's question, as easy-VQA asks it (so the question is one the model has read).
+QUESTIONS = {"shape": "what shape is in the image?", "color": "what color is the shape?"}
+_CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
+
+
+def _labelled_images(split: str, attribute: str) -> list[Example]:
+    """Every easy-VQA image of `split` with its `attribute` (from its caption ``a {color} {shape}.``)."""
+    from metalm.data.builtin import load_builtin
+
+    out = []
+    for i, rec in enumerate(load_builtin("easy_vqa_captions", split)):
+        match = _CAPTION.match(rec.text)
+        if match is None:
+            continue
+        value = match.group(1) if attribute == "color" else match.group(2)
+        out.append(
+            Example(
+                id=rec.id or f"fastbind/{split}/{i}",
+                fields={"question": QUESTIONS[attribute]},
+                answers=(value,),
+                image=rec.image,
+            )
+        )
+    return out
+
+
+def make_episode(
+    query: Example, pool: list[Example], k: int, rng: random.Random, *, ways: int, made_up: bool
+) -> tuple[list[Example], Example]:
+    """Demonstrations (``k`` per class, shuffled) and the query, both with their answers renamed."""
+    by_class: dict[str, list[Example]] = {}
+    for ex in pool:
+        by_class.setdefault(ex.answers[0], []).append(ex)
+    own = query.answers[0]
+    others = sorted(c for c in by_class if c != own)
+    classes = [own, *rng.sample(others, ways - 1)]
+    rng.shuffle(classes)
+    names = dict(zip(classes, rng.sample(HELD_OUT_WORDS, ways))) if made_up else {c: c for c in classes}
+    demos = [
+        replace(ex, answers=(names[c],))
+        for c in classes
+        for ex in rng.sample(by_class[c], k)
+        if ex.image != query.image
+    ]
+    rng.shuffle(demos)
+    return demos, replace(query, answers=(names[own],))
+
+
+def fastbind_task(attribute: str, ways: int, *, made_up: bool = True) -> Task:
+    """The fast-binding task for `attribute` ("shape" or "color") with `ways` classes."""
+    name = f"fastbind-{attribute}-{ways}way" + ("" if made_up else "-real")
+
+    def episodes(
+        query: Example, pool: list[Example], k: int, seed: int, index: int
+    ) -> tuple[list[Example], Example]:
+        rng = random.Random(f"metalm-fastbind/{name}/{seed}/{index}")
+        return make_episode(query, pool, k, rng, ways=ways, made_up=made_up)
+
+    naming = "made-up names seen only in the demonstrations" if made_up else "their real names"
+    return Task(
+        name=name,
+        load=lambda split: _labelled_images(split, attribute),
+        input_template="question: {question}",
+        decoder_prompt="answer:",
+        layout="vqa",
+        scoring="generate",
+        metric="accuracy",
+        max_new_tokens=6,
+        description=f"fast binding: {ways} easy-VQA {attribute}s named by {naming}; k demonstrations per class",
+        episodes=episodes,
+    )

@@ -1,0 +1,157 @@
+"""In-context training rows (``format: in_context``): several examples of one stream in one window.
+
+A model that has only seen one image, question and answer per sequence treats demonstrations as noise
+(the quickstart: easy-VQA 94 % at k = 0, 43 % at k = 4). An in-context row lays ``k`` demonstrations and a
+query into one window that attends across them, in exactly the layout evaluation uses for demonstrations::
+
+    [BOS] [image_1] Enc(question: q_1) answer: a_1 [EOS] ... [image_q] Enc(question: q) answer: a [EOS]
+
+Each example is the stream's ordinary instruction sample without its BOS, so the row read up to the
+query's ``answer:`` is the k-shot evaluation prompt, and every answer carries the loss: the answer after
+``j`` demonstrations trains the j-shot case, so one row trains k = 0 .. k.
+
+Where the demonstrations come from (:class:`InContextSettings`):
+
+- ``same_task``: the share of rows whose demonstrations ask the same question as the query (a VQA stream's
+  question text; a classification or caption stream is one task), ``ways`` answer classes per episode, the
+  query's class among them and shown at least once when ``k >= 1``: the task can be read off the
+  demonstrations. The other rows draw them from the whole stream, as k-shot evaluation does.
+- ``relabel``: the share of same-task rows whose answers are replaced, consistently within the row, by made-up words
+  (symbol tuning, Wei et al. 2023; Frozen's fast binding, Tsimpoukelli et al. 2021): the answer can then
+  only be read from the demonstrations. Those rows train only answers whose word was shown earlier in
+  the row. The made-up words are drawn from syllables and never include :data:`HELD_OUT_WORDS`, the
+  names the fast-binding evaluation uses, so evaluation words are never seen in training.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from metalm.data.records import Classification, ImageText, Record, VQAExample
+
+__all__ = [
+    "HELD_OUT_WORDS",
+    "Episode",
+    "EpisodeSampler",
+    "InContextSettings",
+    "made_up_word",
+]
+
+# The fast-binding evaluation's names (Frozen's and their kind); training's made-up words avoid them.
+HELD_OUT_WORDS = ("dax", "blicket", "wug", "zib", "toma", "fep", "kiki", "tufa", "gazzer", "mipen")
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gl", "pl", "tr", "sn")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "n", "k", "t", "x", "p", "m")
+
+
+def made_up_word(rng: random.Random) -> str:
+    """A pronounceable made-up word of two syllables (``"tokim"``), never one of HELD_OUT_WORDS."""
+    while True:
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS)
+        if word not in HELD_OUT_WORDS:
+            return word
+
+
+class InContextSettings(BaseModel):
+    """How a ``format: in_context`` stream lays out its rows (see :mod:`metalm.training.episodes`).
+
+    ``shots``: demonstrations before the query, drawn uniformly from ``[min, max]`` per row (a row that
+    would not fit ``data.seq_len`` loses its earliest demonstrations); ``same_task``: the share of rows whose
+    demonstrations share the query's task (the rest are drawn from the whole stream); ``ways``: answer
+    classes in a same-task row; ``relabel``: the share of same-task rows whose answers become made-up
+    words."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    shots: tuple[int, int] = Field((0, 4), strict=False)
+    same_task: float = Field(0.5, ge=0.0, le=1.0, strict=False)
+    ways: tuple[int, int] = Field((2, 5), strict=False)
+    relabel: float = Field(0.0, ge=0.0, le=1.0, strict=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> InContextSettings:
+        for key, low in (("shots", 0), ("ways", 1)):
+            lo, hi = getattr(self, key)
+            if not low <= lo <= hi:
+                raise ValueError(f"{key}: expected [min, max] with {low} <= min <= max, got [{lo}, {hi}]")
+        return self
+
+
+def answer_of(rec: Record) -> str:
+    """The class a record's answer belongs to (its label, first answer, or caption)."""
+    if isinstance(rec, VQAExample):
+        return rec.answers[0]
+    if isinstance(rec, Classification):
+        return rec.label
+    if isinstance(rec, ImageText):
+        return rec.text
+    raise TypeError(f"an in_context stream takes vqa, classification and image_text records, not {rec.kind}")
+
+
+def task_of(rec: Record) -> str:
+    """What makes two records the same task: a VQA question's text; a stream of anything else is one task."""
+    return " ".join(rec.question.lower().split()) if isinstance(rec, VQAExample) else ""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Demonstrations (record indices, in order) for a query, and the made-up word of each answer class
+    when the row is relabelled (else None)."""
+
+    demonstrations: tuple[int, ...]
+    words: dict[str, str] | None = None
+
+
+class EpisodeSampler:
+    """Draws episodes over one stream's records; the index of tasks and classes is built once."""
+
+    def __init__(self, records: Sequence[Record], settings: InContextSettings, usable: Sequence[int]) -> None:
+        self.records = records
+        self.settings = settings
+        self.usable = list(usable)
+        self.by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for i in self.usable:
+            task = task_of(records[i])
+            self.by_class[task][answer_of(records[i])].append(i)
+
+    def draw(self, query: int, rng: random.Random) -> Episode:
+        """An episode for record ``query``, drawn with ``rng`` (a pure function of both)."""
+        s = self.settings
+        k = rng.randint(*s.shots)
+        if rng.random() >= s.same_task:
+            pool = self.usable
+            demos = tuple(pool[rng.randrange(len(pool))] for _ in range(k))
+            return Episode(tuple(d for d in demos if d != query) if len(pool) > 1 else demos)
+        relabel = rng.random() < s.relabel
+        classes = self.by_class[task_of(self.records[query])]
+        own = answer_of(self.records[query])
+        others = sorted(c for c in classes if c != own)
+        ways = min(rng.randint(*s.ways), len(others) + 1)
+        chosen = [own, *rng.sample(others, ways - 1)]
+        picks = [own] if k >= 1 else []  # the query's class is shown at least once
+        picks += [chosen[rng.randrange(ways)] for _ in range(k - len(picks))]
+        rng.shuffle(picks)
+        demos = []
+        for c in picks:
+            members = classes[c]
+            pick = members[rng.randrange(len(members))]
+            if pick == query:  # a query is never its own demonstration
+                if len(members) == 1:
+                    continue
+                pick = members[(members.index(pick) + 1) % len(members)]
+            demos.append(pick)
+        words = None
+        if relabel and ways >= 2:
+            names: list[str] = []
+            while len(names) < ways:
+                word = made_up_word(rng)
+                if word not in names:
+                    names.append(word)
+            words = dict(zip(chosen, names))
+        return Episode(tuple(demos), words)

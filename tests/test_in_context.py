@@ -1,0 +1,204 @@
+"""In-context training rows (format: in_context) and the fast-binding evaluation."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from metalm.data.records import VQAExample
+from metalm.data.segments import TextSegment
+from metalm.evaluation.fastbind import fastbind_task, make_episode
+from metalm.evaluation.icl import build_prompt, prompt_to_sample
+from metalm.evaluation.tasks import Example, builtin_task, in_model_layout
+from metalm.training.config import ConfigError, StreamConfig, config_from_dict
+from metalm.training.data import DataStream, StreamRecords
+from metalm.training.episodes import HELD_OUT_WORDS, EpisodeSampler, InContextSettings, made_up_word
+
+COLORS = ("red", "blue", "green")
+
+
+def _records(n: int = 24) -> list[VQAExample]:
+    """VQA records over easy-VQA images: a colour question and a yes/no question per image."""
+    from metalm.data.builtin import load_builtin
+
+    caps = load_builtin("easy_vqa_captions", "train")[:n]
+    out = []
+    for i, cap in enumerate(caps):
+        color = cap.text.split()[1]
+        out.append(
+            VQAExample(image=cap.image, question="what color is the shape?", answers=(color,), id=f"c{i}")
+        )
+        yes = "yes" if i % 2 else "no"
+        out.append(VQAExample(image=cap.image, question="is there a red shape?", answers=(yes,), id=f"y{i}"))
+    return out
+
+
+def _stream(processor, settings: dict, *, seq_len: int = 400, seed: int = 0) -> DataStream:
+    config = StreamConfig(source="easy_vqa_vqa", name="vqa", format="in_context", in_context=settings)
+    spec = StreamRecords("vqa", 1.0, _records(), config)
+    return DataStream([spec], processor, seq_len=seq_len, batch_size=1, seed=seed)
+
+
+def _flat(sample) -> list:
+    """A sample as a flat sequence: decoder token ids, and one entry per encoded segment."""
+    out: list = []
+    for seg in sample:
+        if isinstance(seg, TextSegment):
+            out += list(seg.ids)
+        else:
+            pixels = seg.pixel_values
+            out.append(
+                (seg.encoder, tuple(seg.input_ids) if seg.input_ids is not None else None,
+                 None if pixels is None else round(float(pixels.double().sum()), 3))
+            )  # fmt: skip
+    return out
+
+
+def _example(rec: VQAExample) -> Example:
+    return Example(id=rec.id, fields={"question": rec.question}, answers=rec.answers, image=rec.image)
+
+
+@pytest.mark.parametrize("shots", [0, 4])
+def test_training_row_minus_its_answer_is_the_evaluation_prompt(tiny, shots):
+    """An in-context row read up to its query's answer is exactly what k-shot evaluation sends the model."""
+    model, processor = tiny
+    data = _stream(processor, {"shots": [shots, shots], "same_task": 0.0})
+    stream = data.streams[0]
+    for _ in range(3):
+        sample, used = stream.next_sample()
+        assert len(used) == shots + 1
+        assert isinstance(sample[-1], TextSegment) and sample[-1].loss
+        records = [stream.records[j] for j in used]
+        trained = SimpleNamespace(
+            prompt_layouts={"vqa": {"template": "question: {question}", "prompt": "answer:"}}
+        )
+        task = in_model_layout(builtin_task("easyvqa"), trained)
+        parts = build_prompt(task, _example(records[-1]), [_example(r) for r in records[:-1]])
+        expected = prompt_to_sample(processor, parts)
+        assert _flat(sample[:-1]) == _flat(expected)
+        # The query's answer, then EOS, is what the row trains last.
+        answer = processor.tokenize(" " + records[-1].answers[0]) + [processor.eos_token_id]
+        assert list(sample[-1].ids) == answer
+
+
+def test_every_answer_is_trained_and_nothing_else(tiny):
+    _, processor = tiny
+    stream = _stream(processor, {"shots": [3, 3], "same_task": 0.0}).streams[0]
+    sample, used = stream.next_sample()
+    trained = [seg for seg in sample if isinstance(seg, TextSegment) and seg.loss]
+    assert len(trained) == len(used) == 4
+    # The labelled positions are exactly the answers and their EOS, each predicted from the position before.
+    batch = processor.collate([sample])
+    labels = batch["labels"][0]
+    expected = [i for seg in trained for i in seg.ids]
+    assert labels[labels != -100].tolist() == expected
+    # BOS opens the row once; every example but the first starts right after the previous EOS.
+    bos = [i for s in sample if isinstance(s, TextSegment) for i in s.ids if i == processor.bos_token_id]
+    assert len(bos) == 1
+
+
+def test_relabelled_rows_train_only_words_shown_before(tiny):
+    _, processor = tiny
+    stream = _stream(processor, {"shots": [4, 6], "same_task": 1.0, "relabel": 1.0, "ways": [2, 2]}).streams[
+        0
+    ]
+    real = {a for r in stream.records for a in r.answers}
+    for _ in range(5):
+        sample, used = stream.next_sample()
+        answers = [
+            seg
+            for seg in sample
+            if isinstance(seg, TextSegment) and len(seg.ids) > 1 and seg is not sample[0]
+        ]
+        labels = [s for s in sample if isinstance(s, TextSegment) and s.ids[-1] == processor.eos_token_id]
+        words = [processor.decode(s.ids[:-1]).strip() for s in labels]
+        assert len(words) == len(used) and not set(words) & real and not set(words) & set(HELD_OUT_WORDS)
+        seen: set[str] = set()
+        for seg, word in zip(labels, words):
+            assert seg.loss == (word in seen)  # a word is trained only once it has been shown
+            seen.add(word)
+        assert labels[-1].loss  # the query's class is always shown before it
+        assert len({stream.records[j].question for j in used}) == 1  # one task per row
+        assert answers
+
+
+def test_rows_are_deterministic_and_fit_seq_len(tiny):
+    _, processor = tiny
+    a = _stream(processor, {"shots": [6, 8]}, seq_len=80).streams[0]
+    b = _stream(processor, {"shots": [6, 8]}, seq_len=80).streams[0]
+    for _ in range(4):
+        (sa, ua), (sb, ub) = a.next_sample(), b.next_sample()
+        assert ua == ub and _flat(sa) == _flat(sb)
+        from metalm.data.segments import sample_length
+
+        assert sample_length(sa, processor.config) <= 80
+        assert len(ua) < 9  # earliest demonstrations left out to fit
+
+
+def test_query_attends_to_its_demonstrations(tiny):
+    """Examples in one row are not isolated: changing a demonstration changes the query's logits."""
+    model, processor = tiny
+    stream = _stream(processor, {"shots": [2, 2], "same_task": 0.0}).streams[0]
+    sample, _ = stream.next_sample()
+    labels = [i for i, s in enumerate(sample) if isinstance(s, TextSegment) and s.loss]
+    changed = list(sample)
+    first = labels[0]
+    changed[first] = TextSegment([processor.tokenize("purple")[0], *sample[first].ids[1:]], loss=True)
+    with torch.no_grad():
+        out = [model(**processor.collate([s])).logits[0, -3] for s in (sample, changed)]
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_made_up_words_avoid_the_evaluation_names():
+    rng = random.Random(0)
+    words = {made_up_word(rng) for _ in range(5000)}
+    assert len(words) > 1000 and not words & set(HELD_OUT_WORDS)
+
+
+def test_episode_shows_the_query_class():
+    recs = _records()
+    sampler = EpisodeSampler(
+        recs, InContextSettings(shots=(1, 1), same_task=1.0, ways=(3, 3)), range(len(recs))
+    )
+    counts = {a: sum(r.answers == a for r in recs) for a in {r.answers for r in recs}}
+    for q in range(0, len(recs), 2):
+        episode = sampler.draw(q, random.Random(q))
+        assert q not in episode.demonstrations
+        # The query's class is shown, unless the query is its only member (then the row cannot show it).
+        shown = [recs[d].answers for d in episode.demonstrations]
+        assert shown == ([recs[q].answers] if counts[recs[q].answers] > 1 else [])
+
+
+def test_in_context_settings_are_checked():
+    with pytest.raises(ValueError, match="shots"):
+        InContextSettings(shots=(4, 2))
+    stream = {"source": "easy_vqa_vqa", "format": "instruction", "in_context": {"shots": [1, 2]}}
+    base = {"model": {"decoder": {"model_type": "llama"}}, "data": {"streams": [stream]}}
+    with pytest.raises(ConfigError, match="in_context"):
+        config_from_dict(base)
+    assert StreamConfig(source="easy_vqa_vqa", format="in_context").in_context == InContextSettings()
+
+
+def test_fast_binding_episode():
+    pool = [Example(f"d{i}", {"question": "q"}, (c,), image=f"{i}.png") for i, c in enumerate(COLORS * 10)]
+    query = Example("q", {"question": "q"}, ("blue",), image="q.png")
+    demos, asked = make_episode(query, pool, 3, random.Random(1), ways=2, made_up=True)
+    assert len(demos) == 6 and asked.answers[0] in HELD_OUT_WORDS
+    names = {d.answers[0] for d in demos}
+    assert len(names) == 2 and asked.answers[0] in names and names <= set(HELD_OUT_WORDS)
+    real, asked = make_episode(query, pool, 2, random.Random(1), ways=2, made_up=False)
+    assert asked.answers == ("blue",) and {d.answers[0] for d in real} <= set(COLORS)
+
+
+def test_fast_binding_is_unsolvable_without_demonstrations(tiny):
+    from metalm.evaluation.runner import evaluate
+
+    model, processor = tiny
+    summary = evaluate(
+        model, processor, fastbind_task("shape", 2), shots=[0, 1], seeds=[0], limit=4, progress=False
+    )
+    by_k = summary["results"]["fastbind-shape-2way"]
+    assert by_k["0"]["mean"]["accuracy"] == 0.0 and by_k["1"]["n"] == 4
