@@ -138,6 +138,18 @@ def test_rows_are_deterministic_and_fit_seq_len(tiny):
         assert len(ua) < 9  # earliest demonstrations left out to fit
 
 
+def test_a_stream_may_set_its_own_row_length(tiny):
+    _, processor = tiny
+    config = StreamConfig(
+        source="easy_vqa_vqa", name="vqa", format="in_context", in_context={"shots": [8, 8], "seq_len": 60}
+    )
+    data = DataStream([StreamRecords("vqa", 1.0, _records(), config)], processor, seq_len=400, batch_size=1)
+    from metalm.data.segments import sample_length
+
+    sample, used = data.streams[0].next_sample()
+    assert sample_length(sample, processor.config) <= 60 and len(used) < 9
+
+
 def test_query_attends_to_its_demonstrations(tiny):
     """Examples in one row are not isolated: changing a demonstration changes the query's logits."""
     model, processor = tiny
@@ -202,3 +214,26 @@ def test_fast_binding_is_unsolvable_without_demonstrations(tiny):
     )
     by_k = summary["results"]["fastbind-shape-2way"]
     assert by_k["0"]["mean"]["accuracy"] == 0.0 and by_k["1"]["n"] == 4
+
+
+def test_interleaved_documents_refer_back_across_images():
+    from metalm.data.builtin import load_builtin
+    from metalm.data.records import ImagePart, TextPart
+
+    docs = load_builtin("easy_vqa_documents", "validation")
+    images = [p.image for d in docs for p in d.parts if isinstance(p, ImagePart)]
+    assert len(images) == len(set(images)) == len(load_builtin("easy_vqa_captions", "validation"))
+    captions = {r.image: r.text for r in load_builtin("easy_vqa_captions", "validation")}
+    for n, doc in enumerate(docs):
+        assert (1 if n == len(docs) - 1 else 3) <= len(doc.parts) // 2 <= 5  # the last takes what is left
+        seen: list[tuple[str, str]] = []
+        for image, text in zip(doc.parts[::2], doc.parts[1::2]):
+            assert isinstance(image, ImagePart) and isinstance(text, TextPart)
+            color, shape = captions[image.image][2:-1].split()
+            assert text.text.startswith(f"a {color} {shape}")
+            if any(s == shape for _, s in seen):
+                first = next(i for i, (_, s) in enumerate(seen) if s == shape)
+                assert text.text.endswith(
+                    f"the same shape as the {('first', 'second', 'third', 'fourth')[first]}."
+                )
+            seen.append((color, shape))

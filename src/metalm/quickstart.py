@@ -222,6 +222,7 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
         "A model whose yes/no accuracy is no better than the wording-alone row answers from the question, not "
         "from the image (most easy-VQA yes/no questions ask about a colour the image does not have).",
         "",
+        *in_context_section(out),
         "## Sample captions (held-out test images)",
         "",
         "| image | reference | " + " | ".join(CAPTION_TASKS.values()) + " |",
@@ -232,6 +233,26 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
     path.write_text("\n".join(lines) + "\n")
     (out / "eval" / "breakdown.json").write_text(json.dumps(table, indent=2) + "\n")
     return path
+
+
+def in_context_section(out: Path) -> list[str]:
+    """The report's in-context learning table (from `eval-icl/`), with what it measures."""
+    from metalm.evaluation.in_context import in_context_lines
+
+    if not (out / "eval-icl").exists():
+        return []
+    return [
+        "## Learning from demonstrations (in-context)",
+        "",
+        *in_context_lines(out / "eval-icl"),
+        "",
+        "Mean ± spread over 3 seeds of demonstrations (k = 0: one run). easy-VQA: k random training-split "
+        "demonstrations before each test question, in the layout the model trained on. Fast binding: k "
+        "demonstrations *per class* whose answers are made-up words (dax, blicket, ...) that no training "
+        "row uses, so only the demonstrations tell the answer (chance 50 % for 2-way, 20 % for 5-way; "
+        "k = 0 is 0 % by construction); `-real` asks the same episodes with the real names.",
+        "",
+    ]
 
 
 RESULTS_BEGIN = "<!-- quickstart-results:begin (written by `metalm quickstart --results-page`) -->"
@@ -254,6 +275,7 @@ def results_section(out: Path, train_s: float, eval_s: float) -> list[str]:
         "",
         *breakdown_lines(breakdown(out / "eval")),
         "",
+        *in_context_section(out),
         "| image | reference | " + " | ".join(CAPTION_TASKS.values()) + " |",
         "|---|---|" + "---|" * len(CAPTION_TASKS),
         *_sample_captions(out / "eval", n=6),
@@ -286,6 +308,7 @@ def quickstart(
 
     import metalm  # noqa: F401  (registers the Auto classes)
     from metalm.data.processor import MetaLMProcessor
+    from metalm.evaluation.in_context import evaluate_in_context
     from metalm.evaluation.runner import evaluate
     from metalm.training.config import load_config
     from metalm.training.trainer import train
@@ -308,6 +331,11 @@ def quickstart(
         model, processor, ["easyvqa-caption-image", "easyvqa-caption", "easyvqa", "bbc-topic"], shots=(0,), limit=eval_limit,
         batch_size=32, out_dir=out / "eval", model_name=str(result.final_dir),
     )  # fmt: skip
+    icl_limit = max(1, eval_limit // 3) if eval_limit else None
+    print(
+        f"[metalm quickstart] in-context: easy-VQA and fast binding at k = 1, 4 ({icl_limit or 'all'} per task)"
+    )
+    evaluate_in_context(model, processor, out / "eval-icl", limit=icl_limit, batch_size=32)
     chance = chance_baselines(eval_limit)
     eval_s = time.time() - t0
     (out / "eval" / "chance.json").write_text(json.dumps(chance, indent=2) + "\n")

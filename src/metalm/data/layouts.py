@@ -23,6 +23,7 @@ from metalm.modalities.audio import AudioInput
 
 __all__ = [
     "CHAT_HISTORY",
+    "CAPTION_INSTRUCTION",
     "DEFAULT_LAYOUTS",
     "PromptLayout",
     "PromptLayouts",
@@ -41,6 +42,10 @@ class PromptLayout(BaseModel):
     template: str = ""
     prompt: str = ""
 
+    def render(self, **fields: str) -> str:
+        """The encoder input for `fields` (what training encodes, and evaluation and chat send)."""
+        return self.template.format_map(fields) if self.template else ""
+
     def parts(
         self,
         images: Iterable[Any] = (),
@@ -51,7 +56,7 @@ class PromptLayout(BaseModel):
     ) -> list[Any]:
         """Processor parts for one request. `text_encoder=None`: the input is plain decoder text."""
         parts: list[Any] = [ImageInput(img, encoder=vision_encoder) for img in images]
-        text = self.template.format_map(fields) if self.template else ""
+        text = self.render(**fields)
         if text.strip():
             parts.append(Encode(text, encoder=text_encoder) if text_encoder else text)
         if self.prompt.strip():
@@ -71,7 +76,11 @@ class PromptLayouts(BaseModel):
     classification: PromptLayout = PromptLayout(template="{text} OPTIONS: {options} TARGET:")
 
 
+# The one place the default request layouts are written: training (`metalm.training.config`), the built-in
+# evaluation tasks and chat/serve read them from here.
 DEFAULT_LAYOUTS = PromptLayouts()
+# The paper's zero-shot captioning request, and an instruction stream's default caption template.
+CAPTION_INSTRUCTION = "Summarize this image:"
 
 
 def layouts_of(config: Any) -> PromptLayouts:
@@ -135,7 +144,7 @@ def chat_layout_parts(
             parts += [layouts.vqa.prompt] if images and layouts.vqa.prompt.strip() else []
             continue
         layout = layouts.vqa if text else layouts.caption
-        rendered = layout.template.format_map({"question": text}) if layout.template else ""
+        rendered = layout.render(question=text)
         encoder = text_encoder(rendered) if callable(text_encoder) else text_encoder
         request = layout.parts(images, text_encoder=encoder, vision_encoder=vision_encoder, question=text)
         parts += request[: len(images)] + clips + request[len(images) :]

@@ -21,6 +21,7 @@ import random
 import re
 from dataclasses import replace
 
+from metalm.data.layouts import DEFAULT_LAYOUTS
 from metalm.evaluation.tasks import Example, Task
 from metalm.training.episodes import HELD_OUT_WORDS
 
@@ -91,8 +92,8 @@ def fastbind_task(attribute: str, ways: int, *, made_up: bool = True) -> Task:
     return Task(
         name=name,
         load=lambda split: _labelled_images(split, attribute),
-        input_template="question: {question}",
-        decoder_prompt="answer:",
+        input_template=DEFAULT_LAYOUTS.vqa.template,
+        decoder_prompt=DEFAULT_LAYOUTS.vqa.prompt,
         layout="vqa",
         scoring="generate",
         metric="accuracy",

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from metalm.data.layouts import CAPTION_INSTRUCTION, DEFAULT_LAYOUTS
 from metalm.evaluation import metrics as M
 
 __all__ = [
@@ -469,8 +470,8 @@ def _image_tasks() -> dict[str, Callable[[], Task]]:
             load=_easyvqa,
             # The question is encoded with the image; the answer cue is decoder text, as in training
             # ([image] Enc("question: Q") answer: A); few-shot uses the paper's capitalised prompt.
-            input_template="question: {question}",
-            decoder_prompt="answer:",
+            input_template=DEFAULT_LAYOUTS.vqa.template,
+            decoder_prompt=DEFAULT_LAYOUTS.vqa.prompt,
             fewshot_input_template="Question: {question}",
             fewshot_decoder_prompt="Answer:",
             layout="vqa",
@@ -482,7 +483,7 @@ def _image_tasks() -> dict[str, Callable[[], Task]]:
         "easyvqa-caption": lambda: Task(
             name="easyvqa-caption",
             load=_easyvqa_caption,
-            input_template="Summarize this image:",
+            input_template=CAPTION_INSTRUCTION,
             scoring="generate",
             metric="caption",
             max_new_tokens=20,
@@ -521,7 +522,7 @@ def _speech_tasks() -> dict[str, Callable[[], Task]]:
             load=_spoken_vqa,
             # [image] [spoken question] answer: A, as speech_easy_vqa trains: the clip is the question.
             input_template="",
-            decoder_prompt="answer:",
+            decoder_prompt=DEFAULT_LAYOUTS.vqa.prompt,
             scoring="generate",
             metric="vqa_accuracy",
             max_new_tokens=5,
@@ -531,8 +532,8 @@ def _speech_tasks() -> dict[str, Callable[[], Task]]:
             name="easyvqa-spoken-typed",
             load=functools.partial(_spoken_vqa, spoken=False),
             # The same questions typed, in easyvqa's protocol: what the spoken accuracy is measured against.
-            input_template="question: {question}",
-            decoder_prompt="answer:",
+            input_template=DEFAULT_LAYOUTS.vqa.template,
+            decoder_prompt=DEFAULT_LAYOUTS.vqa.prompt,
             layout="vqa",
             scoring="generate",
             metric="vqa_accuracy",

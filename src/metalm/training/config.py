@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from metalm.data.layouts import CAPTION_INSTRUCTION, DEFAULT_LAYOUTS
 from metalm.data.records import KINDS
 from metalm.modalities import encoder_kinds
 from metalm.model.connectors import CONNECTOR_TYPES
@@ -64,11 +65,11 @@ TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 TEMPLATE_REQUIRED = {"classification": "text", "vqa": "question"}
 DEFAULT_TEMPLATES = {
-    "classification": "{text} OPTIONS: {options} TARGET:",
-    "vqa": "question: {question}",
-    "image_text": "Summarize this image:",
+    "classification": DEFAULT_LAYOUTS.classification.template,
+    "vqa": DEFAULT_LAYOUTS.vqa.template,
+    "image_text": CAPTION_INSTRUCTION,
 }
-DEFAULT_PROMPTS = {"vqa": "answer:"}
+DEFAULT_PROMPTS = {"vqa": DEFAULT_LAYOUTS.vqa.prompt}
 OPTIONS_JOINER = ", "
 # What a saved model (`init_from`) fixes: a config that starts from one cannot set these.
 INIT_FROM_FIXED = ("decoder", "tokenizer", "encoders")

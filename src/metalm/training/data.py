@@ -62,6 +62,7 @@ import torch
 
 from metalm.data.audio import AudioError
 from metalm.data.images import ImageError, ImagePreprocessor, load_image
+from metalm.data.layouts import PromptLayout
 from metalm.data.records import (
     AudioPart,
     AudioText,
@@ -338,6 +339,9 @@ class _Stream:
         self.config = spec.config or StreamConfig(source=spec.name)  # format and instruction templates
         self.instruction = self.config.supervised
         self._episodes: EpisodeSampler | None = None  # format: in_context (built on first use)
+        # Decoder positions a row of this stream may take: an in-context row may have its own.
+        in_context = self.config.in_context
+        self.seq_len = (in_context.seq_len if in_context else None) or ctx.seq_len
         self.options = spec.options
         self.ids: dict[int, Any] = {}  # token cache, one entry per record
         self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
@@ -618,14 +622,14 @@ class _Stream:
             slots_used = o.config.num_slots(o.text_encoder, len(enc)) if enc else 0
             return dec, enc, len(enc) <= limit, slots_used <= budget
 
-        text = template.format_map(fields)
+        text = PromptLayout(template=template).render(**fields)
         dec, enc, in_encoder, in_window = measure(text)
         cut = False
         if kind == "classification" and not (in_encoder and in_window):
             words = fields["text"].split()
 
             def render(n: int) -> str:
-                return template.format_map({**fields, "text": " ".join(words[:n])})
+                return PromptLayout(template=template).render(**{**fields, "text": " ".join(words[:n])})
 
             # A word is at least one token, so no more than the token budget of words can fit.
             lo, hi = 0, max(0, min(len(words), budget if limit is None else min(budget, limit)))
@@ -705,7 +709,7 @@ class _Stream:
                 raise ValueError(f"stream {self.name!r}: every record is bad; nothing to train on")
         raise ValueError(
             f"stream {self.name!r}: {MAX_TRIES:,} samples in a row had nothing to train on "
-            f"(is seq_len {self.ctx.seq_len} too short for them?)"
+            f"(is seq_len {self.seq_len} too short for them?)"
         )
 
     # --- in-context rows (format: in_context; see metalm.training.episodes) ---------------------------
@@ -728,7 +732,7 @@ class _Stream:
         used, keep = len(self.bos), 0
         for _, sample in reversed(examples):  # the query and the latest demonstrations that fit
             n = sample_length(sample, self.ctx.config)
-            if keep and used + n > self.ctx.seq_len:
+            if keep and used + n > self.seq_len:
                 break
             used, keep = used + n, keep + 1
         row: Sample = [TextSegment(list(self.bos), loss=False)] if self.bos else []
@@ -770,8 +774,8 @@ class _Stream:
     def _fit(self, sample: Sample) -> Sample | None:
         """`sample` cut to ``seq_len`` (counted), or None when nothing in it is left to train on."""
         ctx = self.ctx
-        if sample_length(sample, ctx.config) > ctx.seq_len:
-            sample = truncate_sample(sample, ctx.seq_len, ctx.config)
+        if sample_length(sample, ctx.config) > self.seq_len:
+            sample = truncate_sample(sample, self.seq_len, ctx.config)
             ctx.tally.count("truncated")
         if _has_target(sample, ctx.config):
             return sample

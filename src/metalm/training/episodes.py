@@ -62,7 +62,8 @@ class InContextSettings(BaseModel):
     """How a ``format: in_context`` stream lays out its rows (see :mod:`metalm.training.episodes`).
 
     ``shots``: demonstrations before the query, drawn uniformly from ``[min, max]`` per row (a row that
-    would not fit ``data.seq_len`` loses its earliest demonstrations); ``same_task``: the share of rows whose
+    would not fit ``seq_len`` loses its earliest demonstrations); ``seq_len``: the row's decoder positions
+    (default ``data.seq_len``; with ``mix: batch`` only this stream's batches are that wide); ``same_task``: the share of rows whose
     demonstrations share the query's task (the rest are drawn from the whole stream); ``ways``: answer
     classes in a same-task row; ``relabel``: the share of same-task rows whose answers become made-up
     words."""
@@ -73,6 +74,7 @@ class InContextSettings(BaseModel):
     same_task: float = Field(0.5, ge=0.0, le=1.0, strict=False)
     ways: tuple[int, int] = Field((2, 5), strict=False)
     relabel: float = Field(0.0, ge=0.0, le=1.0, strict=False)
+    seq_len: int | None = Field(None, ge=8)
 
     @model_validator(mode="after")
     def _ordered(self) -> InContextSettings:

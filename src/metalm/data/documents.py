@@ -1,0 +1,50 @@
+"""``easy_vqa_documents``: interleaved documents of several easy-VQA images and texts (built-in data).
+
+Flamingo, OBELICS and MM1 found few-shot ability comes with *interleaved* data: documents holding many
+images and texts, where text refers back across images. A document here is 3-5 images of one split, each
+followed by its caption and, when it shares its shape or colour with an earlier image of the document, a
+clause saying which (``"a red circle, the same shape as the first."``): that text can only be written by
+comparing the image with the ones before it. Documents are drawn with a fixed seed per split, every image
+of the split in exactly one document (the last may hold fewer than 3).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from metalm.data.records import ImagePart, ImageText, Interleaved, TextPart
+
+__all__ = ["easy_vqa_documents"]
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth")
+_CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
+
+
+def _document_text(captions: list[tuple[str, str]], j: int) -> str:
+    """The text after image `j`: its caption, and the earliest earlier image sharing its shape or colour."""
+    color, shape = captions[j]
+    for attribute, value in (("shape", shape), ("colour", color)):
+        same = [i for i in range(j) if captions[i][0 if attribute == "colour" else 1] == value]
+        if same:
+            return f"a {color} {shape}, the same {attribute} as the {ORDINALS[same[0]]}."
+    return f"a {color} {shape}."
+
+
+def easy_vqa_documents(images: list[ImageText], split: str) -> list[Interleaved]:
+    """Interleaved documents over `images` (the split's captioned images, caption ``a {color} {shape}.``)."""
+    labelled = [(rec, _CAPTION.match(rec.text)) for rec in images]
+    labelled = [(rec, (m.group(1), m.group(2))) for rec, m in labelled if m is not None]
+    rng = random.Random(f"easy_vqa_documents/{split}")
+    rng.shuffle(labelled)
+    documents: list[Interleaved] = []
+    start = 0
+    while start < len(labelled):
+        chunk = labelled[start : start + rng.randint(3, 5)]
+        start += len(chunk)
+        captions = [c for _, c in chunk]
+        parts: list[ImagePart | TextPart] = []
+        for j, (rec, _) in enumerate(chunk):
+            parts += [ImagePart(rec.image), TextPart(_document_text(captions, j))]
+        documents.append(Interleaved(parts=tuple(parts), id=f"easy_vqa_documents/{split}/{len(documents)}"))
+    return documents

@@ -1,0 +1,107 @@
+"""Does the model learn from demonstrations? easy-VQA by question type at k = 0, 1, 4 and fast binding.
+
+One function runs the evaluation (:func:`evaluate_in_context`), one turns its files into a markdown table
+(:func:`in_context_lines`); the quickstart report and the results script both use them. easy-VQA draws
+k random demonstrations from the training split per query and seed (the GPT-3 protocol); fast binding
+(:mod:`metalm.evaluation.fastbind`) shows k demonstrations *per class* under made-up names, beside the same
+episodes with the real names. Demonstrations and query are asked in the model's trained layout.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FASTBIND_SHOWN", "ICL_SHOTS", "evaluate_in_context", "in_context_lines", "in_context_table"]
+
+ICL_SHOTS = (0, 1, 4)
+FASTBIND_SHOWN = ("fastbind-shape-2way", "fastbind-shape-2way-real", "fastbind-color-5way")
+
+
+def evaluate_in_context(
+    model,
+    processor,
+    out_dir: Path,
+    *,
+    limit: int | None = 100,
+    seeds: Sequence[int] = (0, 1, 2),
+    shots: Sequence[int] = ICL_SHOTS,
+    fastbind: Sequence[str] = FASTBIND_SHOWN,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """easy-VQA at each k in `shots` and the fast-binding tasks at each k >= 1 (k = 0 is 0 % by
+    construction for made-up names), every k > 0 over `seeds`; files under `out_dir`."""
+    from metalm.evaluation.runner import evaluate
+
+    common = dict(limit=limit, seeds=list(seeds), batch_size=batch_size, progress=progress)
+    vqa = evaluate(model, processor, "easyvqa", shots=list(shots), out_dir=out_dir / "easyvqa", **common)
+    binding = evaluate(
+        model,
+        processor,
+        list(fastbind),
+        shots=[k for k in shots if k > 0],
+        out_dir=out_dir / "fastbind",
+        **common,
+    )
+    return {"easyvqa": vqa, "fastbind": binding}
+
+
+def _by_type(path: Path) -> dict[str, float]:
+    from metalm.evaluation.breakdown import read_predictions, vqa_by_question_type
+
+    return {t: row["accuracy"] for t, row in vqa_by_question_type(read_predictions(path)).items()}
+
+
+def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``{row: {k: {"mean", "std", "n_seeds"}}}`` from the evaluation files under `out_dir`: easy-VQA
+    overall and per question type (each seed's breakdown, then mean and spread over seeds), and each
+    fast-binding task's accuracy."""
+    from metalm.evaluation.breakdown import QUESTION_TYPES
+
+    table: dict[str, dict[str, dict[str, float]]] = {}
+
+    def put(row: str, k: str, values: list[float]) -> None:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.setdefault(row, {})[k] = {
+            "mean": statistics.fmean(values),
+            "std": spread,
+            "n_seeds": len(values),
+        }
+
+    vqa = out_dir / "easyvqa"
+    if (vqa / "summary.json").exists():
+        summary = json.loads((vqa / "summary.json").read_text())
+        for k, entry in summary["results"]["easyvqa"].items():
+            put("easy-VQA", k, [m["vqa_accuracy"] for m in entry["seeds"].values()])
+            seeds = [_by_type(p) for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))]
+            for qtype in QUESTION_TYPES:
+                put(f"easy-VQA {qtype}", k, [s[qtype] for s in seeds if qtype in s])
+    binding = out_dir / "fastbind" / "summary.json"
+    if binding.exists():
+        for task, by_k in json.loads(binding.read_text())["results"].items():
+            for k, entry in by_k.items():
+                put(task, k, [m["accuracy"] for m in entry["seeds"].values()])
+    return table
+
+
+def in_context_lines(out_dir: Path, shots: Sequence[int] = ICL_SHOTS) -> list[str]:
+    """The table as markdown: a row per task (and easy-VQA question type), a column per k."""
+    table = in_context_table(out_dir)
+    head = " | ".join(f"k = {k}" for k in shots)
+    lines = [f"| task | {head} |", "|---|" + "---:|" * len(shots)]
+    for row, by_k in table.items():
+        cells = []
+        for k in shots:
+            cell = by_k.get(str(k))
+            if cell is None:
+                cells.append("–")
+            elif cell["n_seeds"] > 1:
+                cells.append(f"{cell['mean']:.1f} ± {cell['std']:.1f}")
+            else:
+                cells.append(f"{cell['mean']:.1f}")
+        lines.append(f"| {row} | {' | '.join(cells)} |")
+    return lines
