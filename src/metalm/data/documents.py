@@ -1,4 +1,7 @@
-"""``easy_vqa_documents``: interleaved documents of several easy-VQA images and texts (built-in data).
+"""Built-in data for in-context training: ``easy_vqa_documents`` (interleaved documents) and
+``easy_vqa_attributes`` (the attribute questions fast binding asks).
+
+``easy_vqa_documents``: interleaved documents of several easy-VQA images and texts (built-in data).
 
 Flamingo, OBELICS and MM1 found few-shot ability comes with *interleaved* data: documents holding many
 images and texts, where text refers back across images. A document here is 3-5 images of one split, each
@@ -13,9 +16,20 @@ from __future__ import annotations
 import random
 import re
 
-from metalm.data.records import ImagePart, ImageText, Interleaved, TextPart
+from metalm.data.records import ImagePart, ImageText, Interleaved, TextPart, VQAExample
 
-__all__ = ["easy_vqa_documents"]
+__all__ = ["ATTRIBUTE_QUESTIONS", "easy_vqa_attributes", "easy_vqa_documents"]
+
+# easy-VQA's own phrasings of the two attribute questions (the package's question templates).
+ATTRIBUTE_QUESTIONS = {
+    "shape": ("what shape is in the image?", "what shape does the image contain?", "what shape is present?"),
+    "color": (
+        "what color is the shape?",
+        "what is the color of the shape?",
+        "what color is the {shape}?",
+        "what is the color of the {shape}?",
+    ),
+}
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 _CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
@@ -48,3 +62,19 @@ def easy_vqa_documents(images: list[ImageText], split: str) -> list[Interleaved]
             parts += [ImagePart(rec.image), TextPart(_document_text(captions, j))]
         documents.append(Interleaved(parts=tuple(parts), id=f"easy_vqa_documents/{split}/{len(documents)}"))
     return documents
+
+
+def easy_vqa_attributes(images: list[ImageText], split: str) -> list[VQAExample]:
+    """Two questions per image, its shape and its colour, each in one of easy-VQA's phrasings (drawn with
+    a fixed seed): the open questions a fast-binding episode asks, for in-context training."""
+    rng = random.Random(f"easy_vqa_attributes/{split}")
+    out: list[VQAExample] = []
+    for rec in images:
+        match = _CAPTION.match(rec.text)
+        if match is None:
+            continue
+        color, shape = match.groups()
+        for attribute, answer in (("shape", shape), ("color", color)):
+            question = rng.choice(ATTRIBUTE_QUESTIONS[attribute]).format(shape=shape)
+            out.append(VQAExample(image=rec.image, question=question, answers=(answer,), id=f"{rec.id}/{attribute}"))
+    return out
