@@ -32,6 +32,7 @@ class ServerSettings:
     max_audio_bytes: int = 8_000_000  # one input_audio clip, decoded from its base64
     max_audio_seconds: float = 30.0  # one clip (the audio encoder's own limit applies too)
     max_audio_clips: int = 4  # per request
+    max_concurrent_audio_decodes: int = 2  # clip decodes at once, server-wide (each holds <= ~6 MB)
     max_messages: int = 128
     max_prompt_tokens: int | None = None  # default: the model's context length
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for

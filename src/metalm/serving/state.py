@@ -7,6 +7,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from metalm.serving.audio_intake import AudioIntake
 from metalm.serving.engine import Engine, Prompt
 from metalm.serving.errors import APIError
 from metalm.serving.page import ChatPage
@@ -53,6 +54,7 @@ class ServerState:
     model_name: str
     request_model: type[ChatCompletionRequest]  # with the settings' limits
     resolver: ImageResolver
+    audio: AudioIntake
     limiter: InFlightLimiter
     page: ChatPage
     created: int  # the models' "created" time
@@ -68,6 +70,7 @@ class ServerState:
             model_name=model_name,
             request_model=bounded_request_model(settings, model_name),
             resolver=ImageResolver(settings, target_size=engine.image_size),
+            audio=AudioIntake(settings, engine.max_audio_seconds),
             limiter=InFlightLimiter(settings.max_concurrent_requests),
             page=ChatPage.load(),
             created=int(time.time()),
