@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
+import httpx
 import numpy as np
 import pytest
 
 from metalm.data.audio import AudioError, load_audio
 from metalm.serving.engine import Engine
 from metalm.serving.server import ServerSettings, create_app
-from tests.test_serving import _peak_rss_during
+from tests.test_serving import MODEL_NAME, _peak_rss_during, _rss_mb, start_live_server
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -96,3 +98,67 @@ def test_audio_errors_carry_no_memory_addresses():
     with pytest.raises(AudioError) as info:
         load_audio(b"RIFF....WAVEjunk" * 4, name="clip")
     assert " at 0x" not in str(info.value) and info.value.code == "invalid_audio"
+
+
+# --- 2. prompt text bounded before tokenizing; 4. admission before parsing, parsing bounded --------------
+@pytest.fixture(scope="module")
+def live_tiny(tiny_saved):
+    """A live server on the tiny model with the default 12 MB body limit."""
+    engine, server = start_live_server(tiny_saved, max_body_bytes=12_000_000)
+    with server:
+        yield server.server.config.app.state.metalm, server.url
+    engine.close()
+
+
+def _post_raw(url: str, raw: bytes, timeout: float = 120) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        content=raw,
+        headers={"content-type": "application/json"},
+        timeout=timeout,
+    )
+    return response, time.monotonic() - start
+
+
+def _settled_rss(seconds: float = 1.5) -> float:
+    time.sleep(seconds)  # the server trims freed memory within half a second of a large request
+    return _rss_mb()
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(live_tiny):
+    _, url = live_tiny
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a " * 1_500_000}], "max_tokens": 2}
+    raw = json.dumps(body).encode()
+    _post_raw(url, raw)  # warm up (first-request allocations are not what is measured)
+    base = _settled_rss()
+    before, peak, _, (response, seconds) = _peak_rss_during(lambda: _post_raw(url, raw))
+    after = _settled_rss()
+    print(
+        f"\n3 MB prompt: {seconds:.2f} s, RSS {base:.0f} MB, peak +{peak - before:.0f}, after +{after - base:.0f}"
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert seconds < 2 and peak - before < 80 and after - base < 30  # was ~10 s and +600 MB, kept
+
+
+def test_a_full_server_refuses_before_reading_the_body(live_tiny):
+    state, url = live_tiny
+    state.limiter.count = state.limiter.limit  # every place in flight taken
+    try:
+        response, _ = _post_raw(url, b"{not json")
+    finally:
+        state.limiter.count = 0
+    assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_body_of_a_million_empty_objects_is_refused_before_parsing(live_tiny):
+    _, url = live_tiny
+    raw = (
+        b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"metadata":['
+        % MODEL_NAME.encode()
+    )
+    raw += b"{}," * 3_800_000 + b"{}]}"  # 11.4 MB: ~255 MB once parsed
+    before, peak, _, (response, seconds) = _peak_rss_during(lambda: _post_raw(url, raw))
+    print(f"\n{len(raw):,} byte body of empty objects: {seconds:.2f} s, RSS peak +{peak - before:.0f} MB")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_json_values"
+    assert peak - before < 60 and seconds < 2

@@ -97,8 +97,10 @@ async def answer(
     ends; otherwise the caller releases it."""
     started = time.monotonic()
     messages = await to_chat_messages(req.messages, state.resolver, state.settings.max_images, state.audio)
+    req.messages = []  # the body's strings (base64 images, long texts) are not needed any more
     params = req.sampling_params(state.settings.default_max_tokens)
     job, events = await _submit(state, messages, params, req.metalm_encode, deadline)
+    del messages  # the job holds the prompt (tokens, encoder inputs); the decoded images can go
     ids = _AnswerIds(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name)
     remaining = max(0.1, deadline - time.monotonic()) + _GRACE_S
     if req.stream:

@@ -24,6 +24,8 @@ class ServerSettings:
 
     model_name: str | None = None  # the id clients must send; default: the engine's name
     max_body_bytes: int = 12_000_000  # a base64 data URL is 4/3 of the image's bytes
+    max_json_values: int = 100_000  # brackets, commas and colons in a body, counted before parsing
+    max_concurrent_parses: int = 2  # bodies parsed at once, server-wide (each holds <= ~4 x its bytes)
     max_image_bytes: int = 8_000_000
     max_image_pixels: int = 16_777_216  # 4096 x 4096; checked from the header, before decoding
     max_request_pixels: int = 33_554_432  # decoded by all images of one request together
