@@ -3,18 +3,24 @@ it cost (time, and RSS where the issue measured memory). Tiny random models; no 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gzip
+import http.server
 import io
 import json
+import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metalm.data.audio import AudioError, load_audio
 from metalm.serving.engine import Engine
-from metalm.serving.server import ServerSettings, create_app
+from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
 from tests.test_serving import MODEL_NAME, _peak_rss_during, _rss_mb, start_live_server
 
 soundfile = pytest.importorskip("soundfile")
@@ -162,3 +168,103 @@ def test_a_body_of_a_million_empty_objects_is_refused_before_parsing(live_tiny):
     print(f"\n{len(raw):,} byte body of empty objects: {seconds:.2f} s, RSS peak +{peak - before:.0f} MB")
     assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_json_values"
     assert peak - before < 60 and seconds < 2
+
+
+# --- 3. compressed image fetches; 7. malformed URLs ----------------------------------------------------
+class _GzipBombHost(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a doubly gzipped body of zeros, whatever the client accepts."""
+
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Encoding", "gzip, gzip")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def gzip_bomb_host():
+    _GzipBombHost.body = gzip.compress(gzip.compress(bytes(200_000_000), 9), 9)  # 200 MB in a few KB
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GzipBombHost)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_double_gzip_image_is_refused_without_inflating_it(gzip_bomb_host):
+    resolver = ImageResolver(ServerSettings(allow_image_hosts=("127.0.0.1",), image_fetch_timeout_s=3))
+
+    def fetch() -> APIError:
+        with pytest.raises(APIError) as info:
+            asyncio.run(resolver.resolve(gzip_bomb_host + "/bomb.png", "messages[0].content[0]"))
+        return info.value
+
+    start = time.monotonic()
+    before, peak, _, err = _peak_rss_during(fetch)
+    seconds = time.monotonic() - start
+    print(
+        f"\n{len(_GzipBombHost.body):,} bytes of gzip, gzip: {seconds:.2f} s, RSS peak +{peak - before:.0f} MB"
+    )
+    assert err.status == 400 and err.code == "image_fetch_failed" and "Content-Encoding" in err.message
+    assert peak - before < 30 and seconds < 1  # was +200 MB inflated in one call on the event loop
+
+
+# Pieces that trip URL parsers: brackets, ports, NFKC look-alikes of separators ("\uff0f" is "/").
+_URL_PIECES = list("[]:/@%?#.\\ -_aZ09") + [
+    "::1",
+    "\u3002",
+    "\uff0e",
+    "\uff0f",
+    "\uff03",
+    "\u2100",
+    "99999",
+    "%00",
+]
+_URL_TEXT = st.lists(st.sampled_from(_URL_PIECES), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scheme=st.sampled_from(
+        ["http://", "https://", "file://", "HTTP://", "file:", "http:", "data:", "ftp://", ""]
+    ),
+    host=st.sampled_from(
+        ["[::1", "[::1]", "127.0.0.1", "localhost", "allowed.test", "a\uff03b", "[v1.x]", ""]
+    ),
+    rest=_URL_TEXT,
+)
+def test_no_url_string_is_a_server_error(tmp_path_factory, scheme, host, rest):
+    folder = tmp_path_factory.getbasetemp()
+    resolver = ImageResolver(
+        ServerSettings(
+            allow_image_hosts=("allowed.test", "127.0.0.1"),
+            allow_image_dirs=(str(folder),),
+            image_fetch_timeout_s=0.5,
+        )
+    )
+    try:
+        asyncio.run(resolver.resolve(scheme + host + rest, "messages[0].content[0]"))
+    except APIError as err:
+        assert err.status == 400, (scheme + host + rest, err.status, err.message)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1/x", "file://[::1/x", "http://a\uff03b/x.png", "http://127.0.0.1:99999/x"]
+)
+def test_malformed_image_urls_are_400s_through_the_server(tiny_saved, url):
+    engine = Engine.from_pretrained(tiny_saved, device="cpu", name="tiny")
+    content = [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    try:
+        with _client(engine, allow_image_hosts=("127.0.0.1", "a#b"), allow_image_dirs=("/tmp",)) as client:
+            response = client.post("/v1/chat/completions", json=body)
+    finally:
+        engine.close()
+    assert response.status_code == 400, response.text
