@@ -9,6 +9,7 @@ import gzip
 import http.server
 import io
 import json
+import shutil
 import threading
 import time
 
@@ -19,6 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metalm.data.audio import AudioError, load_audio
+from metalm.data.tokenizer_check import check_tokenizer
+from metalm.model.loading import ModelLoadError
+from metalm.serving.cli import main
 from metalm.serving.engine import Engine, SamplingParams
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
 from tests.test_serving import MODEL_NAME, _peak_rss_during, _rss_mb, start_live_server
@@ -296,3 +300,31 @@ def test_seeded_requests_do_not_hold_up_the_batch(tiny):
         assert len({r.completions[0].text for r in results}) == 1  # the same seed, the same answer
     finally:
         engine.close()
+
+
+# --- 6. a folder whose tokenizer is not the model's ----------------------------------------------------
+def test_a_folder_without_its_tokenizer_is_refused_not_answered_wrongly(tiny_saved, tmp_path, capsys):
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_saved, folder)
+    (folder / "tokenizer.json").unlink()  # transformers then builds a 5-token BertTokenizer
+    with pytest.raises(ModelLoadError, match="5 tokens but the model was saved with a vocabulary of 30,522"):
+        Engine.from_pretrained(folder, device="cpu")
+    assert main(["generate", "--model", str(folder), "--prompt", "hello", "--device", "cpu"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_a_tokenizer_that_reads_english_as_unknown_is_refused(tiny):
+    _, processor = tiny
+
+    class AllUnknown:
+        unk_token_id = 100
+
+        def __len__(self) -> int:
+            return 30_522
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [100] * len(text.split())}
+
+    check_tokenizer(processor.tokenizer, 30_522, "ok")
+    with pytest.raises(ModelLoadError, match="ordinary English"):
+        check_tokenizer(AllUnknown(), 30_522, "folder")
