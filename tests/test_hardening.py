@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from metalm.data.audio import AudioError, load_audio
+from metalm.data.images import ImageError, load_image
 from metalm.data.tokenizer_check import check_tokenizer
 from metalm.model.loading import ModelLoadError
 from metalm.serving.cli import main
@@ -328,3 +330,35 @@ def test_a_tokenizer_that_reads_english_as_unknown_is_refused(tiny):
     check_tokenizer(processor.tokenizer, 30_522, "ok")
     with pytest.raises(ModelLoadError, match="ordinary English"):
         check_tokenizer(AllUnknown(), 30_522, "folder")
+
+
+# --- 7. the low ones -------------------------------------------------------------------------------------
+def _palette_png(side: int) -> bytes:
+    """A palette PNG with a tRNS chunk (every entry its own alpha), compressible: small on the wire."""
+    arr = np.tile(np.arange(256, dtype=np.uint8), (side, side // 256 or 1))[:, :side]
+    img = Image.fromarray(arr, "L").convert("P")
+    img.putpalette([(i * 7) % 256 for i in range(768)])
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=bytes(range(256)))
+    return buf.getvalue()
+
+
+def test_a_transparent_palette_png_is_flattened_in_its_palette():
+    small = Image.open(io.BytesIO(_palette_png(256)))
+    reference = Image.alpha_composite(Image.new("RGBA", small.size, "white"), small.convert("RGBA")).convert(
+        "RGB"
+    )
+    flat = load_image(_palette_png(256))
+    assert np.abs(np.asarray(flat, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
+    data = _palette_png(4096)
+    before, peak, _, out = _peak_rss_during(lambda: load_image(data, target_size=32, max_pixels=2**24))
+    print(f"\n4096^2 palette + tRNS PNG ({len(data):,} bytes): RSS peak +{peak - before:.0f} MB")
+    assert out.size == (64, 64) and peak - before < 130  # was +333 MB: RGBA copies at full size
+
+
+def test_a_file_image_over_the_limit_says_so_once(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(b"\x89PNG" + bytes(2_000))
+    with pytest.raises(ImageError) as info:
+        load_image(path, max_bytes=1_000)
+    assert info.value.code == "image_too_large" and str(info.value).count("image ") == 1
