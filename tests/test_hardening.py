@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import shutil
+import socket
 import threading
 import time
 
@@ -362,3 +363,63 @@ def test_a_file_image_over_the_limit_says_so_once(tmp_path):
     with pytest.raises(ImageError) as info:
         load_image(path, max_bytes=1_000)
     assert info.value.code == "image_too_large" and str(info.value).count("image ") == 1
+
+
+def test_a_model_name_with_a_newline_cannot_forge_a_log_line(tiny_saved, caplog):
+    engine = Engine.from_pretrained(tiny_saved, device="cpu", name="tiny")
+    body = {
+        "model": "x\n2026-01-01 INFO metalm.serving: FORGED",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    try:
+        with caplog.at_level("INFO", logger="metalm.serving"), _client(engine) as client:
+            response = client.post("/v1/chat/completions", json=body)
+    finally:
+        engine.close()
+    assert response.status_code == 404
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert refused and all("\n" not in line for line in refused) and "\\n2026" in refused[-1]
+
+
+def test_a_client_leaving_mid_upload_is_not_a_server_error(live_tiny, caplog):
+    _, url = live_tiny
+    host, port = url.removeprefix("http://").split(":")
+    with caplog.at_level("INFO", logger="metalm.serving"):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b'{"model": "' + b"a" * 1000
+            )
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+    assert not [r for r in caplog.records if "unhandled" in r.getMessage() or r.exc_info]
+
+
+def test_a_string_where_a_size_belongs_is_one_line(tiny_saved, tmp_path):
+    folder = tmp_path / "bad_config"
+    shutil.copytree(tiny_saved, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = "256"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelLoadError, match=r"text_config\.hidden_size must be a positive integer, got '256'"
+    ):
+        Engine.from_pretrained(folder, device="cpu")
+
+
+def test_serve_takes_an_api_key_flag(monkeypatch):
+    import argparse
+
+    from metalm.serving import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "serve", lambda *args, **kwargs: seen.update(kwargs))
+    parser = argparse.ArgumentParser()
+    cli.add_parsers(parser.add_subparsers(dest="command"))
+    assert "--api-key" in parser._subparsers._group_actions[0].choices["serve"].format_help()
+    monkeypatch.setenv("METALM_API_KEY", "from-env")
+    args = parser.parse_args(["serve", "--model", "m", "--api-key", "from-flag"])
+    assert args.func(args) == 0 and seen["api_key"] == "from-flag"
+    args = parser.parse_args(["serve", "--model", "m"])
+    assert args.func(args) == 0 and seen["api_key"] == "from-env"

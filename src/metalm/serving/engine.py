@@ -68,6 +68,7 @@ from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, check_chat_history, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length, to_device
+from metalm.model.loading import check_config
 from metalm.serving.continuous import RowSampling, RunningBatch, continuous_unsupported
 
 __all__ = [
@@ -447,10 +448,7 @@ class Engine:
         import metalm  # noqa: F401  (registers the MetaLM auto classes)
 
         directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{directory} has no config.json: pass the folder of a saved metalm model"
-            )
+        check_config(directory)  # one line for a broken config, before transformers reads it
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         load_kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from metalm.serving.errors import APIError
+from metalm.serving.errors import APIError, one_line
 from metalm.serving.settings import ServerSettings, host_name
 
 __all__ = ["HTTPGuard", "parse_json"]
@@ -69,7 +69,8 @@ class HTTPGuard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         response = self.refusal(scope) if scope["type"] == "http" else None
         if response is not None:
-            logger.info("refused %s %s: %d", scope.get("method"), scope.get("path"), response.status_code)
+            path = one_line(scope.get("path"))
+            logger.info("refused %s %s: %d", one_line(scope.get("method")), path, response.status_code)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
