@@ -13,6 +13,7 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -28,7 +29,7 @@ from metalm.model.loading import ModelLoadError
 from metalm.serving.cli import main
 from metalm.serving.engine import Engine, SamplingParams
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
-from tests.test_serving import MODEL_NAME, _peak_rss_during, _rss_mb, start_live_server
+from tests.test_serving import MODEL_NAME, LiveServer, _peak_rss_during, _rss_mb, start_live_server
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -423,3 +424,75 @@ def test_serve_takes_an_api_key_flag(monkeypatch):
     assert args.func(args) == 0 and seen["api_key"] == "from-flag"
     args = parser.parse_args(["serve", "--model", "m"])
     assert args.func(args) == 0 and seen["api_key"] == "from-env"
+
+
+# --- the bar: a hostile mix holds the memory bound and keeps answering ---------------------------------
+def _hostile_bodies(hour_of_silence: bytes, bomb_url: str) -> list[bytes]:
+    """One raw body of each hostile kind above (each under the default 12 MB body limit)."""
+
+    def chat(content, **extra) -> bytes:
+        return json.dumps(
+            {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], **extra}
+        ).encode()
+
+    def image(url: str) -> list[dict]:
+        return [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]
+
+    flac = base64.b64encode(hour_of_silence).decode()
+    palette = "data:image/png;base64," + base64.b64encode(_palette_png(4096)).decode()
+    meta = chat("hi", max_tokens=1)[:-1] + b',"metadata":[' + b"{}," * 3_800_000 + b"{}]}"
+    return [
+        chat([{"type": "input_audio", "input_audio": {"data": flac, "format": "wav"}}]),
+        chat("a " * 5_950_000),  # 11.9 MB of prompt
+        meta,
+        chat(image(bomb_url)),
+        chat("tell me a story", seed=3, temperature=2.0, max_tokens=200),
+        chat(image(palette), max_tokens=2),
+        chat(image("http://[::1/x")),
+        json.dumps({"model": "x\nFORGED", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    ]
+
+
+def test_fifty_hostile_requests_hold_the_memory_bound(tiny_saved, hour_of_silence, gzip_bomb_host):
+    """50 requests cycling through every hostile kind above, four at a time, against default settings
+    (plus --allow-image-hosts for the gzip bomb); a normal request every 0.25 s throughout. RSS ends within
+    150 MB of where it started and no normal request waits 2 s (docs/serving.md, "Memory bounds")."""
+    engine = Engine.from_pretrained(tiny_saved, device="cpu", name=MODEL_NAME)
+    server = LiveServer(
+        create_app(engine, ServerSettings(model_name=MODEL_NAME, allow_image_hosts=("127.0.0.1",)))
+    )
+    bodies = _hostile_bodies(hour_of_silence, gzip_bomb_host + "/bomb.png")
+    normal = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    waits, statuses, done = [], [], threading.Event()
+    with server:
+        url = server.url
+
+        def probe() -> None:
+            while not done.is_set():
+                start = time.monotonic()
+                assert httpx.post(url + "/v1/chat/completions", json=normal, timeout=30).status_code == 200
+                waits.append(time.monotonic() - start)
+                time.sleep(0.25)
+
+        for body in bodies:  # warm every path once: first-use allocations are not growth
+            _post_raw(url, body)
+        base = _settled_rss()
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        start = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [
+                r.status_code
+                for r, _ in pool.map(lambda i: _post_raw(url, bodies[i % len(bodies)]), range(50))
+            ]
+        seconds = time.monotonic() - start
+        done.set()
+        prober.join(30)
+        after = _settled_rss()
+    engine.close()
+    print(
+        f"\n50 hostile requests in {seconds:.1f} s: RSS {base:.0f} MB before, {after - base:+.0f} MB after; "
+        f"{len(waits)} normal requests, slowest {max(waits):.2f} s; statuses {sorted(set(statuses))}"
+    )
+    assert 500 not in statuses and len(waits) >= 3
+    assert after - base < 150 and max(waits) < 2

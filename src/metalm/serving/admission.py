@@ -63,7 +63,6 @@ class BodyReader:
             raise APIError(
                 499, "the client went away during the upload", code="client_disconnected"
             ) from None
-        request.state.body_bytes = len(data)
         return await run_in_threadpool(self._parse, [data], model)
 
     def _parse(self, holder: list[bytearray], model: type[ChatCompletionRequest]) -> ChatCompletionRequest:
@@ -129,18 +128,16 @@ def _text_chars(message: Message) -> int:
 
 
 class MemoryTrimmer:
-    """Hands freed heap memory back to the system shortly after a large request ends: glibc keeps the
-    arenas a 12 MB body was parsed in, so without it RSS only ever grows (the issue saw 538 MB -> 4.8 GB).
-    Trimmed from a background task, once the request's objects (and any exception holding them) are gone."""
-
-    LARGE = 1_000_000  # bytes of body that leave enough behind to be worth a trim
+    """Hands freed heap memory back to the system shortly after requests end: glibc keeps the arenas a
+    12 MB body was parsed in, or a large image decoded in, so without it RSS only ever grows (the issue saw
+    538 MB -> 4.8 GB). At most one trim per period, from a background task, once the requests' objects
+    (and any exception holding them) are gone; a trim takes milliseconds."""
 
     def __init__(self) -> None:
         self.dirty = False
 
-    def request_ended(self, body_bytes: int) -> None:
-        if body_bytes >= self.LARGE:
-            self.dirty = True
+    def request_ended(self) -> None:
+        self.dirty = True
 
     async def run(self, period_s: float = 0.5) -> None:
         while True:

@@ -89,7 +89,7 @@ async def chat_completions(request: Request, state: State) -> Response:
         slot.release()
         raise
     finally:
-        state.trimmer.request_ended(getattr(request.state, "body_bytes", 0))
+        state.trimmer.request_ended()
     if not stream:
         slot.release()
     return response
