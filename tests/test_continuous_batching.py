@@ -156,7 +156,7 @@ def test_sampling_seeds_and_cancellation_in_the_running_batch(model_and_processo
         cancelled.cancel()
         assert len(sampled.result(timeout=60).completions) == 2
         first, second = (job.result(timeout=60).completions[0].text for job in seeded)
-        assert first == second  # a seeded job runs alone: reproducible
+        assert first == second  # each seeded job draws from its own generator: reproducible
         assert cancelled.result(timeout=60).completions[0].finish_reason == "cancelled"
     finally:
         engine.close()

@@ -3,20 +3,22 @@
 :func:`load_audio` decodes with ``soundfile`` (libsndfile: WAV, FLAC, OGG, MP3), mixes channels down to
 mono and resamples to :data:`SAMPLING_RATE` with scipy's polyphase filter, or raises :class:`AudioError`
 with a message that names the source and says what to do. It never fetches URLs; payloads over
-``max_bytes`` and clips over ``max_seconds`` are refused before they are resampled.
+``max_bytes`` are refused before decoding, clips over ``max_seconds`` from their header before decoding
+or at the first block past the limit (:mod:`metalm.data.audio_header`: a small file can hold hours).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from metalm.data.audio_header import AudioError, decode_bounded
 
 __all__ = ["SAMPLING_RATE", "AudioError", "AudioSource", "decode_base64_audio", "load_audio"]
 
@@ -27,15 +29,6 @@ AudioSource = str | Path | bytes | bytearray | memoryview | np.ndarray | Any
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _HINT = "pass a WAV/FLAC/OGG/MP3 file path, raw bytes, a data:audio/...;base64 URL or an array of samples"
-
-
-class AudioError(ValueError):
-    """Audio could not be loaded; the message names the source and says what to do. ``code`` is
-    ``invalid_audio`` or ``audio_too_long`` / ``audio_too_large`` (the server's error codes)."""
-
-    def __init__(self, message: str, code: str = "invalid_audio") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def decode_base64_audio(payload: str, label: str) -> bytes:
@@ -84,14 +77,13 @@ def _source_bytes(source: Any, label: str, max_bytes: int) -> bytes:
     return data
 
 
-def _decode(data: bytes, label: str) -> tuple[np.ndarray, int]:
-    import soundfile
-
+def _decode(data: bytes, label: str, max_seconds: float) -> tuple[np.ndarray, int]:
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"audio {label}: could not be decoded ({exc}); {_HINT}") from None
-    return samples, int(rate)
+        return decode_bounded(data, label, max_seconds)
+    except AudioError as err:
+        if err.code == "invalid_audio":
+            raise AudioError(f"{err}; {_HINT}") from None
+        raise
 
 
 def _mono(samples: np.ndarray, label: str) -> np.ndarray:
@@ -129,7 +121,7 @@ def load_audio(
     if isinstance(source, np.ndarray):
         samples, rate = np.asarray(source, dtype=np.float32), int(sampling_rate or SAMPLING_RATE)
     else:
-        samples, rate = _decode(_source_bytes(source, label, max_bytes), label)
+        samples, rate = _decode(_source_bytes(source, label, max_bytes), label, max_seconds)
     samples = _mono(samples, label)
     seconds = len(samples) / rate
     if seconds < min_seconds:

@@ -133,9 +133,34 @@ def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
         )
 
 
+def _flatten_palette(img: Image.Image) -> Image.Image | None:
+    """A palette image with per-entry transparency (PNG tRNS) as RGB on white, composited in its palette
+    (at most 256 entries) rather than pixel by pixel: an RGBA copy, its white background and the composite
+    of a 4096^2 image are 64 MB each. None when the palette or transparency is of an unusual kind."""
+    palette, trns = img.getpalette("RGB"), img.info.get("transparency")
+    if not palette:
+        return None
+    entries = len(palette) // 3
+    alpha = [255] * entries
+    if isinstance(trns, int) and 0 <= trns < entries:
+        alpha[trns] = 0
+    elif isinstance(trns, bytes | bytearray):
+        alpha[: len(trns)] = list(trns[:entries])
+    else:
+        return None
+    flat = [round((c * a + 255 * (255 - a)) / 255) for i, c in enumerate(palette) for a in (alpha[i // 3],)]
+    copy = img.copy()  # the caller's image keeps its own palette
+    copy.info.pop("transparency", None)
+    copy.putpalette(flat, "RGB")
+    return copy.convert("RGB")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB copy; transparent areas are composited onto white."""
     if img.mode == "P" and "transparency" in img.info:
+        flat = _flatten_palette(img)
+        if flat is not None:
+            return flat
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
         rgba = img.convert("RGBA")
@@ -263,6 +288,8 @@ def _read_path(source: Path, label: str, max_bytes: int) -> bytes:
                 code="image_too_large",
             )
         return source.read_bytes()
+    except ImageError:  # already says what is wrong (an ImageError is a ValueError too)
+        raise
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ImageError(f"image {label}: cannot read the file ({exc}); check the path") from None
 

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from metalm.data.images import ImagePreprocessor
 from metalm.data.segments import InputError, Sample, SampleError, TextSegment, collate
+from metalm.data.tokenizer_check import check_tokenizer
 from metalm.modalities import get_modality, modality_of_part
 from metalm.modalities.text import Encode, span_limit
 from metalm.modalities.vision import ImageInput
@@ -307,6 +308,7 @@ class MetaLMProcessor:
             raise FileNotFoundError(f"{meta_path} not found: is {directory} a metalm checkpoint?")
         meta = json.loads(meta_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        check_tokenizer(tokenizer, getattr(config.text_config, "vocab_size", None), directory)
         preprocessors = {}
         for spec in config.encoders:
             saved = get_modality(spec["kind"]).load_preprocessor(spec, directory, meta)

@@ -169,12 +169,37 @@ def check_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if config["model_type"] == "metalm":
         from metalm.model.configuration_metalm import MetaLMConfig
 
+        _check_sizes(path, config)
         try:
             MetaLMConfig.from_dict(dict(config))
         except (ValueError, TypeError, KeyError) as err:
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ModelLoadError(f"{path}: {detail}: fix the file, or re-save the model") from None
     return config
+
+
+# Architecture sizes transformers multiplies and indexes with: a string here ("256") fails deep inside
+# the model's constructor with a 44-line traceback.
+_SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "max_position_embeddings",
+)  # fmt: skip
+
+
+def _check_sizes(path: Path, config: dict[str, Any]) -> None:
+    sections = [("text_config", config.get("text_config"))]
+    sections += [(f"encoders[{i}].config", e.get("config")) for i, e in enumerate(config.get("encoders") or [])
+                 if isinstance(e, dict)]  # fmt: skip
+    for where, section in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in _SIZE_FIELDS:
+            value = section.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ModelLoadError(
+                    f"{path}: {where}.{key} must be a positive integer, got {value!r}: fix the file, or "
+                    "re-save the model"
+                )
 
 
 def _check_safetensors(path: Path) -> None:

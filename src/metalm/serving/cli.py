@@ -432,7 +432,7 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             max_concurrent_decodes=args.max_concurrent_decodes, max_images=args.max_images,
             request_timeout_s=args.request_timeout, image_fetch_timeout_s=args.image_fetch_timeout,
             allowed_hosts=args.allowed_hosts or (), allowed_origins=args.allowed_origins or (),
-            api_key=os.environ.get("METALM_API_KEY") or None,
+            api_key=args.api_key or os.environ.get("METALM_API_KEY") or None,
             log_level=args.log_level,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
@@ -498,6 +498,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     limits.add_argument("--max-concurrent-decodes", type=int, default=2, help="image decodes at once")
     limits.add_argument("--max-images", type=int, default=8, help="images per request")
     limits.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument(
+        "--api-key", default=None, metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $METALM_API_KEY; the variable keeps the key out "
+        "of the process list)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve_from_args)
     return p

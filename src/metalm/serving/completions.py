@@ -16,8 +16,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from metalm.data.audio import AudioError, decode_base64_audio, load_audio
 from metalm.data.processor import InputError
+from metalm.serving.audio_intake import AudioIntake
 from metalm.serving.engine import ChatMessage, Job, QueueFull, SamplingParams, StreamEvent
 from metalm.serving.errors import APIError, refusal_for, request_timeout
 from metalm.serving.resolver import ImageResolver
@@ -29,11 +29,9 @@ from metalm.serving.schemas import (
     Choice,
     ChunkChoice,
     Delta,
-    InputAudio,
     Message,
     Usage,
 )
-from metalm.serving.settings import ServerSettings
 from metalm.serving.state import InFlightSlot, ServerState
 
 __all__ = ["answer", "to_chat_messages"]
@@ -43,55 +41,11 @@ logger = logging.getLogger("metalm.serving")
 _GRACE_S = 5.0  # beyond the request's deadline: the worker enforces the deadline itself
 
 
-# OpenAI's input_audio formats; the clip's own header is what is decoded.
-AUDIO_FORMATS = ("wav", "mp3")
-
-
-def _decode_clip(clip: InputAudio, where: str, settings: ServerSettings, max_seconds: float) -> Any:
-    """16 kHz samples of one input_audio part, or an OpenAI-shaped 400 naming the part."""
-    if clip.format not in AUDIO_FORMATS:
-        raise APIError(
-            400, f"input_audio format {clip.format!r} is not supported; use one of {', '.join(AUDIO_FORMATS)}",
-            param=f"{where}.input_audio.format", code="invalid_audio_format",
-        )  # fmt: skip
-    if len(clip.data) > settings.max_audio_bytes * 4 // 3 + 4:  # before decoding the base64
-        raise APIError(
-            400, f"audio over {settings.max_audio_bytes:,} bytes", param=f"{where}.input_audio.data",
-            code="audio_too_large",
-        )  # fmt: skip
-    try:
-        data = decode_base64_audio(clip.data, where)
-        return load_audio(data, name=where, max_bytes=settings.max_audio_bytes, max_seconds=max_seconds)
-    except AudioError as err:
-        raise APIError(400, str(err), param=f"{where}.input_audio.data", code=err.code) from None
-
-
-async def _decode_audio(
-    messages: list[Message], settings: ServerSettings, max_seconds: float
-) -> list[list[Any]]:
-    clips = [(i, j, clip) for i, msg in enumerate(messages) for j, clip in msg.audio_clips()]
-    if len(clips) > settings.max_audio_clips:
-        i, j, _ = clips[settings.max_audio_clips]
-        raise APIError(
-            400, f"at most {settings.max_audio_clips} audio clips per request",
-            param=f"messages[{i}].content[{j}]", code="too_many_audio_clips",
-        )  # fmt: skip
-    decoded: list[list[Any]] = [[] for _ in messages]
-    for i, j, clip in clips:  # decoding is CPU work: off the event loop
-        where = f"messages[{i}].content[{j}]"
-        decoded[i].append(await run_in_threadpool(_decode_clip, clip, where, settings, max_seconds))
-    return decoded
-
-
 async def to_chat_messages(
-    messages: list[Message],
-    resolver: ImageResolver,
-    max_images: int,
-    settings: ServerSettings | None = None,
-    max_audio_seconds: float | None = None,
+    messages: list[Message], resolver: ImageResolver, max_images: int, audio: AudioIntake
 ) -> list[ChatMessage]:
     """The engine's chat messages, images and speech decoded. All images share one pixel budget; too many
-    images (or clips) are refused before any is decoded."""
+    images (or clips), and clips the model cannot hear, are refused before any is decoded."""
     images = [(i, j, url) for i, msg in enumerate(messages) for j, url in msg.image_urls()]
     if len(images) > max_images:
         i, j, _ = images[max_images]
@@ -99,16 +53,15 @@ async def to_chat_messages(
             400, f"at most {max_images} images per request", param=f"messages[{i}].content[{j}]",
             code="too_many_images",
         )  # fmt: skip
+    audio.check(messages)
     budget = resolver.new_budget()
     decoded: list[list[Any]] = [[] for _ in messages]
     for i, j, url in images:  # in order: the budget names the image that would cross it
         decoded[i].append(await resolver.resolve(url, f"messages[{i}].content[{j}]", budget))
-    settings = settings or ServerSettings()
-    seconds = min(settings.max_audio_seconds, max_audio_seconds or settings.max_audio_seconds)
-    audio = await _decode_audio(messages, settings, seconds)
+    clips = await audio.decode(messages)
     return [
-        ChatMessage(role=m.role, text=m.text(), images=imgs, audio=clips)
-        for m, imgs, clips in zip(messages, decoded, audio)
+        ChatMessage(role=m.role, text=m.text(), images=imgs, audio=heard)
+        for m, imgs, heard in zip(messages, decoded, clips)
     ]
 
 
@@ -143,15 +96,11 @@ async def answer(
     """The answer to a validated request. A streamed answer takes over `slot` and releases it when it
     ends; otherwise the caller releases it."""
     started = time.monotonic()
-    messages = await to_chat_messages(
-        req.messages,
-        state.resolver,
-        state.settings.max_images,
-        state.settings,
-        state.engine.max_audio_seconds,
-    )
+    messages = await to_chat_messages(req.messages, state.resolver, state.settings.max_images, state.audio)
+    req.messages = []  # the body's strings (base64 images, long texts) are not needed any more
     params = req.sampling_params(state.settings.default_max_tokens)
     job, events = await _submit(state, messages, params, req.metalm_encode, deadline)
+    del messages  # the job holds the prompt (tokens, encoder inputs); the decoded images can go
     ids = _AnswerIds(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name)
     remaining = max(0.1, deadline - time.monotonic()) + _GRACE_S
     if req.stream:

@@ -9,6 +9,9 @@ are when it runs alone. Finished rows leave after the step that finished them (t
 dropped), and the leading columns that no remaining row uses are cut off, so the cache does not grow with
 the batch's history.
 
+Seeded jobs join like any other; each draws from its own `torch.Generator`, so a handful of seeded requests
+cannot hold the batch for everyone else (they used to run alone, one after another).
+
 This reproduces `generate`'s greedy decoding step for step (prefill logits of the last position, begin-
 suppressed continuation pieces, argmax), which the tests check against the batched `generate` path and
 against one-by-one generation.
@@ -107,6 +110,22 @@ def continuous_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _job_generator(job: Any, device: torch.device) -> torch.Generator | None:
+    """The random generator of a seeded job (made from its seed at its first draw; None: unseeded). Its
+    rows draw from it in row order, so a seeded answer depends on its seed and logits alone: not on how
+    many other rows are sampled in the same step (the logits themselves may differ in the last bits with
+    the batch's shape)."""
+    seed = job.params.seed
+    if seed is None:
+        return None
+    generator = getattr(job, "generator", None)
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed % 2**64)  # the API takes any int64; the generator wants it unsigned
+        job.generator = generator
+    return generator
+
+
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing == 0:
@@ -154,7 +173,13 @@ class RunningBatch:
         if not any(t > 0 for t in temps):
             return logits.argmax(-1)
         scores = RowSampling(temps, [float(row.job.params.top_p) for row in rows])(None, logits)
-        return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+        probs = scores.softmax(-1)
+        tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        for i, row in enumerate(rows):  # a seeded job draws from its own generator, whatever else runs
+            generator = _job_generator(row.job, probs.device)
+            if generator is not None:
+                tokens[i] = torch.multinomial(probs[i], num_samples=1, generator=generator)[0]
+        return tokens
 
     @torch.inference_mode()
     def join(self, batch: dict[str, Any], rows_per_prompt: Sequence[Sequence[Row]]) -> None:

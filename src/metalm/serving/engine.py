@@ -37,7 +37,7 @@ of two ways (``batching``):
   run them through one ``model.generate`` call (per-row logits processor and stopping criterion). Also the
   fallback for decoders whose cache cannot be joined row by row (sliding-window layers, e.g. Gemma-3).
 
-Seeded and beam-search jobs run alone through ``model.generate`` in both modes.
+Beam-search jobs (and seeded ones under ``dynamic`` batching) run alone through ``model.generate``.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, check_chat_history, layouts_of
 from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length, to_device
+from metalm.model.loading import check_config
 from metalm.serving.continuous import RowSampling, RunningBatch, continuous_unsupported
 
 __all__ = [
@@ -99,7 +100,7 @@ class JobTimeout(TimeoutError):
 class SamplingParams:
     """How to generate. ``temperature=0`` is greedy decoding; ``n`` independent choices per prompt;
     ``num_beams > 1`` runs beam search (direct calls only, no streaming); ``seed`` makes sampling
-    reproducible (a seeded job runs in a batch of its own)."""
+    reproducible (its own generator in the running batch; a batch of its own under dynamic batching)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -128,7 +129,7 @@ class SamplingParams:
 
     @property
     def exclusive(self) -> bool:
-        """Runs in a batch of its own (beam search, or a seed to reproduce)."""
+        """Runs in a `generate` call of its own under dynamic batching (beam search, or a seed)."""
         return self.num_beams > 1 or self.seed is not None
 
 
@@ -447,10 +448,7 @@ class Engine:
         import metalm  # noqa: F401  (registers the MetaLM auto classes)
 
         directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{directory} has no config.json: pass the folder of a saved metalm model"
-            )
+        check_config(directory)  # one line for a broken config, before transformers reads it
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         load_kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -723,7 +721,7 @@ class Engine:
         try:
             if len(jobs) == 1 and jobs[0].params.num_beams > 1:
                 self._run_beams(jobs[0])
-            elif self.batching == "continuous" and not any(job.params.exclusive for job in jobs):
+            elif self.batching == "continuous" and not any(job.params.num_beams > 1 for job in jobs):
                 self._run_continuous(jobs)
             else:
                 self._run_jobs(jobs)
@@ -928,7 +926,7 @@ class Engine:
 
     def _work_continuous(self) -> None:
         """The continuous worker: between decode steps, queued jobs join the running batch (up to
-        `max_batch_size` rows) and finished ones leave. An exclusive job (seed, beams) waits at the head
+        `max_batch_size` rows) and finished ones leave. A beam-search job waits at the head
         of the line until the running batch drains, then runs alone; later jobs wait behind it."""
         running = RunningBatch(self.model, self._begin_suppress)
         waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet admitted
@@ -939,7 +937,7 @@ class Engine:
                     self._release(self._join_running(running, newcomers))
                 if len(running):
                     self._release(self._step_running(running))
-                elif waiting and waiting[0].params.exclusive:
+                elif waiting and waiting[0].params.num_beams > 1:
                     job = waiting.popleft()
                     try:
                         self._run([job])
@@ -968,7 +966,7 @@ class Engine:
             if not self._usable(job):
                 waiting.popleft()
                 continue
-            if job.params.exclusive or rows + job.params.n > self.max_batch_size:
+            if job.params.num_beams > 1 or rows + job.params.n > self.max_batch_size:
                 break
             jobs.append(waiting.popleft())
             rows += job.params.n

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from metalm.data.processor import InputError
 from metalm.serving.engine import JobTimeout, QueueFull
 
-__all__ = ["APIError", "install_error_handlers", "refusal_for", "validation_refusal"]
+__all__ = ["APIError", "install_error_handlers", "one_line", "refusal_for", "validation_refusal"]
 
 logger = logging.getLogger("metalm.serving")
 
@@ -41,6 +42,15 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: object) -> str:
+    """`text` safe for one log line: control characters (a newline in a client's `model` value would
+    forge a log line) written as escapes."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def request_timeout() -> APIError:
@@ -120,7 +130,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def refused(request: Request, exc: APIError) -> JSONResponse:
-        logger.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.message)
+        path, message = one_line(request.url.path), one_line(exc.message)
+        logger.info("refused %s %s: %d %s", request.method, path, exc.status, message)
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -134,5 +145,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        logger.exception("unhandled error on %s %s", request.method, one_line(request.url.path))
         return refusal_for(exc).response()

@@ -1,6 +1,6 @@
 """What every HTTP request must pass before an endpoint sees it (`HTTPGuard`: Host, Origin,
-Content-Type, declared length), and reading a JSON body safely (`read_json_body`: counted bytes, no
-deep nesting, huge numbers or lone surrogates)."""
+Content-Type, declared length), and parsing a JSON body safely (`parse_json`: no deep nesting, huge
+numbers or lone surrogates)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import logging
 import re
 from typing import Any
 
-from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from metalm.serving.errors import APIError
+from metalm.serving.errors import APIError, one_line
 from metalm.serving.settings import ServerSettings, host_name
 
-__all__ = ["HTTPGuard", "read_json_body"]
+__all__ = ["HTTPGuard", "parse_json"]
 
 logger = logging.getLogger("metalm.serving")
 
@@ -70,7 +69,8 @@ class HTTPGuard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         response = self.refusal(scope) if scope["type"] == "http" else None
         if response is not None:
-            logger.info("refused %s %s: %d", scope.get("method"), scope.get("path"), response.status_code)
+            path = one_line(scope.get("path"))
+            logger.info("refused %s %s: %d", one_line(scope.get("method")), path, response.status_code)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -98,15 +98,9 @@ def _check_unicode(value: Any) -> None:
             stack.extend(item)
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, counted while read (chunked bodies have no Content-Length)."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > max_bytes:
-            raise APIError(
-                413, f"the request body is over the limit of {max_bytes:,} bytes", code="request_too_large"
-            )
+def parse_json(data: bytes | bytearray) -> Any:
+    """A JSON body, refused (400) when malformed, nested too deeply, out of range or not Unicode. CPU
+    work: callers run it off the event loop (`metalm.serving.admission.BodyReader`)."""
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

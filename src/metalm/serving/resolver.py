@@ -9,7 +9,7 @@ import re
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 
@@ -18,6 +18,35 @@ from metalm.serving.errors import APIError
 from metalm.serving.settings import ServerSettings
 
 __all__ = ["ImageResolver"]
+
+
+def _split(url: str, param: str) -> SplitResult:
+    """`urlsplit(url)` with its host and port checked, or a 400: urlsplit raises ValueError on
+    "http://[::1/x", on hosts that NFKC-normalise to a separator and on ports out of range."""
+    try:
+        parts = urlsplit(url)
+        parts.hostname, parts.port  # noqa: B018  (both parse lazily and may raise)
+    except ValueError:
+        raise APIError(
+            400, f"image {param}: the URL is malformed", param=param, code="invalid_image_url"
+        ) from None
+    return parts
+
+
+def _check_response(response: Any, param: str) -> None:
+    """Refuses an image host's answer that is not a plain 200 with an identity-encoded body."""
+    if response.status_code != 200:
+        raise APIError(
+            400, f"image {param}: fetching it returned HTTP {response.status_code}", param=param,
+            code="image_fetch_failed",
+        )  # fmt: skip
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise APIError(
+            400, f"image {param}: the host sent a compressed body (Content-Encoding: {encoding[:40]}); "
+            "image fetches take uncompressed bodies only", param=param, code="image_fetch_failed",
+        )  # fmt: skip
+
 
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=_\-\s]*$")
 
@@ -79,7 +108,7 @@ class ImageResolver:
             "(--allow-image-dirs)", param=param, code="image_url_not_allowed",
         )  # fmt: skip
         dirs = self.settings.allowed_dirs_resolved
-        parts = urlsplit(url)
+        parts = _split(url, param)
         if not dirs or parts.netloc not in ("", "localhost"):
             raise refusal
         path = unquote(parts.path)
@@ -95,7 +124,7 @@ class ImageResolver:
         return resolved
 
     async def _fetch(self, url: str, param: str) -> bytes:
-        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+        host = (_split(url, param).hostname or "").lower().rstrip(".")
         # Exact names only: "evil-allowed.com" or "allowed.com.evil.net" must not pass for "allowed.com".
         if not host or host not in self.settings.allowed_hosts_lower:
             raise APIError(
@@ -122,14 +151,13 @@ class ImageResolver:
         try:
             # No redirects: a redirect could lead to a host that is not allowed.
             async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise APIError(
-                            400, f"image {param}: fetching it returned HTTP {response.status_code}", param=param,
-                            code="image_fetch_failed",
-                        )  # fmt: skip
+                # Identity only: a compressed body is a decompression bomb in waiting (1.8 KB of
+                # "gzip, gzip" inflates to 2 GB in one zlib call, on the event loop), and images are
+                # compressed already. The raw bytes are read, so nothing is ever inflated here.
+                async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
+                    _check_response(response, param)
                     data = bytearray()
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in response.aiter_raw():
                         data += chunk
                         if len(data) > limit:
                             raise APIError(
@@ -137,7 +165,7 @@ class ImageResolver:
                                 code="image_too_large",
                             )  # fmt: skip
                     return bytes(data)
-        except httpx.HTTPError as err:
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
             raise APIError(
                 400, f"image {param}: could not be fetched ({type(err).__name__})", param=param,
                 code="image_fetch_failed",

@@ -8,11 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import ValidationError
 
 from metalm.serving.completions import answer
-from metalm.serving.errors import APIError, validation_refusal
-from metalm.serving.http_guard import read_json_body
+from metalm.serving.errors import APIError
 from metalm.serving.schemas import ChatCompletion, ErrorResponse, Health, ModelCard, ModelList
 from metalm.serving.state import ServerState
 
@@ -76,21 +74,22 @@ async def model_info(name: str, state: State) -> ModelCard:
     },
 )
 async def chat_completions(request: Request, state: State) -> Response:
-    # The body is read and validated here rather than by FastAPI: its size is counted as it arrives,
-    # hostile JSON is refused before pydantic sees it, and the limits come from this server's settings.
-    # Its schema is published by `publish_request_schema`.
+    # The body is read and validated here rather than by FastAPI: a place in flight is taken first (a
+    # 429 costs nothing), its size is counted as it arrives, it is bounded before it is parsed and
+    # parsed off the event loop (`BodyReader`), and the prompt's text is bounded before any tokenizer
+    # runs. Its schema is published by `publish_request_schema`.
     deadline = time.monotonic() + state.settings.request_timeout_s
-    body = await read_json_body(request, state.settings.max_body_bytes)
-    try:
-        req = state.request_model.model_validate(body)
-    except ValidationError as err:
-        raise validation_refusal(err, body) from None
     slot = state.limiter.acquire()
     try:
+        req = await state.bodies.read(request, state.request_model)
+        state.prompt_text.check(req.messages, state.engine.chat_history)
+        stream = req.stream
         response = await answer(state, request, req, deadline, slot)
     except BaseException:
         slot.release()
         raise
-    if not req.stream:
+    finally:
+        state.trimmer.request_ended()
+    if not stream:
         slot.release()
     return response

@@ -21,6 +21,7 @@ gate), `routes` (endpoints), `completions` (answering a request).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,7 +43,11 @@ __all__ = ["APIError", "ImageResolver", "ServerSettings", "create_app"]
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.metalm.engine.start()
-    yield
+    trimmer = asyncio.create_task(app.state.metalm.trimmer.run())
+    try:
+        yield
+    finally:
+        trimmer.cancel()
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:

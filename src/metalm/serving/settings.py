@@ -24,6 +24,8 @@ class ServerSettings:
 
     model_name: str | None = None  # the id clients must send; default: the engine's name
     max_body_bytes: int = 12_000_000  # a base64 data URL is 4/3 of the image's bytes
+    max_json_values: int = 100_000  # brackets, commas and colons in a body, counted before parsing
+    max_concurrent_parses: int = 2  # bodies parsed at once, server-wide (each holds <= ~4 x its bytes)
     max_image_bytes: int = 8_000_000
     max_image_pixels: int = 16_777_216  # 4096 x 4096; checked from the header, before decoding
     max_request_pixels: int = 33_554_432  # decoded by all images of one request together
@@ -32,6 +34,7 @@ class ServerSettings:
     max_audio_bytes: int = 8_000_000  # one input_audio clip, decoded from its base64
     max_audio_seconds: float = 30.0  # one clip (the audio encoder's own limit applies too)
     max_audio_clips: int = 4  # per request
+    max_concurrent_audio_decodes: int = 2  # clip decodes at once, server-wide (each holds <= ~6 MB)
     max_messages: int = 128
     max_prompt_tokens: int | None = None  # default: the model's context length
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for

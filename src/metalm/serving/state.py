@@ -7,6 +7,8 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from metalm.serving.admission import BodyReader, MemoryTrimmer, PromptTextBound, max_token_chars
+from metalm.serving.audio_intake import AudioIntake
 from metalm.serving.engine import Engine, Prompt
 from metalm.serving.errors import APIError
 from metalm.serving.page import ChatPage
@@ -53,6 +55,10 @@ class ServerState:
     model_name: str
     request_model: type[ChatCompletionRequest]  # with the settings' limits
     resolver: ImageResolver
+    audio: AudioIntake
+    bodies: BodyReader
+    prompt_text: PromptTextBound
+    trimmer: MemoryTrimmer
     limiter: InFlightLimiter
     page: ChatPage
     created: int  # the models' "created" time
@@ -68,6 +74,13 @@ class ServerState:
             model_name=model_name,
             request_model=bounded_request_model(settings, model_name),
             resolver=ImageResolver(settings, target_size=engine.image_size),
+            audio=AudioIntake(settings, engine.max_audio_seconds),
+            bodies=BodyReader(settings),
+            prompt_text=PromptTextBound(
+                settings.max_prompt_tokens or engine.context_length,
+                max_token_chars(engine.processor.tokenizer),
+            ),
+            trimmer=MemoryTrimmer(),
             limiter=InFlightLimiter(settings.max_concurrent_requests),
             page=ChatPage.load(),
             created=int(time.time()),
