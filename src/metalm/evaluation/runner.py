@@ -512,7 +512,9 @@ def eval_main(
     outputs to ``out`` and prints ``results.md``."""
     from transformers import AutoModelForCausalLM
 
-    import metalm  # noqa: F401  (registers the Auto classes)
+    import metalm
+
+    metalm.register()  # the Auto classes (idempotent)
 
     if isinstance(task, str):
         task = [task]
