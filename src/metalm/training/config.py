@@ -410,7 +410,9 @@ class RunConfig(_Section):
     ``torchrun``/``accelerate launch``; an accelerate config with ``distributed_type: FSDP`` turns it on
     too). ``feature_cache``: keep the outputs of the encoders' frozen lower layers (``trainable_layers``)
     per image / span / clip, content-addressed, in memory and on disk (``true``: under
-    ``$METALM_CACHE/features``; a path: there); it changes no result (see docs/training.md)."""
+    ``$METALM_CACHE/features``; a path: there); it changes no result (see docs/training.md).
+    ``mixed_precision``: ``auto`` (bf16 autocast where it is faster, else fp32: see
+    :mod:`metalm.training.precision`), ``bf16`` or ``no``."""
 
     output_dir: str = Field("runs/metalm", min_length=1)
     seed: int = 0
@@ -419,7 +421,7 @@ class RunConfig(_Section):
     save_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, ge=0)
-    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(_no_as_text)] = "no"
+    mixed_precision: Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_no_as_text)] = "auto"
     resume: bool | Literal["restart"] = True
     tensorboard: bool = True
     fsdp: bool = False
