@@ -347,7 +347,8 @@ def _results_markdown(summary: dict[str, Any]) -> str:
         f"- mode: {summary['mode']}",
         f"- seeds: {', '.join(map(str, summary['seeds']))} (k=0 is deterministic and runs once)",
         f"- limit: {summary['limit'] if summary['limit'] is not None else 'all'}",
-        "- scores on a 0-100 scale, mean ± std (sample std) over seeds",
+        "- scores x100 (accuracy, F1, BLEU-4, ROUGE-L: 0-100; CIDEr-D: 0-1000, as papers print it)",
+        "- mean ± std (sample std) over seeds; a score from one run (one seed, or k=0) has no spread",
         "",
         head,
         "|" + "---|" * (len(shots) + 2),
@@ -360,8 +361,10 @@ def _results_markdown(summary: dict[str, Any]) -> str:
                 entry = by_k.get(str(k))
                 if entry is None or key not in entry["mean"]:
                     cells.append("–")
-                else:
+                elif len(entry.get("seeds", ())) > 1:
                     cells.append(f"{entry['mean'][key]:.1f} ± {entry['std'][key]:.1f}")
+                else:  # one run: a spread of 0.0 would claim a stability nobody measured
+                    cells.append(f"{entry['mean'][key]:.1f}")
             lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
