@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -243,8 +244,9 @@ class StreamConfig(_Section):
     """One data stream. ``source``: a built-in dataset name (``metalm.data.builtin``) or a JSONL file /
     folder of JSONL files. ``split`` applies to built-ins. ``kind`` picks another record kind of a
     built-in source (``bbc_news`` + ``kind: text``) or, for files, requires every record to be of it.
-    Validation records: ``validation_source`` if set, else (built-ins) the ``validation_split`` of the
-    same dataset; a file stream without ``validation_source`` adds nothing to validation.
+    Validation records: ``validation_source`` if set, or a ``validation_fraction`` held out of ``source``
+    (seeded by ``validation_seed``), else (built-ins) the ``validation_split`` of the same dataset; a file
+    stream without either adds nothing to validation.
 
     ``format``: ``lm`` (semi-causal LM samples, see ``docs/training.md``) or ``instruction`` (supervised,
     FLAN style: classification, VQA and image-text records become ``[BOS] [image] Enc(template) prompt
@@ -265,10 +267,21 @@ class StreamConfig(_Section):
     kind: str | None = None
     validation_split: str | None = "validation"
     validation_source: str | None = None
+    # Held out of `source` instead: a seeded fraction, no image in both parts (metalm.training.holdout).
+    validation_fraction: Float | None = Field(None, gt=0, lt=1)
+    validation_seed: int = 0
     format: Literal["lm", "instruction"] = "lm"
     template: str | list[str] | None = None
     prompt: str | None = None
     options: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> StreamConfig:
+        if self.validation_fraction is not None and self.validation_source is not None:
+            raise FieldProblem(
+                "give validation_source or validation_fraction, not both", "validation_fraction"
+            )
+        return self
 
     @field_validator("kind")
     @classmethod
@@ -360,8 +373,11 @@ class DataConfig(_Section):
 
     @field_validator("streams")
     @classmethod
-    def _distinct_streams_that_exist(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+    def _distinct_streams_that_exist(
+        cls, streams: list[StreamConfig], info: ValidationInfo
+    ) -> list[StreamConfig]:
         from metalm.data.builtin import BUILTIN_DATASETS
+        from metalm.training.paths import relative_path_hint
 
         if not streams:
             raise ValueError("needs at least one stream")
@@ -377,7 +393,8 @@ class DataConfig(_Section):
                 if src is not None and src not in BUILTIN_DATASETS and not Path(src).exists():
                     raise FieldProblem(
                         f"{src!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                        "nor an existing JSONL file or folder",
+                        "nor an existing JSONL file or folder"
+                        + relative_path_hint(src, (info.context or {}).get("source")),
                         i,
                         key,
                     )
@@ -700,7 +717,7 @@ def config_from_dict(
     data.pop("extends", None)
     applied = apply_overrides(data, list(overrides or []))
     try:
-        cfg = TrainConfig.model_validate(data)
+        cfg = TrainConfig.model_validate(data, context={"source": source})
     except ValidationError as err:
         raise ConfigError(_config_error(err, data, applied, source)) from None
     cfg._source = source

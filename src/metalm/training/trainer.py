@@ -293,9 +293,12 @@ class Trainer:
         if cfg.init_from is None:
             return cfg.model.to_recipe().build()
         if not (Path(cfg.init_from) / "config.json").is_file():
+            from metalm.training.paths import relative_path_hint
+
             raise ConfigError(
                 f"{cfg.source or '<config>'}: init_from: {cfg.init_from!r} is not a saved MetaLM folder "
                 "(no config.json); train the model it names first, or point init_from elsewhere"
+                + relative_path_hint(cfg.init_from, cfg.source)
             )
         model = MetaLMForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn)
         if cfg.model.semi_causal:
