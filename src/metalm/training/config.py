@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import string
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,13 +27,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
 from metalm.data.records import KINDS
 from metalm.modalities import encoder_kinds
 from metalm.model.connectors import CONNECTOR_TYPES
 from metalm.recipe import EncoderRecipe, ModelRecipe
-from metalm.schema import FieldProblem, Location, declared_fields, dotted_path, locate, union_arms, value_at
+from metalm.schema import FieldProblem, dotted_path, locate
+from metalm.training.config_messages import describe as _describe
+from metalm.training.config_messages import error_message as _error_message
+from metalm.training.config_messages import origin as _origin
 
 __all__ = [
     "ConfigError",
@@ -539,77 +540,7 @@ def _check_stream_format(s: StreamConfig, kind: str | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation errors as messages
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _type_name(tp: Any) -> str:
-    """How a message names a declared type: ``int``, ``a list of str``, ``one of 'no', 'bf16'``."""
-    if typing.get_origin(tp) is Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if tp is type(None):
-        return "null"
-    if union_arms(tp):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return "a list of mappings" if _is_mapping_type(args[0]) else f"a list of {_type_name(args[0])}"
-    if origin is tuple:
-        return f"a list of {len(args)} numbers"
-    if origin is dict or tp is dict or _is_mapping_type(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _is_mapping_type(tp: Any) -> bool:
-    return isinstance(tp, type) and (issubclass(tp, BaseModel) or hasattr(tp, "__dataclass_fields__"))
-
-
-_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<")}
-
-
-def _error_message(error: ErrorDetails, where: Location, data: Any) -> str:
-    """Today's wording for one pydantic error, found at `where` in the raw config `data`."""
-    kind = error["type"]
-    if kind == "missing":
-        return (
-            "missing list item"
-            if where.steps and isinstance(where.steps[-1], int)
-            else "missing required key"
-        )
-    if error["loc"][-1:] == ("[key]",):
-        return f"keys must be strings, got {error['input']!r}"
-    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        allowed = sorted(declared_fields(where.parent) or ())
-        return f"unknown key; allowed keys here: {', '.join(allowed)}"
-    if kind in ("value_error", "assertion_error"):
-        return str(error["ctx"]["error"])
-    if kind in _BOUNDS:
-        name, sign = _BOUNDS[kind]
-        return f"must be {sign} {error['ctx'][name]}, got {error['input']}"
-    if kind in ("too_short", "string_too_short"):
-        return "must not be empty"
-    return f"expected {_type_name(where.declared)}, got {_describe(value_at(data, where.steps))}"
-
-
-def _origin(path: str, applied: dict[str, list[str | int]], default: str) -> str:
-    """Name the override that set `path` (or a mapping above it), else the file."""
-    for text, parts in applied.items():
-        prefix = dotted_path(parts)
-        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
-            return f"override {text!r}"
-    return default
+# Validation errors as messages (the wording: metalm.training.config_messages)
 
 
 def _config_error(err: ValidationError, data: Any, applied: dict[str, list[str | int]], source: str) -> str:
