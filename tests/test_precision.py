@@ -10,9 +10,9 @@ import pytest
 
 from metalm.training import precision
 from metalm.training.config import RunConfig, load_config
+from tests.conftest import REAL_CPU_BF16_SPEEDUP as REAL_SPEEDUP  # conftest replaces the check for all tests
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
-REAL_SPEEDUP = precision.cpu_bf16_speedup  # conftest replaces it in every test; the last test times it
 SAPPHIRE_RAPIDS = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 GRAVITON3 = "Features\t: fp asimd sve bf16 i8mm\n"
 
