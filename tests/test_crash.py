@@ -47,6 +47,8 @@ def crash_config(output_dir: Path) -> dict:
             "save_every": 2,
             "keep_checkpoints": 2,
             "tensorboard": False,
+            # `metalm train` subprocesses have no conftest: fp32 everywhere, whatever `auto` would time.
+            "mixed_precision": "no",
         },
     }
 

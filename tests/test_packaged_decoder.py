@@ -101,7 +101,7 @@ def test_training_config_accepts_the_packaged_decoder():
 
     cfg = load_config(Path(__file__).parents[1] / "src/metalm/configs/gemma-vl.yaml")
     assert cfg.model.decoder == packaged.PACKAGED_GEMMA and cfg.model.tokenizer is None
-    assert cfg.model.decoder_trainable is False and cfg.run.mixed_precision == "bf16"
+    assert cfg.model.decoder_trainable is False and cfg.run.mixed_precision == "auto"
 
 
 @pytest.mark.slow

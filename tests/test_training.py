@@ -94,7 +94,7 @@ def test_config_loads_and_overrides(tmp_path):
         (MINIMAL, ["optim.lr"], "override 'optim.lr': expected key.path=value"),
         (MINIMAL, ["run.nope=1"], "override 'run.nope=1': run.nope: unknown key"),
         (MINIMAL, ["data.streams.5.weight=1"], "data.streams.5: index out of range"),
-        (MINIMAL, ["run.mixed_precision=fp16"], "run.mixed_precision: expected one of 'no', 'bf16'"),
+        (MINIMAL, ["run.mixed_precision=fp16"], "run.mixed_precision: expected one of 'auto', 'no', 'bf16'"),
         (MINIMAL, ["optim.batch_size=2.5"], "optim.batch_size: expected int, got 2.5"),
         (MINIMAL, ["run.resume=maybe"], "run.resume: expected bool"),
         (

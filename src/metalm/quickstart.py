@@ -306,7 +306,9 @@ def quickstart(
     """Train the quickstart preset, evaluate it, write the report. Returns the report path."""
     from transformers import AutoModelForCausalLM
 
-    import metalm  # noqa: F401  (registers the Auto classes)
+    import metalm
+
+    metalm.register()  # the Auto classes (idempotent)
     from metalm.data.processor import MetaLMProcessor
     from metalm.evaluation.in_context import evaluate_in_context
     from metalm.evaluation.runner import evaluate

@@ -76,5 +76,7 @@ def easy_vqa_attributes(images: list[ImageText], split: str) -> list[VQAExample]
         color, shape = match.groups()
         for attribute, answer in (("shape", shape), ("color", color)):
             question = rng.choice(ATTRIBUTE_QUESTIONS[attribute]).format(shape=shape)
-            out.append(VQAExample(image=rec.image, question=question, answers=(answer,), id=f"{rec.id}/{attribute}"))
+            out.append(
+                VQAExample(image=rec.image, question=question, answers=(answer,), id=f"{rec.id}/{attribute}")
+            )
     return out

@@ -325,3 +325,7 @@ def register_processor() -> None:
         AutoProcessor.register(MetaLMConfig, MetaLMProcessor)
     except ValueError:
         pass
+
+
+# As modeling_metalm: importing the processor registers it with AutoProcessor (see metalm/__init__.py).
+register_processor()

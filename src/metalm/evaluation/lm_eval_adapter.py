@@ -84,7 +84,9 @@ class MetaLMHarnessLM(LM):
                 raise ValueError("metalm needs model_args pretrained=DIR (a saved MetaLM folder)")
             from transformers import AutoModelForCausalLM
 
-            import metalm  # noqa: F401  (registers the Auto classes)
+            import metalm
+
+            metalm.register()  # the Auto classes (idempotent)
 
             torch_dtype = _DTYPES.get(str(dtype)) if dtype not in (None, "auto") else None
             if dtype not in (None, "auto") and torch_dtype is None:

@@ -38,6 +38,7 @@ from metalm.evaluation.icl import (
     resolve_baseline,
     sample_demonstrations,
 )
+from metalm.evaluation.own_data import data_tasks, group_markdown, group_scores, read_own_data
 from metalm.evaluation.tasks import (
     METRICS,
     Example,
@@ -355,7 +356,8 @@ def _results_markdown(summary: dict[str, Any]) -> str:
         f"- mode: {summary['mode']}",
         f"- seeds: {', '.join(map(str, summary['seeds']))} (k=0 is deterministic and runs once)",
         f"- limit: {summary['limit'] if summary['limit'] is not None else 'all'}",
-        "- scores on a 0-100 scale, mean ± std (sample std) over seeds",
+        "- scores x100 (accuracy, F1, BLEU-4, ROUGE-L: 0-100; CIDEr-D: 0-1000, as papers print it)",
+        "- mean ± std (sample std) over seeds; a score from one run (one seed, or k=0) has no spread",
         "",
         head,
         "|" + "---|" * (len(shots) + 2),
@@ -368,10 +370,12 @@ def _results_markdown(summary: dict[str, Any]) -> str:
                 entry = by_k.get(str(k))
                 if entry is None or key not in entry["mean"]:
                     cells.append("–")
-                else:
+                elif len(entry.get("seeds", ())) > 1:
                     cells.append(f"{entry['mean'][key]:.1f} ± {entry['std'][key]:.1f}")
+                else:  # one run: a spread of 0.0 would claim a stability nobody measured
+                    cells.append(f"{entry['mean'][key]:.1f}")
             lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + group_markdown(summary)) + "\n"
 
 
 def _checked_runs(shots: Sequence[int], seeds: Sequence[int], batch_size: int) -> tuple[list[int], list[int]]:
@@ -405,8 +409,13 @@ def _evaluate_task(
     by_k: dict[str, Any] = {}
     for k in shots:
         per_seed: dict[int, dict[str, Any]] = {}
+        records_by_seed: dict[int, list[dict[str, Any]]] = {}
         for seed in seeds if k > 0 or t.episodes is not None else seeds[:1]:
             records, queries = _run(model, processor, t, examples, pool, k=k, seed=seed, **run)
+            for r, ex in zip(records, queries):
+                if ex.group is not None:
+                    r["group"] = ex.group
+            records_by_seed[seed] = records
             per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], queries)
             if out is not None:
                 with open(out / f"predictions-{t.name}-k{k}-s{seed}.jsonl", "w", encoding="utf-8") as fh:
@@ -419,6 +428,9 @@ def _evaluate_task(
             "mean": mean,
             "std": std,
         }
+        groups = group_scores(t, examples, records_by_seed)
+        if groups:
+            by_k[str(k)]["groups"] = groups
     return by_k
 
 
@@ -513,23 +525,35 @@ def eval_main(
     separator: str | None = None,
     normalization: str | None = None,
     device: str | None = None,
+    data: Sequence[str] = (),
+    group_by: str = "type",
 ) -> dict[str, Any]:
     """``metalm eval MODEL --task NAME [--task ...] [--shots 0,1,4] [--seeds 0,1,2] [--limit N] [--out DIR]``.
 
     Loads a saved MetaLM (folder from ``save_pretrained``) with its processor, evaluates, writes the
-    outputs to ``out`` and prints ``results.md``."""
+    outputs to ``out`` and prints ``results.md``. ``data``: records files evaluated in the model's trained
+    layouts, grouped by ``meta.<group_by>`` (:mod:`metalm.evaluation.own_data`)."""
     from transformers import AutoModelForCausalLM
 
-    import metalm  # noqa: F401  (registers the Auto classes)
+    import metalm
+
+    metalm.register()  # the Auto classes (idempotent)
+
+    from metalm.data.layouts import layouts_of
 
     if isinstance(task, str):
         task = [task]
     shot_list = _int_list(shots, "shots")
     seed_list = _int_list(seeds, "seeds")
-    tasks = [get_task(t) for t in task]  # fail on a bad task name before loading the model
+    tasks = [get_task(t) for t in task]  # fail on a bad task name or record before loading the model
+    own = [(path, read_own_data(path, group_by)) for path in data]
+    if not tasks and not own:
+        raise TaskError("nothing to evaluate: give --task and/or --data")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lm = AutoModelForCausalLM.from_pretrained(model).to(dev)
     processor = MetaLMProcessor.from_pretrained(model)
+    for path, by_kind in own:
+        tasks += data_tasks(path, by_kind, layouts_of(lm.config))
     summary = evaluate(
         lm, processor, tasks, shots=shot_list, seeds=seed_list, limit=limit, batch_size=batch_size,
         out_dir=out, baseline=baseline, separator=separator, normalization=normalization, model_name=model,
@@ -540,9 +564,9 @@ def eval_main(
 
 def _eval_from_args(args: argparse.Namespace) -> int:
     eval_main(
-        args.model, args.task, shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
+        args.model, args.task or [], shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
-        normalization=args.normalization, device=args.device,
+        normalization=args.normalization, device=args.device, data=args.data or (), group_by=args.group_by,
     )  # fmt: skip
     return 0  # the `metalm` entry point turns this into the exit status
 
@@ -559,8 +583,17 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     p.add_argument("model", help="a saved MetaLM folder")
     p.add_argument(
-        "--task", action="append", required=True,
+        "--task", action="append",
         help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a .yaml/.json task file; repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--data", action="append", metavar="RECORDS.jsonl",
+        help="records (docs/data.md: vqa, image_text, classification) asked in the model's trained layout; "
+        "repeatable; give --task and/or --data",
+    )  # fmt: skip
+    p.add_argument(
+        "--group-by", default="type", metavar="KEY",
+        help="with --data: score per value of the records' meta.KEY, beside each group's majority answer",
     )  # fmt: skip
     p.add_argument("--shots", default="0", help="comma-separated demonstration counts, e.g. 0,1,4")
     p.add_argument(

@@ -64,7 +64,8 @@ class Example:
     ``fields`` feed the templates (``{question}``, ``{text}`` ...); ``answers`` holds the gold label(s)
     (the first one is the demonstration label and the class for accuracy); ``options`` are candidates
     for this example (else the task's); ``image`` is a path / data URL for the vision encoder, ``audio``
-    one for the audio encoder (heard after the image, before the rendered input)."""
+    one for the audio encoder (heard after the image, before the rendered input); ``group``: what the
+    per-group table counts it under (``metalm eval --data``; see :mod:`metalm.evaluation.own_data`)."""
 
     id: str
     fields: dict[str, Any]
@@ -72,6 +73,7 @@ class Example:
     options: tuple[str, ...] | None = None
     image: str | None = None
     audio: str | None = None
+    group: str | None = None
 
 
 def _placeholders(template: str) -> list[str]:

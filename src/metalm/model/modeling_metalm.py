@@ -324,3 +324,7 @@ def register_auto_classes() -> None:
         AutoModelForCausalLM.register(MetaLMConfig, MetaLMForCausalLM)
     except ValueError:
         pass
+
+
+# `import metalm` registers lazily (metalm/__init__.py); importing the model class registers it as well.
+register_auto_classes()

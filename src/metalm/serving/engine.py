@@ -445,7 +445,9 @@ class Engine:
         **kwargs: Any,
     ) -> Engine:
         """Load a saved model folder (config.json + safetensors + processor files) once."""
-        import metalm  # noqa: F401  (registers the MetaLM auto classes)
+        import metalm
+
+        metalm.register()  # the Auto classes (idempotent)
 
         directory = Path(directory)
         check_config(directory)  # one line for a broken config, before transformers reads it

@@ -66,7 +66,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "or `torchrun` for several processes.",
     )
     p.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (before or after the flags)"
+    )
     how = p.add_mutually_exclusive_group()
     how.add_argument(
         "--resume",
@@ -90,5 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m metalm.training.trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
-    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    from metalm.cli import parse_args
+
+    args = parse_args(parser, ["train", *(argv if argv is not None else sys.argv[1:])])
     args.func(args)

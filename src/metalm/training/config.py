@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import string
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,17 +23,20 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
 from metalm.data.layouts import CAPTION_INSTRUCTION, DEFAULT_LAYOUTS
 from metalm.data.records import KINDS
 from metalm.modalities import encoder_kinds
 from metalm.model.connectors import CONNECTOR_TYPES
 from metalm.recipe import EncoderRecipe, ModelRecipe
-from metalm.schema import FieldProblem, Location, declared_fields, dotted_path, locate, union_arms, value_at
+from metalm.schema import FieldProblem, dotted_path, locate
+from metalm.training.config_messages import describe as _describe
+from metalm.training.config_messages import error_message as _error_message
+from metalm.training.config_messages import origin as _origin
 from metalm.training.episodes import InContextSettings
 
 __all__ = [
@@ -245,8 +247,9 @@ class StreamConfig(_Section):
     """One data stream. ``source``: a built-in dataset name (``metalm.data.builtin``) or a JSONL file /
     folder of JSONL files. ``split`` applies to built-ins. ``kind`` picks another record kind of a
     built-in source (``bbc_news`` + ``kind: text``) or, for files, requires every record to be of it.
-    Validation records: ``validation_source`` if set, else (built-ins) the ``validation_split`` of the
-    same dataset; a file stream without ``validation_source`` adds nothing to validation.
+    Validation records: ``validation_source`` if set, or a ``validation_fraction`` held out of ``source``
+    (seeded by ``validation_seed``), else (built-ins) the ``validation_split`` of the same dataset; a file
+    stream without either adds nothing to validation.
 
     ``format``: ``lm`` (semi-causal LM samples, see ``docs/training.md``) or ``instruction`` (supervised,
     FLAN style: classification, VQA and image-text records become ``[BOS] [image] Enc(template) prompt
@@ -269,11 +272,22 @@ class StreamConfig(_Section):
     kind: str | None = None
     validation_split: str | None = "validation"
     validation_source: str | None = None
+    # Held out of `source` instead: a seeded fraction, no image in both parts (metalm.training.holdout).
+    validation_fraction: Float | None = Field(None, gt=0, lt=1)
+    validation_seed: int = 0
     format: Literal["lm", "instruction", "in_context"] = "lm"
     in_context: InContextSettings | None = None
     template: str | list[str] | None = None
     prompt: str | None = None
     options: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> StreamConfig:
+        if self.validation_fraction is not None and self.validation_source is not None:
+            raise FieldProblem(
+                "give validation_source or validation_fraction, not both", "validation_fraction"
+            )
+        return self
 
     @field_validator("kind")
     @classmethod
@@ -374,8 +388,11 @@ class DataConfig(_Section):
 
     @field_validator("streams")
     @classmethod
-    def _distinct_streams_that_exist(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+    def _distinct_streams_that_exist(
+        cls, streams: list[StreamConfig], info: ValidationInfo
+    ) -> list[StreamConfig]:
         from metalm.data.builtin import BUILTIN_DATASETS
+        from metalm.training.paths import relative_path_hint
 
         if not streams:
             raise ValueError("needs at least one stream")
@@ -391,7 +408,8 @@ class DataConfig(_Section):
                 if src is not None and src not in BUILTIN_DATASETS and not Path(src).exists():
                     raise FieldProblem(
                         f"{src!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                        "nor an existing JSONL file or folder",
+                        "nor an existing JSONL file or folder"
+                        + relative_path_hint(src, (info.context or {}).get("source")),
                         i,
                         key,
                     )
@@ -424,7 +442,9 @@ class RunConfig(_Section):
     ``torchrun``/``accelerate launch``; an accelerate config with ``distributed_type: FSDP`` turns it on
     too). ``feature_cache``: keep the outputs of the encoders' frozen lower layers (``trainable_layers``)
     per image / span / clip, content-addressed, in memory and on disk (``true``: under
-    ``$METALM_CACHE/features``; a path: there); it changes no result (see docs/training.md)."""
+    ``$METALM_CACHE/features``; a path: there); it changes no result (see docs/training.md).
+    ``mixed_precision``: ``auto`` (bf16 autocast where it is faster, else fp32: see
+    :mod:`metalm.training.precision`), ``bf16`` or ``no``."""
 
     output_dir: str = Field("runs/metalm", min_length=1)
     seed: int = 0
@@ -433,7 +453,7 @@ class RunConfig(_Section):
     save_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, ge=0)
-    mixed_precision: Annotated[Literal["no", "bf16"], BeforeValidator(_no_as_text)] = "no"
+    mixed_precision: Annotated[Literal["auto", "no", "bf16"], BeforeValidator(_no_as_text)] = "auto"
     resume: bool | Literal["restart"] = True
     tensorboard: bool = True
     fsdp: bool = False
@@ -534,77 +554,7 @@ def _check_stream_format(s: StreamConfig, kind: str | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation errors as messages
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _type_name(tp: Any) -> str:
-    """How a message names a declared type: ``int``, ``a list of str``, ``one of 'no', 'bf16'``."""
-    if typing.get_origin(tp) is Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if tp is type(None):
-        return "null"
-    if union_arms(tp):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return "a list of mappings" if _is_mapping_type(args[0]) else f"a list of {_type_name(args[0])}"
-    if origin is tuple:
-        return f"a list of {len(args)} numbers"
-    if origin is dict or tp is dict or _is_mapping_type(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _is_mapping_type(tp: Any) -> bool:
-    return isinstance(tp, type) and (issubclass(tp, BaseModel) or hasattr(tp, "__dataclass_fields__"))
-
-
-_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<")}
-
-
-def _error_message(error: ErrorDetails, where: Location, data: Any) -> str:
-    """Today's wording for one pydantic error, found at `where` in the raw config `data`."""
-    kind = error["type"]
-    if kind == "missing":
-        return (
-            "missing list item"
-            if where.steps and isinstance(where.steps[-1], int)
-            else "missing required key"
-        )
-    if error["loc"][-1:] == ("[key]",):
-        return f"keys must be strings, got {error['input']!r}"
-    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        allowed = sorted(declared_fields(where.parent) or ())
-        return f"unknown key; allowed keys here: {', '.join(allowed)}"
-    if kind in ("value_error", "assertion_error"):
-        return str(error["ctx"]["error"])
-    if kind in _BOUNDS:
-        name, sign = _BOUNDS[kind]
-        return f"must be {sign} {error['ctx'][name]}, got {error['input']}"
-    if kind in ("too_short", "string_too_short"):
-        return "must not be empty"
-    return f"expected {_type_name(where.declared)}, got {_describe(value_at(data, where.steps))}"
-
-
-def _origin(path: str, applied: dict[str, list[str | int]], default: str) -> str:
-    """Name the override that set `path` (or a mapping above it), else the file."""
-    for text, parts in applied.items():
-        prefix = dotted_path(parts)
-        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
-            return f"override {text!r}"
-    return default
+# Validation errors as messages (the wording: metalm.training.config_messages)
 
 
 def _config_error(err: ValidationError, data: Any, applied: dict[str, list[str | int]], source: str) -> str:
@@ -712,7 +662,7 @@ def config_from_dict(
     data.pop("extends", None)
     applied = apply_overrides(data, list(overrides or []))
     try:
-        cfg = TrainConfig.model_validate(data)
+        cfg = TrainConfig.model_validate(data, context={"source": source})
     except ValidationError as err:
         raise ConfigError(_config_error(err, data, applied, source)) from None
     cfg._source = source

@@ -142,7 +142,8 @@ def load_stream_records(
     from metalm.data.builtin import BUILTIN_DATASETS, load_builtin
 
     name = stream.name or stream.source
-    if split == "train":
+    holdout = stream.validation_fraction is not None
+    if split == "train" or holdout:  # a held-out fraction comes out of the training records
         source, builtin_split = stream.source, stream.split
     else:
         source, builtin_split = stream.validation_source, stream.validation_split
@@ -170,6 +171,14 @@ def load_stream_records(
                 report.add(err)
                 continue
             records.append(rec)
+    if holdout:
+        from metalm.training.holdout import split_holdout
+
+        try:
+            parts = split_holdout(records, stream.validation_fraction, stream.validation_seed)
+        except ValueError as err:
+            raise ValueError(f"stream {name!r} ({source}): {err}") from None
+        records = parts[0] if split == "train" else parts[1]
     records = _subsample(list(records), data.max_records)
     if not records:
         raise ValueError(f"stream {name!r} ({source}, {split}): no records")

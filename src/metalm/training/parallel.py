@@ -34,6 +34,7 @@ class Parallelism:
     accelerator: Any
     fsdp: bool = False
     deepspeed: bool = False
+    mixed_precision: str = "no"  # run.mixed_precision with `auto` resolved: "bf16" or "no"
 
 
 def has_accelerator_device() -> bool:
@@ -52,12 +53,15 @@ def setup_parallelism(run: RunConfig, optim: OptimConfig) -> Parallelism:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import DistributedType
 
+    from metalm.training.precision import resolve_mixed_precision
+
+    mixed_precision = resolve_mixed_precision(run.mixed_precision)
     acc = Accelerator(
         # Without a GPU, say so: accelerate only sets up multi-process CPU training (gloo) under torchrun
         # when told it runs on CPU.
         cpu=not has_accelerator_device(),
         gradient_accumulation_steps=optim.grad_accum,
-        mixed_precision=run.mixed_precision,
+        mixed_precision=mixed_precision,
         # A batch without images (or spans) leaves an encoder unused; DDP must not wait for its grads.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -75,7 +79,7 @@ def setup_parallelism(run: RunConfig, optim: OptimConfig) -> Parallelism:
         raise ConfigError("run.fsdp cannot be combined with DeepSpeed; use one or the other")
     if deepspeed:
         fill_deepspeed_config(acc, optim)
-    return Parallelism(acc, fsdp=fsdp, deepspeed=deepspeed)
+    return Parallelism(acc, fsdp=fsdp, deepspeed=deepspeed, mixed_precision=mixed_precision)
 
 
 def fill_deepspeed_config(acc: Any, optim: OptimConfig) -> None:

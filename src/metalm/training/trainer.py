@@ -159,6 +159,7 @@ class Trainer:
         self.fsdp = False  # set in train(): run.fsdp or an accelerate FSDP config
         self.deepspeed = False
         self.autocast_dtype: torch.dtype | None = None
+        self.mixed_precision = "no"  # run.mixed_precision, `auto` resolved (set in train())
         self._lora = None  # the peft tuner while LoRA adapters are unmerged (model.lora)
         self.feature_cache = None  # run.feature_cache (see _attach_feature_cache)
 
@@ -167,7 +168,8 @@ class Trainer:
         parallel = setup_parallelism(self.config.run, self.config.optim)
         self.accelerator, self.fsdp, self.deepspeed = parallel.accelerator, parallel.fsdp, parallel.deepspeed
         # bf16 autocast for a model accelerate did not wrap (FSDP); accelerate's DDP wrapper has its own.
-        if self.fsdp and self.config.run.mixed_precision == "bf16":
+        self.mixed_precision = parallel.mixed_precision  # `auto` resolved
+        if self.fsdp and self.mixed_precision == "bf16":
             self.autocast_dtype = torch.bfloat16
         main = self.accelerator.is_main_process
         if main:
@@ -247,7 +249,9 @@ class Trainer:
             acc.device,
             acc.num_processes,
             " (FSDP2)" if self.fsdp else " (DeepSpeed)" if self.deepspeed else "",
-            run.mixed_precision,
+            self.mixed_precision
+            if run.mixed_precision == self.mixed_precision
+            else f"{self.mixed_precision} ({run.mixed_precision})",
         )
 
     def _agree_on_resume_point(self) -> Path | None:
@@ -289,9 +293,12 @@ class Trainer:
         if cfg.init_from is None:
             return cfg.model.to_recipe().build()
         if not (Path(cfg.init_from) / "config.json").is_file():
+            from metalm.training.paths import relative_path_hint
+
             raise ConfigError(
                 f"{cfg.source or '<config>'}: init_from: {cfg.init_from!r} is not a saved MetaLM folder "
                 "(no config.json); train the model it names first, or point init_from elsewhere"
+                + relative_path_hint(cfg.init_from, cfg.source)
             )
         model = MetaLMForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn)
         if cfg.model.semi_causal:

@@ -1,0 +1,5 @@
+"""`python -m metalm ...` = `metalm ...`."""
+
+from metalm.cli import main
+
+raise SystemExit(main())
