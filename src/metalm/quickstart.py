@@ -74,6 +74,9 @@ def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[st
     return out
 
 
+# The quickstart's fast-binding rows (the results script adds colour, 2-way and 5-way).
+QUICKSTART_FASTBIND = ("fastbind-shape-2way", "fastbind-shape-2way-real")
+
 CAPTION_TASKS: dict[str, str] = {
     "easyvqa-caption-image": "image alone",
     "easyvqa-caption": '"Summarize this image:"',
@@ -337,7 +340,9 @@ def quickstart(
     print(
         f"[metalm quickstart] in-context: easy-VQA and fast binding at k = 1, 4 ({icl_limit or 'all'} per task)"
     )
-    evaluate_in_context(model, processor, out / "eval-icl", limit=icl_limit, batch_size=32)
+    evaluate_in_context(
+        model, processor, out / "eval-icl", limit=icl_limit, batch_size=32, fastbind=QUICKSTART_FASTBIND
+    )
     chance = chance_baselines(eval_limit)
     eval_s = time.time() - t0
     (out / "eval" / "chance.json").write_text(json.dumps(chance, indent=2) + "\n")
