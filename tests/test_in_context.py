@@ -237,3 +237,19 @@ def test_interleaved_documents_refer_back_across_images():
                     f"the same shape as the {('first', 'second', 'third', 'fourth')[first]}."
                 )
             seen.append((color, shape))
+
+
+def test_in_context_report_table(tiny, tmp_path):
+    from metalm.evaluation.in_context import evaluate_in_context, in_context_lines
+
+    model, processor = tiny
+    evaluate_in_context(
+        model, processor, tmp_path, limit=4, seeds=[0, 1], shots=(0, 1), fastbind=("fastbind-shape-2way",),
+        progress=False,
+    )  # fmt: skip
+    lines = in_context_lines(tmp_path, shots=(0, 1))
+    assert lines[0] == "| task | k = 0 | k = 1 |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert "easy-VQA (n=4)" in rows and "fastbind-shape-2way (n=4)" in rows
+    assert rows["fastbind-shape-2way (n=4)"].split(" | ")[1] == "–"  # no k = 0 for made-up names
+    assert "±" in rows["easy-VQA (n=4)"].split(" | ")[2]  # two seeds at k = 1: a spread

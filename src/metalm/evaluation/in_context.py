@@ -50,10 +50,10 @@ def evaluate_in_context(
     return {"easyvqa": vqa, "fastbind": binding}
 
 
-def _by_type(path: Path) -> dict[str, float]:
+def _by_type(path: Path) -> dict[str, dict[str, float]]:
     from metalm.evaluation.breakdown import read_predictions, vqa_by_question_type
 
-    return {t: row["accuracy"] for t, row in vqa_by_question_type(read_predictions(path)).items()}
+    return vqa_by_question_type(read_predictions(path))
 
 
 def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -76,15 +76,17 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     if (vqa / "summary.json").exists():
         summary = json.loads((vqa / "summary.json").read_text())
         for k, entry in summary["results"]["easyvqa"].items():
-            put("easy-VQA", k, [m["vqa_accuracy"] for m in entry["seeds"].values()])
+            put(f"easy-VQA (n={entry['n']})", k, [m["vqa_accuracy"] for m in entry["seeds"].values()])
             seeds = [_by_type(p) for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))]
             for qtype in QUESTION_TYPES:
-                put(f"easy-VQA {qtype}", k, [s[qtype] for s in seeds if qtype in s])
+                cells = [s[qtype] for s in seeds if qtype in s]
+                if cells:
+                    put(f"easy-VQA {qtype} (n={cells[0]['n']})", k, [c["accuracy"] for c in cells])
     binding = out_dir / "fastbind" / "summary.json"
     if binding.exists():
         for task, by_k in json.loads(binding.read_text())["results"].items():
             for k, entry in by_k.items():
-                put(task, k, [m["accuracy"] for m in entry["seeds"].values()])
+                put(f"{task} (n={entry['n']})", k, [m["accuracy"] for m in entry["seeds"].values()])
     return table
 
 
