@@ -354,6 +354,9 @@ def test_bad_records_raise_or_are_counted(tiny, tmp_path):
         train.next_batch()
     assert train.report.count == 2  # the empty text (at load) + the undecodable image (at first use)
     assert "broken.png" in str(train.report.items)
+    # The undecodable image names the file and line it came from, then its place in the stream.
+    image = next(item for item in train.report.items if item[2] == "image")
+    assert image[0] == str(path) and image[1] == 2 and image[3].endswith("(stream 'd', record 1)")
     assert all(name == "d" for name, _ in train.last_sources)
     assert isinstance(train.streams[0].records[0], ImageText)
 

@@ -748,8 +748,10 @@ def read_jsonl(
     check_images: bool = False,
     report: SkipReport | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
+    origins: list[tuple[str, int | None]] | None = None,
 ) -> Iterator[Record]:
-    """Stream the records of a JSONL file, one line at a time (files may exceed memory).
+    """Stream the records of a JSONL file, one line at a time (files may exceed memory). With `origins`,
+    each yielded record's (file, 1-based line) is appended to it, so later errors can name them.
 
     Blank lines are skipped. A bad record raises :class:`RecordError` (file, 1-based line, field);
     with ``skip_bad`` it is counted into ``report`` instead. Bad records are never dropped
@@ -776,6 +778,8 @@ def read_jsonl(
                     raise err from None
                 rep.add(err)
                 continue
+            if origins is not None:
+                origins.append((shown, lineno))
             yield record
     if own_report and rep.count:
         warnings.warn(rep.summary(), stacklevel=2)
@@ -785,7 +789,13 @@ def _is_hf_dataset_dir(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _read_hf(folder: Path, skip_bad: bool, check_images: bool, report: SkipReport) -> Iterator[Record]:
+def _read_hf(
+    folder: Path,
+    skip_bad: bool,
+    check_images: bool,
+    report: SkipReport,
+    origins: list[tuple[str, int | None]] | None = None,
+) -> Iterator[Record]:
     try:
         import datasets  # optional dependency
     except ImportError:
@@ -810,6 +820,8 @@ def _read_hf(folder: Path, skip_bad: bool, check_images: bool, report: SkipRepor
                 raise err from None
             report.add(err)
             continue
+        if origins is not None:
+            origins.append((f"{folder}[row {i}]", None))
         yield record
 
 
@@ -819,24 +831,27 @@ def read_records(
     skip_bad: bool = False,
     check_images: bool = False,
     report: SkipReport | None = None,
+    origins: list[tuple[str, int | None]] | None = None,
 ) -> Iterator[Record]:
     """Stream records from a ``.jsonl`` file, a folder of ``.jsonl`` files (sorted by name), or a
     Hugging Face ``datasets`` folder written by ``save_to_disk`` (needs ``datasets`` installed).
-    Error handling as in :func:`read_jsonl`."""
+    Error handling and `origins` as in :func:`read_jsonl`."""
     src = Path(source)
     own_report = report is None and skip_bad
     rep = report if report is not None else SkipReport()
     if src.is_dir():
         if _is_hf_dataset_dir(src):
-            yield from _read_hf(src, skip_bad, check_images, rep)
+            yield from _read_hf(src, skip_bad, check_images, rep, origins)
         else:
             files = sorted(p for p in src.iterdir() if p.suffix == ".jsonl" and p.is_file())
             if not files:
                 raise FileNotFoundError(f"{src}: no .jsonl files in this folder")
             for file in files:
-                yield from read_jsonl(file, skip_bad=skip_bad, check_images=check_images, report=rep)
+                yield from read_jsonl(
+                    file, skip_bad=skip_bad, check_images=check_images, report=rep, origins=origins
+                )
     elif src.is_file():
-        yield from read_jsonl(src, skip_bad=skip_bad, check_images=check_images, report=rep)
+        yield from read_jsonl(src, skip_bad=skip_bad, check_images=check_images, report=rep, origins=origins)
     else:
         raise FileNotFoundError(f"{src}: no such file or folder")
     if own_report and rep.count:

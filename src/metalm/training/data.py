@@ -120,6 +120,9 @@ class StreamRecords:
     records: list[Record]
     config: StreamConfig | None = None
     options: tuple[str, ...] | None = None
+    origins: list[tuple[str, int | None] | None] | None = (
+        None  # (file, line) per record, when read from files
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,14 +155,17 @@ def load_stream_records(
                 return None
             source = stream.source
         builtin_split = builtin_split or "validation"
+    found: list[tuple[str, int | None]] = []  # (file, line) of each record read from files
+    where: dict[int, tuple[str, int | None]] = {}  # by record object: they survive hold-out and subsampling
     if source in BUILTIN_DATASETS:
         records = load_builtin(source, builtin_split, kind=stream.kind)
     else:
         records = []
         report = report if report is not None else SkipReport()
         for rec in read_records(
-            source, skip_bad=data.skip_bad, check_images=data.check_images, report=report
+            source, skip_bad=data.skip_bad, check_images=data.check_images, report=report, origins=found
         ):
+            where[id(rec)] = found[-1]
             if stream.kind is not None and rec.kind != stream.kind:
                 err = RecordError(
                     f"record of kind {rec.kind!r} in stream {name!r}, which takes kind {stream.kind!r}",
@@ -190,7 +196,8 @@ def load_stream_records(
             options = tuple(sorted({r.label for r in records if isinstance(r, Classification)}))
         else:  # validation prompts must list the same options as training ones
             options = load_stream_records(stream, data, "train").options
-    return StreamRecords(name, stream.weight, records, stream, options)
+    origins = [where.get(id(r)) for r in records] if where else None
+    return StreamRecords(name, stream.weight, records, stream, options, origins)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +351,7 @@ class _Stream:
         self.name = spec.name
         self.weight = spec.weight
         self.records = spec.records
+        self.origins = spec.origins
         self.ctx = ctx
         self.config = spec.config or StreamConfig(source=spec.name)  # format and instruction templates
         self.instruction = self.config.supervised
@@ -387,7 +395,12 @@ class _Stream:
     def _bad(self, idx: int, err: Exception, field: str | None = None) -> None:
         rec = self.records[idx]
         rid = f" (id {rec.id})" if getattr(rec, "id", None) else ""
-        error = RecordError(str(err), path=f"stream {self.name!r}, record {idx}{rid}", field=field)
+        origin = self.origins[idx] if self.origins else None
+        if origin is not None:  # the file and line it came from, then where it sits in the stream
+            reason = f"{err} (stream {self.name!r}, record {idx}{rid})"
+            error = RecordError(reason, path=origin[0], line=origin[1], field=field)
+        else:
+            error = RecordError(str(err), path=f"stream {self.name!r}, record {idx}{rid}", field=field)
         if not self.ctx.skip_bad:
             raise error from err
         self.bad.add(idx)
