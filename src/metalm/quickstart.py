@@ -1,11 +1,12 @@
 """`metalm quickstart`: pre-train a small MetaLM on packaged data, then evaluate it on held-out data.
 
 1. train `configs/quickstart.yaml` (a small decoder from config on MiniLM's WordPiece vocabulary, the packaged
-   MiniLM text encoder frozen except its last two layers, the packaged EfficientNet-Lite0 vision encoder;
-   semi-causal LM on BBC News documents, easy-VQA image–caption pairs and easy-VQA question–answer pairs);
+   MiniLM text encoder and EfficientNet-Lite0 vision encoder, frozen and cached; semi-causal LM on BBC News
+   documents, easy-VQA image–caption pairs, easy-VQA question–answer pairs, alone and as in-context rows);
 2. evaluate the saved model on held-out easy-VQA **test** images (captioning with "Summarize this image:",
    open-ended VQA) and BBC News test articles (topic ranking), next to chance baselines computed on the
-   same examples;
+   same examples; then easy-VQA with 1 and 4 demonstrations and fast binding (made-up names only the
+   demonstrations give; `metalm.evaluation.in_context`);
 3. write `report.md` (with sample captions), `loss_curve.png`, metrics and predictions under the run folder.
 """
 
