@@ -120,9 +120,8 @@ class StreamRecords:
     records: list[Record]
     config: StreamConfig | None = None
     options: tuple[str, ...] | None = None
-    origins: list[tuple[str, int | None] | None] | None = (
-        None  # (file, line) per record, when read from files
-    )
+    # (file, line) per record, when read from files: errors found later name them.
+    origins: list[tuple[str, int | None] | None] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +206,12 @@ def load_stream_records(
 def _tokenize(processor, text: str) -> list[int]:
     # verbose=False: a long document is fine here (it is packed), so no "longer than max length" warning.
     return processor.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _target_ids(processor, answer: str) -> list[int]:
+    """An answer as a trained label: after a space (evaluation scores " " + option the same way), then EOS."""
+    eos = [processor.eos_token_id] if processor.eos_token_id is not None else []
+    return _tokenize(processor, TARGET_DELIMITER + answer) + eos
 
 
 def _tokenize_words(processor, text: str) -> tuple[list[int], list[Word]]:
@@ -440,7 +445,7 @@ class _Stream:
             return None
         return EncodedSegment(o.audio, payload=features)
 
-    def _spoken_sample(self, idx: int, bos: Sample, eos: list[int]) -> Sample | None:
+    def _spoken_sample(self, idx: int, bos: Sample) -> Sample | None:
         """``[BOS] [image] [speech] prompt label [EOS]``, only ``label [EOS]`` trained: a spoken VQA question
         (or classification text) is heard, not rendered into a template."""
         o = self.ctx
@@ -454,7 +459,7 @@ class _Stream:
             prompt = self.config.decoder_prompt(rec.kind) or DEFAULT_PROMPTS["vqa"]
             ids = self.ids[idx] = (
                 _tokenize(o.processor, prompt),
-                _tokenize(o.processor, TARGET_DELIMITER + target) + eos,
+                _target_ids(o.processor, target),
             )
         sample: Sample = list(bos)
         if isinstance(rec, VQAExample) and o.vision is not None:
@@ -474,9 +479,9 @@ class _Stream:
         eos = [p.eos_token_id] if p.eos_token_id is not None else []
         blind = o.vision is None  # no vision encoder (the GPT baseline): images are left out
         if isinstance(rec, VQAExample | Classification) and rec.audio is not None:
-            return self._spoken_sample(idx, bos, eos)
+            return self._spoken_sample(idx, bos)
         if self.instruction or isinstance(rec, VQAExample):  # VQA is an instruction sample in any format
-            return self._instruction_sample(idx, rng, bos, eos, blind)
+            return self._instruction_sample(idx, rng, bos, blind)
         if blind and isinstance(rec, ImageText | Interleaved):
             self._warn_images_left_out()
         if isinstance(rec, ImageText | AudioText):
@@ -540,9 +545,7 @@ class _Stream:
             )
 
     # --- instruction samples (format: instruction; VQA always) ------------------------------------
-    def _instruction_sample(
-        self, idx: int, rng: random.Random, bos: Sample, eos: list[int], blind: bool
-    ) -> Sample | None:
+    def _instruction_sample(self, idx: int, rng: random.Random, bos: Sample, blind: bool) -> Sample | None:
         """``[BOS] [image] Enc(template) prompt label [EOS]`` with only ``label [EOS]`` trained; without a
         text encoder (the GPT baseline) the rendered input is plain, untrained decoder text."""
         o = self.ctx
@@ -579,7 +582,7 @@ class _Stream:
         entry = cache.get(k)
         if entry is None:
             with_image = image is not None and not blind
-            entry = self._render_instruction(idx, kind, templates[k], fields, target, with_image, bos, eos)
+            entry = self._render_instruction(idx, kind, templates[k], fields, target, with_image, bos)
             if entry is None:
                 return None
             cache[k] = entry
@@ -614,7 +617,6 @@ class _Stream:
         target: str,
         with_image: bool,
         bos: Sample,
-        eos: list[int],
     ) -> dict[str, Any] | None:
         """Token ids of one record under one template (cached by the caller). A classification text that
         does not fit is cut word by word (binary search) until the rendered input fits the text encoder's
@@ -629,8 +631,7 @@ class _Stream:
             return None
         prompt_text = self.config.decoder_prompt(kind)
         prompt = _tokenize(p, prompt_text) if prompt_text.strip() else []
-        # The label follows the decoder text with a space, as evaluation scores " " + option.
-        target_ids = _tokenize(p, TARGET_DELIMITER + target) + eos
+        target_ids = _target_ids(p, target)
         slots = o.config.num_slots(o.vision) if with_image else 0
         budget = o.seq_len - len(bos) - slots - len(prompt) - len(target_ids)
         limit = p.span_limit(o.text_encoder) if o.text_encoder else None
@@ -644,14 +645,15 @@ class _Stream:
             slots_used = o.config.num_slots(o.text_encoder, len(enc)) if enc else 0
             return dec, enc, len(enc) <= limit, slots_used <= budget
 
-        text = PromptLayout(template=template).render(**fields)
+        layout = PromptLayout(template=template)
+        text = layout.render(**fields)
         dec, enc, in_encoder, in_window = measure(text)
         cut = False
         if kind == "classification" and not (in_encoder and in_window):
             words = fields["text"].split()
 
             def render(n: int) -> str:
-                return PromptLayout(template=template).render(**{**fields, "text": " ".join(words[:n])})
+                return layout.render(**{**fields, "text": " ".join(words[:n])})
 
             # A word is at least one token, so no more than the token budget of words can fit.
             lo, hi = 0, max(0, min(len(words), budget if limit is None else min(budget, limit)))
@@ -743,14 +745,14 @@ class _Stream:
         if self._episodes is None:
             self._episodes = EpisodeSampler(self.records, self.config.in_context, self._single_records())
         episode = self._episodes.draw(idx, rng)
-        start = len(self.bos)  # every sample opens with the BOS segment when there is one
+        start = 1 if self.bos else 0  # every sample opens with one BOS segment when the decoder has BOS
         examples: list[tuple[int, Sample]] = []
         for j in (*episode.demonstrations, idx):
             sample = self._record_sample(j, rng)
             if sample is None and j == idx:
                 return None, [idx]
             if sample is not None:
-                examples.append((j, sample[start:] if start else sample))
+                examples.append((j, sample[start:]))
         used, keep = len(self.bos), 0
         for _, sample in reversed(examples):  # the query and the latest demonstrations that fit
             n = sample_length(sample, self.ctx.config)
@@ -770,9 +772,7 @@ class _Stream:
 
     def _relabelled(self, sample: Sample, word: str, *, trained: bool) -> Sample:
         """``sample`` with its answer (the last, trained segment) replaced by ``word``."""
-        p = self.ctx.processor
-        eos = [p.eos_token_id] if p.eos_token_id is not None else []
-        return [*sample[:-1], TextSegment(_tokenize(p, TARGET_DELIMITER + word) + eos, loss=trained)]
+        return [*sample[:-1], TextSegment(_target_ids(self.ctx.processor, word), loss=trained)]
 
     def next_sample(self) -> tuple[Sample, list[int]]:
         """The next sample of this stream read on its own (its walk advances, no mixing draw)."""
