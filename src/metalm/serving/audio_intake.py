@@ -15,7 +15,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from metalm.data.audio import AudioError, decode_base64_audio, load_audio
-from metalm.serving.errors import APIError
+from metalm.serving.errors import APIError, refuse_over_limit
 from metalm.serving.schemas import InputAudio, Message
 from metalm.serving.settings import ServerSettings
 
@@ -44,13 +44,7 @@ class AudioIntake:
                 400, "this model has no audio encoder, so it cannot read input_audio; send text or images",
                 param=f"messages[{i}].content[{j}]", code="audio_not_supported",
             )  # fmt: skip
-        limit = self.settings.max_audio_clips
-        if len(clips) > limit:
-            i, j, _ = clips[limit]
-            raise APIError(
-                400, f"at most {limit} audio clips per request", param=f"messages[{i}].content[{j}]",
-                code="too_many_audio_clips",
-            )  # fmt: skip
+        refuse_over_limit(clips, self.settings.max_audio_clips, "audio clips", "too_many_audio_clips")
         for i, j, clip in clips:
             self._check_clip(clip, f"messages[{i}].content[{j}]")
         return clips

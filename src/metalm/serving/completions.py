@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from metalm.data.processor import InputError
 from metalm.serving.audio_intake import AudioIntake
 from metalm.serving.engine import ChatMessage, Job, QueueFull, SamplingParams, StreamEvent
-from metalm.serving.errors import APIError, refusal_for, request_timeout
+from metalm.serving.errors import refusal_for, refuse_over_limit, request_timeout
 from metalm.serving.resolver import ImageResolver
 from metalm.serving.schemas import (
     AssistantMessage,
@@ -47,12 +47,7 @@ async def to_chat_messages(
     """The engine's chat messages, images and speech decoded. All images share one pixel budget; too many
     images (or clips), and clips the model cannot hear, are refused before any is decoded."""
     images = [(i, j, url) for i, msg in enumerate(messages) for j, url in msg.image_urls()]
-    if len(images) > max_images:
-        i, j, _ = images[max_images]
-        raise APIError(
-            400, f"at most {max_images} images per request", param=f"messages[{i}].content[{j}]",
-            code="too_many_images",
-        )  # fmt: skip
+    refuse_over_limit(images, max_images, "images", "too_many_images")
     audio.check(messages)
     budget = resolver.new_budget()
     decoded: list[list[Any]] = [[] for _ in messages]

@@ -47,6 +47,15 @@ class APIError(Exception):
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def refuse_over_limit(parts: list[tuple[int, int, Any]], limit: int, what: str, code: str) -> None:
+    """A 400 naming the first of `parts` ((message, content, part) triples) past `limit`, if there is one."""
+    if len(parts) > limit:
+        i, j, _ = parts[limit]
+        raise APIError(
+            400, f"at most {limit} {what} per request", param=f"messages[{i}].content[{j}]", code=code
+        )
+
+
 def one_line(text: object) -> str:
     """`text` safe for one log line: control characters (a newline in a client's `model` value would
     forge a log line) written as escapes."""
