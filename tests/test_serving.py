@@ -1071,6 +1071,22 @@ def test_generate_question_uses_the_vqa_layout(serving_model_dir, tmp_path):
         generate(str(serving_model_dir), "x", question="y", **kw)
 
 
+def test_request_parts_lay_out_one_request(live, tmp_path):
+    """`PromptBuilder.request_parts` (what `metalm generate` sends): images first, decoder text last; a
+    prompt the text encoder cannot read is refused under encode=True, decoder text under encode=None."""
+    engine, _ = live
+    image = tmp_path / "green.png"
+    Image.new("RGB", (20, 20), (0, 200, 0)).save(image)
+    parts = engine.prompts.request_parts(prompt="describe it", text="answer:", images=[str(image)])
+    assert [type(p) for p in parts] == [ImageInput, Encode, str] and parts[-1] == "answer:"
+    too_long = "word " * 2000
+    assert engine.prompts.request_parts(prompt=too_long) == [too_long]
+    with pytest.raises(InputError, match="does not fit the text encoder"):
+        engine.prompts.request_parts(prompt=too_long, encode=True)
+    with pytest.raises(InputError, match="nothing to generate"):
+        engine.prompts.request_parts(text="answer:")
+
+
 def test_chat_command(serving_model_dir, tmp_path):
     image = tmp_path / "blue.png"
     Image.new("RGB", (16, 16), (0, 0, 255)).save(image)
