@@ -204,15 +204,13 @@ def test_batched_generation_matches_direct(live):
     direct = [engine.generate(p, greedy).completions[0].text for p in prompts]
     prepared = [engine.prepare(p) for p in prompts]
     before = len(engine.runner.batch_sizes)
-    wait, engine.scheduler.batch_wait = (
-        engine.scheduler.batch_wait,
-        0.3,
-    )  # a wide window: all three land in one batch
+    scheduler = engine.scheduler
+    wait, scheduler.batch_wait = scheduler.batch_wait, 0.3  # a wide window: all three land in one batch
     try:
         jobs = [engine.submit(p, greedy) for p in prepared]
         batched = [j.result(timeout=60).completions[0].text for j in jobs]
     finally:
-        engine.scheduler.batch_wait = wait
+        scheduler.batch_wait = wait
     engine.close()
     assert engine.runner.batch_sizes[before:] == [3]
     assert batched == direct
