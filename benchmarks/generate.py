@@ -33,7 +33,8 @@ import torch
 
 from metalm import Encode, EncoderRecipe, ModelRecipe
 from metalm.data.segments import to_device
-from metalm.serving.engine import Engine, SamplingParams
+from metalm.serving.engine import Engine
+from metalm.serving.request_types import SamplingParams
 
 TEXT = (
     "the quick brown fox jumps over the lazy dog while the cat watches from the old wooden fence and the "
@@ -121,12 +122,12 @@ def main() -> None:
         return (out.shape[1] - positions) * args.batch
 
     def serve(on: Engine) -> int:
-        # B requests run together as the batch worker runs them (`_run`, without the queue's thread hop).
+        # B requests run together as the batch worker runs them (`runner.run`, without the queue's thread hop).
         # The engine stops on EOS; a random decoder rarely emits it, and the tokens are counted as produced.
         jobs = [
             on._new_job(request, SamplingParams(max_new_tokens=T, temperature=0.0)) for _ in range(args.batch)
         ]
-        on._run(jobs)
+        on.runner.run(jobs)
         answers[on.batching] = [job.result().completions[0].token_ids for job in jobs]
         return sum(len(ids) for ids in answers[on.batching])
 

@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from metalm import EncoderRecipe, ModelRecipe
-from metalm.serving.engine import ChatMessage, Engine, SamplingParams
+from metalm.serving.engine import Engine
+from metalm.serving.request_types import ChatMessage, SamplingParams
 
 QUESTIONS = [
     "what is the capital of france",
@@ -108,16 +109,16 @@ def run_sequential(engine: Engine, prompts: list, params: SamplingParams) -> dic
 
 
 def run_batched(engine: Engine, prompts: list, params: SamplingParams, batch: int) -> dict:
-    engine.max_batch_size = batch
-    engine.max_pending = len(prompts) + 1
-    first_batch = len(engine.batch_sizes)
+    engine.scheduler.max_batch_size = batch
+    engine.scheduler.max_pending = len(prompts) + 1
+    first_batch = len(engine.runner.batch_sizes)
     start_mono = time.monotonic()
     start = time.perf_counter()
     jobs = [engine.submit(p, params) for p in prompts]
     results = [job.result(timeout=600) for job in jobs]
     wall = time.perf_counter() - start
     latencies = [job.finished - start_mono for job in jobs]
-    sizes = engine.batch_sizes[first_batch:]
+    sizes = engine.runner.batch_sizes[first_batch:]
     name = f"{SHORT[engine.batching]}<={batch}"
     row = summarize(name, latencies, sum(r.completion_tokens for r in results), wall)
     what = (
@@ -143,8 +144,8 @@ def poisson_schedule(
 
 def run_poisson(engine: Engine, prompts: list, schedule: list[tuple[float, int]], batch: int) -> dict:
     """Submit `prompts` at the schedule's times from this thread; latency = arrival to last token."""
-    engine.max_batch_size = batch
-    engine.max_pending = len(prompts) + 1
+    engine.scheduler.max_batch_size = batch
+    engine.scheduler.max_pending = len(prompts) + 1
     prepared = [engine.prepare(p) for p in prompts]  # tokenizing is the client's share, not the batcher's
     start = time.monotonic()
     jobs, arrivals = [], []
@@ -170,7 +171,7 @@ def run_http(engine: Engine, prompts: list, params: SamplingParams, batch: int) 
 
     from metalm.serving.server import ServerSettings, create_app
 
-    engine.max_batch_size = batch
+    engine.scheduler.max_batch_size = batch
     app = create_app(engine, ServerSettings(model_name="bench", max_concurrent_requests=len(prompts) + 1))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -19,7 +19,8 @@ from metalm.evaluation.metrics import normalize_transcript, word_error_rate
 from metalm.evaluation.tasks import Example, builtin_task
 from metalm.modalities.audio import AudioInput
 from metalm.serving.cli import generate
-from metalm.serving.engine import ChatMessage, Engine
+from metalm.serving.engine import Engine
+from metalm.serving.request_types import ChatMessage
 from tests.conftest import TINY_BERT, TINY_LLAMA, TINY_VIT
 from tests.test_audio import TINY_WHISPER, tone, wav_bytes
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from metalm.serving import continuous
 from metalm.serving.continuous import continuous_unsupported
-from metalm.serving.engine import ChatMessage, Engine, SamplingParams
+from metalm.serving.engine import Engine
+from metalm.serving.request_types import ChatMessage, SamplingParams
 from tests.conftest import TINY_LLAMA, build_tiny
 
 GEMMA3 = {
@@ -55,13 +56,13 @@ def model_and_processor():
 
 def slowed(engine: Engine, seconds: float) -> Engine:
     """Each decoded token costs `seconds` more, so that later arrivals find rows still running."""
-    decode = engine._decode
+    decode = engine.runner.decode
 
     def slow_decode(ids):
         time.sleep(seconds)
         return decode(ids)
 
-    engine._decode = slow_decode
+    engine.runner.decode = slow_decode
     return engine
 
 
@@ -86,7 +87,7 @@ def test_staggered_arrivals_give_the_answers_of_each_alone(model_and_processor):
         engine.close()
     assert [r.token_ids for r in results] == alone
     assert [r.text for r in results] == [engine.processor.decode(ids) for ids in alone]
-    sizes = engine.batch_sizes[len(PROMPTS) :]  # rows running right after each join
+    sizes = engine.runner.batch_sizes[len(PROMPTS) :]  # rows running right after each join
     assert sizes[0] == 1 and max(sizes) > 1, sizes  # newcomers joined a running batch
     assert engine.pending == 0
 
@@ -185,7 +186,7 @@ def test_a_failing_newcomer_fails_alone(model_and_processor, monkeypatch):
     try:
         good = engine.submit("a good one", greedy(12))
         time.sleep(0.04)
-        with engine._model_lock:  # both newcomers are queued before the next step: one prefill group
+        with engine.runner.model_lock:  # both newcomers are queued before the next step: one prefill group
             bad = engine.submit(bad_prompt, greedy(4))
             other = engine.submit(fine, greedy(12))
         with pytest.raises(RuntimeError, match="generation failed"):
@@ -251,18 +252,18 @@ def test_left_padding_is_cut_when_rows_leave():
     """The cache keeps no column that only padding uses, so it does not grow with the batch's history."""
     model, processor = build_tiny(seed=2, decoder=TINY_LLAMA)
     engine = Engine(model, processor, device="cpu")
-    running = continuous.RunningBatch(model, engine._begin_suppress)
+    running = continuous.RunningBatch(model, engine.runner.begin_suppress)
     wide = engine._new_job("a much longer prompt than the other one, with many words in it", greedy(2))
     narrow = engine._new_job("hi", greedy(20))
-    engine._join_running(running, [wide])
-    engine._join_running(running, [narrow])
+    engine.runner.join_running(running, [wide])
+    engine.runner.join_running(running, [narrow])
     assert len(running) == 2 and not bool(running.mask.all())  # the narrow row is left-padded
     while not wide.done:
-        engine._step_running(running)
+        engine.runner.step_running(running)
     assert len(running) == 1 and bool(running.mask.all())  # its padding columns are gone
     assert running.cache.layers[0].keys.shape[2] == running.mask.shape[1]
     while len(running):
-        engine._step_running(running)
+        engine.runner.step_running(running)
     alone = engine.generate("hi", greedy(20)).completions[0].token_ids
     assert narrow.result().completions[0].token_ids == alone
 

@@ -27,7 +27,8 @@ from metalm.data.images import ImageError, load_image
 from metalm.data.tokenizer_check import check_tokenizer
 from metalm.model.loading import ModelLoadError
 from metalm.serving.cli import main
-from metalm.serving.engine import Engine, SamplingParams
+from metalm.serving.engine import Engine
+from metalm.serving.request_types import SamplingParams
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
 from tests.test_serving import MODEL_NAME, LiveServer, _peak_rss_during, _rss_mb, start_live_server
 

@@ -22,7 +22,9 @@ from PIL import Image
 
 from metalm import Encode, ImageInput, InputError
 from metalm.serving.cli import chat, generate, main
-from metalm.serving.engine import ChatMessage, Engine, QueueFull, SamplingParams, _Row
+from metalm.serving.engine import Engine
+from metalm.serving.generation import ChoiceRow
+from metalm.serving.request_types import ChatMessage, QueueFull, SamplingParams
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
 
 openai = pytest.importorskip("openai")
@@ -150,11 +152,11 @@ def test_chat_uses_the_trained_layouts(live):
     assert isinstance(latest[2], Encode) and latest[2].text == "question: what color is it"
     assert latest[3:] == ["answer:"]
     assert engine.chat_history == "latest"
-    engine.chat_history = "demonstrations"
+    engine.prompts.chat_history = "demonstrations"
     try:
         parts = engine.chat_parts([*conversation[:-1], ChatMessage("user", long_text)])
     finally:
-        engine.chat_history = "latest"
+        engine.prompts.chat_history = "latest"
     assert isinstance(parts[0], Encode) and parts[0].text == "be brief"
     assert isinstance(parts[1], ImageInput)
     assert isinstance(parts[2], Encode) and parts[2].text == "question: what is this"
@@ -178,12 +180,14 @@ def test_saved_layouts_drive_chat_and_generate(live):
 
     before = engine.layouts
     try:
-        engine.layouts = PromptLayouts.model_validate({"vqa": {"template": "Q: {question}", "prompt": "A:"}})
+        engine.prompts.layouts = PromptLayouts.model_validate(
+            {"vqa": {"template": "Q: {question}", "prompt": "A:"}}
+        )
         parts = engine.chat_parts([ChatMessage("user", "what color")])
         assert parts[0].text == "Q: what color" and parts[1] == "A:"
         assert engine.layout_parts("vqa", question="why")[-1] == "A:"
     finally:
-        engine.layouts = before
+        engine.prompts.layouts = before
 
 
 def test_batched_generation_matches_direct(live):
@@ -199,15 +203,16 @@ def test_batched_generation_matches_direct(live):
     ]
     direct = [engine.generate(p, greedy).completions[0].text for p in prompts]
     prepared = [engine.prepare(p) for p in prompts]
-    before = len(engine.batch_sizes)
-    wait, engine.batch_wait = engine.batch_wait, 0.3  # a wide window: all three land in one batch
+    before = len(engine.runner.batch_sizes)
+    scheduler = engine.scheduler
+    wait, scheduler.batch_wait = scheduler.batch_wait, 0.3  # a wide window: all three land in one batch
     try:
         jobs = [engine.submit(p, greedy) for p in prepared]
         batched = [j.result(timeout=60).completions[0].text for j in jobs]
     finally:
-        engine.batch_wait = wait
+        scheduler.batch_wait = wait
     engine.close()
-    assert engine.batch_sizes[before:] == [3]
+    assert engine.runner.batch_sizes[before:] == [3]
     assert batched == direct
     assert [live_engine.generate(p, greedy).completions[0].text for p in prompts] == direct  # continuous
 
@@ -258,7 +263,7 @@ def test_stop_strings_and_stream_hold_back(live):
 
     job = FakeJob()
     pieces = {1: "abc", 2: " E", 3: "N", 4: "x"}
-    row = _Row(job, 0, 10, lambda ids: "".join(pieces[i] for i in ids), eos={0})
+    row = ChoiceRow(job, 0, 10, lambda ids: "".join(pieces[i] for i in ids), eos={0})
     for token in (1, 2, 3):
         row.push(token)
     assert "".join(job.events) == "abc "  # "EN" may become "END": held back
@@ -271,7 +276,7 @@ def test_stop_strings_and_stream_hold_back(live):
 def test_submit_refuses_when_full(serving_model_dir):
     engine = Engine.from_pretrained(serving_model_dir, device="cpu", max_pending=2)
     try:
-        with engine._model_lock:  # the worker blocks on the model: jobs stay pending
+        with engine.runner.model_lock:  # the worker blocks on the model: jobs stay pending
             jobs = [engine.submit("hi", SamplingParams(max_new_tokens=2)) for _ in range(2)]
             with pytest.raises(QueueFull):
                 engine.submit("hi", SamplingParams(max_new_tokens=2))
@@ -529,10 +534,12 @@ def test_queue_full_and_time_limit(serving_model_dir):
     try:
         with server:
             url = server.url
-            with engine._model_lock:
+            with engine.runner.model_lock:
                 a = threading.Thread(target=post, args=("a",))
                 a.start()
-                wait_until(lambda: engine.pending >= 1 and engine._queue.empty(), what="a to be taken")
+                wait_until(
+                    lambda: engine.pending >= 1 and engine.scheduler.queue.empty(), what="a to be taken"
+                )
                 time.sleep(
                     0.3
                 )  # the worker has taken "a" into a batch (10 ms window) and waits for the model
@@ -556,13 +563,13 @@ def test_queue_full_and_time_limit(serving_model_dir):
 def test_client_disconnect_frees_the_row(serving_model_dir):
     """A client that goes away (streamed or not) cancels its rows instead of generating for nobody."""
     engine, server = start_live_server(serving_model_dir)
-    decode = engine._decode
+    decode = engine.runner.decode
 
     def slow_decode(ids):  # 64 tokens x 40 ms: a 2.6 s answer
         time.sleep(0.04)
         return decode(ids)
 
-    engine._decode = slow_decode
+    engine.runner.decode = slow_decode
     body = {
         "model": MODEL_NAME,
         "messages": _user("a long answer please"),
@@ -628,7 +635,7 @@ def test_stream_frees_its_slot_when_the_body_never_starts():
 def test_load_concurrent_clients(client, live):
     """8 concurrent clients x 3 requests (text, image, streamed): no failures, and requests get batched."""
     engine, _ = live
-    before = len(engine.batch_sizes)
+    before = len(engine.runner.batch_sizes)
 
     def session(i: int) -> list[str]:
         out = []
@@ -653,7 +660,7 @@ def test_load_concurrent_clients(client, live):
     with ThreadPoolExecutor(8) as pool:
         answers = [a for result in pool.map(session, range(8)) for a in result]
     assert len(answers) == 24 and all(isinstance(a, str) for a in answers)
-    assert max(engine.batch_sizes[before:]) > 1
+    assert max(engine.runner.batch_sizes[before:]) > 1
 
 
 # --- cross-site requests, DNS rebinding, API key --------------------------------------------------------
@@ -1060,6 +1067,22 @@ def test_generate_question_uses_the_vqa_layout(serving_model_dir, tmp_path):
     assert caption["encoded_prompt"] is False and caption["completion_tokens"] >= 1
     with pytest.raises(InputError, match="not both"):
         generate(str(serving_model_dir), "x", question="y", **kw)
+
+
+def test_request_parts_lay_out_one_request(live, tmp_path):
+    """`PromptBuilder.request_parts` (what `metalm generate` sends): images first, decoder text last; a
+    prompt the text encoder cannot read is refused under encode=True, decoder text under encode=None."""
+    engine, _ = live
+    image = tmp_path / "green.png"
+    Image.new("RGB", (20, 20), (0, 200, 0)).save(image)
+    parts = engine.prompts.request_parts(prompt="describe it", text="answer:", images=[str(image)])
+    assert [type(p) for p in parts] == [ImageInput, Encode, str] and parts[-1] == "answer:"
+    too_long = "word " * 2000
+    assert engine.prompts.request_parts(prompt=too_long) == [too_long]
+    with pytest.raises(InputError, match="does not fit the text encoder"):
+        engine.prompts.request_parts(prompt=too_long, encode=True)
+    with pytest.raises(InputError, match="nothing to generate"):
+        engine.prompts.request_parts(text="answer:")
 
 
 def test_chat_command(serving_model_dir, tmp_path):

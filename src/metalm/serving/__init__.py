@@ -1,12 +1,12 @@
-"""Inference and serving: the `Engine` (prompts, generation, streaming, dynamic batching), the
-OpenAI-compatible server (`metalm.serving.server.create_app`) and the CLI commands (`metalm.serving.cli`)."""
+"""Inference and serving: the `Engine` (prompts, generation, streaming, batching), the OpenAI-compatible
+server (`metalm.serving.server.create_app`) and the CLI commands (`metalm.serving.cli`)."""
 
-from metalm.serving.engine import (
+from metalm.serving.engine import Engine
+from metalm.serving.jobs import Job
+from metalm.serving.request_types import (
     ChatMessage,
     Completion,
-    Engine,
     GenerationResult,
-    Job,
     JobTimeout,
     Prompt,
     QueueFull,

@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 from metalm.data.layouts import CHAT_HISTORY
 from metalm.data.processor import Encode, InputError
-from metalm.modalities.audio import AudioInput
-from metalm.serving.engine import ChatMessage, Engine, SamplingParams
+from metalm.serving.engine import Engine
+from metalm.serving.request_types import ChatMessage, SamplingParams
 
 __all__ = [
     "add_chat_parser",
@@ -56,25 +56,22 @@ def generate(
 ) -> dict[str, Any]:
     """Generate for one request with a saved model folder (or a loaded `Engine`).
 
-    The request is laid out as the model was trained (:mod:`metalm.data.layouts`): ``question`` uses its
-    ``vqa`` layout (``[images] Enc("question: …") answer:``); images with neither ``question`` nor ``prompt``
-    use its ``caption`` layout; a raw ``prompt`` comes after the images, followed by decoder ``text`` if
-    given. Speech clips (``audio``) are heard right after the images: alone they are transcribed (the
-    ``speech_bbc`` layout: the clip, then the decoder writes), with images and no question they are a
-    spoken question (``[images] [clip] answer:``). Encoded text goes through the text encoder when the model has one and it fits (``encode=None``),
-    always (``True``; an error if it does not fit) or never (``False``). Greedy by default
-    (``temperature=0``). Prints the answer as it is generated, or one JSON object with ``as_json``; returns
-    that object."""
+    The request is laid out as the model was trained (`metalm.serving.prompts.PromptBuilder.request_parts`):
+    ``question`` in its ``vqa`` layout, images alone in its ``caption`` layout, a raw ``prompt`` after the
+    images, then decoder ``text``; speech clips (``audio``) are heard right after the images (alone: a
+    transcription; with images and no question: a spoken question). Encoded text goes through the text
+    encoder when the model has one and it fits (``encode=None``), always (``True``; an error if it does not
+    fit) or never (``False``). Greedy by default (``temperature=0``). Prints the answer as it is generated,
+    or one JSON object with ``as_json``; returns that object."""
     output = output or sys.stdout
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device=device)
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams, n=n,
         stop=list(stop), seed=seed,
     )  # fmt: skip
-    loaded = [engine.load_image(path) for path in images]
-    parts = _request_parts(engine, prompt, question, text, loaded, encode, [AudioInput(a) for a in audio])
-    if encode is True and not any(isinstance(p, Encode) for p in parts):
-        raise InputError("--encode-prompt: the prompt does not fit the text encoder (or the model has none)")
+    parts = engine.prompts.request_parts(
+        prompt=prompt, question=question, text=text, images=images, audio=audio, encode=encode
+    )
     prepared = engine.prepare(parts)
     start = time.perf_counter()
     job = engine.start_job(prepared, params)
@@ -110,40 +107,6 @@ def generate(
     if as_json:
         print(json.dumps(report, ensure_ascii=False), file=output)
     return report
-
-
-def _request_parts(
-    engine: Engine,
-    prompt: str | None,
-    question: str | None,
-    text: str | None,
-    images: list,
-    encode: bool | None,
-    clips: Sequence[AudioInput] = (),
-) -> list[Any]:
-    if question is not None and prompt is not None:
-        raise InputError("give --question (the model's VQA layout) or --prompt (raw), not both")
-    if clips and question is None and prompt is None:
-        # Transcription (the clip alone), or a spoken question about the images: [images] [clip] answer:
-        cue = text if text and text.strip() else ("answer:" if images else None)
-        return (engine.text_parts("", images) if images else []) + list(clips) + ([cue] if cue else [])
-    parts = _layout_or_prompt(engine, prompt, question, images, encode)
-    parts[len(images) : len(images)] = clips  # heard right after the images, before the text
-    return parts + ([text] if text and text.strip() else [])
-
-
-def _layout_or_prompt(
-    engine: Engine, prompt: str | None, question: str | None, images: list, encode: bool | None
-) -> list[Any]:
-    if question is not None:
-        parts = engine.layout_parts("vqa", images, encode=encode, question=question)
-    elif prompt is not None:
-        parts = engine.text_parts(prompt, images, encode=encode)
-    elif images:
-        parts = engine.layout_parts("caption", images, encode=encode)
-    else:
-        raise InputError("nothing to generate from: give --question, --prompt, --image or --audio")
-    return parts
 
 
 def _quiet_loading() -> None:
@@ -260,7 +223,7 @@ def chat(
                 print("(conversation cleared)", file=output)
             elif command == "/image":
                 try:
-                    images.append(engine.load_image(arg.strip()))
+                    images.append(engine.prompts.load_image(arg.strip()))
                     print(f"(image attached: {arg.strip()})", file=output)
                 except InputError as err:
                     print(f"error: {err}", file=output)

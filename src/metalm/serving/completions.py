@@ -18,8 +18,9 @@ from starlette.concurrency import run_in_threadpool
 
 from metalm.data.processor import InputError
 from metalm.serving.audio_intake import AudioIntake
-from metalm.serving.engine import ChatMessage, Job, QueueFull, SamplingParams, StreamEvent
 from metalm.serving.errors import refusal_for, refuse_over_limit, request_timeout
+from metalm.serving.jobs import Job
+from metalm.serving.request_types import ChatMessage, QueueFull, SamplingParams, StreamEvent
 from metalm.serving.resolver import ImageResolver
 from metalm.serving.schemas import (
     AssistantMessage,

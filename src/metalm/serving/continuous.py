@@ -74,7 +74,7 @@ class RowSampling(LogitsProcessor):
 
 
 class Row(Protocol):
-    """What the running batch needs of a row (`metalm.serving.engine._Row`)."""
+    """What the running batch needs of a row (`metalm.serving.generation.ChoiceRow`)."""
 
     job: Any
     done: bool

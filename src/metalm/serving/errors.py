@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metalm.data.processor import InputError
-from metalm.serving.engine import JobTimeout, QueueFull
+from metalm.serving.request_types import JobTimeout, QueueFull
 
 __all__ = ["APIError", "install_error_handlers", "one_line", "refusal_for", "validation_refusal"]
 

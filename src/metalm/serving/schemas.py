@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, Field, StrictBool, StrictStr, cr
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from metalm.serving.engine import SamplingParams
+from metalm.serving.request_types import SamplingParams
 from metalm.serving.settings import ServerSettings
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/chat/completions`` (text and ``image_url`` content parts, ``stream: true`` as
 server-sent events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` and a chat page at
-``/``. Requests are batched dynamically by the :class:`~metalm.serving.engine.Engine` worker.
+``/``. Requests are batched by the engine's worker (:mod:`metalm.serving.scheduler`).
 
 Safety defaults (see docs/serving.md): loopback bind; only loopback ``Host`` names (DNS rebinding) and
 same-origin (or allowed) ``Origin``s; POST bodies must be ``application/json`` (no cross-site "simple"

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from metalm.serving.admission import BodyReader, MemoryTrimmer, PromptTextBound, max_token_chars
 from metalm.serving.audio_intake import AudioIntake
-from metalm.serving.engine import Engine, Prompt
+from metalm.serving.engine import Engine
 from metalm.serving.errors import APIError
 from metalm.serving.page import ChatPage
+from metalm.serving.request_types import Prompt
 from metalm.serving.resolver import ImageResolver
 from metalm.serving.schemas import ChatCompletionRequest, bounded_request_model
 from metalm.serving.settings import ServerSettings
@@ -67,7 +68,7 @@ class ServerState:
     def build(cls, engine: Engine, settings: ServerSettings) -> ServerState:
         model_name = settings.model_name or engine.name
         # The limiter is the server's gate; the engine's own queue limit must not cut in below it.
-        engine.max_pending = max(engine.max_pending, settings.max_concurrent_requests)
+        engine.scheduler.max_pending = max(engine.scheduler.max_pending, settings.max_concurrent_requests)
         return cls(
             engine=engine,
             settings=settings,
