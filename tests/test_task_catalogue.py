@@ -99,3 +99,45 @@ if __name__ == "__main__":  # rewrite the fixture from the current catalogue
     _builtin.load_builtin = _fake_records  # type: ignore[assignment]
     FIXTURE.write_text(json.dumps(all_protocols(), indent=1) + "\n", encoding="utf-8")
     print(f"wrote {FIXTURE} ({len(BUILTIN_TASKS)} tasks)", file=sys.stderr)
+
+
+def test_caption_task_asks_the_shared_caption_instruction() -> None:
+    from metalm.data.layouts import CAPTION_INSTRUCTION
+
+    assert builtin_task("easyvqa-caption").input_template == CAPTION_INSTRUCTION
+
+
+def test_a_bad_table_entry_names_file_task_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metalm.evaluation import catalogue
+    from metalm.evaluation.tasks import TaskError
+
+    def catalogue_of(text: str) -> None:
+        (tmp_path / "image.yaml").write_text(text, encoding="utf-8")
+        monkeypatch.setattr(catalogue, "CATALOGUE_DIR", tmp_path)
+        monkeypatch.setattr(catalogue, "FAMILIES", ("image",))
+        catalogue.catalogue.cache_clear()
+        try:
+            catalogue.catalogue()
+        finally:
+            catalogue.catalogue.cache_clear()
+
+    good = "tasks:\n  t:\n    examples: {reader: caption, dataset: d}\n    input_template: ''\n"
+    catalogue_of(good)  # reads
+    with pytest.raises(TaskError, match=r"image.yaml: task 't': scorng: Extra inputs"):
+        catalogue_of(good + "    scorng: rank\n")
+    with pytest.raises(TaskError, match=r"task 't': examples.media: Input should be 'image' or 'audio'"):
+        catalogue_of(good.replace("dataset: d", "dataset: d, media: video"))
+    with pytest.raises(TaskError, match=r"task 't': entry: Value error, give input_template"):
+        catalogue_of(good.replace("    input_template: ''\n", ""))
+    with pytest.raises(TaskError, match=r"image.yaml: task 't': metric must be one of"):  # the Task's checks
+        catalogue_of(good + "    metric: bleu\n")
+
+
+def test_eval_help_lists_every_builtin_task(capsys: pytest.CaptureFixture[str]) -> None:
+    from metalm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    listed = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens
+    for name in BUILTIN_TASKS:
+        assert name in listed
