@@ -210,7 +210,13 @@ def test_fast_binding_is_unsolvable_without_demonstrations(tiny):
 
     model, processor = tiny
     summary = evaluate(
-        model, processor, builtin_task("fastbind-shape-2way"), shots=[0, 1], seeds=[0], limit=4, progress=False
+        model,
+        processor,
+        builtin_task("fastbind-shape-2way"),
+        shots=[0, 1],
+        seeds=[0],
+        limit=4,
+        progress=False,
     )
     by_k = summary["results"]["fastbind-shape-2way"]
     assert by_k["0"]["mean"]["accuracy"] == 0.0 and by_k["1"]["n"] == 4
