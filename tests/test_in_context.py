@@ -10,7 +10,7 @@ import torch
 
 from metalm.data.records import VQAExample
 from metalm.data.segments import TextSegment
-from metalm.evaluation.fastbind import fastbind_task, make_episode
+from metalm.evaluation.fastbind import make_episode
 from metalm.evaluation.icl import build_prompt, prompt_to_sample
 from metalm.evaluation.tasks import Example, builtin_task, in_model_layout
 from metalm.training.config import ConfigError, StreamConfig, config_from_dict
@@ -210,7 +210,13 @@ def test_fast_binding_is_unsolvable_without_demonstrations(tiny):
 
     model, processor = tiny
     summary = evaluate(
-        model, processor, fastbind_task("shape", 2), shots=[0, 1], seeds=[0], limit=4, progress=False
+        model,
+        processor,
+        builtin_task("fastbind-shape-2way"),
+        shots=[0, 1],
+        seeds=[0],
+        limit=4,
+        progress=False,
     )
     by_k = summary["results"]["fastbind-shape-2way"]
     assert by_k["0"]["mean"]["accuracy"] == 0.0 and by_k["1"]["n"] == 4

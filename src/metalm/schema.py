@@ -83,8 +83,8 @@ def _unwrap(tp: Any) -> Any:
 
 def declared_fields(tp: Any) -> dict[str, Any] | None:
     """Declared field types of a model or dataclass; None for other types."""
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return {name: info.annotation for name, info in tp.model_fields.items()}
+    if isinstance(tp, type) and issubclass(tp, BaseModel):  # by the names data uses (pydantic's locs too)
+        return {info.alias or name: info.annotation for name, info in tp.model_fields.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return typing.get_type_hints(tp, include_extras=True)
     return None
@@ -106,6 +106,8 @@ def _step_into(tp: Any, step: Step) -> Any:
         return fields.get(step) if isinstance(step, str) else None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list and args:
+        return args[0]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
         return args[0]
     if origin is tuple and isinstance(step, int) and step < len(args):
         return args[step]

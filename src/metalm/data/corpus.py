@@ -38,6 +38,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from metalm.data.records import TextDocument, read_jsonl, write_jsonl
+from metalm.data.splits import SPLITS, split_of
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +380,6 @@ def build_text_corpus(
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Extract every source into ``<out_dir>/{train,validation,test}.jsonl`` and ``stats.json``; returns the
     stats: ``{source: {split: {"documents": n, "tokens": n, "characters": n}}}`` (tokens: MiniLM WordPiece)."""
-    from metalm.data.builtin import SPLITS, split_of
 
     out = Path(out_dir) if out_dir is not None else corpus_dir()
     out.mkdir(parents=True, exist_ok=True)

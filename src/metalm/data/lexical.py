@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from metalm.data.records import Classification, TextDocument
+from metalm.data.splits import split_of
 
 __all__ = [
     "GCIDE_POS",
@@ -131,7 +132,6 @@ def balanced(records: list[Classification]) -> list[Classification]:
 def wordnet_category(split: str, folder: Path = WORDNET_DIR) -> list[Classification]:
     """WordNet noun gloss -> lexicographer file (``noun.`` dropped) among the ``WORDNET_CATEGORIES_N``
     largest, balanced, in file order; ids ``wordnet/noun/<offset>``."""
-    from metalm.data.builtin import split_of
     from metalm.data.corpus import CORPUS_SPLIT
 
     sizes: dict[str, int] = {}
@@ -188,7 +188,6 @@ def _gcide_definitions_of(path: Path) -> tuple[tuple[str, str, str], ...]:
 def gcide_pos(split: str, path: Path | None = None) -> list[Classification]:
     """GCIDE definition -> part of speech (noun, verb, adjective, adverb), balanced, in dictionary order;
     ids ``gcide/<headword>/<n>``. Definitions that name their headword are left out (they give it away)."""
-    from metalm.data.builtin import split_of
     from metalm.data.corpus import CORPUS_SPLIT, GCIDE_DICT
 
     out: list[Classification] = []

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metalm.data.bbc import bbc_articles
 from metalm.data.records import AudioText, Record, VQAExample, read_jsonl, write_jsonl
 
 __all__ = [
@@ -82,10 +83,9 @@ def bbc_sentences(split: str, limit: int) -> list[tuple[str, str]]:
     """(key, sentence) of up to `limit` short, speakable BBC sentences of `split`: 5-14 words, letters
     and plain punctuation only (digits, quotes and symbols read differently from how they are written),
     at most two per article, spread evenly over the split's articles."""
-    from metalm.data.builtin import _bbc
 
     found: list[tuple[str, str]] = []
-    for article_id, _, text in _bbc(split):
+    for article_id, _, text in bbc_articles(split):
         body = " ".join(text.split("\n", 1)[-1].split())  # the body: the title has no full stop
         kept = 0
         for k, sentence in enumerate(_SENTENCE_END.split(body)):

@@ -13,29 +13,29 @@ Classes, names and demonstrations are drawn per (seed, query index); the names a
 :data:`metalm.training.episodes.HELD_OUT_WORDS`, which in-context training (``relabel``) never uses.
 Queries come from the test split, demonstrations from the train split. ``k`` (``--shots``) counts
 demonstrations *per class*, as in Frozen: 2-way at k = 4 shows 8.
+
+The tasks themselves are rows of the built-in catalogue (``configs/tasks/fastbind.yaml``), which names this
+module's reader (:func:`labelled_images`) and episode hook (:func:`episodes_for`).
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
-from metalm.data.layouts import DEFAULT_LAYOUTS
-from metalm.evaluation.tasks import Example, Task
+from metalm.evaluation.protocol import Example
 from metalm.training.episodes import HELD_OUT_WORDS
 
-__all__ = ["FASTBIND_SETS", "fastbind_task", "make_episode"]
-
-# (attribute, ways) of the built-in tasks `fastbind-{attribute}-{ways}way` and their `-real` twins.
-FASTBIND_SETS = (("shape", 2), ("color", 2), ("color", 5))
+__all__ = ["QUESTIONS", "episodes_for", "labelled_images", "make_episode"]
 
 # The attribute's question, as easy-VQA asks it (so the question is one the model has read).
 QUESTIONS = {"shape": "what shape is in the image?", "color": "what color is the shape?"}
 _CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
 
 
-def _labelled_images(split: str, attribute: str) -> list[Example]:
+def labelled_images(split: str, attribute: str) -> list[Example]:
     """Every easy-VQA image of `split` with its `attribute` (from its caption ``a {color} {shape}.``)."""
     from metalm.data.builtin import load_builtin
 
@@ -78,26 +78,16 @@ def make_episode(
     return demos, replace(query, answers=(names[own],))
 
 
-def fastbind_task(attribute: str, ways: int, *, made_up: bool = True) -> Task:
-    """The fast-binding task for `attribute` ("shape" or "color") with `ways` classes."""
-    name = f"fastbind-{attribute}-{ways}way" + ("" if made_up else "-real")
+def episodes_for(
+    task_name: str, ways: int, *, made_up: bool
+) -> Callable[[Example, list[Example], int, int, int], tuple[list[Example], Example]]:
+    """The ``Task.episodes`` hook of a fast-binding task (the catalogue's ``episodes: {hook: fastbind}``):
+    episodes drawn per (task, seed, query index), so every run of a task shows the same ones."""
 
     def episodes(
         query: Example, pool: list[Example], k: int, seed: int, index: int
     ) -> tuple[list[Example], Example]:
-        rng = random.Random(f"metalm-fastbind/{name}/{seed}/{index}")
+        rng = random.Random(f"metalm-fastbind/{task_name}/{seed}/{index}")
         return make_episode(query, pool, k, rng, ways=ways, made_up=made_up)
 
-    naming = "made-up names seen only in the demonstrations" if made_up else "their real names"
-    return Task(
-        name=name,
-        load=lambda split: _labelled_images(split, attribute),
-        input_template=DEFAULT_LAYOUTS.vqa.template,
-        decoder_prompt=DEFAULT_LAYOUTS.vqa.prompt,
-        layout="vqa",
-        scoring="generate",
-        metric="accuracy",
-        max_new_tokens=6,
-        description=f"fast binding: {ways} easy-VQA {attribute}s named by {naming}; k demonstrations per class",
-        episodes=episodes,
-    )
+    return episodes
