@@ -16,7 +16,9 @@ WORDS = "red blue green circle square triangle small large bright dark".split()
 
 def tiny_jpeg(seed: int, size: int = 64) -> bytes:
     rng = np.random.default_rng(seed)
-    pixels = np.kron(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), np.ones((size // 4, size // 4, 1), np.uint8))
+    pixels = np.kron(
+        rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), np.ones((size // 4, size // 4, 1), np.uint8)
+    )
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", quality=80)
     return out.getvalue()
@@ -62,10 +64,19 @@ def write_parquet(folder: Path, shards: int, per_shard: int, *, kind: str = "tex
         rows = range(s * per_shard, (s + 1) * per_shard)
         if kind == "text":
             table = pa.table(
-                {"doc_id": [f"d{i}" for i in rows], "body": [" ".join([caption(i)] * (1 + i % 5)) for i in rows]}
+                {
+                    "doc_id": [f"d{i}" for i in rows],
+                    "body": [" ".join([caption(i)] * (1 + i % 5)) for i in rows],
+                }
             )
         else:
-            table = pa.table({"key": [f"p{i}" for i in rows], "png": [tiny_jpeg(i) for i in rows], "caption": [caption(i) for i in rows]})
+            table = pa.table(
+                {
+                    "key": [f"p{i}" for i in rows],
+                    "png": [tiny_jpeg(i) for i in rows],
+                    "caption": [caption(i) for i in rows],
+                }
+            )
         pq.write_table(table, folder / f"part-{s:03d}.parquet")
         ids += [f"d{i}" if kind == "text" else f"p{i}" for i in rows]
     return ids

@@ -24,7 +24,6 @@ out, the usual columns are looked for (``jpg``/``png``/``image``, ``txt``/``text
 from __future__ import annotations
 
 import glob
-import itertools
 import logging
 import os
 import random
@@ -248,8 +247,10 @@ class ShardReader:
             if hf is not None:
                 ds.load_state_dict(hf)
             rows_in_epoch = 0
-            it = iter(ds)
-            while rows := list(itertools.islice(it, self.buffer)):
+            # Whole blocks through `iter`: the datasets state after one is where the next starts; and `iter`
+            # does not split the shards again inside a DataLoader worker (each worker walks the whole plan).
+            for columns in ds.iter(batch_size=self.buffer):
+                rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
                 order = list(range(len(rows)))
                 rng = random.Random(f"{self.seed}:{self.split}:{self.name}:{self.rank}:block:{epoch}:{block}")
                 rng.shuffle(order)

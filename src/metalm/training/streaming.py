@@ -147,7 +147,8 @@ class ShardWalk(StreamWalk):
         self.pieces = [list(p) for p in state["pieces"]]
         self.recent = deque(tuple(r) for r in state["recent"])
         live = set(chain.from_iterable(self.recent)) | self._in_progress()
-        self.held, self.stream.ids = {}, {}
+        self.held.clear()  # in place: the stream's `records` is this dict
+        self.stream.ids.clear()
         for idx, row in self.reader.restore(state["reader"]):
             if idx in live:
                 self.held[idx] = row_to_record(
