@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,7 +57,6 @@ def train_config(source: str, output_dir: Path) -> dict:
             "save_every": 0,
             "tensorboard": False,
             "mixed_precision": "no",
-            "resume": "restart",
         },
     }
 
@@ -75,6 +75,7 @@ def measure_train(source: str, work: Path) -> dict:
     """`metalm train` for 3 steps: seconds to the first optimizer step, peak RSS, total seconds."""
     work.mkdir(parents=True, exist_ok=True)
     out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)  # its metrics.jsonl is the clock
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump(train_config(source, out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}

@@ -279,3 +279,21 @@ def test_sigkill_mid_epoch_then_resume_trains_on_the_same_samples(tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
     saved = json.loads((out / "checkpoint-8" / "data.json").read_text())
     assert saved["stats"]["samples"] == 8 * 2 * 2 and saved["version"] == "sharded-1"
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("easy_vqa_captions", "webdataset"), ("easy_vqa_vqa", "webdataset"), ("bbc_news_text", "parquet")],
+)
+def test_exported_shards_train(tiny, tmp_path, name, fmt):
+    from metalm.data.cli import export
+
+    _, processor = tiny
+    export(name, ["validation"], str(tmp_path), fmt, 50)
+    suffix = "tar" if fmt == "webdataset" else "parquet"
+    assert len(list(tmp_path.glob(f"{name}-validation-*.{suffix}"))) > 1
+    kind = {"easy_vqa_vqa": "vqa", "bbc_news_text": "text"}.get(name)
+    stream = {"source": str(tmp_path / f"{name}-validation-*.{suffix}"), **({"kind": kind} if kind else {})}
+    train, _ = build_data(DataConfig(streams=[stream], seq_len=48), processor, batch_size=2, seed=0)
+    batch = train.next_batch()
+    assert (batch["labels"] != -100).any()

@@ -53,9 +53,9 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "image": ("jpg", "jpeg", "png", "webp", "image"),
     "text": ("txt", "text", "caption"),
     "id": ("__key__", "key", "id"),
-    "question": ("question",),
-    "answers": ("answers", "answer"),
-    "label": ("label", "cls"),
+    "question": ("question", "json.question"),
+    "answers": ("answers", "answer", "json.answers"),
+    "label": ("label", "cls", "json.label"),
 }
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -119,15 +119,12 @@ def expand_source(source: str) -> list[str]:
 
 def _column(row: dict[str, Any], field: str, fields: dict[str, str]) -> Any:
     """The value of record field `field` in `row`: from the mapped column, else the first default present."""
-    if field in fields:
-        column = fields[field]
+    for column in (fields[field],) if field in fields else DEFAULT_COLUMNS.get(field, ()):
         value: Any = row
         for part in column.split("."):  # "json.caption": a key inside a JSON column
             value = value.get(part) if isinstance(value, dict) else None
-        return value
-    for column in DEFAULT_COLUMNS.get(field, ()):
-        if row.get(column) is not None:
-            return row[column]
+        if value is not None:
+            return value
     return None
 
 
