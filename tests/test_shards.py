@@ -297,3 +297,90 @@ def test_exported_shards_train(tiny, tmp_path, name, fmt):
     train, _ = build_data(DataConfig(streams=[stream], seq_len=48), processor, batch_size=2, seed=0)
     batch = train.next_batch()
     assert (batch["labels"] != -100).any()
+
+
+def test_hf_folder_and_jsonl_stream_when_asked(tiny, tmp_path):
+    import datasets
+
+    from tests.shard_data import tiny_jpeg
+
+    _, processor = tiny
+    rows = {
+        "image": [{"bytes": tiny_jpeg(i), "path": None} for i in range(6)],
+        "caption": [caption(i) for i in range(6)],
+    }
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": caption(i) * 3, "id": f"j{i}"}) + "\n" for i in range(6))
+    )
+    data = DataConfig(
+        streams=[
+            {"source": str(tmp_path / "hf"), "streaming": True, "kind": "image_text"},
+            {"source": str(tmp_path / "docs.jsonl"), "streaming": True, "kind": "text"},
+        ],
+        seq_len=48,
+    )
+    train, _ = build_data(data, processor, batch_size=4, seed=0, rank=1, world_size=2)
+    seen = {n: set() for n in train.names}
+    for _ in range(4):
+        train.next_batch()
+        for name, ids in ids_of(train):
+            seen[name] |= set(ids)
+    assert seen["docs"] <= {f"j{i}" for i in range(6)} and seen["docs"]
+    assert train.streams[0].records and all(
+        isinstance(r.image, bytes) for r in train.streams[0].records.values()
+    )
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_train_on_their_own_shards(tmp_path):
+    """The multi-node recipe of docs/training.md, on one machine: `torchrun --nnodes 2` started twice."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = sigkill_config(tmp_path, tmp_path / "run")
+    config["optim"]["max_steps"] = 4
+    config["run"]["save_every"] = 4
+    path = tmp_path / "nodes.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "metalm.cli",
+                "train",
+                str(path),
+            ],
+            env=env,
+            stdout=open(tmp_path / f"node{rank}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=300) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "data.json").read_text())
+    assert sorted(state["ranks"]) == ["0", "1"] and state["world_size"] == 2
+    assert state["stats"]["samples"] == 4 * 2 * 2 * 2  # steps x grad_accum x batch_size x processes
