@@ -91,8 +91,10 @@ def is_sharded_source(source: str, streaming: bool | None = None) -> bool:
 def expand_source(source: str) -> list[str]:
     """The shard files of `source` (brace ranges and globs expanded, a folder's shard files), or ``[folder]``
     for an HF dataset folder. Raises FileNotFoundError when nothing matches."""
-    from braceexpand import braceexpand
-
+    try:
+        from braceexpand import braceexpand
+    except ImportError:
+        raise ValueError(f"{source}: sharded sources need pip install 'metalm[shards]'") from None
     path = Path(source)
     if _hf_folder(path):
         return [str(path)]
@@ -222,7 +224,10 @@ class ShardReader:
 
     # --- the datasets side ------------------------------------------------------------------------------
     def _epoch_dataset(self, epoch: int):
-        import datasets
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"{self.source}: sharded sources need pip install 'metalm[shards]'") from None
         from datasets.distributed import split_dataset_by_node
 
         files = list(self.files)
