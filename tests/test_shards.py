@@ -122,6 +122,7 @@ def test_bad_config_for_a_sharded_stream(tmp_path):
     for extra, message in (
         ({"validation_fraction": 0.1}, "validation_source"),
         ({"kind": "interleaved"}, "not 'interleaved'"),
+        ({"fields": {"picture": "jpg"}}, "unknown record field 'picture'"),
     ):
         cfg = {
             "model": {"decoder": {"model_type": "llama"}, "tokenizer": "t"},
@@ -384,3 +385,25 @@ def test_two_nodes_of_one_process_each_train_on_their_own_shards(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "data.json").read_text())
     assert sorted(state["ranks"]) == ["0", "1"] and state["world_size"] == 2
     assert state["stats"]["samples"] == 4 * 2 * 2 * 2  # steps x grad_accum x batch_size x processes
+
+
+def test_in_memory_streams_beside_shards_are_split_by_record(tiny, tmp_path):
+    _, processor = tiny
+    write_webdataset(tmp_path / "wds", 2, 4)
+    streams = [{"source": str(tmp_path / "wds"), "shuffle_buffer": 4}, {"source": "easy_vqa_captions"}]
+    data = DataConfig(streams=streams, seq_len=48, max_records=10)
+    parts = [build_data(data, processor, batch_size=2, seed=0, rank=r, world_size=2)[0] for r in range(2)]
+    held = [{r.id for r in p.streams[1].records} for p in parts]
+    assert len(held[0]) == len(held[1]) == 5 and not held[0] & held[1]
+    for p in parts:
+        p.take(3)
+
+
+def test_parquet_shards_need_a_kind(tmp_path):
+    write_parquet(tmp_path / "pq", 1, 2)
+    cfg = {
+        "model": {"decoder": {"model_type": "llama"}, "tokenizer": "t"},
+        "data": {"streams": [{"source": str(tmp_path / "pq")}]},
+    }
+    with pytest.raises(ConfigError, match="kind: say which kind"):
+        config_from_dict(cfg)

@@ -38,6 +38,7 @@ __all__ = [
     "ShardReader",
     "expand_source",
     "is_sharded_source",
+    "is_webdataset",
     "row_to_record",
 ]
 
@@ -113,6 +114,14 @@ def expand_source(source: str) -> list[str]:
             f"{source}: shards must be all of one format ({', '.join(SHARD_FORMATS)}), got {suffixes}"
         )
     return files
+
+
+def is_webdataset(source: str) -> bool:
+    """Are `source`'s shards WebDataset tar files? (False when it matches nothing.)"""
+    try:
+        return Path(expand_source(source)[0]).suffix == ".tar"
+    except (FileNotFoundError, ValueError):
+        return source.endswith(".tar")
 
 
 # --------------------------------------------------------------------------------------------

@@ -326,8 +326,13 @@ class StreamConfig(_Section):
             raise FieldProblem(
                 "in_context rows draw from all records; a sharded source is read as it streams", "format"
             )
-        from metalm.data.shards import KIND_FIELDS
+        from metalm.data.shards import DEFAULT_COLUMNS, KIND_FIELDS
 
+        for key in self.fields or {}:
+            if key not in DEFAULT_COLUMNS:
+                raise FieldProblem(
+                    f"unknown record field {key!r}; map any of {', '.join(DEFAULT_COLUMNS)}", "fields"
+                )
         kind = stream_record_kind(self)
         if kind is not None and kind not in KIND_FIELDS:
             raise FieldProblem(
@@ -404,8 +409,11 @@ def stream_record_kind(stream: StreamConfig) -> str | None:
     from metalm.data.builtin import BUILTIN_DATASETS
 
     dataset = BUILTIN_DATASETS.get(stream.source)
-    if dataset is None and stream.source.endswith(".tar") and stream.sharded:
-        return "image_text"  # WebDataset shards (img2dataset): image-caption pairs
+    if dataset is None and stream.sharded:
+        from metalm.data.shards import is_webdataset
+
+        if is_webdataset(stream.source):
+            return "image_text"  # WebDataset shards (img2dataset): image-caption pairs
     return dataset.kind if dataset is not None else None
 
 
@@ -478,6 +486,8 @@ class DataConfig(_Section):
                         raise FieldProblem(
                             str(err) + relative_path_hint(src, (info.context or {}).get("source")), i, key
                         ) from None
+                    if stream_record_kind(stream) is None:
+                        raise FieldProblem("say which kind of records the shards' rows are", i, "kind")
                     continue
                 if src is not None and src not in BUILTIN_DATASETS and not Path(src).exists():
                     raise FieldProblem(

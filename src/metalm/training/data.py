@@ -1,6 +1,8 @@
 """Training data: configured streams of records → semi-causal samples → padded batches.
 
-Each stream's records (``metalm.data.records``) are held in memory (text and image *references*); token
+Each stream's records (``metalm.data.records``) are held in memory (text and image *references*), except a
+sharded stream's, which each process reads from its own shards as it goes (:mod:`metalm.training.streaming`:
+its own sequence per process, built by the code here); token
 ids are computed once per record and cached, and decoded images are cached as uint8 arrays (up to
 ``data.image_cache_mb``). What a record becomes:
 
