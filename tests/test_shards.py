@@ -204,6 +204,7 @@ def _epoch_ids(rank: int, world: int, folder: str, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_see_every_record_once_per_epoch(tmp_path):
     import socket
 
