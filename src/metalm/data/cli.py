@@ -17,12 +17,17 @@ def list_datasets() -> None:
         print(f"{name:<20} {ds.kind:<15} {row[0]:>7} {row[1]:>7} {row[2]:>7}  {ds.description}")
 
 
-def export(name: str, split: list[str], out: str) -> None:
-    from metalm.data.builtin import export_builtin
+def export(name: str, split: list[str], out: str, fmt: str = "jsonl", per_shard: int = 10_000) -> None:
+    from metalm.data.builtin import export_builtin, load_builtin
 
     for s in split:
-        path = export_builtin(name, s, out)
-        print(f"wrote {path}")
+        if fmt == "jsonl":
+            print(f"wrote {export_builtin(name, s, out)}")
+            continue
+        from metalm.data.shard_writer import write_shards
+
+        paths = write_shards(load_builtin(name, s), out, fmt=fmt, per_shard=per_shard, prefix=f"{name}-{s}")
+        print(f"wrote {len(paths)} {fmt} shard(s): {paths[0].parent}/{name}-{s}-*{paths[0].suffix}")
 
 
 def validate(files: list[str], skip_bad: bool = False, check_images: bool = False) -> int:
@@ -94,7 +99,19 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         "--split", action="append", choices=["train", "validation", "test"], help="repeatable; default all"
     )
     ex.add_argument("--out", required=True, help="output folder")
-    ex.set_defaults(func=lambda a: export(a.name, a.split or ["train", "validation", "test"], a.out))
+    ex.add_argument(
+        "--format",
+        choices=["jsonl", "webdataset", "parquet"],
+        default="jsonl",
+        help="jsonl (default; images copied beside it) or shards that a stream reads as it streams: "
+        "webdataset tar (img2dataset layout) or parquet",
+    )
+    ex.add_argument("--shard-size", type=int, default=10_000, help="records per shard (webdataset, parquet)")
+    ex.set_defaults(
+        func=lambda a: export(
+            a.name, a.split or ["train", "validation", "test"], a.out, a.format, a.shard_size
+        )
+    )
     sp = sub.add_parser(
         "speech",
         help="generate the spoken data sets (speech_bbc, speech_easy_vqa) into the metalm cache with espeak-ng",

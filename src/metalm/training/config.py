@@ -262,6 +262,13 @@ class StreamConfig(_Section):
     records). VQA records are always instruction samples, so ``template``/``prompt`` apply to them in
     either format.
 
+    A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
+    ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
+    true``) is read as it streams, each process its own shards (:mod:`metalm.training.streaming`).
+    ``fields`` maps record fields to its columns (``{image: jpg, text: txt}``; left out: the usual names);
+    ``kind`` says what its rows are (default for ``.tar`` shards: ``image_text``); ``shuffle_buffer``: the
+    records per seeded shuffle block. Its validation records come from ``validation_source`` only.
+
     A stream is checked on its own here; whether its files exist is checked by :class:`DataConfig`, so a
     stream can be described in code before its file is written."""
 
@@ -280,6 +287,58 @@ class StreamConfig(_Section):
     template: str | list[str] | None = None
     prompt: str | None = None
     options: list[str] | None = None
+    streaming: bool | None = None
+    fields: dict[str, str] | None = None
+    shuffle_buffer: int = Field(1000, gt=0)
+
+    @property
+    def sharded(self) -> bool:
+        """Read as it streams, each process its own shards (see the class docstring)."""
+        from metalm.data.shards import is_sharded_source
+
+        return self.source not in _builtin_names() and is_sharded_source(self.source, self.streaming)
+
+    @property
+    def shard_kind(self) -> str:
+        """The record kind of a sharded stream's rows."""
+        kind = stream_record_kind(self)
+        if kind is not None:
+            return kind
+        raise ValueError(
+            f"stream {self.name!r} ({self.source}): say which kind of records its rows are (kind: ...)"
+        )
+
+    @model_validator(mode="after")
+    def _sharded_settings(self) -> StreamConfig:
+        if not self.sharded:
+            for key in ("fields",):
+                if getattr(self, key) is not None:
+                    raise FieldProblem(
+                        "applies to sharded sources (shard patterns, .tar/.parquet files)", key
+                    )
+            return self
+        if self.validation_fraction is not None:
+            raise FieldProblem(
+                "a sharded source holds nothing out; name held-out shards in validation_source",
+                "validation_fraction",
+            )
+        if self.format == "in_context":
+            raise FieldProblem(
+                "in_context rows draw from all records; a sharded source is read as it streams", "format"
+            )
+        from metalm.data.shards import DEFAULT_COLUMNS, KIND_FIELDS
+
+        for key in self.fields or {}:
+            if key not in DEFAULT_COLUMNS:
+                raise FieldProblem(
+                    f"unknown record field {key!r}; map any of {', '.join(DEFAULT_COLUMNS)}", "fields"
+                )
+        kind = stream_record_kind(self)
+        if kind is not None and kind not in KIND_FIELDS:
+            raise FieldProblem(
+                f"a sharded source holds {', '.join(KIND_FIELDS)} records, not {kind!r}", "kind"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> StreamConfig:
@@ -309,6 +368,8 @@ class StreamConfig(_Section):
     def _named_and_consistent(self) -> StreamConfig:
         from metalm.data.builtin import BUILTIN_DATASETS
 
+        if self.name is None and any(ch in self.source for ch in "*?[{"):  # a pattern: its folder's name
+            self.name = Path(self.source).parent.name or Path(self.source).stem
         if self.name is None:
             self.name = self.source if self.source in BUILTIN_DATASETS else Path(self.source).stem
         _check_stream_format(self, stream_record_kind(self))
@@ -334,6 +395,12 @@ class StreamConfig(_Section):
         return self.prompt if self.prompt is not None else DEFAULT_PROMPTS.get(kind, "")
 
 
+def _builtin_names() -> dict[str, Any]:
+    from metalm.data.builtin import BUILTIN_DATASETS
+
+    return BUILTIN_DATASETS
+
+
 def stream_record_kind(stream: StreamConfig) -> str | None:
     """The record kind a stream holds: its `kind`, else its built-in dataset's; None for a file stream of
     mixed kinds."""
@@ -342,6 +409,11 @@ def stream_record_kind(stream: StreamConfig) -> str | None:
     from metalm.data.builtin import BUILTIN_DATASETS
 
     dataset = BUILTIN_DATASETS.get(stream.source)
+    if dataset is None and stream.sharded:
+        from metalm.data.shards import is_webdataset
+
+        if is_webdataset(stream.source):
+            return "image_text"  # WebDataset shards (img2dataset): image-caption pairs
     return dataset.kind if dataset is not None else None
 
 
@@ -405,6 +477,18 @@ class DataConfig(_Section):
             seen.add(stream.name)
             for key in ("source", "validation_source"):
                 src = getattr(stream, key)
+                if src is not None and stream.sharded:
+                    from metalm.data.shards import expand_source
+
+                    try:
+                        expand_source(src)
+                    except (FileNotFoundError, ValueError) as err:
+                        raise FieldProblem(
+                            str(err) + relative_path_hint(src, (info.context or {}).get("source")), i, key
+                        ) from None
+                    if stream_record_kind(stream) is None:
+                        raise FieldProblem("say which kind of records the shards' rows are", i, "kind")
+                    continue
                 if src is not None and src not in BUILTIN_DATASETS and not Path(src).exists():
                     raise FieldProblem(
                         f"{src!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "

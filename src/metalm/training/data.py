@@ -1,6 +1,8 @@
 """Training data: configured streams of records → semi-causal samples → padded batches.
 
-Each stream's records (``metalm.data.records``) are held in memory (text and image *references*); token
+Each stream's records (``metalm.data.records``) are held in memory (text and image *references*), except a
+sharded stream's, which each process reads from its own shards as it goes (:mod:`metalm.training.streaming`:
+its own sequence per process, built by the code here); token
 ids are computed once per record and cached, and decoded images are cached as uint8 arrays (up to
 ``data.image_cache_mb``). What a record becomes:
 
@@ -144,6 +146,10 @@ def load_stream_records(
     from metalm.data.builtin import BUILTIN_DATASETS, load_builtin
 
     name = stream.name or stream.source
+    if stream.sharded:  # read as it streams, by each process (metalm.training.streaming)
+        from metalm.training.streaming import sharded_stream_records
+
+        return sharded_stream_records(stream, split)
     holdout = stream.validation_fraction is not None
     if split == "train" or holdout:  # a held-out fraction comes out of the training records
         source, builtin_split = stream.source, stream.split
@@ -372,17 +378,21 @@ class _Stream:
         # starts without it badly (frozen Gemma-3: loss 8.3 on a news sentence without BOS, 2.8 with it).
         bos = ctx.processor.bos_token_id
         self.bos = [bos] if bos is not None else []
-        self.walk = StreamWalk(
+        self.walk = self._make_walk()
+        self._singles: list[int] | None = None
+        self._record_encoders: set[str] | None = None
+
+    def _make_walk(self) -> StreamWalk:
+        """Where the stream is in the sequence (a sharded stream reads as it walks: training/streaming.py)."""
+        return StreamWalk(
             self.name,
             len(self.records),
-            seed=ctx.seed,
-            split=ctx.split,
-            window=ctx.seq_len - len(self.bos),
+            seed=self.ctx.seed,
+            split=self.ctx.split,
+            window=self.ctx.seq_len - len(self.bos),
             packs=self.packs,
             length=lambda idx: len(self._text_ids(idx)),
         )
-        self._singles: list[int] | None = None
-        self._record_encoders: set[str] | None = None
 
     def packs(self, idx: int) -> bool:
         """Does record `idx` go into text windows? (Instruction streams make one sample per record; only LM
@@ -871,7 +881,7 @@ class DataStream:
         self.pack = pack
         self.report = report if report is not None else SkipReport()
         self.ctx = _Context(processor, seq_len, skip_bad, split, image_cache or ImageCache(), seed)
-        self.streams = [_Stream(s, self.ctx) for s in streams]
+        self.streams = [self._make_stream(s) for s in streams]
         self.names = [s.name for s in self.streams]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"stream names must be unique, got {self.names}")
@@ -884,6 +894,9 @@ class DataStream:
         self.said: set[str] = set()  # one-off warnings already logged
         self.reported: set[tuple[str, int]] = set()  # bad records already in the report
         self.last_sources: list[tuple[str, list[int]]] = []
+
+    def _make_stream(self, spec: StreamRecords) -> _Stream:
+        return _Stream(spec, self.ctx)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -1115,11 +1128,16 @@ def build_data(
         image_cache=cache,
         fill_encoders=fill_encoders,
     )
-    train_stream = DataStream(
+    data_stream: type[DataStream] = DataStream
+    if any(s.sharded for s in data.streams):  # each process reads its own part (training/streaming.py)
+        from metalm.training.streaming import ShardedDataStream
+
+        data_stream = ShardedDataStream
+    train_stream = data_stream(
         train, processor, batch_size=batch_size, split="train", report=report, pack=data.pack, **common
     )
     val_stream = (
-        DataStream(
+        data_stream(
             val,
             processor,
             batch_size=eval_batch_size or batch_size,
