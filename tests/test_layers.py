@@ -159,3 +159,38 @@ def test_the_plugins_import_no_assembly() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_an_encoded_segment_carries_one_payload_under_the_name_its_plugin_gives() -> None:
+    from metalm.data.segment_types import EncodedSegment
+
+    span = EncodedSegment("text", input_ids=[5, 6], target_ids=[5, 6])
+    assert (span.payload, span.input_ids, span.pixel_values) == ([5, 6], [5, 6], None)
+    clip = EncodedSegment("audio", payload="features")
+    assert (clip.payload, clip.input_ids) == ("features", None)
+    try:
+        EncodedSegment("text", input_ids=[1], pixel_values=[2])
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("two payloads were accepted")
+
+
+def test_the_processor_still_exports_the_plugins_part_types_by_name() -> None:
+    from metalm.data import processor
+    from metalm.modalities.audio import AudioInput
+    from metalm.modalities.text import Encode
+    from metalm.modalities.vision import ImageInput
+
+    assert (processor.Encode, processor.ImageInput, processor.AudioInput) == (Encode, ImageInput, AudioInput)
+
+
+def test_a_packaged_encoder_of_another_kind_is_refused_before_loading() -> None:
+    import pytest
+
+    from metalm.model.configuration_metalm import MetaLMConfigError
+    from metalm.recipe import EncoderRecipe, _build_encoder
+
+    recipe = EncoderRecipe(name="reader", kind="text", source="packaged:efficientnet-lite0")
+    with pytest.raises(MetaLMConfigError, match="is a vision encoder"):
+        _build_encoder(recipe, decoder_tok=None)
