@@ -15,20 +15,20 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import to_device
-from metalm.modalities import get_modality
+from metalm.modalities import encoder_kinds, get_modality
 from metalm.modalities.text import PROBE_TEXT
 from metalm.modalities.vision import probe_image
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError
 from metalm.model.hf_config import config_from_dict
 from metalm.model.modeling_metalm import MetaLMForCausalLM
 from metalm.model.packaged import (
-    PACKAGED_EFFICIENTNET,
     PACKAGED_GEMMA,
     PACKAGED_MINILM,
     load_tokenizer,
     packaged_minilm_path,
     resolve_source,
 )
+from metalm.model.vision import PACKAGED_EFFICIENTNET
 
 __all__ = [
     "PACKAGED_EFFICIENTNET",
@@ -126,6 +126,11 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
         modality = get_modality(r.kind)
     except ValueError as err:
         raise MetaLMConfigError(f"encoder {r.name!r}: {err}") from None
+    owner = next(
+        (kind for kind in encoder_kinds() if r.source in get_modality(kind).packaged_sources), r.kind
+    )
+    if owner != r.kind:
+        raise MetaLMConfigError(f"encoder {r.name!r}: {r.source} is a {owner} encoder")
     backbone, architecture, folder = modality.load_backbone(r)
     spec: dict[str, Any] = {
         "name": r.name,

@@ -18,8 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from metalm.data.processor import Encode, ImageInput
-from metalm.modalities.audio import AudioInput
+from metalm.modalities import get_modality
 
 __all__ = [
     "CHAT_HISTORY",
@@ -32,6 +31,11 @@ __all__ = [
     "latest_request",
     "layouts_of",
 ]
+
+
+def _part(kind: str, value: Any, encoder: str | None = None) -> Any:
+    """The processor part of `kind` for `value`, made by its plugin (this module imports none)."""
+    return get_modality(kind).part(value, encoder)
 
 
 class PromptLayout(BaseModel):
@@ -55,10 +59,10 @@ class PromptLayout(BaseModel):
         **fields: str,
     ) -> list[Any]:
         """Processor parts for one request. `text_encoder=None`: the input is plain decoder text."""
-        parts: list[Any] = [ImageInput(img, encoder=vision_encoder) for img in images]
+        parts: list[Any] = [_part("vision", img, vision_encoder) for img in images]
         text = self.render(**fields)
         if text.strip():
-            parts.append(Encode(text, encoder=text_encoder) if text_encoder else text)
+            parts.append(_part("text", text, text_encoder) if text_encoder else text)
         if self.prompt.strip():
             parts.append(self.prompt)
         return parts
@@ -138,9 +142,9 @@ def chat_layout_parts(
         if turn["role"] == "assistant":
             parts += [text, None] if text else []
             continue
-        clips = [AudioInput(clip) for clip in turn.get("audio") or ()]
+        clips = [_part("audio", clip) for clip in turn.get("audio") or ()]
         if clips and not text:
-            parts += [ImageInput(img, encoder=vision_encoder) for img in images] + clips
+            parts += [_part("vision", img, vision_encoder) for img in images] + clips
             parts += [layouts.vqa.prompt] if images and layouts.vqa.prompt.strip() else []
             continue
         layout = layouts.vqa if text else layouts.caption

@@ -1,9 +1,9 @@
-"""MetaLMProcessor: interleaved user input (text, images, text marked to be encoded) → model inputs.
+"""MetaLMProcessor: interleaved user input (decoder text and the parts of any encoder kind) → model inputs.
 
-It owns the decoder tokenizer and one preprocessor per encoder (a text encoder's tokenizer, a vision
-encoder's image preprocessor: whatever its kind's plugin in `metalm.modalities` uses), tokenizes each piece
-once, and collates with `metalm.data.segments.collate`. Decoder text is its own; every other part is
-turned into a segment by the plugin that reads it.
+It owns the decoder tokenizer and one preprocessor per encoder (whatever its kind's plugin in
+`metalm.modalities` uses), tokenizes decoder text, and collates with `metalm.data.segments.collate`.
+Decoder text is its own; every other part is turned into a segment by the plugin that reads it, found
+through the registry: this module names no kind and imports no plugin.
 """
 
 from __future__ import annotations
@@ -13,23 +13,20 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from metalm.data.images import ImagePreprocessor
 from metalm.data.segments import InputError, Sample, SampleError, TextSegment, collate
 from metalm.data.tokenizer_check import check_tokenizer
-from metalm.modalities import get_modality, modality_of_part
-from metalm.modalities.text import Encode, span_limit
-from metalm.modalities.vision import ImageInput
+from metalm.modalities import encoder_kinds, get_modality, modality_of_part
 from metalm.model.configuration_metalm import MetaLMConfig
+
+if TYPE_CHECKING:
+    from metalm.modalities import Modality  # the interface, as the registry names it
 
 __all__ = [
     "PROCESSOR_FILE",
-    "Encode",
-    "ImageInput",
     "InputError",
     "MetaLMProcessor",
     "Part",
@@ -50,8 +47,24 @@ class Target:
     text: str
 
 
-# The built-in parts; a registered modality adds its own (its `part_types`).
-Part = str | Encode | Target | ImageInput | Image.Image
+# Decoder text (`str`, `Target`) or a part a registered plugin reads (its `part_types`: `Encode`,
+# `ImageInput`, a PIL image, `AudioInput`, ...).
+Part = Any
+
+
+def part_type_names() -> list[str]:
+    """The names of the part types the registered plugins read, in registry order."""
+    return [t.__name__ for kind in encoder_kinds() for t in get_modality(kind).part_types]
+
+
+def __getattr__(name: str) -> type:
+    """The registered plugins' part types by class name (`Encode`, `ImageInput`, `AudioInput`): they live in
+    their plugins (metalm.modalities.<kind>), and callers written before that import them from here."""
+    for kind in encoder_kinds():
+        for part_type in get_modality(kind).part_types:
+            if part_type.__name__ == name:
+                return part_type
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def part_separator(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -120,28 +133,45 @@ class MetaLMProcessor:
                     self.preprocessors[spec["name"]] = get_modality(spec["kind"]).default_preprocessor(spec)
                 except ValueError as err:
                     raise InputError(f"{spec['kind']} encoder {spec['name']!r} {err}") from err
-        # Same vocabulary → a decoder span is its own encoder input (the paper's setting); otherwise the
-        # span is decoded and re-tokenized for the encoder.
-        vocab = tokenizer.get_vocab()
-        self._shared_vocab = {n: t.get_vocab() == vocab for n, t in self.encoder_tokenizers.items()}
+        # Per-encoder facts a plugin works out once per processor, keyed by (encoder name, what): the text
+        # plugin's "does this encoder share the decoder's vocabulary".
+        self.plugin_memo: dict[tuple[str, str], Any] = {}
         if self.pad_token_id is None:
             raise InputError("the decoder tokenizer needs a pad token (or an eos token to pad with)")
         self.part_separator = part_separator(tokenizer)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._wordpiece = type(getattr(backend, "decoder", None)).__name__ == "WordPiece"
 
-    def _preprocessors_of_kind(self, kind: str) -> dict[str, Any]:
+    def preprocessors_of_kind(self, kind: str) -> dict[str, Any]:
+        """The preprocessors of the encoders of `kind`, by encoder name."""
         return {name: self.preprocessors[name] for name in self.config.encoders_of_kind(kind)}
 
+    def plugin_of(self, name: str) -> Modality:
+        """The plugin of encoder `name`'s kind."""
+        return get_modality(self.config.encoder_spec(name)["kind"])
+
+    # Compatibility: kind-named views and text-encoder helpers, kept for callers outside the plugins
+    # (metalm.training.data, metalm.serving.engine, tests); new code asks the plugin
+    # (`preprocessors_of_kind`, `metalm.modalities.text.TEXT`).
     @property
-    def encoder_tokenizers(self) -> dict[str, PreTrainedTokenizerBase]:
-        """The text encoders' tokenizers by encoder name."""
-        return self._preprocessors_of_kind("text")
+    def encoder_tokenizers(self) -> dict[str, Any]:
+        return self.preprocessors_of_kind("text")
 
     @property
-    def image_processors(self) -> dict[str, ImagePreprocessor]:
-        """The vision encoders' image preprocessors by encoder name."""
-        return self._preprocessors_of_kind("vision")
+    def image_processors(self) -> dict[str, Any]:
+        return self.preprocessors_of_kind("vision")
+
+    def to_encoder_ids(self, name: str, decoder_ids: list[int]) -> list[int]:
+        return self.plugin_of(name).to_encoder_ids(self, name, decoder_ids)
+
+    def encoder_ids(self, name: str, text: str) -> list[int]:
+        return self.plugin_of(name).encoder_ids(self, name, text)
+
+    def span_limit(self, name: str) -> int:
+        return self.plugin_of(name).span_limit(self.config.encoder_spec(name))
+
+    def fits_encoder(self, name: str, text: str, max_tokens: int | None = None) -> bool:
+        return self.plugin_of(name).fits_encoder(self, name, text, max_tokens)
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -170,29 +200,6 @@ class MetaLMProcessor:
             return text
         return self.part_separator + text
 
-    def to_encoder_ids(self, name: str, decoder_ids: list[int]) -> list[int]:
-        """A decoder-token span in text encoder `name`'s vocabulary."""
-        if self._shared_vocab[name]:
-            return list(decoder_ids)
-        text = self.tokenizer.decode(decoder_ids, skip_special_tokens=True)
-        return self.preprocessors[name](text, add_special_tokens=False)["input_ids"]
-
-    def encoder_ids(self, name: str, text: str) -> list[int]:
-        """`text` in text encoder `name`'s vocabulary (the decoder's tokens when the two share one)."""
-        if self._shared_vocab[name]:
-            return self.tokenize(text)
-        return self.preprocessors[name](text, add_special_tokens=False)["input_ids"]
-
-    def span_limit(self, name: str) -> int:
-        """The most tokens of a span text encoder `name` reads (its `max_length` less its special tokens)."""
-        return span_limit(self.config.encoder_spec(name))
-
-    def fits_encoder(self, name: str, text: str, max_tokens: int | None = None) -> bool:
-        """Whether `Encode(text)` is a span text encoder `name` takes: at least one token, and no more
-        than its span limit (nor `max_tokens`, when given)."""
-        limit = self.span_limit(name) if max_tokens is None else min(self.span_limit(name), max_tokens)
-        return 0 < len(self.encoder_ids(name, text)) <= limit
-
     def encoder_for(self, kind: str, requested: str | None, where: str) -> str:
         """The encoder that reads a part of `kind`: the one it names, else the model's only one."""
         if requested is not None:
@@ -210,8 +217,8 @@ class MetaLMProcessor:
         self, parts: list[Part], *, add_bos: bool = True, add_eos: bool = False, index: int = 0
     ) -> Sample:
         """One sample from interleaved parts: `str` = decoder text (no loss), `Target` = decoder text with
-        loss, `Encode` = text for a text encoder, PIL image / `ImageInput` = an image for a vision encoder,
-        and any other part a registered modality reads (`metalm.modalities`)."""
+        loss, and any part a registered plugin reads (`metalm.modalities`: `Encode` = text for a text
+        encoder, a PIL image or `ImageInput` for a vision encoder, `AudioInput` for an audio encoder)."""
         if isinstance(parts, str | Target) or modality_of_part(parts) is not None:
             parts = [parts]
         if not isinstance(parts, list | tuple) or not parts:
@@ -234,8 +241,8 @@ class MetaLMProcessor:
             modality = modality_of_part(part)
             if modality is None:
                 raise InputError(
-                    f"{where}: unsupported part type {type(part).__name__}; use str, Encode, Target, "
-                    "ImageInput, a PIL image or AudioInput"
+                    f"{where}: unsupported part type {type(part).__name__}; use str, Target or one of "
+                    f"{', '.join(part_type_names())}"
                 )
             sample.append(modality.segment(self, part, where))
         if add_eos and self.eos_token_id is not None:

@@ -1,9 +1,9 @@
-"""Segments and the collator that turns lists of them into a MetaLM batch.
+"""The collator: lists of segments (`metalm.data.segment_types`) into a MetaLM batch.
 
-A sample is an ordered list of segments:
-- `TextSegment`: decoder tokens, embedded by the decoder itself;
-- `EncodedSegment`: a payload for one named encoder (a text span in the encoder's vocabulary, an image, or
-  whatever its kind's plugin reads). It fills as many decoder slots as its connector emits.
+A sample is an ordered list of segments: `TextSegment`s (decoder tokens) and `EncodedSegment`s (a payload
+for one named encoder, which fills as many decoder slots as its connector emits). The collator asks each
+encoder's kind plugin (through the registry, `metalm.modalities`) how many slots a payload fills, whether
+it can be collated, and how the payloads of one encoder stack into one call.
 
 Labels follow the semi-causal objective and the HF convention (unshifted; position p is trained to predict
 labels[p+1]):
@@ -23,44 +23,33 @@ from typing import Any
 
 import torch
 
+# The segment types live below the plugins; they are re-exported here, where most callers import them.
+from metalm.data.segment_types import (
+    IGNORE_INDEX,
+    EncodedSegment,
+    InputError,
+    Sample,
+    SampleError,
+    Segment,
+    TextSegment,
+)
 from metalm.modalities import get_modality
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class TextSegment:
-    """Causal decoder tokens. `loss=False` for prompt text that is read but not trained on."""
-
-    ids: list[int]
-    loss: bool = True
-
-
-@dataclass
-class EncodedSegment:
-    """A payload for encoder `encoder`: `input_ids` (a text span in the encoder's vocabulary, without the
-    encoder's own special tokens), `pixel_values` ([3, H, W]), or for another kind its plugin's `payload`.
-    `target_ids` are a text span in the decoder's vocabulary; with `loss=True` its first token is the
-    target at the slot before the segment."""
-
-    encoder: str
-    input_ids: list[int] | None = None
-    pixel_values: torch.Tensor | None = None
-    target_ids: list[int] | None = None
-    loss: bool = True
-    payload: Any = None
-
-
-Segment = TextSegment | EncodedSegment
-Sample = list[Segment]
-
-
-class SampleError(ValueError):
-    """A sample cannot be collated; the message names the sample and segment."""
-
-
-class InputError(ValueError):
-    """Bad user input; the message names the sample and the part."""
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodedSegment",
+    "InputError",
+    "Sample",
+    "SampleError",
+    "Segment",
+    "TextSegment",
+    "collate",
+    "pack_rows",
+    "sample_length",
+    "segment_slots",
+    "tight_packing",
+    "to_device",
+]
 
 
 def segment_slots(seg: EncodedSegment, config) -> int:

@@ -20,12 +20,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from PIL import Image
-
-from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor, Part, Target
+from metalm.data.processor import InputError, MetaLMProcessor, Part, Target
 from metalm.data.segments import Sample, TextSegment
 from metalm.evaluation.tasks import Example, Task, TaskError
+from metalm.modalities import modality_of_part
 from metalm.modalities.audio import AudioInput
+from metalm.modalities.base import shorten
+from metalm.modalities.text import TEXT, Encode
+from metalm.modalities.vision import ImageInput
 
 __all__ = [
     "PromptPart",
@@ -111,13 +113,13 @@ def _text_encoder(processor: MetaLMProcessor, encoder: str | None) -> str:
 
 def encoder_token_count(processor: MetaLMProcessor, text: str, encoder: str | None = None) -> int:
     """Tokens ``Encode(text)`` gives encoder ``encoder`` (counted as the processor counts them)."""
-    return len(processor.encoder_ids(_text_encoder(processor, encoder), text))
+    return len(TEXT.encoder_ids(processor, _text_encoder(processor, encoder), text))
 
 
 def encoder_fits(processor: MetaLMProcessor, encoder: str | None = None) -> Callable[[str], bool]:
-    """``text -> bool``: does ``Encode(text)`` fit the text encoder (``MetaLMProcessor.fits_encoder``)?"""
+    """``text -> bool``: does ``Encode(text)`` fit the text encoder (``TextModality.fits_encoder``)?"""
     name = _text_encoder(processor, encoder)
-    return lambda text: processor.fits_encoder(name, text)
+    return lambda text: TEXT.fits_encoder(processor, name, text)
 
 
 def _largest_prefix(units: list[str], start: int, fits: Callable[[str], bool], joiner: str) -> int:
@@ -253,32 +255,15 @@ def prompt_to_sample(
 def describe_prompt(parts: Sequence[PromptPart], *, max_chars: int = 80) -> str:
     """A one-line summary: ``<image:3.png> [enc: question: ... answer:] red </s> ...``."""
 
-    def short(text: str) -> str:
-        text = " ".join(text.split())
-        return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
-
     out = []
     for part in parts:
+        modality = modality_of_part(part)
         if isinstance(part, Separator):
             out.append("</s>" if part.text is None else repr(part.text))
-        elif isinstance(part, Encode):
-            out.append(f"[enc: {short(part.text)}]")
         elif isinstance(part, Target):
-            out.append(f"<target: {short(part.text)}>")
-        elif isinstance(part, ImageInput):
-            src = part.image
-            name = (
-                src.rsplit("/", 1)[-1] if isinstance(src, str) and not src.startswith("data:") else "inline"
-            )
-            out.append(f"<image:{name}>")
-        elif isinstance(part, Image.Image):
-            out.append("<image>")
-        elif isinstance(part, AudioInput):
-            src = part.audio
-            name = (
-                src.rsplit("/", 1)[-1] if isinstance(src, str) and not src.startswith("data:") else "inline"
-            )
-            out.append(f"<audio:{name}>")
+            out.append(f"<target: {shorten(part.text, max_chars)}>")
+        elif modality is not None:  # each kind renders its own parts
+            out.append(modality.describe_part(part, max_chars))
         else:
-            out.append(short(str(part)))
+            out.append(shorten(str(part), max_chars))
     return " ".join(out)

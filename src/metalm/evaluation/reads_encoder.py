@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import EncodedSegment, Sample, TextSegment
 from metalm.evaluation.runner import score_samples
+from metalm.modalities.text import TEXT, span_limit
 
 CONDITIONS = ("encoded", "removed", "plain")
 MIN_GAP = 0.05  # nats per token: below this, plain text barely helps and no share of it is reported
@@ -43,7 +44,7 @@ def condition_samples(
     """The three samples for one document: only the continuation carries labels."""
     head = [TextSegment([processor.bos_token_id], loss=False)] if processor.bos_token_id is not None else []
     encoded = EncodedSegment(
-        encoder, input_ids=processor.to_encoder_ids(encoder, span), target_ids=span, loss=False
+        encoder, input_ids=TEXT.to_encoder_ids(processor, encoder, span), target_ids=span, loss=False
     )
     rest = TextSegment(continuation, loss=True)
     return {
@@ -66,7 +67,7 @@ def reads_encoder_losses(
     """Mean per-token loss (nats) of each document's `continuation_tokens` after its first `span_tokens`,
     under the three conditions. Documents shorter than span + continuation are skipped (and counted)."""
     encoder = text_encoder_name(model)
-    span_tokens = min(span_tokens, processor.span_limit(encoder))
+    span_tokens = min(span_tokens, span_limit(processor.config.encoder_spec(encoder)))
     per_doc: list[dict[str, Sample]] = []
     skipped = 0
     for text in documents:

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from metalm.data.audio import SAMPLING_RATE, AudioError, load_audio
-from metalm.data.segments import EncodedSegment, InputError, SampleError
+from metalm.data.segment_types import EncodedSegment, InputError, SampleError
 from metalm.modalities import register_modality
-from metalm.modalities.base import Modality, Payload
+from metalm.modalities.base import Modality, Payload, Processor, source_name
 from metalm.model.hf_config import MetaLMConfigError
-from metalm.model.packaged import PACKAGED_WHISPER
 from metalm.model.whisper import (
+    PACKAGED_WHISPER,
     WHISPER_TINY_EN,
     WhisperAudioEncoder,
     encoder_fields,
@@ -42,7 +42,6 @@ from metalm.model.whisper import (
 if TYPE_CHECKING:
     from transformers import WhisperFeatureExtractor
 
-    from metalm.data.processor import MetaLMProcessor
     from metalm.recipe import EncoderRecipe
 
 WHISPER = "whisper"
@@ -90,6 +89,7 @@ class AudioModality(Modality):
     spec_defaults = dict(RECIPE_SETTINGS)
     backbones = (WHISPER,)
     part_types = (AudioInput,)
+    packaged_sources = (PACKAGED_WHISPER,)
 
     def check_spec(self, spec: dict[str, Any]) -> None:
         k = spec["frame_stack"]
@@ -174,7 +174,13 @@ class AudioModality(Modality):
     def default_preprocessor(self, spec: dict[str, Any]) -> WhisperFeatureExtractor:
         return feature_extractor(spec)
 
-    def segment(self, processor: MetaLMProcessor, part: AudioInput, where: str) -> EncodedSegment:
+    def part(self, value: Any, encoder: str | None = None) -> AudioInput:
+        return AudioInput(value, encoder=encoder)
+
+    def describe_part(self, part: AudioInput, max_chars: int = 80) -> str:
+        return f"<audio:{source_name(part.audio)}>"
+
+    def segment(self, processor: Processor, part: AudioInput, where: str) -> EncodedSegment:
         name = processor.encoder_for(self.kind, part.encoder, where)
         spec = processor.config.encoder_spec(name)
         try:
@@ -228,7 +234,7 @@ def _split_recipe_config(recipe: EncoderRecipe) -> tuple[dict[str, Any], dict[st
 register_modality(AudioModality())
 
 
-class FeatureCache:
+class LogMelCache:
     """Log-mel features of audio references (paths, data URLs) for training, which reads every clip once
     per epoch: kept as float16 (the rounding is far below a 16-bit recording's own) until `max_bytes`
     are held, then computed afresh without evicting."""
@@ -250,3 +256,8 @@ class FeatureCache:
             self._cache[key] = half
             self.bytes += half.numel() * 2
         return half.float()
+
+
+# The name this class had (metalm.training.data imports it under it); not to be confused with the frozen
+# lower part's cache, `metalm.model.feature_cache.FeatureCache`.
+FeatureCache = LogMelCache

@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from transformers import AutoModel
 
-from metalm.data.segments import EncodedSegment
+from metalm.data.segment_types import EncodedSegment
 from metalm.model.hf_config import MetaLMConfigError, config_from_dict
 
 if TYPE_CHECKING:
-    from metalm.data.processor import MetaLMProcessor
     from metalm.recipe import EncoderRecipe
 
 Payload = dict[str, torch.Tensor]
+
+
+class Processor(Protocol):
+    """What a plugin reads of the processor that hands it a part (`metalm.data.processor.MetaLMProcessor`),
+    written here so the plugins need not import the processor, which sits above them."""
+
+    config: Any  # the MetaLMConfig
+    tokenizer: Any  # the decoder's tokenizer
+    preprocessors: dict[str, Any]  # by encoder name
+    plugin_memo: dict[tuple[str, str], Any]  # per-encoder facts a plugin works out once
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def encoder_for(self, kind: str, requested: str | None, where: str) -> str: ...
 
 
 class Modality:
@@ -30,6 +43,9 @@ class Modality:
     backbones: ClassVar[tuple[str, ...]] = ("hf",)
     # The processor parts this kind reads (e.g. `Encode`, `ImageInput`).
     part_types: ClassVar[tuple[type, ...]] = ()
+    # `packaged:<name>` sources this kind loads itself (not HF folders): its `load_backbone` handles them,
+    # and a recipe naming one for an encoder of another kind is refused (metalm.recipe).
+    packaged_sources: ClassVar[tuple[str, ...]] = ()
 
     # --- the encoder spec ---------------------------------------------------------------------------
     def check_spec(self, spec: dict[str, Any]) -> None:
@@ -86,12 +102,8 @@ class Modality:
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         """The backbone a recipe names, the spec fields that rebuild its architecture (`backbone`,
         `config`), and the folder it was loaded from (None when built from a config)."""
-        from metalm.model.packaged import NOT_FOLDERS, resolve_source
+        from metalm.model.packaged import resolve_source
 
-        if recipe.source in NOT_FOLDERS:
-            raise MetaLMConfigError(
-                f"encoder {recipe.name!r}: {recipe.source} is a {NOT_FOLDERS[recipe.source]} encoder"
-            )
         folder = None if recipe.source == "config" else resolve_source(recipe.source)
         if folder is None:
             if recipe.config is None:
@@ -131,7 +143,16 @@ class Modality:
         """The preprocessor `save_preprocessor` saved (None: rebuild it from the spec)."""
         return None
 
-    def segment(self, processor: MetaLMProcessor, part: Any, where: str) -> EncodedSegment:
+    def part(self, value: Any, encoder: str | None = None) -> Any:
+        """The processor part that hands `value` (a request's or record's input of this kind: a text, an
+        image, a clip) to `encoder` (None: the model's only encoder of this kind)."""
+        raise NotImplementedError
+
+    def describe_part(self, part: Any, max_chars: int = 80) -> str:
+        """A short one-line rendering of a part this kind reads (for logs and evaluation reports)."""
+        return f"<{self.kind}>"
+
+    def segment(self, processor: Processor, part: Any, where: str) -> EncodedSegment:
         """The segment a processor part becomes (its encoder picked with `processor.encoder_for`); raise
         `metalm.data.segments.InputError` naming `where` for bad input."""
         raise NotImplementedError
@@ -151,3 +172,16 @@ class Modality:
     def filler(self, spec: dict[str, Any], preprocessor: Any) -> EncodedSegment:
         """A minimal label-free segment for encoder `spec["name"]` (an FSDP filler row, metalm.training.data)."""
         raise NotImplementedError
+
+
+def source_name(source: Any) -> str:
+    """How a part's source is shown: a path's file name, else "inline" (a data URL, bytes, an array)."""
+    if isinstance(source, str) and not source.startswith("data:"):
+        return source.rsplit("/", 1)[-1]
+    return "inline"
+
+
+def shorten(text: str, max_chars: int) -> str:
+    """`text` on one line, cut to `max_chars` with "..." when longer."""
+    text = " ".join(text.split())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."

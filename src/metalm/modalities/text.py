@@ -15,13 +15,12 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from metalm.data.segments import EncodedSegment, InputError, SampleError
+from metalm.data.segment_types import EncodedSegment, InputError, SampleError
 from metalm.modalities import register_modality
-from metalm.modalities.base import Modality, Payload
+from metalm.modalities.base import Modality, Payload, Processor, shorten
 from metalm.model.hf_config import MetaLMConfigError
 
 if TYPE_CHECKING:
-    from metalm.data.processor import MetaLMProcessor
     from metalm.recipe import EncoderRecipe
 
 
@@ -128,6 +127,42 @@ class TextModality(Modality):
     def probe_part(self, spec: dict[str, Any]) -> Encode:
         return Encode(PROBE_TEXT, encoder=spec["name"])
 
+    # --- a span in the encoder's vocabulary (the processor's decoder tokenizer, the encoder's own) ---------
+    @staticmethod
+    def span_limit(spec: dict[str, Any]) -> int:
+        """See the module-level `span_limit`."""
+        return span_limit(spec)
+
+    def shares_vocabulary(self, processor: Processor, name: str) -> bool:
+        """Whether encoder `name` reads the decoder's vocabulary (the paper's setting): a decoder span is
+        then its own encoder input; otherwise the span is decoded and re-tokenised. Worked out once per
+        processor (comparing two vocabularies is slow)."""
+        key = (name, "shares_vocabulary")
+        if key not in processor.plugin_memo:
+            same = processor.preprocessors[name].get_vocab() == processor.tokenizer.get_vocab()
+            processor.plugin_memo[key] = same
+        return processor.plugin_memo[key]
+
+    def encoder_ids(self, processor: Processor, name: str, text: str) -> list[int]:
+        """`text` in text encoder `name`'s vocabulary (the decoder's tokens when the two share one)."""
+        if self.shares_vocabulary(processor, name):
+            return processor.tokenize(text)
+        return processor.preprocessors[name](text, add_special_tokens=False)["input_ids"]
+
+    def to_encoder_ids(self, processor: Processor, name: str, decoder_ids: list[int]) -> list[int]:
+        """A decoder-token span in text encoder `name`'s vocabulary."""
+        if self.shares_vocabulary(processor, name):
+            return list(decoder_ids)
+        text = processor.tokenizer.decode(decoder_ids, skip_special_tokens=True)
+        return processor.preprocessors[name](text, add_special_tokens=False)["input_ids"]
+
+    def fits_encoder(self, processor: Processor, name: str, text: str, max_tokens: int | None = None) -> bool:
+        """Whether `Encode(text)` is a span text encoder `name` takes: at least one token, and no more
+        than its span limit (nor `max_tokens`, when given)."""
+        limit = span_limit(processor.config.encoder_spec(name))
+        limit = limit if max_tokens is None else min(limit, max_tokens)
+        return 0 < len(self.encoder_ids(processor, name, text)) <= limit
+
     # --- the tokenizer ---------------------------------------------------------------------------------
     def default_preprocessor(self, spec: dict[str, Any]) -> Any:
         raise ValueError("has no tokenizer")
@@ -141,11 +176,17 @@ class TextModality(Modality):
             return None
         return AutoTokenizer.from_pretrained(directory / "encoders" / spec["name"])
 
-    def segment(self, processor: MetaLMProcessor, part: Encode, where: str) -> EncodedSegment:
+    def part(self, value: str, encoder: str | None = None) -> Encode:
+        return Encode(value, encoder=encoder)
+
+    def describe_part(self, part: Encode, max_chars: int = 80) -> str:
+        return f"[enc: {shorten(part.text, max_chars)}]"
+
+    def segment(self, processor: Processor, part: Encode, where: str) -> EncodedSegment:
         if not isinstance(part.text, str) or not part.text.strip():
             raise InputError(f"{where}: empty text to encode")
         name = processor.encoder_for(self.kind, part.encoder, where)
-        enc_ids = processor.encoder_ids(name, part.text)
+        enc_ids = self.encoder_ids(processor, name, part.text)
         limit = span_limit(processor.config.encoder_spec(name))
         if len(enc_ids) > limit:
             raise InputError(
@@ -157,20 +198,20 @@ class TextModality(Modality):
 
     # --- collation -------------------------------------------------------------------------------------
     def payload_size(self, seg: EncodedSegment) -> int | None:
-        return None if seg.input_ids is None else len(seg.input_ids)
+        return None if seg.payload is None else len(seg.payload)
 
     def check_segment(self, spec: dict[str, Any], seg: EncodedSegment, where: str) -> None:
-        if not seg.input_ids:
+        if not seg.payload:
             raise SampleError(f"{where}: encoded text span for {seg.encoder!r} is empty")
-        if len(seg.input_ids) > span_limit(spec):
+        if len(seg.payload) > span_limit(spec):
             raise SampleError(
-                f"{where}: span of {len(seg.input_ids)} tokens exceeds encoder {seg.encoder!r}'s "
+                f"{where}: span of {len(seg.payload)} tokens exceeds encoder {seg.encoder!r}'s "
                 f"limit of {span_limit(spec)}; split the span or raise the encoder's max_length"
             )
 
     def collate(self, spec: dict[str, Any], segments: list[EncodedSegment]) -> Payload:
         prefix, suffix = spec["prefix_ids"], spec["suffix_ids"]
-        spans = [seg.input_ids for seg in segments]
+        spans = [seg.payload for seg in segments]
         rows = [prefix + span + suffix for span in spans]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), spec["pad_id"], dtype=torch.long)
@@ -211,4 +252,5 @@ def _run_layers(
     return hidden
 
 
-register_modality(TextModality())
+# The registered plugin: what code above the plugins (evaluation, serving) calls for text-encoder helpers.
+TEXT = register_modality(TextModality())

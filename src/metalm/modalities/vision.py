@@ -24,14 +24,12 @@ from metalm.data.images import (
     ImagePreprocessor,
     load_image,
 )
-from metalm.data.segments import EncodedSegment, InputError, SampleError
+from metalm.data.segment_types import EncodedSegment, InputError, SampleError
 from metalm.modalities import register_modality
-from metalm.modalities.base import Modality, Payload
-from metalm.model.packaged import PACKAGED_EFFICIENTNET
-from metalm.model.vision import EfficientNetLite0Encoder
+from metalm.modalities.base import Modality, Payload, Processor, source_name
+from metalm.model.vision import PACKAGED_EFFICIENTNET, EfficientNetLite0Encoder
 
 if TYPE_CHECKING:
-    from metalm.data.processor import MetaLMProcessor
     from metalm.recipe import EncoderRecipe
 
 EFFICIENTNET = "efficientnet_lite0"
@@ -67,6 +65,7 @@ class VisionModality(Modality):
     spec_defaults = {"image_size": 224}
     backbones = ("hf", EFFICIENTNET)
     part_types = (ImageInput, Image.Image)
+    packaged_sources = (PACKAGED_EFFICIENTNET,)
 
     def check_spec(self, spec: dict[str, Any]) -> None:
         size = spec["image_size"]
@@ -160,7 +159,13 @@ class VisionModality(Modality):
         saved = meta.get("image_processors", {}).get(spec["name"])
         return None if saved is None else ImagePreprocessor.from_dict(saved)
 
-    def segment(self, processor: MetaLMProcessor, part: Any, where: str) -> EncodedSegment:
+    def part(self, value: Any, encoder: str | None = None) -> ImageInput:
+        return ImageInput(value, encoder=encoder)
+
+    def describe_part(self, part: Any, max_chars: int = 80) -> str:
+        return f"<image:{source_name(part.image)}>" if isinstance(part, ImageInput) else "<image>"
+
+    def segment(self, processor: Processor, part: Any, where: str) -> EncodedSegment:
         image, requested = (part.image, part.encoder) if isinstance(part, ImageInput) else (part, None)
         name = processor.encoder_for(self.kind, requested, where)
         try:
@@ -171,11 +176,11 @@ class VisionModality(Modality):
 
     # --- collation -------------------------------------------------------------------------------------
     def check_segment(self, spec: dict[str, Any], seg: EncodedSegment, where: str) -> None:
-        if seg.pixel_values is None:
+        if not isinstance(seg.payload, torch.Tensor):
             raise SampleError(f"{where}: {spec['kind']} encoder {seg.encoder!r} needs pixel_values")
 
     def collate(self, spec: dict[str, Any], segments: list[EncodedSegment]) -> Payload:
-        return {"pixel_values": torch.stack([seg.pixel_values for seg in segments])}
+        return {"pixel_values": torch.stack([seg.payload for seg in segments])}
 
     def filler(self, spec: dict[str, Any], preprocessor: ImagePreprocessor) -> EncodedSegment:
         size = preprocessor.size

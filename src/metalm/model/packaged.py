@@ -6,8 +6,9 @@
   transformers and converts it once into a plain folder (safetensors + tokenizer) in the metalm cache;
   every later use reads that folder (about 2 s instead of about a minute).
 
-The packaged EfficientNet-Lite0 and Whisper tiny.en encoder are not HF folders: `metalm.model.vision` and
-`metalm.model.whisper` load them, for the vision and audio plugins (`NOT_FOLDERS`).
+Packaged encoders that are not HF folders (EfficientNet-Lite0, Whisper tiny.en) are named and loaded by
+their own model modules (`metalm.model.vision`, `metalm.model.whisper`) for their kind's plugin, which
+claims the name (`Modality.packaged_sources`) before anything asks this module.
 """
 
 from __future__ import annotations
@@ -25,11 +26,7 @@ from metalm.model.hf_config import MetaLMConfigError
 logger = logging.getLogger(__name__)
 
 PACKAGED_MINILM = "packaged:minilm-l6"
-PACKAGED_EFFICIENTNET = "packaged:efficientnet-lite0"
 PACKAGED_GEMMA = "packaged:gemma3-270m"
-PACKAGED_WHISPER = "packaged:whisper-tiny-en"
-# Packaged encoders that are not HF folders, and the encoder kind that loads each.
-NOT_FOLDERS = {PACKAGED_EFFICIENTNET: "vision", PACKAGED_WHISPER: "audio"}
 
 # Bump when the conversion changes, so caches written by an older metalm are not reused.
 _GEMMA_FOLDER = "gemma3-270m-q4_k_m-v1"
@@ -122,10 +119,12 @@ _PACKAGED_FOLDERS = {PACKAGED_MINILM: packaged_minilm_path, PACKAGED_GEMMA: pack
 def resolve_source(source: str) -> str:
     """A local folder or hub id for `source`: packaged names become their folders, anything else is
     returned as given (so every packaged part loads exactly like a user's own folder)."""
-    if source.startswith("packaged:") and source not in NOT_FOLDERS:
+    if source.startswith("packaged:"):
         if source not in _PACKAGED_FOLDERS:
-            known = sorted([*_PACKAGED_FOLDERS, *NOT_FOLDERS])
-            raise MetaLMConfigError(f"unknown packaged part {source!r}; packaged parts: {known}")
+            raise MetaLMConfigError(
+                f"unknown packaged part {source!r}; packaged folders: {sorted(_PACKAGED_FOLDERS)} "
+                "(packaged encoders that are not folders are named by their kind's plugin)"
+            )
         return _PACKAGED_FOLDERS[source]()
     return source
 

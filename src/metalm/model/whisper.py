@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from metalm.model.packaged import PACKAGED_WHISPER  # noqa: F401  (re-exported: the name of this part)
-
 # Whisper tiny.en's encoder (the decoder is not docked: MetaLM's decoder is the language model).
+# The name a recipe gives the packaged Whisper tiny.en encoder (`load_packaged_whisper_encoder`).
+PACKAGED_WHISPER = "packaged:whisper-tiny-en"
+
 WHISPER_TINY_EN = {
     "model_type": "whisper",
     "d_model": 384,

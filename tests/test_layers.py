@@ -1,0 +1,196 @@
+"""The layering of model/, modalities/ and data/ (docs/design.md, "Layers"), checked on the import graph.
+
+Bottom to top: the primitives (segment types, image and audio loading, model parts such as the EfficientNet
+and Whisper modules) import no plugin; the plugins (`metalm.modalities.<kind>`) import primitives; the
+assembly (config, docked encoders, collator, processor, layouts) reaches the plugins only through the
+registry module `metalm.modalities`. The graph is built from the source with `ast`: every import statement,
+at module level, inside a function or under `if TYPE_CHECKING:` (a type-only import still says which
+layer knows which).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+LAYERED = ("metalm.model", "metalm.modalities", "metalm.data")
+REGISTRY = "metalm.modalities"
+
+# Modules other work still has to untangle, left out of the cycle checks; shrink this list, never grow it.
+# The record readers of data/ import one another (builtin -> corpus -> lexical/speech -> builtin): a cycle
+# among themselves that touches no plugin and no registry.
+CYCLE_ALLOWLIST = {
+    "metalm.data.builtin",
+    "metalm.data.corpus",
+    "metalm.data.lexical",
+    "metalm.data.speech",
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in (SRC / "metalm").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every name an import statement anywhere in `tree` reaches (a module, or module.attribute)."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                package = package[: len(package) - node.level + 1]
+                base = ".".join([*package, *([node.module] if node.module else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """metalm module -> the metalm modules it imports."""
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        names = _imported(ast.parse(path.read_text()), name, path.name == "__init__.py")
+        graph[name] = {target for target in names if target in modules and target != name}
+    return graph
+
+
+def _registry_loads() -> set[str]:
+    """The plugins the registry imports on its first lookup (`BUILTIN_MODALITIES`, read from its source)."""
+    tree = ast.parse((SRC / "metalm" / "modalities" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "BUILTIN_MODALITIES" for t in node.targets
+        ):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("metalm.modalities defines no BUILTIN_MODALITIES")
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _layered(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    keep = {m for m in graph if m.startswith(LAYERED) and m not in CYCLE_ALLOWLIST}
+    return {m: graph[m] & keep for m in keep}
+
+
+def test_no_import_cycle_among_model_modalities_and_data() -> None:
+    assert cycles(_layered(import_graph())) == []
+
+
+def test_plugins_never_reach_back_to_what_consults_the_registry() -> None:
+    # Counting the registry's lazy import of the built-in plugins, the only cycle left is the registration
+    # itself (plugin -> registry -> plugin), inside modalities/: a plugin's dependencies never lead back
+    # to a module that consults the registry.
+    graph = _layered(import_graph())
+    graph[REGISTRY] |= _registry_loads()
+    for component in cycles(graph):
+        outside = sorted(m for m in component if not m.startswith(REGISTRY))
+        assert not outside, f"a cycle through the registry reaches {outside}"
+
+
+def test_model_and_data_reach_the_plugins_only_through_the_registry() -> None:
+    arrows = [
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        if source.startswith(("metalm.model", "metalm.data"))
+        for target in targets
+        if target.startswith(f"{REGISTRY}.")
+    ]
+    assert arrows == []
+
+
+def test_the_plugins_import_no_assembly() -> None:
+    # What a plugin may import of metalm: the registry, the interface, and the primitives below it.
+    assembly = {
+        "metalm.data.segments",
+        "metalm.data.processor",
+        "metalm.data.layouts",
+        "metalm.model.configuration_metalm",
+        "metalm.model.encoders",
+        "metalm.model.modeling_metalm",
+    }
+    graph = import_graph()
+    for plugin in sorted(m for m in graph if m.startswith(f"{REGISTRY}.")):
+        assert not graph[plugin] & assembly, f"{plugin} imports {sorted(graph[plugin] & assembly)}"
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_an_encoded_segment_carries_one_payload_under_the_name_its_plugin_gives() -> None:
+    from metalm.data.segment_types import EncodedSegment
+
+    span = EncodedSegment("text", input_ids=[5, 6], target_ids=[5, 6])
+    assert (span.payload, span.input_ids, span.pixel_values) == ([5, 6], [5, 6], None)
+    clip = EncodedSegment("audio", payload="features")
+    assert (clip.payload, clip.input_ids) == ("features", None)
+    try:
+        EncodedSegment("text", input_ids=[1], pixel_values=[2])
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("two payloads were accepted")
+
+
+def test_the_processor_still_exports_the_plugins_part_types_by_name() -> None:
+    from metalm.data import processor
+    from metalm.modalities.audio import AudioInput
+    from metalm.modalities.text import Encode
+    from metalm.modalities.vision import ImageInput
+
+    assert (processor.Encode, processor.ImageInput, processor.AudioInput) == (Encode, ImageInput, AudioInput)
+
+
+def test_a_packaged_encoder_of_another_kind_is_refused_before_loading() -> None:
+    import pytest
+
+    from metalm.model.configuration_metalm import MetaLMConfigError
+    from metalm.recipe import EncoderRecipe, _build_encoder
+
+    recipe = EncoderRecipe(name="reader", kind="text", source="packaged:efficientnet-lite0")
+    with pytest.raises(MetaLMConfigError, match="is a vision encoder"):
+        _build_encoder(recipe, decoder_tok=None)
