@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ __all__ = [
     "MetaLMProcessor",
     "Part",
     "Target",
+    "Tokens",
     "continuation_pieces",
     "join_split_punctuation",
     "part_separator",
@@ -47,7 +49,16 @@ class Target:
     text: str
 
 
-# Decoder text (`str`, `Target`) or a part a registered plugin reads (its `part_types`: `Encode`,
+@dataclass
+class Tokens:
+    """Decoder text already tokenised (training caches its records' token ids): read as it is, with the loss
+    on when `loss`."""
+
+    ids: list[int]
+    loss: bool = False
+
+
+# Decoder text (`str`, `Target`, `Tokens`) or a part a registered plugin reads (its `part_types`: `Encode`,
 # `ImageInput`, a PIL image, `AudioInput`, ...).
 Part = Any
 
@@ -150,25 +161,11 @@ class MetaLMProcessor:
         """The plugin of encoder `name`'s kind."""
         return get_modality(self.config.encoder_spec(name)["kind"])
 
-    # Compatibility: kind-named views and text-encoder helpers, kept for callers outside the plugins
-    # (metalm.training.data, metalm.serving.engine, tests); new code asks the plugin
-    # (`preprocessors_of_kind`, `metalm.modalities.text.TEXT`).
-    @property
-    def encoder_tokenizers(self) -> dict[str, Any]:
-        return self.preprocessors_of_kind("text")
-
+    # Compatibility, for the serving call sites only (metalm.serving.engine, .prompts); new code asks the
+    # plugin (`preprocessors_of_kind`, `metalm.modalities.text.TEXT`).
     @property
     def image_processors(self) -> dict[str, Any]:
         return self.preprocessors_of_kind("vision")
-
-    def to_encoder_ids(self, name: str, decoder_ids: list[int]) -> list[int]:
-        return self.plugin_of(name).to_encoder_ids(self, name, decoder_ids)
-
-    def encoder_ids(self, name: str, text: str) -> list[int]:
-        return self.plugin_of(name).encoder_ids(self, name, text)
-
-    def span_limit(self, name: str) -> int:
-        return self.plugin_of(name).span_limit(self.config.encoder_spec(name))
 
     def fits_encoder(self, name: str, text: str, max_tokens: int | None = None) -> bool:
         return self.plugin_of(name).fits_encoder(self, name, text, max_tokens)
@@ -214,12 +211,24 @@ class MetaLMProcessor:
 
     # --- samples ---------------------------------------------------------------------------------------
     def build_sample(
-        self, parts: list[Part], *, add_bos: bool = True, add_eos: bool = False, index: int = 0
+        self,
+        parts: list[Part],
+        *,
+        add_bos: bool = True,
+        add_eos: bool = False,
+        index: int = 0,
+        caches: Mapping[str, Any] | None = None,
     ) -> Sample:
         """One sample from interleaved parts: `str` = decoder text (no loss), `Target` = decoder text with
-        loss, and any part a registered plugin reads (`metalm.modalities`: `Encode` = text for a text
-        encoder, a PIL image or `ImageInput` for a vision encoder, `AudioInput` for an audio encoder)."""
-        if isinstance(parts, str | Target) or modality_of_part(parts) is not None:
+        loss, `Tokens` = decoder text already tokenised, and any part a registered plugin reads
+        (`metalm.modalities`: `Encode` = text for a text encoder, a PIL image or `ImageInput` for a vision
+        encoder, `AudioInput` for an audio encoder). The one way a sample is built: serving's requests,
+        evaluation's prompts and training's records (`metalm.training.samples`) all come here as parts.
+
+        `caches`: by kind, what each plugin's `new_cache` made, handed to its `segment` (training keeps
+        decoded images and log-mel features across epochs). A bad part raises `InputError` naming it, with
+        its position in `parts` as the error's `part`."""
+        if isinstance(parts, str | Target | Tokens) or modality_of_part(parts) is not None:
             parts = [parts]
         if not isinstance(parts, list | tuple) or not parts:
             raise InputError(f"sample {index}: expected a non-empty list of parts, got {parts!r:.80}")
@@ -229,10 +238,16 @@ class MetaLMProcessor:
         previous: str | None = None  # the decoder text part just before this one, if any
         for j, part in enumerate(parts):
             where = f"sample {index}, part {j}"
+            if isinstance(part, Tokens):
+                sample.append(TextSegment(list(part.ids), loss=part.loss))
+                previous = None
+                continue
             if isinstance(part, str | Target):
                 text = part if isinstance(part, str) else part.text
                 if not text.strip():
-                    raise InputError(f"{where}: empty text")
+                    err = InputError(f"{where}: empty text")
+                err.part = j
+                raise err
                 ids = self.tokenize(self.join_text(previous, text))
                 sample.append(TextSegment(ids, loss=isinstance(part, Target)))
                 previous = text
@@ -241,10 +256,16 @@ class MetaLMProcessor:
             modality = modality_of_part(part)
             if modality is None:
                 raise InputError(
-                    f"{where}: unsupported part type {type(part).__name__}; use str, Target or one of "
+                    f"{where}: unsupported part type {type(part).__name__}; use str, Target, Tokens or one of "
                     f"{', '.join(part_type_names())}"
                 )
-            sample.append(modality.segment(self, part, where))
+            cache = caches.get(modality.kind) if caches else None
+            try:
+                segment = modality.segment(self, part, where, **({"cache": cache} if cache is not None else {}))
+            except InputError as err:
+                err.part = j  # which part: a caller that made the parts knows what it came from
+                raise
+            sample.append(segment)
         if add_eos and self.eos_token_id is not None:
             sample.append(TextSegment([self.eos_token_id], loss=True))
         return sample

@@ -180,16 +180,24 @@ class AudioModality(Modality):
     def describe_part(self, part: AudioInput, max_chars: int = 80) -> str:
         return f"<audio:{source_name(part.audio)}>"
 
-    def segment(self, processor: Processor, part: AudioInput, where: str) -> EncodedSegment:
+    def segment(
+        self, processor: Processor, part: AudioInput, where: str, cache: LogMelCache | None = None
+    ) -> EncodedSegment:
         name = processor.encoder_for(self.kind, part.encoder, where)
         spec = processor.config.encoder_spec(name)
+        extractor = processor.preprocessors[name]
         try:
+            if cache is not None and isinstance(part.audio, str) and part.sampling_rate is None:
+                return EncodedSegment(name, payload=cache.get(part.audio, extractor, spec["max_seconds"]))
             samples = load_audio(
                 part.audio, sampling_rate=part.sampling_rate, name=where, max_seconds=spec["max_seconds"]
             )
         except AudioError as err:
             raise InputError(str(err)) from err
-        return EncodedSegment(name, payload=log_mel(processor.preprocessors[name], samples))
+        return EncodedSegment(name, payload=log_mel(extractor, samples))
+
+    def new_cache(self, max_bytes: int) -> LogMelCache:
+        return LogMelCache(max_bytes)
 
     # --- collation -------------------------------------------------------------------------------------
     def payload_size(self, seg: EncodedSegment) -> int | None:
@@ -257,7 +265,3 @@ class LogMelCache:
             self.bytes += half.numel() * 2
         return half.float()
 
-
-# The name this class had (metalm.training.data imports it under it); not to be confused with the frozen
-# lower part's cache, `metalm.model.feature_cache.FeatureCache`.
-FeatureCache = LogMelCache

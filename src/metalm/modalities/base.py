@@ -152,10 +152,17 @@ class Modality:
         """A short one-line rendering of a part this kind reads (for logs and evaluation reports)."""
         return f"<{self.kind}>"
 
-    def segment(self, processor: Processor, part: Any, where: str) -> EncodedSegment:
+    def segment(self, processor: Processor, part: Any, where: str, cache: Any = None) -> EncodedSegment:
         """The segment a processor part becomes (its encoder picked with `processor.encoder_for`); raise
-        `metalm.data.segments.InputError` naming `where` for bad input."""
+        `metalm.data.segments.InputError` naming `where` for bad input. `cache`: what `new_cache` made, for a
+        reader that meets the same inputs again (training reads every record once per epoch); the
+        processor passes it only when the caller has one, so a plugin without caches need not take it."""
         raise NotImplementedError
+
+    def new_cache(self, max_bytes: int) -> Any:
+        """A store of prepared payloads (decoded, resized images; log-mel features) that `segment` reads
+        through, holding at most `max_bytes`; None when this kind has nothing worth keeping."""
+        return None
 
     # --- collation (metalm.data.segments) ------------------------------------------------------------
     def payload_size(self, seg: EncodedSegment) -> int | None:

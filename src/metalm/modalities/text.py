@@ -27,11 +27,17 @@ if TYPE_CHECKING:
 @dataclass
 class Encode:
     """Text to be read by a bidirectional encoder instead of the decoder. `encoder=None` picks the model's
-    only text encoder. With `loss=True` (pre-training spans) its first token is a training target."""
+    only text encoder. With `loss=True` (pre-training spans) its first token is a training target.
 
-    text: str
+    Text already tokenised (training caches its records' token ids) comes as `ids`, the span in the
+    decoder's vocabulary, with `text` left empty; `encoder_ids` may carry what `to_encoder_ids` gives for
+    them, worked out once by the caller."""
+
+    text: str = ""
     encoder: str | None = None
     loss: bool = False
+    ids: list[int] | None = None
+    encoder_ids: list[int] | None = None
 
 
 # Ordinary words: the tokens encoded slots sit among (the probe that connector scales are matched on).
@@ -183,17 +189,27 @@ class TextModality(Modality):
         return f"[enc: {shorten(part.text, max_chars)}]"
 
     def segment(self, processor: Processor, part: Encode, where: str) -> EncodedSegment:
-        if not isinstance(part.text, str) or not part.text.strip():
+        if part.ids is None and (not isinstance(part.text, str) or not part.text.strip()):
             raise InputError(f"{where}: empty text to encode")
         name = processor.encoder_for(self.kind, part.encoder, where)
-        enc_ids = self.encoder_ids(processor, name, part.text)
+        if part.ids is not None:  # tokenised already
+            target_ids = part.ids
+            enc_ids = part.encoder_ids
+            if enc_ids is None:
+                enc_ids = self.to_encoder_ids(processor, name, target_ids)
+            if not enc_ids:
+                raise InputError(f"{where}: the span is empty in encoder {name!r}'s vocabulary")
+        else:
+            enc_ids = self.encoder_ids(processor, name, part.text)
+            target_ids = None
         limit = span_limit(processor.config.encoder_spec(name))
         if len(enc_ids) > limit:
             raise InputError(
                 f"{where}: text to encode has {len(enc_ids)} tokens, more than encoder {name!r} "
                 f"takes ({limit}); shorten it or split it into several Encode parts"
             )
-        target_ids = processor.tokenize(part.text)
+        if target_ids is None:
+            target_ids = processor.tokenize(part.text)
         return EncodedSegment(name, input_ids=enc_ids, target_ids=target_ids, loss=part.loss)
 
     # --- collation -------------------------------------------------------------------------------------

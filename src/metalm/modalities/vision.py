@@ -7,6 +7,7 @@ stacks them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ class ImageInput:
 
     image: Any
     encoder: str | None = None
+    # How errors name the image (a record's file, "data URL"); None: where it sits in the prompt.
+    name: str | None = None
 
 
 def probe_image(size: int = 64) -> Image.Image:
@@ -165,14 +168,24 @@ class VisionModality(Modality):
     def describe_part(self, part: Any, max_chars: int = 80) -> str:
         return f"<image:{source_name(part.image)}>" if isinstance(part, ImageInput) else "<image>"
 
-    def segment(self, processor: Processor, part: Any, where: str) -> EncodedSegment:
-        image, requested = (part.image, part.encoder) if isinstance(part, ImageInput) else (part, None)
-        name = processor.encoder_for(self.kind, requested, where)
+    def segment(
+        self, processor: Processor, part: Any, where: str, cache: ImageCache | None = None
+    ) -> EncodedSegment:
+        if not isinstance(part, ImageInput):
+            part = ImageInput(part)
+        name = processor.encoder_for(self.kind, part.encoder, where)
+        preprocessor = processor.preprocessors[name]
         try:
-            pil = load_image(image, name=where)
+            if cache is not None and isinstance(part.image, str | bytes):
+                pixels = cache.get(part.image, preprocessor, name=part.name or where)
+            else:
+                pixels = preprocessor([load_image(part.image, name=part.name or where)])[0]
         except ImageError as err:
             raise InputError(str(err)) from err
-        return EncodedSegment(name, pixel_values=processor.preprocessors[name]([pil])[0])
+        return EncodedSegment(name, pixel_values=pixels)
+
+    def new_cache(self, max_bytes: int) -> ImageCache:
+        return ImageCache(max_bytes)
 
     # --- collation -------------------------------------------------------------------------------------
     def check_segment(self, spec: dict[str, Any], seg: EncodedSegment, where: str) -> None:
@@ -185,6 +198,33 @@ class VisionModality(Modality):
     def filler(self, spec: dict[str, Any], preprocessor: ImagePreprocessor) -> EncodedSegment:
         size = preprocessor.size
         return EncodedSegment(spec["name"], pixel_values=torch.zeros(3, size, size), loss=False)
+
+
+class ImageCache:
+    """Decoded, resized images as uint8 [3, H, W] arrays keyed by (reference, size, resample, crop);
+    normalisation is applied on the way out, giving exactly ``ImagePreprocessor.prepare``'s values.
+    Caching stops (without evicting) once ``max_bytes`` are held."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def get(self, ref: str | bytes, pre: ImagePreprocessor, name: str | None = None) -> torch.Tensor:
+        key = (ref, pre.size, pre.resample, pre.center_crop)
+        u8 = self._cache.get(key)
+        if u8 is None:
+            # prepare() with mean 0 / std 1 gives the resized pixels / 255: exact uint8 after rounding.
+            raw = dataclasses.replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+            u8 = np.rint(raw.prepare(load_image(ref, name=name)) * 255.0).astype(np.uint8)
+            if self.bytes + u8.nbytes <= self.max_bytes:
+                self._cache[key] = u8
+                self.bytes += u8.nbytes
+        # Same operations, in the same float32 order, as ImagePreprocessor.prepare.
+        arr = u8.astype(np.float32) / 255.0
+        mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray((arr - mean) / std))
 
 
 def image_preprocessor_for(spec: dict[str, Any], folder: str | Path | None = None) -> ImagePreprocessor:
