@@ -114,7 +114,7 @@ def test_prefix_cuts_never_split_a_word():
     """Cuts fall only at word starts, whatever the tokenizer splits: "teal" is `tea ##l` in MiniLM's
     vocabulary, and a rest that opens with `##l` would teach the decoder to begin a caption with it."""
     from metalm.recipe import load_tokenizer
-    from metalm.training.data import _tokenize_words
+    from metalm.training.samples import tokenize_words as _tokenize_words
 
     class Processor:
         tokenizer = load_tokenizer("packaged:minilm-l6")

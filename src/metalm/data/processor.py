@@ -261,7 +261,9 @@ class MetaLMProcessor:
                 )
             cache = caches.get(modality.kind) if caches else None
             try:
-                segment = modality.segment(self, part, where, **({"cache": cache} if cache is not None else {}))
+                segment = modality.segment(
+                    self, part, where, **({"cache": cache} if cache is not None else {})
+                )
             except InputError as err:
                 err.part = j  # which part: a caller that made the parts knows what it came from
                 raise

@@ -125,6 +125,21 @@ def prefix_cuts(words: Sequence[Word], n_tokens: int, max_fraction: float) -> li
     return cuts
 
 
+def prefix_cut(
+    text_ids: list[int],
+    rng: random.Random,
+    words: Sequence[Word] | None = None,
+    max_prefix_fraction: float = 0.5,
+    prefix_free: float = PREFIX_FREE_SHARE,
+) -> int:
+    """Where a caption's encoded prefix ends (0: no prefix), drawn as :func:`image_text_sample` describes."""
+    if rng.random() < prefix_free:
+        return 0
+    if words is None:
+        words = [Word(i, True) for i in range(len(text_ids))]
+    return rng.choice([0, *prefix_cuts(words, len(text_ids), max_prefix_fraction)])
+
+
 def image_text_sample(
     pixel_values: torch.Tensor | EncodedSegment,
     text_ids: list[int],
@@ -155,10 +170,8 @@ def image_text_sample(
     else:
         sample.append(EncodedSegment(vision_encoder, pixel_values=pixel_values))
     cut = 0
-    if text_encoder is not None and rng.random() >= prefix_free:
-        if words is None:
-            words = [Word(i, True) for i in range(len(text_ids))]
-        cut = rng.choice([0, *prefix_cuts(words, len(text_ids), max_prefix_fraction)])
+    if text_encoder is not None:
+        cut = prefix_cut(text_ids, rng, words, max_prefix_fraction, prefix_free)
     if cut:
         prefix = text_ids[:cut]
         sample.append(EncodedSegment(text_encoder, input_ids=to_encoder_ids(prefix), target_ids=prefix))

@@ -264,4 +264,3 @@ class LogMelCache:
             self._cache[key] = half
             self.bytes += half.numel() * 2
         return half.float()
-

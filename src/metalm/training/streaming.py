@@ -27,13 +27,11 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-import torch
-
-from metalm.data.images import ImageError
 from metalm.data.records import Record, RecordError
 from metalm.data.shards import ShardReader, row_to_record
+from metalm.modalities.vision import ImageCache, ImageInput
 from metalm.training.config import StreamConfig
-from metalm.training.data import DataStream, ImageCache, StreamRecords, _Stream
+from metalm.training.data import DataStream, StreamRecords, _Stream
 from metalm.training.plan import Row, StreamWalk
 
 __all__ = [
@@ -162,8 +160,9 @@ class _ShardStream(_Stream):
     def __init__(self, spec: StreamRecords, ctx, rank: int, world_size: int) -> None:
         self.spec: ShardSource = spec.records  # type: ignore[assignment]
         self.rank, self.world_size = rank, world_size
-        self.image_cache = ImageCache(0)  # a streamed image comes round once an epoch: not worth holding
         super().__init__(spec, ctx)
+        # A streamed image comes round once an epoch: not worth holding.
+        self.caches = {**ctx.caches, "vision": ImageCache(0)}
 
     def _make_walk(self) -> StreamWalk:
         reader = ShardReader(
@@ -196,14 +195,10 @@ class _ShardStream(_Stream):
         self.bad.add(idx)
         self.ctx.tally.bad.append((self.name, idx, error))
 
-    def _image(self, idx: int, ref: Any) -> torch.Tensor | None:
+    def _image_part(self, idx: int, ref: Any) -> ImageInput:
         rec = self.records[idx]
         name = f"{self.spec.source} record {rec.id or idx}" if isinstance(ref, bytes) else ref
-        try:
-            return self.image_cache.get(ref, self.ctx.image_pre, name=name)
-        except ImageError as err:
-            self._bad(idx, err, field="image")
-            return None
+        return ImageInput(ref, encoder=self.ctx.vision, name=name)
 
     def _single_records(self) -> list[int]:
         # A bad record's row takes another held record (the same ones after a resume: see ShardWalk.state).
