@@ -70,7 +70,7 @@ def build(args: argparse.Namespace):
 
 
 def batch(model, processor, rows: int, prompt: int, labelled: int) -> dict:
-    pixels = processor.image_processors["vision"]([probe_image(64)])[0]
+    pixels = processor.preprocessors_of_kind("vision")["vision"]([probe_image(64)])[0]
     g = torch.Generator().manual_seed(0)
     vocab = model.config.text_config.vocab_size
     samples = []

@@ -11,6 +11,7 @@ from metalm import Encode, Target
 from metalm.data.segments import IGNORE_INDEX
 from tests.conftest import build_tiny
 from tests.test_model import GPT2, image, per_position_logits
+from metalm.modalities.text import TEXT
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,9 @@ def test_slot_k_holds_the_connector_output_for_payload_position_k(tiny):
     batch = processor([["one", Encode("four five six seven eight"), Target("nine")]], padding_side="right")
     encoder = model.encoders["text"].backbone
     spec = model.config.encoder_spec("text")
-    ids = torch.tensor([spec["prefix_ids"] + processor.to_encoder_ids("text", span) + spec["suffix_ids"]])
+    ids = torch.tensor(
+        [spec["prefix_ids"] + TEXT.to_encoder_ids(processor, "text", span) + spec["suffix_ids"]]
+    )
     with torch.no_grad():
         hidden = encoder(input_ids=ids).last_hidden_state[
             0, len(spec["prefix_ids"]) : -len(spec["suffix_ids"])

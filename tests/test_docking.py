@@ -119,7 +119,7 @@ def test_tower_folder_preprocessor_config_wins(tmp_path, bpe_dir):
         encoders=[EncoderRecipe("vision", "vision", source=str(tmp_path), image_size=32)],
     )
     model, processor = recipe.build()
-    pre = processor.image_processors["vision"]
+    pre = processor.preprocessors_of_kind("vision")["vision"]
     assert pre.mean == pytest.approx((0.1, 0.2, 0.3)) and pre.std == pytest.approx((0.7, 0.6, 0.5))
     assert pre.resample == "bilinear" and not pre.center_crop
     # The saved processor keeps it.
@@ -127,7 +127,9 @@ def test_tower_folder_preprocessor_config_wins(tmp_path, bpe_dir):
 
     model.save_pretrained(tmp_path / "saved")
     processor.save_pretrained(tmp_path / "saved")
-    assert MetaLMProcessor.from_pretrained(tmp_path / "saved").image_processors["vision"] == pre
+    assert (
+        MetaLMProcessor.from_pretrained(tmp_path / "saved").preprocessors_of_kind("vision")["vision"] == pre
+    )
 
 
 # --- embedding scale -------------------------------------------------------------------------------------

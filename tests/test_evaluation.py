@@ -26,6 +26,7 @@ from metalm.evaluation.icl import (
 from metalm.evaluation.runner import add_eval_parser, evaluate, score_samples
 from metalm.evaluation.tasks import Example, Task, TaskError, get_task, load_task_file
 from metalm.model.configuration_metalm import MetaLMConfig
+from metalm.modalities.text import TEXT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +193,7 @@ def test_demonstration_sampling_is_per_seed_and_excludes_the_query():
 
 def test_long_inputs_are_shortened_to_fit_the_encoder(tiny):
     _, processor = tiny
-    limit = processor.span_limit("text")
+    limit = TEXT.span_limit(processor.config.encoder_spec("text"))
     long_text = " ".join(f"word{i}" for i in range(400))
     chunks = split_for_encoder(processor, long_text)
     assert len(chunks) > 1 and all(len(processor.tokenize(c)) <= limit for c in chunks)

@@ -15,6 +15,7 @@ from metalm.training.config import ConfigError, config_from_dict, load_config
 from metalm.training.data import DataStream, StreamRecords
 from tests.conftest import TINY_LLAMA
 from tests.test_training import TINY_MODEL
+from metalm.modalities.text import TEXT
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
@@ -58,7 +59,7 @@ def test_classification_instruction_sample(tiny):
     assert enc.startswith("word0 word1") and enc.endswith(
         "options: business, entertainment, politics, sports, tech target:"
     )
-    assert len(sample[1].input_ids) <= p.span_limit("text") and "word199" not in enc
+    assert len(sample[1].input_ids) <= TEXT.span_limit(p.config.encoder_spec("text")) and "word199" not in enc
     assert p.decode(sample[2].ids) == "answer:"
     assert sample[3].ids[-1] == p.eos_token_id and p.decode(sample[3].ids) == "sports"
     assert data.stats["inputs_truncated"] == 1

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from metalm import Encode, EncodedSegment, InputError, SlotCountError, Target, TextSegment
 from metalm.data.segments import IGNORE_INDEX
 from tests.conftest import TINY_LLAMA, build_tiny
+from metalm.modalities.text import TEXT
 
 GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
 GEMMA3 = {
@@ -380,7 +381,7 @@ def test_different_encoder_tokenizer_retokenizes_spans(tmp_path):
         encoders=[EncoderRecipe("text", "text", config=TINY_BERT, tokenizer="packaged:minilm-l6")],
     ).build()
     dec = processor.tokenize("the cat xylophonists")
-    enc = processor.to_encoder_ids("text", dec)
+    enc = TEXT.to_encoder_ids(processor, "text", dec)
     assert len(dec) == 3 and len(enc) > 3  # WordPiece splits "xylophonists"
     batch = processor.collate(
         [[TextSegment(dec[:1]), EncodedSegment("text", input_ids=enc, target_ids=dec[1:])]]

@@ -78,6 +78,13 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _part_error(err: InputError, index: int) -> InputError:
+    """`err` marked with the index of the part it is about (`err.part`): a caller that made the parts
+    knows what each came from (training names the record field)."""
+    err.part = index
+    return err
+
+
 def part_separator(tokenizer: PreTrainedTokenizerBase) -> str:
     """What goes between two separately tokenised text parts so that they decode as two words.
 
@@ -245,9 +252,7 @@ class MetaLMProcessor:
             if isinstance(part, str | Target):
                 text = part if isinstance(part, str) else part.text
                 if not text.strip():
-                    err = InputError(f"{where}: empty text")
-                err.part = j
-                raise err
+                    raise _part_error(InputError(f"{where}: empty text"), j)
                 ids = self.tokenize(self.join_text(previous, text))
                 sample.append(TextSegment(ids, loss=isinstance(part, Target)))
                 previous = text
@@ -265,8 +270,7 @@ class MetaLMProcessor:
                     self, part, where, **({"cache": cache} if cache is not None else {})
                 )
             except InputError as err:
-                err.part = j  # which part: a caller that made the parts knows what it came from
-                raise
+                raise _part_error(err, j) from err.__cause__
             sample.append(segment)
         if add_eos and self.eos_token_id is not None:
             sample.append(TextSegment([self.eos_token_id], loss=True))

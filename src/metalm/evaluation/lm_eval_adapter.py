@@ -35,10 +35,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from metalm.data.processor import Encode, MetaLMProcessor
+from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment, sample_length
 from metalm.evaluation.icl import has_text_encoder, split_for_encoder
 from metalm.evaluation.runner import decoder_context_length, generate_samples, score_samples
+from metalm.modalities.text import Encode
 
 __all__ = ["MetaLMHarnessLM", "main"]
 
