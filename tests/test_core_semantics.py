@@ -9,9 +9,9 @@ import torch
 
 from metalm import Encode, Target
 from metalm.data.segments import IGNORE_INDEX
+from metalm.modalities.text import TEXT
 from tests.conftest import build_tiny
 from tests.test_model import GPT2, image, per_position_logits
-from metalm.modalities.text import TEXT
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from metalm.evaluation.icl import (
 )
 from metalm.evaluation.runner import add_eval_parser, evaluate, score_samples
 from metalm.evaluation.tasks import Example, Task, TaskError, get_task, load_task_file
-from metalm.model.configuration_metalm import MetaLMConfig
 from metalm.modalities.text import TEXT
+from metalm.model.configuration_metalm import MetaLMConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

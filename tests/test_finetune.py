@@ -11,11 +11,11 @@ import torch
 
 from metalm.data.records import Classification, ImageText, VQAExample
 from metalm.data.segments import EncodedSegment, TextSegment
+from metalm.modalities.text import TEXT
 from metalm.training.config import ConfigError, config_from_dict, load_config
 from metalm.training.data import DataStream, StreamRecords
 from tests.conftest import TINY_LLAMA
 from tests.test_training import TINY_MODEL
-from metalm.modalities.text import TEXT
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from metalm import Encode, EncodedSegment, InputError, SlotCountError, Target, TextSegment
 from metalm.data.segments import IGNORE_INDEX
-from tests.conftest import TINY_LLAMA, build_tiny
 from metalm.modalities.text import TEXT
+from tests.conftest import TINY_LLAMA, build_tiny
 
 GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
 GEMMA3 = {
