@@ -308,7 +308,7 @@ def write_config(tmp_path: Path, out: Path) -> Path:
 
 
 def test_resume_refuses_when_no_checkpoint_verifies(tmp_path):
-    from metalm.training.trainer import train_main
+    from metalm.training.cli import train_main
 
     out = tmp_path / "run"
     flip_byte(fake_checkpoint(out, 2) / "optimizer.pt")

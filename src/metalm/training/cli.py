@@ -96,3 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(parser, ["train", *(argv if argv is not None else sys.argv[1:])])
     args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,12 +6,12 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from metalm.schema import Location, declared_fields, dotted_path, union_arms, value_at
+from metalm.schema import Location, declared_fields, dotted_path, locate, union_arms, value_at
 
-__all__ = ["describe", "error_message", "origin", "type_name"]
+__all__ = ["config_error", "describe", "error_message", "origin", "type_name"]
 
 
 def describe(value: Any) -> str:
@@ -83,3 +83,14 @@ def origin(path: str, applied: dict[str, list[str | int]], default: str) -> str:
         if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
             return f"override {text!r}"
     return default
+
+
+def config_error(
+    err: ValidationError, data: Any, applied: dict[str, list[str | int]], source: str, model: type[BaseModel]
+) -> str:
+    """The first error of validating `data` as `model`, prefixed with the file or override that set the
+    value and its key path."""
+    error = err.errors()[0]
+    where = locate(error, model)
+    path = dotted_path(where.steps) or "<top level>"
+    return f"{origin(path, applied, source)}: {path}: {error_message(error, where, data)}"

@@ -48,7 +48,6 @@ from metalm.training.checkpoint import (
     resume_point,
     verify_checkpoint,
 )
-from metalm.training.cli import add_train_parser, main, train_main
 from metalm.training.config import ConfigError, TrainConfig, config_to_dict, layouts_from_streams
 from metalm.training.metrics import METRIC_COLUMNS, LogWindow, MetricsLog, plot_loss_curve
 from metalm.training.optimizer import build_optimizer, build_scheduler
@@ -61,13 +60,11 @@ __all__ = [
     "SLOW_CHECKPOINT_ENV",
     "TrainResult",
     "Trainer",
-    "add_train_parser",
     "describe_model",
     "find_checkpoint",
     "plot_loss_curve",
     "shard_model",
     "train",
-    "train_main",
     "train_step",
     "verify_checkpoint",
 ]
@@ -772,5 +769,7 @@ class Trainer:
         )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m metalm.training.trainer`: the command line, which imports this module
+    from metalm.training.cli import main
+
     main()
