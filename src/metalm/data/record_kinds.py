@@ -119,10 +119,11 @@ def _local_image(value: str, base_dir: Path | None, media: str = "image") -> str
     return ref
 
 
-def _media_ref(value: str, info: ValidationInfo, media: str) -> str:
+def _media_ref(value: str | bytes, info: ValidationInfo, media: str) -> str | bytes:
     """An image (or audio) reference read from a file: an absolute path or the data URL unchanged. The
-    validation context holds ``base_dir`` (relative paths) and ``check_images`` (decode every image/clip)."""
-    if not _from_file(info):
+    validation context holds ``base_dir`` (relative paths) and ``check_images`` (decode every image/clip).
+    Encoded bytes (a streamed shard's ``jpg`` member) come only from code, never from a JSON line."""
+    if not _from_file(info) or isinstance(value, bytes):
         return value
     if not value.strip():
         raise ValueError("empty string")
@@ -155,11 +156,11 @@ def _decode(ref: str, *, name: str, media: str) -> None:
         raise ValueError(str(exc)) from None
 
 
-def _image(value: str, info: ValidationInfo) -> str:
+def _image(value: str | bytes, info: ValidationInfo) -> str | bytes:
     return _media_ref(value, info, "image")
 
 
-def _audio(value: str, info: ValidationInfo) -> str:
+def _audio(value: str | bytes, info: ValidationInfo) -> str | bytes:
     return _media_ref(value, info, "audio")
 
 
@@ -183,8 +184,8 @@ def _not_empty(value: tuple[Any, ...], info: ValidationInfo) -> tuple[Any, ...]:
 
 
 Text = Annotated[str, AfterValidator(_text)]
-ImageRef = Annotated[str, AfterValidator(_image)]
-AudioRef = Annotated[str, AfterValidator(_audio)]
+ImageRef = Annotated[str | bytes, AfterValidator(_image)]
+AudioRef = Annotated[str | bytes, AfterValidator(_audio)]
 RecordId = Annotated[str | None, BeforeValidator(_record_id)]
 
 
@@ -241,7 +242,8 @@ class TextDocument(_Record):
 
 
 class ImageText(_Record):
-    """An image with its caption / paired text. ``image`` is an absolute path or a ``data:`` URL."""
+    """An image with its caption / paired text. ``image`` is an absolute path or a ``data:`` URL (or, from
+    a streamed shard, the encoded image's bytes)."""
 
     kind: Literal["image_text"] = "image_text"
     image: ImageRef
