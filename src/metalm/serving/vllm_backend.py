@@ -31,7 +31,7 @@ import httpx
 import torch
 
 from metalm.data.processor import InputError, MetaLMProcessor
-from metalm.serving.generation import JobRunner
+from metalm.serving.generation import ChoiceRow, JobRunner
 from metalm.serving.jobs import Job
 from metalm.serving.scheduler import Scheduler
 from metalm.serving.vllm_export import export_decoder
@@ -125,7 +125,7 @@ class VLLMRunner(JobRunner):
         params = job.params
         body: dict[str, Any] = {
             "model": self.served_name, "prompt_embeds": base64.b64encode(buffer.getvalue()).decode("ascii"),
-            "max_tokens": limit, "n": params.n, "temperature": float(params.temperature),
+            "max_tokens": limit, "n": 1 if self._greedy_choices(job) else params.n, "temperature": float(params.temperature),
             "top_p": float(params.top_p), "stream": True, "return_token_ids": True,
             "stop_token_ids": sorted(self.eos),
         }  # fmt: skip
@@ -135,6 +135,12 @@ class VLLMRunner(JobRunner):
             body["vllm_xargs"] = {"metalm_first_token_ban": 1}
         return body
 
+    @staticmethod
+    def _greedy_choices(job: Job) -> bool:
+        """Several greedy choices: vLLM refuses them (they are all the same answer); one is asked for and
+        its tokens go to every row, as metalm's engine would decode them."""
+        return job.params.n > 1 and job.params.temperature == 0
+
     def _run_job(self, job: Job) -> None:
         if job.params.num_beams > 1:
             raise InputError(
@@ -142,9 +148,13 @@ class VLLMRunner(JobRunner):
             )
         rows = self._start_rows(job, time.monotonic())
         body = self.request_body(job, rows[0].max_new_tokens)
+        fan_out = self._greedy_choices(job)
         with self.client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
-                raise RuntimeError(f"vLLM answered {response.status_code}: {response.read()[:500]!r}")
+                refusal = InputError if response.status_code == 400 else RuntimeError
+                raise refusal(
+                    f"vLLM answered {response.status_code}: {response.read()[:500].decode(errors='replace')}"
+                )
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -152,15 +162,20 @@ class VLLMRunner(JobRunner):
                 if "error" in chunk:
                     raise RuntimeError(f"vLLM failed the request: {chunk['error']}")
                 for choice in chunk.get("choices", []):
-                    row = rows[choice["index"]]
-                    for token in choice.get("token_ids") or ():
-                        row.push(token)
-                    if choice.get("finish_reason") and not row.done:
-                        row.finish("length" if choice["finish_reason"] == "length" else "stop")
+                    for row in rows if fan_out else [rows[choice["index"]]]:
+                        self._advance(row, choice)
                 if all(row.done for row in rows):
                     break  # leaving the block closes the stream: vLLM aborts what it still decodes
         for row in rows:
             row.finish("length")  # no-op for finished rows
+
+    @staticmethod
+    def _advance(row: ChoiceRow, choice: dict[str, Any]) -> None:
+        """One streamed chunk of a choice: its new tokens, then its end if vLLM ended it."""
+        for token in choice.get("token_ids") or ():
+            row.push(token)
+        if choice.get("finish_reason") and not row.done:
+            row.finish("length" if choice["finish_reason"] == "length" else "stop")
 
 
 class VLLMScheduler(Scheduler):
