@@ -7,6 +7,7 @@ process: its OpenAI-compatible server with ``--enable-prompt-embeds``, on a loop
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
@@ -16,12 +17,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["VLLMProcess", "VLLMSettings", "find_vllm_python"]
+__all__ = [
+    "VLLMProcess",
+    "VLLMSettings",
+    "VLLMStartError",
+    "add_vllm_args",
+    "find_vllm_python",
+    "vllm_settings_from_args",
+]
 
 logger = logging.getLogger("metalm.serving")
 
 PLUGIN_DIR = Path(__file__).with_name("vllm_side")  # holds metalm_vllm_plugin.py only
 PLUGIN = "metalm_vllm_plugin:FirstTokenBan"
+
+
+class VLLMStartError(RuntimeError):
+    """No vLLM environment, or its server did not start (the message carries its log's tail)."""
 
 
 def find_vllm_python(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -80,7 +92,7 @@ class VLLMProcess:
     ):
         python = find_vllm_python(settings.python)
         if python is None:
-            raise RuntimeError(
+            raise VLLMStartError(
                 "no vLLM environment found: run `make vllm` (creates .venv-vllm) or set METALM_VLLM_PYTHON "
                 "to the Python of an environment with vLLM installed (docs/serving.md)"
             )
@@ -123,7 +135,7 @@ class VLLMProcess:
         start = time.monotonic()
         while time.monotonic() - start < self.startup_timeout_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{self._log_tail()}")
+                raise VLLMStartError(f"vLLM exited with {self.process.returncode}:\n{self._log_tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     logger.info("vLLM ready at %s after %.0f s", self.url, time.monotonic() - start)
@@ -132,7 +144,7 @@ class VLLMProcess:
                 pass
             time.sleep(1.0)
         self.close()
-        raise RuntimeError(f"vLLM did not start within {self.startup_timeout_s:.0f} s:\n{self._log_tail()}")
+        raise VLLMStartError(f"vLLM did not start within {self.startup_timeout_s:.0f} s:\n{self._log_tail()}")
 
     def close(self) -> None:
         """Stops the server (SIGTERM, then SIGKILL after 30 s)."""
@@ -143,3 +155,33 @@ class VLLMProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and the vLLM options of ``metalm serve``."""
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine", choices=["metalm", "vllm"], default="metalm",
+        help="metalm: its own batching engine; vllm: prompts and their embeddings here, decoding in a vLLM "
+        "server (docs/serving.md)",
+    )  # fmt: skip
+    group.add_argument("--vllm-url", default=None, help="a running vLLM server (default: start one)")
+    group.add_argument(
+        "--vllm-python", default=None, help="the vLLM environment's Python (default: .venv-vllm)"
+    )
+    group.add_argument("--vllm-threads", type=int, default=None, help="CPU threads of vLLM's worker")
+    group.add_argument("--vllm-kv-cache-gb", type=int, default=1, help="vLLM CPU's KV cache size")
+    group.add_argument("--vllm-max-model-len", type=int, default=None, help="default: context, <= 4096")
+    group.add_argument(
+        "--vllm-arg", action="append", default=[], metavar="ARG", help="one more `vllm serve` argument"
+    )
+
+
+def vllm_settings_from_args(args: argparse.Namespace) -> VLLMSettings | None:
+    """The `VLLMSettings` of ``--engine vllm`` (None for metalm's own engine)."""
+    if args.engine != "vllm":
+        return None
+    return VLLMSettings(
+        url=args.vllm_url, python=args.vllm_python, threads=args.vllm_threads, kv_cache_gb=args.vllm_kv_cache_gb,
+        max_model_len=args.vllm_max_model_len, extra_args=list(args.vllm_arg),
+    )  # fmt: skip
