@@ -254,7 +254,8 @@ def main() -> None:
     dynamic = Engine(
         continuous.model, continuous.processor, device=args.device, name="bench", batching="dynamic"
     )
-    engines = [dynamic, continuous]
+    # A decoder that cannot batch continuously (Gemma's sliding window) runs dynamic batching either way.
+    engines = [dynamic, continuous] if continuous.batching == "continuous" else [continuous]
     if args.engine == "vllm":
         from metalm.serving.vllm_process import VLLMSettings
 
@@ -329,7 +330,7 @@ def run_rates(engines: list[Engine], prompts: list, args: argparse.Namespace) ->
                 f"{row['p95'] * 1000:.0f} ms |"
             )
     for other in range(1, len(engines)):  # continuous / dynamic, then vllm / metalm's continuous
-        base = 0 if other == 1 else 1
+        base = other - 1  # the engine listed before it
         print(f"\n{table[0][1][other]['name']} / {table[0][1][base]['name']}:")
         for rate, rows in table:
             new, old = rows[other], rows[base]
