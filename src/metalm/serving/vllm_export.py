@@ -31,6 +31,7 @@ logger = logging.getLogger("metalm.serving")
 
 # What the vLLM side reads (metalm_vllm_plugin.FirstTokenBan): the ids an answer never starts with.
 SIDECAR = "metalm_vllm.json"
+_VOLATILE_CONFIG_KEYS = {"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version"}
 _FORMAT = 1  # bump when the folder's layout changes: old exports are then not reused
 
 
@@ -43,7 +44,9 @@ def vllm_cache_root() -> Path:
 def decoder_digest(decoder: torch.nn.Module, processor: MetaLMProcessor) -> str:
     """A digest of the decoder's config, its weights (names, shapes, dtypes, bytes) and its tokenizer."""
     digest = hashlib.sha256(f"metalm-vllm-export {_FORMAT}\n".encode())
-    digest.update(decoder.config.to_json_string(use_diff=False).encode())
+    # save_pretrained itself fills in `architectures` and `dtype` (each weight's dtype is hashed below).
+    config = {k: v for k, v in decoder.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(decoder.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
