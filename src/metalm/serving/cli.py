@@ -19,6 +19,7 @@ from metalm.data.layouts import CHAT_HISTORY
 from metalm.data.processor import Encode, InputError
 from metalm.serving.engine import Engine
 from metalm.serving.request_types import ChatMessage, SamplingParams
+from metalm.serving.vllm_process import VLLMSettings, VLLMStartError, add_vllm_args, vllm_settings_from_args
 
 __all__ = [
     "add_chat_parser",
@@ -331,8 +332,10 @@ def serve(
     allowed_origins: Sequence[str] = (),
     api_key: str | None = None,
     log_level: str = "info",
+    vllm: VLLMSettings | None = None,
 ) -> None:
-    """Serve a saved model over HTTP (OpenAI chat completions API + a chat page at /). Loads the model once.
+    """Serve a saved model over HTTP (OpenAI chat completions API + a chat page at /). Loads the model once;
+    with `vllm` settings its decoder runs in vLLM (`metalm.serving.vllm_backend`).
 
     The server answers to loopback Host names, the bound address and ``allowed_hosts`` ("*": any)."""
     import uvicorn
@@ -359,7 +362,7 @@ def serve(
     engine = Engine.from_pretrained(
         model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests, batching=batching,
-        chat_history=chat_history,
+        chat_history=chat_history, vllm=vllm,
     )  # fmt: skip
     app = create_app(engine, settings)
     logger.info(
@@ -396,9 +399,9 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             request_timeout_s=args.request_timeout, image_fetch_timeout_s=args.image_fetch_timeout,
             allowed_hosts=args.allowed_hosts or (), allowed_origins=args.allowed_origins or (),
             api_key=args.api_key or os.environ.get("METALM_API_KEY") or None,
-            log_level=args.log_level,
+            log_level=args.log_level, vllm=vllm_settings_from_args(args),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, VLLMStartError) as err:
         print(f"metalm serve: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -438,6 +441,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "('*' = any)",
     )  # fmt: skip
     _add_chat_history_arg(p)
+    add_vllm_args(p)
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=16, help="most rows decoded together")
     limits.add_argument(

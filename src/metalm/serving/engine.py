@@ -35,6 +35,7 @@ from metalm.serving.jobs import Job
 from metalm.serving.prompts import PromptBuilder
 from metalm.serving.request_types import ChatMessage, GenerationResult, Prompt, SamplingParams, StreamEvent
 from metalm.serving.scheduler import Scheduler
+from metalm.serving.vllm_process import VLLMSettings
 
 __all__ = ["Engine"]
 
@@ -63,6 +64,9 @@ class Engine:
         chat_history: ``"latest"`` (default): a conversation is answered from its last user turn (with the
             images still in view) in the layout the model trained on; ``"demonstrations"``: earlier turns
             stay in the prompt as few-shot demonstrations (:func:`metalm.data.layouts.chat_layout_parts`).
+        vllm: decode in vLLM instead (`metalm.serving.vllm_backend`): the prompts and their embeddings are
+            built here, a vLLM server (started from these settings, or reached at their ``url``) decodes;
+            ``batching`` and ``batch_wait_ms`` then do not apply (vLLM batches continuously).
 
     Its parts: ``prompts`` (`PromptBuilder`), ``runner`` (`JobRunner`: the model lock, ``batch_sizes``) and
     ``scheduler`` (`Scheduler`: the queue and its limits, which may be changed while it runs).
@@ -81,6 +85,7 @@ class Engine:
         batching: str = "continuous",
         encode_max_tokens: int | None = None,
         chat_history: str = "latest",
+        vllm: VLLMSettings | None = None,
     ) -> None:
         # Built first: a bad chat_history is refused at start-up, before the model moves anywhere.
         self.prompts = PromptBuilder(
@@ -91,12 +96,21 @@ class Engine:
         self.processor = processor
         self.config = model.config
         self.name = name
+        max_batch_size, max_pending = max(1, int(max_batch_size)), max(1, int(max_pending))
+        if vllm is not None:  # the decoder runs in vLLM (metalm.serving.vllm_backend)
+            from metalm.serving.vllm_backend import VLLMRunner, VLLMScheduler
+
+            self.runner = VLLMRunner(self.model, processor, self.device, vllm, max_batch_size=max_batch_size)
+            self.scheduler = VLLMScheduler(
+                self.runner, max_batch_size=max_batch_size, max_pending=max_pending
+            )
+            return
         self.runner = JobRunner(self.model, processor, self.device, batching)
         self.scheduler = Scheduler(
             self.runner,
-            max_batch_size=max(1, int(max_batch_size)),
+            max_batch_size=max_batch_size,
             batch_wait=max(0.0, float(batch_wait_ms)) / 1000.0,
-            max_pending=max(1, int(max_pending)),
+            max_pending=max_pending,
         )
 
     @classmethod
@@ -126,7 +140,7 @@ class Engine:
     # --- facts ----------------------------------------------------------------------------------------
     @property
     def batching(self) -> str:
-        """The batching that runs: ``"continuous"`` or ``"dynamic"``."""
+        """The batching that runs: ``"continuous"``, ``"dynamic"`` or ``"vllm"`` (vLLM's own)."""
         return self.runner.batching
 
     @property
@@ -146,7 +160,7 @@ class Engine:
     @property
     def context_length(self) -> int | None:
         """The decoder's maximum number of positions (prompt + answer), if its config states one."""
-        return self.config.context_length()
+        return self.runner.context_length
 
     @property
     def max_audio_seconds(self) -> float | None:
@@ -231,8 +245,9 @@ class Engine:
         return self
 
     def close(self) -> None:
-        """Stop the worker; queued jobs fail."""
+        """Stop the worker; queued jobs fail. A vLLM server the engine started stops too."""
         self.scheduler.close()
+        self.runner.close()
 
     def submit(
         self,

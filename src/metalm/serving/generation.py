@@ -161,6 +161,9 @@ class JobRunner:
     def context_length(self) -> int | None:
         return self.model.config.context_length()
 
+    def close(self) -> None:
+        """Release what generation holds outside this process (nothing here; the vLLM runner's server)."""
+
     def _eos_ids(self) -> list[int | None]:
         ids: list[int | None] = [self.processor.eos_token_id]
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
