@@ -121,7 +121,10 @@ def evaluate_variant(name: str, runs: Path, out: Path, args: argparse.Namespace)
     """A preset's ablation (`configs/ablations/<name>.yaml`), trained unless it exists; in-context rows."""
     config = CONFIGS / "ablations" / f"{name}.yaml"
     model, processor = load_model(train_once(config, runs / name))
-    return {"config": f"configs/ablations/{name}.yaml", **in_context_results(model, processor, out, args)}
+    res = {"config": f"configs/ablations/{name}.yaml", **in_context_results(model, processor, out, args)}
+    if model.config.encoders_of_kind("text"):
+        res["reads_encoder"] = reads_encoder(out / "reads-encoder.json", model, processor, args)
+    return res
 
 
 def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -206,8 +206,9 @@ def _reads_rows(results: dict[str, Any]) -> list[str]:
 def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """Each variant beside the preset it varies: easy-VQA by type at k = 0 → 4, fast binding shape 2-way."""
     rows = [
-        "| model | config | easy-VQA k = 0 → 4: colour | shape | yes/no | fast binding shape 2-way, k = 1 / 4 |",
-        "|---|---|---|---|---|---|",
+        "| model | config | easy-VQA k = 0 → 4: colour | shape | yes/no | fast binding shape 2-way, k = 1 / 4 "
+        "| reads the encoder: gap closed |",
+        "|---|---|---|---|---|---|---:|",
     ]
     for name, entry in {**{n: results[n] for n in ("gemma-vl",) if n in results}, **variants}.items():
         vqa = entry["easyvqa"]
@@ -218,7 +219,10 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
         shape = (entry.get("fastbind") or {}).get("fastbind-shape-2way", {})
         bind = " / ".join(_pm(shape[k]["mean"]["accuracy"]) if k in shape else "—" for k in ("1", "4"))
         config = entry.get("config", "configs/gemma-vl.yaml")
-        rows.append(f"| {name} | `{config}` | " + " | ".join(cells) + f" | {bind} |")
+        probe = entry.get("reads_encoder")
+        gap = gap_closed(probe["loss"]) if probe else None
+        reads = "—" if gap is None else f"{gap:.2f}"
+        rows.append(f"| {name} | `{config}` | " + " | ".join(cells) + f" | {bind} | {reads} |")
     return rows
 
 
