@@ -130,7 +130,9 @@ def test_config_missing_file_and_extends(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("ablations/*.yaml")]), ids=lambda p: p.name
+)
 def test_presets_validate(path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
