@@ -176,13 +176,17 @@ def test_an_encoded_segment_carries_one_payload_under_the_name_its_plugin_gives(
         raise AssertionError("two payloads were accepted")
 
 
-def test_the_processor_still_exports_the_plugins_part_types_by_name() -> None:
+def test_the_part_types_live_in_their_plugins_and_the_package_only() -> None:
+    import metalm
     from metalm.data import processor
     from metalm.modalities.audio import AudioInput
     from metalm.modalities.text import Encode
     from metalm.modalities.vision import ImageInput
 
-    assert (processor.Encode, processor.ImageInput, processor.AudioInput) == (Encode, ImageInput, AudioInput)
+    assert (metalm.Encode, metalm.ImageInput, metalm.AudioInput) == (Encode, ImageInput, AudioInput)
+    # The processor names no kind: no part types by name, no kind-named conveniences.
+    assert not any(hasattr(processor, name) for name in ("Encode", "ImageInput", "AudioInput"))
+    assert not any(hasattr(processor.MetaLMProcessor, name) for name in ("image_processors", "fits_encoder"))
 
 
 def test_a_packaged_encoder_of_another_kind_is_refused_before_loading() -> None:
