@@ -120,7 +120,7 @@ def test_attribute_correctness_and_aggregate():
 
 
 def test_continuation_pieces_of_a_wordpiece_vocabulary():
-    from metalm.evaluation.runner import continuation_pieces
+    from metalm.data.processor import continuation_pieces
     from metalm.recipe import load_tokenizer
 
     tok = load_tokenizer("packaged:minilm-l6")

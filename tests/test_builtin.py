@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metalm.data import builtin
+from metalm.data import easy_vqa
 from metalm.data.builtin import (
     BUILTIN_DATASETS,
     CAPTION_TEMPLATE,
@@ -135,7 +135,7 @@ def test_pixel_labels_match_questions_on_a_sample() -> None:
         i for i, lab in labels.items() if lab.color_from == "questions" and lab.shape_from == "questions"
     ]
     for i in rng.sample(known, 150):
-        color, shape = builtin._labels_from_pixels(builtin._easy_vqa_image("test", i))
+        color, shape = easy_vqa._labels_from_pixels(easy_vqa._easy_vqa_image("test", i))
         assert color == labels[i].color
         assert shape in (None, labels[i].shape)
     sources = {lab.color_from for lab in labels.values()} | {lab.shape_from for lab in labels.values()}

@@ -113,7 +113,7 @@ def test_group_scores_average_over_seeds_and_skip_corpus_metrics():
 
 
 def test_eval_needs_a_task_or_data(tiny_saved):
-    from metalm.evaluation.runner import eval_main
+    from metalm.evaluation.eval_cli import eval_main
 
     with pytest.raises(TaskError, match="give --task and/or --data"):
         eval_main(str(tiny_saved), [])

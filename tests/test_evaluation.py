@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from metalm import Encode, EncodedSegment, ImageInput, TextSegment
+from metalm.evaluation.eval_cli import add_eval_parser
 from metalm.evaluation.icl import (
     Separator,
     build_prompt,
@@ -23,7 +24,7 @@ from metalm.evaluation.icl import (
     sample_demonstrations,
     split_for_encoder,
 )
-from metalm.evaluation.runner import add_eval_parser, evaluate, score_samples
+from metalm.evaluation.runner import evaluate, score_samples
 from metalm.evaluation.tasks import Example, Task, TaskError, get_task, load_task_file
 from metalm.modalities.text import TEXT
 from metalm.model.configuration_metalm import MetaLMConfig

@@ -9,7 +9,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from metalm.data.layouts import DEFAULT_LAYOUTS, PromptLayout, chat_layout_parts, layouts_of
-from metalm.data.processor import Encode, ImageInput
+from metalm.modalities.text import Encode
+from metalm.modalities.vision import ImageInput
 
 RED = Image.new("RGB", (8, 8), "red")
 

@@ -180,7 +180,7 @@ def test_saved_config_has_no_local_paths(tmp_path):
 def test_train_with_a_broken_init_from_is_one_line(saved, tmp_path):
     import yaml
 
-    from metalm.training.trainer import train_main
+    from metalm.training.cli import train_main
 
     folder = copy_of(saved, tmp_path)
     truncate(folder)

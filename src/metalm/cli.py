@@ -22,7 +22,7 @@ COMMANDS = [
     ("data", "metalm.data.cli", "add_data_parser", "list, export and validate datasets"),
     (
         "eval",
-        "metalm.evaluation.runner",
+        "metalm.evaluation.eval_cli",
         "add_eval_parser",
         "evaluate a saved model on built-in or user tasks (zero/few-shot)",
     ),

@@ -68,16 +68,6 @@ def part_type_names() -> list[str]:
     return [t.__name__ for kind in encoder_kinds() for t in get_modality(kind).part_types]
 
 
-def __getattr__(name: str) -> type:
-    """The registered plugins' part types by class name (`Encode`, `ImageInput`, `AudioInput`): they live in
-    their plugins (metalm.modalities.<kind>), and callers written before that import them from here."""
-    for kind in encoder_kinds():
-        for part_type in get_modality(kind).part_types:
-            if part_type.__name__ == name:
-                return part_type
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _part_error(err: InputError, index: int) -> InputError:
     """`err` marked with the index of the part it is about (`err.part`): a caller that made the parts
     knows what each came from (training names the record field)."""
@@ -167,15 +157,6 @@ class MetaLMProcessor:
     def plugin_of(self, name: str) -> Modality:
         """The plugin of encoder `name`'s kind."""
         return get_modality(self.config.encoder_spec(name)["kind"])
-
-    # Compatibility, for the serving call sites only (metalm.serving.engine, .prompts); new code asks the
-    # plugin (`preprocessors_of_kind`, `metalm.modalities.text.TEXT`).
-    @property
-    def image_processors(self) -> dict[str, Any]:
-        return self.preprocessors_of_kind("vision")
-
-    def fits_encoder(self, name: str, text: str, max_tokens: int | None = None) -> bool:
-        return self.plugin_of(name).fits_encoder(self, name, text, max_tokens)
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property

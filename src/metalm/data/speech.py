@@ -98,9 +98,9 @@ def bbc_sentences(split: str, limit: int) -> list[tuple[str, str]]:
 
 
 def _easy_vqa_records(split: str, limit: int) -> list[VQAExample]:
-    from metalm.data.builtin import load_builtin
+    from metalm.data.easy_vqa import easy_vqa_vqa
 
-    records = load_builtin("easy_vqa_vqa", split)
+    records = easy_vqa_vqa(split)
     return [records[i * len(records) // limit] for i in range(min(limit, len(records)))]
 
 

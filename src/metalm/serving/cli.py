@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from metalm.data.layouts import CHAT_HISTORY
-from metalm.data.processor import Encode, InputError
+from metalm.data.processor import InputError
+from metalm.modalities.text import Encode
 from metalm.serving.engine import Engine
 from metalm.serving.request_types import ChatMessage, SamplingParams
 from metalm.serving.vllm_process import VLLMSettings, VLLMStartError, add_vllm_args, vllm_settings_from_args

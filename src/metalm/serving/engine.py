@@ -181,7 +181,7 @@ class Engine:
         """The side of the square images the (first) vision encoder reads, if the model has one."""
         if not self.prompts.vision_encoders:
             return None
-        preprocessor = self.processor.image_processors.get(self.prompts.vision_encoders[0])
+        preprocessor = self.processor.preprocessors_of_kind("vision").get(self.prompts.vision_encoders[0])
         return preprocessor.size if preprocessor is not None else None
 
     @property

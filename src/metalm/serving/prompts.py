@@ -39,9 +39,11 @@ from PIL import Image
 
 from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, check_chat_history, layouts_of
-from metalm.data.processor import Encode, ImageInput, InputError, MetaLMProcessor
+from metalm.data.processor import InputError, MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment, sample_length
 from metalm.modalities.audio import AudioInput
+from metalm.modalities.text import TEXT, Encode
+from metalm.modalities.vision import ImageInput
 from metalm.serving.request_types import ChatMessage, Prompt
 
 __all__ = ["PromptBuilder"]
@@ -80,7 +82,7 @@ class PromptBuilder:
         if encode is False or not self.text_encoders:
             return False
         with self._tok_lock:
-            return self.processor.fits_encoder(self.text_encoders[0], text, self.encode_max_tokens)
+            return TEXT.fits_encoder(self.processor, self.text_encoders[0], text, self.encode_max_tokens)
 
     def _text_part(self, text: str, encode: bool | None) -> str | Encode:
         if self._encodable(text, encode):

@@ -1,5 +1,6 @@
 """Training: YAML configs (`config`), data streams (`data`), one optimizer step (`step`), the accelerate
-trainer around it (`trainer`), and beside it `checkpoint`, `metrics`, `optimizer`, `parallel` and `cli`.
+trainer's loop around it (`trainer`), and beside it `model_setup`, `validation`, `run_state` (resume),
+`run_log`, `checkpoint`, `metrics`, `optimizer`, `parallel` and `cli`.
 
 `from metalm.training import load_config, train` is the short way in; the names are imported lazily so
 that reading a config does not import accelerate.

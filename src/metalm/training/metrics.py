@@ -6,11 +6,14 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["METRIC_COLUMNS", "LogWindow", "MetricsLog", "plot_loss_curve"]
+if TYPE_CHECKING:
+    from metalm.training.step import StepResult
+
+__all__ = ["METRIC_COLUMNS", "LogWindow", "MetricsLog", "plot_loss_curve", "reduce_step"]
 
 logger = logging.getLogger("metalm.training")
 
@@ -122,6 +125,31 @@ class LogWindow:
         self._clear()
         self.stream_sums.zero_()
         return row
+
+
+def reduce_step(
+    measured: StepResult, sources: list[set[str]], streams: list[str], accelerator: Any, grad_accum: int
+) -> tuple[float, float, int, torch.Tensor]:
+    """One step's mean loss, grad norm and token count over all processes, and its per-stream loss sums
+    (a micro-batch counts for a stream when all its rows come from it; `sources`: each one's streams)."""
+    acc = accelerator
+    stream_sums = torch.zeros(len(streams), 2, dtype=torch.float64, device=acc.device)
+    for loss, names in zip(measured.micro_losses, sources):
+        if streams and len(names) == 1:
+            k = streams.index(next(iter(names)))
+            stream_sums[k, 0] += loss.double()
+            stream_sums[k, 1] += 1
+    grad_norm = float(measured.grad_norm) if measured.grad_norm is not None else 0.0
+    stats = torch.tensor(
+        [float(measured.loss_sum) / grad_accum, grad_norm, measured.tokens],
+        dtype=torch.float64,
+        device=acc.device,
+    )
+    if acc.num_processes > 1:
+        stats = acc.reduce(stats, reduction="sum")
+        stats[:2] /= acc.num_processes
+        stream_sums = acc.reduce(stream_sums, reduction="sum")
+    return float(stats[0]), float(stats[1]), int(stats[2]), stream_sums
 
 
 def _loss_series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:

@@ -1,0 +1,248 @@
+"""One task's runs: for every k and seed, each evaluated example's prompt (k sampled demonstrations,
+:mod:`metalm.evaluation.icl`), scored by generation or by ranking its options, and the metrics per seed with
+their mean and spread (:func:`evaluate_task`); prediction files when asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from metalm.data.processor import MetaLMProcessor
+from metalm.data.segments import Sample, TextSegment
+from metalm.evaluation.icl import (
+    build_prompt,
+    describe_prompt,
+    encoder_fits,
+    prompt_to_sample,
+    sample_demonstrations,
+)
+from metalm.evaluation.own_data import group_scores
+from metalm.evaluation.scoring import check_length, generate_samples, score_samples
+from metalm.evaluation.tasks import Example, Task, TaskError
+
+__all__ = ["SUBSET_SEED", "evaluate_task", "subset_examples"]
+
+SUBSET_SEED = "metalm-eval-subset"
+logger = logging.getLogger("metalm.evaluation")
+
+
+def subset_examples(examples: list[Example], limit: int | None) -> list[Example]:
+    """The first ``limit`` examples of a fixed shuffle (built-in splits can be sorted by label, so a plain
+    head would be one class); the same subset for every k and seed."""
+    if limit is None or limit >= len(examples):
+        return examples
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    picked = sorted(random.Random(SUBSET_SEED).sample(range(len(examples)), limit))
+    return [examples[i] for i in picked]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _gold(ex: Example) -> str | list[str]:
+    return ex.answers[0] if len(ex.answers) == 1 else list(ex.answers)
+
+
+def _warn_if_images_left_out(model, task: Task, examples: list[Example]) -> None:
+    """A model without a vision encoder reads the text only (as it was trained): say so, once per task."""
+    has_vision = hasattr(model.config, "encoders_of_kind") and bool(model.config.encoders_of_kind("vision"))
+    with_images = sum(ex.image is not None for ex in examples)
+    if with_images and not has_vision:
+        logger.warning(
+            "task %r: the model has no vision encoder, so the images of %d of %d examples are left out "
+            "(it reads the text only, as it was trained)", task.name, with_images, len(examples),
+        )  # fmt: skip
+
+
+def _run_once(
+    model,
+    processor: MetaLMProcessor,
+    task: Task,
+    examples: list[Example],
+    pool: list[Example],
+    *,
+    k: int,
+    seed: int,
+    baseline: bool,
+    separator: str | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[Example]]:
+    """Per-example records (id, prompt, prediction, gold, score, ...) for one (task, k, seed), and the
+    queries as asked (an episode task renames their answers)."""
+    fits = None if baseline else encoder_fits(processor)
+    images = (
+        bool(model.config.encoders_of_kind("vision")) if hasattr(model.config, "encoders_of_kind") else False
+    )
+    same_pool = task.demo_split is None or task.demo_split == task.eval_split
+    if task.episodes is not None:
+        episodes = [task.episodes(ex, pool, k, seed, i) for i, ex in enumerate(examples)]
+    else:
+        episodes = [
+            (sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None), ex)
+            for i, ex in enumerate(examples)
+        ]
+    queries = [query for _, query in episodes]
+
+    def prompt(i: int, ex: Example) -> tuple[list[Any], Sample]:
+        parts = build_prompt(
+            task, ex, episodes[i][0], baseline=baseline, separator=separator, fits=fits, images=images
+        )
+        return parts, prompt_to_sample(processor, parts, index=i)
+
+    desc = f"{task.name} k={k} s={seed}"
+    if task.scoring == "generate":
+        bar = tqdm(total=len(queries), desc=desc, unit="ex", disable=not progress)
+        stop = [*task.stop, *([separator] if separator else [])]
+        return _generated_records(model, processor, task, queries, prompt, batch_size, stop, bar), queries
+    bar = tqdm(
+        total=sum(len(task.options_for(ex)) for ex in queries), desc=desc, unit="seq", disable=not progress
+    )
+    return _ranked_records(model, processor, task, queries, prompt, batch_size, bar), queries
+
+
+def _generated_records(
+    model, processor, task: Task, examples: list[Example], prompt, batch_size: int, stop: list[str], bar
+) -> list[dict[str, Any]]:
+    """Greedy generations, `batch_size` prompts at a time, scored against the gold answers."""
+    records: list[dict[str, Any]] = []
+    for chunk in _chunks(list(enumerate(examples)), batch_size):
+        built = [prompt(i, ex) for i, ex in chunk]
+        for (_, ex), (_, sample) in zip(chunk, built):
+            check_length(model, sample, f"task {task.name!r}, example {ex.id!r}")
+        texts = generate_samples(
+            model, processor, [s for _, s in built], max_new_tokens=task.max_new_tokens, stop=stop
+        )
+        for (_, ex), (parts, _), text in zip(chunk, built, texts):
+            records.append(
+                {
+                    "id": ex.id,
+                    "prompt": describe_prompt(parts),
+                    "prediction": text,
+                    "gold": _gold(ex),
+                    "score": task.example_score(text, ex),
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def _ranked_records(
+    model, processor, task: Task, examples: list[Example], prompt, batch_size: int, bar
+) -> list[dict[str, Any]]:
+    """Each example's options ranked by their (summed or mean) log-likelihood after the prompt: the
+    (example, option) pairs are flattened, one forward per `batch_size` sequences."""
+    option_ids: dict[str, list[int]] = {}
+
+    def ids_of(option: str) -> list[int]:
+        if option not in option_ids:
+            option_ids[option] = processor.tokenize(task.render_target(option))
+            if not option_ids[option]:
+                raise TaskError(f"task {task.name!r}: option {option!r} tokenizes to nothing")
+        return option_ids[option]
+
+    scores: dict[int, list[tuple[float, int, bool]]] = {}
+    prompts: dict[int, str] = {}
+    pending: list[tuple[int, Sample]] = []
+
+    def flush() -> None:
+        for (i, _), result in zip(pending, score_samples(model, processor, [s for _, s in pending])):
+            scores.setdefault(i, []).append(result)
+        bar.update(len(pending))
+        pending.clear()
+
+    for i, ex in enumerate(examples):
+        parts, sample = prompt(i, ex)
+        prompts[i] = describe_prompt(parts)
+        for option in task.options_for(ex):
+            full = [*sample, TextSegment(ids_of(option), loss=True)]
+            check_length(model, full, f"task {task.name!r}, example {ex.id!r}")
+            pending.append((i, full))
+            if len(pending) >= batch_size:
+                flush()
+    if pending:
+        flush()
+    bar.close()
+    return [_ranked_record(task, ex, prompts[i], scores[i]) for i, ex in enumerate(examples)]
+
+
+def _ranked_record(
+    task: Task, ex: Example, prompt: str, scores: list[tuple[float, int, bool]]
+) -> dict[str, Any]:
+    options = task.options_for(ex)
+    values = [s / c if task.normalization == "mean" else s for s, c, _ in scores]
+    best = max(range(len(options)), key=values.__getitem__)
+    return {
+        "id": ex.id,
+        "prompt": prompt,
+        "prediction": options[best],
+        "gold": _gold(ex),
+        "score": task.example_score(options[best], ex),
+        "option_scores": {o: round(v, 6) for o, v in zip(options, values)},
+    }
+
+
+def _aggregate(per_seed: dict[int, dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    keys = [k for k, v in next(iter(per_seed.values())).items() if isinstance(v, int | float) and k != "n"]
+    mean, std = {}, {}
+    for key in keys:
+        values = [float(m[key]) for m in per_seed.values()]
+        mean[key] = statistics.fmean(values)
+        std[key] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def evaluate_task(
+    model,
+    processor,
+    t: Task,
+    shots: list[int],
+    seeds: list[int],
+    *,
+    limit: int | None,
+    out: Path | None,
+    **run,
+) -> dict[str, Any]:
+    """One task's results by k (the `results` entry of the summary); prediction files go to `out`."""
+    examples = subset_examples(t.examples(t.eval_split), limit)
+    _warn_if_images_left_out(model, t, examples)
+    pool: list[Example] = []
+    if any(k > 0 for k in shots) or t.episodes is not None:  # zero-shot runs never touch demonstrations
+        pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
+    by_k: dict[str, Any] = {}
+    for k in shots:
+        per_seed: dict[int, dict[str, Any]] = {}
+        records_by_seed: dict[int, list[dict[str, Any]]] = {}
+        for seed in seeds if k > 0 or t.episodes is not None else seeds[:1]:
+            records, queries = _run_once(model, processor, t, examples, pool, k=k, seed=seed, **run)
+            for r, ex in zip(records, queries):
+                if ex.group is not None:
+                    r["group"] = ex.group
+            records_by_seed[seed] = records
+            per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], queries)
+            if out is not None:
+                with open(out / f"predictions-{t.name}-k{k}-s{seed}.jsonl", "w", encoding="utf-8") as fh:
+                    for r in records:
+                        fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        mean, std = _aggregate(per_seed)
+        by_k[str(k)] = {
+            "n": len(examples),
+            "seeds": {str(s): m for s, m in per_seed.items()},
+            "mean": mean,
+            "std": std,
+        }
+        groups = group_scores(t, examples, records_by_seed)
+        if groups:
+            by_k[str(k)]["groups"] = groups
+    return by_k
