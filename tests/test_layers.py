@@ -196,3 +196,70 @@ def test_a_packaged_encoder_of_another_kind_is_refused_before_loading() -> None:
     recipe = EncoderRecipe(name="reader", kind="text", source="packaged:efficientnet-lite0")
     with pytest.raises(MetaLMConfigError, match="is a vision encoder"):
         _build_encoder(recipe, decoder_tok=None)
+
+
+# Files that may spell a media kind's word: the record schema (its fields "image" and "audio", the
+# interleaved part types), the config schema and its messages, the task catalogue's `media` setting.
+KIND_WORD_ALLOWLIST = {
+    "metalm.data.records",
+    "metalm.data.record_kinds",
+    "metalm.data.record_parsing",
+    "metalm.training.config_schema",
+    "metalm.training.config_messages",
+    "metalm.evaluation.catalogue",
+}
+MEDIA_KINDS = {"vision", "audio"}
+# Calls whose string argument is an encoder kind.
+KIND_LOOKUPS = {"encoders_of_kind", "preprocessors_of_kind", "get_modality"}
+
+
+def _names_kind(node: ast.AST) -> bool:
+    """`kind`, `x.kind` or `x["kind"]`."""
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value == "kind"
+    return (node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)) == "kind"
+
+
+def _kind_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, literal) of each media kind named as a kind: "vision" anywhere (no record field is called
+    that), a kind literal handed to a kind lookup, or compared with a `kind`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value == "vision":
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.Call):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if func in KIND_LOOKUPS:
+                found += [
+                    (arg.lineno, arg.value)
+                    for arg in node.args
+                    if isinstance(arg, ast.Constant) and arg.value in MEDIA_KINDS
+                ]
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(_names_kind(side) for side in sides):
+                found += [
+                    (s.lineno, s.value)
+                    for s in sides
+                    if isinstance(s, ast.Constant) and s.value in MEDIA_KINDS
+                ]
+    return found
+
+
+def test_only_the_plugins_name_a_media_kind() -> None:
+    """What depends on a kind lives in its plugin (docs/design.md, "Modality plugins"): the rest of metalm
+    reaches images and speech through the registry (`modality_of_field`, `encoders_of_field`, ...)."""
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith(REGISTRY) or name in KIND_WORD_ALLOWLIST:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        offenders += [f"{name}:{line}: {value!r}" for line, value in _kind_literals(tree)]
+    assert not offenders, "media kinds named outside metalm.modalities:\n" + "\n".join(offenders)
+
+
+def test_the_kind_literal_check_finds_a_kind() -> None:
+    source = 'a = config.encoders_of_kind("audio")\nb = {"vision": 1}\nc = spec["kind"] == "audio"\n'
+    found = _kind_literals(ast.parse(source))
+    assert sorted(found) == [(1, "audio"), (2, "vision"), (3, "audio")]
+    assert not _kind_literals(ast.parse('clips = turn.get("audio")\nref = rec["audio"]\n'))

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from metalm.modalities import get_modality
+from metalm.modalities import get_modality, modality_of_field
 
 __all__ = [
     "CHAT_HISTORY",
@@ -33,9 +33,10 @@ __all__ = [
 ]
 
 
-def _part(kind: str, value: Any, encoder: str | None = None) -> Any:
-    """The processor part of `kind` for `value`, made by its plugin (this module imports none)."""
-    return get_modality(kind).part(value, encoder)
+def _part(record_field: str, value: Any, encoder: str | None = None) -> Any:
+    """The processor part for `value`, a request's input under `record_field` ("image", "audio"), made by
+    the plugin reading that field (this module imports none)."""
+    return modality_of_field(record_field).part(value, encoder)
 
 
 class PromptLayout(BaseModel):
@@ -59,10 +60,10 @@ class PromptLayout(BaseModel):
         **fields: str,
     ) -> list[Any]:
         """Processor parts for one request. `text_encoder=None`: the input is plain decoder text."""
-        parts: list[Any] = [_part("vision", img, vision_encoder) for img in images]
+        parts: list[Any] = [_part("image", img, vision_encoder) for img in images]
         text = self.render(**fields)
         if text.strip():
-            parts.append(_part("text", text, text_encoder) if text_encoder else text)
+            parts.append(get_modality("text").part(text, text_encoder) if text_encoder else text)
         if self.prompt.strip():
             parts.append(self.prompt)
         return parts
@@ -144,7 +145,7 @@ def chat_layout_parts(
             continue
         clips = [_part("audio", clip) for clip in turn.get("audio") or ()]
         if clips and not text:
-            parts += [_part("vision", img, vision_encoder) for img in images] + clips
+            parts += [_part("image", img, vision_encoder) for img in images] + clips
             parts += [layouts.vqa.prompt] if images and layouts.vqa.prompt.strip() else []
             continue
         layout = layouts.vqa if text else layouts.caption

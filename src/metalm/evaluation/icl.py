@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from metalm.data.processor import InputError, MetaLMProcessor, Part, Target
 from metalm.data.segments import Sample, TextSegment
 from metalm.evaluation.tasks import Example, Task, TaskError
-from metalm.modalities import modality_of_part
-from metalm.modalities.audio import AudioInput
+from metalm.modalities import media_fields, modality_of_field, modality_of_part
 from metalm.modalities.base import shorten
 from metalm.modalities.text import TEXT, Encode
-from metalm.modalities.vision import ImageInput
 
 __all__ = [
     "PromptPart",
@@ -175,10 +173,10 @@ def input_parts(
     GPT baseline, is evaluated without them, as it was trained), then its rendered input text --
     ``Encode``-d, or plain decoder text in baseline mode -- then the task's decoder prompt, if any."""
     parts: list[Part] = []
-    if ex.image is not None and images:
-        parts.append(ImageInput(ex.image))
-    if ex.audio is not None:
-        parts.append(AudioInput(ex.audio))
+    for record_field in media_fields():  # an image, then speech: each input the example carries
+        value = getattr(ex, record_field, None)
+        if value is not None and (images or record_field != "image"):
+            parts.append(modality_of_field(record_field).part(value))
     text = task.render_input(ex, fewshot=fewshot, fits=None if baseline else fits)
     if text.strip():
         parts.append(text if baseline else Encode(text))

@@ -26,6 +26,7 @@ from metalm.evaluation.icl import (
 from metalm.evaluation.own_data import group_scores
 from metalm.evaluation.scoring import check_length, generate_samples, score_samples
 from metalm.evaluation.tasks import Example, Task, TaskError
+from metalm.modalities import encoders_of_field
 
 __all__ = ["SUBSET_SEED", "evaluate_task", "subset_examples"]
 
@@ -55,7 +56,7 @@ def _gold(ex: Example) -> str | list[str]:
 
 def _warn_if_images_left_out(model, task: Task, examples: list[Example]) -> None:
     """A model without a vision encoder reads the text only (as it was trained): say so, once per task."""
-    has_vision = hasattr(model.config, "encoders_of_kind") and bool(model.config.encoders_of_kind("vision"))
+    has_vision = bool(encoders_of_field(model.config, "image"))
     with_images = sum(ex.image is not None for ex in examples)
     if with_images and not has_vision:
         logger.warning(
@@ -81,9 +82,7 @@ def _run_once(
     """Per-example records (id, prompt, prediction, gold, score, ...) for one (task, k, seed), and the
     queries as asked (an episode task renames their answers)."""
     fits = None if baseline else encoder_fits(processor)
-    images = (
-        bool(model.config.encoders_of_kind("vision")) if hasattr(model.config, "encoders_of_kind") else False
-    )
+    images = bool(encoders_of_field(model.config, "image"))
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
     if task.episodes is not None:
         episodes = [task.episodes(ex, pool, k, seed, i) for i, ex in enumerate(examples)]

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_MODALITIES",
     "encoder_kinds",
+    "encoders_of_field",
+    "media_fields",
     "get_modality",
+    "modality_of_field",
     "modality_of_part",
     "register_modality",
     "unregister_modality",
@@ -88,3 +91,23 @@ def modality_of_part(part: Any) -> Modality | None:
         if isinstance(part, modality.part_types):
             return modality
     return None
+
+
+def modality_of_field(field: str) -> Modality | None:
+    """The plugin whose inputs a record or request carries under `field` ("image", "audio"), or None."""
+    _load_builtins()
+    return next((m for m in _REGISTRY.values() if m.record_field == field), None)
+
+
+def media_fields() -> tuple[str, ...]:
+    """The record fields some plugin reads, in the order of `encoder_kinds` (images before speech)."""
+    return tuple(f for kind in encoder_kinds() if (f := _REGISTRY[kind].record_field) is not None)
+
+
+def encoders_of_field(config: Any, field: str) -> list[str]:
+    """The encoders of `config` (a MetaLMConfig; none for a model without `encoders_of_kind`, a plain HF
+    decoder) that read the inputs records carry under `field`."""
+    modality = modality_of_field(field)
+    if modality is None or not hasattr(config, "encoders_of_kind"):
+        return []
+    return list(config.encoders_of_kind(modality.kind))

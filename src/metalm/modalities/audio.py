@@ -89,6 +89,8 @@ class AudioModality(Modality):
     spec_defaults = dict(RECIPE_SETTINGS)
     backbones = (WHISPER,)
     part_types = (AudioInput,)
+    record_field = "audio"
+    missing_encoder_error = "the model has no audio encoder to hear this clip"
     packaged_sources = (PACKAGED_WHISPER,)
 
     def check_spec(self, spec: dict[str, Any]) -> None:

@@ -46,6 +46,13 @@ class Modality:
     # `packaged:<name>` sources this kind loads itself (not HF folders): its `load_backbone` handles them,
     # and a recipe naming one for an encoder of another kind is refused (metalm.recipe).
     packaged_sources: ClassVar[tuple[str, ...]] = ()
+    # The record and request field that carries this kind's inputs ("image", "audio": the JSONL schema,
+    # metalm.data.records, and a chat turn's lists), which builders, evaluation and serving map back to this
+    # plugin (`metalm.modalities.modality_of_field`); None for a kind no record names as a field.
+    record_field: ClassVar[str | None] = None
+    # When a record carries an input of this kind and the model has no encoder of it: None leaves the input
+    # out (a text-only baseline reads the text alone); a message makes the record bad with it.
+    missing_encoder_error: ClassVar[str | None] = None
 
     # --- the encoder spec ---------------------------------------------------------------------------
     def check_spec(self, spec: dict[str, Any]) -> None:
@@ -147,6 +154,11 @@ class Modality:
         """The processor part that hands `value` (a request's or record's input of this kind: a text, an
         image, a clip) to `encoder` (None: the model's only encoder of this kind)."""
         raise NotImplementedError
+
+    def record_part(self, value: Any, encoder: str | None, name: str | None = None) -> Any:
+        """The part for a record's input `value` under `record_field`; `name` is how errors name it (its
+        file, "data URL", a shard row), for kinds whose parts carry one. By default `part(value, encoder)`."""
+        return self.part(value, encoder)
 
     def describe_part(self, part: Any, max_chars: int = 80) -> str:
         """A short one-line rendering of a part this kind reads (for logs and evaluation reports)."""

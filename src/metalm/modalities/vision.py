@@ -68,6 +68,7 @@ class VisionModality(Modality):
     spec_defaults = {"image_size": 224}
     backbones = ("hf", EFFICIENTNET)
     part_types = (ImageInput, Image.Image)
+    record_field = "image"
     packaged_sources = (PACKAGED_EFFICIENTNET,)
 
     def check_spec(self, spec: dict[str, Any]) -> None:
@@ -164,6 +165,9 @@ class VisionModality(Modality):
 
     def part(self, value: Any, encoder: str | None = None) -> ImageInput:
         return ImageInput(value, encoder=encoder)
+
+    def record_part(self, value: Any, encoder: str | None, name: str | None = None) -> ImageInput:
+        return ImageInput(value, encoder=encoder, name=name)
 
     def describe_part(self, part: Any, max_chars: int = 80) -> str:
         return f"<image:{source_name(part.image)}>" if isinstance(part, ImageInput) else "<image>"

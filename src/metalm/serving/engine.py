@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from metalm.data.processor import MetaLMProcessor
+from metalm.modalities import encoders_of_field
 from metalm.model.loading import check_config
 from metalm.serving.generation import JobRunner
 from metalm.serving.jobs import Job
@@ -165,7 +166,7 @@ class Engine:
     @property
     def max_audio_seconds(self) -> float | None:
         """The longest clip the model's audio encoders take (None: it has none, so clips are refused later)."""
-        specs = [self.config.encoder_spec(n) for n in self.config.encoders_of_kind("audio")]
+        specs = [self.config.encoder_spec(n) for n in encoders_of_field(self.config, "audio")]
         return min((float(s["max_seconds"]) for s in specs), default=None)
 
     @property
@@ -181,7 +182,7 @@ class Engine:
         """The side of the square images the (first) vision encoder reads, if the model has one."""
         if not self.prompts.vision_encoders:
             return None
-        preprocessor = self.processor.preprocessors_of_kind("vision").get(self.prompts.vision_encoders[0])
+        preprocessor = self.processor.preprocessors.get(self.prompts.vision_encoders[0])
         return preprocessor.size if preprocessor is not None else None
 
     @property

@@ -41,6 +41,7 @@ from metalm.data.images import ImageError, load_image
 from metalm.data.layouts import chat_layout_parts, check_chat_history, layouts_of
 from metalm.data.processor import InputError, MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment, sample_length
+from metalm.modalities import encoders_of_field
 from metalm.modalities.audio import AudioInput
 from metalm.modalities.text import TEXT, Encode
 from metalm.modalities.vision import ImageInput
@@ -73,7 +74,7 @@ class PromptBuilder:
         self.config = config
         self.encode_max_tokens = encode_max_tokens
         self.text_encoders: list[str] = config.encoders_of_kind("text")
-        self.vision_encoders: list[str] = config.encoders_of_kind("vision")
+        self.vision_encoders: list[str] = encoders_of_field(config, "image")
         self.layouts = layouts_of(config)  # the request layouts the model was trained on
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to call from several threads
 

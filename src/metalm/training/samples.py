@@ -37,9 +37,8 @@ from metalm.data.records import (
 )
 from metalm.data.segments import Sample, TextSegment, sample_length
 from metalm.data.semicausal import Word, prefix_cut, sample_spans
-from metalm.modalities.audio import AudioInput
+from metalm.modalities import encoders_of_field, media_fields, modality_of_field
 from metalm.modalities.text import TEXT, Encode
-from metalm.modalities.vision import ImageInput
 from metalm.training.config import DEFAULT_PROMPTS, OPTIONS_JOINER, StreamConfig
 from metalm.training.episodes import EpisodeSampler, answer_of
 from metalm.training.instructions import InstructionError, render_instruction, target_ids, tokenize
@@ -56,7 +55,6 @@ __all__ = [
 ]
 
 # A record whose parts name no model encoder for this field gets the old, plainer reason.
-NO_AUDIO_ENCODER = "the model has no audio encoder to hear this clip"
 
 
 def tokenize_words(processor: Any, text: str) -> tuple[list[int], list[Word]]:
@@ -155,13 +153,19 @@ class BuildContext:
 
     def __post_init__(self) -> None:
         self.config = self.processor.config
-        first = {
-            kind: (self.config.encoders_of_kind(kind) or [None])[0] for kind in ("text", "vision", "audio")
+        self.text_encoder: str | None = (self.config.encoders_of_kind(TEXT.kind) or [None])[0]
+        # The first encoder reading each record field of media ("image", "audio"), None where there is none.
+        self.field_encoders: dict[str, str | None] = {
+            name: (encoders_of_field(self.config, name) or [None])[0] for name in media_fields()
         }
-        self.text_encoder: str | None = first["text"]
-        self.vision: str | None = first["vision"]
-        self.audio: str | None = first["audio"]
+        self.image_encoder: str | None = self.field_encoders.get("image")
         self.semi_causal = dict(self.config.semi_causal)
+
+    def left_out(self, record_field: str) -> bool:
+        """Whether a record's input under `record_field` is left out: the model has no encoder for it and
+        its plugin drops such inputs (images for a text-only baseline) rather than refusing the record."""
+        modality = modality_of_field(record_field)
+        return self.field_encoders.get(record_field) is None and modality.missing_encoder_error is None
 
     def span_limit(self) -> int:
         return TEXT.span_limit(self.config.encoder_spec(self.text_encoder))
@@ -242,8 +246,13 @@ class RecordSamples:
             )
         except InputError as err:
             field = made.fields[err.part] if getattr(err, "part", None) is not None else None
-            if field == "audio" and self.ctx.audio is None:
-                err = InputError(NO_AUDIO_ENCODER)
+            modality = modality_of_field(field) if field is not None else None
+            if (
+                modality is not None
+                and modality.missing_encoder_error
+                and self.ctx.field_encoders[field] is None
+            ):
+                err = InputError(modality.missing_encoder_error)
             self._bad(idx, err, field)
             return None
         if made.inputs_truncated:
@@ -270,7 +279,7 @@ class RecordSamples:
             return self._spoken_parts(idx)
         if self.instruction or isinstance(rec, VQAExample):  # VQA is an instruction sample in any format
             return self._instruction_parts(idx, rng)
-        if self.ctx.vision is None and isinstance(rec, ImageText | Interleaved):
+        if self.ctx.left_out("image") and isinstance(rec, ImageText | Interleaved):
             self._warn_images_left_out()
         if isinstance(rec, ImageText | AudioText):
             return self._captioned_parts(idx, rng)
@@ -278,17 +287,15 @@ class RecordSamples:
             return self._interleaved_parts(idx)
         raise TypeError(f"unexpected record {type(rec).__name__}")
 
-    def _image_part(self, idx: int, ref: Any) -> ImageInput:
-        """Record `idx`'s image `ref` as a part, named in errors by its file (or "data URL")."""
-        return ImageInput(
-            ref, encoder=self.ctx.vision, name=ref if not ref.startswith("data:") else "data URL"
-        )
+    def _input_name(self, idx: int, ref: Any) -> str:
+        """How errors name record `idx`'s input `ref`: its file, or "data URL"."""
+        return "data URL" if isinstance(ref, str) and ref.startswith("data:") else ref
 
-    def _medium_part(self, idx: int, ref: Any, audio: bool) -> tuple[Part, str]:
-        """Record `idx`'s image or clip `ref` as a part, and its record field."""
-        if audio:
-            return AudioInput(ref, encoder=self.ctx.audio), "audio"
-        return self._image_part(idx, ref), "image"
+    def _medium_part(self, idx: int, ref: Any, record_field: str) -> Part:
+        """Record `idx`'s input `ref` under `record_field` (an image, a clip) as its plugin's part."""
+        modality = modality_of_field(record_field)
+        encoder = self.ctx.field_encoders[record_field]
+        return modality.record_part(ref, encoder, name=self._input_name(idx, ref))
 
     def _captioned_parts(self, idx: int, rng: random.Random) -> RecordParts:
         """Image (or speech, standing where the image does), an encoded caption prefix of random length,
@@ -300,11 +307,10 @@ class RecordSamples:
             cached = self.ids[idx] = tokenize_words(ctx.processor, rec.text)
         ids, words = cached
         eos = [ctx.processor.eos_token_id] if ctx.processor.eos_token_id is not None else []
-        if ctx.vision is None and isinstance(rec, ImageText):
+        where = "audio" if isinstance(rec, AudioText) else "image"  # the record field the medium is under
+        if ctx.left_out(where):
             return RecordParts([Tokens(ids + eos, loss=True)], [None])
-        is_audio = isinstance(rec, AudioText)
-        medium, where = self._medium_part(idx, rec.audio if is_audio else rec.image, is_audio)
-        parts, fields = [medium], [where]
+        parts, fields = [self._medium_part(idx, getattr(rec, where), where)], [where]
         cut = prefix_cut(ids, rng, words) if ctx.text_encoder is not None else 0
         if cut:
             prefix = ids[:cut]
@@ -324,13 +330,11 @@ class RecordSamples:
             ]
         parts, fields = [], []
         for part, ids in zip(rec.parts, texts):
-            if isinstance(part, ImagePart | AudioPart):
-                if isinstance(part, ImagePart) and ctx.vision is None:
+            if isinstance(part, ImagePart | AudioPart):  # `type` names the field its input is under
+                if ctx.left_out(part.type):
                     continue
-                is_audio = isinstance(part, AudioPart)
-                medium, where = self._medium_part(idx, part.audio if is_audio else part.image, is_audio)
-                parts.append(medium)
-                fields.append(where)
+                parts.append(self._medium_part(idx, getattr(part, part.type), part.type))
+                fields.append(part.type)
             elif ids:
                 parts.append(Tokens(ids, loss=True))
                 fields.append(None)
@@ -347,19 +351,20 @@ class RecordSamples:
             ids = self.ids[idx] = (tokenize(ctx.processor, prompt), target_ids(ctx.processor, target))
         parts: list[Part] = []
         fields: list[str | None] = []
-        if isinstance(rec, VQAExample) and ctx.vision is not None:
-            parts.append(self._image_part(idx, rec.image))
+        if isinstance(rec, VQAExample) and not ctx.left_out("image"):
+            parts.append(self._medium_part(idx, rec.image, "image"))
             fields.append("image")
         elif isinstance(rec, VQAExample):
             self._warn_images_left_out()
-        parts += [AudioInput(rec.audio, encoder=ctx.audio), Tokens(ids[0]), Tokens(ids[1], loss=True)]
+        heard = self._medium_part(idx, rec.audio, "audio")
+        parts += [heard, Tokens(ids[0]), Tokens(ids[1], loss=True)]
         return RecordParts(parts, [*fields, "audio", None, None])
 
     def _instruction_parts(self, idx: int, rng: random.Random) -> RecordParts | None:
         """``[BOS] [image] Enc(template) prompt label [EOS]`` with only ``label [EOS]`` trained; without a
         text encoder (the GPT baseline) the rendered input is plain, untrained decoder text."""
         ctx, rec = self.ctx, self.records[idx]
-        blind = ctx.vision is None
+        blind = ctx.left_out("image")
         if isinstance(rec, Classification):
             if self.options is not None and rec.label not in self.options:
                 reason = f"label {rec.label!r} is not one of the options {list(self.options)}"
@@ -386,7 +391,7 @@ class RecordSamples:
         cache = self.ids.setdefault(idx, {})
         entry = cache.get(k)
         if entry is None:
-            slots = ctx.config.num_slots(ctx.vision) if with_image else 0
+            slots = ctx.config.num_slots(ctx.image_encoder) if with_image else 0
             try:
                 entry = render_instruction(
                     ctx.processor,
@@ -402,7 +407,7 @@ class RecordSamples:
                 self._bad(idx, err, err.field)
                 return None
             cache[k] = entry
-        parts: list[Part] = [self._image_part(idx, image)] if with_image else []
+        parts: list[Part] = [self._medium_part(idx, image, "image")] if with_image else []
         if entry.input and ctx.text_encoder:
             parts.append(Encode(encoder=ctx.text_encoder, ids=entry.input, encoder_ids=entry.input_enc))
         elif entry.input:
@@ -486,4 +491,6 @@ class RecordSamples:
         ctx = self.ctx
         images = bool(kinds & {ImageText, VQAExample, Interleaved})
         encoded_text = self.instruction or bool(kinds & {ImageText, VQAExample})
-        return {e for e, used in ((ctx.vision, images), (ctx.text_encoder, encoded_text)) if e and used}
+        return {
+            e for e, used in ((ctx.image_encoder, images), (ctx.text_encoder, encoded_text)) if e and used
+        }

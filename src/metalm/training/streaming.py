@@ -29,7 +29,7 @@ from typing import Any
 
 from metalm.data.records import Record, RecordError
 from metalm.data.shards import ShardReader, row_to_record
-from metalm.modalities.vision import ImageCache, ImageInput
+from metalm.modalities import get_modality
 from metalm.training.config import StreamConfig
 from metalm.training.data import DataStream, StreamRecords, _Stream
 from metalm.training.plan import Row, StreamWalk
@@ -161,8 +161,8 @@ class _ShardStream(_Stream):
         self.spec: ShardSource = spec.records  # type: ignore[assignment]
         self.rank, self.world_size = rank, world_size
         super().__init__(spec, ctx)
-        # A streamed image comes round once an epoch: not worth holding.
-        self.caches = {**ctx.caches, "vision": ImageCache(0)}
+        # A streamed input comes round once an epoch: not worth holding (each kind's cache of nothing).
+        self.caches = {kind: self._no_cache(kind, cache) for kind, cache in ctx.caches.items()}
 
     def _make_walk(self) -> StreamWalk:
         reader = ShardReader(
@@ -195,10 +195,14 @@ class _ShardStream(_Stream):
         self.bad.add(idx)
         self.ctx.tally.bad.append((self.name, idx, error))
 
-    def _image_part(self, idx: int, ref: Any) -> ImageInput:
+    @staticmethod
+    def _no_cache(kind: str, cache: Any) -> Any:
+        empty = get_modality(kind).new_cache(0)
+        return cache if empty is None else empty
+
+    def _input_name(self, idx: int, ref: Any) -> str:
         rec = self.records[idx]
-        name = f"{self.spec.source} record {rec.id or idx}" if isinstance(ref, bytes) else ref
-        return ImageInput(ref, encoder=self.ctx.vision, name=name)
+        return f"{self.spec.source} record {rec.id or idx}" if isinstance(ref, bytes) else ref
 
     def _single_records(self) -> list[int]:
         # A bad record's row takes another held record (the same ones after a resume: see ShardWalk.state).
@@ -210,7 +214,9 @@ class _ShardStream(_Stream):
             return {ctx.text_encoder} if ctx.text_encoder else set()
         images = self.spec.kind in ("image_text", "vqa")
         encoded_text = self.instruction or images
-        return {e for e, used in ((ctx.vision, images), (ctx.text_encoder, encoded_text)) if e and used}
+        return {
+            e for e, used in ((ctx.image_encoder, images), (ctx.text_encoder, encoded_text)) if e and used
+        }
 
 
 class ShardedDataStream(DataStream):
