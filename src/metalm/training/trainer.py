@@ -49,6 +49,7 @@ from metalm.training.checkpoint import (
     verify_checkpoint,
 )
 from metalm.training.config import ConfigError, TrainConfig, config_to_dict, layouts_from_streams
+from metalm.training.init_from import load_init_from
 from metalm.training.metrics import METRIC_COLUMNS, LogWindow, MetricsLog, plot_loss_curve
 from metalm.training.optimizer import build_optimizer, build_scheduler
 from metalm.training.parallel import setup_parallelism, shard_model, unwrap_model
@@ -289,36 +290,7 @@ class Trainer:
             return model, MetaLMProcessor.from_pretrained(resume / "model", config=model.config)
         if cfg.init_from is None:
             return cfg.model.to_recipe().build()
-        if not (Path(cfg.init_from) / "config.json").is_file():
-            from metalm.training.paths import relative_path_hint
-
-            raise ConfigError(
-                f"{cfg.source or '<config>'}: init_from: {cfg.init_from!r} is not a saved MetaLM folder "
-                "(no config.json); train the model it names first, or point init_from elsewhere"
-                + relative_path_hint(cfg.init_from, cfg.source)
-            )
-        model = MetaLMForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn)
-        if cfg.model.semi_causal:
-            model.config.semi_causal = {**model.config.semi_causal, **cfg.model.semi_causal}
-        if cfg.model.decoder_trainable is not None:
-            model.config.decoder_trainable = cfg.model.decoder_trainable
-        self._override_trainable_layers(model)
-        model.apply_freezing()
-        processor = MetaLMProcessor.from_pretrained(cfg.init_from, config=model.config)
-        logger.info("init_from %s: %s", cfg.init_from, describe_model(model))
-        return model, processor
-
-    def _override_trainable_layers(self, model: torch.nn.Module) -> None:
-        """`model.trainable_layers` ({encoder name: N}) replaces the saved model's per-encoder setting (a
-        model pre-trained with frozen encoders can be finetuned with their top layers training)."""
-        specs = {spec["name"]: spec for spec in model.config.encoders}
-        for name, layers in (self.config.model.trainable_layers or {}).items():
-            if name not in specs:
-                raise ConfigError(
-                    f"{self.config.source or '<config>'}: model.trainable_layers.{name}: the model in "
-                    f"init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
-                )
-            specs[name]["trainable_layers"] = layers
+        return load_init_from(cfg)
 
     def _build_model_for_training(self, resume: Path | None) -> torch.nn.Module:
         """The model (and `self.processor`), with the run's prompt layouts and any LoRA adapters."""
