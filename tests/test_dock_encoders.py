@@ -5,6 +5,8 @@ Tiny random models and generated tones."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -143,3 +145,14 @@ def test_a_missing_init_from_names_the_preset_that_writes_it(tmp_path):
     assert preset_that_writes("runs/base/final", str(tmp_path / "next.yaml")) == tmp_path / "base.yaml"
     with pytest.raises(ConfigError, match=r"train it first with `metalm train .*base.yaml`"):
         train(load_config(tmp_path / "next.yaml"))
+
+
+def test_the_speech_preset_docks_whisper_on_the_quickstart_model():
+    from metalm.training.config import load_config
+
+    preset = Path(__file__).resolve().parents[1] / "src" / "metalm" / "configs" / "speech.yaml"
+    cfg = load_config(preset)
+    assert cfg.init_from == "runs/quickstart/final" and cfg.run.feature_cache
+    assert preset_that_writes(cfg.init_from, str(preset)).name == "quickstart.yaml"
+    (speech,) = cfg.model.encoders
+    assert (speech.kind, speech.source, speech.trainable_layers) == ("audio", "packaged:whisper-tiny-en", 0)
