@@ -386,10 +386,8 @@ def test_finetune_my_data_config_extends_a_preset(tmp_path, caplog):
     assert cfg.optim == base.optim and cfg.data.seq_len == base.data.seq_len
     assert [s.name for s in cfg.data.streams] == ["mine"] and cfg.run.output_dir == "runs/mine"
     assert load_config(tmp_path / "mine.yaml", ["model.encoders=null"]).model.encoders is None
-    with pytest.raises(
-        ConfigError, match="model.encoders: cannot be set together with init_from.*leave it out"
-    ):
-        load_config(tmp_path / "mine.yaml", ["model.encoders=[]"])
+    # Encoders named in the file itself are added to the saved model's (tests/test_dock_encoders.py).
+    assert load_config(tmp_path / "mine.yaml", ["model.encoders=[]"]).model.encoders == []
     with pytest.raises(ConfigError, match="model.decoder: cannot be set together with init_from"):
         load_config(tmp_path / "mine.yaml", ["model.decoder=gpt2"])
 

@@ -58,3 +58,23 @@ def test_generated_clips_are_16khz_speech_records(tmp_path, monkeypatch):
     before = {r.audio: shutil.os.path.getmtime(r.audio) for r in bbc}
     speech.generate_speech(("speech_bbc",), ("test",), progress=False)  # resumable: nothing re-spoken
     assert before == {r.audio: shutil.os.path.getmtime(r.audio) for r in load_builtin("speech_bbc", "test")}
+
+
+def test_spoken_questions_give_each_clip_once_with_its_question(tmp_path, monkeypatch):
+    from metalm.data.records import write_jsonl
+
+    monkeypatch.setenv("METALM_CACHE", str(tmp_path))
+    clip, image = str(tmp_path / "take0.flac"), str(tmp_path / "a.png")
+    for name in ("take0.flac", "take0.flac2", "a.png"):  # loading checks that the files exist
+        (tmp_path / name).touch()
+    records = [
+        VQAExample(image, "is there a circle?", ("yes",), id="q/0/spoken", audio=clip),
+        VQAExample(image, "is there a circle?", ("no",), id="q/1/spoken", audio=clip),
+        VQAExample(image, "what shape is it?", ("circle",), id="q/2/spoken", audio=clip + "2"),
+    ]
+    write_jsonl(records, speech.speech_dir() / "speech_easy_vqa" / "train.jsonl")
+    heard = load_builtin("speech_easy_vqa", "train", kind="audio_text")
+    assert heard == [
+        AudioText(clip, "is there a circle?", id="q/0/spoken/transcript"),
+        AudioText(clip + "2", "what shape is it?", id="q/2/spoken/transcript"),
+    ]

@@ -29,7 +29,7 @@ _CAPTIONS = tuple(
 )
 
 
-def _fake_records(dataset: str, split: str) -> list[SimpleNamespace]:
+def _fake_records(dataset: str, split: str, kind: str | None = None) -> list[SimpleNamespace]:
     """Records of every kind at once; even ones without an id (the loaders' fallback ids)."""
     return [
         SimpleNamespace(

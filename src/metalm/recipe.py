@@ -37,6 +37,7 @@ __all__ = [
     "EncoderRecipe",
     "ModelRecipe",
     "build_metalm",
+    "dock_encoders",
     "load_tokenizer",
     "match_connector_scale",
     "packaged_minilm_path",
@@ -165,6 +166,25 @@ def build_metalm(recipe: ModelRecipe) -> tuple[MetaLMForCausalLM, MetaLMProcesso
     return model, processor
 
 
+def dock_encoders(
+    model: MetaLMForCausalLM, processor: MetaLMProcessor, recipes: list[EncoderRecipe]
+) -> dict[str, float]:
+    """Dock encoders a built (e.g. saved and loaded) model lacks: each backbone loads as its recipe says
+    and gets a fresh connector, initialised on the decoder's embedding scale as in `build_metalm`; the
+    decoder, the other encoders and their connectors keep their weights. Adds each encoder's preprocessor
+    to `processor`. Returns the connector scale factors by name."""
+    for r in recipes:
+        if r.name in model.encoders:
+            raise MetaLMConfigError(
+                f"encoder {r.name!r}: the model already has an encoder of that name (it has: "
+                f"{', '.join(model.encoders)})"
+            )
+    for r in recipes:
+        spec, backbone, processor.preprocessors[r.name] = _build_encoder(r, processor.tokenizer)
+        model.add_encoder(spec, backbone)
+    return match_connector_scale(model, processor, [r.name for r in recipes])
+
+
 def _rms(x: torch.Tensor) -> float:
     return float(x.float().pow(2).mean().sqrt())
 
@@ -187,8 +207,10 @@ def connector_rms(model: MetaLMForCausalLM, processor: MetaLMProcessor, name: st
     return _rms(model.encode(name, payload))
 
 
-def match_connector_scale(model: MetaLMForCausalLM, processor: MetaLMProcessor) -> dict[str, float]:
-    """Initialise every connector so that its outputs land on the decoder's embedding scale.
+def match_connector_scale(
+    model: MetaLMForCausalLM, processor: MetaLMProcessor, names: list[str] | None = None
+) -> dict[str, float]:
+    """Initialise every connector (or those of encoders `names`) so that its outputs land on the decoder's embedding scale.
 
     Initialisation, not a normalisation layer: a pretrained decoder's embeddings have their own scale
     (Gemma-3 270M: RMS about 1 after its sqrt(d) factor; a fresh decoder: about 0.02), and a connector
@@ -204,6 +226,8 @@ def match_connector_scale(model: MetaLMForCausalLM, processor: MetaLMProcessor) 
     try:
         for spec in model.config.encoders:
             name = spec["name"]
+            if names is not None and name not in names:
+                continue
             affine = [m for m in model.connectors[name].modules() if isinstance(m, nn.Linear | nn.LayerNorm)]
             before = connector_rms(model, processor, name)
             if not affine or before == 0.0:

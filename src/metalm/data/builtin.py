@@ -16,7 +16,8 @@ name                   record kind        source
 =====================  =================  ===============================================
 
 The two speech data sets are generated once into the metalm cache by ``metalm data speech``
-(``metalm.data.speech``); loading them before that raises an error saying so.
+(``metalm.data.speech``); loading them before that raises an error saying so. ``speech_easy_vqa`` with
+``kind="audio_text"`` gives each of its clips once, with the question as the transcript.
 
 Splits are fixed and independent of the Python hash seed: a record's *split key* (its image or
 document id, e.g. ``easy_vqa/train/17``) goes to bucket ``int(sha1(key).hexdigest(), 16) % 100``
@@ -58,7 +59,7 @@ from metalm.data.records import (
     VQAExample,
     write_jsonl,
 )
-from metalm.data.speech import SPEECH_DATASETS, SPEECH_SIZES, load_speech
+from metalm.data.speech import SPEECH_DATASETS, SPEECH_SIZES, load_speech, spoken_questions
 from metalm.data.splits import SPLITS, check_split, split_bucket, split_of
 
 __all__ = [
@@ -240,6 +241,7 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("gcide_pos", "classification"): lambda s: list(gcide_pos(s)),
     ("speech_bbc", "audio_text"): lambda s: load_speech("speech_bbc", s),
     ("speech_easy_vqa", "vqa"): lambda s: load_speech("speech_easy_vqa", s),
+    ("speech_easy_vqa", "audio_text"): spoken_questions,
 }
 _SOURCE_OF = {
     "easy_vqa_captions": "easy_vqa",

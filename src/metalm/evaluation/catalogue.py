@@ -47,18 +47,20 @@ LayoutName = Literal["vqa", "caption", "classification"]
 
 
 class _BuiltinRecords(BaseModel):
-    """Records of one built-in data set. ``id_prefix``: a record without an id becomes
-    ``<id_prefix>/<split>/<index>`` (None: its id is kept, None included)."""
+    """Records of one built-in data set (``kind``: another record kind of it, as a training stream's).
+    ``id_prefix``: a record without an id becomes ``<id_prefix>/<split>/<index>`` (None: its id is kept,
+    None included)."""
 
     model_config = _CONFIG
 
     dataset: str
+    kind: str | None = None
     id_prefix: str | None = None
 
     def _records(self, split: str) -> list[tuple[str | None, Any]]:
         from metalm.data.builtin import load_builtin
 
-        records = load_builtin(self.dataset, split)
+        records = load_builtin(self.dataset, split, kind=self.kind)
         if self.id_prefix is None:
             return [(r.id, r) for r in records]
         return [(r.id or f"{self.id_prefix}/{split}/{i}", r) for i, r in enumerate(records)]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from metalm.model.configuration_metalm import MetaLMConfig
+from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError, normalize_encoder_spec
 from metalm.model.connectors import build_connector
 from metalm.model.encoders import DockedEncoder, apply_trainable_layers
 from metalm.model.loading import check_model_folder
@@ -68,19 +68,39 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         if decoder is None:
             decoder = AutoModelForCausalLM.from_config(config.text_config)
         self.decoder = decoder
-        width = config.text_config.hidden_size
         encoder_backbones = encoder_backbones or {}
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
         for spec in config.encoders:
-            encoder = DockedEncoder(spec, encoder_backbones.get(spec["name"]))
-            self.encoders[spec["name"]] = encoder
-            self.connectors[spec["name"]] = build_connector(spec["connector"], encoder.hidden_size, width)
-        # Connectors are built here, so only they are initialised by post_init's hook below.
-        for connector in self.connectors.values():
-            connector.apply(self._init_weights)
+            self._dock(spec, encoder_backbones.get(spec["name"]))
         self.apply_freezing()
         self.post_init()
+
+    def _dock(self, spec: dict[str, Any], backbone: nn.Module | None) -> None:
+        """The encoder of `spec` (its backbone, or one built from the spec) and a freshly initialised
+        connector to the decoder's width."""
+        encoder = DockedEncoder(spec, backbone)
+        self.encoders[spec["name"]] = encoder
+        connector = build_connector(
+            spec["connector"], encoder.hidden_size, self.config.text_config.hidden_size
+        )
+        # Connectors are built here, so only they are initialised by the model's hook.
+        connector.apply(self._init_weights)
+        self.connectors[spec["name"]] = connector
+
+    def add_encoder(self, spec: dict[str, Any], backbone: nn.Module | None = None) -> None:
+        """Dock one more encoder on a built (e.g. loaded) model: `spec` joins the config, its backbone
+        (or one built from the spec) and a fresh connector join the model; nothing else changes. The
+        processor needs the encoder's preprocessor too (`metalm.recipe.dock_encoders` does both)."""
+        spec = normalize_encoder_spec(spec)
+        if spec["name"] in self.encoders:
+            raise MetaLMConfigError(f"the model already has an encoder named {spec['name']!r}")
+        self.config.encoders.append(spec)
+        self._dock(spec, backbone)
+        param = next(self.decoder.parameters())  # a loaded model may sit on a device, in another dtype
+        self.encoders[spec["name"]].to(param.device)
+        self.connectors[spec["name"]].to(param.device, param.dtype)
+        self.apply_freezing()
 
     # --- HF plumbing -------------------------------------------------------------------------------
     @classmethod

@@ -48,7 +48,8 @@ __all__ = [
 
 RECORD_KINDS = tuple(KINDS)
 SEMI_CAUSAL_KEYS = ("span_min", "span_max", "span_fraction")
-# What a saved model (`init_from`) fixes: a config that starts from one cannot set these.
+# What a saved model (`init_from`) fixes: a config that starts from one cannot set these (`encoders` there
+# lists encoders to add, so a base config's are not inherited either).
 INIT_FROM_FIXED = ("decoder", "tokenizer", "encoders")
 
 
@@ -118,7 +119,8 @@ def _one_of(names: tuple[str, ...]) -> str:
 class ModelConfig(_Section):
     """What to build (mirrors :class:`metalm.ModelRecipe`). ``decoder``: an HF config dict with
     ``model_type`` (trained from scratch) or a local folder. With ``init_from`` set at the top level,
-    leave ``decoder``/``tokenizer``/``encoders`` out; ``semi_causal``, ``decoder_trainable`` and
+    leave ``decoder``/``tokenizer`` out; ``encoders`` then lists encoders the saved model lacks, docked
+    with fresh connectors (the saved ones are kept as they are); ``semi_causal``, ``decoder_trainable`` and
     ``trainable_layers`` (encoder name → how many top layers train, e.g. ``{text: 2}``) then override the
     saved model's settings. ``decoder_trainable: null`` = True for a new model, the saved value for
     ``init_from``. ``lora``: train LoRA adapters on a frozen decoder (see :class:`LoraSettings`)."""
@@ -200,10 +202,7 @@ class ModelConfig(_Section):
         for key in ("decoder", "tokenizer"):
             if getattr(self, key) is not None:
                 raise FieldProblem("cannot be set together with init_from (the saved model's is used)", key)
-        if self.encoders is not None:
-            raise FieldProblem(
-                "cannot be set together with init_from (the saved model's are used); leave it out", "encoders"
-            )
+        # With init_from, `encoders` lists encoders to add to the saved model's (metalm.training.init_from).
 
     def to_recipe(self) -> ModelRecipe:
         if self.decoder is None:

@@ -89,43 +89,11 @@ def _load_or_build(config: TrainConfig, resume: Path | None) -> TrainingModel:
 
 
 def _from_init(config: TrainConfig) -> TrainingModel:
-    """`init_from`: a saved MetaLM, with the run's semi-causal, decoder and encoder-layer overrides."""
-    from metalm.data.processor import MetaLMProcessor
-    from metalm.model.modeling_metalm import MetaLMForCausalLM
+    """`init_from`: a saved MetaLM with the run's overrides and any encoders it lacks docked
+    (metalm.training.init_from)."""
+    from metalm.training.init_from import load_init_from
 
-    if not (Path(config.init_from) / "config.json").is_file():
-        from metalm.training.paths import relative_path_hint
-
-        raise ConfigError(
-            f"{config.source or '<config>'}: init_from: {config.init_from!r} is not a saved MetaLM folder "
-            "(no config.json); train the model it names first, or point init_from elsewhere"
-            + relative_path_hint(config.init_from, config.source)
-        )
-    model = MetaLMForCausalLM.from_pretrained(
-        config.init_from, attn_implementation=config.model.attn_implementation
-    )
-    if config.model.semi_causal:
-        model.config.semi_causal = {**model.config.semi_causal, **config.model.semi_causal}
-    if config.model.decoder_trainable is not None:
-        model.config.decoder_trainable = config.model.decoder_trainable
-    _override_trainable_layers(model, config)
-    model.apply_freezing()
-    processor = MetaLMProcessor.from_pretrained(config.init_from, config=model.config)
-    logger.info("init_from %s: %s", config.init_from, describe_model(model))
-    return TrainingModel(model, processor)
-
-
-def _override_trainable_layers(model: torch.nn.Module, config: TrainConfig) -> None:
-    """`model.trainable_layers` ({encoder name: N}) replaces the saved model's per-encoder setting (a
-    model pre-trained with frozen encoders can be finetuned with their top layers training)."""
-    specs = {spec["name"]: spec for spec in model.config.encoders}
-    for name, layers in (config.model.trainable_layers or {}).items():
-        if name not in specs:
-            raise ConfigError(
-                f"{config.source or '<config>'}: model.trainable_layers.{name}: the model in "
-                f"init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
-            )
-        specs[name]["trainable_layers"] = layers
+    return TrainingModel(*load_init_from(config))
 
 
 def _add_lora(model: torch.nn.Module, config: TrainConfig, lora: Any, *, sharded: bool) -> Any:
