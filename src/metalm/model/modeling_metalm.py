@@ -73,20 +73,21 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         self.connectors = nn.ModuleDict()
         for spec in config.encoders:
             self._dock(spec, encoder_backbones.get(spec["name"]))
+        # Connectors are built here, so only they are initialised by the model's hook; after every
+        # encoder is built, so that a seed gives the same weights whatever the number of encoders.
+        for connector in self.connectors.values():
+            connector.apply(self._init_weights)
         self.apply_freezing()
         self.post_init()
 
     def _dock(self, spec: dict[str, Any], backbone: nn.Module | None) -> None:
-        """The encoder of `spec` (its backbone, or one built from the spec) and a freshly initialised
-        connector to the decoder's width."""
+        """The encoder of `spec` (its backbone, or one built from the spec) and a connector to the
+        decoder's width (initialised by the caller)."""
         encoder = DockedEncoder(spec, backbone)
         self.encoders[spec["name"]] = encoder
-        connector = build_connector(
+        self.connectors[spec["name"]] = build_connector(
             spec["connector"], encoder.hidden_size, self.config.text_config.hidden_size
         )
-        # Connectors are built here, so only they are initialised by the model's hook.
-        connector.apply(self._init_weights)
-        self.connectors[spec["name"]] = connector
 
     def add_encoder(self, spec: dict[str, Any], backbone: nn.Module | None = None) -> None:
         """Dock one more encoder on a built (e.g. loaded) model: `spec` joins the config, its backbone
@@ -97,6 +98,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             raise MetaLMConfigError(f"the model already has an encoder named {spec['name']!r}")
         self.config.encoders.append(spec)
         self._dock(spec, backbone)
+        self.connectors[spec["name"]].apply(self._init_weights)
         param = next(self.decoder.parameters())  # a loaded model may sit on a device, in another dtype
         self.encoders[spec["name"]].to(param.device)
         self.connectors[spec["name"]].to(param.device, param.dtype)
