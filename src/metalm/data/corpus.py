@@ -29,7 +29,6 @@ the sizes and licences.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
@@ -37,8 +36,10 @@ from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
+from metalm.data.gcide import _BRACES, GCIDE_DICT, clean_gcide_entry, gcide_entries
 from metalm.data.records import TextDocument, read_jsonl, write_jsonl
-from metalm.data.splits import SPLITS, split_of
+from metalm.data.splits import CORPUS_SPLIT, SPLITS, split_of
+from metalm.data.text_files import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,8 @@ __all__ = [
 
 VERSION = "v1"
 # Percent of documents (by split-key bucket) for train and validation; the rest is test.
-CORPUS_SPLIT = (96, 2)
 LINUX_DOC = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 PYTHON_DOC = Path("/usr/share/doc/python3.11/html/_sources")
-GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")
 FOLDOC_DICT = Path("/usr/share/dictd/foldoc.dict.dz")
 PERL_POD = Path("/usr/share/perl/5.36.0/pod")
 POSTGRES_DOC = Path("/usr/share/doc/postgresql-doc-15/html")
@@ -160,13 +159,6 @@ def clean_rst(source: str) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
-def read_text_file(path: Path) -> str:
-    """A text file of a package, gzip (``.gz``) or dictzip (``.dz``) compressed or not; bad bytes replaced."""
-    # dictzip (.dz) is gzip with an index in its header: gzip reads it.
-    raw = gzip.decompress(path.read_bytes()) if path.suffix in (".gz", ".dz") else path.read_bytes()
-    return raw.decode("utf-8", errors="replace")
-
-
 def rst_documents(root: Path, pattern: str, skip: tuple[str, ...], source: str) -> Iterator[TextDocument]:
     """Cleaned pages under ``root`` (files matching ``pattern``, top-level folders in ``skip`` left out),
     in path order, ids ``<source>/<relative path>``."""
@@ -181,39 +173,6 @@ def rst_documents(root: Path, pattern: str, skip: tuple[str, ...], source: str) 
 
 # --------------------------------------------------------------------------------------------
 # GCIDE (the 1913 Webster plus later additions, in dictd's text format)
-
-_PRONUNCIATION = re.compile(r"\\[^\\\n]*\\\s*(\([^)\n]*\)\s*)?")  # \Ab"a*ca\ ([a^]b"[.a]*k[.a])
-_SOURCE_TAG = re.compile(
-    r"\[(?:1913 Webster|Webster 1913[^\]]*|PJC|WordNet[^\]]*|[A-Z]{2,4}|Century[^\]]*)\]"
-)
-_ACCENT = re.compile(r"\[([=.^`'\"~]?)([a-zA-Z]{1,2})([=.^`'\"~]?)\]")  # [=a] [a^] [ae] -> a, a, ae
-_BRACES = re.compile(r"[{}]")
-
-
-def gcide_entries(text: str) -> Iterator[tuple[str, str]]:
-    """(headword, raw entry) of each entry in dictd text: an entry starts at an unindented line; the
-    database's own header entries (``00-database-...``) are skipped."""
-    head, lines = None, []
-    for line in text.splitlines():
-        if line and not line[0].isspace():
-            if head is not None and not head.startswith("00"):
-                yield head, "\n".join(lines)
-            head, lines = line.split(" \\", 1)[0].split(",", 1)[0].strip(), [line]
-        elif head is not None:
-            lines.append(line)
-    if head is not None and not head.startswith("00"):
-        yield head, "\n".join(lines)
-
-
-def clean_gcide_entry(entry: str) -> str:
-    """One entry as plain text: pronunciations, source tags and cross-reference braces removed, accented
-    letters written plainly, lines re-flowed into paragraphs."""
-    text = _PRONUNCIATION.sub("", entry, count=1)
-    text = _SOURCE_TAG.sub("", text)
-    text = _ACCENT.sub(r"\2", text)
-    text = _BRACES.sub("", text)
-    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-    return "\n".join(p for p in paragraphs if p)
 
 
 def gcide_documents(path: Path = GCIDE_DICT) -> Iterator[TextDocument]:

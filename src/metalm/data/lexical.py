@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from metalm.data.gcide import GCIDE_DICT, clean_gcide_entry, gcide_entries
 from metalm.data.records import Classification, TextDocument
-from metalm.data.splits import split_of
+from metalm.data.splits import CORPUS_SPLIT, split_of
+from metalm.data.text_files import read_text_file
 
 __all__ = [
     "GCIDE_POS",
@@ -132,8 +134,6 @@ def balanced(records: list[Classification]) -> list[Classification]:
 def wordnet_category(split: str, folder: Path = WORDNET_DIR) -> list[Classification]:
     """WordNet noun gloss -> lexicographer file (``noun.`` dropped) among the ``WORDNET_CATEGORIES_N``
     largest, balanced, in file order; ids ``wordnet/noun/<offset>``."""
-    from metalm.data.corpus import CORPUS_SPLIT
-
     sizes: dict[str, int] = {}
     for s in wordnet_synsets("noun", folder):
         sizes[s.lexname] = sizes.get(s.lexname, 0) + 1
@@ -159,8 +159,6 @@ def gcide_definitions(text: str) -> Iterator[tuple[str, str, str]]:
     """(headword lower-cased, part of speech, first definition) of every GCIDE entry whose part of speech
     is a plain noun, verb, adjective or adverb; the definition loses its etymology, usage labels and any
     later senses, and is cut to ``DEFINITION_WORDS`` words."""
-    from metalm.data.corpus import clean_gcide_entry, gcide_entries
-
     for head, entry in gcide_entries(text):
         cleaned = " ".join(clean_gcide_entry(entry).split())
         found = _POS_HEAD.match(cleaned)
@@ -180,16 +178,12 @@ def gcide_definitions(text: str) -> Iterator[tuple[str, str, str]]:
 
 @lru_cache(maxsize=2)
 def _gcide_definitions_of(path: Path) -> tuple[tuple[str, str, str], ...]:
-    from metalm.data.corpus import read_text_file
-
     return tuple(gcide_definitions(read_text_file(path)))
 
 
 def gcide_pos(split: str, path: Path | None = None) -> list[Classification]:
     """GCIDE definition -> part of speech (noun, verb, adjective, adverb), balanced, in dictionary order;
     ids ``gcide/<headword>/<n>``. Definitions that name their headword are left out (they give it away)."""
-    from metalm.data.corpus import CORPUS_SPLIT, GCIDE_DICT
-
     out: list[Classification] = []
     seen: dict[str, int] = {}
     for head, pos, definition in _gcide_definitions_of(path or GCIDE_DICT):
