@@ -119,9 +119,16 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
 
 def evaluate_variant(name: str, runs: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A preset's ablation (`configs/ablations/<name>.yaml`), trained unless it exists; in-context rows."""
+    import yaml
+
     config = CONFIGS / "ablations" / f"{name}.yaml"
+    preset = Path(yaml.safe_load(config.read_text())["extends"]).stem  # the preset it varies
     model, processor = load_model(train_once(config, runs / name))
-    res = {"config": f"configs/ablations/{name}.yaml", **in_context_results(model, processor, out, args)}
+    res = {
+        "config": f"configs/ablations/{name}.yaml",
+        "preset": preset,
+        **in_context_results(model, processor, out, args),
+    }
     if model.config.encoders_of_kind("text"):
         res["reads_encoder"] = reads_encoder(out / "reads-encoder.json", model, processor, args)
     return res

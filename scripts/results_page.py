@@ -210,7 +210,9 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
         "| reads the encoder: gap closed |",
         "|---|---|---|---|---|---|---:|",
     ]
-    for name, entry in {**{n: results[n] for n in ("gemma-vl",) if n in results}, **variants}.items():
+    presets = {v["preset"]: {**results[v["preset"]], "config": f"configs/{v['preset']}.yaml"}
+               for v in variants.values() if v["preset"] in results}  # fmt: skip
+    for name, entry in {**presets, **variants}.items():
         vqa = entry["easyvqa"]
         cells = []
         for t in QUESTION_TYPES:
@@ -218,7 +220,7 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
             cells.append("—" if a is None or b is None else f"{a:.1f} → {b:.1f}")
         shape = (entry.get("fastbind") or {}).get("fastbind-shape-2way", {})
         bind = " / ".join(_pm(shape[k]["mean"]["accuracy"]) if k in shape else "—" for k in ("1", "4"))
-        config = entry.get("config", "configs/gemma-vl.yaml")
+        config = entry["config"]
         probe = entry.get("reads_encoder")
         gap = gap_closed(probe["loss"]) if probe else None
         reads = "—" if gap is None else f"{gap:.2f}"
