@@ -12,24 +12,14 @@ import threading
 
 import openai
 import pytest
-from PIL import Image
 
-from metalm.serving.engine import Engine
-from metalm.serving.request_types import ChatMessage, SamplingParams
+from metalm.serving.request_types import SamplingParams
 from metalm.serving.server import ServerSettings, create_app
-from metalm.serving.vllm_process import VLLMSettings, find_vllm_python
 from tests.conftest import TINY_LLAMA, build_tiny
 from tests.test_serving import TEST_SETTINGS, LiveServer, png_data_url
+from tests.vllm_pair import NEEDS_VLLM, QUESTIONS, engine_pair, image_requests
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        find_vllm_python() is None,
-        reason="no vLLM environment: `make vllm` (creates .venv-vllm) or set METALM_VLLM_PYTHON",
-    ),
-]
-
-QUESTIONS = ["what colour is the circle", "how many shapes are there", "describe the picture", "is it red"]
+pytestmark = [pytest.mark.slow, NEEDS_VLLM]
 VLLM_DECODER = {**TINY_LLAMA, "num_attention_heads": 2, "num_key_value_heads": 1}  # head size 32
 
 
@@ -37,27 +27,14 @@ VLLM_DECODER = {**TINY_LLAMA, "num_attention_heads": 2, "num_key_value_heads": 1
 def engines(tmp_path_factory):
     """(metalm's own engine, the vLLM engine) on one tiny model."""
     model, processor = build_tiny(seed=1, decoder=VLLM_DECODER)
-    own = Engine(model, processor, device="cpu", name="tiny")
-    settings = VLLMSettings(threads=1, cache_dir=str(tmp_path_factory.mktemp("vllm_cache")))
-    vllm = Engine(model, processor, device="cpu", name="tiny", vllm=settings, max_batch_size=8)
-    yield own, vllm
-    vllm.close()
-    own.close()
-
-
-def _requests(count: int) -> list[list[ChatMessage]]:
-    out = []
-    for i in range(count):
-        images = [Image.new("RGB", (32, 32), ((41 * i) % 256, 90, 200))] if i % 4 != 3 else []
-        out.append([ChatMessage("user", QUESTIONS[i % len(QUESTIONS)] + f" {i}", images)])
-    return out
+    yield from engine_pair(model, processor, "tiny", tmp_path_factory)
 
 
 def test_greedy_answers_equal_metalm_engine_token_for_token(engines):
     """24 requests, 18 with an image, sent together."""
     own, vllm = engines
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
-    prompts = [own.prepare(own.chat_parts(messages)) for messages in _requests(24)]
+    prompts = [own.prepare(own.chat_parts(messages)) for messages in image_requests(24)]
     expected = [own.generate(p, params).completions[0] for p in prompts]
     jobs = [vllm.submit(p, params) for p in prompts]  # all at once: vLLM batches them
     got = [job.result(timeout=600).completions[0] for job in jobs]
@@ -68,7 +45,7 @@ def test_greedy_answers_equal_metalm_engine_token_for_token(engines):
 
 def test_stop_strings_and_choices_are_metalm_rows(engines):
     own, vllm = engines
-    prompt = own.prepare(own.chat_parts(_requests(1)[0]))
+    prompt = own.prepare(own.chat_parts(image_requests(1)[0]))
     full = own.generate(prompt, SamplingParams(max_new_tokens=16, temperature=0.0)).completions[0].text
     stop = full.split()[2]
     params = SamplingParams(max_new_tokens=16, temperature=0.0, stop=[stop], n=2)
@@ -80,7 +57,7 @@ def test_stop_strings_and_choices_are_metalm_rows(engines):
 
 def test_streaming_yields_the_answer_piece_by_piece(engines):
     own, vllm = engines
-    prompt = own.prepare(own.chat_parts(_requests(2)[1]))
+    prompt = own.prepare(own.chat_parts(image_requests(2)[1]))
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
     events = list(vllm.stream(prompt, params))
     pieces = [e.text for e in events if e.text]
@@ -91,7 +68,7 @@ def test_streaming_yields_the_answer_piece_by_piece(engines):
 
 def test_cancellation_ends_the_answer_and_frees_vllm(engines):
     own, vllm = engines
-    prompt = own.prepare(own.chat_parts(_requests(3)[2]))
+    prompt = own.prepare(own.chat_parts(image_requests(3)[2]))
     job = vllm.submit(prompt, SamplingParams(max_new_tokens=200, temperature=0.0))
     for event in job.events(timeout=600):
         if event.text:

