@@ -66,6 +66,10 @@ class EncoderRecipe:
     trainable_layers: StrictInt | None = None
     image_size: StrictInt = 224
     max_length: StrictInt | None = None
+    # Before training, fit the (linear) connector by least squares on this many tokens of the run's text
+    # documents, so that each slot starts at the decoder's embedding of the word under it (text encoders
+    # on a pretrained decoder; metalm.training.connector_alignment). None: the scale-matched random init.
+    align_tokens: StrictInt | None = None
 
 
 @dataclass

@@ -160,6 +160,12 @@ class Modality:
         file, "data URL", a shard row), for kinds whose parts carry one. By default `part(value, encoder)`."""
         return self.part(value, encoder)
 
+    def alignment_part(self, processor: Processor, name: str, text: str) -> tuple[Any, list[int]] | None:
+        """A part of this kind for encoder `name` that carries `text`, and for each slot it fills the decoder
+        token that slot should read as (connector alignment, `align_tokens`). None: this kind does not
+        carry text, so its connector cannot be aligned to the decoder's word embeddings."""
+        return None
+
     def describe_part(self, part: Any, max_chars: int = 80) -> str:
         """A short one-line rendering of a part this kind reads (for logs and evaluation reports)."""
         return f"<{self.kind}>"

@@ -169,6 +169,33 @@ class TextModality(Modality):
         limit = limit if max_tokens is None else min(limit, max_tokens)
         return 0 < len(self.encoder_ids(processor, name, text)) <= limit
 
+    def alignment_part(self, processor: Processor, name: str, text: str) -> tuple[Encode, list[int]] | None:
+        """`text` (cut to the span limit) as an `Encode` part, and for each of its encoder tokens the decoder
+        token whose characters hold that token's first character: a word split into more pieces on one
+        side maps its pieces onto the other side's piece under them. Both tokenizers must be fast ones
+        (character offsets)."""
+        encoder_tok, decoder_tok = processor.preprocessors[name], processor.tokenizer
+        if not (getattr(encoder_tok, "is_fast", False) and getattr(decoder_tok, "is_fast", False)):
+            raise ValueError(
+                f"aligning encoder {name!r}'s connector needs fast tokenizers (character offsets)"
+            )
+        limit = span_limit(processor.config.encoder_spec(name))
+        enc = encoder_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"][:limit]
+        if not offsets:
+            return None
+        text = text[: offsets[-1][1]]
+        dec = decoder_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        dec_ids, dec_offsets = dec["input_ids"], dec["offset_mapping"]
+        if not dec_ids:
+            return None
+        targets, j = [], 0
+        for start, _ in offsets:
+            while j + 1 < len(dec_offsets) and dec_offsets[j][1] <= start:
+                j += 1
+            targets.append(dec_ids[j])
+        return Encode(text, encoder=name), targets
+
     # --- the tokenizer ---------------------------------------------------------------------------------
     def default_preprocessor(self, spec: dict[str, Any]) -> Any:
         raise ValueError("has no tokenizer")

@@ -99,6 +99,27 @@ class ResamplerConnector(nn.Module):
         return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
 
 
+@torch.no_grad()
+def fit_linear_connector(
+    connector: nn.Module, features: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2
+) -> float:
+    """Set a linear connector to the ridge least-squares map from `features` [N, in] to `targets` [N, out]
+    (solved in float64); returns the fit's R^2 on those rows. Other connector types raise ValueError."""
+    if not isinstance(connector, LinearConnector):
+        raise ValueError(
+            f"only a linear connector can be fitted by least squares, not {type(connector).__name__}"
+        )
+    x = torch.cat([features.double(), features.new_ones(len(features), 1).double()], dim=1)
+    y = targets.double()
+    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    solution = torch.linalg.solve(gram, x.T @ y)
+    proj = connector.proj
+    proj.weight.copy_(solution[:-1].T.to(proj.weight.dtype))
+    proj.bias.copy_(solution[-1].to(proj.bias.dtype))
+    residual = (x @ solution - y).pow(2).sum()
+    return float(1 - residual / (y - y.mean(0)).pow(2).sum())
+
+
 # Connector type -> builder(spec, in_dim, out_dim); its keys are the types an encoder spec may name.
 CONNECTORS = {
     "linear": lambda spec, in_dim, out_dim: LinearConnector(in_dim, out_dim),

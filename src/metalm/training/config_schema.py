@@ -169,6 +169,8 @@ class ModelConfig(_Section):
                 raise FieldProblem(f"expected {_one_of(CONNECTOR_TYPES)}, got {connector!r}", i, "connector")
             if enc.trainable_layers is not None and enc.trainable_layers < 0:
                 raise FieldProblem("must be >= 0 (or null for all layers)", i, "trainable_layers")
+            if enc.align_tokens is not None and enc.align_tokens < 1:
+                raise FieldProblem("must be >= 1 (or null: no alignment)", i, "align_tokens")
             if enc.image_size <= 0:
                 raise FieldProblem(f"must be > 0, got {enc.image_size}", i, "image_size")
         return encoders

@@ -46,6 +46,7 @@ from metalm.training.checkpoint import (
     verify_checkpoint,
 )
 from metalm.training.config import ConfigError, TrainConfig
+from metalm.training.connector_alignment import align_connectors
 from metalm.training.metrics import METRIC_COLUMNS, LogWindow, MetricsLog, plot_loss_curve, reduce_step
 from metalm.training.model_setup import build_model_for_training, check_packing, describe_model
 from metalm.training.optimizer import build_optimizer, build_scheduler
@@ -137,6 +138,8 @@ class Trainer:
         model = self._build_model(resume)
         check_packing(self.config, model, fsdp=self.fsdp)
         self._build_data(SkipReport())
+        if resume is None:  # an initialisation: a resumed run has its trained connectors already
+            align_connectors(model, self.processor, self.config, self.train_data.streams)
         self._prepare_model_and_optimizer(model)
         self.feature_cache = FeatureCacheMonitor.attach(
             run.feature_cache, self._unwrapped(), self.processor, sharded=self.fsdp or self.deepspeed
