@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from metalm.data.records import TextDocument
-from metalm.model.connectors import LinearConnector, MLPConnector, fit_linear_connector
 from metalm.modalities import get_modality
+from metalm.model.connectors import LinearConnector, MLPConnector, fit_linear_connector
 from metalm.training.config import ConfigError, config_from_dict
 from metalm.training.connector_alignment import align_connectors, alignment_texts
 from tests.conftest import TINY_MODEL
