@@ -52,6 +52,9 @@ FASTBIND_TASKS = (
     "fastbind-color-2way",
     "fastbind-color-5way",
 )
+# The same episodes with each image given as its caption text: the decoder's own binding, perception taken
+# out; every model is scored on them, and `--binding-models` scores only these (gemma-bare: the ceiling).
+TEXT_BINDING_TASKS = ("fastbind-shape-2way-text", "fastbind-shape-2way-text-real")
 logger = logging.getLogger("interface_results")
 
 
@@ -108,12 +111,21 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
         }
         for k in VQA_SHOTS
     }
+    res["fastbind"] = binding_results(model, processor, out, args)
+    return res
+
+
+def binding_results(model, processor, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Fast binding: the image tasks for a model that sees images, the caption-text twins for every model."""
+    kw = {"limit": args.fastbind_limit, "batch_size": args.batch_size, "progress": True}
+    res = cached_eval(
+        out / "fastbind-text", model, processor, list(TEXT_BINDING_TASKS), FASTBIND_SHOTS, args.seeds, **kw
+    )["results"]
     if any(s["kind"] == "vision" for s in model.config.encoders):
-        binding = cached_eval(
-            out / "fastbind", model, processor, list(FASTBIND_TASKS), FASTBIND_SHOTS, args.seeds,
-            **{**kw, "limit": args.fastbind_limit},
-        )  # fmt: skip
-        res["fastbind"] = binding["results"]
+        images = cached_eval(
+            out / "fastbind", model, processor, list(FASTBIND_TASKS), FASTBIND_SHOTS, args.seeds, **kw
+        )
+        res = {**images["results"], **res}
     return res
 
 
@@ -262,6 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--variants", nargs="*", default=[], help="ablations to add (configs/ablations/<name>.yaml)"
     )
+    p.add_argument(
+        "--binding-models",
+        nargs="*",
+        default=[],
+        choices=MODELS,
+        help="models scored on the caption-text fast-binding twins only (e.g. gemma-bare: the decoder's ceiling)",
+    )
     p.add_argument("--page", type=Path, default=PAGE)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -276,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     variants = {name: evaluate_variant(name, args.runs, args.out / name, args) for name in args.variants}
-    args.page.write_text(write_page(results, args, time.time() - start, variants))
+    binding = {}
+    for name in args.binding_models:
+        model, processor = load_model(model_dir(name, args.runs))
+        binding[name] = {"fastbind": binding_results(model, processor, args.out / name, args)}
+    args.page.write_text(write_page(results, args, time.time() - start, variants, binding))
     if "quickstart" in results:
         append_quickstart_run(args.page, args.runs / "quickstart")
     print(f"wrote {args.page}")

@@ -222,6 +222,22 @@ def test_fast_binding_is_unsolvable_without_demonstrations(tiny):
     assert by_k["0"]["mean"]["accuracy"] == 0.0 and by_k["1"]["n"] == 4
 
 
+def test_fast_binding_text_twin_gives_each_image_as_its_caption():
+    from metalm.data.builtin import load_builtin
+
+    task, twin = builtin_task("fastbind-shape-2way"), builtin_task("fastbind-shape-2way-text")
+    images, texts = task.load("test")[:20], twin.load("test")[:20]
+    captions = {r.image: r.text for r in load_builtin("easy_vqa_captions", "test")}
+    for image, text in zip(images, texts):
+        assert text.image is None and text.answers == image.answers
+        assert text.fields["question"] == f"{captions[image.image]} {image.fields['question']}"
+        assert image.answers[0] in text.fields["question"]  # perception given: only the name is unknown
+    pool = twin.load("train")
+    demos, asked = twin.episodes(texts[0], pool, 2, 0, 0)
+    assert len(demos) == 4 and all(d.image is None for d in demos)
+    assert {d.answers[0] for d in demos} <= set(HELD_OUT_WORDS) and asked.answers[0] in HELD_OUT_WORDS
+
+
 def test_interleaved_documents_refer_back_across_images():
     from metalm.data.builtin import load_builtin
     from metalm.data.records import ImagePart, TextPart

@@ -120,11 +120,12 @@ class FastbindReader(BaseModel):
 
     reader: Literal["fastbind"]
     attribute: Literal["shape", "color"]
+    as_text: bool = False  # each image replaced by its caption (the decoder's own binding, no perception)
 
     def examples(self, split: str, options: tuple[str, ...] | None) -> list[Example]:
         from metalm.evaluation.fastbind import labelled_images
 
-        return labelled_images(split, self.attribute)
+        return labelled_images(split, self.attribute, as_text=self.as_text)
 
 
 Reader = Annotated[

@@ -35,8 +35,13 @@ QUESTIONS = {"shape": "what shape is in the image?", "color": "what color is the
 _CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
 
 
-def labelled_images(split: str, attribute: str) -> list[Example]:
-    """Every easy-VQA image of `split` with its `attribute` (from its caption ``a {color} {shape}.``)."""
+def labelled_images(split: str, attribute: str, *, as_text: bool = False) -> list[Example]:
+    """Every easy-VQA image of `split` with its `attribute` (from its caption ``a {color} {shape}.``).
+
+    ``as_text``: the image is replaced by its caption, written before the question ("a blue circle. what
+    shape is in the image?"): the same episodes with perfect perception, so what is left to measure is
+    whether the language model binds made-up names in context at all (the `-text` tasks; for a decoder
+    alone, its ceiling on the image tasks)."""
     from metalm.data.builtin import load_builtin
 
     out = []
@@ -45,12 +50,13 @@ def labelled_images(split: str, attribute: str) -> list[Example]:
         if match is None:
             continue
         value = match.group(1) if attribute == "color" else match.group(2)
+        question = f"{rec.text} {QUESTIONS[attribute]}" if as_text else QUESTIONS[attribute]
         out.append(
             Example(
                 id=rec.id or f"fastbind/{split}/{i}",
-                fields={"question": QUESTIONS[attribute]},
+                fields={"question": question},
                 answers=(value,),
-                image=rec.image,
+                image=None if as_text else rec.image,
             )
         )
     return out
@@ -72,7 +78,7 @@ def make_episode(
         replace(ex, answers=(names[c],))
         for c in classes
         for ex in rng.sample(by_class[c], k)
-        if ex.image != query.image
+        if ex.id != query.id
     ]
     rng.shuffle(demos)
     return demos, replace(query, answers=(names[own],))
