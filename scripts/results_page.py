@@ -345,6 +345,11 @@ def _text_sections(results: dict[str, Any], args: argparse.Namespace) -> list[st
         "",
         *_reads_rows(results),
         "",
+        "gemma-vl's text connector starts aligned to Gemma's word embeddings (`align_tokens`: fitted by least "
+        'squares before the first step, docs/training.md "Aligning a text connector"); the preset trained from '
+        "a random connector before that change is measured in this page's git history (its last version without `align_tokens`). The "
+        "quickstart's decoder is trained from scratch, so there are no pretrained word embeddings to align to.",
+        "",
     ]
 
 
