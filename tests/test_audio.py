@@ -88,6 +88,53 @@ def built():
     return build_metalm(_recipe())
 
 
+def test_whisper_splits_below_its_trainable_layers_and_the_cache_serves_the_split(tmp_path):
+    """trainable_layers 1 of 2: the convolutions and the first layer are the cached lower part; the split
+    equals the whole encoder, and the cached loss and gradients equal the uncached ones."""
+    from metalm import Target
+    from metalm.model.feature_cache import FeatureCache
+
+    recipe = _recipe(frame_stack=3)
+    recipe.encoders[0].trainable_layers = 1
+    torch.manual_seed(0)
+    model, processor = build_metalm(recipe)
+    speech = model.encoders["speech"]
+    assert (
+        speech.lower_modules() is not None and len(speech.lower_modules()) == 4
+    )  # conv1, conv2, pos, layer 0
+    prompts = [
+        [AudioInput(tone(300, 0.6)), "pitch:", Target("low")],
+        [AudioInput(tone(900, 1.1)), Target("hi")],
+    ]
+    batch = processor(prompts, padding_side="right")
+    payload = batch["encoder_inputs"]["speech"]
+    model.eval()
+    with torch.no_grad():
+        split, mask = speech(payload)
+        whole, whole_mask = speech.modality.encode(speech.backbone, speech.spec, payload)
+    assert torch.equal(mask, whole_mask)
+    torch.testing.assert_close(split[mask], whole[mask])
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return float(loss.detach()), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    model.train()
+    loss, grads = loss_and_grads()
+    assert any(n.startswith("encoders.speech.backbone.whisper.layers.1.") for n in grads)
+    assert not any(n.startswith("encoders.speech.backbone.whisper.layers.0.") for n in grads)
+    FeatureCache(tmp_path).attach(model)
+    for _ in range(2):  # computed and stored, then served
+        cached_loss, cached_grads = loss_and_grads()
+        assert cached_loss == pytest.approx(loss, abs=1e-6) and cached_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(cached_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_audio_is_a_registered_kind():
     assert "audio" in encoder_kinds()
     assert get_modality("audio").part_types == (AudioInput,)

@@ -122,6 +122,44 @@ class AudioModality(Modality):
         features = payload["input_features"].to(next(backbone.parameters()).dtype)
         return backbone(features, payload["mel_lengths"])
 
+    # --- the frozen lower part: Whisper splits between its layers (`trainable_layers` below all) -------
+    def lower_modules(self, backbone: nn.Module, spec: dict[str, Any]) -> list[nn.Module] | None:
+        frozen = _frozen_layers(backbone, spec)
+        if frozen is None:
+            return super().lower_modules(backbone, spec)
+        w = backbone.whisper
+        return [w.conv1, w.conv2, w.embed_positions, *list(w.layers)[:frozen]]
+
+    def encode_lower(self, backbone: nn.Module, spec: dict[str, Any], payload: Payload) -> list[Payload]:
+        frozen = _frozen_layers(backbone, spec)
+        if frozen is None:
+            return super().encode_lower(backbone, spec, payload)
+        features = payload["input_features"].to(next(backbone.parameters()).dtype)
+        lengths = [int(n) for n in payload["mel_lengths"].tolist()]
+        states: list[Payload] = [{} for _ in lengths]
+        for rows, length in _rows_by_length(lengths):
+            hidden = backbone.lower_frames(features[rows, :, :length], frozen)
+            for i, row in zip(rows, hidden):
+                # Its own contiguous storage: a cached row is saved alone.
+                states[i] = {"hidden": row.clone(memory_format=torch.contiguous_format)}
+        return states
+
+    def encode_upper(
+        self, backbone: nn.Module, spec: dict[str, Any], states: list[Payload], payload: Payload
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        frozen = _frozen_layers(backbone, spec)
+        if frozen is None:
+            return super().encode_upper(backbone, spec, states, payload)
+        stacked = {}
+        for rows, _ in _rows_by_length([len(state["hidden"]) for state in states]):
+            hidden = torch.stack([states[i]["hidden"] for i in rows])
+            for i, row in zip(rows, backbone.stack(backbone.upper_frames(hidden, frozen))):
+                stacked[i] = row
+        rows = [stacked[i] for i in range(len(states))]
+        out = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        lengths = torch.tensor([len(row) for row in rows], device=out.device)
+        return out, torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
+
     def row_inputs(self, spec: dict[str, Any], payload: Payload) -> list[Payload]:
         # A clip's outputs depend on its real frames only (see WhisperAudioEncoder.forward).
         return [
@@ -232,6 +270,21 @@ class AudioModality(Modality):
     def filler(self, spec: dict[str, Any], preprocessor: Any) -> EncodedSegment:
         mels = spec["config"]["num_mel_bins"]
         return EncodedSegment(spec["name"], payload=torch.full((mels, 10), -1.5), loss=False)
+
+
+def _frozen_layers(backbone: nn.Module, spec: dict[str, Any]) -> int | None:
+    """How many of Whisper's layers stay frozen below trainable ones; None when the encoder does not split
+    (all of it trains, or none of it: `trainable_layers` 0 freezes the whole backbone, the default path)."""
+    trainable = spec.get("trainable_layers")
+    layers = len(backbone.layer_groups()) if hasattr(backbone, "layer_groups") else 0
+    if trainable is None or trainable == 0 or trainable >= layers:
+        return None
+    return layers - trainable
+
+
+def _rows_by_length(lengths: list[int]) -> list[tuple[list[int], int]]:
+    """Row indices grouped by length: clips of equal length run together, no padding is attended to."""
+    return [([i for i, n in enumerate(lengths) if n == length], length) for length in sorted(set(lengths))]
 
 
 def _split_recipe_config(recipe: EncoderRecipe) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -204,6 +204,11 @@ class WhisperAudioEncoder(nn.Module):
 
     def frames(self, mel: torch.Tensor) -> torch.Tensor:
         """[N, n_mels, T] log-mel features of equal real length → [N, ceil(T / 2), d] encoder outputs."""
+        return self.upper_frames(self.lower_frames(mel, 0, training=self.training), 0)
+
+    def lower_frames(self, mel: torch.Tensor, layers: int, *, training: bool = False) -> torch.Tensor:
+        """The convolutions, positions and the first `layers` transformer layers: [N, n_mels, T] of equal
+        real length → [N, ceil(T / 2), d] hidden states (the frozen part `trainable_layers` leaves)."""
         w = self.whisper
         limit = w.embed_positions.num_embeddings
         if self.num_frames(mel.shape[-1]) > limit:
@@ -211,10 +216,16 @@ class WhisperAudioEncoder(nn.Module):
         x = nn.functional.gelu(w.conv1(mel))
         x = nn.functional.gelu(w.conv2(x)).permute(0, 2, 1)
         x = x + w.embed_positions.weight[: x.shape[1]]
-        x = nn.functional.dropout(x, p=w.dropout, training=self.training)
-        for layer in w.layers:
+        x = nn.functional.dropout(x, p=w.dropout, training=training)
+        for layer in w.layers[:layers]:
             x = layer(x, None)
-        return w.layer_norm(x)
+        return x
+
+    def upper_frames(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """The transformer layers from `start` on and the final norm, on hidden states of equal length."""
+        for layer in self.whisper.layers[start:]:
+            hidden = layer(hidden, None)
+        return self.whisper.layer_norm(hidden)
 
     def stack(self, frames: torch.Tensor) -> torch.Tensor:
         """[N, T, d] → [N, ceil(T / k), k * d]: frames t*k .. t*k+k-1 concatenated (zeros past the end)."""
