@@ -228,9 +228,12 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
     return rows
 
 
-def _header(results: dict[str, Any], args: argparse.Namespace, seconds: float) -> list[str]:
+def _header(
+    results: dict[str, Any], args: argparse.Namespace, seconds: float, binding: dict[str, Any]
+) -> list[str]:
     seeds = ", ".join(map(str, args.seeds))
-    missing = [m for m in MODELS if m not in results]
+    missing = [m for m in MODELS if m not in results and m not in binding]
+    partly = [f"{m} (only the caption-text fast-binding tasks)" for m in binding if m not in results]
     return [
         "# Results: the language model as a general-purpose interface",
         "",
@@ -251,6 +254,7 @@ def _header(results: dict[str, Any], args: argparse.Namespace, seconds: float) -
             if missing
             else []
         ),  # fmt: skip
+        *([f"Evaluated in part: {', '.join(partly)}.", ""] if partly else []),
         "Models: **gemma-vl** = packaged MiniLM + EfficientNet-Lite0 docked onto the frozen packaged "
         "Gemma-3-270M (`configs/gemma-vl.yaml`); **quickstart** = the small MetaLM trained from scratch; "
         "**gpt-baseline** = the quickstart's decoder and data without encoders (it never sees images); "
@@ -410,7 +414,7 @@ def write_page(
     caption-text fast-binding tasks only), all this script's outputs."""
     return "\n".join(
         [
-            *_header(results, args, seconds),
+            *_header(results, args, seconds, binding or {}),
             *_perception_sections(results, args, binding or {}),
             *_text_sections(results, args),
             *_bar_sections(results, variants or {}),
