@@ -36,6 +36,7 @@ from metalm.model.whisper import (
     WhisperAudioEncoder,
     encoder_fields,
     load_packaged_whisper_encoder,
+    rows_by_length,
     whisper_encoder_config,
 )
 
@@ -137,7 +138,7 @@ class AudioModality(Modality):
         features = payload["input_features"].to(next(backbone.parameters()).dtype)
         lengths = [int(n) for n in payload["mel_lengths"].tolist()]
         states: list[Payload] = [{} for _ in lengths]
-        for rows, length in _rows_by_length(lengths):
+        for rows, length in rows_by_length(lengths):
             hidden = backbone.lower_frames(features[rows, :, :length], frozen)
             for i, row in zip(rows, hidden):
                 # Its own contiguous storage: a cached row is saved alone.
@@ -150,15 +151,15 @@ class AudioModality(Modality):
         frozen = _frozen_layers(backbone, spec)
         if frozen is None:
             return super().encode_upper(backbone, spec, states, payload)
-        stacked = {}
-        for rows, _ in _rows_by_length([len(state["hidden"]) for state in states]):
+        stacked: dict[int, torch.Tensor] = {}
+        for rows, _ in rows_by_length([len(state["hidden"]) for state in states]):
             hidden = torch.stack([states[i]["hidden"] for i in rows])
             for i, row in zip(rows, backbone.stack(backbone.upper_frames(hidden, frozen))):
                 stacked[i] = row
-        rows = [stacked[i] for i in range(len(states))]
-        out = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        lengths = torch.tensor([len(row) for row in rows], device=out.device)
-        return out, torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
+        # The stacked slot vectors, right-padded with their mask: the default upper part's padding.
+        return super().encode_upper(
+            backbone, spec, [{"features": stacked[i]} for i in range(len(states))], payload
+        )
 
     def row_inputs(self, spec: dict[str, Any], payload: Payload) -> list[Payload]:
         # A clip's outputs depend on its real frames only (see WhisperAudioEncoder.forward).
@@ -280,11 +281,6 @@ def _frozen_layers(backbone: nn.Module, spec: dict[str, Any]) -> int | None:
     if trainable is None or trainable == 0 or trainable >= layers:
         return None
     return layers - trainable
-
-
-def _rows_by_length(lengths: list[int]) -> list[tuple[list[int], int]]:
-    """Row indices grouped by length: clips of equal length run together, no padding is attended to."""
-    return [([i for i, n in enumerate(lengths) if n == length], length) for length in sorted(set(lengths))]
 
 
 def _split_recipe_config(recipe: EncoderRecipe) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -168,6 +168,12 @@ def encoder_fields(config) -> dict[str, Any]:
     return {key: getattr(config, key) if key != "model_type" else "whisper" for key in WHISPER_TINY_EN}
 
 
+def rows_by_length(lengths: list[int]) -> list[tuple[list[int], int]]:
+    """Row indices grouped by length, shortest first: clips of equal length run together, so no padding is
+    ever attended to."""
+    return [([i for i, n in enumerate(lengths) if n == length], length) for length in sorted(set(lengths))]
+
+
 class WhisperAudioEncoder(nn.Module):
     """transformers' `WhisperEncoder` run on the clip's real length, its output frames stacked `frame_stack`
     at a time.
@@ -246,8 +252,7 @@ class WhisperAudioEncoder(nn.Module):
         slots = [-(-self.num_frames(n) // self.frame_stack) for n in lengths]
         out = input_features.new_zeros(len(lengths), max(slots), self.hidden_size)
         mask = torch.zeros(len(lengths), max(slots), dtype=torch.bool, device=input_features.device)
-        for length in sorted(set(lengths)):
-            rows = [i for i, n in enumerate(lengths) if n == length]
+        for rows, length in rows_by_length(lengths):
             stacked = self.stack(self.frames(input_features[rows, :, :length]))
             out[rows, : stacked.shape[1]] = stacked.to(out.dtype)
             mask[rows, : stacked.shape[1]] = True
