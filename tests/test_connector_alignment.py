@@ -45,9 +45,8 @@ def test_each_encoder_token_reads_as_the_decoder_token_under_it(gemma):
     _, processor = gemma
     text = "The quick brown fox jumps over the lazy dog near the weather station."
     part, targets = get_modality("text").alignment_part(processor, "text", text)
-    pieces = processor.preprocessors["text"].convert_ids_to_tokens(
-        processor.preprocessors["text"](part.text, add_special_tokens=False)["input_ids"]
-    )
+    pieces = processor.preprocessors["text"].convert_ids_to_tokens(part.encoder_ids)
+    assert part.encoder_ids == processor.preprocessors["text"](text, add_special_tokens=False)["input_ids"]
     assert len(targets) == len(pieces) > 10
     for piece, target in zip(pieces, targets):
         decoded = processor.tokenizer.decode([target]).lower()
@@ -59,7 +58,8 @@ def test_a_long_text_is_cut_to_the_span_limit(gemma):
     part, targets = get_modality("text").alignment_part(processor, "text", "word " * 500)
     limit = processor.config.encoder_spec("text")["max_length"] - 2  # [CLS] and [SEP]
     assert len(targets) == limit
-    assert len(part.text.split()) == limit
+    assert len(part.encoder_ids) == limit
+    assert len(processor.tokenizer.decode(part.ids).split()) == limit  # the decoder side is cut there too
 
 
 def _config(**encoder_settings):

@@ -17,7 +17,7 @@ from metalm.serving.request_types import SamplingParams
 from metalm.serving.server import ServerSettings, create_app
 from tests.conftest import TINY_LLAMA, build_tiny
 from tests.test_serving import TEST_SETTINGS, LiveServer, png_data_url
-from tests.vllm_pair import NEEDS_VLLM, QUESTIONS, engine_pair, image_requests
+from tests.vllm_pair import NEEDS_VLLM, QUESTIONS, engine_pair, greedy_pairs, image_requests
 
 pytestmark = [pytest.mark.slow, NEEDS_VLLM]
 VLLM_DECODER = {**TINY_LLAMA, "num_attention_heads": 2, "num_key_value_heads": 1}  # head size 32
@@ -32,13 +32,7 @@ def engines(tmp_path_factory):
 
 def test_greedy_answers_equal_metalm_engine_token_for_token(engines):
     """24 requests, 18 with an image, sent together."""
-    own, vllm = engines
-    params = SamplingParams(max_new_tokens=24, temperature=0.0)
-    prompts = [own.prepare(own.chat_parts(messages)) for messages in image_requests(24)]
-    expected = [own.generate(p, params).completions[0] for p in prompts]
-    jobs = [vllm.submit(p, params) for p in prompts]  # all at once: vLLM batches them
-    got = [job.result(timeout=600).completions[0] for job in jobs]
-    for want, have in zip(expected, got):
+    for want, have in greedy_pairs(*engines, count=24, max_new_tokens=24, timeout=600):
         assert have.token_ids == want.token_ids
         assert (have.text, have.finish_reason) == (want.text, want.finish_reason)
 

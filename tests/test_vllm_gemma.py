@@ -14,8 +14,7 @@ import importlib.util
 import pytest
 import torch
 
-from metalm.serving.request_types import SamplingParams
-from tests.vllm_pair import NEEDS_VLLM, engine_pair, image_requests
+from tests.vllm_pair import NEEDS_VLLM, engine_pair, greedy_pairs
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,11 +38,6 @@ def engines(tmp_path_factory):
 
 def test_gemma_docked_greedy_answers_equal_metalm_engine(engines):
     """20 requests, 15 with an image, sent together."""
-    own, vllm = engines
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    prompts = [own.prepare(own.chat_parts(messages)) for messages in image_requests(20)]
-    expected = [own.generate(p, params).completions[0] for p in prompts]
-    jobs = [vllm.submit(p, params) for p in prompts]
-    got = [job.result(timeout=900).completions[0] for job in jobs]
+    expected, got = zip(*greedy_pairs(*engines, count=20, max_new_tokens=12, timeout=900))
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert [c.text for c in got] == [c.text for c in expected]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from metalm.serving.engine import Engine
-from metalm.serving.request_types import ChatMessage
+from metalm.serving.request_types import ChatMessage, SamplingParams
 from metalm.serving.vllm_process import VLLMSettings, find_vllm_python
 
 NEEDS_VLLM = pytest.mark.skipif(
@@ -36,3 +36,13 @@ def engine_pair(model, processor, name: str, tmp_path_factory) -> Iterator[tuple
     yield own, vllm
     vllm.close()
     own.close()
+
+
+def greedy_pairs(own: Engine, vllm: Engine, count: int, max_new_tokens: int, timeout: float) -> list[tuple]:
+    """(metalm's completion, vLLM's completion) for each of `count` image requests, greedy; vLLM gets them all
+    at once, so it batches them."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    prompts = [own.prepare(own.chat_parts(messages)) for messages in image_requests(count)]
+    expected = [own.generate(p, params).completions[0] for p in prompts]
+    jobs = [vllm.submit(p, params) for p in prompts]
+    return list(zip(expected, [job.result(timeout=timeout).completions[0] for job in jobs]))

@@ -170,7 +170,7 @@ class TextModality(Modality):
         return 0 < len(self.encoder_ids(processor, name, text)) <= limit
 
     def alignment_part(self, processor: Processor, name: str, text: str) -> tuple[Encode, list[int]] | None:
-        """`text` (cut to the span limit) as an `Encode` part, and for each of its encoder tokens the decoder
+        """`text` (cut to the span limit) as a tokenised `Encode` part, and for each of its encoder tokens the decoder
         token whose characters hold that token's first character: a word split into more pieces on one
         side maps its pieces onto the other side's piece under them. Both tokenizers must be fast ones
         (character offsets)."""
@@ -181,11 +181,10 @@ class TextModality(Modality):
             )
         limit = span_limit(processor.config.encoder_spec(name))
         enc = encoder_tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"][:limit]
+        encoder_ids, offsets = enc["input_ids"][:limit], enc["offset_mapping"][:limit]
         if not offsets:
             return None
-        text = text[: offsets[-1][1]]
-        dec = decoder_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        dec = decoder_tok(text[: offsets[-1][1]], add_special_tokens=False, return_offsets_mapping=True)
         dec_ids, dec_offsets = dec["input_ids"], dec["offset_mapping"]
         if not dec_ids:
             return None
@@ -194,7 +193,8 @@ class TextModality(Modality):
             while j + 1 < len(dec_offsets) and dec_offsets[j][1] <= start:
                 j += 1
             targets.append(dec_ids[j])
-        return Encode(text, encoder=name), targets
+        # Tokenised already, so the span is the encoder tokens the targets were paired with, one slot each.
+        return Encode(encoder=name, ids=dec_ids, encoder_ids=encoder_ids), targets
 
     # --- the tokenizer ---------------------------------------------------------------------------------
     def default_preprocessor(self, spec: dict[str, Any]) -> Any:

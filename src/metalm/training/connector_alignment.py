@@ -108,8 +108,6 @@ def _encode_chunk(model, processor, name, embed, chunk, features, targets) -> No
     batch = processor([[part] for part, _ in chunk], add_bos=False)
     payload = to_device(batch["encoder_inputs"][name], model.device)
     out, mask = model.encoders[name](payload)
-    for row, slots, (_, ids) in zip(out, mask, chunk):
-        if int(slots.sum()) != len(ids):  # the cut text re-tokenised differently: leave the line out
-            continue
-        features.append(row[slots].float().cpu())
-        targets.append(embed(torch.tensor(ids, device=model.device)).float().cpu())
+    features.append(out[mask].float().cpu())  # each row's slots in order: one per paired encoder token
+    ids = torch.tensor([i for _, row_ids in chunk for i in row_ids], device=model.device)
+    targets.append(embed(ids).float().cpu())
