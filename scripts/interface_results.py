@@ -1,9 +1,11 @@
 """Does the language model work as a general-purpose interface? Writes docs/results.md.
 
-Four models, each evaluated the same way:
+Five models, each evaluated the same way:
 
 - **gemma-vl**: the packaged MiniLM and EfficientNet-Lite0 docked onto the frozen packaged Gemma-3-270M
   (`configs/gemma-vl.yaml`);
+- **gemma-vl-icl**: gemma-vl with LoRA adapters on Gemma trained on in-context rows (`configs/gemma-vl-icl.yaml`,
+  a second stage that starts from runs/gemma-vl/final);
 - **quickstart**: the small MetaLM trained from scratch (`configs/quickstart.yaml`);
 - **gpt-baseline**: the quickstart's decoder and data with no encoders (`configs/gpt-baseline.yaml`);
 - **gemma-bare**: Gemma-3-270M itself, no encoders, every input as plain text (the GPT-style anchor).
@@ -45,7 +47,14 @@ from metalm.evaluation.experiments import cached_eval, load_model, train_once
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "src" / "metalm" / "configs"
 PAGE = REPO / "docs" / "results.md"
-TRAINED = {"gemma-vl": "gemma-vl.yaml", "quickstart": "quickstart.yaml", "gpt-baseline": "gpt-baseline.yaml"}
+TRAINED = {
+    "gemma-vl": "gemma-vl.yaml",
+    "gemma-vl-icl": "gemma-vl-icl.yaml",
+    "quickstart": "quickstart.yaml",
+    "gpt-baseline": "gpt-baseline.yaml",
+}
+# A second stage starts from the first stage's model under the same `--runs`.
+STARTS_FROM = {"gemma-vl-icl": "gemma-vl"}
 FASTBIND_TASKS = (
     "fastbind-shape-2way",
     "fastbind-shape-2way-real",
@@ -60,8 +69,10 @@ logger = logging.getLogger("interface_results")
 
 # --- models --------------------------------------------------------------------------------------------
 def trained_model(name: str, runs: Path) -> Path:
-    """`runs/<name>/final`, trained from its preset unless it exists."""
-    return train_once(CONFIGS / TRAINED[name], runs / name)
+    """`runs/<name>/final`, trained from its preset unless it exists (a second stage after its first)."""
+    first = STARTS_FROM.get(name)
+    overrides = [f"init_from={trained_model(first, runs)}"] if first else []
+    return train_once(CONFIGS / TRAINED[name], runs / name, overrides)
 
 
 def bare_gemma(runs: Path) -> Path:

@@ -450,3 +450,26 @@ def test_model_without_vision_encoder_is_evaluated_without_images(tmp_path, capl
     # Said once per task (not per k or seed), naming it and how many images were left out.
     warnings = [r.getMessage() for r in caplog.records if "no vision encoder" in r.getMessage()]
     assert len(warnings) == 2 and "'easyvqa'" in warnings[0] and "3 of 3 examples" in warnings[0]
+
+
+def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tmp_path, monkeypatch):
+    from metalm.evaluation import experiments, runner
+
+    calls = []
+
+    def fake_evaluate(model, processor, task, *, shots, seeds, out_dir, limit=None, **kw):
+        calls.append((list(shots), list(seeds), limit))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"shots": list(shots), "seeds": list(seeds), "limit": limit, "results": {}}
+        (out_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    out = tmp_path / "easyvqa"
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0, 1], limit=100)
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0, 1], limit=100)  # reused
+    assert calls == [([0, 4], [0, 1], 100)]
+    for shots, seeds, limit in (([0, 4], [0, 1], 500), ([0, 1, 4], [0, 1], 100), ([0, 4], [0], 100)):
+        experiments.cached_eval(out, None, None, "easyvqa", shots, seeds, limit=limit)
+        assert calls[-1] == (shots, seeds, limit)  # a different request is evaluated again
+    assert len(calls) == 4

@@ -40,10 +40,16 @@ def load_model(folder: Path) -> tuple[Any, Any]:
 def cached_eval(
     out: Path, model, processor, task: Any, shots: Sequence[int], seeds: Sequence[int], **kw: Any
 ) -> dict[str, Any]:
-    """`metalm eval` of ``task`` into ``out`` (its summary reused when it exists)."""
+    """`metalm eval` of ``task`` into ``out``; its summary is reused when one exists for the same shots,
+    seeds and limit (a page must not state a limit its cached figures were not measured with)."""
     from metalm.evaluation.runner import evaluate
 
     summary = out / "summary.json"
     if summary.is_file():
-        return json.loads(summary.read_text())
+        cached = json.loads(summary.read_text())
+        asked = {"shots": list(shots), "seeds": list(seeds), "limit": kw.get("limit")}
+        found = {key: cached.get(key) for key in asked}
+        if found == asked:
+            return cached
+        logger.info("%s: cached for %s, asked for %s: evaluating again", out, found, asked)
     return evaluate(model, processor, task, shots=shots, seeds=seeds, out_dir=out, **kw)
