@@ -19,21 +19,11 @@ from pathlib import Path
 
 from whisper_anchor import transcribe
 
+from metalm.data.builtin import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from metalm.data.speech import VARIANTS, VOICES, Voice, synthesize
 
-WORDS = (
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "teal",
-    "brown",
-    "black",
-    "gray",
-    "circle",
-    "rectangle",
-    "triangle",
-)
+# The words a question can ask about: easy-VQA's 8 colours and 3 shapes.
+WORDS = (*EASY_VQA_COLORS, *EASY_VQA_SHAPES)
 SETTINGS: dict[str, Callable[[random.Random], Voice]] = {
     "as generated: 6 accents x 5 variants, 140-190 wpm, pitch 30-70": lambda r: Voice(
         r.choice(VOICES) + r.choice(VARIANTS), r.randint(140, 190), r.randint(30, 70)
