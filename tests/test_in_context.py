@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import string
 from types import SimpleNamespace
 
 import pytest
@@ -164,10 +165,20 @@ def test_query_attends_to_its_demonstrations(tiny):
     assert not torch.allclose(out[0], out[1])
 
 
-def test_made_up_words_avoid_the_evaluation_names():
+@pytest.mark.parametrize("kind", ["syllables", "letters"])
+def test_made_up_words_avoid_the_evaluation_names(kind):
     rng = random.Random(0)
-    words = {made_up_word(rng) for _ in range(5000)}
+    words = {made_up_word(rng, kind) for _ in range(5000)}
     assert len(words) > 1000 and not words & set(HELD_OUT_WORDS)
+    assert all(w.isalpha() and w.islower() for w in words)
+    if kind == "letters":  # uniform letters: every letter, lengths 3 to 7
+        assert set("".join(words)) == set(string.ascii_lowercase) and {len(w) for w in words} == {
+            3,
+            4,
+            5,
+            6,
+            7,
+        }
 
 
 def test_episode_shows_the_query_class():

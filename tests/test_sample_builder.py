@@ -84,3 +84,25 @@ def test_training_samples_go_through_the_processor(tiny, tmp_path, monkeypatch):
     _samples(processor, tmp_path)
     kinds = {name for parts in calls for name in parts}
     assert {"Tokens", "Encode", "ImageInput"} <= kinds
+
+
+def test_an_unencoded_instruction_stream_gives_the_input_as_untrained_decoder_tokens(tiny, tmp_path):
+    _, processor = tiny
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "blue.png")
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(RECORDS[4]) + "\n")
+    built = {}
+    for encode in (True, False):
+        stream = {"source": str(tmp_path / "vqa.jsonl"), "format": "instruction", "encode_input": encode}
+        train, _ = build_data(DataConfig(streams=[stream], seq_len=48), processor, batch_size=1, seed=0)
+        built[encode] = train.streams[0].next_sample()[0]
+    encoded = [seg.encoder for seg in built[True] if not isinstance(seg, TextSegment)]
+    plain = [seg for seg in built[False] if not isinstance(seg, TextSegment) and seg.encoder != "vision"]
+    assert "text" in encoded and not plain  # the question no longer goes through the text encoder
+    question = processor.tokenizer("question: what color is the shape?", add_special_tokens=False)[
+        "input_ids"
+    ]
+    texts = [seg for seg in built[False] if isinstance(seg, TextSegment)]
+    assert [list(seg.ids) for seg in texts if list(seg.ids) == question] and not any(
+        seg.loss for seg in texts if list(seg.ids) == question
+    )
+    assert processor.decode(built[False][-1].ids) == processor.decode(built[True][-1].ids)  # same label

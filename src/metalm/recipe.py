@@ -70,6 +70,9 @@ class EncoderRecipe:
     # documents, so that each slot starts at the decoder's embedding of the word under it (text encoders
     # on a pretrained decoder; metalm.training.connector_alignment). None: the scale-matched random init.
     align_tokens: StrictInt | None = None
+    # Training: the weight of a CTC loss that trains this (audio) encoder's slots to say, as the decoder's
+    # word embeddings, what each training clip says (its record's transcript; `MetaLMForCausalLM.transcript_loss`).
+    transcript_loss: float | None = None
 
 
 @dataclass

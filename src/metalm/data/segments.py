@@ -17,7 +17,7 @@ labels[p+1]):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +155,7 @@ def collate(
     max_length: int | None = None,
     pad_to_multiple_of: int | None = None,
     pack: int | None = None,
+    transcripts: Mapping[str, float] | None = None,
 ) -> dict:
     """Batch samples. All payloads of one encoder across the batch are stacked for a single encoder call.
 
@@ -164,7 +165,12 @@ def collate(
     `pack`: put several samples in one row of at most `pack` positions (:func:`tight_packing`, right
     padding only). Each sample's position ids restart at 0, and `sequence_ids` ([B, T]: the sample's index in its
     row, -1 on padding) is added; the model then keeps attention inside each sample (see
-    `MetaLMForCausalLM.forward`). Without `pack` a row is one sample, as before."""
+    `MetaLMForCausalLM.forward`). Without `pack` a row is one sample, as before.
+
+    `transcripts` ({encoder name: loss weight}, training): for those encoders, `encoder_transcripts[name]`
+    holds what each payload says, in payload order (`ids` [N, L] right-padded, `lengths` [N], 0 where a
+    segment carries none; a segment's `target_ids` with `loss=False`) and the `weight` of the model's
+    transcript loss (`MetaLMForCausalLM.transcript_loss`)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if pack is not None and padding_side != "right":
@@ -222,7 +228,24 @@ def collate(
     }
     if pack is not None:
         out["sequence_ids"] = sequence_ids
+    heard = {
+        name: _transcripts(payloads[name], weight)
+        for name, weight in (transcripts or {}).items()
+        if name in payloads and weight
+    }
+    if heard:
+        out["encoder_transcripts"] = heard
     return out
+
+
+def _transcripts(segments: Sequence[EncodedSegment], weight: float) -> dict[str, torch.Tensor]:
+    """What each of one encoder's payloads says (its untrained `target_ids`), padded, and the loss weight."""
+    said = [seg.target_ids if (seg.target_ids and not seg.loss) else [] for seg in segments]
+    ids = torch.zeros((len(said), max(1, *map(len, said))), dtype=torch.long)
+    for i, tokens in enumerate(said):
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    lengths = torch.tensor([len(t) for t in said], dtype=torch.long)
+    return {"ids": ids, "lengths": lengths, "weight": torch.tensor(float(weight))}
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -60,6 +60,9 @@ class AudioInput:
     audio: Any
     encoder: str | None = None
     sampling_rate: int | None = None
+    # What the clip says, as decoder token ids (a training record's transcript): read only by the transcript
+    # loss (`model.encoders[].transcript_loss`); never a label.
+    transcript: list[int] | None = None
 
 
 def probe_audio(seconds: float = 1.0) -> np.ndarray:
@@ -229,13 +232,17 @@ class AudioModality(Modality):
         extractor = processor.preprocessors[name]
         try:
             if cache is not None and isinstance(part.audio, str) and part.sampling_rate is None:
-                return EncodedSegment(name, payload=cache.get(part.audio, extractor, spec["max_seconds"]))
-            samples = load_audio(
-                part.audio, sampling_rate=part.sampling_rate, name=where, max_seconds=spec["max_seconds"]
-            )
+                features = cache.get(part.audio, extractor, spec["max_seconds"])
+            else:
+                samples = load_audio(
+                    part.audio, sampling_rate=part.sampling_rate, name=where, max_seconds=spec["max_seconds"]
+                )
+                features = log_mel(extractor, samples)
         except AudioError as err:
             raise InputError(str(err)) from err
-        return EncodedSegment(name, payload=log_mel(extractor, samples))
+        if part.transcript:
+            return EncodedSegment(name, payload=features, target_ids=list(part.transcript), loss=False)
+        return EncodedSegment(name, payload=features)
 
     def new_cache(self, max_bytes: int) -> LogMelCache:
         return LogMelCache(max_bytes)

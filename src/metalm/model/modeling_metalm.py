@@ -150,18 +150,52 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
     def encode(self, name: str, payload: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run encoder `name` over all its payloads and return the projected slot vectors, [S, width],
         in reading order (payload by payload, position by position)."""
-        features, mask = self.encoders[name](payload)
-        projected, mask = self.connectors[name](features, mask)
+        projected, mask = self.encode_padded(name, payload)
         return projected[mask]
+
+    def encode_padded(self, name: str, payload: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected slot vectors per payload, [N, S_max, width], and the mask of each payload's own slots."""
+        features, mask = self.encoders[name](payload)
+        return self.connectors[name](features, mask)
+
+    def transcript_loss(
+        self, projected: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """CTC loss of the slots of N payloads ([N, S, width], their mask [N, S]) against what each says
+        (decoder token ids [N, L], `lengths` [N]; a payload with length 0 is left out): each slot is scored
+        against the decoder's word embeddings (as a tied LM head scores a hidden state), the pad token is
+        the blank (as in transformers' `Wav2Vec2ForCTC`). It trains a connector to put the words a clip
+        says into the slots where it says them, as embeddings the decoder already reads.
+        `zero_infinity`: a transcript longer than its slots allow contributes nothing."""
+        keep = lengths > 0
+        if not bool(keep.any()):
+            return projected.sum() * 0.0
+        embedding = self.decoder.get_input_embeddings()
+        # Slots stand where scaled embeddings stand (Gemma multiplies by sqrt(width)).
+        words = embedding.weight * getattr(embedding, "embed_scale", 1.0)
+        logits = projected[keep].float() @ words.float().T  # [N', S, vocab]
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # [S, N', vocab], as ctc_loss takes it
+        return torch.nn.functional.ctc_loss(
+            log_probs,
+            ids[keep],
+            mask[keep].sum(-1),
+            lengths[keep],
+            blank=int(self.config.text_config.pad_token_id or 0),
+            zero_infinity=True,
+        )
 
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
         encoder_inputs: EncoderInputs | None = None,
         encoder_slots: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Decoder input embeddings with every encoder's projected outputs scattered into its slots."""
+        encoder_transcripts: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder input embeddings with every encoder's projected outputs scattered into its slots. With
+        `encoder_transcripts` (see `metalm.data.segments.collate`), also the weighted sum of their
+        transcript losses: (embeddings, loss)."""
         embeds = self.decoder.get_input_embeddings()(input_ids)
+        extra = embeds.new_zeros((), dtype=torch.float32)
         encoder_inputs = encoder_inputs or {}
         encoder_slots = encoder_slots or {}
         if set(encoder_inputs) != set(encoder_slots):
@@ -172,7 +206,12 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             if name not in self.encoders:
                 raise SlotCountError(f"no encoder named {name!r}; this model has {list(self.encoders)}")
             slots = encoder_slots[name].to(torch.bool)
-            vectors = self.encode(name, payload)
+            projected, mask = self.encode_padded(name, payload)
+            vectors = projected[mask]
+            heard = (encoder_transcripts or {}).get(name)
+            if heard is not None:
+                loss = self.transcript_loss(projected, mask, heard["ids"], heard["lengths"])
+                extra = extra + heard["weight"].to(loss.device) * loss
             if vectors.shape[0] != int(slots.sum()):
                 raise SlotCountError(
                     f"encoder {name!r} produced {vectors.shape[0]} vectors for {int(slots.sum())} decoder slots"
@@ -183,7 +222,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
                     "(pixel values, token ids) and, in training, the learning rate"
                 )
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), vectors.to(embeds.dtype))
-        return embeds
+        return embeds if encoder_transcripts is None else (embeds, extra)
 
     def forward(
         self,
@@ -197,6 +236,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         labelled_logits_only: bool | None = None,
         sequence_ids: torch.LongTensor | None = None,
+        encoder_transcripts: dict[str, dict[str, torch.Tensor]] | None = None,
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
@@ -213,11 +253,17 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         with position ids restarting at 0. The decoder then gets no 2D mask, only the position ids, from
         which transformers' mask functions build the block-diagonal causal mask (per-sample sliding windows
         too) and flash attention its varlen boundaries; padding (position id 0 after a sample) becomes
-        one-position blocks that no real position attends to. See `supports_packing`."""
+        one-position blocks that no real position attends to. See `supports_packing`.
+
+        `encoder_transcripts` (training, `model.encoders[].transcript_loss`): the returned `loss` adds the
+        encoders' weighted `transcript_loss`es, whose sum is also returned alone as `transcript_loss`."""
+        transcript_loss = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (with encoder_inputs/encoder_slots) or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, encoder_inputs, encoder_slots)
+            inputs_embeds = self.embed_inputs(input_ids, encoder_inputs, encoder_slots, encoder_transcripts)
+            if encoder_transcripts is not None:
+                inputs_embeds, transcript_loss = inputs_embeds
         elif encoder_inputs:
             raise ValueError("encoder_inputs are already part of inputs_embeds; pass one or the other")
         if sequence_ids is not None:
@@ -236,7 +282,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             and self._head_takes_mask()
         ):
             logits_to_keep, kwargs["shift_labels"] = labelled_positions(labels)
-        return self.decoder(
+        out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -245,6 +291,11 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             **({} if _keeps_all(logits_to_keep) else {"logits_to_keep": logits_to_keep}),
             **kwargs,
         )
+        if transcript_loss is not None:
+            out["transcript_loss"] = transcript_loss.detach()
+            if out.loss is not None:
+                out["loss"] = out.loss + transcript_loss.to(out.loss.dtype)
+        return out
 
     @torch.no_grad()
     def supports_packing(self) -> bool:

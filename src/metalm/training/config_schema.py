@@ -171,6 +171,8 @@ class ModelConfig(_Section):
                 raise FieldProblem("must be >= 0 (or null for all layers)", i, "trainable_layers")
             if enc.align_tokens is not None and enc.align_tokens < 1:
                 raise FieldProblem("must be >= 1 (or null: no alignment)", i, "align_tokens")
+            if enc.transcript_loss is not None and (enc.transcript_loss < 0 or enc.kind != "audio"):
+                raise FieldProblem("takes a weight >= 0, on an audio encoder", i, "transcript_loss")
             if enc.image_size <= 0:
                 raise FieldProblem(f"must be > 0, got {enc.image_size}", i, "image_size")
         return encoders
@@ -236,7 +238,8 @@ class StreamConfig(_Section):
     at random per sample. ``prompt``: decoder text between the input and the label (VQA: ``answer:``).
     ``options``: the labels written into ``{options}`` (default: the sorted labels of the training
     records). VQA records are always instruction samples, so ``template``/``prompt`` apply to them in
-    either format.
+    either format. ``encode_input: false``: the rendered template as plain, untrained decoder tokens instead
+    of through the text encoder (the layout a transcript-trained speech encoder's slots resemble).
 
     A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
     ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
@@ -261,6 +264,7 @@ class StreamConfig(_Section):
     format: Literal["lm", "instruction", "in_context"] = "lm"
     in_context: InContextSettings | None = None
     template: str | list[str] | None = None
+    encode_input: bool = True
     prompt: str | None = None
     options: list[str] | None = None
     streaming: bool | None = None

@@ -247,6 +247,7 @@ class DataStream(DataStreamState):
         report: SkipReport | None = None,
         fill_encoders: bool = False,
         pack: bool = False,
+        transcripts: dict[str, float] | None = None,
     ) -> None:
         if not streams:
             raise ValueError("no data streams")
@@ -265,6 +266,7 @@ class DataStream(DataStreamState):
         self.split = split
         self.fill_encoders = fill_encoders
         self.pack = pack
+        self.transcripts = transcripts or {}  # transcript-loss weights per encoder (collate)
         self.report = report if report is not None else SkipReport()
         if caches is None:  # each kind's payload cache (decoded images, log-mel features), 1 GiB each
             caches = payload_caches(processor, 1 << 30)
@@ -347,7 +349,7 @@ class DataStream(DataStreamState):
                     self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own])
                 )
         pack = self.seq_len if self.pack else None
-        return self.processor.collate(samples, padding_side="right", pack=pack)
+        return self.processor.collate(samples, padding_side="right", pack=pack, transcripts=self.transcripts)
 
     def _filler(self, encoders: list[str]) -> Sample:
         """A label-free row with a minimal payload for each of `encoders` (see the class docstring)."""
@@ -392,9 +394,11 @@ def build_data(
     report: SkipReport | None = None,
     eval_batch_size: int | None = None,
     fill_encoders: bool = False,
+    transcripts: dict[str, float] | None = None,
 ) -> tuple[DataStream, DataStream | None]:
     """The training stream and the validation stream (None when no stream has validation records).
-    `batch_size` is per process; see :class:`DataStream` for `fill_encoders`."""
+    `batch_size` is per process; see :class:`DataStream` for `fill_encoders`. `transcripts`: the
+    training stream's transcript-loss weights per encoder (validation measures the LM loss alone)."""
     report = report if report is not None else SkipReport()
     val_report = SkipReport()
     caches = payload_caches(processor, data.image_cache_mb * (1 << 20))  # shared by both splits
@@ -416,7 +420,14 @@ def build_data(
 
         data_stream = ShardedDataStream
     train_stream = data_stream(
-        train, processor, batch_size=batch_size, split="train", report=report, pack=data.pack, **common
+        train,
+        processor,
+        batch_size=batch_size,
+        split="train",
+        report=report,
+        pack=data.pack,
+        transcripts=transcripts,
+        **common,
     )
     val_stream = (
         data_stream(

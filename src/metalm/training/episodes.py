@@ -26,9 +26,11 @@ Where the demonstrations come from (:class:`InContextSettings`):
 from __future__ import annotations
 
 import random
+import string
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,10 +52,15 @@ _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "n", "k", "t", "x", "p", "m")
 
 
-def made_up_word(rng: random.Random) -> str:
-    """A pronounceable made-up word of two syllables (``"tokim"``), never one of HELD_OUT_WORDS."""
+def made_up_word(rng: random.Random, kind: str = "syllables") -> str:
+    """A made-up word, never one of HELD_OUT_WORDS: ``syllables``, pronounceable, of two syllables
+    (``"tokim"``); ``letters``, 3-7 letters drawn uniformly (``"qwzbe"``), which no prior over word shapes
+    predicts, so that copying the demonstrations' word is the only way to lower the loss on it."""
     while True:
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS)
+        if kind == "letters":
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+        else:
+            word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS)
         if word not in HELD_OUT_WORDS:
             return word
 
@@ -66,7 +73,7 @@ class InContextSettings(BaseModel):
     (default ``data.seq_len``; with ``mix: batch`` only this stream's batches are that wide); ``same_task``: the share of rows whose
     demonstrations share the query's task (the rest are drawn from the whole stream); ``ways``: answer
     classes in a same-task row; ``relabel``: the share of same-task rows whose answers become made-up
-    words."""
+    words, of the kind ``relabel_words`` names (:func:`made_up_word`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -74,6 +81,7 @@ class InContextSettings(BaseModel):
     same_task: float = Field(0.5, ge=0.0, le=1.0, strict=False)
     ways: tuple[int, int] = Field((2, 5), strict=False)
     relabel: float = Field(0.0, ge=0.0, le=1.0, strict=False)
+    relabel_words: Literal["syllables", "letters"] = "syllables"
     seq_len: int | None = Field(None, ge=8)
 
     @model_validator(mode="after")
@@ -152,7 +160,7 @@ class EpisodeSampler:
         if relabel and ways >= 2:
             names: list[str] = []
             while len(names) < ways:
-                word = made_up_word(rng)
+                word = made_up_word(rng, s.relabel_words)
                 if word not in names:
                     names.append(word)
             words = dict(zip(chosen, names))

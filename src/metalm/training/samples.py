@@ -311,6 +311,8 @@ class RecordSamples:
         if ctx.left_out(where):
             return RecordParts([Tokens(ids + eos, loss=True)], [None])
         parts, fields = [self._medium_part(idx, getattr(rec, where), where)], [where]
+        if where == "audio":
+            parts[0].transcript = ids  # what the clip says, for the transcript loss
         cut = prefix_cut(ids, rng, words) if ctx.text_encoder is not None else 0
         if cut:
             prefix = ids[:cut]
@@ -357,6 +359,8 @@ class RecordSamples:
         elif isinstance(rec, VQAExample):
             self._warn_images_left_out()
         heard = self._medium_part(idx, rec.audio, "audio")
+        said = rec.question if isinstance(rec, VQAExample) else rec.text
+        heard.transcript = tokenize(ctx.processor, said) if said else None  # for the transcript loss
         parts += [heard, Tokens(ids[0]), Tokens(ids[1], loss=True)]
         return RecordParts(parts, [*fields, "audio", None, None])
 
@@ -401,14 +405,14 @@ class RecordSamples:
                     fields=fields,
                     target=target,
                     budget=ctx.seq_len - len(self.bos) - slots,
-                    text_encoder=ctx.text_encoder,
+                    text_encoder=ctx.text_encoder if self.config.encode_input else None,
                 )
             except InstructionError as err:
                 self._bad(idx, err, err.field)
                 return None
             cache[k] = entry
         parts: list[Part] = [self._medium_part(idx, image, "image")] if with_image else []
-        if entry.input and ctx.text_encoder:
+        if entry.input and ctx.text_encoder and self.config.encode_input:
             parts.append(Encode(encoder=ctx.text_encoder, ids=entry.input, encoder_ids=entry.input_enc))
         elif entry.input:
             parts.append(Tokens(entry.input))

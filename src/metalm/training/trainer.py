@@ -185,6 +185,7 @@ class Trainer:
             report=report,
             # FSDP: every rank must run every encoder the global micro-batch uses (see DataStream).
             fill_encoders=self.fsdp,
+            transcripts={e.name: e.transcript_loss for e in cfg.model.encoders or [] if e.transcript_loss},
         )
         self.validation = ValidationSet.draw(val_data, cfg.run.eval_batches)
 
