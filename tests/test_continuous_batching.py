@@ -123,13 +123,13 @@ def test_finished_rows_leave_at_once(model_and_processor, monkeypatch):
 def test_encoders_run_once_per_newcomer(model_and_processor, monkeypatch):
     model, processor = model_and_processor
     calls: list[str] = []
-    encode = model.encode
+    encode = model.encode_padded  # where every encoder call goes (embed_inputs, encode)
 
     def counting_encode(name, payload):
         calls.append(name)
         return encode(name, payload)
 
-    monkeypatch.setattr(model, "encode", counting_encode)
+    monkeypatch.setattr(model, "encode_padded", counting_encode)
     engine = Engine(model, processor, device="cpu")
     prompt = [ChatMessage("user", "what is this", [image((120, 30, 90))])]
     result = engine.generate(prompt, greedy(8, n=3))
