@@ -123,7 +123,7 @@ def test_training_on_it_makes_the_slots_spell_the_words(built):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < first / 4
+    assert float(loss.detach()) < first / 4
     model.eval()
     with torch.no_grad():
         projected, mask = model.encode_padded("speech", batch["encoder_inputs"]["speech"])
@@ -150,3 +150,35 @@ def test_the_setting_takes_a_weight_on_an_audio_encoder(encoder, weight):
     }
     with pytest.raises(ConfigError, match=r"transcript_loss: takes a weight >= 0, on an audio encoder"):
         config_from_dict(raw)
+
+
+def test_a_training_run_logs_the_transcript_loss_on_its_own(tmp_path):
+    import json
+
+    from metalm.training.trainer import train
+    from tests.test_training import tiny_config
+
+    lines = []
+    for i, (hz, text) in enumerate([(300, "a low tone"), (1200, "a high tone")] * 3):
+        soundfile.write(tmp_path / f"{i}.wav", tone(hz, 0.6, seed=i), SAMPLING_RATE)
+        lines.append(json.dumps({"kind": "audio_text", "audio": f"{i}.wav", "text": text}))
+    (tmp_path / "speech.jsonl").write_text("\n".join(lines) + "\n")
+    speech = {
+        "name": "speech",
+        "kind": "audio",
+        "source": "config",
+        "config": {**TINY_WHISPER, "frame_stack": 4, "max_seconds": 3},
+        "connector": "mlp",
+        "transcript_loss": 0.5,
+    }
+    raw = tiny_config(
+        tmp_path / "run",
+        data={"streams": [{"name": "heard", "source": str(tmp_path / "speech.jsonl")}], "max_records": None},
+        optim={"max_steps": 3, "grad_accum": 1, "batch_size": 2},
+        run={"eval_every": 0, "save_every": 0},
+    )
+    raw["model"]["encoders"] = [raw["model"]["encoders"][0], speech]
+    train(config_from_dict(raw))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < r["transcript_loss"] < r["loss"] for r in rows)
+    assert "transcript_loss" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]

@@ -67,7 +67,7 @@ class MetricsLog:
 
     def _write_tensorboard(self, row: dict[str, Any]) -> None:
         step = row["step"]
-        for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
+        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "transcript_loss"):
             if key in row:
                 self.tb.add_scalar(f"train/{key}", row[key], step)
         for key, value in row.items():
@@ -95,11 +95,22 @@ class LogWindow:
 
     def _clear(self) -> None:
         self.loss, self.grad_norm, self.tokens, self.seconds, self.steps = 0, 0, 0, 0, 0
+        self.transcript, self.transcript_steps = 0.0, 0
 
     def add(
-        self, loss: float, grad_norm: float, tokens: int, seconds: float, stream_sums: torch.Tensor
+        self,
+        loss: float,
+        grad_norm: float,
+        tokens: int,
+        seconds: float,
+        stream_sums: torch.Tensor,
+        transcript: float | None = None,
     ) -> None:
-        """One optimizer step's (process-reduced) loss, grad norm, tokens, duration and stream losses."""
+        """One optimizer step's (process-reduced) loss, grad norm, tokens, duration and stream losses, and
+        the weighted transcript loss its micro-batches returned (`model.encoders[].transcript_loss`)."""
+        if transcript is not None:
+            self.transcript += transcript
+            self.transcript_steps += 1
         self.loss += loss
         self.grad_norm += grad_norm
         self.tokens += tokens
@@ -122,6 +133,8 @@ class LogWindow:
             for name, (total, count) in zip(self.streams, self.stream_sums.tolist()):
                 if count:
                     row[f"loss_{name}"] = total / count
+        if self.transcript_steps:  # part of `loss` (and of its stream's), shown on its own
+            row["transcript_loss"] = self.transcript / self.transcript_steps
         self._clear()
         self.stream_sums.zero_()
         return row
@@ -129,9 +142,10 @@ class LogWindow:
 
 def reduce_step(
     measured: StepResult, sources: list[set[str]], streams: list[str], accelerator: Any, grad_accum: int
-) -> tuple[float, float, int, torch.Tensor]:
-    """One step's mean loss, grad norm and token count over all processes, and its per-stream loss sums
-    (a micro-batch counts for a stream when all its rows come from it; `sources`: each one's streams)."""
+) -> tuple[float, float, int, torch.Tensor, float | None]:
+    """One step's mean loss, grad norm and token count over all processes, its per-stream loss sums
+    (a micro-batch counts for a stream when all its rows come from it; `sources`: each one's streams), and
+    the mean transcript loss of the micro-batches that returned one (None when none did)."""
     acc = accelerator
     stream_sums = torch.zeros(len(streams), 2, dtype=torch.float64, device=acc.device)
     for loss, names in zip(measured.micro_losses, sources):
@@ -140,8 +154,9 @@ def reduce_step(
             stream_sums[k, 0] += loss.double()
             stream_sums[k, 1] += 1
     grad_norm = float(measured.grad_norm) if measured.grad_norm is not None else 0.0
+    heard = measured.transcript_losses
     stats = torch.tensor(
-        [float(measured.loss_sum) / grad_accum, grad_norm, measured.tokens],
+        [float(measured.loss_sum) / grad_accum, grad_norm, measured.tokens, float(sum(heard)), len(heard)],
         dtype=torch.float64,
         device=acc.device,
     )
@@ -149,7 +164,8 @@ def reduce_step(
         stats = acc.reduce(stats, reduction="sum")
         stats[:2] /= acc.num_processes
         stream_sums = acc.reduce(stream_sums, reduction="sum")
-    return float(stats[0]), float(stats[1]), int(stats[2]), stream_sums
+    transcript = float(stats[3] / stats[4]) if stats[4] else None
+    return float(stats[0]), float(stats[1]), int(stats[2]), stream_sums, transcript
 
 
 def _loss_series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
@@ -193,6 +209,10 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str 
                 markersize=3,
                 label=f"validation: {name}",
             )
+    if heard := _loss_series(history, "transcript_loss"):
+        ax.plot(
+            *zip(*heard), color="tab:cyan", linewidth=1.0, linestyle=":", label="transcript loss (in train)"
+        )
     if val := _loss_series(history, "val_loss"):
         ax.plot(
             *zip(*val),

@@ -68,6 +68,8 @@ def per_stream_columns(val_streams: list[str], train_data: Any, feature_cache: b
         columns = [f"loss_{n}" for n in train_data.names] + columns
     if feature_cache:
         columns.append("feature_cache_hit_rate")
+    if getattr(train_data, "transcripts", None):  # model.encoders[].transcript_loss
+        columns.append("transcript_loss")
     return columns
 
 

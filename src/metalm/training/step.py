@@ -37,6 +37,7 @@ class StepResult:
     micro_losses: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's loss, detached
     tokens: int = 0  # attention-mask tokens of the real rows
     grad_norm: torch.Tensor | None = None  # before clipping; None when not measured
+    transcript_losses: list[torch.Tensor] = field(default_factory=list)  # the model's, where it returned one
 
     @property
     def loss(self) -> float:
@@ -112,6 +113,8 @@ def train_step(
             accelerator.backward(loss)
             result.loss_sum += loss.detach().float()
             result.micro_losses.append(loss.detach())
+            if out.get("transcript_loss") is not None:
+                result.transcript_losses.append(out["transcript_loss"].detach().float())
             if accelerator.sync_gradients:
                 result.grad_norm = _clip_and_step(model, optimizer, scheduler, accelerator, max_grad_norm)
     return result
