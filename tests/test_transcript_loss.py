@@ -182,3 +182,39 @@ def test_a_training_run_logs_the_transcript_loss_on_its_own(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(0 < r["transcript_loss"] < r["loss"] for r in rows)
     assert "transcript_loss" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_a_spoken_question_is_pulled_toward_its_typed_twin(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from metalm.training.data import build_data
+
+    torch.manual_seed(0)
+    model, processor = build_metalm(_recipe(text=True))
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    lines = []
+    for i, (hz, question, answer) in enumerate([(300, "is it red?", "yes"), (1200, "is it blue?", "no")]):
+        soundfile.write(tmp_path / f"{i}.wav", tone(hz, 0.6), SAMPLING_RATE)
+        lines.append(json.dumps({"kind": "vqa", "image": "red.png", "audio": f"{i}.wav", "question": question,
+                                 "answers": [answer]}))  # fmt: skip
+    (tmp_path / "spoken.jsonl").write_text("\n".join(lines) + "\n")
+    from metalm.training.config import DataConfig
+
+    stream = {"source": str(tmp_path / "spoken.jsonl"), "typed_twin": 2.0}
+    data, _ = build_data(DataConfig(streams=[stream], seq_len=64), processor, batch_size=2, seed=0)
+    batch = data.next_batch()
+    with pytest.raises(ValueError, match="typed_twin takes the answer position per row"):
+        build_data(DataConfig(streams=[stream], seq_len=64, pack=True), processor, batch_size=2, seed=0)
+    twins = batch["typed_twins"]
+    assert twins["rows"].tolist() == [0, 1] and twins["weights"].tolist() == [2.0, 2.0]
+    typed = list(twins["batch"]["encoder_inputs"])  # the twin reads its question through the text encoder
+    assert "text" in typed and "speech" not in typed
+    model.train()
+    out = model(**batch)
+    plain = model(**{k: v for k, v in batch.items() if k != "typed_twins"})
+    assert out.typed_twin_loss > 0
+    assert torch.allclose(out.loss, plain.loss + out.typed_twin_loss, rtol=1e-5)
+    out.loss.backward()  # the gradient reaches the speech connector through the student's states
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.connectors["speech"].parameters())

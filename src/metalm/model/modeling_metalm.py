@@ -237,6 +237,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         labelled_logits_only: bool | None = None,
         sequence_ids: torch.LongTensor | None = None,
         encoder_transcripts: dict[str, dict[str, torch.Tensor]] | None = None,
+        typed_twins: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         """Labels follow the HF convention (unshifted; -100 = no loss); `metalm.data.segments` builds
@@ -256,7 +257,8 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         one-position blocks that no real position attends to. See `supports_packing`.
 
         `encoder_transcripts` (training, `model.encoders[].transcript_loss`): the returned `loss` adds the
-        encoders' weighted `transcript_loss`es, whose sum is also returned alone as `transcript_loss`."""
+        encoders' weighted `transcript_loss`es, whose sum is also returned alone as `transcript_loss`.
+        `typed_twins` (training, a stream's `typed_twin`): the loss adds `typed_twin_loss`, also returned alone."""
         transcript_loss = None
         if inputs_embeds is None:
             if input_ids is None:
@@ -282,6 +284,8 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             and self._head_takes_mask()
         ):
             logits_to_keep, kwargs["shift_labels"] = labelled_positions(labels)
+        if typed_twins is not None and labels is not None:
+            kwargs["output_hidden_states"] = True
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -295,7 +299,35 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             out["transcript_loss"] = transcript_loss.detach()
             if out.loss is not None:
                 out["loss"] = out.loss + transcript_loss.to(out.loss.dtype)
+        if typed_twins is not None and labels is not None:
+            twin_loss = self.typed_twin_loss(out.hidden_states, labels, typed_twins)
+            out["typed_twin_loss"] = twin_loss.detach()
+            out["loss"] = out.loss + twin_loss.to(out.loss.dtype)
         return out
+
+    def typed_twin_loss(
+        self, hidden_states: tuple[torch.Tensor, ...], labels: torch.Tensor, twins: dict[str, Any]
+    ) -> torch.Tensor:
+        """How far this batch's decoder states where each answer is predicted (the position before a row's
+        first label, in every layer) are from those the same model computes, without gradient, for each row's
+        typed twin (`twins["batch"]`, rows `twins["rows"]`): the mean over layers of the squared distance
+        relative to the twin's, times each row's weight (`twins["weights"]`), averaged. A spoken question's
+        answer is then pulled toward how the decoder reads the same question typed (DiVA's cross-modal
+        distillation, Held et al. 2024, on hidden states)."""
+        batch = {k: v for k, v in twins["batch"].items() if k != "labels"}
+        with torch.no_grad():
+            embeds = self.embed_inputs(batch.pop("input_ids"), batch.pop("encoder_inputs", None),
+                                       batch.pop("encoder_slots", None))  # fmt: skip
+            teacher = self.decoder.base_model(inputs_embeds=embeds, output_hidden_states=True, **batch)
+        rows = twins["rows"]
+        mine, theirs = _answer_positions(labels)[rows], _answer_positions(twins["batch"]["labels"])
+        losses = []
+        for student, target in zip(hidden_states[1:], teacher.hidden_states[1:]):
+            s = student[rows, mine].float()
+            t = target[torch.arange(len(rows), device=target.device), theirs].float()
+            losses.append((s - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp(min=1e-6))
+        per_row = torch.stack(losses).mean(0)
+        return (per_row * twins["weights"].to(per_row.device)).mean()
 
     @torch.no_grad()
     def supports_packing(self) -> bool:
@@ -358,6 +390,12 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         for slots in (encoder_slots or {}).values():
             mask = mask | slots.to(mask.device, torch.long)
         return mask
+
+
+def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the position that predicts its first label (labels are unshifted: p predicts p + 1)."""
+    first = (labels != -100).to(torch.int8).argmax(-1)
+    return (first - 1).clamp(min=0)
 
 
 def _keeps_all(logits_to_keep: int | torch.Tensor) -> bool:

@@ -240,6 +240,8 @@ class StreamConfig(_Section):
     records). VQA records are always instruction samples, so ``template``/``prompt`` apply to them in
     either format. ``encode_input: false``: the rendered template as plain, untrained decoder tokens instead
     of through the text encoder (the layout a transcript-trained speech encoder's slots resemble).
+    ``typed_twin: W`` (spoken VQA records): W times how far the decoder's states where a spoken question is
+    answered are from those the same model computes, without gradient, for its typed twin (docs/training.md).
 
     A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
     ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
@@ -265,6 +267,7 @@ class StreamConfig(_Section):
     in_context: InContextSettings | None = None
     template: str | list[str] | None = None
     encode_input: bool = True
+    typed_twin: Float | None = Field(None, ge=0)
     prompt: str | None = None
     options: list[str] | None = None
     streaming: bool | None = None

@@ -61,6 +61,8 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from metalm.data.records import Classification, SkipReport, TextDocument
 from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
 from metalm.training.config import DataConfig, StreamConfig
@@ -273,6 +275,10 @@ class DataStream(DataStreamState):
         self.ctx = BuildContext(processor, seq_len, skip_bad, split, caches, seed)
         self.streams = [self._make_stream(s) for s in streams]
         self.names = [s.name for s in self.streams]
+        if pack and any(s.config.typed_twin for s in self.streams):
+            raise ValueError(
+                "data.pack: a stream's typed_twin takes the answer position per row; leave pack off"
+            )
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"stream names must be unique, got {self.names}")
         self.plan = Plan(
@@ -337,9 +343,15 @@ class DataStream(DataStreamState):
         first = self.rank * self.batch_size
         samples, self.last_sources = [], []
         own: set[str] = set()  # encoders of this rank's rows
+        twins: list[tuple[int, Sample, float]] = []  # (row, typed twin, weight): the typed_twin loss
         for row in rows[first : first + self.batch_size]:
-            sample, sources = self.streams[row.stream].build(row)
+            stream = self.streams[row.stream]
+            sample, sources = stream.build(row)
             own |= {seg.encoder for seg in sample if isinstance(seg, EncodedSegment)}
+            if stream.config.typed_twin and self.split == "train" and len(sources) == 1:
+                twin = stream.twin_sample(sources[0], stream._rng(row.counter))
+                if twin is not None:
+                    twins.append((len(samples), twin, stream.config.typed_twin))
             samples.append(sample)
             self.last_sources.append((self.names[row.stream], sources))
         if self.fill_encoders:
@@ -349,7 +361,14 @@ class DataStream(DataStreamState):
                     self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own])
                 )
         pack = self.seq_len if self.pack else None
-        return self.processor.collate(samples, padding_side="right", pack=pack, transcripts=self.transcripts)
+        batch = self.processor.collate(samples, padding_side="right", pack=pack, transcripts=self.transcripts)
+        if twins:
+            batch["typed_twins"] = {
+                "batch": self.processor.collate([t for _, t, _ in twins], padding_side="right"),
+                "rows": torch.tensor([r for r, _, _ in twins]),
+                "weights": torch.tensor([w for _, _, w in twins], dtype=torch.float32),
+            }
+        return batch
 
     def _filler(self, encoders: list[str]) -> Sample:
         """A label-free row with a minimal payload for each of `encoders` (see the class docstring)."""

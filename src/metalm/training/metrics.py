@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from metalm.training.step import AUX_LOSSES
+
 if TYPE_CHECKING:
     from metalm.training.step import StepResult
 
@@ -67,7 +69,7 @@ class MetricsLog:
 
     def _write_tensorboard(self, row: dict[str, Any]) -> None:
         step = row["step"]
-        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "transcript_loss"):
+        for key in ("loss", "lr", "tokens_per_s", "grad_norm", *AUX_LOSSES):
             if key in row:
                 self.tb.add_scalar(f"train/{key}", row[key], step)
         for key, value in row.items():
@@ -95,7 +97,7 @@ class LogWindow:
 
     def _clear(self) -> None:
         self.loss, self.grad_norm, self.tokens, self.seconds, self.steps = 0, 0, 0, 0, 0
-        self.transcript, self.transcript_steps = 0.0, 0
+        self.aux: dict[str, list[float]] = {}  # auxiliary loss -> [sum, steps]
 
     def add(
         self,
@@ -104,13 +106,14 @@ class LogWindow:
         tokens: int,
         seconds: float,
         stream_sums: torch.Tensor,
-        transcript: float | None = None,
+        aux: dict[str, float] | None = None,
     ) -> None:
         """One optimizer step's (process-reduced) loss, grad norm, tokens, duration and stream losses, and
-        the weighted transcript loss its micro-batches returned (`model.encoders[].transcript_loss`)."""
-        if transcript is not None:
-            self.transcript += transcript
-            self.transcript_steps += 1
+        the means of the auxiliary losses its micro-batches returned (`transcript_loss`, `typed_twin_loss`)."""
+        for key, value in (aux or {}).items():
+            total = self.aux.setdefault(key, [0.0, 0])
+            total[0] += value
+            total[1] += 1
         self.loss += loss
         self.grad_norm += grad_norm
         self.tokens += tokens
@@ -133,8 +136,8 @@ class LogWindow:
             for name, (total, count) in zip(self.streams, self.stream_sums.tolist()):
                 if count:
                     row[f"loss_{name}"] = total / count
-        if self.transcript_steps:  # part of `loss` (and of its stream's), shown on its own
-            row["transcript_loss"] = self.transcript / self.transcript_steps
+        for key, (total, steps) in self.aux.items():  # part of `loss` (and of its stream's), shown alone
+            row[key] = total / steps
         self._clear()
         self.stream_sums.zero_()
         return row
@@ -142,10 +145,10 @@ class LogWindow:
 
 def reduce_step(
     measured: StepResult, sources: list[set[str]], streams: list[str], accelerator: Any, grad_accum: int
-) -> tuple[float, float, int, torch.Tensor, float | None]:
+) -> tuple[float, float, int, torch.Tensor, dict[str, float]]:
     """One step's mean loss, grad norm and token count over all processes, its per-stream loss sums
     (a micro-batch counts for a stream when all its rows come from it; `sources`: each one's streams), and
-    the mean transcript loss of the micro-batches that returned one (None when none did)."""
+    the mean of each auxiliary loss over the micro-batches that returned it (any process)."""
     acc = accelerator
     stream_sums = torch.zeros(len(streams), 2, dtype=torch.float64, device=acc.device)
     for loss, names in zip(measured.micro_losses, sources):
@@ -154,9 +157,10 @@ def reduce_step(
             stream_sums[k, 0] += loss.double()
             stream_sums[k, 1] += 1
     grad_norm = float(measured.grad_norm) if measured.grad_norm is not None else 0.0
-    heard = measured.transcript_losses
+    aux = [measured.aux_losses.get(key, []) for key in AUX_LOSSES]
     stats = torch.tensor(
-        [float(measured.loss_sum) / grad_accum, grad_norm, measured.tokens, float(sum(heard)), len(heard)],
+        [float(measured.loss_sum) / grad_accum, grad_norm, measured.tokens]
+        + [x for values in aux for x in (float(sum(values)), len(values))],
         dtype=torch.float64,
         device=acc.device,
     )
@@ -164,8 +168,12 @@ def reduce_step(
         stats = acc.reduce(stats, reduction="sum")
         stats[:2] /= acc.num_processes
         stream_sums = acc.reduce(stream_sums, reduction="sum")
-    transcript = float(stats[3] / stats[4]) if stats[4] else None
-    return float(stats[0]), float(stats[1]), int(stats[2]), stream_sums, transcript
+    means = {
+        key: float(stats[3 + 2 * i] / stats[4 + 2 * i])
+        for i, key in enumerate(AUX_LOSSES)
+        if stats[4 + 2 * i]
+    }
+    return float(stats[0]), float(stats[1]), int(stats[2]), stream_sums, means
 
 
 def _loss_series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
@@ -209,10 +217,9 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, title: str 
                 markersize=3,
                 label=f"validation: {name}",
             )
-    if heard := _loss_series(history, "transcript_loss"):
-        ax.plot(
-            *zip(*heard), color="tab:cyan", linewidth=1.0, linestyle=":", label="transcript loss (in train)"
-        )
+    for key, color in zip(AUX_LOSSES, ("tab:cyan", "tab:gray")):
+        if series := _loss_series(history, key):
+            ax.plot(*zip(*series), color=color, linewidth=1.0, linestyle=":", label=f"{key} (part of train)")
     if val := _loss_series(history, "val_loss"):
         ax.plot(
             *zip(*val),

@@ -70,6 +70,8 @@ def per_stream_columns(val_streams: list[str], train_data: Any, feature_cache: b
         columns.append("feature_cache_hit_rate")
     if getattr(train_data, "transcripts", None):  # model.encoders[].transcript_loss
         columns.append("transcript_loss")
+    if any(s.config.typed_twin for s in getattr(train_data, "streams", [])):  # a stream's typed_twin
+        columns.append("typed_twin_loss")
     return columns
 
 

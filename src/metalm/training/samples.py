@@ -202,6 +202,7 @@ class RecordSamples:
         self.instruction = self.config.supervised
         self.caches = self.ctx.caches
         self.ids: dict[int, Any] = {}  # token cache, one entry per record
+        self.twin_ids: dict[int, Any] = {}  # the typed twins' (typed_twin), apart: a spoken record's differ
         self.bad: set[int] = set()  # records that failed (reported once, skipped afterwards)
         self.warned = False  # said that the images of this stream are left out
         self._episodes: EpisodeSampler | None = None  # format: in_context (built on first use)
@@ -364,7 +365,17 @@ class RecordSamples:
         parts += [heard, Tokens(ids[0]), Tokens(ids[1], loss=True)]
         return RecordParts(parts, [*fields, "audio", None, None])
 
-    def _instruction_parts(self, idx: int, rng: random.Random) -> RecordParts | None:
+    def twin_sample(self, idx: int, rng: random.Random) -> Sample | None:
+        """A spoken question's typed twin: record `idx` as a typed instruction sample (its transcript through
+        the text encoder), for the stream's `typed_twin` loss; None for a record with no transcript."""
+        rec = self.records[idx]
+        if not isinstance(rec, VQAExample) or rec.audio is None or not rec.question:
+            return None
+        return self._build(idx, self._instruction_parts(idx, rng, cache=self.twin_ids))
+
+    def _instruction_parts(
+        self, idx: int, rng: random.Random, cache: dict | None = None
+    ) -> RecordParts | None:
         """``[BOS] [image] Enc(template) prompt label [EOS]`` with only ``label [EOS]`` trained; without a
         text encoder (the GPT baseline) the rendered input is plain, untrained decoder text."""
         ctx, rec = self.ctx, self.records[idx]
@@ -392,7 +403,7 @@ class RecordSamples:
         with_image = image is not None and not blind
         templates = self.config.templates(kind)
         k = rng.randrange(len(templates)) if len(templates) > 1 else 0
-        cache = self.ids.setdefault(idx, {})
+        cache = (self.ids if cache is None else cache).setdefault(idx, {})
         entry = cache.get(k)
         if entry is None:
             slots = ctx.config.num_slots(ctx.image_encoder) if with_image else 0

@@ -17,7 +17,10 @@ import torch
 
 from metalm.training.parallel import is_fsdp
 
-__all__ = ["MicroBatch", "StepResult", "autocast", "train_step"]
+__all__ = ["AUX_LOSSES", "MicroBatch", "StepResult", "autocast", "train_step"]
+
+# Losses the model returns beside `loss` (and includes in it), logged on their own lines.
+AUX_LOSSES = ("transcript_loss", "typed_twin_loss")
 
 
 @dataclass
@@ -37,7 +40,8 @@ class StepResult:
     micro_losses: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's loss, detached
     tokens: int = 0  # attention-mask tokens of the real rows
     grad_norm: torch.Tensor | None = None  # before clipping; None when not measured
-    transcript_losses: list[torch.Tensor] = field(default_factory=list)  # the model's, where it returned one
+    # The model's auxiliary losses (AUX_LOSSES) of the micro-batches that returned them; part of `loss_sum`.
+    aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -113,8 +117,9 @@ def train_step(
             accelerator.backward(loss)
             result.loss_sum += loss.detach().float()
             result.micro_losses.append(loss.detach())
-            if out.get("transcript_loss") is not None:
-                result.transcript_losses.append(out["transcript_loss"].detach().float())
+            for key in AUX_LOSSES:
+                if out.get(key) is not None:
+                    result.aux_losses.setdefault(key, []).append(out[key].detach().float())
             if accelerator.sync_gradients:
                 result.grad_norm = _clip_and_step(model, optimizer, scheduler, accelerator, max_grad_norm)
     return result

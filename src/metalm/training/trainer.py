@@ -262,14 +262,14 @@ class Trainer:
                     autocast_dtype=self.autocast_dtype,
                 )
                 progress.step += 1
-                loss, grad_norm, tokens, stream_sums, transcript = reduce_step(
+                loss, grad_norm, tokens, stream_sums, aux = reduce_step(
                     measured, sources, streams, self.accelerator, optim.grad_accum
                 )
                 seconds = time.perf_counter() - started
                 progress.elapsed += seconds
                 progress.tokens += tokens
                 result.losses[progress.step] = loss
-                window.add(loss, grad_norm, tokens, seconds, stream_sums, transcript)
+                window.add(loss, grad_norm, tokens, seconds, stream_sums, aux)
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"step {progress.step}: the loss is {loss}; lower optim.lr or check the data"
