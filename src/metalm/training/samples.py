@@ -40,7 +40,8 @@ from metalm.data.semicausal import Word, prefix_cut, sample_spans
 from metalm.modalities import encoders_of_field, media_fields, modality_of_field
 from metalm.modalities.text import TEXT, Encode
 from metalm.training.config import DEFAULT_PROMPTS, OPTIONS_JOINER, StreamConfig
-from metalm.training.episodes import EpisodeSampler, answer_of
+from metalm.training.episode_rows import EpisodeRows
+from metalm.training.episodes import EpisodeSampler
 from metalm.training.instructions import InstructionError, render_instruction, target_ids, tokenize
 
 __all__ = [
@@ -186,7 +187,7 @@ class RecordParts:
     inputs_truncated: bool = False  # an instruction input was cut to fit
 
 
-class RecordSamples:
+class RecordSamples(EpisodeRows):
     """The samples one stream's records make (the record side of :class:`metalm.training.data._Stream`):
     token caches per record, the records found bad, and records → parts → ``processor.build_sample``."""
 
@@ -460,43 +461,6 @@ class RecordSamples:
             if pos < len(ids):
                 parts.append(Tokens(ids[pos:], loss=True))
         return ctx.processor.build_sample(parts, add_bos=bool(self.bos), caches=self.caches)
-
-    # --- in-context rows (format: in_context; see metalm.training.episodes) ---------------------------
-    def _episode_sample(self, idx: int, rng: random.Random) -> tuple[Sample | None, list[int]]:
-        """Demonstrations and the query ``idx`` in one window: each the stream's instruction sample, BOS only
-        at the start, every answer trained (under relabelling, only answers whose word was shown before).
-        A row that would not fit ``seq_len`` loses its earliest demonstrations. Also returns the records
-        of the row in order (the query last)."""
-        if self._episodes is None:
-            self._episodes = EpisodeSampler(self.records, self.config.in_context, self._single_records())
-        episode = self._episodes.draw(idx, rng)
-        examples: list[tuple[int, Sample]] = []
-        for j in (*episode.demonstrations, idx):
-            sample = self._record_sample(j, rng, add_bos=False)
-            if sample is None and j == idx:
-                return None, [idx]
-            if sample is not None:
-                examples.append((j, sample))
-        used, keep = len(self.bos), 0
-        for _, sample in reversed(examples):  # the query and the latest demonstrations that fit
-            n = sample_length(sample, self.ctx.config)
-            if keep and used + n > self.seq_len:
-                break
-            used, keep = used + n, keep + 1
-        row: Sample = [TextSegment(list(self.bos), loss=False)] if self.bos else []
-        shown: set[str] = set()
-        kept = examples[len(examples) - keep :]
-        for j, sample in kept:
-            if episode.words is not None:
-                label = answer_of(self.records[j])
-                sample = self._relabelled(sample, episode.words[label], trained=label in shown)
-                shown.add(label)
-            row += sample
-        return row, [j for j, _ in kept]
-
-    def _relabelled(self, sample: Sample, word: str, *, trained: bool) -> Sample:
-        """``sample`` with its answer (the last, trained segment) replaced by ``word``."""
-        return [*sample[:-1], TextSegment(target_ids(self.ctx.processor, word), loss=trained)]
 
     def _single_records(self) -> list[int]:
         raise NotImplementedError  # the stream's: records that make one sample each
