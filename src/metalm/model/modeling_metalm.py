@@ -393,9 +393,8 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
 
 
 def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the position that predicts its first label (labels are unshifted: p predicts p + 1)."""
-    first = (labels != -100).to(torch.int8).argmax(-1)
-    return (first - 1).clamp(min=0)
+    """Per row, the first of the positions that predict a label (`labelled_positions`)."""
+    return labelled_positions(labels)[0].to(torch.int8).argmax(-1)
 
 
 def _keeps_all(logits_to_keep: int | torch.Tensor) -> bool:

@@ -352,7 +352,12 @@ class RecordSamples(EpisodeRows):
         if ids is None:
             target = rec.answers[0] if isinstance(rec, VQAExample) else rec.label
             prompt = self.config.decoder_prompt(rec.kind) or DEFAULT_PROMPTS["vqa"]
-            ids = self.ids[idx] = (tokenize(ctx.processor, prompt), target_ids(ctx.processor, target))
+            said = rec.question if isinstance(rec, VQAExample) else rec.text  # for the transcript loss
+            ids = self.ids[idx] = (
+                tokenize(ctx.processor, prompt),
+                target_ids(ctx.processor, target),
+                tokenize(ctx.processor, said) if said else None,
+            )
         parts: list[Part] = []
         fields: list[str | None] = []
         if isinstance(rec, VQAExample) and not ctx.left_out("image"):
@@ -361,8 +366,7 @@ class RecordSamples(EpisodeRows):
         elif isinstance(rec, VQAExample):
             self._warn_images_left_out()
         heard = self._medium_part(idx, rec.audio, "audio")
-        said = rec.question if isinstance(rec, VQAExample) else rec.text
-        heard.transcript = tokenize(ctx.processor, said) if said else None  # for the transcript loss
+        heard.transcript = ids[2]
         parts += [heard, Tokens(ids[0]), Tokens(ids[1], loss=True)]
         return RecordParts(parts, [*fields, "audio", None, None])
 
