@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import re
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from typing import Any
 
 from results_page import FASTBIND_SHOTS, MODELS, VQA_SHOTS, write_page
 
+from metalm.evaluation.breakdown import breakdown_over_seeds
 from metalm.evaluation.experiments import cached_eval, load_model, train_once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,22 +92,6 @@ def model_dir(name: str, runs: Path) -> Path:
 
 
 # --- evaluations ---------------------------------------------------------------------------------------
-def per_seed_breakdown(out: Path, task: str, k: int, fn) -> dict[str, dict[str, float]]:
-    """A breakdown (by question type or attribute) as mean and std over the seeds' prediction files."""
-    from metalm.evaluation.breakdown import read_predictions
-
-    tables = [fn(read_predictions(p)) for p in sorted(out.glob(f"predictions-{task}-k{k}-s*.jsonl"))]
-    merged: dict[str, dict[str, float]] = {}
-    for key in tables[0] if tables else {}:
-        values = [t[key]["accuracy"] for t in tables if key in t]
-        merged[key] = {
-            "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": tables[0][key]["n"],
-        }
-    return merged
-
-
 def in_context_results(model, processor, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Easy-VQA by question type at k = 0/1/4 and, for a model that sees images, fast binding."""
     from metalm.evaluation.breakdown import vqa_by_question_type
@@ -118,7 +102,7 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
     res["easyvqa"] = {
         str(k): {
             "all": vqa["results"]["easyvqa"][str(k)]["mean"],
-            "by_type": per_seed_breakdown(out / "easyvqa", "easyvqa", k, vqa_by_question_type),
+            "by_type": breakdown_over_seeds(out / "easyvqa", "easyvqa", k, vqa_by_question_type),
         }
         for k in VQA_SHOTS
     }
@@ -168,7 +152,7 @@ def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace)
         summary = cached_eval(out / task, model, processor, task, [0], args.seeds[:1], **kw)
         res[task] = {
             "cider": summary["results"][task]["0"]["mean"].get("CIDEr"),
-            "attributes": per_seed_breakdown(out / task, task, 0, caption_by_attribute),
+            "attributes": breakdown_over_seeds(out / task, task, 0, caption_by_attribute),
         }
     res.update(in_context_results(model, processor, out, args))
     modes = {"encoded": False, "plain": True} if has_text else {"plain": True}

@@ -7,7 +7,9 @@ Steps, each skipped when its outputs exist under `--out` (an interrupted run res
 2. evaluate the trained model at k = 0 on `easyvqa-spoken` (image + spoken question) and
    `easyvqa-spoken-typed` (the same 500 questions typed), and the init model on the typed ones (what the
    speech run started from), each broken down by question type;
-3. `easyvqa-spoken-transcribe` (WER of the spoken test questions, each clip once) of the trained model;
+3. typed `easyvqa` at k = 0 and k = 4 (demonstrations in the trained layout), by question type, over
+   seeds: what the speech training leaves of the in-context learning the quickstart had;
+4. `easyvqa-spoken-transcribe` (WER of the spoken test questions, each clip once) of the trained model;
    with `--transcribe`, also `speech-transcribe` (WER on speech_bbc test) of the trained model, beside Whisper
    tiny.en's own decoder on the same clips (`whisper_anchor.py`, cached in `<out>/whisper-anchor.json`).
 
@@ -33,13 +35,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metalm.evaluation.breakdown import QUESTION_TYPES, read_predictions, vqa_by_question_type
+from metalm.evaluation.breakdown import (
+    QUESTION_TYPES,
+    breakdown_over_seeds,
+    read_predictions,
+    vqa_by_question_type,
+)
 from metalm.evaluation.experiments import cached_eval, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "src" / "metalm" / "configs" / "speech.yaml"
 PAGE = REPO / "docs" / "speech.md"
 VQA_TASKS = ("easyvqa-spoken", "easyvqa-spoken-typed")
+ICL_SHOTS = (0, 4)
 
 
 def timed_training(init_from: str | None, out: Path, overrides: Sequence[str]) -> dict[str, Any]:
@@ -78,6 +86,22 @@ def timed_eval(folder: Path, out: Path, task: str, limit: int | None) -> dict[st
             k: v["accuracy"] for k, v in vqa_by_question_type(read_predictions(predictions)).items()
         }
     return row
+
+
+def in_context(folder: Path, out: Path, limit: int, seeds: Sequence[int]) -> dict[str, Any]:
+    """Typed `easyvqa` at k = 0 and 4 (k = 0 once: it is deterministic), by question type over the seeds."""
+    model, processor = load_model(folder)
+    summary = cached_eval(
+        out, model, processor, "easyvqa", ICL_SHOTS, list(seeds), limit=limit, progress=False
+    )
+    return {
+        str(k): {
+            "all": summary["results"]["easyvqa"][str(k)]["mean"]["vqa_accuracy"],
+            "n": summary["results"]["easyvqa"][str(k)]["n"],
+            "by_type": breakdown_over_seeds(out, "easyvqa", k, vqa_by_question_type),
+        }
+        for k in ICL_SHOTS
+    }
 
 
 def whisper_anchor(out: Path, limit: int | None, dataset: str = "speech_bbc") -> dict[str, Any]:
@@ -138,6 +162,7 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
         "",
         f"Evaluation: {_f(spoken['seconds'], 0)} s (spoken), {_f(typed['seconds'], 0)} s (typed).",
     ]
+    lines += in_context_markdown(results["in-context"], results["in-context-seeds"])
     heard = results.get("easyvqa-spoken-transcribe")
     lines += ["", "| transcription, WER % (lower is better) | n | WER | time (s) |", "|---|---:|---:|---:|"]
     if heard:
@@ -165,6 +190,29 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def in_context_markdown(icl: dict[str, Any], seeds: Sequence[int]) -> list[str]:
+    """Typed easy-VQA with and without demonstrations, by question type."""
+    types = [t for t in QUESTION_TYPES if t in icl["0"]["by_type"]]
+    lines = [
+        "",
+        *textwrap.wrap(
+            f"With demonstrations: typed `easyvqa` test, {icl['0']['n']} questions, k = 4 demonstrations in the "
+            f"trained layout (mean of seeds {', '.join(map(str, seeds))}; k = 0 is deterministic). The speech "
+            "training replays the quickstart's in-context stream (`vqa-in-context`); without it, four "
+            "demonstrations cost 8 points (What was tried).",
+            width=108,
+        ),
+        "",
+        "| typed easy-VQA, VQA accuracy | " + " | ".join(types) + " | all |",
+        "|---|" + "---:|" * (len(types) + 1),
+    ]
+    for k in map(str, ICL_SHOTS):
+        row = icl[k]
+        cells = " | ".join(_f(row["by_type"][t]["mean"]) for t in types)
+        lines.append(f"| k = {k} | {cells} | {_f(row['all'])} |")
+    return lines
+
+
 def write_section(page: Path, section: str) -> None:
     """Replace `page`'s `## Results` section (up to the next `## ` heading) with `section`."""
     text = page.read_text(encoding="utf-8")
@@ -183,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     parser.add_argument("--transcribe", action="store_true", help="also WER, beside Whisper's own decoder")
     parser.add_argument("--page", type=Path, default=PAGE)
+    parser.add_argument(
+        "--icl-limit", type=int, default=500, help="typed easy-VQA questions with demonstrations"
+    )
+    parser.add_argument("--icl-seeds", default="0,1,2", help="seeds of the demonstrations")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. optim.max_steps=200")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -200,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[task] = timed_eval(final, args.out / "eval" / task, task, args.limit)
     results["init-typed"] = timed_eval(
         Path(init_from), args.out / "eval" / "init-typed", VQA_TASKS[1], args.limit
+    )
+    results["in-context-seeds"] = [int(s) for s in args.icl_seeds.split(",")]
+    results["in-context"] = in_context(
+        final, args.out / "eval" / "in-context", args.icl_limit, results["in-context-seeds"]
     )
     heard = "easyvqa-spoken-transcribe"
     results[heard] = timed_eval(final, args.out / "eval" / heard, heard, args.limit)

@@ -233,6 +233,25 @@ def test_fast_binding_is_unsolvable_without_demonstrations(tiny):
     assert by_k["0"]["mean"]["accuracy"] == 0.0 and by_k["1"]["n"] == 4
 
 
+def test_ranked_fast_binding_chooses_among_the_episode_names(tiny, tmp_path):
+    """The ranked twin scores the same episodes' names by likelihood: every prediction is one of the query's
+    episode names (so k = 0 is at chance, not 0 %), and the generated task's episodes are the same ones."""
+    from metalm.evaluation.breakdown import read_predictions
+    from metalm.evaluation.runner import evaluate
+
+    model, processor = tiny
+    for name in ("fastbind-shape-2way-ranked", "fastbind-shape-2way"):
+        evaluate(model, processor, builtin_task(name), shots=[0, 1], seeds=[0], limit=4, out_dir=tmp_path,
+                 progress=False)  # fmt: skip
+    for k in (0, 1):
+        ranked = read_predictions(tmp_path / f"predictions-fastbind-shape-2way-ranked-k{k}-s0.jsonl")
+        generated = read_predictions(tmp_path / f"predictions-fastbind-shape-2way-k{k}-s0.jsonl")
+        for r, g in zip(ranked, generated):
+            assert r["prompt"] == g["prompt"] and r["gold"] == g["gold"]
+            assert len(r["option_scores"]) == 2 and r["gold"] in r["option_scores"]
+            assert r["prediction"] in r["option_scores"] and set(r["option_scores"]) <= set(HELD_OUT_WORDS)
+
+
 def test_fast_binding_text_twin_gives_each_image_as_its_caption():
     from metalm.data.builtin import load_builtin
 

@@ -34,6 +34,19 @@ RESULTS = {
     "whisper-anchor-questions": {"n": 300, "seconds": 120.0, "score": 20.0},
     "speech-transcribe": {"n": 200, "seconds": 30.0, "score": 140.0},
     "whisper-anchor": {"n": 200, "seconds": 500.0, "score": 48.0},
+    "in-context-seeds": [0, 1, 2],
+    "in-context": {
+        "0": {
+            "all": 93.4,
+            "n": 500,
+            "by_type": {t: {"mean": m} for t, m in (("colour", 95.2), ("shape", 100.0), ("yes/no", 92.0))},
+        },
+        "4": {
+            "all": 93.1,
+            "n": 500,
+            "by_type": {t: {"mean": m} for t, m in (("colour", 94.7), ("shape", 100.0), ("yes/no", 91.7))},
+        },
+    },
 }
 
 
@@ -49,6 +62,10 @@ def test_the_section_holds_the_command_both_inputs_by_type_and_the_wer(script):
         and "| 300 | 8.0 | 10 |" in text
     )
     assert "Whisper tiny.en's own decoder (CTranslate2, greedy) | 300 | 20.0 | 120 |" in text
+    assert (
+        "| k = 0 | 95.2 | 100.0 | 92.0 | 93.4 |" in text and "| k = 4 | 94.7 | 100.0 | 91.7 | 93.1 |" in text
+    )
+    assert "mean of seeds 0, 1, 2" in " ".join(text.split())
 
 
 def test_only_the_results_section_is_replaced(script, tmp_path):

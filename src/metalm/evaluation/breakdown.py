@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "ATTRIBUTES",
     "QUESTION_TYPES",
     "attribute_correctness",
+    "breakdown_over_seeds",
     "caption_attributes",
     "question_attribute",
     "question_type",
@@ -156,3 +158,24 @@ def question_attribute(question: str) -> str | None:
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """The records of one predictions JSONL file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def breakdown_over_seeds(
+    out: str | Path,
+    task: str,
+    k: int,
+    breakdown: Callable[[list[dict[str, Any]]], dict[str, dict[str, float]]],
+) -> dict[str, dict[str, float]]:
+    """``breakdown`` (by question type or attribute) of every seed's ``predictions-<task>-k<k>-s*.jsonl``
+    under ``out``, as the mean and std of each key's accuracy over the seeds, with its count in one seed."""
+    paths = sorted(Path(out).glob(f"predictions-{task}-k{k}-s*.jsonl"))
+    tables = [breakdown(read_predictions(p)) for p in paths]
+    merged: dict[str, dict[str, float]] = {}
+    for key in tables[0] if tables else {}:
+        values = [t[key]["accuracy"] for t in tables if key in t]
+        merged[key] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": tables[0][key]["n"],
+        }
+    return merged

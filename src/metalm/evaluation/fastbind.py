@@ -7,7 +7,10 @@ shuffled; then a query image of one of the classes and the same question. The mo
 generation; a prediction is right when it is the query class's word. With no demonstrations the word is
 unknowable, so k = 0 is at 0 % by construction and chance with demonstrations is ``1 / ways``; only reading
 the demonstrations scores. The ``-real`` variants name each class by its real name (``circle``, ``red``):
-the same episodes, solvable zero-shot by a model that knows the attribute.
+the same episodes, solvable zero-shot by a model that knows the attribute. The ``-ranked`` variants score
+the same episodes by likelihood instead: the answer is whichever of the episode's names the model finds
+likeliest after the query, so a model that binds but cannot yet spell an unseen word is told apart from one
+that does not bind at all (chance ``1 / ways`` at every k, k = 0 included).
 
 Classes, names and demonstrations are drawn per (seed, query index); the names are
 :data:`metalm.training.episodes.HELD_OUT_WORDS`, which in-context training (``relabel``) never uses.
@@ -65,7 +68,8 @@ def labelled_images(split: str, attribute: str, *, as_text: bool = False) -> lis
 def make_episode(
     query: Example, pool: list[Example], k: int, rng: random.Random, *, ways: int, made_up: bool
 ) -> tuple[list[Example], Example]:
-    """Demonstrations (``k`` per class, shuffled) and the query, both with their answers renamed."""
+    """Demonstrations (``k`` per class, shuffled) and the query, both with their answers renamed; the query's
+    options are the episode's names (what the ``-ranked`` tasks choose among)."""
     by_class: dict[str, list[Example]] = {}
     for ex in pool:
         by_class.setdefault(ex.answers[0], []).append(ex)
@@ -81,7 +85,7 @@ def make_episode(
         if ex.id != query.id
     ]
     rng.shuffle(demos)
-    return demos, replace(query, answers=(names[own],))
+    return demos, replace(query, answers=(names[own],), options=tuple(names[c] for c in classes))
 
 
 def episodes_for(
