@@ -64,6 +64,8 @@ FASTBIND_TASKS = (
 # The same episodes with each image given as its caption text: the decoder's own binding, perception taken
 # out; every model is scored on them, and `--binding-models` scores only these (gemma-bare: the ceiling).
 TEXT_BINDING_TASKS = ("fastbind-shape-2way-text", "fastbind-shape-2way-text-real")
+# The same episodes scored by which of the episode's names is likelier: binding without spelling the name.
+RANKED_BINDING_TASKS = {"image": "fastbind-shape-2way-ranked", "text": "fastbind-shape-2way-text-ranked"}
 logger = logging.getLogger("interface_results")
 
 
@@ -106,22 +108,50 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
         }
         for k in VQA_SHOTS
     }
-    res["fastbind"] = binding_results(model, processor, out, args)
+    res.update(binding_results(model, processor, out, args))
     return res
 
 
 def binding_results(model, processor, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Fast binding: the image tasks for a model that sees images, the caption-text twins for every model."""
+    """Fast binding: the image tasks for a model that sees images, the caption-text twins for every model,
+    each also ranked; and whether the decoder copies at all (the copy probe)."""
     kw = {"limit": args.fastbind_limit, "batch_size": args.batch_size, "progress": True}
+    sees = any(s["kind"] == "vision" for s in model.config.encoders)
     res = cached_eval(
         out / "fastbind-text", model, processor, list(TEXT_BINDING_TASKS), FASTBIND_SHOTS, args.seeds, **kw
     )["results"]
-    if any(s["kind"] == "vision" for s in model.config.encoders):
+    if sees:
         images = cached_eval(
             out / "fastbind", model, processor, list(FASTBIND_TASKS), FASTBIND_SHOTS, args.seeds, **kw
         )
         res = {**images["results"], **res}
-    return res
+    ranked = [task for kind, task in RANKED_BINDING_TASKS.items() if sees or kind == "text"]
+    res.update(
+        cached_eval(out / "fastbind-ranked", model, processor, ranked, FASTBIND_SHOTS, args.seeds, **kw)[
+            "results"
+        ]
+    )
+    return {"fastbind": res, "copying": copying(out / "copying.json", model, processor)}
+
+
+def copy_training(name: str, folder: Path, out: Path, steps: int) -> dict[str, Any]:
+    """scripts/copy_training_probe.py on `folder` for `steps` steps (cached in `out/copy-training.json`)."""
+    from copy_training_probe import main as probe
+
+    path = out / "copy-training.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("steps") != steps:
+        probe(["--model", str(folder), "--steps", str(steps), "--out", str(path)])
+    return json.loads(path.read_text())
+
+
+def copying(path: Path, model, processor) -> dict[str, Any]:
+    """The copy probe's result (metalm.evaluation.copying; cached in `path`)."""
+    from metalm.evaluation.copying import copy_probe
+
+    if not path.is_file():
+        path.write_text(json.dumps(copy_probe(model, processor), indent=2))
+    return json.loads(path.read_text())
 
 
 def evaluate_variant(name: str, runs: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -276,6 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=MODELS,
         help="models scored on the caption-text fast-binding twins only (e.g. gemma-bare: the decoder's ceiling)",
     )
+    p.add_argument(
+        "--copy-training",
+        nargs="*",
+        default=[],
+        choices=MODELS,
+        help="models whose decoder is also trained on repeated random tokens (scripts/copy_training_probe.py)",
+    )
+    p.add_argument("--copy-training-steps", type=int, default=1500)
     p.add_argument("--page", type=Path, default=PAGE)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -288,12 +326,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name]["bbc_frozen"] = frozen_decoder_finetune(
                 name, folder, args.runs, args.out / name, args
             )
+        if name in args.copy_training:
+            results[name]["copy_training"] = copy_training(
+                name, folder, args.out / name, args.copy_training_steps
+            )
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     variants = {name: evaluate_variant(name, args.runs, args.out / name, args) for name in args.variants}
     binding = {}
     for name in args.binding_models:
         model, processor = load_model(model_dir(name, args.runs))
-        binding[name] = {"fastbind": binding_results(model, processor, args.out / name, args)}
+        binding[name] = binding_results(model, processor, args.out / name, args)
     args.page.write_text(write_page(results, args, time.time() - start, variants, binding))
     if "quickstart" in results:
         append_quickstart_run(args.page, args.runs / "quickstart")

@@ -1,0 +1,75 @@
+"""scripts/results_page.py: the fast-binding section lists every binding task a model was scored on, the
+ranked twins among them, and the copy probe's figures per model."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def page():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location("results_page", SCRIPTS / "results_page.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+def _by_k(values: dict[int, float]) -> dict[str, dict]:
+    return {str(k): {"mean": {"accuracy": v}, "std": {"accuracy": 0.0}} for k, v in values.items()}
+
+
+def test_ranked_twins_and_the_copy_probe_are_on_the_page(page):
+    results = {
+        "small": {
+            "fastbind": {"fastbind-shape-2way-ranked": _by_k({1: 50.0, 2: 52.0, 4: 48.0})},
+            "copying": {"first_loss": 12.18, "repeat_loss": 12.17, "sequences": 64, "length": 16},
+        },
+        "large": {
+            "fastbind": {"fastbind-shape-2way-ranked": _by_k({1: 90.0, 2: 95.0, 4: 99.0})},
+            "copying": {"first_loss": 17.5, "repeat_loss": 2.5, "sequences": 64, "length": 16},
+        },
+        "no-probe": {"fastbind": {}},
+    }
+    rows = page._fastbind_rows(results)
+    assert "| small | fastbind-shape-2way-ranked | 50.0 | 52.0 | 48.0 |" in rows
+    copying = page._copying_rows(results)
+    assert "| small | 12.18 | 12.17 | 0.01 |" in copying and "| large | 17.50 | 2.50 | 15.00 |" in copying
+    assert (
+        not any("no-probe" in line for line in copying) and "64 sequences of 16 random tokens" in copying[0]
+    )
+    assert page._copying_rows({"no-probe": {}}) == []
+
+
+def test_the_copy_training_sentence_says_when_copying_began(page):
+    probe = {"steps": 100, "length": 16, "vocab": 300, "batch_size": 32, "lr": 1e-3, "chance_loss": 5.70}
+    never = {
+        **probe,
+        "curve": [
+            {"step": 50, "repeat_loss": 5.8, "seconds": 30},
+            {"step": 100, "repeat_loss": 5.69, "seconds": 60},
+        ],
+    }
+    began = {
+        **probe,
+        "curve": [
+            {"step": 50, "repeat_loss": 5.8, "seconds": 30},
+            {"step": 100, "repeat_loss": 1.2, "seconds": 60},
+        ],
+    }
+    text = " ".join(page._copy_training_lines("quickstart", never))
+    assert (
+        "5.80 at step 50, 5.75 on average over the last 2 checks (steps 50-100), lowest 5.69 (step 100)"
+        in text
+    )
+    assert "lowest 1.20 (step 100)" in " ".join(page._copy_training_lines("quickstart", began))
+    assert page._copy_training_lines("quickstart", None) == []
