@@ -12,7 +12,9 @@ Five models, each evaluated the same way:
 
 Rows: zero-shot captioning with the paper's "Summarize this image:" (CIDEr and per-attribute correctness)
 and from the image alone; easy-VQA 0/1/4-shot by question type; fast binding (made-up names only the
-demonstrations give, k = 1/2/4 per class); BBC topic in-context learning at k = 0/1/4
+demonstrations give, k = 1/2/4 per class; generated and, on the very same episodes, ranked) with the copy
+probe beside it (does the decoder copy a repeat at all; `--copy-training MODEL` also trains a model's decoder
+on repeats alone, scripts/copy_training_probe.py); BBC topic in-context learning at k = 0/1/4
 with demonstrations through the encoder and as plain text; the paper's frozen-decoder single-task
 finetuning on BBC topics (LR 5e-5, batch 32, 3 epochs; per seed); and "does the decoder read the
 encoder": held-out loss on the text after a span given encoded / removed / as plain text.
@@ -134,7 +136,7 @@ def binding_results(model, processor, out: Path, args: argparse.Namespace) -> di
     return {"fastbind": res, "copying": copying(out / "copying.json", model, processor)}
 
 
-def copy_training(name: str, folder: Path, out: Path, steps: int) -> dict[str, Any]:
+def copy_training(folder: Path, out: Path, steps: int) -> dict[str, Any]:
     """scripts/copy_training_probe.py on `folder` for `steps` steps (cached in `out/copy-training.json`)."""
     from copy_training_probe import main as probe
 
@@ -327,9 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name, folder, args.runs, args.out / name, args
             )
         if name in args.copy_training:
-            results[name]["copy_training"] = copy_training(
-                name, folder, args.out / name, args.copy_training_steps
-            )
+            results[name]["copy_training"] = copy_training(folder, args.out / name, args.copy_training_steps)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     variants = {name: evaluate_variant(name, args.runs, args.out / name, args) for name in args.variants}
     binding = {}

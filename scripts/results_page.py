@@ -416,7 +416,7 @@ def _text_sections(results: dict[str, Any], args: argparse.Namespace) -> list[st
 
 
 def _why_no_binding(results: dict[str, Any]) -> str:
-    """What the copy probe and the ranked twin say of each model that does not bind, from their figures."""
+    """What the copy probe and the ranked twin say of each model scored on both, from their figures."""
     out = []
     for name, r in results.items():
         ranked = (r.get("fastbind") or {}).get("fastbind-shape-2way-ranked", {}).get("4")
