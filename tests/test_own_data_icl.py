@@ -30,7 +30,7 @@ def test_the_data_set_is_three_typed_questions_an_image(script, tmp_path):
     assert all(Image.open(tmp_path / r["image"]).size == (64, 64) for r in lines)
     assert {r["answers"][0] for r in lines if r["meta"]["type"] == "side"} <= {"left", "right"}
     assert (
-        len(list(read_records(tmp_path / "train.jsonl"))) == 18
+        len(list(read_records(tmp_path / "train.jsonl", check_images=True))) == 18
     )  # the records parse as the trainer reads them
 
 
