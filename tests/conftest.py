@@ -112,3 +112,15 @@ def tiny_saved(tmp_path_factory, tiny):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def load_script(name: str):
+    """A module of ``scripts/`` (not a package), imported from its file: ``load_script("speech_results")``."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

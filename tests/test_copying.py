@@ -52,14 +52,12 @@ def test_a_random_model_does_not_copy(tiny):
 
 def test_the_copy_training_probe_trains_a_copy_and_leaves_the_model(tiny_saved, tmp_path):
     """scripts/copy_training_probe.py: the curve is written, the saved model is untouched."""
-    import importlib.util
     import json
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "copy_training_probe.py"
-    spec = importlib.util.spec_from_file_location("copy_training_probe", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from tests.conftest import load_script
+
+    module = load_script("copy_training_probe")
     before = {p.name: p.stat().st_mtime_ns for p in Path(tiny_saved).iterdir()}
     out = tmp_path / "curve.json"
     args = [

@@ -3,24 +3,18 @@ reads its figures from the results."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from metalm.data.record_io import read_records
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "own_data_icl.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("own_data_icl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("own_data_icl")
 
 
 def test_the_data_set_is_three_typed_questions_an_image(script, tmp_path):

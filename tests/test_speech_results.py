@@ -3,20 +3,14 @@ question type, the command at the top, WER beside Whisper's own; the rest of the
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "speech_results.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("speech_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("speech_results")
 
 
 def vqa(score: float, colour: float, shape: float, yes_no: float) -> dict:
