@@ -344,7 +344,7 @@ def _perception_sections(
         "that appears only in the demonstrations and that no training row ever uses; k demonstrations per "
         "class (an image, the attribute's question, the class's word), shuffled; then the query. Greedy "
         "answer, exact match. Chance 50 % (2-way) / 20 % (5-way); with no demonstrations 0 % by "
-        "construction. `-real`: the same episodes with the real names. `-text`: the same episodes with "
+        "construction. `-real`: episodes drawn the same way, with the real names. `-text`: episodes drawn the same way, with "
         'each image replaced by its caption before the question ("a blue circle. what shape is in the '
         'image?"), so perception is given and only binding the made-up name is left: for a decoder alone '
         "(gemma-bare) that is the ceiling of its docked model on the image tasks. `X-ranked`: the very "

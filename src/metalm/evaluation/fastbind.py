@@ -7,8 +7,9 @@ shuffled; then a query image of one of the classes and the same question. The mo
 generation; a prediction is right when it is the query class's word. With no demonstrations the word is
 unknowable, so k = 0 is at 0 % by construction and chance with demonstrations is ``1 / ways``; only reading
 the demonstrations scores. The ``-real`` variants name each class by its real name (``circle``, ``red``):
-the same episodes, solvable zero-shot by a model that knows the attribute. The ``-ranked`` variants score
-the same episodes by likelihood instead: the answer is whichever of the episode's names the model finds
+episodes drawn the same way (seeded by their own task name), solvable zero-shot by a model that knows the
+attribute. The ``-ranked`` variants score the very episodes of their generated task (``same_as``) by
+likelihood instead: the answer is whichever of the episode's names the model finds
 likeliest after the query, so a model that binds but cannot yet spell an unseen word is told apart from one
 that does not bind at all (chance ``1 / ways`` at every k, k = 0 included).
 
@@ -42,7 +43,7 @@ def labelled_images(split: str, attribute: str, *, as_text: bool = False) -> lis
     """Every easy-VQA image of `split` with its `attribute` (from its caption ``a {color} {shape}.``).
 
     ``as_text``: the image is replaced by its caption, written before the question ("a blue circle. what
-    shape is in the image?"): the same episodes with perfect perception, so what is left to measure is
+    shape is in the image?"): episodes drawn the same way, with perfect perception, so what is left to measure is
     whether the language model binds made-up names in context at all (the `-text` tasks; for a decoder
     alone, its ceiling on the image tasks)."""
     from metalm.data.builtin import load_builtin
