@@ -142,13 +142,11 @@ def shows(results: dict[str, Any]) -> list[str]:
     """What the table shows and does not, its figures read from `results`."""
     (plain, icl) = (results[name]["by_k"] for name in VARIANTS)
 
+    def score(by_k: dict[str, Any], k: str, group: str | None) -> float:
+        return by_k[k]["groups"][group]["score"] if group else by_k[k]["mean"]["vqa_accuracy"]
+
     def drop(by_k: dict[str, Any], group: str | None = None) -> float:
-        score = (
-            (lambda k: by_k[k]["groups"][group]["score"])
-            if group
-            else (lambda k: by_k[k]["mean"]["vqa_accuracy"])
-        )
-        return score("0") - score("4")
+        return score(by_k, "0", group) - score(by_k, "4", group)
 
     worst = max(icl["0"]["groups"], key=lambda g: drop(icl, g))
     return [

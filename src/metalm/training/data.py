@@ -140,6 +140,13 @@ class _Stream(RecordSamples):
         return random.Random(f"{self.ctx.seed}:{self.ctx.split}:{self.name}:0:sample:{counter}")
 
     # --- rows → samples -----------------------------------------------------------------------------
+    def typed_twin(self, row: Row, sources: list[int]) -> Sample | None:
+        """The typed twin of a training row built from one spoken record, when the stream sets `typed_twin`
+        (drawn with the row's own RNG); None otherwise."""
+        if not self.config.typed_twin or self.ctx.split != "train" or len(sources) != 1:
+            return None
+        return self.twin_sample(sources[0], self._rng(row.counter))
+
     def build(self, row: Row) -> tuple[Sample, list[int]]:
         """The sample of `row` and the records it came from, cut to ``seq_len``. A row whose sample is
         unusable (a bad record, nothing left to train on) gets a replacement that depends on the row
@@ -348,10 +355,9 @@ class DataStream(DataStreamState):
             stream = self.streams[row.stream]
             sample, sources = stream.build(row)
             own |= {seg.encoder for seg in sample if isinstance(seg, EncodedSegment)}
-            if stream.config.typed_twin and self.split == "train" and len(sources) == 1:
-                twin = stream.twin_sample(sources[0], stream._rng(row.counter))
-                if twin is not None:
-                    twins.append((len(samples), twin, stream.config.typed_twin))
+            twin = stream.typed_twin(row, sources)
+            if twin is not None:
+                twins.append((len(samples), twin, stream.config.typed_twin))
             samples.append(sample)
             self.last_sources.append((self.names[row.stream], sources))
         if self.fill_encoders:
