@@ -11,7 +11,8 @@ Five models, each evaluated the same way:
 - **gemma-bare**: Gemma-3-270M itself, no encoders, every input as plain text (the GPT-style anchor).
 
 Rows: zero-shot captioning with the paper's "Summarize this image:" (CIDEr and per-attribute correctness)
-and from the image alone; easy-VQA 0/1/4-shot by question type; fast binding (made-up names only the
+and from the image alone; easy-VQA 0/1/4-shot by question type (and, for the k = 4 >= k = 0 bar, 0/4-shot on
+`--per-type` questions of each type, compared question by question); fast binding (made-up names only the
 demonstrations give, k = 1/2/4 per class; generated and, on the very same episodes, ranked) with the copy
 probe beside it (does the decoder copy a repeat at all; `--copy-training MODEL` also trains a model's decoder
 on repeats alone, scripts/copy_training_probe.py); BBC topic in-context learning at k = 0/1/4
@@ -43,7 +44,7 @@ from typing import Any
 
 from results_page import FASTBIND_SHOTS, MODELS, VQA_SHOTS, write_page
 
-from metalm.evaluation.breakdown import breakdown_over_seeds
+from metalm.evaluation.breakdown import breakdown_over_seeds, paired_change_by_group
 from metalm.evaluation.experiments import cached_eval, load_model, train_once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +111,11 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
         }
         for k in VQA_SHOTS
     }
+    if args.per_type:  # the by-type bar, judged on as many questions of each type, paired across k
+        balanced = out / "easyvqa-by-type"
+        kw = {"limit": None, "per_group": args.per_type, "batch_size": args.batch_size, "progress": True}
+        cached_eval(balanced, model, processor, "easyvqa", [0, 4], args.seeds, **kw)
+        res["easyvqa_by_type"] = paired_change_by_group(balanced, "easyvqa", 0, 4)
     res.update(binding_results(model, processor, out, args))
     return res
 
@@ -271,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "interface-results")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--limit", type=int, default=300, help="easy-VQA questions / images per task")
+    p.add_argument(
+        "--per-type", type=int, default=300,
+        help="easy-VQA questions of each type (colour, shape, yes/no) the k = 4 >= k = 0 bar is judged on; 0: "
+        "judge it on the --limit subset",
+    )  # fmt: skip
     p.add_argument("--bbc-limit", type=int, default=100, help="BBC articles per task")
     p.add_argument("--fastbind-limit", type=int, default=100, help="fast-binding queries per task")
     p.add_argument("--bbc-shots", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 4])

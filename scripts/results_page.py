@@ -141,28 +141,55 @@ def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**not met**")
 
 
+def _vqa_bar(name: str, vqa: dict[str, Any]) -> str:
+    """The by-type bar judged on the page's easy-VQA subset (its types as they come in the split)."""
+    pairs = {t: (vqa["0"]["by_type"].get(t, {}).get("mean"), vqa["4"]["by_type"].get(t, {}).get("mean"))
+             for t in ("colour", "shape", "yes/no")}  # fmt: skip
+    shown = ", ".join(
+        f"{t} {a:.1f} → {b:.1f}" for t, (a, b) in pairs.items() if a is not None and b is not None
+    )
+    ok = all(b >= a for a, b in pairs.values() if a is not None and b is not None)
+    # How far below, in answers: a shortfall of a fraction of one answer a seed is within noise.
+    short = [
+        f"{t} {a - b:.1f} below k = 0: {(a - b) * vqa['0']['by_type'][t]['n'] / 100:.1f} of "
+        f"{vqa['0']['by_type'][t]['n']} answers a seed"
+        for t, (a, b) in pairs.items()
+        if a is not None and b is not None and b < a
+    ]
+    verdict = _verdict(ok) + (f" ({'; '.join(short)})" if short else "")
+    return f"| {name} | easy-VQA by question type, k = 4 ≥ k = 0 (mean of seeds) | {shown} | {verdict} |"
+
+
+def _paired_vqa_bar(name: str, change: dict[str, dict[str, float]]) -> str:
+    """The by-type bar judged on as many questions of each type, the same questions at k = 0 and 4: each
+    change with its 95 % interval, and whether a shortfall is larger than that interval."""
+    types = [t for t in ("colour", "shape", "yes/no") if t in change]
+    shown = ", ".join(
+        f"{t} {change[t]['from']:.1f} → {change[t]['to']:.1f} ({change[t]['mean']:+.1f} ± {change[t]['ci95']:.1f})"
+        for t in types
+    )
+    n = ", ".join(sorted({str(change[t]["n"]) for t in types}))
+    short = [t for t in types if change[t]["mean"] < 0]
+    notes = [
+        f"{t} {-change[t]['mean']:.1f} below k = 0, "
+        + ("beyond" if -change[t]["mean"] > change[t]["ci95"] else "within")
+        + " its 95 % interval"
+        for t in short
+    ]
+    verdict = _verdict(not short) + (f" ({'; '.join(notes)})" if notes else "")
+    return (
+        f"| {name} | easy-VQA by question type, k = 4 ≥ k = 0 (mean of seeds; {n} questions a type, the "
+        f"same at both k; change ± 95 % interval) | {shown} | {verdict} |"
+    )
+
+
 def _icl_bars(name: str, r: dict[str, Any]) -> list[str]:
     """The in-context bars for one model, each with the measured figures it is judged on."""
     rows = []
-    vqa = r["easyvqa"]
-    if "0" in vqa and "4" in vqa:
-        pairs = {t: (vqa["0"]["by_type"].get(t, {}).get("mean"), vqa["4"]["by_type"].get(t, {}).get("mean"))
-                 for t in ("colour", "shape", "yes/no")}  # fmt: skip
-        shown = ", ".join(
-            f"{t} {a:.1f} → {b:.1f}" for t, (a, b) in pairs.items() if a is not None and b is not None
-        )
-        ok = all(b >= a for a, b in pairs.values() if a is not None and b is not None)
-        # How far below, in answers: a shortfall of a fraction of one answer a seed is within noise.
-        short = [
-            f"{t} {a - b:.1f} below k = 0: {(a - b) * vqa['0']['by_type'][t]['n'] / 100:.1f} of "
-            f"{vqa['0']['by_type'][t]['n']} answers a seed"
-            for t, (a, b) in pairs.items()
-            if a is not None and b is not None and b < a
-        ]
-        verdict = _verdict(ok) + (f" ({'; '.join(short)})" if short else "")
-        rows.append(
-            f"| {name} | easy-VQA by question type, k = 4 ≥ k = 0 (mean of seeds) | {shown} | {verdict} |"
-        )
+    if "easyvqa_by_type" in r:
+        rows.append(_paired_vqa_bar(name, r["easyvqa_by_type"]))
+    elif "0" in r["easyvqa"] and "4" in r["easyvqa"]:
+        rows.append(_vqa_bar(name, r["easyvqa"]))
     binding = (r.get("fastbind") or {}).get("fastbind-shape-2way")
     if binding and "1" in binding and "4" in binding:
         bar = 80 if name.startswith("gemma-vl") else 70

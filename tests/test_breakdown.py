@@ -127,3 +127,31 @@ def test_continuation_pieces_of_a_wordpiece_vocabulary():
     pieces = set(continuation_pieces(tok))
     assert tok.convert_tokens_to_ids("##l") in pieces
     assert tok.convert_tokens_to_ids("teal") not in pieces and tok.convert_tokens_to_ids("tea") not in pieces
+
+
+def _write(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_paired_change_by_group_compares_the_same_questions(tmp_path):
+    from metalm.evaluation.breakdown import paired_change_by_group
+
+    groups = ["colour"] * 4 + ["yes/no"] * 2
+    k0 = [1, 1, 0, 1, 1, 0]
+    k4 = {0: [1, 0, 0, 1, 1, 1], 1: [1, 1, 0, 1, 1, 1]}  # colour question 2: right in one seed of two
+    _write(tmp_path / "predictions-t-k0-s0.jsonl", [{"group": g, "score": s} for g, s in zip(groups, k0)])
+    for seed, scores in k4.items():
+        _write(tmp_path / f"predictions-t-k4-s{seed}.jsonl", [{"group": g, "score": s} for g, s in zip(groups, scores)])  # fmt: skip
+    table = paired_change_by_group(tmp_path, "t", 0, 4)
+    colour, yes_no = table["colour"], table["yes/no"]
+    assert (colour["n"], colour["from"], colour["to"]) == (4, 75.0, 62.5)
+    assert colour["mean"] == pytest.approx(-12.5)  # one question of four lost half its answers
+    assert colour["ci95"] == pytest.approx(1.96 * 25.0 / 2)  # diffs 0,-50,0,0: std 25 over sqrt(4)
+    assert (yes_no["mean"], yes_no["ci95"]) == (50.0, pytest.approx(1.96 * 70.7107 / 2**0.5, rel=1e-4))
+    _write(tmp_path / "predictions-t-k1-s0.jsonl", [{"group": "shape", "score": 1}] * 6)
+    with pytest.raises(ValueError, match="not asked the same questions"):
+        paired_change_by_group(tmp_path, "t", 0, 1)
+    with pytest.raises(FileNotFoundError):
+        paired_change_by_group(tmp_path, "t", 0, 2)

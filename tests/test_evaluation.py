@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -461,6 +462,7 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
         calls.append((list(shots), list(seeds), limit))
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = {"shots": list(shots), "seeds": list(seeds), "limit": limit, "results": {}}
+        summary["per_group"] = kw.get("per_group")
         (out_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -473,3 +475,23 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
         experiments.cached_eval(out, None, None, "easyvqa", shots, seeds, limit=limit)
         assert calls[-1] == (shots, seeds, limit)  # a different request is evaluated again
     assert len(calls) == 4
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], limit=100, per_group=30)
+    assert len(calls) == 5  # the same subset size, balanced per group: evaluated again
+
+
+def test_a_subset_per_group_balances_groups_and_keeps_the_old_subsets():
+    from metalm.evaluation.task_runs import SUBSET_SEED, subset_examples
+
+    examples = [Example(str(i), {}, ("a",), group="rare" if i % 10 == 0 else "common") for i in range(200)]
+    head = subset_examples(examples, 50)
+    # --limit alone picks what it always picked (cached figures stay comparable).
+    assert head == [examples[i] for i in sorted(random.Random(SUBSET_SEED).sample(range(200), 50))]
+    balanced = subset_examples(examples, None, per_group=15)
+    assert [e.group for e in balanced].count("rare") == 15 and len(balanced) == 30
+    assert balanced == sorted(balanced, key=lambda e: int(e.id))  # the split's order
+    assert subset_examples(examples, None, per_group=15) == balanced  # fixed, not per call
+    assert len(subset_examples(examples, 20, per_group=15)) == 20
+    assert [e.group for e in subset_examples(examples, None, per_group=500)].count("rare") == 20  # all of it
+    for bad in ({"limit": 0}, {"limit": None, "per_group": 0}):
+        with pytest.raises(ValueError, match="must be positive"):
+            subset_examples(examples, **bad)

@@ -62,3 +62,17 @@ def test_the_copy_training_sentence_says_when_copying_began(page):
     )
     assert "lowest 1.20 (step 100)" in " ".join(page._copy_training_lines("quickstart", began))
     assert page._copy_training_lines("quickstart", None) == []
+
+
+def test_the_by_type_bar_says_whether_a_shortfall_is_beyond_its_interval(page):
+    def change(before, after, ci):
+        return {"n": 300, "from": before, "to": after, "mean": after - before, "ci95": ci}
+
+    within = {"colour": change(96.0, 95.5, 1.0), "shape": change(100.0, 100.0, 0.0), "yes/no": change(92.0, 93.0, 1.2)}  # fmt: skip
+    row = page._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": within})[0]
+    assert "300 questions a type" in row and "colour 96.0 → 95.5 (-0.5 ± 1.0)" in row
+    assert row.endswith("**not met** (colour 0.5 below k = 0, within its 95 % interval) |")
+    beyond = {**within, "colour": change(96.0, 93.0, 1.0)}
+    assert "colour 3.0 below k = 0, beyond its 95 % interval" in page._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": beyond})[0]  # fmt: skip
+    met = {t: change(90.0, 90.0, 0.5) for t in ("colour", "shape", "yes/no")}
+    assert page._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": met})[0].endswith("| met |")

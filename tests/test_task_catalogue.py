@@ -36,7 +36,7 @@ def _fake_records(dataset: str, split: str, kind: str | None = None) -> list[Sim
             id=None if i % 2 == 0 else f"{dataset}/{split}/{i}",
             text=_CAPTIONS[i % len(_CAPTIONS)] + ("  spaced\n words" if i == 3 else ""),
             question=f"q{i}?",
-            answers=[f"a{i}", "other"],
+            answers=[("red", "circle", "yes")[i % 3], f"a{i}"],  # an easy-VQA answer: its question type
             image=f"/img/{dataset}/{i}.png",
             audio=f"/wav/{dataset}/{i}.wav",
             label=f"label{i % 3}",

@@ -23,6 +23,7 @@ __all__ = [
     "QUESTION_TYPES",
     "attribute_correctness",
     "breakdown_over_seeds",
+    "paired_change_by_group",
     "caption_attributes",
     "question_attribute",
     "question_type",
@@ -179,3 +180,37 @@ def breakdown_over_seeds(
             "n": tables[0][key]["n"],
         }
     return merged
+
+
+def paired_change_by_group(out: str | Path, task: str, k_from: int, k_to: int) -> dict[str, dict[str, float]]:
+    """Per group (the records' ``group``), how the score changes from ``k_from`` to ``k_to`` demonstrations
+    on the very same questions: each question's score at ``k_to`` averaged over that run's seeds, minus its
+    score at ``k_from`` (also averaged over seeds). ``mean`` is that change x100, ``ci95`` the half-width of
+    its normal 95 % interval (1.96 standard errors over questions), with the group's scores at both k and its
+    question count: a shortfall smaller than ``ci95`` is not told apart from none."""
+
+    def per_question(k: int) -> list[tuple[str, float]]:
+        runs = [read_predictions(p) for p in sorted(Path(out).glob(f"predictions-{task}-k{k}-s*.jsonl"))]
+        if not runs:
+            raise FileNotFoundError(f"{out}: no predictions-{task}-k{k}-s*.jsonl")
+        return [
+            (str(rows[0].get("group")), statistics.fmean(float(r["score"]) for r in rows))
+            for rows in zip(*runs)
+        ]
+
+    before, after = per_question(k_from), per_question(k_to)
+    if [g for g, _ in before] != [g for g, _ in after]:
+        raise ValueError(f"{out}: k={k_from} and k={k_to} were not asked the same questions")
+    table: dict[str, dict[str, float]] = {}
+    for group in sorted({g for g, _ in before}):
+        pairs = [(a, b) for (g, a), (_, b) in zip(before, after) if g == group]
+        diffs = [100 * (b - a) for a, b in pairs]
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        table[group] = {
+            "n": len(pairs),
+            "from": 100 * statistics.fmean(a for a, _ in pairs),
+            "to": 100 * statistics.fmean(b for _, b in pairs),
+            "mean": statistics.fmean(diffs),
+            "ci95": 1.96 * spread / len(diffs) ** 0.5,
+        }
+    return table

@@ -68,12 +68,17 @@ class _BuiltinRecords(BaseModel):
 
 class VQAReader(_BuiltinRecords):
     """VQA records: the question (``{question}``), the answers and the image; ``spoken``: the question is
-    also heard, from the record's clip."""
+    also heard, from the record's clip. ``group: question_type``: each example's group is its easy-VQA
+    question type (colour, shape, yes/no; read from its answers), so that results are given per type and
+    ``--per-group`` can balance them."""
 
     reader: Literal["vqa"]
     spoken: bool = False
+    group: Literal["question_type"] | None = None
 
     def examples(self, split: str, options: tuple[str, ...] | None) -> list[Example]:
+        from metalm.evaluation.breakdown import question_type
+
         return [
             Example(
                 id=rid,
@@ -81,6 +86,7 @@ class VQAReader(_BuiltinRecords):
                 answers=tuple(r.answers),
                 image=r.image,
                 audio=r.audio if self.spoken else None,
+                group=question_type(r.answers) if self.group else None,
             )
             for rid, r in self._records(split)
         ]

@@ -43,6 +43,7 @@ def eval_main(
     device: str | None = None,
     data: Sequence[str] = (),
     group_by: str = "type",
+    per_group: int | None = None,
 ) -> dict[str, Any]:
     """``metalm eval MODEL --task NAME [--task ...] [--shots 0,1,4] [--seeds 0,1,2] [--limit N] [--out DIR]``.
 
@@ -73,6 +74,7 @@ def eval_main(
     summary = evaluate(
         lm, processor, tasks, shots=shot_list, seeds=seed_list, limit=limit, batch_size=batch_size,
         out_dir=out, baseline=baseline, separator=separator, normalization=normalization, model_name=model,
+        per_group=per_group,
     )  # fmt: skip
     print((Path(out) / "results.md").read_text(), end="")
     return summary
@@ -83,6 +85,7 @@ def _eval_from_args(args: argparse.Namespace) -> int:
         args.model, args.task or [], shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
         normalization=args.normalization, device=args.device, data=args.data or (), group_by=args.group_by,
+        per_group=args.per_group,
     )  # fmt: skip
     return 0  # the `metalm` entry point turns this into the exit status
 
@@ -116,6 +119,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--seeds", default="0", help="comma-separated seeds for demonstration sampling, e.g. 0,1,2"
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N examples")
+    p.add_argument(
+        "--per-group", type=int, default=None, metavar="N",
+        help="at most N examples of each group (easy-VQA's question types, --data's meta.KEY), so that a rare "
+        "group is measured on as many as a common one; --limit then caps the total",
+    )  # fmt: skip
     p.add_argument("--out", default="eval-results", help="output folder")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument(

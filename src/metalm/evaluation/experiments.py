@@ -41,13 +41,18 @@ def cached_eval(
     out: Path, model, processor, task: Any, shots: Sequence[int], seeds: Sequence[int], **kw: Any
 ) -> dict[str, Any]:
     """`metalm eval` of ``task`` into ``out``; its summary is reused when one exists for the same shots,
-    seeds and limit (a page must not state a limit its cached figures were not measured with)."""
+    seeds, limit and per-group cap (a page must not state a limit its cached figures were not measured with)."""
     from metalm.evaluation.runner import evaluate
 
     summary = out / "summary.json"
     if summary.is_file():
         cached = json.loads(summary.read_text())
-        asked = {"shots": list(shots), "seeds": list(seeds), "limit": kw.get("limit")}
+        asked = {
+            "shots": list(shots),
+            "seeds": list(seeds),
+            "limit": kw.get("limit"),
+            "per_group": kw.get("per_group"),
+        }
         found = {key: cached.get(key) for key in asked}
         if found == asked:
             return cached

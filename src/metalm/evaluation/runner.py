@@ -51,6 +51,7 @@ def _results_markdown(summary: dict[str, Any]) -> str:
         f"- mode: {summary['mode']}",
         f"- seeds: {', '.join(map(str, summary['seeds']))} (k=0 is deterministic and runs once)",
         f"- limit: {summary['limit'] if summary['limit'] is not None else 'all'}",
+        *([f"- at most {summary['per_group']} examples per group"] if summary.get("per_group") else []),
         "- scores x100 (accuracy, F1, BLEU-4, ROUGE-L: 0-100; CIDEr-D: 0-1000, as papers print it)",
         "- mean ± std (sample std) over seeds; a score from one run (one seed, or k=0) has no spread",
         "",
@@ -99,6 +100,7 @@ def evaluate(
     normalization: str | None = None,
     progress: bool = True,
     model_name: str | None = None,
+    per_group: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on one or more tasks for every k in ``shots`` and every seed.
 
@@ -106,6 +108,8 @@ def evaluate(
     file path, or a list of them. ``baseline=None`` picks baseline mode (inputs as decoder text) for a model
     without a text encoder; ``separator=None`` separates demonstrations with the decoder's EOS token;
     ``normalization`` overrides every rank task's ``sum`` / ``mean``. k = 0 runs once (with the first seed).
+    ``per_group``: at most that many examples of each group (e.g. easy-VQA's question types), so that a rare
+    group is measured on as many examples as a common one (``subset_examples``).
 
     Returns the summary (also written to ``out_dir/summary.json`` with ``results.md`` and the prediction
     files when ``out_dir`` is given): ``{"results": {task: {str(k): {"seeds": {str(seed): metrics},
@@ -132,13 +136,14 @@ def evaluate(
         "shots": shots,
         "seeds": seeds,
         "limit": limit,
+        "per_group": per_group,
         "protocols": {t.name: t.settings() for t in tasks},
         "results": {},
     }
     try:
         for t in tasks:
             summary["results"][t.name] = evaluate_task(
-                model, processor, t, shots, seeds, limit=limit, out=out, baseline=baseline,
+                model, processor, t, shots, seeds, limit=limit, per_group=per_group, out=out, baseline=baseline,
                 separator=separator, batch_size=batch_size, progress=progress,
             )  # fmt: skip
     finally:

@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import statistics
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,27 @@ SUBSET_SEED = "metalm-eval-subset"
 logger = logging.getLogger("metalm.evaluation")
 
 
-def subset_examples(examples: list[Example], limit: int | None) -> list[Example]:
+def subset_examples(
+    examples: list[Example], limit: int | None, per_group: int | None = None
+) -> list[Example]:
     """The first ``limit`` examples of a fixed shuffle (built-in splits can be sorted by label, so a plain
-    head would be one class); the same subset for every k and seed."""
+    head would be one class); the same subset for every k and seed. ``per_group``: at most that many of each
+    group (:attr:`Example.group`), the first of a fixed shuffle of the whole split, so that a rare group (easy-VQA's colour
+    questions, an eighth of the split) is measured on as many examples as a common one; ``limit`` then caps
+    the total. Kept in the split's order."""
+    for name, value in (("limit", limit), ("per_group", per_group)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if per_group is not None:
+        taken: Counter[str | None] = Counter()
+        kept = []
+        for i in random.Random(SUBSET_SEED).sample(range(len(examples)), len(examples)):
+            if taken[examples[i].group] < per_group:
+                taken[examples[i].group] += 1
+                kept.append(i)
+        return [examples[i] for i in sorted(kept[:limit])]
     if limit is None or limit >= len(examples):
         return examples
-    if limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
     picked = sorted(random.Random(SUBSET_SEED).sample(range(len(examples)), limit))
     return [examples[i] for i in picked]
 
@@ -211,10 +226,11 @@ def evaluate_task(
     *,
     limit: int | None,
     out: Path | None,
+    per_group: int | None = None,
     **run,
 ) -> dict[str, Any]:
     """One task's results by k (the `results` entry of the summary); prediction files go to `out`."""
-    examples = subset_examples(t.examples(t.eval_split), limit)
+    examples = subset_examples(t.examples(t.eval_split), limit, per_group)
     _warn_if_images_left_out(model, t, examples)
     pool: list[Example] = []
     if any(k > 0 for k in shots) or t.episodes is not None:  # zero-shot runs never touch demonstrations
