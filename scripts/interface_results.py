@@ -44,7 +44,7 @@ from typing import Any
 
 from results_page import FASTBIND_SHOTS, MODELS, VQA_SHOTS, write_page
 
-from metalm.evaluation.breakdown import breakdown_over_seeds, paired_change_by_group
+from metalm.evaluation.breakdown import answer_flips, breakdown_over_seeds, paired_change_by_group
 from metalm.evaluation.experiments import cached_eval, load_model, train_once
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +116,7 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
         kw = {"limit": None, "per_group": args.per_type, "batch_size": args.batch_size, "progress": True}
         cached_eval(balanced, model, processor, "easyvqa", [0, 4], args.seeds, **kw)
         res["easyvqa_by_type"] = paired_change_by_group(balanced, "easyvqa", 0, 4)
+        res["easyvqa_flips"] = {t: answer_flips(balanced, "easyvqa", 0, 4, t) for t in res["easyvqa_by_type"]}
     res.update(binding_results(model, processor, out, args))
     return res
 

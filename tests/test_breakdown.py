@@ -155,3 +155,34 @@ def test_paired_change_by_group_compares_the_same_questions(tmp_path):
         paired_change_by_group(tmp_path, "t", 0, 1)
     with pytest.raises(FileNotFoundError):
         paired_change_by_group(tmp_path, "t", 0, 2)
+
+
+def test_answer_flips_names_what_lost_answers_become(tmp_path):
+    from metalm.evaluation.breakdown import answer_flips
+
+    def rows(predictions):
+        golds = ["brown", "gray", "red", "yes"]
+        return [
+            {
+                "id": str(i),
+                "group": "yes/no" if g == "yes" else "colour",
+                "gold": g,
+                "prediction": p,
+                "score": float(p == g),
+            }  # fmt: skip
+            for i, (g, p) in enumerate(zip(golds, predictions))
+        ]
+
+    _write(tmp_path / "predictions-t-k0-s0.jsonl", rows(["brown", "gray", "blue", "no"]))
+    _write(tmp_path / "predictions-t-k4-s0.jsonl", rows(["red", "gray", "red", "yes"]))
+    _write(tmp_path / "predictions-t-k4-s1.jsonl", rows(["red", "teal", "blue", "no"]))
+    flips = answer_flips(tmp_path, "t", 0, 4, "colour")
+    assert flips == {
+        "lost": 3,
+        "gained": 1,
+        "seeds": 2,
+        "questions": 3,
+        "confusions": [("brown", "red", 2), ("gray", "teal", 1)],
+    }
+    with pytest.raises(FileNotFoundError):
+        answer_flips(tmp_path, "t", 1, 4, "colour")

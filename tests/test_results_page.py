@@ -13,6 +13,11 @@ def page():
     return load_script("results_page")
 
 
+@pytest.fixture(scope="module")
+def bars():
+    return load_script("results_bars")
+
+
 def _by_k(values: dict[int, float]) -> dict[str, dict]:
     return {str(k): {"mean": {"accuracy": v}, "std": {"accuracy": 0.0}} for k, v in values.items()}
 
@@ -64,15 +69,43 @@ def test_the_copy_training_sentence_says_when_copying_began(page):
     assert page._copy_training_lines("quickstart", None) == []
 
 
-def test_the_by_type_bar_says_whether_a_shortfall_is_beyond_its_interval(page):
+def test_the_by_type_bar_says_whether_a_shortfall_is_beyond_its_interval(bars):
     def change(before, after, ci):
         return {"n": 300, "from": before, "to": after, "mean": after - before, "ci95": ci}
 
     within = {"colour": change(96.0, 95.5, 1.0), "shape": change(100.0, 100.0, 0.0), "yes/no": change(92.0, 93.0, 1.2)}  # fmt: skip
-    row = page._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": within})[0]
+    row = bars._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": within})[0]
     assert "300 questions a type" in row and "colour 96.0 → 95.5 (-0.5 ± 1.0)" in row
     assert row.endswith("**not met** (colour 0.5 below k = 0, within its 95 % interval) |")
     beyond = {**within, "colour": change(96.0, 93.0, 1.0)}
-    assert "colour 3.0 below k = 0, beyond its 95 % interval" in page._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": beyond})[0]  # fmt: skip
+    assert "colour 3.0 below k = 0, beyond its 95 % interval" in bars._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": beyond})[0]  # fmt: skip
     met = {t: change(90.0, 90.0, 0.5) for t in ("colour", "shape", "yes/no")}
-    assert page._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": met})[0].endswith("| met |")
+    assert bars._icl_bars("m", {"easyvqa": {}, "easyvqa_by_type": met})[0].endswith("| met |")
+
+
+def test_a_type_that_answers_worse_with_demonstrations_says_what_its_answers_become(bars):
+    change = {"colour": {"n": 300, "from": 92.0, "to": 90.0, "mean": -2.0, "ci95": 1.5},
+              "shape": {"n": 300, "from": 99.0, "to": 99.0, "mean": 0.0, "ci95": 0.0}}  # fmt: skip
+    flips = {
+        "colour": {
+            "lost": 30,
+            "gained": 12,
+            "seeds": 3,
+            "questions": 300,
+            "confusions": [("brown", "red", 11), ("gray", "teal", 6)],
+        },  # fmt: skip
+        "shape": {
+            "lost": 1,
+            "gained": 1,
+            "seeds": 3,
+            "questions": 300,
+            "confusions": [("circle", "square", 1)],
+        },
+    }
+    lines = bars._flip_lines({"m": {"easyvqa_by_type": change, "easyvqa_flips": flips}})
+    assert (
+        "m, colour: over 3 seeds of 300 questions, 30 answers right at k = 0 were wrong at k = 4 and 12"
+        in lines[0]
+    )
+    assert "become brown → red 11, gray → teal 6" in lines[0] and "shape" not in lines[0]
+    assert bars._flip_lines({"m": {"easyvqa": {}}}) == []

@@ -24,6 +24,7 @@ __all__ = [
     "attribute_correctness",
     "breakdown_over_seeds",
     "paired_change_by_group",
+    "answer_flips",
     "caption_attributes",
     "question_attribute",
     "question_type",
@@ -214,3 +215,34 @@ def paired_change_by_group(out: str | Path, task: str, k_from: int, k_to: int) -
             "ci95": 1.96 * spread / len(diffs) ** 0.5,
         }
     return table
+
+
+def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str) -> dict[str, Any]:
+    """Which answers of one group change from ``k_from`` to ``k_to`` demonstrations (each ``k_to`` seed
+    against the one ``k_from`` run, the same questions): ``lost`` (right, then wrong) and ``gained`` counts
+    summed over seeds, ``seeds``, and the commonest ``confusions`` among the lost, as (gold, new answer,
+    count), most frequent first."""
+    firsts = sorted(Path(out).glob(f"predictions-{task}-k{k_from}-s*.jsonl"))
+    if not firsts:
+        raise FileNotFoundError(f"{out}: no predictions-{task}-k{k_from}-s*.jsonl")
+    before = {r["id"]: r for r in read_predictions(firsts[0]) if r.get("group") == group}
+    lost = gained = 0
+    confusions: Counter[tuple[str, str]] = Counter()
+    paths = sorted(Path(out).glob(f"predictions-{task}-k{k_to}-s*.jsonl"))
+    for path in paths:
+        for r in read_predictions(path):
+            was = before.get(r["id"])
+            if was is None:
+                continue
+            if was["score"] >= 1 > r["score"]:
+                lost += 1
+                confusions[(_gold_list(r["gold"])[0], str(r["prediction"]).strip())] += 1
+            elif r["score"] > was["score"]:
+                gained += 1
+    return {
+        "lost": lost,
+        "gained": gained,
+        "seeds": len(paths),
+        "questions": len(before),
+        "confusions": [(g, p, n) for (g, p), n in confusions.most_common()],
+    }
