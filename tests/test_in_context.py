@@ -305,3 +305,15 @@ def test_in_context_report_table(tiny, tmp_path):
     assert "easy-VQA (n=4)" in rows and "fastbind-shape-2way (n=4)" in rows
     assert rows["fastbind-shape-2way (n=4)"].split(" | ")[1] == "–"  # no k = 0 for made-up names
     assert "±" in rows["easy-VQA (n=4)"].split(" | ")[2]  # two seeds at k = 1: a spread
+
+
+def test_made_up_repeats_show_made_up_words_three_times():
+    from metalm.data.builtin import load_builtin
+
+    docs = load_builtin("made_up_repeats", "validation")
+    assert len(docs) == 500 and docs == load_builtin("made_up_repeats", "validation")
+    for doc in docs:
+        first, second, third = doc.text.rstrip(".").split(". ")
+        assert first == second == third and 3 <= len(first.split()) <= 8
+        assert not set(first.split()) & set(HELD_OUT_WORDS)
+    assert docs[0].text != load_builtin("made_up_repeats", "test")[0].text

@@ -109,3 +109,27 @@ def test_a_type_that_answers_worse_with_demonstrations_says_what_its_answers_bec
     )
     assert "become brown → red 11, gray → teal 6" in lines[0] and "shape" not in lines[0]
     assert bars._flip_lines({"m": {"easyvqa": {}}}) == []
+
+
+def test_a_variant_row_shows_binding_ranked_and_copying_beside_its_preset(bars):
+    def entry(ranked, first, repeat):
+        return {
+            "easyvqa_by_type": {"colour": {"n": 300, "from": 96.0, "to": 95.0, "mean": -1.0, "ci95": 1.2}},
+            "fastbind": {
+                "fastbind-shape-2way": _by_k({1: 0.0, 4: 2.0}),
+                "fastbind-shape-2way-ranked": _by_k({4: ranked}),
+            },  # fmt: skip
+            "copying": {"first_loss": first, "repeat_loss": repeat},
+        }
+
+    variants = {
+        "qs-copy": {**entry(61.0, 12.5, 12.0), "config": "configs/ablations/qs-copy.yaml", "preset": "qs"}
+    }
+    rows = bars._variant_rows(variants, {"qs": entry(55.3, 12.18, 12.17)})
+    assert (
+        rows[2]
+        == "| qs | `configs/qs.yaml` | 96.0 → 95.0 (-1.0 ± 1.2) | — | — | 0.0 / 2.0 | 55.3 | 0.01 | — |"
+    )
+    assert (
+        rows[3].startswith("| qs-copy | `configs/ablations/qs-copy.yaml` |") and "| 61.0 | 0.50 |" in rows[3]
+    )

