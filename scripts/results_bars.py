@@ -227,6 +227,13 @@ def bar_sections(results: dict[str, Any], variants: dict[str, Any]) -> list[str]
         "shapes predicts, so that only copying lowers their loss; `configs/ablations/quickstart-binding-letters"
         ".yaml`): 300 such steps (7.5 min) left the answer "
         "loss at 4.3 nats a token and the answers at 0 % (`qq` for `tufa`). "
+        + (
+            "Trained from scratch with what binding needs beside the quickstart's own streams (made-up words "
+            "repeated, whose repeats only copying predicts, and binding rows; or interleaved documents whose "
+            'text refers back across images): the variants in "Tried and left out" below. '
+            if any(v.get("preset") == "quickstart" for v in variants.values())
+            else ""
+        )
         + _why_no_binding(results)
         + "Not built: in-context rows of a text-classification task other than the evaluated one, which the "
         "BBC bar would need."
