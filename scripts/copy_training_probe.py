@@ -2,9 +2,12 @@
 token sequences (loss on the repeat only, so copying from context is the only way down) and logs the repeat's
 loss: where it leaves ln(vocab) is where induction heads form. A decoder that forms none within a budget
 cannot learn fast binding (copying the name after the matching demonstration) within it either
-(docs/results.md, fast binding). The model on disk is not changed.
+(docs/results.md, fast binding). `--fresh` re-initialises the decoder first (same shape, random weights):
+whether training made the decoder slower to learn copying than it would be from scratch. The model on disk is
+not changed.
 
     python scripts/copy_training_probe.py --model runs/quickstart/final --steps 1500 --out copy-probe.json
+    python scripts/copy_training_probe.py --model runs/quickstart/final --steps 300 --fresh
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="re-initialise the decoder's weights first")
     p.add_argument("--out", type=Path, default=None, help="write the curve here (JSON)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     model, processor = load_model(args.model)
     decoder = model.decoder.train()
+    if args.fresh:  # transformers' own initialisation of this architecture, from its config
+        decoder.load_state_dict(type(decoder)(decoder.config).state_dict())
     pool = torch.tensor(random_token_ids(processor, args.vocab, random.Random(args.seed)))
     bos = processor.bos_token_id if processor.bos_token_id is not None else int(pool[0])
     opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.01)

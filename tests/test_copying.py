@@ -78,3 +78,5 @@ def test_the_copy_training_probe_trains_a_copy_and_leaves_the_model(tiny_saved, 
         2.9957, abs=1e-3
     )
     assert {p.name: p.stat().st_mtime_ns for p in Path(tiny_saved).iterdir()} == before
+    assert module.main([*args, "--fresh"]) == 0 and json.loads(out.read_text())["fresh"] is True
+    assert {p.name: p.stat().st_mtime_ns for p in Path(tiny_saved).iterdir()} == before
