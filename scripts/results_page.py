@@ -237,6 +237,16 @@ def _perception_sections(
         "",
         *_vqa_rows(results, args.out),
         "",
+        *(
+            [
+                "The questions above keep the test split's mix of types (mostly yes/no, few colour "
+                f"questions). The k = 4 ≥ k = 0 bar below is judged on {args.per_type} questions of each "
+                "type instead, the same at both k, each change with its 95 % interval.",
+                "",
+            ]
+            if getattr(args, "per_type", 0)
+            else []
+        ),
         "## Fast binding: answers only the demonstrations give",
         "",
         "After Frozen's open-ended miniImageNet: each test image is a query in an episode of 2 (or 5) "
