@@ -4,7 +4,8 @@ loss: where it leaves ln(vocab) is where induction heads form. A decoder that fo
 cannot learn fast binding (copying the name after the matching demonstration) within it either
 (docs/results.md, fast binding). `--fresh` re-initialises the decoder first (same shape, random weights):
 whether training made the decoder slower to learn copying than it would be from scratch. The model on disk is
-not changed.
+not changed; `--save` writes the copy-trained model to a new folder (a start for `init_from`: does a decoder
+that copies learn fast binding sooner? configs/ablations/quickstart-copy-first.yaml).
 
     python scripts/copy_training_probe.py --model runs/quickstart/final --steps 1500 --out copy-probe.json
     python scripts/copy_training_probe.py --model runs/quickstart/final --steps 300 --fresh
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from metalm.evaluation.copying import random_token_ids
 from metalm.evaluation.experiments import load_model
+from metalm.model.loading import write_manifest
 
 
 def repeat_loss(decoder, pool: torch.Tensor, bos: int, batch: int, length: int, gen: torch.Generator):
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="re-initialise the decoder's weights first")
     p.add_argument("--out", type=Path, default=None, help="write the curve here (JSON)")
+    p.add_argument("--save", type=Path, default=None, help="save the copy-trained model here (a new folder)")
     args = p.parse_args(argv)
+    if args.save is not None and args.save.exists():
+        p.error(f"--save {args.save}: already exists; name a new folder")
     torch.manual_seed(args.seed)
     model, processor = load_model(args.model)
     decoder = model.decoder.train()
@@ -74,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": str(args.model),
         "chance_loss": math.log(args.vocab),
-        **{k: v for k, v in vars(args).items() if k not in ("model", "out")},
+        **{k: v for k, v in vars(args).items() if k not in ("model", "out", "save")},
         "curve": curve,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "curve"} | {"last": curve[-1:]}, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.save:
+        model.eval().save_pretrained(args.save)
+        processor.save_pretrained(args.save)
+        write_manifest(args.save, copy_training=curve[-1:])
     return 0
 
 

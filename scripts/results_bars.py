@@ -227,6 +227,11 @@ def bar_sections(results: dict[str, Any], variants: dict[str, Any]) -> list[str]
         "shapes predicts, so that only copying lowers their loss; `configs/ablations/quickstart-binding-letters"
         ".yaml`): 300 such steps (7.5 min) left the answer "
         "loss at 4.3 nats a token and the answers at 0 % (`qq` for `tufa`). "
+        "Trained on nothing but binding rows and made-up repeats, from scratch or from a decoder first "
+        "trained to copy (`configs/ablations/quickstart-binding-only.yaml`, `quickstart-copy-first.yaml`; "
+        "their comments give what was measured), it learns to answer with one of the row's made-up words "
+        "but picks the right one little better than chance: matching the query image to a demonstration's "
+        "is what it does not learn within these budgets. "
         + (
             "Trained from scratch with what binding needs beside the quickstart's own streams (made-up words "
             "repeated, whose repeats only copying predicts, and binding rows; or interleaved documents whose "

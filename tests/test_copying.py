@@ -80,3 +80,26 @@ def test_the_copy_training_probe_trains_a_copy_and_leaves_the_model(tiny_saved, 
     assert {p.name: p.stat().st_mtime_ns for p in Path(tiny_saved).iterdir()} == before
     assert module.main([*args, "--fresh"]) == 0 and json.loads(out.read_text())["fresh"] is True
     assert {p.name: p.stat().st_mtime_ns for p in Path(tiny_saved).iterdir()} == before
+
+
+def test_the_copy_training_probe_saves_the_trained_model_to_a_new_folder(tiny_saved, tmp_path):
+    """--save writes a loadable model whose decoder is the trained one (the encoders untouched), with a
+    manifest that verifies; a folder that exists is refused, not overwritten."""
+    import torch
+
+    from metalm.evaluation.experiments import load_model
+    from metalm.model.loading import check_model_folder
+    from tests.conftest import load_script
+
+    module = load_script("copy_training_probe")
+    saved = tmp_path / "copy-trained"
+    assert (
+        module.main(["--model", str(tiny_saved), "--steps", "3", "--vocab", "20", "--save", str(saved)]) == 0
+    )
+    check_model_folder(saved)
+    (before, _), (after, _) = load_model(tiny_saved), load_model(saved)
+    old, new = before.state_dict(), after.state_dict()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    with pytest.raises(SystemExit):
+        module.main(["--model", str(tiny_saved), "--steps", "1", "--save", str(saved)])
