@@ -20,10 +20,14 @@ def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**not met**")
 
 
+def _subset_pairs(vqa: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
+    """Each question type's mean at k = 0 and at k = 4 on the page's easy-VQA subset (None: not measured)."""
+    return {t: tuple(vqa[k]["by_type"].get(t, {}).get("mean") for k in ("0", "4")) for t in QUESTION_TYPES}
+
+
 def _vqa_bar(name: str, vqa: dict[str, Any]) -> str:
     """The by-type bar judged on the page's easy-VQA subset (its types as they come in the split)."""
-    pairs = {t: (vqa["0"]["by_type"].get(t, {}).get("mean"), vqa["4"]["by_type"].get(t, {}).get("mean"))
-             for t in ("colour", "shape", "yes/no")}  # fmt: skip
+    pairs = _subset_pairs(vqa)
     shown = ", ".join(
         f"{t} {a:.1f} → {b:.1f}" for t, (a, b) in pairs.items() if a is not None and b is not None
     )
@@ -42,7 +46,7 @@ def _vqa_bar(name: str, vqa: dict[str, Any]) -> str:
 def _paired_vqa_bar(name: str, change: dict[str, dict[str, float]]) -> str:
     """The by-type bar judged on as many questions of each type, the same questions at k = 0 and 4: each
     change with its 95 % interval, and whether a shortfall is larger than that interval."""
-    types = [t for t in ("colour", "shape", "yes/no") if t in change]
+    types = [t for t in QUESTION_TYPES if t in change]
     shown = ", ".join(
         f"{t} {change[t]['from']:.1f} → {change[t]['to']:.1f} ({change[t]['mean']:+.1f} ± {change[t]['ci95']:.1f})"
         for t in types
@@ -150,8 +154,7 @@ def _by_type_cells(entry: dict[str, Any]) -> list[str]:
             else "—"
             for t in QUESTION_TYPES
         ]
-    vqa = entry["easyvqa"]
-    pairs = [tuple(vqa[k]["by_type"].get(t, {}).get("mean") for k in ("0", "4")) for t in QUESTION_TYPES]
+    pairs = _subset_pairs(entry["easyvqa"]).values()
     return ["—" if a is None or b is None else f"{a:.1f} → {b:.1f}" for a, b in pairs]
 
 

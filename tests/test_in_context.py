@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from metalm.data.made_up import HELD_OUT_WORDS, made_up_word
 from metalm.data.records import VQAExample
 from metalm.data.segments import TextSegment
 from metalm.evaluation.fastbind import make_episode
@@ -16,7 +17,7 @@ from metalm.evaluation.icl import build_prompt, prompt_to_sample
 from metalm.evaluation.tasks import Example, builtin_task, in_model_layout
 from metalm.training.config import ConfigError, StreamConfig, config_from_dict
 from metalm.training.data import DataStream, StreamRecords
-from metalm.training.episodes import HELD_OUT_WORDS, EpisodeSampler, InContextSettings, made_up_word
+from metalm.training.episodes import EpisodeSampler, InContextSettings
 
 COLORS = ("red", "blue", "green")
 

@@ -162,6 +162,11 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _seed_runs(out: str | Path, task: str, k: int) -> list[list[dict[str, Any]]]:
+    """The prediction rows of each seed's run of ``task`` at ``k`` demonstrations in ``out``, in seed order."""
+    return [read_predictions(p) for p in sorted(Path(out).glob(f"predictions-{task}-k{k}-s*.jsonl"))]
+
+
 def breakdown_over_seeds(
     out: str | Path,
     task: str,
@@ -170,8 +175,7 @@ def breakdown_over_seeds(
 ) -> dict[str, dict[str, float]]:
     """``breakdown`` (by question type or attribute) of every seed's ``predictions-<task>-k<k>-s*.jsonl``
     under ``out``, as the mean and std of each key's accuracy over the seeds, with its count in one seed."""
-    paths = sorted(Path(out).glob(f"predictions-{task}-k{k}-s*.jsonl"))
-    tables = [breakdown(read_predictions(p)) for p in paths]
+    tables = [breakdown(rows) for rows in _seed_runs(out, task, k)]
     merged: dict[str, dict[str, float]] = {}
     for key in tables[0] if tables else {}:
         values = [t[key]["accuracy"] for t in tables if key in t]
@@ -191,7 +195,7 @@ def paired_change_by_group(out: str | Path, task: str, k_from: int, k_to: int) -
     question count: a shortfall smaller than ``ci95`` is not told apart from none."""
 
     def per_question(k: int) -> list[tuple[str, float]]:
-        runs = [read_predictions(p) for p in sorted(Path(out).glob(f"predictions-{task}-k{k}-s*.jsonl"))]
+        runs = _seed_runs(out, task, k)
         if not runs:
             raise FileNotFoundError(f"{out}: no predictions-{task}-k{k}-s*.jsonl")
         return [
@@ -222,15 +226,15 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
     against the one ``k_from`` run, the same questions): ``lost`` (right, then wrong) and ``gained`` counts
     summed over seeds, ``seeds``, and the commonest ``confusions`` among the lost, as (gold, new answer,
     count), most frequent first."""
-    firsts = sorted(Path(out).glob(f"predictions-{task}-k{k_from}-s*.jsonl"))
+    firsts = _seed_runs(out, task, k_from)
     if not firsts:
         raise FileNotFoundError(f"{out}: no predictions-{task}-k{k_from}-s*.jsonl")
-    before = {r["id"]: r for r in read_predictions(firsts[0]) if r.get("group") == group}
+    before = {r["id"]: r for r in firsts[0] if r.get("group") == group}
     lost = gained = 0
     confusions: Counter[tuple[str, str]] = Counter()
-    paths = sorted(Path(out).glob(f"predictions-{task}-k{k_to}-s*.jsonl"))
-    for path in paths:
-        for r in read_predictions(path):
+    runs = _seed_runs(out, task, k_to)
+    for rows in runs:
+        for r in rows:
             was = before.get(r["id"])
             if was is None:
                 continue
@@ -242,7 +246,7 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
     return {
         "lost": lost,
         "gained": gained,
-        "seeds": len(paths),
+        "seeds": len(runs),
         "questions": len(before),
         "confusions": [(g, p, n) for (g, p), n in confusions.most_common()],
     }
