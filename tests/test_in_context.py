@@ -301,11 +301,33 @@ def test_in_context_report_table(tiny, tmp_path):
         progress=False,
     )  # fmt: skip
     lines = in_context_lines(tmp_path, shots=(0, 1))
-    assert lines[0] == "| task | k = 0 | k = 1 |"
+    assert lines[0] == "| task | k = 0 | k = 1 | change k = 0 → 1 (95 % interval) |"
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert "easy-VQA (n=4)" in rows and "fastbind-shape-2way (n=4)" in rows
     assert rows["fastbind-shape-2way (n=4)"].split(" | ")[1] == "–"  # no k = 0 for made-up names
     assert "±" in rows["easy-VQA (n=4)"].split(" | ")[2]  # two seeds at k = 1: a spread
+
+
+def test_in_context_table_per_type_with_paired_change(tiny, tmp_path):
+    """per_type asks as many questions of each type; each type's row ends with its k = 0 -> k change, which
+    is the paired change computed from the very prediction files."""
+    from metalm.evaluation.breakdown import paired_change_by_group
+    from metalm.evaluation.in_context import evaluate_in_context, in_context_lines
+
+    model, processor = tiny
+    evaluate_in_context(
+        model, processor, tmp_path, limit=2, per_type=3, seeds=[0, 1], shots=(0, 1), fastbind=(),
+        progress=False,
+    )  # fmt: skip
+    lines = in_context_lines(tmp_path, shots=(0, 1))
+    assert lines[0] == "| task | k = 0 | k = 1 | change k = 0 → 1 (95 % interval) |"
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines[2:]}
+    assert "easy-VQA, 3 of each type (n=9)" in rows
+    change = paired_change_by_group(tmp_path / "easyvqa", "easyvqa", 0, 1)
+    for qtype in ("colour", "shape", "yes/no"):
+        cells = rows[f"easy-VQA {qtype} (n=3)"]
+        assert cells[-1].rstrip(" |") == f"{change[qtype]['mean']:+.1f} ± {change[qtype]['ci95']:.1f}"
+    assert rows["easy-VQA, 3 of each type (n=9)"][-1].rstrip(" |") == "–"
 
 
 def test_made_up_repeats_show_made_up_words_three_times():

@@ -27,6 +27,7 @@ def evaluate_in_context(
     out_dir: Path,
     *,
     limit: int | None = 100,
+    per_type: int | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     shots: Sequence[int] = ICL_SHOTS,
     fastbind: Sequence[str] = FASTBIND_SHOWN,
@@ -34,17 +35,25 @@ def evaluate_in_context(
     progress: bool = True,
 ) -> dict[str, Any]:
     """easy-VQA at each k in `shots` and the fast-binding tasks at each k >= 1 (k = 0 is 0 % by
-    construction for made-up names), every k > 0 over `seeds`; files under `out_dir`."""
+    construction for made-up names), every k > 0 over `seeds`; files under `out_dir`.
+
+    `per_type`: easy-VQA asks that many questions of each type (colour, shape, yes/no) instead of `limit`
+    in the split's mix, where colour questions are an eighth: a by-type change with demonstrations is then
+    judged on as many colour questions as yes/no ones (`in_context_lines` gives its 95 % interval)."""
     from metalm.evaluation.runner import evaluate
 
-    common = dict(limit=limit, seeds=list(seeds), batch_size=batch_size, progress=progress)
-    vqa = evaluate(model, processor, "easyvqa", shots=list(shots), out_dir=out_dir / "easyvqa", **common)
+    common = dict(seeds=list(seeds), batch_size=batch_size, progress=progress)
+    vqa_subset = dict(limit=None, per_group=per_type) if per_type else dict(limit=limit)
+    vqa = evaluate(
+        model, processor, "easyvqa", shots=list(shots), out_dir=out_dir / "easyvqa", **vqa_subset, **common
+    )
     binding = evaluate(
         model,
         processor,
         list(fastbind),
         shots=[k for k in shots if k > 0],
         out_dir=out_dir / "fastbind",
+        limit=limit,
         **common,
     )
     return {"easyvqa": vqa, "fastbind": binding}
@@ -59,7 +68,8 @@ def _by_type(path: Path) -> dict[str, dict[str, float]]:
 def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     """``{row: {k: {"mean", "std", "n_seeds"}}}`` from the evaluation files under `out_dir`: easy-VQA
     overall and per question type (each seed's breakdown, then mean and spread over seeds), and each
-    fast-binding task's accuracy."""
+    fast-binding task's accuracy. A question type's row also holds ``"change"``: from k = 0 to the largest k,
+    the mean paired change on the same questions with its 95 % interval (``paired_change_by_group``)."""
     from metalm.evaluation.breakdown import QUESTION_TYPES
 
     table: dict[str, dict[str, dict[str, float]]] = {}
@@ -75,13 +85,19 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     vqa = out_dir / "easyvqa"
     if (vqa / "summary.json").exists():
         summary = json.loads((vqa / "summary.json").read_text())
-        for k, entry in summary["results"]["easyvqa"].items():
-            put(f"easy-VQA (n={entry['n']})", k, [m["vqa_accuracy"] for m in entry["seeds"].values()])
+        by_k = summary["results"]["easyvqa"]
+        mix = f", {summary['per_group']} of each type" if summary.get("per_group") else ""
+        changes = _changes(vqa, [int(k) for k in by_k])
+        for k, entry in by_k.items():
+            put(f"easy-VQA{mix} (n={entry['n']})", k, [m["vqa_accuracy"] for m in entry["seeds"].values()])
             seeds = [_by_type(p) for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))]
             for qtype in QUESTION_TYPES:
                 cells = [s[qtype] for s in seeds if qtype in s]
                 if cells:
-                    put(f"easy-VQA {qtype} (n={cells[0]['n']})", k, [c["accuracy"] for c in cells])
+                    row = f"easy-VQA {qtype} (n={cells[0]['n']})"
+                    put(row, k, [c["accuracy"] for c in cells])
+                    if qtype in changes:
+                        table[row]["change"] = changes[qtype]
     binding = out_dir / "fastbind" / "summary.json"
     if binding.exists():
         for task, by_k in json.loads(binding.read_text())["results"].items():
@@ -90,11 +106,24 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     return table
 
 
+def _changes(vqa: Path, shots: list[int]) -> dict[str, dict[str, float]]:
+    """Per question type, the paired change from k = 0 to the largest k (none without both)."""
+    from metalm.evaluation.breakdown import paired_change_by_group
+
+    if 0 not in shots or max(shots) == 0:
+        return {}
+    changes = paired_change_by_group(vqa, "easyvqa", 0, max(shots))
+    return {group: {**change, "k": max(shots)} for group, change in changes.items()}
+
+
 def in_context_lines(out_dir: Path, shots: Sequence[int] = ICL_SHOTS) -> list[str]:
-    """The table as markdown: a row per task (and easy-VQA question type), a column per k."""
+    """The table as markdown: a row per task (and easy-VQA question type), a column per k, and for each
+    question type the change from k = 0 to the largest k with its 95 % interval."""
     table = in_context_table(out_dir)
     head = " | ".join(f"k = {k}" for k in shots)
-    lines = [f"| task | {head} |", "|---|" + "---:|" * len(shots)]
+    to_k = next((by_k["change"]["k"] for by_k in table.values() if "change" in by_k), None)
+    change_head = f" | change k = 0 → {to_k:.0f} (95 % interval) |" if to_k is not None else " |"
+    lines = [f"| task | {head}{change_head}", "|---|" + "---:|" * (len(shots) + (to_k is not None))]
     for row, by_k in table.items():
         cells = []
         for k in shots:
@@ -105,5 +134,8 @@ def in_context_lines(out_dir: Path, shots: Sequence[int] = ICL_SHOTS) -> list[st
                 cells.append(f"{cell['mean']:.1f} ± {cell['std']:.1f}")
             else:
                 cells.append(f"{cell['mean']:.1f}")
+        if to_k is not None:
+            change = by_k.get("change")
+            cells.append(f"{change['mean']:+.1f} ± {change['ci95']:.1f}" if change else "–")
         lines.append(f"| {row} | {' | '.join(cells)} |")
     return lines
