@@ -109,22 +109,59 @@ def test_captions_agree_with_every_answer() -> None:
         for ex in load_builtin("easy_vqa_vqa", split):
             if ex.image not in labels:
                 continue
-            color, shape = labels[ex.image]
-            answer = ex.answers[0]
-            words = re.findall(r"[a-z]+", ex.question)
-            if answer in EASY_VQA_COLORS:
-                assert answer == color, ex
-            elif answer in EASY_VQA_SHAPES:
-                assert answer == shape, ex
-            else:
-                truth = all(w == color for w in words if w in EASY_VQA_COLORS) and all(
-                    w == shape for w in words if w in EASY_VQA_SHAPES
-                )
-                if "not" in words or "no" in words:
-                    truth = not truth
-                assert (answer == "yes") == truth, ex
+            assert _agrees(ex, *labels[ex.image]), ex
             checked += 1
         assert checked > 9000 if split == "test" else checked > 3000
+
+
+def _agrees(ex, color: str, shape: str) -> bool:
+    """Whether an easy-VQA question's answer is true of an image of that colour and shape."""
+    answer = ex.answers[0]
+    words = re.findall(r"[a-z]+", ex.question)
+    if answer in EASY_VQA_COLORS:
+        return answer == color
+    if answer in EASY_VQA_SHAPES:
+        return answer == shape
+    truth = all(w == color for w in words if w in EASY_VQA_COLORS) and all(
+        w == shape for w in words if w in EASY_VQA_SHAPES
+    )
+    if "not" in words or "no" in words:
+        truth = not truth
+    return (answer == "yes") == truth
+
+
+def _masked(question: str) -> str:
+    """The question with its colour and shape words replaced by X."""
+    return re.sub(
+        r"[a-z]+", lambda m: "X" if m[0] in EASY_VQA_COLORS or m[0] in EASY_VQA_SHAPES else m[0], question
+    )
+
+
+def test_yes_no_questions_are_true_balanced_and_easy_vqas_own() -> None:
+    """easy_vqa_yes_no: every answer true of the image, each attribute asked once of the image's own value
+    and once of another, in easy-VQA's own phrasings, and no phrasing tells the answer."""
+    from collections import Counter, defaultdict
+
+    phrasings = {
+        _masked(ex.question) for ex in load_builtin("easy_vqa_vqa", "train") if ex.answers[0] in ("yes", "no")
+    }
+    for split in SPLITS:
+        labels = {r.image: r.text[2:-1].split(" ") for r in load_builtin("easy_vqa_captions", split)}
+        records = load_builtin("easy_vqa_yes_no", split)
+        asked = Counter(r.id.rsplit("/", 1)[1] for r in records)
+        assert set(asked.values()) == {len(labels)}  # colour/shape x present/absent, once per image
+        answers_by_phrasing: dict[str, list[str]] = defaultdict(list)
+        for ex in records:
+            color, shape = labels[ex.image]
+            assert _agrees(ex, color, shape), ex
+            there = bool({color, shape} & set(re.findall(r"[a-z]+", ex.question)))
+            assert there == ex.id.endswith("present"), ex
+            assert _masked(ex.question) in phrasings, ex.question
+            answers_by_phrasing[_masked(ex.question)].append(ex.answers[0])
+        assert len(answers_by_phrasing) == 16
+        if split == "train":
+            for phrasing, answers in answers_by_phrasing.items():
+                assert 0.4 < answers.count("yes") / len(answers) < 0.6, phrasing
 
 
 def test_pixel_labels_match_questions_on_a_sample() -> None:

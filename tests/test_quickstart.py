@@ -74,3 +74,21 @@ def test_report_breakdown_and_results_page(tmp_path):
     update_results_page(page, [RESULTS_BEGIN, "second", RESULTS_END])
     text = page.read_text()
     assert "hand-written text" in text and "second" in text and "first" not in text
+
+
+def test_report_says_when_yes_no_is_answered_from_the_wording():
+    """A yes/no attribute below a coin toss on the questions its wording gets wrong is named as answered from
+    the wording; none is named when every attribute is at least a coin toss."""
+    from metalm.quickstart import breakdown_lines
+
+    def table(colour: float, shape: float) -> dict:
+        return {"easyvqa-against-prior": {"yes/no: colour": {"accuracy": colour, "n": 17},
+                                          "yes/no: shape": {"accuracy": shape, "n": 28}}}  # fmt: skip
+
+    lines = breakdown_lines(table(0.0, 100.0))
+    said = [line for line in lines if line.startswith("Below a coin toss")]
+    assert len(said) == 1 and said[0].startswith("Below a coin toss (colour):") and "red shape" in said[0]
+    shape_only = [line for line in breakdown_lines(table(60.0, 40.0)) if line.startswith("Below a coin toss")]
+    assert shape_only == ["Below a coin toss (shape): the model answers those yes/no questions from their "
+                          "wording, not from the image."]  # fmt: skip
+    assert not any(line.startswith("Below a coin toss") for line in breakdown_lines(table(50.0, 100.0)))

@@ -157,10 +157,23 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
             "| the questions their wording alone gets wrong | VQA accuracy on them (only the image can "
             f"answer these) | {' | '.join(cells)} |"
         )
-        by_attr = [f"{attr} {cell(table['easyvqa-against-prior'], f'yes/no: {attr}')}" for attr in ATTRIBUTES]
+        against = table["easyvqa-against-prior"]
+        by_attr = [f"{attr} {cell(against, f'yes/no: {attr}')}" for attr in ATTRIBUTES]
         notes.append(
             f"The yes/no questions their wording alone gets wrong, by the attribute asked about: {', '.join(by_attr)}."
         )
+        from_wording = [a for a in ATTRIBUTES if against.get(f"yes/no: {a}", {}).get("accuracy", 100) < 50]
+        if from_wording:
+            why = (
+                " (most easy-VQA questions about a colour ask about one the image lacks, so it says no to "
+                '"is there a red shape?" on a red shape)'
+                if "colour" in from_wording
+                else ""
+            )
+            notes.append(
+                f"Below a coin toss ({', '.join(from_wording)}): the model answers those yes/no questions from "
+                f"their wording, not from the image{why}."
+            )
     for task, how in CAPTION_TASKS.items():
         if task in table:
             cells = [cell(table[task], a) for a in ATTRIBUTES]

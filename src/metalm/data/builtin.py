@@ -35,7 +35,7 @@ from pathlib import Path
 
 from metalm.data.bbc import bbc_articles
 from metalm.data.corpus import CORPUS_SPLIT, TEXT_CORPUS_SIZES, load_text_corpus
-from metalm.data.documents import easy_vqa_attributes, easy_vqa_documents
+from metalm.data.documents import easy_vqa_attributes, easy_vqa_documents, easy_vqa_yes_no
 from metalm.data.easy_vqa import (
     CAPTION_TEMPLATE,
     CAPTION_VARIANTS,
@@ -157,6 +157,16 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             {"train": 7222, "validation": 768, "test": 2000},
         ),
         BuiltinDataset(
+            "easy_vqa_yes_no",
+            "vqa",
+            "easy-vqa",
+            "per captioned image, four yes/no questions in easy-vqa's phrasings: its colour and its shape, and "
+            "a colour and a shape it does not have (half the answers 'there is', whatever the wording; "
+            "metalm.data.documents)",
+            _EASY_VQA_RULE,
+            {"train": 14444, "validation": 1536, "test": 4000},
+        ),
+        BuiltinDataset(
             "made_up_repeats",
             "text",
             "generated (metalm.data.made_up)",
@@ -241,6 +251,7 @@ _LOADERS: dict[tuple[str, str], Callable[[str], list[Record]]] = {
     ("easy_vqa", "vqa"): lambda s: list(easy_vqa_vqa(s)),
     ("easy_vqa", "interleaved"): lambda s: easy_vqa_documents(easy_vqa_captions(s), s),
     ("easy_vqa_attributes", "vqa"): lambda s: easy_vqa_attributes(easy_vqa_captions(s), s),
+    ("easy_vqa_yes_no", "vqa"): lambda s: easy_vqa_yes_no(easy_vqa_captions(s), s),
     ("bbc_news", "classification"): lambda s: [
         Classification(text=t, label=c, id=i) for i, c, t in bbc_articles(s)
     ],
@@ -259,6 +270,7 @@ _SOURCE_OF = {
     "easy_vqa_vqa": "easy_vqa",
     "easy_vqa_documents": "easy_vqa",
     "easy_vqa_attributes": "easy_vqa_attributes",
+    "easy_vqa_yes_no": "easy_vqa_yes_no",
     "bbc_news": "bbc_news",
     "bbc_news_text": "bbc_news",
     "pydoc": "pydoc",

@@ -1,5 +1,13 @@
-"""Built-in data for in-context training: ``easy_vqa_documents`` (interleaved documents) and
-``easy_vqa_attributes`` (the attribute questions fast binding asks).
+"""Built-in data derived from the easy-VQA captions: ``easy_vqa_documents`` (interleaved documents),
+``easy_vqa_attributes`` (the attribute questions fast binding asks) and ``easy_vqa_yes_no`` (yes/no questions
+balanced between what the image holds and what it does not).
+
+``easy_vqa_yes_no``: in easy-VQA's own questions, 88 % of the yes/no questions about a colour ask about a
+colour the image does not have (a third of those about a shape), so a model can answer them well from the
+wording alone and never learn to say that the red shape it sees is red. Here each image is asked about each
+attribute twice, once of its own value and once of another drawn at random, each time in one of easy-VQA's
+eight phrasings of the question (four of them negated: "is no red shape present?"): half the questions ask
+about what is there, and the wording says nothing about the answer.
 
 ``easy_vqa_documents``: interleaved documents of several easy-VQA images and texts (built-in data).
 
@@ -16,9 +24,16 @@ from __future__ import annotations
 import random
 import re
 
+from metalm.data.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from metalm.data.records import ImagePart, ImageText, Interleaved, TextPart, VQAExample
 
-__all__ = ["ATTRIBUTE_QUESTIONS", "easy_vqa_attributes", "easy_vqa_documents"]
+__all__ = [
+    "ATTRIBUTE_QUESTIONS",
+    "YES_NO_QUESTIONS",
+    "easy_vqa_attributes",
+    "easy_vqa_documents",
+    "easy_vqa_yes_no",
+]
 
 # easy-VQA's own phrasings of the two attribute questions (the package's question templates).
 ATTRIBUTE_QUESTIONS = {
@@ -30,6 +45,22 @@ ATTRIBUTE_QUESTIONS = {
         "what is the color of the {shape}?",
     ),
 }
+
+# easy-VQA's own phrasings of its yes/no questions (the package's templates); the last four are negated.
+YES_NO_QUESTIONS = {
+    "color": tuple(
+        t.replace("{thing}", "{value} shape") for t in (
+            "is there a {thing}?", "is there a {thing} in the image?", "does the image contain a {thing}?",
+            "is a {thing} present?", "is there not a {thing}?", "is there not a {thing} in the image?",
+            "does the image not contain a {thing}?", "is no {thing} present?",
+        )
+    ),
+    "shape": (
+        "is there a {value}?", "is there a {value} in the image?", "does the image contain a {value}?",
+        "is a {value} present?", "is there not a {value}?", "is there not a {value} in the image?",
+        "does the image not contain a {value}?", "is no {value} present?",
+    ),
+}  # fmt: skip
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 _CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
@@ -79,4 +110,38 @@ def easy_vqa_attributes(images: list[ImageText], split: str) -> list[VQAExample]
             out.append(
                 VQAExample(image=rec.image, question=question, answers=(answer,), id=f"{rec.id}/{attribute}")
             )
+    return out
+
+
+def negated(question: str) -> bool:
+    """Whether an easy-VQA yes/no question is asked in the negative ("is there not ...", "is no ...")."""
+    return " not " in question or question.startswith("is no ")
+
+
+def easy_vqa_yes_no(images: list[ImageText], split: str) -> list[VQAExample]:
+    """Four yes/no questions per image (module docstring): for the colour and for the shape, one asking about
+    the image's own value and one about another value drawn at random, each in a random one of easy-VQA's
+    phrasings (drawn with a fixed seed per split); "yes" exactly when what is asked about is there, or a
+    negated question asks about what is not."""
+    rng = random.Random(f"easy_vqa_yes_no/{split}")
+    values = {"color": tuple(EASY_VQA_COLORS), "shape": EASY_VQA_SHAPES}
+    out: list[VQAExample] = []
+    for rec in images:
+        match = _CAPTION.match(rec.text)
+        if match is None:
+            continue
+        color, shape = match.groups()
+        for attribute, own in (("color", color), ("shape", shape)):
+            other = rng.choice([v for v in values[attribute] if v != own])
+            for asked, there in ((own, "present"), (other, "absent")):
+                question = rng.choice(YES_NO_QUESTIONS[attribute]).format(value=asked)
+                answer = "yes" if (there == "present") != negated(question) else "no"
+                out.append(
+                    VQAExample(
+                        image=rec.image,
+                        question=question,
+                        answers=(answer,),
+                        id=f"{rec.id}/{attribute}-{there}",
+                    )
+                )
     return out
