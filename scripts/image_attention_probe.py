@@ -1,0 +1,151 @@
+"""Do demonstrations change what a docked decoder sees in the query's image? A probe of three attention masks.
+
+With four demonstrations before it, a query's image slots are read by the decoder's layers in the context of
+the demonstrations (causal attention reaches back over them), and so is the question after it. This probe asks
+the same easy-VQA questions at k = 0 and k = K under three masks, applied to the prompt only (no retraining):
+
+- ``causal``: what the model does (the evaluation's own prompts, the same demonstrations per seed);
+- ``image-alone``: every image's slots attend only to the prompt's start (BOS) and to their own image, so an
+  image is read exactly as it is with no demonstrations (RoPE is relative);
+- ``own-image``: as ``image-alone``, and every text position attends to its own example's image only, not to
+  the other examples' images (Flamingo's per-image cross-attention, as a self-attention mask).
+
+The score is the first answer token's accuracy: the likeliest next token after the prompt equals the gold
+answer's first token (for easy-VQA's one-word answers that is the answer's start; the page's figures, from
+generation, are not this). With no demonstrations the three masks are the same mask. Prints a table per question
+type and writes the per-question rows as JSON.
+
+    python scripts/image_attention_probe.py --model runs/gemma-vl/final --per-type 300 --shots 4 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+MASKS = ("causal", "image-alone", "own-image")
+
+
+def attention_mask(real: torch.Tensor, image: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B, 1, T, T] boolean (True = may attend) for left-padded rows: `real` marks real positions, `image`
+    the image slots. An image block starts where an image slot follows a non-image position."""
+    batch, length = real.shape
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & real[:, None, :]
+    if kind != "causal":
+        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        block = starts.long().cumsum(-1)  # 0 before the first image, then the current example's image
+        same_block = block[:, :, None] == block[:, None, :]
+        prompt_start = (block == 0)[:, None, :]
+        image_rows = image[:, :, None] & (prompt_start | (image[:, None, :] & same_block))
+        allowed = torch.where(image[:, :, None], allowed & image_rows, allowed)
+        if kind == "own-image":
+            text_rows = ~image[:, :, None] & (block[:, :, None] > 0)
+            other_image = image[:, None, :] & ~same_block
+            allowed = allowed & ~(text_rows & other_image)
+    allowed = allowed | torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+    return allowed[:, None]
+
+
+@torch.no_grad()
+def first_token_predictions(model, processor, samples, kind: str) -> list[int]:
+    batch = processor.collate(list(samples), padding_side="left")
+    real = batch["attention_mask"].bool()
+    image = batch["encoder_slots"]["vision"].bool()
+    embeds = model.embed_inputs(batch["input_ids"], batch.get("encoder_inputs"), batch.get("encoder_slots"))
+    mask = attention_mask(real, image, kind)
+    if model.decoder.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=embeds.dtype).masked_fill(~mask, torch.finfo(embeds.dtype).min)
+    out = model.decoder(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=batch["position_ids"],
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.logits[:, -1].argmax(-1).tolist()
+
+
+def run(model, processor, task, examples, pool, k: int, seed: int, kind: str, batch_size: int) -> list[dict]:
+    """`examples`: (index in the evaluation's subset, example) pairs; the index draws the demonstrations, as
+    `metalm eval --per-group` does for the same subset."""
+    from metalm.evaluation.icl import build_prompt, encoder_fits, prompt_to_sample, sample_demonstrations
+
+    fits = encoder_fits(processor)
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        samples = []
+        for i, ex in chunk:
+            demos = sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=None)
+            samples.append(prompt_to_sample(processor, build_prompt(task, ex, demos, fits=fits), index=i))
+        for (_, ex), token in zip(chunk, first_token_predictions(model, processor, samples, kind)):
+            gold = processor.tokenize(task.render_target(ex.answers[0]))[0]
+            rows.append({"id": ex.id, "group": ex.group, "right": int(token == gold)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--per-type", type=int, default=300)
+    parser.add_argument("--types", default="colour", help="comma-separated question types to ask")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=None, help="JSON of every row (default: next to the model)")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    import metalm
+    from metalm.data.processor import MetaLMProcessor
+    from metalm.evaluation.protocol import in_model_layout
+    from metalm.evaluation.task_runs import subset_examples
+    from metalm.evaluation.tasks import get_task
+
+    metalm.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    processor = MetaLMProcessor.from_pretrained(args.model)
+    task = in_model_layout(get_task("easyvqa"), model.config)
+    types = set(args.types.split(","))
+    subset = subset_examples(task.examples(task.eval_split), None, args.per_type)
+    examples = [(i, ex) for i, ex in enumerate(subset) if ex.group in types]
+    pool = task.examples(task.demo_split)
+    results: dict[str, list[dict]] = {
+        "k0": run(model, processor, task, examples, pool, 0, 0, "causal", args.batch_size)
+    }
+    for kind in MASKS:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            key = f"k{args.shots}-{kind}-s{seed}"
+            results[key] = run(
+                model, processor, task, examples, pool, args.shots, seed, kind, args.batch_size
+            )
+            print(key, f"{100 * statistics.fmean(r['right'] for r in results[key]):.1f}", flush=True)
+    print(f"\n| mask | {' | '.join(sorted(types))} |\n|---|" + "---:|" * len(types))
+    for name, keys in [("k = 0", ["k0"])] + [
+        (
+            f"k = {args.shots}, {kind}",
+            [k for k in results if k.endswith(tuple(f"-{kind}-s{s}" for s in args.seeds.split(",")))],
+        )
+        for kind in MASKS
+    ]:
+        cells = []
+        for qtype in sorted(types):
+            scores = [statistics.fmean(r["right"] for r in results[k] if r["group"] == qtype) for k in keys]
+            cells.append(f"{100 * statistics.fmean(scores):.1f}")
+        print(f"| {name} | {' | '.join(cells)} |")
+    out = Path(args.out) if args.out else Path(args.model).parent / "image_attention_probe.json"
+    out.write_text(json.dumps({"args": vars(args), "rows": results}, indent=1) + "\n")
+    print(f"rows: {out}")
+
+
+if __name__ == "__main__":
+    main()
