@@ -12,8 +12,9 @@ the same easy-VQA questions at k = 0 and k = K under three masks, applied to the
 
 The score is the first answer token's accuracy: the likeliest next token after the prompt equals the gold
 answer's first token (for easy-VQA's one-word answers that is the answer's start; the page's figures, from
-generation, are not this). With no demonstrations the three masks are the same mask. Prints a table per question
-type and writes the per-question rows as JSON.
+generation, are not this). With no demonstrations the three masks are the same mask. Prints, per question type,
+each mask's score and its change on the same questions from k = 0 and from the causal mask with a 95 % interval,
+and writes the per-question rows as JSON (`--from-json` prints the table of saved rows again).
 
     python scripts/image_attention_probe.py --model runs/gemma-vl/final --per-type 300 --shots 4 --seeds 0,1,2
 """
@@ -89,11 +90,43 @@ def run(model, processor, task, examples, pool, k: int, seed: int, kind: str, ba
     return rows
 
 
+def per_question(results: dict[str, list[dict]], prefix: str) -> dict[str, tuple[str, float]]:
+    """Question id -> (its type, its score averaged over the runs whose key starts with `prefix`)."""
+    runs = [rows for key, rows in results.items() if key.startswith(prefix)]
+    return {
+        rows[0]["id"]: (rows[0]["group"], statistics.fmean(r["right"] for r in rows)) for rows in zip(*runs)
+    }
+
+
+def summary_lines(results: dict[str, list[dict]], shots: int) -> list[str]:
+    """Per question type: the score at k = 0 and under each mask at k = `shots` (mean over seeds), and each
+    mask's change on the same questions from k = 0 and from the causal mask, ± its 95 % interval."""
+    scores = {"k = 0": per_question(results, "k0")}
+    scores |= {f"k = {shots}, {kind}": per_question(results, f"k{shots}-{kind}-") for kind in MASKS}
+    causal = scores[f"k = {shots}, causal"]
+    lines = [
+        "| question type | prompt | score | change from k = 0 | change from causal |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for qtype in sorted({group for group, _ in scores["k = 0"].values()}):
+        for name, by_id in scores.items():
+            ids = [i for i, (group, _) in by_id.items() if group == qtype]
+            cells = [f"{100 * statistics.fmean(by_id[i][1] for i in ids):.1f}"]
+            for base in (scores["k = 0"], causal):
+                diffs = [100 * (by_id[i][1] - base[i][1]) for i in ids]
+                ci = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+                no_change = by_id is base or name == "k = 0"
+                cells.append("–" if no_change else f"{statistics.fmean(diffs):+.1f} ± {ci:.1f}")
+            lines.append(f"| {qtype} (n={len(ids)}) | {name} | {' | '.join(cells)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="a saved model folder (or --from-json)")
+    parser.add_argument("--from-json", help="print the table of an earlier run's rows instead")
     parser.add_argument("--per-type", type=int, default=300)
     parser.add_argument("--types", default="colour", help="comma-separated question types to ask")
     parser.add_argument("--shots", type=int, default=4)
@@ -101,7 +134,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=None, help="JSON of every row (default: next to the model)")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print("\n".join(summary_lines(saved["rows"], saved["args"]["shots"])))
+        return
+    if not args.model:
+        parser.error("give --model (or --from-json)")
+    results = probe(args)
+    print("\n".join(summary_lines(results, args.shots)))
+    out = Path(args.out) if args.out else Path(args.model).parent / "image_attention_probe.json"
+    out.write_text(json.dumps({"args": vars(args), "rows": results}, indent=1) + "\n")
+    print(f"rows: {out}")
 
+
+def probe(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every row of the probe: ``{"k0": rows, "k{shots}-{mask}-s{seed}": rows, ...}``."""
     from transformers import AutoModelForCausalLM
 
     import metalm
@@ -111,7 +158,6 @@ def main() -> None:
     from metalm.evaluation.tasks import get_task
 
     metalm.register()
-    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     processor = MetaLMProcessor.from_pretrained(args.model)
     task = in_model_layout(get_task("easyvqa"), model.config)
@@ -119,9 +165,7 @@ def main() -> None:
     subset = subset_examples(task.examples(task.eval_split), None, args.per_type)
     examples = [(i, ex) for i, ex in enumerate(subset) if ex.group in types]
     pool = task.examples(task.demo_split)
-    results: dict[str, list[dict]] = {
-        "k0": run(model, processor, task, examples, pool, 0, 0, "causal", args.batch_size)
-    }
+    results = {"k0": run(model, processor, task, examples, pool, 0, 0, "causal", args.batch_size)}
     for kind in MASKS:
         for seed in (int(s) for s in args.seeds.split(",")):
             key = f"k{args.shots}-{kind}-s{seed}"
@@ -129,22 +173,7 @@ def main() -> None:
                 model, processor, task, examples, pool, args.shots, seed, kind, args.batch_size
             )
             print(key, f"{100 * statistics.fmean(r['right'] for r in results[key]):.1f}", flush=True)
-    print(f"\n| mask | {' | '.join(sorted(types))} |\n|---|" + "---:|" * len(types))
-    for name, keys in [("k = 0", ["k0"])] + [
-        (
-            f"k = {args.shots}, {kind}",
-            [k for k in results if k.endswith(tuple(f"-{kind}-s{s}" for s in args.seeds.split(",")))],
-        )
-        for kind in MASKS
-    ]:
-        cells = []
-        for qtype in sorted(types):
-            scores = [statistics.fmean(r["right"] for r in results[k] if r["group"] == qtype) for k in keys]
-            cells.append(f"{100 * statistics.fmean(scores):.1f}")
-        print(f"| {name} | {' | '.join(cells)} |")
-    out = Path(args.out) if args.out else Path(args.model).parent / "image_attention_probe.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": results}, indent=1) + "\n")
-    print(f"rows: {out}")
+    return results
 
 
 if __name__ == "__main__":

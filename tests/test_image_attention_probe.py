@@ -61,3 +61,24 @@ def test_image_alone_reads_the_query_image_without_the_demonstrations(tiny):
     c_img, _ = _query_states(model, processor, first, "causal")
     d_img, _ = _query_states(model, processor, second, "causal")
     assert not torch.allclose(c_img, d_img, atol=1e-5)  # causal: the query's image reads the demonstration
+
+
+def test_summary_pairs_the_same_questions():
+    """The table's changes are per-question differences averaged, with their interval."""
+    probe = load_script("image_attention_probe")
+
+    def rows(rights: list[int]) -> list[dict]:
+        return [{"id": f"q{i}", "group": "colour", "right": r} for i, r in enumerate(rights)]
+
+    results = {"k0": rows([1, 1, 1, 1])}
+    for kind, rights in (
+        ("causal", [1, 0, 1, 1]),
+        ("image-alone", [0, 0, 1, 1]),
+        ("own-image", [1, 1, 1, 1]),
+    ):
+        for seed in (0, 1):
+            results[f"k4-{kind}-s{seed}"] = rows(rights)
+    lines = probe.summary_lines(results, 4)
+    assert lines[2] == "| colour (n=4) | k = 0 | 100.0 | – | – |"
+    assert lines[3] == "| colour (n=4) | k = 4, causal | 75.0 | -25.0 ± 49.0 | – |"
+    assert lines[5] == "| colour (n=4) | k = 4, own-image | 100.0 | +0.0 ± 0.0 | +25.0 ± 49.0 |"
