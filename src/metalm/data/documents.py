@@ -95,16 +95,17 @@ def easy_vqa_documents(images: list[ImageText], split: str) -> list[Interleaved]
     return documents
 
 
+def _colour_and_shape(images: list[ImageText]) -> list[tuple[ImageText, str, str]]:
+    """(record, colour, shape) of each image captioned ``a {color} {shape}.``, in order."""
+    return [(rec, *match.groups()) for rec in images if (match := _CAPTION.match(rec.text))]
+
+
 def easy_vqa_attributes(images: list[ImageText], split: str) -> list[VQAExample]:
     """Two questions per image, its shape and its colour, each in one of easy-VQA's phrasings (drawn with
     a fixed seed): the open questions a fast-binding episode asks, for in-context training."""
     rng = random.Random(f"easy_vqa_attributes/{split}")
     out: list[VQAExample] = []
-    for rec in images:
-        match = _CAPTION.match(rec.text)
-        if match is None:
-            continue
-        color, shape = match.groups()
+    for rec, color, shape in _colour_and_shape(images):
         for attribute, answer in (("shape", shape), ("color", color)):
             question = rng.choice(ATTRIBUTE_QUESTIONS[attribute]).format(shape=shape)
             out.append(
@@ -126,11 +127,7 @@ def easy_vqa_yes_no(images: list[ImageText], split: str) -> list[VQAExample]:
     rng = random.Random(f"easy_vqa_yes_no/{split}")
     values = {"color": tuple(EASY_VQA_COLORS), "shape": EASY_VQA_SHAPES}
     out: list[VQAExample] = []
-    for rec in images:
-        match = _CAPTION.match(rec.text)
-        if match is None:
-            continue
-        color, shape = match.groups()
+    for rec, color, shape in _colour_and_shape(images):
         for attribute, own in (("color", color), ("shape", shape)):
             other = rng.choice([v for v in values[attribute] if v != own])
             for asked, there in ((own, "present"), (other, "absent")):
