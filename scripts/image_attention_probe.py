@@ -6,7 +6,7 @@ the same easy-VQA questions at k = 0 and k = K under three masks, applied to the
 
 - ``causal``: what the model does (the evaluation's own prompts, the same demonstrations per seed);
 - ``image-alone``: every image's slots attend only to the prompt's start (BOS) and to their own image, so an
-  image is read exactly as it is with no demonstrations (RoPE is relative);
+  image is read as with no demonstrations but for its distance to the prompt's start (RoPE is relative);
 - ``own-image``: as ``image-alone``, and every text position attends to its own example's image only, not to
   the other examples' images (Flamingo's per-image cross-attention, as a self-attention mask).
 

@@ -130,20 +130,17 @@ def _agrees(ex, color: str, shape: str) -> bool:
     return (answer == "yes") == truth
 
 
-def _masked(question: str) -> str:
-    """The question with its colour and shape words replaced by X."""
-    return re.sub(
-        r"[a-z]+", lambda m: "X" if m[0] in EASY_VQA_COLORS or m[0] in EASY_VQA_SHAPES else m[0], question
-    )
-
-
 def test_yes_no_questions_are_true_balanced_and_easy_vqas_own() -> None:
     """easy_vqa_yes_no: every answer true of the image, each attribute asked once of the image's own value
     and once of another, in easy-VQA's own phrasings, and no phrasing tells the answer."""
     from collections import Counter, defaultdict
 
+    from metalm.evaluation.breakdown import question_wording
+
     phrasings = {
-        _masked(ex.question) for ex in load_builtin("easy_vqa_vqa", "train") if ex.answers[0] in ("yes", "no")
+        question_wording(ex.question)
+        for ex in load_builtin("easy_vqa_vqa", "train")
+        if ex.answers[0] in ("yes", "no")
     }
     for split in SPLITS:
         labels = {r.image: r.text[2:-1].split(" ") for r in load_builtin("easy_vqa_captions", split)}
@@ -156,8 +153,8 @@ def test_yes_no_questions_are_true_balanced_and_easy_vqas_own() -> None:
             assert _agrees(ex, color, shape), ex
             there = bool({color, shape} & set(re.findall(r"[a-z]+", ex.question)))
             assert there == ex.id.endswith("present"), ex
-            assert _masked(ex.question) in phrasings, ex.question
-            answers_by_phrasing[_masked(ex.question)].append(ex.answers[0])
+            assert question_wording(ex.question) in phrasings, ex.question
+            answers_by_phrasing[question_wording(ex.question)].append(ex.answers[0])
         assert len(answers_by_phrasing) == 16
         if split == "train":
             for phrasing, answers in answers_by_phrasing.items():

@@ -46,21 +46,17 @@ ATTRIBUTE_QUESTIONS = {
     ),
 }
 
-# easy-VQA's own phrasings of its yes/no questions (the package's templates); the last four are negated.
+# easy-VQA's own phrasings of its yes/no questions (the package's templates), the same for a colour ("a red
+# shape") and a shape ("a circle"); the last four are negated.
+_YES_NO_PHRASINGS = (
+    "is there a {thing}?", "is there a {thing} in the image?", "does the image contain a {thing}?",
+    "is a {thing} present?", "is there not a {thing}?", "is there not a {thing} in the image?",
+    "does the image not contain a {thing}?", "is no {thing} present?",
+)  # fmt: skip
 YES_NO_QUESTIONS = {
-    "color": tuple(
-        t.replace("{thing}", "{value} shape") for t in (
-            "is there a {thing}?", "is there a {thing} in the image?", "does the image contain a {thing}?",
-            "is a {thing} present?", "is there not a {thing}?", "is there not a {thing} in the image?",
-            "does the image not contain a {thing}?", "is no {thing} present?",
-        )
-    ),
-    "shape": (
-        "is there a {value}?", "is there a {value} in the image?", "does the image contain a {value}?",
-        "is a {value} present?", "is there not a {value}?", "is there not a {value} in the image?",
-        "does the image not contain a {value}?", "is no {value} present?",
-    ),
-}  # fmt: skip
+    attribute: tuple(t.replace("{thing}", thing) for t in _YES_NO_PHRASINGS)
+    for attribute, thing in (("color", "{value} shape"), ("shape", "{value}"))
+}
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 _CAPTION = re.compile(r"^a (\w+) (\w+)\.$")
