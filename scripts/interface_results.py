@@ -22,8 +22,9 @@ encoder": held-out loss on the text after a span given encoded / removed / as pl
 
 Every number on the page comes from this script's own outputs under `--out` (prediction files, summaries,
 training runs); a step whose outputs exist is not run again, so an interrupted run resumes. `--variants`
-adds ablations of a preset (`configs/ablations/<name>.yaml`, e.g. gemma-vl-binding), trained and evaluated
-on the in-context rows the same way, in a "Tried and left out" table. The page itself is written by
+adds ablations of a preset (`configs/ablations/<name>.yaml`, e.g. gemma-vl-binding), trained (a second
+stage's from its first stage under `--runs`) and evaluated on the in-context rows the same way, a variant with a
+text encoder also on BBC topics in context, in a "Tried and left out" table. The page itself is written by
 `results_page.py` beside this script.
 
     python scripts/interface_results.py                       # everything (hours on 2 CPU cores)
@@ -169,13 +170,16 @@ def evaluate_variant(name: str, runs: Path, out: Path, args: argparse.Namespace)
 
     config = CONFIGS / "ablations" / f"{name}.yaml"
     preset = Path(yaml.safe_load(config.read_text())["extends"]).stem  # the preset it varies
-    model, processor = load_model(train_once(config, runs / name))
+    first = STARTS_FROM.get(preset)  # a second stage's variant starts where that stage does
+    overrides = [f"init_from={trained_model(first, runs)}"] if first else []
+    model, processor = load_model(train_once(config, runs / name, overrides))
     res = {
         "config": f"configs/ablations/{name}.yaml",
         "preset": preset,
         **in_context_results(model, processor, out, args),
     }
-    if model.config.encoders_of_kind("text"):
+    if model.config.encoders_of_kind("text"):  # a text variant: held-out BBC topics in context too
+        res.update(bbc_topic_results(model, processor, out, args))
         res["reads_encoder"] = reads_encoder(out / "reads-encoder.json", model, processor, args)
     return res
 
@@ -194,8 +198,19 @@ def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace)
             "attributes": breakdown_over_seeds(out / task, task, 0, caption_by_attribute),
         }
     res.update(in_context_results(model, processor, out, args))
+    res.update(bbc_topic_results(model, processor, out, args))
+    if has_text:
+        res["reads_encoder"] = reads_encoder(out / "reads-encoder.json", model, processor, args)
+    return res
+
+
+def bbc_topic_results(model, processor, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """BBC topic at `--bbc-shots`, demonstrations through the text encoder (when the model has one) and as
+    plain text, with the share of the evaluated articles that always answering the majority topic scores."""
+    has_text = bool(model.config.encoders_of_kind("text"))
+    kw = {"limit": args.bbc_limit, "batch_size": args.batch_size, "progress": True}
     modes = {"encoded": False, "plain": True} if has_text else {"plain": True}
-    res["bbc-topic"] = {
+    topic = {
         mode: cached_eval(
             out / f"bbc-topic-{mode}",
             model,
@@ -204,7 +219,7 @@ def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace)
             args.bbc_shots,
             args.seeds,
             baseline=baseline,
-            **{**kw, "limit": args.bbc_limit},
+            **kw,
         )["results"]["bbc-topic"]  # fmt: skip
         for mode, baseline in modes.items()
     }
@@ -212,10 +227,7 @@ def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace)
         json.loads(line)["gold"]
         for line in (out / "bbc-topic-plain" / "predictions-bbc-topic-k0-s0.jsonl").open()
     ]
-    res["bbc_majority"] = 100 * max(golds.count(g) for g in set(golds)) / len(golds)
-    if has_text:
-        res["reads_encoder"] = reads_encoder(out / "reads-encoder.json", model, processor, args)
-    return res
+    return {"bbc-topic": topic, "bbc_majority": 100 * max(golds.count(g) for g in set(golds)) / len(golds)}
 
 
 def reads_encoder(path: Path, model, processor, args: argparse.Namespace) -> dict[str, Any]:

@@ -120,8 +120,9 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
     when measured), fast binding shape 2-way generated and ranked, the copy probe, the encoder probe."""
     rows = [
         "| model | config | easy-VQA k = 0 → 4: colour | shape | yes/no | fast binding shape 2-way, k = 1 / 4 "
-        "| ranked, k = 4 (chance 50) | copies a repeat: nats saved | reads the encoder: gap closed |",
-        "|---|---|---|---|---|---|---:|---:|---:|",
+        "| ranked, k = 4 (chance 50) | copies a repeat: nats saved | reads the encoder: gap closed "
+        "| BBC topic through the encoder, k = 0 / 1 / 4 (majority topic) |",
+        "|---|---|---|---|---|---|---:|---:|---:|---|",
     ]
     presets = {v["preset"]: {**results[v["preset"]], "config": f"configs/{v['preset']}.yaml"}
                for v in variants.values() if v["preset"] in results}  # fmt: skip
@@ -139,9 +140,20 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
             pm(ranked["mean"]["accuracy"]) if ranked else "—",
             f"{copy['first_loss'] - copy['repeat_loss']:.2f}" if copy else "—",
             "—" if gap is None else f"{gap:.2f}",
+            _bbc_cell(entry),
         ]
         rows.append(f"| {name} | `{entry['config']}` | " + " | ".join(cells) + " |")
     return rows
+
+
+def _bbc_cell(entry: dict[str, Any]) -> str:
+    """BBC topic accuracy with demonstrations through the encoder at k = 0 / 1 / 4, and the majority share."""
+    encoded = entry.get("bbc-topic", {}).get("encoded")
+    if not encoded:
+        return "—"
+    shown = " / ".join(pm(encoded[k]["mean"]["accuracy"]) if k in encoded else "—" for k in ("0", "1", "4"))
+    majority = entry.get("bbc_majority")
+    return shown + ("" if majority is None else f" ({majority:.1f})")
 
 
 def _by_type_cells(entry: dict[str, Any]) -> list[str]:

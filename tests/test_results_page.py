@@ -128,8 +128,30 @@ def test_a_variant_row_shows_binding_ranked_and_copying_beside_its_preset(bars):
     rows = bars._variant_rows(variants, {"qs": entry(55.3, 12.18, 12.17)})
     assert (
         rows[2]
-        == "| qs | `configs/qs.yaml` | 96.0 → 95.0 (-1.0 ± 1.2) | — | — | 0.0 / 2.0 | 55.3 | 0.01 | — |"
+        == "| qs | `configs/qs.yaml` | 96.0 → 95.0 (-1.0 ± 1.2) | — | — | 0.0 / 2.0 | 55.3 | 0.01 | — | — |"
     )
     assert (
         rows[3].startswith("| qs-copy | `configs/ablations/qs-copy.yaml` |") and "| 61.0 | 0.50 |" in rows[3]
     )
+
+
+def test_a_variant_row_shows_bbc_topics_in_context_through_the_encoder(bars):
+    """A text variant's held-out BBC topics at k = 0 / 1 / 4 (encoded demonstrations) beside the majority share;
+    the plain-text figures are not in the cell, and a k it was not measured at shows a dash."""
+    colour = {"n": 300, "from": 92.0, "to": 90.0, "mean": -2.0, "ci95": 1.9}
+    base = {"easyvqa_by_type": {"colour": colour}, "fastbind": {}, "copying": None}
+    topic = {"encoded": _by_k({0: 56.7, 1: 25.6, 4: 34.4}), "plain": _by_k({0: 60.0, 1: 11.0, 4: 12.0})}
+    variants = {
+        "g-text": {**base, "bbc-topic": topic, "bbc_majority": 33.3, "config": "c.yaml", "preset": "g"},
+        "g-one": {
+            **base,
+            "bbc-topic": {"encoded": _by_k({0: 50.0, 4: 40.0})},
+            "config": "d.yaml",
+            "preset": "g",
+        },
+    }
+    rows = bars._variant_rows(variants, {})
+    assert rows[0].endswith("| BBC topic through the encoder, k = 0 / 1 / 4 (majority topic) |")
+    assert rows[2].endswith("| 56.7 / 25.6 / 34.4 (33.3) |") and "11.0" not in rows[2]
+    assert rows[3].endswith("| 50.0 / — / 40.0 |")
+    assert all(row.count("|") == rows[0].count("|") for row in rows)
