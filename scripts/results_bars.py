@@ -255,8 +255,14 @@ def bar_sections(results: dict[str, Any], variants: dict[str, Any]) -> list[str]
             else ""
         )
         + _why_no_binding(results)
-        + "Not built: in-context rows of a text-classification task other than the evaluated one, which the "
-        "BBC bar would need."
+        + (
+            "In-context rows of two text-classification tasks other than BBC's (WordNet categories, GCIDE parts "
+            "of speech; MetaICL's recipe) beside gemma-vl-icl's streams: `gemma-vl-icl-text` below, its BBC "
+            "column."
+            if "gemma-vl-icl-text" in variants
+            else "Not in this invocation: in-context rows of text-classification tasks other than BBC's "
+            "(`configs/ablations/gemma-vl-icl-text.yaml`; `--variants gemma-vl-icl-text` adds it)."
+        )
     )
     lines.append("")
     if variants:

@@ -155,3 +155,17 @@ def test_a_variant_row_shows_bbc_topics_in_context_through_the_encoder(bars):
     assert rows[2].endswith("| 56.7 / 25.6 / 34.4 (33.3) |") and "11.0" not in rows[2]
     assert rows[3].endswith("| 50.0 / — / 40.0 |")
     assert all(row.count("|") == rows[0].count("|") for row in rows)
+
+
+def test_the_bars_section_points_at_the_text_in_context_variant_or_says_how_to_add_it(bars):
+    text = "\n".join(bars.bar_sections({}, {}))
+    assert "`--variants gemma-vl-icl-text` adds it" in text and "Tried and left out" not in text
+    colour = {"n": 300, "from": 92.0, "to": 90.0, "mean": -2.0, "ci95": 1.9}
+    variant = {
+        "easyvqa_by_type": {"colour": colour},
+        "fastbind": {},
+        "config": "c.yaml",
+        "preset": "gemma-vl-icl",
+    }
+    text = "\n".join(bars.bar_sections({}, {"gemma-vl-icl-text": variant}))
+    assert "`gemma-vl-icl-text` below, its BBC column" in text and "## Tried and left out" in text
