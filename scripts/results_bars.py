@@ -117,7 +117,8 @@ def _bar_rows(results: dict[str, Any]) -> list[str]:
 
 def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """Each variant beside the preset it varies: easy-VQA by type at k = 0 → 4 (on the balanced questions
-    when measured), fast binding shape 2-way generated and ranked, the copy probe, the encoder probe."""
+    when measured), fast binding shape 2-way generated and ranked, the copy probe, the encoder probe, and BBC
+    topics in context through the encoder (a variant with a text encoder)."""
     rows = [
         "| model | config | easy-VQA k = 0 → 4: colour | shape | yes/no | fast binding shape 2-way, k = 1 / 4 "
         "| ranked, k = 4 (chance 50) | copies a repeat: nats saved | reads the encoder: gap closed "
