@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from metalm.evaluation.breakdown import paired_change
+
 MASKS = ("causal", "image-alone", "own-image")
 
 
@@ -113,10 +115,9 @@ def summary_lines(results: dict[str, list[dict]], shots: int) -> list[str]:
             ids = [i for i, (group, _) in by_id.items() if group == qtype]
             cells = [f"{100 * statistics.fmean(by_id[i][1] for i in ids):.1f}"]
             for base in (scores["k = 0"], causal):
-                diffs = [100 * (by_id[i][1] - base[i][1]) for i in ids]
-                ci = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+                change = paired_change([base[i][1] for i in ids], [by_id[i][1] for i in ids])
                 no_change = by_id is base or name == "k = 0"
-                cells.append("–" if no_change else f"{statistics.fmean(diffs):+.1f} ± {ci:.1f}")
+                cells.append("–" if no_change else f"{change['mean']:+.1f} ± {change['ci95']:.1f}")
             lines.append(f"| {qtype} (n={len(ids)}) | {name} | {' | '.join(cells)} |")
     return lines
 

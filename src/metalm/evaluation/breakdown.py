@@ -206,19 +206,25 @@ def paired_change_by_group(out: str | Path, task: str, k_from: int, k_to: int) -
     before, after = per_question(k_from), per_question(k_to)
     if [g for g, _ in before] != [g for g, _ in after]:
         raise ValueError(f"{out}: k={k_from} and k={k_to} were not asked the same questions")
-    table: dict[str, dict[str, float]] = {}
-    for group in sorted({g for g, _ in before}):
-        pairs = [(a, b) for (g, a), (_, b) in zip(before, after) if g == group]
-        diffs = [100 * (b - a) for a, b in pairs]
-        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        table[group] = {
-            "n": len(pairs),
-            "from": 100 * statistics.fmean(a for a, _ in pairs),
-            "to": 100 * statistics.fmean(b for _, b in pairs),
-            "mean": statistics.fmean(diffs),
-            "ci95": 1.96 * spread / len(diffs) ** 0.5,
-        }
-    return table
+    return {
+        group: paired_change([a for (g, a) in before if g == group], [b for (g, b) in after if g == group])
+        for group in sorted({g for g, _ in before})
+    }
+
+
+def paired_change(before: list[float], after: list[float]) -> dict[str, float]:
+    """The change from `before` to `after`, scores (0-1) of the same questions in the same order: ``n``,
+    ``from`` and ``to`` (x100), ``mean`` of the per-question differences (x100) and ``ci95``, the half-width
+    of its normal 95 % interval (1.96 standard errors over questions)."""
+    diffs = [100 * (b - a) for a, b in zip(before, after, strict=True)]
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {
+        "n": len(diffs),
+        "from": 100 * statistics.fmean(before),
+        "to": 100 * statistics.fmean(after),
+        "mean": statistics.fmean(diffs),
+        "ci95": 1.96 * spread / len(diffs) ** 0.5,
+    }
 
 
 def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str) -> dict[str, Any]:
