@@ -463,6 +463,7 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = {"shots": list(shots), "seeds": list(seeds), "limit": limit, "results": {}}
         summary["per_group"] = kw.get("per_group")
+        summary["calibration"] = "content-free query (N/A), ranked tasks" if kw.get("calibrate") else None
         (out_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -477,6 +478,10 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
     assert len(calls) == 4
     experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], limit=100, per_group=30)
     assert len(calls) == 5  # the same subset size, balanced per group: evaluated again
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], limit=100, per_group=30, calibrate=True)
+    assert len(calls) == 6  # calibrated: evaluated again
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], limit=100, per_group=30, calibrate=True)
+    assert len(calls) == 6
 
 
 def test_a_subset_per_group_balances_groups_and_keeps_the_old_subsets():

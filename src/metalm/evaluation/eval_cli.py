@@ -44,6 +44,7 @@ def eval_main(
     data: Sequence[str] = (),
     group_by: str = "type",
     per_group: int | None = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
     """``metalm eval MODEL --task NAME [--task ...] [--shots 0,1,4] [--seeds 0,1,2] [--limit N] [--out DIR]``.
 
@@ -74,7 +75,7 @@ def eval_main(
     summary = evaluate(
         lm, processor, tasks, shots=shot_list, seeds=seed_list, limit=limit, batch_size=batch_size,
         out_dir=out, baseline=baseline, separator=separator, normalization=normalization, model_name=model,
-        per_group=per_group,
+        per_group=per_group, calibrate=calibrate,
     )  # fmt: skip
     print((Path(out) / "results.md").read_text(), end="")
     return summary
@@ -85,7 +86,7 @@ def _eval_from_args(args: argparse.Namespace) -> int:
         args.model, args.task or [], shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
         normalization=args.normalization, device=args.device, data=args.data or (), group_by=args.group_by,
-        per_group=args.per_group,
+        per_group=args.per_group, calibrate=args.calibrate,
     )  # fmt: skip
     return 0  # the `metalm` entry point turns this into the exit status
 
@@ -131,6 +132,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="inputs as plain decoder text (GPT baseline); default: only for models without a text encoder",
     )  # fmt: skip
     p.add_argument("--separator", default=None, help="demonstration separator text (default: the EOS token)")
+    p.add_argument(
+        "--calibrate", action="store_true",
+        help="ranked tasks: contextual calibration (Zhao et al. 2021): each option's probability divided by its "
+        "probability after the same demonstrations and a content-free query (N/A), so that a label the "
+        "demonstrations favour whatever the query says does not win for that reason; off by default",
+    )  # fmt: skip
     p.add_argument("--normalization", choices=("sum", "mean"), default=None, help="override option scoring")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_eval_from_args)

@@ -41,7 +41,9 @@ def cached_eval(
     out: Path, model, processor, task: Any, shots: Sequence[int], seeds: Sequence[int], **kw: Any
 ) -> dict[str, Any]:
     """`metalm eval` of ``task`` into ``out``; its summary is reused when one exists for the same shots,
-    seeds, limit and per-group cap (a page must not state a limit its cached figures were not measured with)."""
+    seeds, limit, per-group cap and calibration (a page must not state a limit its cached figures were not
+    measured with)."""
+    from metalm.evaluation.demonstrations import CALIBRATION
     from metalm.evaluation.runner import evaluate
 
     summary = out / "summary.json"
@@ -52,6 +54,7 @@ def cached_eval(
             "seeds": list(seeds),
             "limit": kw.get("limit"),
             "per_group": kw.get("per_group"),
+            "calibration": CALIBRATION if kw.get("calibrate") else None,
         }
         found = {key: cached.get(key) for key in asked}
         if found == asked:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from metalm.data.processor import MetaLMProcessor
+from metalm.evaluation.demonstrations import CALIBRATION, copying_markdown
 from metalm.evaluation.icl import resolve_baseline
 from metalm.evaluation.own_data import group_markdown
 from metalm.evaluation.scoring import decoder_context_length, generate_samples, score_samples
@@ -52,6 +53,7 @@ def _results_markdown(summary: dict[str, Any]) -> str:
         f"- seeds: {', '.join(map(str, summary['seeds']))} (k=0 is deterministic and runs once)",
         f"- limit: {summary['limit'] if summary['limit'] is not None else 'all'}",
         *([f"- at most {summary['per_group']} examples per group"] if summary.get("per_group") else []),
+        *([f"- calibration: {summary['calibration']}"] if summary.get("calibration") else []),
         "- scores x100 (accuracy, F1, BLEU-4, ROUGE-L: 0-100; CIDEr-D: 0-1000, as papers print it)",
         "- mean ± std (sample std) over seeds; a score from one run (one seed, or k=0) has no spread",
         "",
@@ -71,7 +73,7 @@ def _results_markdown(summary: dict[str, Any]) -> str:
                 else:  # one run: a spread of 0.0 would claim a stability nobody measured
                     cells.append(f"{entry['mean'][key]:.1f}")
             lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + group_markdown(summary)) + "\n"
+    return "\n".join(lines + group_markdown(summary) + copying_markdown(summary)) + "\n"
 
 
 def _checked_runs(shots: Sequence[int], seeds: Sequence[int], batch_size: int) -> tuple[list[int], list[int]]:
@@ -101,6 +103,7 @@ def evaluate(
     progress: bool = True,
     model_name: str | None = None,
     per_group: int | None = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on one or more tasks for every k in ``shots`` and every seed.
 
@@ -109,7 +112,9 @@ def evaluate(
     without a text encoder; ``separator=None`` separates demonstrations with the decoder's EOS token;
     ``normalization`` overrides every rank task's ``sum`` / ``mean``. k = 0 runs once (with the first seed).
     ``per_group``: at most that many examples of each group (e.g. easy-VQA's question types), so that a rare
-    group is measured on as many examples as a common one (``subset_examples``).
+    group is measured on as many examples as a common one (``subset_examples``). ``calibrate``: ranked
+    tasks choose by contextual calibration against a content-free query (:mod:`metalm.evaluation.demonstrations`);
+    generated tasks are unchanged.
 
     Returns the summary (also written to ``out_dir/summary.json`` with ``results.md`` and the prediction
     files when ``out_dir`` is given): ``{"results": {task: {str(k): {"seeds": {str(seed): metrics},
@@ -137,6 +142,7 @@ def evaluate(
         "seeds": seeds,
         "limit": limit,
         "per_group": per_group,
+        "calibration": CALIBRATION if calibrate else None,
         "protocols": {t.name: t.settings() for t in tasks},
         "results": {},
     }
@@ -144,7 +150,7 @@ def evaluate(
         for t in tasks:
             summary["results"][t.name] = evaluate_task(
                 model, processor, t, shots, seeds, limit=limit, per_group=per_group, out=out, baseline=baseline,
-                separator=separator, batch_size=batch_size, progress=progress,
+                separator=separator, batch_size=batch_size, progress=progress, calibrate=calibrate,
             )  # fmt: skip
     finally:
         model.train(was_training)

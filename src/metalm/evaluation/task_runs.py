@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment
+from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates
 from metalm.evaluation.icl import (
     build_prompt,
     describe_prompt,
@@ -93,9 +94,11 @@ def _run_once(
     separator: str | None,
     batch_size: int,
     progress: bool,
+    calibrate: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Example]]:
-    """Per-example records (id, prompt, prediction, gold, score, ...) for one (task, k, seed), and the
-    queries as asked (an episode task renames their answers)."""
+    """Per-example records (id, prompt, prediction, gold, score, the demonstrations' answers, ...) for one
+    (task, k, seed), and the queries as asked (an episode task renames their answers). ``calibrate``: a
+    ranked task's choice is calibrated against a content-free query (:mod:`~metalm.evaluation.demonstrations`)."""
     fits = None if baseline else encoder_fits(processor)
     images = bool(encoders_of_field(model.config, "image"))
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
@@ -118,11 +121,41 @@ def _run_once(
     if task.scoring == "generate":
         bar = tqdm(total=len(queries), desc=desc, unit="ex", disable=not progress)
         stop = [*task.stop, *([separator] if separator else [])]
-        return _generated_records(model, processor, task, queries, prompt, batch_size, stop, bar), queries
-    bar = tqdm(
-        total=sum(len(task.options_for(ex)) for ex in queries), desc=desc, unit="seq", disable=not progress
-    )
-    return _ranked_records(model, processor, task, queries, prompt, batch_size, bar), queries
+        records = _generated_records(model, processor, task, queries, prompt, batch_size, stop, bar)
+    else:
+        references = _content_free_references(task, episodes) if calibrate else {}
+        sequences = sum(len(task.options_for(ex)) for ex in queries) + sum(
+            len(task.options_for(query)) for _, query in references.values()
+        )
+        bar = tqdm(total=sequences, desc=desc, unit="seq", disable=not progress)
+
+        def reference(i: int) -> tuple[Any, Sample] | None:
+            if not calibrate:
+                return None
+            key = _reference_key(task, *episodes[i])
+            demos, query = references[key]
+            parts = build_prompt(
+                task, query, demos, baseline=baseline, separator=separator, fits=fits, images=images
+            )
+            return key, prompt_to_sample(processor, parts, index=i)
+
+        records = _ranked_records(model, processor, task, queries, prompt, batch_size, bar, reference)
+    for record, (demos, _) in zip(records, episodes):
+        if demos:
+            record["demonstration_answers"] = [task.label(d) for d in demos]
+    return records, queries
+
+
+def _reference_key(task: Task, demos: Sequence[Example], query: Example) -> tuple[Any, ...]:
+    """Calibration's reference prompt is shared by the queries with the same demonstrations and options
+    (at k = 0, by all of them)."""
+    return tuple(d.id for d in demos), tuple(d.answers for d in demos), task.options_for(query)
+
+
+def _content_free_references(
+    task: Task, episodes: Sequence[tuple[list[Example], Example]]
+) -> dict[tuple[Any, ...], tuple[list[Example], Example]]:
+    return {_reference_key(task, demos, query): (demos, content_free(query)) for demos, query in episodes}
 
 
 def _generated_records(
@@ -153,10 +186,12 @@ def _generated_records(
 
 
 def _ranked_records(
-    model, processor, task: Task, examples: list[Example], prompt, batch_size: int, bar
+    model, processor, task: Task, examples: list[Example], prompt, batch_size: int, bar, reference
 ) -> list[dict[str, Any]]:
     """Each example's options ranked by their (summed or mean) log-likelihood after the prompt: the
-    (example, option) pairs are flattened, one forward per `batch_size` sequences."""
+    (example, option) pairs are flattened, one forward per `batch_size` sequences. ``reference(i)``: None,
+    or the key and sample of example i's content-free prompt, whose option scores calibrate the choice
+    (scored once per key)."""
     option_ids: dict[str, list[int]] = {}
 
     def ids_of(option: str) -> list[int]:
@@ -166,9 +201,10 @@ def _ranked_records(
                 raise TaskError(f"task {task.name!r}: option {option!r} tokenizes to nothing")
         return option_ids[option]
 
-    scores: dict[int, list[tuple[float, int, bool]]] = {}
+    scores: dict[Any, list[tuple[float, int, bool]]] = {}
     prompts: dict[int, str] = {}
-    pending: list[tuple[int, Sample]] = []
+    pending: list[tuple[Any, Sample]] = []
+    references: dict[int, Any] = {}
 
     def flush() -> None:
         for (i, _), result in zip(pending, score_samples(model, processor, [s for _, s in pending])):
@@ -176,34 +212,57 @@ def _ranked_records(
         bar.update(len(pending))
         pending.clear()
 
-    for i, ex in enumerate(examples):
-        parts, sample = prompt(i, ex)
-        prompts[i] = describe_prompt(parts)
+    def queue(key: Any, sample: Sample, ex: Example) -> None:
         for option in task.options_for(ex):
             full = [*sample, TextSegment(ids_of(option), loss=True)]
             check_length(model, full, f"task {task.name!r}, example {ex.id!r}")
-            pending.append((i, full))
+            pending.append((key, full))
             if len(pending) >= batch_size:
                 flush()
+
+    for i, ex in enumerate(examples):
+        parts, sample = prompt(i, ex)
+        prompts[i] = describe_prompt(parts)
+        queue(i, sample, ex)
+        ref = reference(i)
+        if ref is not None:
+            references[i] = ("content-free", ref[0])
+            if references[i] not in scores and all(key != references[i] for key, _ in pending):
+                queue(references[i], ref[1], ex)
     if pending:
         flush()
     bar.close()
-    return [_ranked_record(task, ex, prompts[i], scores[i]) for i, ex in enumerate(examples)]
+    return [
+        _ranked_record(task, ex, prompts[i], scores[i], scores.get(references.get(i)))
+        for i, ex in enumerate(examples)
+    ]
 
 
 def _ranked_record(
-    task: Task, ex: Example, prompt: str, scores: list[tuple[float, int, bool]]
+    task: Task,
+    ex: Example,
+    prompt: str,
+    scores: list[tuple[float, int, bool]],
+    content_free_scores: list[tuple[float, int, bool]] | None = None,
 ) -> dict[str, Any]:
     options = task.options_for(ex)
-    values = [s / c if task.normalization == "mean" else s for s, c, _ in scores]
-    best = max(range(len(options)), key=values.__getitem__)
+
+    def values(scored: list[tuple[float, int, bool]]) -> list[float]:
+        return [s / c if task.normalization == "mean" else s for s, c, _ in scored]
+
+    record: dict[str, Any] = {"id": ex.id, "prompt": prompt}
+    if content_free_scores is None:
+        best = max(range(len(options)), key=values(scores).__getitem__)
+    else:
+        best, calibrated = calibrated_choice(values(scores), values(content_free_scores))
+        record["calibrated_scores"] = {o: round(v, 6) for o, v in zip(options, calibrated)}
+        record["content_free_scores"] = {o: round(v, 6) for o, v in zip(options, values(content_free_scores))}
     return {
-        "id": ex.id,
-        "prompt": prompt,
+        **record,
         "prediction": options[best],
         "gold": _gold(ex),
         "score": task.example_score(options[best], ex),
-        "option_scores": {o: round(v, 6) for o, v in zip(options, values)},
+        "option_scores": {o: round(v, 6) for o, v in zip(options, values(scores))},
     }
 
 
@@ -260,4 +319,7 @@ def evaluate_task(
         groups = group_scores(t, examples, records_by_seed)
         if groups:
             by_k[str(k)]["groups"] = groups
+        copying = [rates for rates in map(copying_rates, records_by_seed.values()) if rates is not None]
+        if copying:  # averaged over seeds, like the metrics
+            by_k[str(k)]["copying"] = {key: statistics.fmean(r[key] for r in copying) for key in copying[0]}
     return by_k

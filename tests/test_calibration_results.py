@@ -1,0 +1,65 @@
+"""scripts/calibration_results.py: the page's figures are those of the prediction files it reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import load_script
+
+TOPICS = ["business", "sport", "tech"]
+GOLDS = ["sport", "tech", "business", "sport"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("calibration_results")
+
+
+def _write(folder, k, seed, predictions, demos):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"predictions-bbc-topic-k{k}-s{seed}.jsonl", "w") as fh:
+        for i, (pred, gold) in enumerate(zip(predictions, GOLDS)):
+            record = {"id": f"a{i}", "prediction": pred, "gold": gold, "score": float(pred == gold)}
+            if k:
+                record["demonstration_answers"] = [demos[i]]
+            fh.write(json.dumps(record) + "\n")
+
+
+def _outputs(out, args):
+    """A model that answers the one demonstration's topic when ranking (right for the two articles whose
+    demonstration is of their topic), and once calibrated is right for three of the four articles."""
+    demos = ["business", "tech", "sport", "sport"]
+    for mode in ("ranked", "calibrated"):
+        folder = out / "m" / mode
+        _write(folder, 0, 0, ["sport", "sport", "sport", "sport"], demos)
+        for seed in (0, 1):
+            _write(folder, 1, seed, demos if mode == "ranked" else [*GOLDS[:3], "tech"], demos)
+        summary = {"shots": [0, 1], "seeds": [0, 1], "limit": 4, "per_group": None}
+        summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_page_reads_both_modes_pairs_them_and_breaks_them_down_by_topic(script, tmp_path, monkeypatch):
+    out, page = tmp_path / "out", tmp_path / "page.md"
+    _outputs(out, None)
+    monkeypatch.setattr(script, "load_model", lambda folder: (None, None))  # every output is cached
+    argv = ["--model", "m=runs/m/final", "--out", str(out), "--page", str(page), "--limit", "4"]
+    assert script.main([*argv, "--shots", "0,1", "--seeds", "0,1"]) == 0
+    text = page.read_text()
+    # k = 0: the same answers both ways; k = 1: ranked 2 of 4 right, calibrated 3 of 4; article by article
+    # the differences are +100, 0, +100, -100: +25, and 1.96 standard errors of 95.7 / 2.
+    assert "| m | 0 | 50.0 | 50.0 | +0.0 ± 0.0 | — |" in text
+    assert "| m | 1 | 50.0 ± 0.0 | 75.0 ± 0.0 | +25.0 ± 93.8 |" in text
+    # Ranked answers the demonstration's topic every time, calibrated once (a1); the gold is shown for 2 of 4.
+    assert "| 100.0 / 25.0 (50.0) |" in text
+    # Per topic at k = 1: sport is half of the articles; ranked answers it half of the time (the two sport
+    # demonstrations), right for 1 of its 2 articles; calibrated answers it a quarter of the time, right 1 of 2.
+    assert "| m | 1 | sport | 50.0 | 50.0 | 50.0 | 25.0 | 50.0 |" in text
+    assert "python scripts/calibration_results.py --model m=runs/m/final" in text
+
+
+def test_a_model_must_be_named(script, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main(["--model", "runs/m/final", "--out", str(tmp_path)])
