@@ -9,7 +9,7 @@ import math
 import pytest
 
 from metalm.evaluation import task_runs
-from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates
+from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates, shared_fields
 from metalm.evaluation.eval_cli import add_eval_parser
 from metalm.evaluation.icl import build_prompt, prompt_to_sample, sample_demonstrations
 from metalm.evaluation.runner import evaluate, score_samples
@@ -57,6 +57,17 @@ def test_the_content_free_query_keeps_answers_and_options_and_drops_media():
     assert free.fields == {"text": "N/A", "n": 3}
     assert (free.image, free.audio, free.answers, free.options) == (None, None, ex.answers, ex.options)
     assert free.id != ex.id
+    assert content_free(ex, keep={"text"}).fields["text"] == "Great!"
+
+
+def test_the_fields_every_query_shares_are_the_frame_a_content_free_query_keeps():
+    queries = [
+        Example("a", {"question": "what shape?", "options": "a, b", "text": "one"}, ("a",)),
+        Example("b", {"question": "what shape?", "options": "a, b", "text": "two"}, ("b",)),
+    ]
+    assert shared_fields(queries) == {"question", "options"}
+    assert shared_fields(queries[:1]) == set()  # one query: nothing tells its frame from its content
+    assert shared_fields([*queries, Example("c", {"text": "three"}, ("a",))]) == set()
 
 
 def test_copying_rates_count_predictions_and_golds_among_the_demonstrations():

@@ -6,7 +6,8 @@
   BBC prompt with the demonstration's topic 97 % of the time) copies far more often.
 * **Contextual calibration** (:func:`content_free`, :func:`calibrated_choice`; Zhao et al. 2021,
   "Calibrate Before Use"): a ranked task's options are also scored after the same demonstrations with a
-  content-free query (every text field ``N/A``, no image or audio), and each option's log-probability
+  content-free query (every text field ``N/A`` but those every query shares, such as a fixed question or
+  a list of options; no image or audio), and each option's log-probability
   (normalised over the options) is divided by the content-free one, so that a label the demonstrations
   make likely whatever the query says no longer wins for that reason. Off by default (``metalm eval
   --calibrate``): the paper's protocol does not calibrate.
@@ -15,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "content_free",
     "copying_markdown",
     "copying_rates",
+    "shared_fields",
 ]
 
 CONTENT_FREE = "N/A"
@@ -36,11 +38,26 @@ CONTENT_FREE = "N/A"
 CALIBRATION = "content-free query (N/A), ranked tasks"
 
 
-def content_free(ex: Example) -> Example:
-    """``ex`` with every text field ``N/A`` and no image or audio: the query of calibration's reference
-    prompt (the same demonstrations, the same options)."""
-    fields = {key: CONTENT_FREE if isinstance(value, str) else value for key, value in ex.fields.items()}
+def content_free(ex: Example, keep: Collection[str] = ()) -> Example:
+    """``ex`` with every text field but those in ``keep`` ``N/A`` and no image or audio: the query of
+    calibration's reference prompt (the same demonstrations, the same options)."""
+    fields = {
+        key: CONTENT_FREE if isinstance(value, str) and key not in keep else value
+        for key, value in ex.fields.items()
+    }
     return replace(ex, id=f"{ex.id}/content-free", fields=fields, image=None, audio=None)
+
+
+def shared_fields(queries: Sequence[Example]) -> set[str]:
+    """The fields every one of several queries has with the same value (a task's fixed question, the list
+    of options of a classification file): the task's frame, which a content-free query keeps. None of
+    one query's."""
+    if len(queries) < 2:
+        return set()
+    first = queries[0].fields
+    return {
+        key for key, value in first.items() if all(q.fields.get(key, object()) == value for q in queries[1:])
+    }
 
 
 def _log_softmax(values: Sequence[float]) -> list[float]:

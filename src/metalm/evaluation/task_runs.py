@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment
-from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates
+from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates, shared_fields
 from metalm.evaluation.icl import (
     build_prompt,
     describe_prompt,
@@ -155,7 +155,10 @@ def _reference_key(task: Task, demos: Sequence[Example], query: Example) -> tupl
 def _content_free_references(
     task: Task, episodes: Sequence[tuple[list[Example], Example]]
 ) -> dict[tuple[Any, ...], tuple[list[Example], Example]]:
-    return {_reference_key(task, demos, query): (demos, content_free(query)) for demos, query in episodes}
+    keep = shared_fields([query for _, query in episodes])
+    return {
+        _reference_key(task, demos, query): (demos, content_free(query, keep)) for demos, query in episodes
+    }
 
 
 def _generated_records(
