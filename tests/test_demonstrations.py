@@ -7,12 +7,14 @@ import json
 import math
 
 import pytest
+import torch
 
 from metalm.evaluation import task_runs
 from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates, shared_fields
 from metalm.evaluation.eval_cli import add_eval_parser
 from metalm.evaluation.icl import build_prompt, prompt_to_sample, sample_demonstrations
 from metalm.evaluation.runner import evaluate, score_samples
+from metalm.evaluation.scoring import score_continuations, shares_prompts
 from metalm.evaluation.tasks import Example, Task
 
 from .test_evaluation import _one_thread, _rigged  # noqa: F401 (_one_thread: autouse, one thread)
@@ -93,13 +95,13 @@ def test_copying_rates_count_predictions_and_golds_among_the_demonstrations():
 def test_calibrated_ranking_scores_each_reference_prompt_once(tiny, tmp_path, monkeypatch):
     model, processor = tiny
     scored: list[int] = []
-    real = task_runs.score_samples
+    real = task_runs.score_continuations
 
-    def counting(model, processor, samples):
-        scored.append(len(samples))
-        return real(model, processor, samples)
+    def counting(model, processor, prompts, options):
+        scored.append(sum(map(len, options)))
+        return real(model, processor, prompts, options)
 
-    monkeypatch.setattr(task_runs, "score_samples", counting)
+    monkeypatch.setattr(task_runs, "score_continuations", counting)
     summary = evaluate(
         model, processor, _task(), shots=(0, 1), seeds=(0,), batch_size=4, progress=False, calibrate=True,
         out_dir=tmp_path,
@@ -169,3 +171,59 @@ def test_eval_parser_takes_calibrate():
     add_eval_parser(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["eval", "DIR", "--task", "x", "--calibrate"]).calibrate is True
     assert parser.parse_args(["eval", "DIR", "--task", "x"]).calibrate is False
+
+
+# ------------------------------------------------------------------------ options read from a prompt's cache
+def _prompts_and_options(processor, image: str):
+    from metalm import Encode, ImageInput
+
+    prompts = [
+        prompt_to_sample(processor, [Encode("short"), "answer:"]),
+        prompt_to_sample(
+            processor, [ImageInput(image), Encode("a much longer input text than the other"), "x"]
+        ),
+        # Longer than the tiny Gemma's 16-position sliding window.
+        prompt_to_sample(
+            processor, ["the quick brown fox jumps over the lazy dog " * 3, Encode("and then?")]
+        ),
+    ]
+    options = [
+        [processor.tokenize(" yes"), processor.tokenize(" no way at all")],
+        [processor.tokenize(" red"), processor.tokenize(" a blue square"), processor.tokenize(" no")],
+        [processor.tokenize(" sport")],
+    ]
+    return prompts, options
+
+
+def _assert_same_as_whole_sequences(model, processor, prompts, options):
+    from metalm import TextSegment
+
+    shared = score_continuations(model, processor, prompts, options)
+    for prompt, opts, got in zip(prompts, options, shared):
+        whole = score_samples(model, processor, [[*prompt, TextSegment(ids, loss=True)] for ids in opts])
+        assert len(got) == len(opts)
+        for (a, n, greedy_a), (b, m, greedy_b) in zip(got, whole):
+            assert a == pytest.approx(b, abs=2e-4) and n == m and greedy_a == greedy_b
+
+
+def test_options_read_from_the_prompts_cache_score_as_whole_sequences(tiny, tmp_path):
+    model, processor = tiny
+    from tests.test_evaluation import _image_file
+
+    prompts, options = _prompts_and_options(processor, _image_file(tmp_path, "red.png", (200, 0, 0)))
+    assert shares_prompts(model)
+    _assert_same_as_whole_sequences(model, processor, prompts, options)
+    _assert_same_as_whole_sequences(model, processor, prompts[:1], options[:1])  # one prompt, no padding
+    _assert_same_as_whole_sequences(model, processor, prompts[2:], [[processor.tokenize(" a")]])  # one token
+
+
+def test_options_read_from_a_sliding_window_cache_score_as_whole_sequences(tmp_path):
+    from tests.gemma_tiny import gemma_recipe, write_bpe_tokenizer
+    from tests.test_evaluation import _image_file
+
+    torch.manual_seed(0)
+    model, processor = gemma_recipe(str(write_bpe_tokenizer(tmp_path / "bpe"))).build()
+    model.eval()
+    prompts, options = _prompts_and_options(processor, _image_file(tmp_path, "red.png", (200, 0, 0)))
+    assert shares_prompts(model)
+    _assert_same_as_whole_sequences(model, processor, prompts, options)

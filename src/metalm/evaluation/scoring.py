@@ -1,5 +1,6 @@
 """The model calls evaluation makes: one right-padded forward that scores the labelled tokens of a batch
-of samples (:func:`score_samples`, for ranked options and the lm-eval adapter) and greedy generation from
+of samples (:func:`score_samples`, for the lm-eval adapter and decoders without a KV cache), the options
+of ranked prompts read from each prompt's KV cache (:func:`score_continuations`), and greedy generation from
 left-padded prompts (:func:`generate_samples`); and the decoder's position limit."""
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from typing import Any
 import torch
 
 from metalm.data.processor import InputError, MetaLMProcessor, continuation_pieces
-from metalm.data.segments import Sample, sample_length, to_device
+from metalm.data.segments import Sample, TextSegment, sample_length, to_device
 
-__all__ = ["check_length", "decoder_context_length", "generate_samples", "score_samples"]
+__all__ = [
+    "check_length",
+    "decoder_context_length",
+    "generate_samples",
+    "score_continuations",
+    "score_samples",
+    "shares_prompts",
+]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -78,6 +86,90 @@ def score_samples(
     return [
         (float(s), int(c), bool(m == 0)) for s, c, m in zip(sums.tolist(), counts.tolist(), misses.tolist())
     ]
+
+
+def _cache_kwarg(model) -> str | None:
+    """The name under which the decoder takes a KV cache (transformers renamed `past_key_values` to `cache`
+    during 5.x), or None when it takes none or does not build transformers' DynamicCache."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(model, "embed_inputs"):
+        return None
+    if not getattr(decoder, "_supports_default_dynamic_cache", lambda: True)():
+        return None
+    params = inspect.signature(decoder.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def shares_prompts(model) -> bool:
+    """Whether :func:`score_continuations` can run the model (its decoder keeps a DynamicCache)."""
+    return _cache_kwarg(model) is not None
+
+
+@torch.inference_mode()
+def score_continuations(
+    model,
+    processor: MetaLMProcessor,
+    prompts: Sequence[Sample],
+    continuations: Sequence[Sequence[Sequence[int]]],
+) -> list[list[tuple[float, int, bool]]]:
+    """Per prompt, per continuation (decoder token ids, e.g. the options of a ranked task): ``(sum log p,
+    n tokens, greedy)``, as :func:`score_samples` gives for the prompt followed by the continuation, within
+    float rounding. Each prompt is run once (left-padded, its KV cache kept), and all its continuations
+    read that cache, so a prompt with five options costs one prompt and five short tails, not five prompts."""
+    from transformers import DynamicCache
+
+    if any(not ids for conts in continuations for ids in conts):
+        raise ValueError("a continuation has no tokens")
+    if not shares_prompts(model):  # no KV cache to share: each prompt + continuation as a whole sequence
+        scored = iter(score_samples(model, processor, [[*p, TextSegment(list(ids), loss=True)] for p, conts in zip(prompts, continuations) for ids in conts]))  # fmt: skip
+        return [[next(scored) for _ in conts] for conts in continuations]
+    device = _device(model)
+    batch = to_device(processor.collate(list(prompts), padding_side="left"), device)
+    cache = DynamicCache(config=model.decoder.config)
+    embeds = model.embed_inputs(batch["input_ids"], batch.get("encoder_inputs"), batch.get("encoder_slots"))
+    kwarg = {_cache_kwarg(model) or "past_key_values": cache}
+    mask, positions = batch["attention_mask"], batch["position_ids"]
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **kwarg,
+    )
+    source = torch.tensor([b for b, conts in enumerate(continuations) for _ in conts], device=device)
+    flat = [list(ids) for conts in continuations for ids in conts]
+    width = max(len(ids) for ids in flat)
+    # Row r, column j: the log-probabilities predicting token j of continuation r.
+    log_probs = out.logits[:, -1].float().log_softmax(-1)[source].unsqueeze(1)
+    if width > 1:  # the tails: each continuation's tokens but its last, read after its prompt's cache
+        cache.batch_select_indices(source)
+        pad = processor.pad_token_id or 0
+        feed = torch.tensor([ids[:-1] + [pad] * (width - len(ids)) for ids in flat], device=device)
+        fed = torch.tensor([[1] * (len(ids) - 1) + [0] * (width - len(ids)) for ids in flat], device=device)
+        tail = (
+            model(
+                input_ids=feed,
+                attention_mask=torch.cat([mask[source], fed.to(mask.dtype)], dim=1),
+                position_ids=positions[source, -1:] + 1 + torch.arange(width - 1, device=device),
+                use_cache=True,
+                **kwarg,
+            )
+            .logits.float()
+            .log_softmax(-1)
+        )
+        log_probs = torch.cat([log_probs, tail], dim=1)
+    results = []
+    for r, ids in enumerate(flat):
+        rows = log_probs[r, : len(ids)]
+        gold = torch.tensor(ids, device=device)
+        picked = rows.gather(-1, gold.unsqueeze(-1)).squeeze(-1)
+        results.append((float(picked.double().sum()), len(ids), bool((rows.argmax(-1) == gold).all())))
+    grouped, at = [], 0
+    for conts in continuations:
+        grouped.append(results[at : at + len(conts)])
+        at += len(conts)
+    return grouped
 
 
 def _cut(text: str, stops: Iterable[str]) -> str:

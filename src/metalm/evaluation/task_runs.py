@@ -26,7 +26,7 @@ from metalm.evaluation.icl import (
     sample_demonstrations,
 )
 from metalm.evaluation.own_data import group_scores
-from metalm.evaluation.scoring import check_length, generate_samples, score_samples
+from metalm.evaluation.scoring import check_length, generate_samples, score_continuations
 from metalm.evaluation.tasks import Example, Task, TaskError
 from metalm.modalities import encoders_of_field
 
@@ -191,10 +191,10 @@ def _generated_records(
 def _ranked_records(
     model, processor, task: Task, examples: list[Example], prompt, batch_size: int, bar, reference
 ) -> list[dict[str, Any]]:
-    """Each example's options ranked by their (summed or mean) log-likelihood after the prompt: the
-    (example, option) pairs are flattened, one forward per `batch_size` sequences. ``reference(i)``: None,
-    or the key and sample of example i's content-free prompt, whose option scores calibrate the choice
-    (scored once per key)."""
+    """Each example's options ranked by their (summed or mean) log-likelihood after the prompt: `batch_size`
+    prompts per forward, each run once and its options read from its KV cache (``score_continuations``).
+    ``reference(i)``: None, or the key and sample of example i's content-free prompt, whose option scores
+    calibrate the choice (scored once per key)."""
     option_ids: dict[str, list[int]] = {}
 
     def ids_of(option: str) -> list[int]:
@@ -206,22 +206,21 @@ def _ranked_records(
 
     scores: dict[Any, list[tuple[float, int, bool]]] = {}
     prompts: dict[int, str] = {}
-    pending: list[tuple[Any, Sample]] = []
+    pending: dict[Any, tuple[Sample, list[list[int]]]] = {}
     references: dict[int, Any] = {}
 
     def flush() -> None:
-        for (i, _), result in zip(pending, score_samples(model, processor, [s for _, s in pending])):
-            scores.setdefault(i, []).append(result)
-        bar.update(len(pending))
+        samples, options = zip(*pending.values())
+        scores.update(zip(pending, score_continuations(model, processor, list(samples), list(options))))
+        bar.update(sum(map(len, options)))
         pending.clear()
 
     def queue(key: Any, sample: Sample, ex: Example) -> None:
-        for option in task.options_for(ex):
-            full = [*sample, TextSegment(ids_of(option), loss=True)]
-            check_length(model, full, f"task {task.name!r}, example {ex.id!r}")
-            pending.append((key, full))
-            if len(pending) >= batch_size:
-                flush()
+        ids = [ids_of(option) for option in task.options_for(ex)]
+        check_length(model, [*sample, TextSegment(max(ids, key=len), loss=True)], f"task {task.name!r}, example {ex.id!r}")  # fmt: skip
+        pending[key] = (sample, ids)
+        if len(pending) >= batch_size:
+            flush()
 
     for i, ex in enumerate(examples):
         parts, sample = prompt(i, ex)
@@ -230,7 +229,7 @@ def _ranked_records(
         ref = reference(i)
         if ref is not None:
             references[i] = ("content-free", ref[0])
-            if references[i] not in scores and all(key != references[i] for key, _ in pending):
+            if references[i] not in scores and references[i] not in pending:
                 queue(references[i], ref[1], ex)
     if pending:
         flush()
