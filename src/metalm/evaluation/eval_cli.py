@@ -126,7 +126,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "group is measured on as many as a common one; --limit then caps the total",
     )  # fmt: skip
     p.add_argument("--out", default="eval-results", help="output folder")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts per forward pass (a ranked prompt with all its options)",
+    )
     p.add_argument(
         "--baseline", action=argparse.BooleanOptionalAction, default=None,
         help="inputs as plain decoder text (GPT baseline); default: only for models without a text encoder",

@@ -4,9 +4,10 @@
 For each task, each shot count k and each seed, every evaluated example gets a prompt of k sampled
 demonstrations (``metalm.evaluation.icl``) and is scored:
 
-* ``rank``: every option of several examples goes into one right-padded forward pass as a ``Target``
-  continuation of its example's prompt; the option's score is the sum (or mean) of its tokens'
-  log-probabilities, read at the positions its labels mark; the best option is the prediction.
+* ``rank``: ``batch_size`` prompts run once each (left-padded), and every option is read as a
+  continuation from its prompt's KV cache; the option's score is the sum (or mean) of its tokens'
+  log-probabilities; the best option (or, calibrated, the best relative to a content-free query's) is
+  the prediction.
 * ``generate``: greedy decoding of left-padded prompts, cut at the task's stop strings.
 
 Outputs in ``out_dir``: ``predictions-<task>-k<k>-s<seed>.jsonl`` (per example: id, prompt summary,
