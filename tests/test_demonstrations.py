@@ -227,3 +227,18 @@ def test_options_read_from_a_sliding_window_cache_score_as_whole_sequences(tmp_p
     prompts, options = _prompts_and_options(processor, _image_file(tmp_path, "red.png", (200, 0, 0)))
     assert shares_prompts(model)
     _assert_same_as_whole_sequences(model, processor, prompts, options)
+
+
+def test_calibrating_only_generated_tasks_says_so(tiny, caplog):
+    model, processor = tiny
+    task = Task(
+        "gen",
+        lambda split: EXAMPLES[:2],
+        "{text} A:",
+        scoring="generate",
+        metric="exact_match",
+        max_new_tokens=2,
+    )
+    with caplog.at_level("WARNING", logger="metalm.evaluation"):
+        evaluate(model, processor, task, progress=False, calibrate=True)
+    assert "--calibrate applies to ranked tasks" in caplog.text and "gen" in caplog.text

@@ -22,6 +22,7 @@ The jobs beside this one: the model calls (:mod:`~metalm.evaluation.scoring`: ``
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from metalm.evaluation.own_data import group_markdown
 from metalm.evaluation.scoring import decoder_context_length, generate_samples, score_samples
 from metalm.evaluation.task_runs import evaluate_task, subset_examples
 from metalm.evaluation.tasks import METRICS, Task, TaskError, get_task, in_model_layout, with_overrides
+
+logger = logging.getLogger("metalm.evaluation")
 
 __all__ = [
     "decoder_context_length",
@@ -129,6 +132,8 @@ def evaluate(
     if len(set(names)) != len(names):
         raise TaskError(f"task names must be unique, got {names}")
     shots, seeds = _checked_runs(shots, seeds, batch_size)
+    if calibrate and not any(t.scoring == "rank" for t in tasks):
+        logger.warning("--calibrate applies to ranked tasks; %s generate their answers, uncalibrated", names)
     baseline = resolve_baseline(model, baseline)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
