@@ -113,7 +113,7 @@ def copying_markdown(summary: Mapping[str, Any]) -> list[str]:
     return [
         "",
         "Demonstrations' answers (% of prompts, mean over seeds): how often the prediction is one of them, beside "
-        "how often the gold answer is. Far more of the first than the second: the model copies the "
+        "how often the gold answer is. Where the first is far above the second, the model copies the "
         "demonstrations' labels instead of learning from them.",
         "",
         "| task | k | prediction among them | gold among them |",
