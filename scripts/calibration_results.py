@@ -19,6 +19,7 @@ same shots, seeds and limit).
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 from collections import Counter
@@ -72,19 +73,26 @@ def _copying(seed_runs: list[list[dict[str, Any]]], key: str) -> float:
     return 100 * statistics.fmean(among(r) for rows in seed_runs for r in rows)
 
 
+def _change(before: list[list[dict[str, Any]]], after: list[list[dict[str, Any]]]) -> str:
+    change = paired_change(_per_article(before), _per_article(after))
+    return f"{change['mean']:+.1f} ± {change['ci95']:.1f}"
+
+
 def accuracy_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int]) -> list[str]:
-    """One row per k: ranked, calibrated, the paired change, and copying in both modes."""
+    """One row per k: ranked, calibrated, calibrated against ranked and against calibrated k = 0 (article
+    by article), and copying in both modes."""
     rows = []
+    zero = runs(out / name / "calibrated", 0, seeds) if 0 in shots else None
     for k in shots:
         ranked, calibrated = (runs(out / name / mode, k, seeds) for mode in MODES)
-        change = paired_change(_per_article(ranked), _per_article(calibrated))
         copy = "—" if not k else (
             f"{_copying(ranked, 'prediction'):.1f} / {_copying(calibrated, 'prediction'):.1f} "
             f"({_copying(ranked, 'gold'):.1f})"
         )  # fmt: skip
+        from_zero = _change(zero, calibrated) if k and zero is not None else "—"
         rows.append(
-            f"| {name} | {k} | {_mean_std(ranked)} | {_mean_std(calibrated)} | "
-            f"{change['mean']:+.1f} ± {change['ci95']:.1f} | {copy} |"
+            f"| {name} | {k} | {_mean_std(ranked)} | {_mean_std(calibrated)} | {_change(ranked, calibrated)} | "
+            f"{from_zero} | {copy} |"
         )
     return rows
 
@@ -106,7 +114,7 @@ def topic_rows(name: str, out: Path, k: int, seeds: Sequence[int]) -> list[str]:
     return rows
 
 
-def page_text(models: dict[str, Path], args: argparse.Namespace, command: str) -> str:
+def page_text(models: dict[str, Path], about: dict[str, str], args: argparse.Namespace, command: str) -> str:
     shots, seeds = args.shots, args.seeds
     lines = [
         "# Contextual calibration: demonstrations, once their labels stop winning by being shown",
@@ -120,11 +128,16 @@ def page_text(models: dict[str, Path], args: argparse.Namespace, command: str) -
         'and a content-free article, `N/A` (`metalm eval --calibrate`; Zhao et al. 2021, "Calibrate Before '
         'Use"). Scores x100.',
         "",
-        "Models: " + "; ".join(f"**{n}** = `{p}`" for n, p in models.items()) + ".",
+        "Models: "
+        + "; ".join(f"**{n}** = `{p}`" + (f" ({about[n]})" if n in about else "") for n, p in models.items())
+        + ".",
         "",
-        "| model | k | ranked | calibrated | change, article by article (± 95 %) | answer is a demonstration's "
-        "topic: ranked / calibrated (gold is) |",
-        "|---|---:|---:|---:|---|---|",
+        "Changes are paired article by article (each article's score averaged over the seeds), ± the half-width "
+        "of their 95 % interval.",
+        "",
+        "| model | k | ranked | calibrated | calibrated − ranked | calibrated, change from k = 0 | answer is a "
+        "demonstration's topic: ranked / calibrated (gold is) |",
+        "|---|---:|---:|---:|---|---|---|",
         *[row for name in models for row in accuracy_rows(name, args.out, shots, seeds)],
         "",
         "Per topic (all seeds pooled): the share of articles of the topic, then for each mode how often the topic "
@@ -142,6 +155,8 @@ def page_text(models: dict[str, Path], args: argparse.Namespace, command: str) -
         "- It does not change the model, and it is not the paper's protocol: docs/results.md ranks without "
         "calibration. Calibration costs a second scoring of every prompt's options (one per distinct set of "
         "demonstrations) and applies to ranked tasks only; generated answers are unchanged.",
+        "- Calibration divides out what the content-free prompt prefers; a topic the model's scores never favour "
+        "for any article stays unanswered (the per-topic table shows which).",
         f"- The sample is small ({args.limit} articles): read the paired intervals, not single digits.",
     ]
     return "\n".join(lines) + "\n"
@@ -151,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model", action="append", required=True, metavar="NAME=FOLDER", help="a saved model; repeatable"
+    )
+    p.add_argument(
+        "--about", action="append", default=[], metavar="NAME=TEXT", help="what model NAME is, for the page"
     )
     p.add_argument("--out", type=Path, default=Path("runs/calibration"))
     p.add_argument("--page", type=Path, default=Path("docs/calibration.md"))
@@ -165,9 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or not name or not folder:
             p.error(f"--model takes NAME=FOLDER, got {spec!r}")
         models[name] = Path(folder)
+    about = dict(spec.partition("=")[::2] for spec in args.about)
+    if set(about) - set(models):
+        p.error(f"--about names {sorted(set(about) - set(models))}, which no --model names")
     evaluate_models(models, args)
-    command = "python scripts/calibration_results.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.page.write_text(page_text(models, args, command))
+    command = "python scripts/calibration_results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.page.write_text(page_text(models, about, args, command))
     print(f"wrote {args.page}")
     return 0
 

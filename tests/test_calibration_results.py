@@ -45,21 +45,27 @@ def test_the_page_reads_both_modes_pairs_them_and_breaks_them_down_by_topic(scri
     out, page = tmp_path / "out", tmp_path / "page.md"
     _outputs(out, None)
     monkeypatch.setattr(script, "load_model", lambda folder: (None, None))  # every output is cached
-    argv = ["--model", "m=runs/m/final", "--out", str(out), "--page", str(page), "--limit", "4"]
+    argv = ["--model", "m=runs/m/final", "--about", "m=a test model", "--out", str(out), "--page", str(page)]
+    argv += ["--limit", "4"]
     assert script.main([*argv, "--shots", "0,1", "--seeds", "0,1"]) == 0
     text = page.read_text()
     # k = 0: the same answers both ways; k = 1: ranked 2 of 4 right, calibrated 3 of 4; article by article
     # the differences are +100, 0, +100, -100: +25, and 1.96 standard errors of 95.7 / 2.
-    assert "| m | 0 | 50.0 | 50.0 | +0.0 ± 0.0 | — |" in text
-    assert "| m | 1 | 50.0 ± 0.0 | 75.0 ± 0.0 | +25.0 ± 93.8 |" in text
+    assert "| m | 0 | 50.0 | 50.0 | +0.0 ± 0.0 | — | — |" in text
+    # Calibrated k = 1 against calibrated k = 0 (sport for every article: right for a0 and a3): +0, +100,
+    # +100, -100 article by article, the same mean and interval.
+    assert "| m | 1 | 50.0 ± 0.0 | 75.0 ± 0.0 | +25.0 ± 93.8 | +25.0 ± 93.8 |" in text
     # Ranked answers the demonstration's topic every time, calibrated once (a1); the gold is shown for 2 of 4.
     assert "| 100.0 / 25.0 (50.0) |" in text
     # Per topic at k = 1: sport is half of the articles; ranked answers it half of the time (the two sport
     # demonstrations), right for 1 of its 2 articles; calibrated answers it a quarter of the time, right 1 of 2.
     assert "| m | 1 | sport | 50.0 | 50.0 | 50.0 | 25.0 | 50.0 |" in text
     assert "python scripts/calibration_results.py --model m=runs/m/final" in text
+    assert "**m** = `runs/m/final` (a test model)" in text
 
 
-def test_a_model_must_be_named(script, tmp_path):
+def test_a_model_must_be_named_and_described_by_its_name(script, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--model", "runs/m/final", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        script.main(["--model", "m=runs/m/final", "--about", "n=another", "--out", str(tmp_path)])
