@@ -39,6 +39,13 @@ def _outputs(out, args):
         summary = {"shots": [0, 1], "seeds": [0, 1], "limit": 4, "per_group": None}
         summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
         (folder / "summary.json").write_text(json.dumps(summary))
+        # As plain text: the same at k = 0; at k = 1 ranked copies as well, calibrated is always right.
+        plain = out / "m" / f"plain-{mode}"
+        plain.mkdir(parents=True)
+        for name in folder.iterdir():
+            (plain / name.name).write_text(name.read_text())
+        for seed in (0, 1):
+            _write(plain, 1, seed, demos if mode == "ranked" else GOLDS, demos)
 
 
 def test_the_page_reads_both_modes_pairs_them_and_breaks_them_down_by_topic(script, tmp_path, monkeypatch):
@@ -47,7 +54,7 @@ def test_the_page_reads_both_modes_pairs_them_and_breaks_them_down_by_topic(scri
     monkeypatch.setattr(script, "load_model", lambda folder: (None, None))  # every output is cached
     argv = ["--model", "m=runs/m/final", "--about", "m=a test model", "--out", str(out), "--page", str(page)]
     argv += ["--limit", "4"]
-    assert script.main([*argv, "--shots", "0,1", "--seeds", "0,1"]) == 0
+    assert script.main([*argv, "--shots", "0,1", "--seeds", "0,1", "--plain"]) == 0
     text = page.read_text()
     # k = 0: the same answers both ways; k = 1: ranked 2 of 4 right, calibrated 3 of 4; article by article
     # the differences are +100, 0, +100, -100: +25, and 1.96 standard errors of 95.7 / 2.
@@ -62,6 +69,9 @@ def test_the_page_reads_both_modes_pairs_them_and_breaks_them_down_by_topic(scri
     assert "| m | 1 | sport | 50.0 | 50.0 | 50.0 | 25.0 | 50.0 |" in text
     assert "python scripts/calibration_results.py --model m=runs/m/final" in text
     assert "**m** = `runs/m/final` (a test model)" in text
+    # Encoder against plain text, calibrated: 75 against 100 at k = 1 (-25: the bar is not met), equal at 0.
+    assert "| m | 0 | 50.0 | 50.0 | 50.0 | 50.0 | +0.0 ± 0.0 | met |" in text
+    assert "| m | 1 | 50.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 | 100.0 ± 0.0 | -25.0 ± 49.0 | not met |" in text
 
 
 def test_a_model_must_be_named_and_described_by_its_name(script, tmp_path):
