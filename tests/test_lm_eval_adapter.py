@@ -142,3 +142,54 @@ def test_adapter_builds_encoder_or_decoder_contexts_and_scores_them(tiny):
     assert isinstance(text, str)
     (total,) = dec.loglikelihood_rolling([Req("the cat sat on the mat " * 100)], disable_tqdm=True)
     assert total < 0
+
+
+def test_requests_with_one_context_share_one_run_of_it(tiny, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from metalm.evaluation import lm_eval_adapter
+    from metalm.evaluation.lm_eval_adapter import MetaLMHarnessLM
+
+    model, processor = tiny
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    contexts = ["Question: sky? Answer:", "Question: grass, in the summer? Answer:"]
+    requests = [Req(c, o) for c in contexts for o in (" blue", " green", " a deep red")]
+    prompts_run = []
+    real = lm_eval_adapter.score_continuations
+
+    def counting(model, processor, prompts, continuations):
+        prompts_run.extend(prompts)
+        return real(model, processor, prompts, continuations)
+
+    monkeypatch.setattr(lm_eval_adapter, "score_continuations", counting)
+    for encode in (True, False):
+        prompts_run.clear()
+        lm = MetaLMHarnessLM(
+            model=model, processor=processor, encode_context=encode, device="cpu", batch_size=4
+        )
+        got = lm.loglikelihood(requests, disable_tqdm=True)
+        # With encoded contexts, each context runs once; as decoder text, a continuation's first piece may
+        # merge with the context, so only the contexts that tokenize alike are shared.
+        assert len(prompts_run) == 2 if encode else 2 <= len(prompts_run) <= 6
+        for req, (lp, greedy) in zip(requests, got):
+            ((expected, _, expected_greedy),) = score_samples(
+                model, processor, [lm._loglikelihood_sample(*req.args)]
+            )
+            assert lp == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    # Rolling windows (each window's context different): the sum of each window scored as a whole sequence.
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    lm = MetaLMHarnessLM(model=model, processor=processor, device="cpu", batch_size=4)
+    text = "the cat sat on the mat " * 100
+    (total,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
+    windows = get_rolling_token_windows(processor.tokenize(text), lm.prefix_token_id, lm.max_length - 1, 1)
+    expected = sum(
+        score_samples(
+            model, processor, [[TextSegment(list(c), loss=False), TextSegment(list(p), loss=True)]]
+        )[0][0]
+        for c, p in map(make_disjoint_window, windows)
+    )
+    assert math.isfinite(total) and total == pytest.approx(expected, abs=1e-3)

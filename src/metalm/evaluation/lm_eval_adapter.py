@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment, sample_length
 from metalm.evaluation.icl import has_text_encoder, split_for_encoder
-from metalm.evaluation.runner import decoder_context_length, generate_samples, score_samples
+from metalm.evaluation.runner import decoder_context_length, generate_samples
+from metalm.evaluation.scoring import score_continuations
 from metalm.modalities.text import Encode
 
 __all__ = ["MetaLMHarnessLM", "main"]
@@ -46,6 +47,21 @@ __all__ = ["MetaLMHarnessLM", "main"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _segment_key(segment: Any) -> tuple[Any, ...]:
+    """What makes two context segments the same (a payload compared by value, never by a summary)."""
+    if isinstance(segment, TextSegment):
+        return ("text", tuple(segment.ids), segment.loss)
+
+    def plain(value: Any) -> Any:  # tensors by their values: a tensor's repr elides the middle of it
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if isinstance(value, dict):
+            return sorted((k, plain(v)) for k, v in value.items())
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+    return ("encoded", segment.encoder, segment.payload_name, repr(plain(segment.payload)), segment.loss)
 
 
 def _as_bool(value: Any) -> bool:
@@ -166,14 +182,23 @@ class MetaLMHarnessLM(LM):
 
     # --- lm-eval API ---------------------------------------------------------------------------------
     def _score(self, samples: list[Sample], desc: str, disable_tqdm: bool) -> list[tuple[float, int, bool]]:
-        order = sorted(range(len(samples)), key=lambda i: -sample_length(samples[i], self.model.config))
+        """Each sample's scored tail (its last, labelled segment) after the rest: samples with the same rest
+        (a multiple-choice question's options) share one run of it (``score_continuations``), longest first,
+        ``batch_size`` contexts per call."""
+        groups: dict[tuple[Any, ...], tuple[Sample, list[int]]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault(tuple(map(_segment_key, sample[:-1])), (sample[:-1], []))[1].append(i)
+        order = sorted(groups.values(), key=lambda g: -sample_length(g[0], self.model.config))
         results: list[tuple[float, int, bool] | None] = [None] * len(samples)
         bar = tqdm(total=len(samples), desc=desc, disable=disable_tqdm)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            for i, r in zip(idx, score_samples(self.model, self.processor, [samples[i] for i in idx])):
-                results[i] = r
-            bar.update(len(idx))
+            chunk = order[start : start + self.batch_size]
+            tails = [[list(samples[i][-1].ids) for i in members] for _, members in chunk]
+            scored = score_continuations(self.model, self.processor, [context for context, _ in chunk], tails)
+            for (_, members), rows in zip(chunk, scored):
+                for i, r in zip(members, rows):
+                    results[i] = r
+                bar.update(len(members))
         bar.close()
         return results  # type: ignore[return-value]
 
