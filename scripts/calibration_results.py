@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from metalm.evaluation.breakdown import paired_change, read_predictions
+from metalm.evaluation.demonstrations import copying_rates
 from metalm.evaluation.experiments import cached_eval, load_model
 
 TASK = "bbc-topic"
@@ -75,10 +76,8 @@ def _mean_std(seed_runs: list[list[dict[str, Any]]]) -> str:
 
 
 def _copying(seed_runs: list[list[dict[str, Any]]], key: str) -> float:
-    def among(record: dict[str, Any]) -> bool:
-        return record[key] in record.get("demonstration_answers", ())
-
-    return 100 * statistics.fmean(among(r) for rows in seed_runs for r in rows)
+    """``copying_rates``' ``prediction_`` or ``gold_among_demonstrations`` over every seed's records."""
+    return copying_rates([r for rows in seed_runs for r in rows])[f"{key}_among_demonstrations"]
 
 
 def _change(before: list[list[dict[str, Any]]], after: list[list[dict[str, Any]]]) -> str:
@@ -90,9 +89,9 @@ def accuracy_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[in
     """One row per k: ranked, calibrated, calibrated against ranked and against calibrated k = 0 (article
     by article), and copying in both modes."""
     rows = []
-    zero = runs(out / name / "calibrated", 0, seeds) if 0 in shots else None
+    zero = runs(_folder(out, name, "calibrated"), 0, seeds) if 0 in shots else None
     for k in shots:
-        ranked, calibrated = (runs(out / name / mode, k, seeds) for mode in MODES)
+        ranked, calibrated = (runs(_folder(out, name, mode), k, seeds) for mode in MODES)
         copy = "—" if not k else (
             f"{_copying(ranked, 'prediction'):.1f} / {_copying(calibrated, 'prediction'):.1f} "
             f"({_copying(ranked, 'gold'):.1f})"
@@ -121,7 +120,7 @@ def plain_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int])
 
 def topic_rows(name: str, out: Path, k: int, seeds: Sequence[int]) -> list[str]:
     """Per gold topic at ``k``: its articles, how often it is answered and how often it is right, both modes."""
-    by_mode = {mode: [r for rows in runs(out / name / mode, k, seeds) for r in rows] for mode in MODES}
+    by_mode = {mode: [r for rows in runs(_folder(out, name, mode), k, seeds) for r in rows] for mode in MODES}
     topics = sorted({r["gold"] for r in by_mode["ranked"]})
     rows = []
     for topic in topics:

@@ -13,6 +13,7 @@ import torch
 
 from metalm.data.processor import InputError, MetaLMProcessor, continuation_pieces
 from metalm.data.segments import Sample, TextSegment, sample_length, to_device
+from metalm.model.modeling_metalm import decoder_cache_kwarg
 
 __all__ = [
     "check_length",
@@ -89,15 +90,14 @@ def score_samples(
 
 
 def _cache_kwarg(model) -> str | None:
-    """The name under which the decoder takes a KV cache (transformers renamed `past_key_values` to `cache`
-    during 5.x), or None when it takes none or does not build transformers' DynamicCache."""
+    """The keyword under which a MetaLM's decoder takes a KV cache, or None when it takes none or does not
+    build transformers' DynamicCache."""
     decoder = getattr(model, "decoder", None)
     if decoder is None or not hasattr(model, "embed_inputs"):
         return None
     if not getattr(decoder, "_supports_default_dynamic_cache", lambda: True)():
         return None
-    params = inspect.signature(decoder.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
+    return decoder_cache_kwarg(decoder)
 
 
 def shares_prompts(model) -> bool:
@@ -120,14 +120,15 @@ def score_continuations(
 
     if any(not ids for conts in continuations for ids in conts):
         raise ValueError("a continuation has no tokens")
-    if not shares_prompts(model):  # no KV cache to share: each prompt + continuation as a whole sequence
+    cache_kwarg = _cache_kwarg(model)
+    if cache_kwarg is None:  # no KV cache to share: each prompt + continuation as a whole sequence
         scored = iter(score_samples(model, processor, [[*p, TextSegment(list(ids), loss=True)] for p, conts in zip(prompts, continuations) for ids in conts]))  # fmt: skip
         return [[next(scored) for _ in conts] for conts in continuations]
     device = _device(model)
     batch = to_device(processor.collate(list(prompts), padding_side="left"), device)
     cache = DynamicCache(config=model.decoder.config)
     embeds = model.embed_inputs(batch["input_ids"], batch.get("encoder_inputs"), batch.get("encoder_slots"))
-    kwarg = {_cache_kwarg(model) or "past_key_values": cache}
+    kwarg = {cache_kwarg: cache}
     mask, positions = batch["attention_mask"], batch["position_ids"]
     out = model(
         inputs_embeds=embeds,

@@ -9,7 +9,7 @@ import logging
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +111,14 @@ def _run_once(
         ]
     queries = [query for _, query in episodes]
 
-    def prompt(i: int, ex: Example) -> tuple[list[Any], Sample]:
+    def built(demos: Sequence[Example], query: Example, i: int) -> tuple[list[Any], Sample]:
         parts = build_prompt(
-            task, ex, episodes[i][0], baseline=baseline, separator=separator, fits=fits, images=images
+            task, query, demos, baseline=baseline, separator=separator, fits=fits, images=images
         )
         return parts, prompt_to_sample(processor, parts, index=i)
+
+    def prompt(i: int, ex: Example) -> tuple[list[Any], Sample]:
+        return built(episodes[i][0], ex, i)
 
     desc = f"{task.name} k={k} s={seed}"
     if task.scoring == "generate":
@@ -129,15 +132,12 @@ def _run_once(
         )
         bar = tqdm(total=sequences, desc=desc, unit="seq", disable=not progress)
 
-        def reference(i: int) -> tuple[Any, Sample] | None:
+        def reference(i: int) -> tuple[Any, Callable[[], Sample]] | None:
+            """Example i's content-free prompt: its key, and how to build it (once per key)."""
             if not calibrate:
                 return None
             key = _reference_key(task, *episodes[i])
-            demos, query = references[key]
-            parts = build_prompt(
-                task, query, demos, baseline=baseline, separator=separator, fits=fits, images=images
-            )
-            return key, prompt_to_sample(processor, parts, index=i)
+            return key, lambda: built(*references[key], i)[1]
 
         records = _ranked_records(model, processor, task, queries, prompt, batch_size, bar, reference)
     for record, (demos, _) in zip(records, episodes):
@@ -193,8 +193,8 @@ def _ranked_records(
 ) -> list[dict[str, Any]]:
     """Each example's options ranked by their (summed or mean) log-likelihood after the prompt: `batch_size`
     prompts per forward, each run once and its options read from its KV cache (``score_continuations``).
-    ``reference(i)``: None, or the key and sample of example i's content-free prompt, whose option scores
-    calibrate the choice (scored once per key)."""
+    ``reference(i)``: None, or the key of example i's content-free prompt and how to build it; its option
+    scores calibrate the choice (built and scored once per key)."""
     option_ids: dict[str, list[int]] = {}
 
     def ids_of(option: str) -> list[int]:
@@ -230,7 +230,7 @@ def _ranked_records(
         if ref is not None:
             references[i] = ("content-free", ref[0])
             if references[i] not in scores and references[i] not in pending:
-                queue(references[i], ref[1], ex)
+                queue(references[i], ref[1](), ex)
     if pending:
         flush()
     bar.close()
@@ -252,19 +252,23 @@ def _ranked_record(
     def values(scored: list[tuple[float, int, bool]]) -> list[float]:
         return [s / c if task.normalization == "mean" else s for s, c, _ in scored]
 
+    def by_option(numbers: list[float]) -> dict[str, float]:
+        return {o: round(v, 6) for o, v in zip(options, numbers)}
+
+    raw = values(scores)
     record: dict[str, Any] = {"id": ex.id, "prompt": prompt}
     if content_free_scores is None:
-        best = max(range(len(options)), key=values(scores).__getitem__)
+        best = max(range(len(options)), key=raw.__getitem__)
     else:
-        best, calibrated = calibrated_choice(values(scores), values(content_free_scores))
-        record["calibrated_scores"] = {o: round(v, 6) for o, v in zip(options, calibrated)}
-        record["content_free_scores"] = {o: round(v, 6) for o, v in zip(options, values(content_free_scores))}
+        free = values(content_free_scores)
+        best, calibrated = calibrated_choice(raw, free)
+        record["calibrated_scores"], record["content_free_scores"] = by_option(calibrated), by_option(free)
     return {
         **record,
         "prediction": options[best],
         "gold": _gold(ex),
         "score": task.example_score(options[best], ex),
-        "option_scores": {o: round(v, 6) for o, v in zip(options, values(scores))},
+        "option_scores": by_option(raw),
     }
 
 

@@ -409,6 +409,13 @@ def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keep, shifted[keep]
 
 
+def decoder_cache_kwarg(decoder: nn.Module) -> str | None:
+    """The keyword under which `decoder` takes a KV cache: transformers renamed `past_key_values` to `cache`
+    during 5.x. None when its forward takes neither."""
+    params = inspect.signature(decoder.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
 @functools.cache
 def _mask_slicing() -> bool:
     """transformers' `slice_logits_to_keep` takes a boolean [B, T] mask (newer 5.x releases); with an

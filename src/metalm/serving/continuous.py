@@ -23,13 +23,14 @@ are token-id lists (`add_request(input_ids)`), with no way to hand it MetaLM's e
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
+
+from metalm.model.modeling_metalm import decoder_cache_kwarg
 
 __all__ = ["RowSampling", "RunningBatch", "continuous_unsupported"]
 
@@ -146,9 +147,7 @@ class RunningBatch:
     def __init__(self, model: torch.nn.Module, begin_suppress: Sequence[int] = ()) -> None:
         self.model = model
         self.begin_suppress = list(begin_suppress)
-        params = inspect.signature(model.decoder.forward).parameters
-        # transformers renamed `past_key_values` to `cache` during 5.x; pass whichever the decoder takes.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = decoder_cache_kwarg(model.decoder) or "past_key_values"
         self.clear()
 
     def clear(self) -> list[Any]:
