@@ -455,6 +455,7 @@ def test_model_without_vision_encoder_is_evaluated_without_images(tmp_path, capl
 
 def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tmp_path, monkeypatch):
     from metalm.evaluation import experiments, runner
+    from metalm.evaluation.retrieval import SIMILARITY
 
     calls = []
 
@@ -464,6 +465,7 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
         summary = {"shots": list(shots), "seeds": list(seeds), "limit": limit, "results": {}}
         summary["per_group"] = kw.get("per_group")
         summary["calibration"] = "content-free query (N/A), ranked tasks" if kw.get("calibrate") else None
+        summary["demonstrations"] = SIMILARITY if kw.get("demonstrations") == "similar" else None
         (out_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -482,6 +484,11 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
     assert len(calls) == 6  # calibrated: evaluated again
     experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], limit=100, per_group=30, calibrate=True)
     assert len(calls) == 6
+    similar = dict(limit=100, per_group=30, calibrate=True, demonstrations="similar")
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], **similar)
+    assert len(calls) == 7  # retrieved demonstrations: evaluated again
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], **similar)
+    assert len(calls) == 7
 
 
 def test_a_subset_per_group_balances_groups_and_keeps_the_old_subsets():

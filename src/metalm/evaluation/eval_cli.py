@@ -45,6 +45,7 @@ def eval_main(
     group_by: str = "type",
     per_group: int | None = None,
     calibrate: bool = False,
+    demos: str = "random",
 ) -> dict[str, Any]:
     """``metalm eval MODEL --task NAME [--task ...] [--shots 0,1,4] [--seeds 0,1,2] [--limit N] [--out DIR]``.
 
@@ -75,7 +76,7 @@ def eval_main(
     summary = evaluate(
         lm, processor, tasks, shots=shot_list, seeds=seed_list, limit=limit, batch_size=batch_size,
         out_dir=out, baseline=baseline, separator=separator, normalization=normalization, model_name=model,
-        per_group=per_group, calibrate=calibrate,
+        per_group=per_group, calibrate=calibrate, demonstrations=demos,
     )  # fmt: skip
     print((Path(out) / "results.md").read_text(), end="")
     return summary
@@ -86,7 +87,7 @@ def _eval_from_args(args: argparse.Namespace) -> int:
         args.model, args.task or [], shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
         normalization=args.normalization, device=args.device, data=args.data or (), group_by=args.group_by,
-        per_group=args.per_group, calibrate=args.calibrate,
+        per_group=args.per_group, calibrate=args.calibrate, demos=args.demos,
     )  # fmt: skip
     return 0  # the `metalm` entry point turns this into the exit status
 
@@ -142,6 +143,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="ranked tasks: contextual calibration (Zhao et al. 2021): each option's probability divided by its "
         "probability after the same demonstrations and a content-free query (N/A), so that a label the "
         "demonstrations favour whatever the query says does not win for that reason; off by default",
+    )  # fmt: skip
+    p.add_argument(
+        "--demos", choices=("random", "similar"), default="random",
+        help="how each query's k demonstrations are chosen: random (a draw per example and seed, the paper's "
+        "protocol) or similar (the pool examples most like the query under the model's own encoders, most "
+        "similar last: RICES / KATE; one run per k)",
     )  # fmt: skip
     p.add_argument("--normalization", choices=("sum", "mean"), default=None, help="override option scoring")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

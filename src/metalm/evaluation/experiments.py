@@ -41,9 +41,10 @@ def cached_eval(
     out: Path, model, processor, task: Any, shots: Sequence[int], seeds: Sequence[int], **kw: Any
 ) -> dict[str, Any]:
     """`metalm eval` of ``task`` into ``out``; its summary is reused when one exists for the same shots,
-    seeds, limit, per-group cap and calibration (a page must not state a limit its cached figures were not
+    seeds, limit, per-group cap, calibration and choice of demonstrations (a page must not state a limit its cached figures were not
     measured with)."""
     from metalm.evaluation.demonstrations import CALIBRATION
+    from metalm.evaluation.retrieval import SIMILARITY
     from metalm.evaluation.runner import evaluate
 
     summary = out / "summary.json"
@@ -55,6 +56,7 @@ def cached_eval(
             "limit": kw.get("limit"),
             "per_group": kw.get("per_group"),
             "calibration": CALIBRATION if kw.get("calibrate") else None,
+            "demonstrations": SIMILARITY if kw.get("demonstrations") == "similar" else None,
         }
         found = {key: cached.get(key) for key in asked}
         if found == asked:

@@ -2,7 +2,8 @@
 :mod:`metalm.evaluation.eval_cli`).
 
 For each task, each shot count k and each seed, every evaluated example gets a prompt of k sampled
-demonstrations (``metalm.evaluation.icl``) and is scored:
+demonstrations (``metalm.evaluation.icl``; or, with ``demonstrations="similar"``, the k most like it,
+:mod:`~metalm.evaluation.retrieval`) and is scored:
 
 * ``rank``: ``batch_size`` prompts run once each (left-padded), and every option is read as a
   continuation from its prompt's KV cache; the option's score is the sum (or mean) of its tokens'
@@ -31,6 +32,7 @@ from metalm.data.processor import MetaLMProcessor
 from metalm.evaluation.demonstrations import CALIBRATION, copying_markdown
 from metalm.evaluation.icl import resolve_baseline
 from metalm.evaluation.own_data import group_markdown
+from metalm.evaluation.retrieval import DEMONSTRATION_CHOICES, SIMILARITY
 from metalm.evaluation.scoring import decoder_context_length, generate_samples, score_samples
 from metalm.evaluation.task_runs import evaluate_task, subset_examples
 from metalm.evaluation.tasks import METRICS, Task, TaskError, get_task, in_model_layout, with_overrides
@@ -58,6 +60,11 @@ def _results_markdown(summary: dict[str, Any]) -> str:
         f"- limit: {summary['limit'] if summary['limit'] is not None else 'all'}",
         *([f"- at most {summary['per_group']} examples per group"] if summary.get("per_group") else []),
         *([f"- calibration: {summary['calibration']}"] if summary.get("calibration") else []),
+        *(
+            [f"- demonstrations: {summary['demonstrations']} (one run per k)"]
+            if summary.get("demonstrations")
+            else []
+        ),
         "- scores x100 (accuracy, F1, BLEU-4, ROUGE-L: 0-100; CIDEr-D: 0-1000, as papers print it)",
         "- mean ± std (sample std) over seeds; a score from one run (one seed, or k=0) has no spread",
         "",
@@ -108,6 +115,7 @@ def evaluate(
     model_name: str | None = None,
     per_group: int | None = None,
     calibrate: bool = False,
+    demonstrations: str = "random",
 ) -> dict[str, Any]:
     """Evaluate ``model`` on one or more tasks for every k in ``shots`` and every seed.
 
@@ -118,7 +126,9 @@ def evaluate(
     ``per_group``: at most that many examples of each group (e.g. easy-VQA's question types), so that a rare
     group is measured on as many examples as a common one (``subset_examples``). ``calibrate``: ranked
     tasks choose by contextual calibration against a content-free query (:mod:`metalm.evaluation.demonstrations`);
-    generated tasks are unchanged.
+    generated tasks are unchanged. ``demonstrations``: ``random`` (a draw per example and seed, the paper's
+    protocol) or ``similar`` (the pool examples most like each query under the model's encoders; episode
+    tasks draw their own).
 
     Returns the summary (also written to ``out_dir/summary.json`` with ``results.md`` and the prediction
     files when ``out_dir`` is given): ``{"results": {task: {str(k): {"seeds": {str(seed): metrics},
@@ -132,6 +142,13 @@ def evaluate(
     if len(set(names)) != len(names):
         raise TaskError(f"task names must be unique, got {names}")
     shots, seeds = _checked_runs(shots, seeds, batch_size)
+    if demonstrations not in DEMONSTRATION_CHOICES:
+        raise TaskError(f"demonstrations must be one of {DEMONSTRATION_CHOICES}, got {demonstrations!r}")
+    similar = demonstrations == "similar"
+    if similar and all(t.episodes is not None for t in tasks):
+        logger.warning(
+            "--demos similar: %s draw their own demonstrations (episodes); nothing retrieved", names
+        )
     if calibrate and not any(t.scoring == "rank" for t in tasks):
         logger.warning("--calibrate applies to ranked tasks; %s generate their answers, uncalibrated", names)
     baseline = resolve_baseline(model, baseline)
@@ -149,6 +166,7 @@ def evaluate(
         "limit": limit,
         "per_group": per_group,
         "calibration": CALIBRATION if calibrate else None,
+        "demonstrations": SIMILARITY if similar else None,
         "protocols": {t.name: t.settings() for t in tasks},
         "results": {},
     }
@@ -157,6 +175,7 @@ def evaluate(
             summary["results"][t.name] = evaluate_task(
                 model, processor, t, shots, seeds, limit=limit, per_group=per_group, out=out, baseline=baseline,
                 separator=separator, batch_size=batch_size, progress=progress, calibrate=calibrate,
+                similar=similar,
             )  # fmt: skip
     finally:
         model.train(was_training)

@@ -22,10 +22,13 @@ from metalm.evaluation.icl import (
     build_prompt,
     describe_prompt,
     encoder_fits,
+    has_text_encoder,
+    input_parts,
     prompt_to_sample,
     sample_demonstrations,
 )
 from metalm.evaluation.own_data import group_scores
+from metalm.evaluation.retrieval import ExampleIndex
 from metalm.evaluation.scoring import check_length, generate_samples, score_continuations
 from metalm.evaluation.tasks import Example, Task, TaskError
 from metalm.modalities import encoders_of_field
@@ -95,15 +98,20 @@ def _run_once(
     batch_size: int,
     progress: bool,
     calibrate: bool = False,
+    retrieval: ExampleIndex | None = None,
 ) -> tuple[list[dict[str, Any]], list[Example]]:
     """Per-example records (id, prompt, prediction, gold, score, the demonstrations' answers, ...) for one
     (task, k, seed), and the queries as asked (an episode task renames their answers). ``calibrate``: a
-    ranked task's choice is calibrated against a content-free query (:mod:`~metalm.evaluation.demonstrations`)."""
+    ranked task's choice is calibrated against a content-free query (:mod:`~metalm.evaluation.demonstrations`);
+    ``retrieval``: each query's demonstrations are the pool examples most similar to it
+    (:mod:`~metalm.evaluation.retrieval`) instead of a random draw."""
     fits = None if baseline else encoder_fits(processor)
     images = bool(encoders_of_field(model.config, "image"))
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
     if task.episodes is not None:
         episodes = [task.episodes(ex, pool, k, seed, i) for i, ex in enumerate(examples)]
+    elif retrieval is not None:
+        episodes = list(zip(retrieval.demonstrations(pool, examples, k, exclude_self=same_pool), examples))
     else:
         episodes = [
             (sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None), ex)
@@ -144,6 +152,20 @@ def _run_once(
         if demos:
             record["demonstration_answers"] = [task.label(d) for d in demos]
     return records, queries
+
+
+def _retrieval(model, processor: MetaLMProcessor, task: Task, run: dict[str, Any]) -> ExampleIndex:
+    """The similarity index of ``task``'s pool, its examples read as the task shows them, text through the
+    model's text encoder whenever it has one (in baseline mode too, so that both modes get the same
+    demonstrations); a model without one compares decoder token embeddings."""
+    baseline = not has_text_encoder(model)
+    fits = None if baseline else encoder_fits(processor)
+    images = bool(encoders_of_field(model.config, "image"))
+
+    def parts_of(ex: Example) -> list[Any]:
+        return input_parts(task, ex, baseline=baseline, fewshot=True, fits=fits, images=images)
+
+    return ExampleIndex(model, processor, task, parts_of, progress=run.get("progress", True))
 
 
 def _reference_key(task: Task, demos: Sequence[Example], query: Example) -> tuple[Any, ...]:
@@ -292,20 +314,26 @@ def evaluate_task(
     limit: int | None,
     out: Path | None,
     per_group: int | None = None,
+    similar: bool = False,
     **run,
 ) -> dict[str, Any]:
-    """One task's results by k (the `results` entry of the summary); prediction files go to `out`."""
+    """One task's results by k (the `results` entry of the summary); prediction files go to `out`.
+    ``similar``: demonstrations retrieved by similarity (once per k: retrieval does not depend on the seed)."""
     examples = subset_examples(t.examples(t.eval_split), limit, per_group)
     _warn_if_images_left_out(model, t, examples)
     pool: list[Example] = []
     if any(k > 0 for k in shots) or t.episodes is not None:  # zero-shot runs never touch demonstrations
         pool = t.examples(t.demo_split) if t.demo_split else t.examples(t.eval_split)
+    retrieval = _retrieval(model, processor, t, run) if similar and t.episodes is None else None
     by_k: dict[str, Any] = {}
     for k in shots:
         per_seed: dict[int, dict[str, Any]] = {}
         records_by_seed: dict[int, list[dict[str, Any]]] = {}
-        for seed in seeds if k > 0 or t.episodes is not None else seeds[:1]:
-            records, queries = _run_once(model, processor, t, examples, pool, k=k, seed=seed, **run)
+        draws = (k > 0 and retrieval is None) or t.episodes is not None  # else one run serves every seed
+        for seed in seeds if draws else seeds[:1]:
+            records, queries = _run_once(
+                model, processor, t, examples, pool, k=k, seed=seed, retrieval=retrieval, **run
+            )
             for r, ex in zip(records, queries):
                 if ex.group is not None:
                     r["group"] = ex.group

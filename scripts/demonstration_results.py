@@ -1,4 +1,5 @@
-"""Do demonstrations help once the labels they show stop winning for that reason? Writes docs/calibration.md.
+"""Do demonstrations help once the labels they show stop winning for that reason, and when they are chosen
+like the query? Writes docs/demonstrations.md.
 
 Each saved model is evaluated on BBC topics in context (five topics ranked after ``topic:``, the articles
 and their demonstrations through the text encoder) at ``--shots`` over ``--seeds``, twice on the very same
@@ -10,13 +11,16 @@ demonstrations' topics beside how often the gold one is (copying), and per topic
 and how often it is right (a calibration that only moved every answer to one topic would show there).
 ``--plain`` also evaluates every model with the articles and demonstrations as plain decoder text (the
 paper's GPT-baseline input), and compares the encoder with it, calibrated, against the bar of
-docs/results.md (through the encoder at least the plain-text score minus 5).
+docs/results.md (through the encoder at least the plain-text score minus 5). ``--similar`` also evaluates
+both modes (and, with ``--plain``, as plain text) with each article's demonstrations retrieved as the
+training articles most like it under the model's encoders (``metalm eval --demos similar``), against the
+random draws.
 
-    python scripts/calibration_results.py --model stage-1=runs/gemma-vl-yes-no/final \\
-        --model icl=runs/gemma-vl-icl-yn/final --out runs/calibration --page docs/calibration.md --plain
+    python scripts/demonstration_results.py --model stage-1=runs/gemma-vl-yes-no/final \\
+        --model icl=runs/gemma-vl-icl-yn/final --out runs/calibration --page docs/demonstrations.md --plain --similar
 
 Every number on the page comes from the prediction files under ``--out`` (reused when they exist for the
-same shots, seeds and limit).
+same shots, seeds, limit, calibration and choice of demonstrations).
 """
 
 from __future__ import annotations
@@ -38,31 +42,39 @@ TASK = "bbc-topic"
 MODES = {"ranked": False, "calibrated": True}
 
 
-def _folder(out: Path, name: str, mode: str, plain: bool = False) -> Path:
-    """Where one model's run of one mode is cached: ``<name>/<mode>``, ``<name>/plain-<mode>`` as plain text."""
-    return out / name / (f"plain-{mode}" if plain else mode)
+def _folder(out: Path, name: str, mode: str, plain: bool = False, similar: bool = False) -> Path:
+    """Where one model's run of one mode is cached: ``<name>/[plain-][similar-]<mode>`` (``plain``: as plain
+    text; ``similar``: demonstrations retrieved by similarity)."""
+    return out / name / ("plain-" * plain + "similar-" * similar + mode)
 
 
 def evaluate_models(models: dict[str, Path], args: argparse.Namespace) -> None:
-    """Both modes for every model (and, with ``--plain``, both as plain text too), cached under ``--out``."""
+    """Both modes for every model (with ``--plain`` as plain text too, with ``--similar`` with retrieved
+    demonstrations too: as plain text ranked only), cached under ``--out``."""
     for name, folder in models.items():
         model, processor = load_model(folder)
-        for plain in (False, True) if args.plain else (False,):
-            for mode, calibrate in MODES.items():
-                kw = {
-                    "limit": args.limit,
-                    "batch_size": args.batch_size,
-                    "progress": True,
-                    "calibrate": calibrate,
-                }
-                where = _folder(args.out, name, mode, plain)
-                cached_eval(where, model, processor, TASK, args.shots, args.seeds, baseline=plain, **kw)
+        for similar in (False, True) if args.similar else (False,):
+            for plain in (False, True) if args.plain else (False,):
+                for mode, calibrate in MODES.items():
+                    if similar and plain and calibrate:  # the page compares retrieved ones ranked only
+                        continue
+                    kw = {
+                        "limit": args.limit,
+                        "batch_size": args.batch_size,
+                        "progress": True,
+                        "calibrate": calibrate,
+                        "demonstrations": "similar" if similar else "random",
+                    }
+                    where = _folder(args.out, name, mode, plain, similar)
+                    cached_eval(where, model, processor, TASK, args.shots, args.seeds, baseline=plain, **kw)
 
 
-def runs(folder: Path, k: int, seeds: Sequence[int]) -> list[list[dict[str, Any]]]:
-    """Each seed's prediction records (k = 0 runs once)."""
+def runs(folder: Path, k: int, seeds: Sequence[int], once: bool = False) -> list[list[dict[str, Any]]]:
+    """Each seed's prediction records (k = 0 runs once; so does every k when ``once``: retrieved
+    demonstrations do not depend on the seed)."""
     return [
-        read_predictions(folder / f"predictions-{TASK}-k{k}-s{s}.jsonl") for s in (seeds if k else seeds[:1])
+        read_predictions(folder / f"predictions-{TASK}-k{k}-s{s}.jsonl")
+        for s in (seeds if k and not once else seeds[:1])
     ]
 
 
@@ -118,6 +130,52 @@ def plain_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int])
     return rows
 
 
+def similar_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int], plain: bool) -> list[str]:
+    """One row per k > 0: random and retrieved demonstrations, ranked and calibrated, the paired change
+    (each article's random score averaged over the seeds), the copy rates, and with ``plain`` the ranked
+    encoder - plain change against the bar."""
+    rows = []
+    for k in (k for k in shots if k):
+        drawn = {mode: runs(_folder(out, name, mode), k, seeds) for mode in MODES}
+        near = {mode: runs(_folder(out, name, mode, similar=True), k, seeds, once=True) for mode in MODES}
+        cells = [
+            *(f"{_mean_std(drawn[m])} | {_mean_std(near[m])} | {_change(drawn[m], near[m])}" for m in MODES),
+            f"{_copying(near['ranked'], 'prediction'):.1f} ({_copying(near['ranked'], 'gold'):.1f})",
+        ]
+        if plain:
+            text = runs(_folder(out, name, "ranked", plain=True, similar=True), k, seeds, once=True)
+            change = paired_change(_per_article(text), _per_article(near["ranked"]))
+            verdict = "met" if change["mean"] >= -5 else "not met"
+            cells.append(f"{_mean_std(text)} | {change['mean']:+.1f} ± {change['ci95']:.1f} ({verdict})")
+        rows.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def similar_section(models: dict[str, Path], args: argparse.Namespace) -> list[str]:
+    plain_head = " ranked, as plain text | encoder − plain, ranked (≥ −5: the bar) |" if args.plain else ""
+    return [
+        "## Demonstrations chosen like the query",
+        "",
+        "The same articles with each one's k demonstrations retrieved instead of drawn (`metalm eval --demos "
+        "similar`: the training articles whose encoder vectors are closest to the article's, most similar next "
+        "to it; RICES in Flamingo, KATE for GPT-3). Retrieval does not depend on the seed, so it runs once a k; "
+        "its change is paired with each article's random score averaged over the seeds. The copy column: how "
+        "often the ranked answer is one of the retrieved demonstrations' topics (how often the gold is)."
+        + (
+            " As plain text, the demonstrations are the same articles (retrieval reads them through the text "
+            "encoder in both modes)."
+            if args.plain
+            else ""
+        ),
+        "",
+        "| model | k | ranked: random | ranked: similar | similar − random | calibrated: random | calibrated: "
+        "similar | similar − random | answer is a demonstration's topic (gold is) |" + plain_head,
+        "|---|---:|---:|---:|---|---:|---:|---|---|" + ("---:|---|" if args.plain else ""),
+        *[row for name in models for row in similar_rows(name, args.out, args.shots, args.seeds, args.plain)],
+        "",
+    ]
+
+
 def topic_rows(name: str, out: Path, k: int, seeds: Sequence[int]) -> list[str]:
     """Per gold topic at ``k``: its articles, how often it is answered and how often it is right, both modes."""
     by_mode = {mode: [r for rows in runs(_folder(out, name, mode), k, seeds) for r in rows] for mode in MODES}
@@ -152,9 +210,9 @@ def plain_section(models: dict[str, Path], args: argparse.Namespace) -> list[str
 def page_text(models: dict[str, Path], about: dict[str, str], args: argparse.Namespace, command: str) -> str:
     shots, seeds = args.shots, args.seeds
     lines = [
-        "# Contextual calibration: demonstrations, once their labels stop winning by being shown",
+        "# Demonstrations that help: calibrated, and chosen like the query",
         "",
-        f"Written by `scripts/calibration_results.py` from its own outputs (`{command}`, on this 2-core CPU "
+        f"Written by `scripts/demonstration_results.py` from its own outputs (`{command}`, on this 2-core CPU "
         f"machine). BBC topics in context, {args.limit} test articles (a fixed random subset), demonstrations "
         f"drawn from the training split per article and seed (seeds {', '.join(map(str, seeds))}; k = 0 runs "
         "once); the articles and the demonstrations through the text encoder. **ranked**: the five topics "
@@ -183,6 +241,7 @@ def page_text(models: dict[str, Path], about: dict[str, str], args: argparse.Nam
         "|---|---:|---|---:|---:|---:|---:|---:|",
         *[row for name in models for k in shots for row in topic_rows(name, args.out, k, seeds)],
         "",
+        *(similar_section(models, args) if args.similar else []),
         "## What this shows and what it does not",
         "",
         "- It shows whether each model's demonstrations carry the task once the bias toward the labels they "
@@ -193,6 +252,16 @@ def page_text(models: dict[str, Path], about: dict[str, str], args: argparse.Nam
         "demonstrations) and applies to ranked tasks only; generated answers are unchanged.",
         "- Calibration divides out what the content-free prompt prefers; a topic the model's scores never favour "
         "for any article stays unanswered (the per-topic table shows which).",
+        *(
+            [
+                "- Retrieved demonstrations show what a model does with demonstrations that resemble the query: "
+                "whether it reads the answer off them (the copy column against the gold's). They are not the "
+                "paper's protocol either (it draws at random), and their score depends on how often the most "
+                "similar articles share the query's topic: that is what the gold column measures.",
+            ]
+            if args.similar
+            else []
+        ),
         f"- The sample is small ({args.limit} articles): read the paired intervals, not single digits.",
     ]
     return "\n".join(lines) + "\n"
@@ -207,9 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--about", action="append", default=[], metavar="NAME=TEXT", help="what model NAME is, for the page"
     )
     p.add_argument("--out", type=Path, default=Path("runs/calibration"))
-    p.add_argument("--page", type=Path, default=Path("docs/calibration.md"))
+    p.add_argument("--page", type=Path, default=Path("docs/demonstrations.md"))
     p.add_argument("--limit", type=int, default=60)
     p.add_argument("--plain", action="store_true", help="also evaluate with the inputs as plain decoder text")
+    p.add_argument(
+        "--similar", action="store_true", help="also evaluate with demonstrations retrieved by similarity"
+    )
     p.add_argument("--shots", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 4])
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=8)
@@ -224,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(about) - set(models):
         p.error(f"--about names {sorted(set(about) - set(models))}, which no --model names")
     evaluate_models(models, args)
-    command = "python scripts/calibration_results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/demonstration_results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.page.write_text(page_text(models, about, args, command))
     print(f"wrote {args.page}")
     return 0

@@ -1,4 +1,4 @@
-"""scripts/calibration_results.py: the page's figures are those of the prediction files it reads."""
+"""scripts/demonstration_results.py: the page's figures are those of the prediction files it reads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ GOLDS = ["sport", "tech", "business", "sport"]
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("calibration_results")
+    return load_script("demonstration_results")
 
 
 def _write(folder, k, seed, predictions, demos):
@@ -67,11 +67,47 @@ def test_the_page_reads_both_modes_pairs_them_and_breaks_them_down_by_topic(scri
     # Per topic at k = 1: sport is half of the articles; ranked answers it half of the time (the two sport
     # demonstrations), right for 1 of its 2 articles; calibrated answers it a quarter of the time, right 1 of 2.
     assert "| m | 1 | sport | 50.0 | 50.0 | 50.0 | 25.0 | 50.0 |" in text
-    assert "python scripts/calibration_results.py --model m=runs/m/final" in text
+    assert "python scripts/demonstration_results.py --model m=runs/m/final" in text
     assert "**m** = `runs/m/final` (a test model)" in text
     # Encoder against plain text, calibrated: 75 against 100 at k = 1 (-25: the bar is not met), equal at 0.
     assert "| m | 0 | 50.0 | 50.0 | 50.0 | 50.0 | +0.0 ± 0.0 | met |" in text
     assert "| m | 1 | 50.0 ± 0.0 | 50.0 ± 0.0 | 75.0 ± 0.0 | 100.0 ± 0.0 | -25.0 ± 49.0 | not met |" in text
+
+
+def _similar_outputs(out):
+    """Retrieved demonstrations (one run a k): each article's is of its own topic; ranked and calibrated
+    both answer it; as plain text the ranked answer is always sport."""
+    from metalm.evaluation.retrieval import SIMILARITY
+
+    for plain in ("", "plain-"):
+        for mode in ("ranked", "calibrated"):
+            folder = out / "m" / f"{plain}similar-{mode}"
+            _write(folder, 0, 0, ["sport"] * 4, GOLDS)
+            _write(folder, 1, 0, ["sport"] * 4 if plain and mode == "ranked" else GOLDS, GOLDS)
+            summary = {"shots": [0, 1], "seeds": [0, 1], "limit": 4, "per_group": None}
+            summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
+            summary["demonstrations"] = SIMILARITY
+            (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_retrieved_demonstrations_are_read_once_a_k_and_paired_with_the_random_ones(
+    script, tmp_path, monkeypatch
+):
+    out, page = tmp_path / "out", tmp_path / "page.md"
+    _outputs(out, None)
+    _similar_outputs(out)
+    monkeypatch.setattr(script, "load_model", lambda folder: (None, None))  # every output is cached
+    argv = ["--model", "m=runs/m/final", "--out", str(out), "--page", str(page), "--limit", "4"]
+    assert script.main([*argv, "--shots", "0,1", "--seeds", "0,1", "--plain", "--similar"]) == 0
+    text = page.read_text()
+    assert "## Demonstrations chosen like the query" in text
+    # Ranked: random right for a1 and a3 (both seeds), retrieved for all four: +100, 0, +100, 0 -> +50, and
+    # 1.96 standard errors of 57.7 / 2. Calibrated: 3 of 4 -> 4 of 4: +25 ± 1.96 * 50 / 2. The answer is
+    # always the retrieved topic, which is always the gold. As plain text ranked says sport (a0 and a3 right):
+    # the encoder is +50 above it.
+    row = "| m | 1 | 50.0 ± 0.0 | 100.0 | +50.0 ± 56.6 | 75.0 ± 0.0 | 100.0 | +25.0 ± 49.0 | 100.0 (100.0) | "
+    assert row + "50.0 | +50.0 ± 56.6 (met) |" in text
+    assert "| m | 0 | 50.0 | 100.0" not in text  # k = 0 has no demonstrations to choose
 
 
 def test_a_model_must_be_named_and_described_by_its_name(script, tmp_path):
