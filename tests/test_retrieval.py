@@ -71,6 +71,15 @@ def test_the_most_similar_example_comes_last_and_a_query_is_not_its_own_demonstr
         index.demonstrations(POOL, queries, len(POOL), exclude_self=True)
 
 
+def test_queries_compared_a_chunk_at_a_time_get_the_same_demonstrations(tiny, monkeypatch):
+    from metalm.evaluation import retrieval
+
+    model, processor = tiny
+    whole = _index(model, processor, _task()).demonstrations(POOL, POOL, 2, exclude_self=True)
+    monkeypatch.setattr(retrieval, "QUERY_CHUNK", 4)  # 6 queries: a chunk of 4, then one of 2
+    assert _index(model, processor, _task()).demonstrations(POOL, POOL, 2, exclude_self=True) == whole
+
+
 def test_similar_demonstrations_run_once_per_k_and_say_so(tiny, tmp_path):
     model, processor = tiny
     summary = evaluate(model, processor, _task(), shots=(0, 2), seeds=(0, 1), progress=False,

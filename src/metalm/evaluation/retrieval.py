@@ -35,6 +35,9 @@ DEMONSTRATION_CHOICES = ("random", "similar")
 SIMILARITY = "the k most similar pool examples under the model's encoders, most similar last"
 
 PartsOf = Callable[[Example], list[Any]]
+# Queries compared with the whole pool at a time: easy-VQA's 9,640 test questions against its 38,575
+# training ones would be a 1.5 GB similarity matrix at once.
+QUERY_CHUNK = 256
 
 
 @torch.no_grad()
@@ -118,12 +121,14 @@ class ExampleIndex:
         if self._queries is not queries:  # the same subset for every k: read once
             self._queries, self._query_vectors = queries, self.vectors(queries, f"{self.task.name} queries")
         assert self._query_vectors is not None
-        sims = self._query_vectors @ self._vectors.T
-        if exclude_self:
-            where = {ex.id: i for i, ex in enumerate(pool)}
-            for row, query in enumerate(queries):
-                if query.id in where:
-                    sims[row, where[query.id]] = -float("inf")
-        # Ties (identical inputs) go to the earlier pool example: a stable sort of the negated scores.
-        order = torch.sort(-sims, dim=-1, stable=True).indices[:, :k]
-        return [[pool[int(i)] for i in reversed(row.tolist())] for row in order]
+        excluded = {ex.id: i for i, ex in enumerate(pool)} if exclude_self else {}
+        chosen: list[list[Example]] = []
+        for start in range(0, len(queries), QUERY_CHUNK):  # [chunk, pool] at a time, not [queries, pool]
+            sims = self._query_vectors[start : start + QUERY_CHUNK] @ self._vectors.T
+            for row, query in enumerate(queries[start : start + QUERY_CHUNK]):
+                if query.id in excluded:
+                    sims[row, excluded[query.id]] = -float("inf")
+            # Ties (identical inputs) go to the earlier pool example: a stable sort of the negated scores.
+            order = torch.sort(-sims, dim=-1, stable=True).indices[:, :k]
+            chosen += [[pool[int(i)] for i in reversed(row.tolist())] for row in order]
+        return chosen
