@@ -141,6 +141,7 @@ def similar_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int
         cells = [
             *(f"{_mean_std(drawn[m])} | {_mean_std(near[m])} | {_change(drawn[m], near[m])}" for m in MODES),
             f"{_copying(near['ranked'], 'prediction'):.1f} ({_copying(near['ranked'], 'gold'):.1f})",
+            f"{_vote_accuracy(near['ranked']):.1f}",
         ]
         if plain:
             text = runs(_folder(out, name, "ranked", plain=True, similar=True), k, seeds, once=True)
@@ -149,6 +150,18 @@ def similar_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int
             cells.append(f"{_mean_std(text)} | {change['mean']:+.1f} ± {change['ci95']:.1f} ({verdict})")
         rows.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
     return rows
+
+
+def _vote_accuracy(seed_runs: list[list[dict[str, Any]]]) -> float:
+    """How often the topic most of a prompt's demonstrations show is the gold one (ties: the one shown
+    nearest the query, i.e. the most similar): what a nearest-neighbour vote gets with no model at all."""
+    right = []
+    for r in (r for rows in seed_runs for r in rows):
+        shown = r["demonstration_answers"]  # least similar first
+        counts = Counter(shown)
+        vote = max(range(len(shown)), key=lambda i: (counts[shown[i]], i))
+        right.append(shown[vote] == r["gold"])
+    return 100 * statistics.fmean(right)
 
 
 def similar_section(models: dict[str, Path], args: argparse.Namespace) -> list[str]:
@@ -160,7 +173,9 @@ def similar_section(models: dict[str, Path], args: argparse.Namespace) -> list[s
         "similar`: the training articles whose encoder vectors are closest to the article's, most similar next "
         "to it; RICES in Flamingo, KATE for GPT-3). Retrieval does not depend on the seed, so it runs once a k; "
         "its change is paired with each article's random score averaged over the seeds. The copy column: how "
-        "often the ranked answer is one of the retrieved demonstrations' topics (how often the gold is)."
+        "often the ranked answer is one of the retrieved demonstrations' topics (how often the gold is); the vote "
+        "column: how often the topic most of them show (ties: the most similar one's) is the gold, what a "
+        "nearest-neighbour vote scores with no language model at all."
         + (
             " As plain text, the demonstrations are the same articles (retrieval reads them through the text "
             "encoder in both modes)."
@@ -169,8 +184,8 @@ def similar_section(models: dict[str, Path], args: argparse.Namespace) -> list[s
         ),
         "",
         "| model | k | ranked: random | ranked: similar | similar − random | calibrated: random | calibrated: "
-        "similar | similar − random | answer is a demonstration's topic (gold is) |" + plain_head,
-        "|---|---:|---:|---:|---|---:|---:|---|---|" + ("---:|---|" if args.plain else ""),
+        "similar | similar − random | answer is a demonstration's topic (gold is) | vote |" + plain_head,
+        "|---|---:|---:|---:|---|---:|---:|---|---|---:|" + ("---:|---|" if args.plain else ""),
         *[row for name in models for row in similar_rows(name, args.out, args.shots, args.seeds, args.plain)],
         "",
     ]
@@ -257,7 +272,11 @@ def page_text(models: dict[str, Path], about: dict[str, str], args: argparse.Nam
                 "- Retrieved demonstrations show what a model does with demonstrations that resemble the query: "
                 "whether it reads the answer off them (the copy column against the gold's). They are not the "
                 "paper's protocol either (it draws at random), and their score depends on how often the most "
-                "similar articles share the query's topic: that is what the gold column measures.",
+                "similar articles share the query's topic: that is what the gold column measures. A score at the vote "
+                "column's is a model that reads the retrieved topics and nothing else; above it, the model also "
+                "weighs them by the query. Calibrating retrieved demonstrations divides out what they are "
+                "there for: the content-free reference is shown the same similar articles, so the topic they "
+                "share is discounted as a prior.",
             ]
             if args.similar
             else []

@@ -105,9 +105,19 @@ def test_retrieved_demonstrations_are_read_once_a_k_and_paired_with_the_random_o
     # 1.96 standard errors of 57.7 / 2. Calibrated: 3 of 4 -> 4 of 4: +25 ± 1.96 * 50 / 2. The answer is
     # always the retrieved topic, which is always the gold. As plain text ranked says sport (a0 and a3 right):
     # the encoder is +50 above it.
-    row = "| m | 1 | 50.0 ± 0.0 | 100.0 | +50.0 ± 56.6 | 75.0 ± 0.0 | 100.0 | +25.0 ± 49.0 | 100.0 (100.0) | "
+    # The one retrieved demonstration's topic is the gold: its vote is right every time.
+    row = "| m | 1 | 50.0 ± 0.0 | 100.0 | +50.0 ± 56.6 | 75.0 ± 0.0 | 100.0 | +25.0 ± 49.0 | 100.0 (100.0) | 100.0 | "
     assert row + "50.0 | +50.0 ± 56.6 (met) |" in text
     assert "| m | 0 | 50.0 | 100.0" not in text  # k = 0 has no demonstrations to choose
+
+
+def test_the_vote_of_retrieved_demonstrations_takes_the_most_shown_topic_then_the_nearest(script):
+    records = [
+        {"gold": "tech", "demonstration_answers": ["sport", "tech", "tech"]},  # most shown: tech
+        {"gold": "sport", "demonstration_answers": ["tech", "sport"]},  # a tie: the nearest, sport
+        {"gold": "tech", "demonstration_answers": ["tech", "sport"]},  # a tie: sport, wrong
+    ]
+    assert script._vote_accuracy([records]) == pytest.approx(200 / 3)
 
 
 def test_a_model_must_be_named_and_described_by_its_name(script, tmp_path):
