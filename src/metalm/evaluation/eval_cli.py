@@ -12,6 +12,7 @@ import torch
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.evaluation.own_data import data_tasks, read_own_data
+from metalm.evaluation.retrieval import DEMONSTRATION_CHOICES
 from metalm.evaluation.runner import evaluate
 from metalm.evaluation.tasks import TaskError, get_task
 
@@ -145,7 +146,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "demonstrations favour whatever the query says does not win for that reason; off by default",
     )  # fmt: skip
     p.add_argument(
-        "--demos", choices=("random", "similar"), default="random",
+        "--demos", choices=DEMONSTRATION_CHOICES, default="random",
         help="how each query's k demonstrations are chosen: random (a draw per example and seed, the paper's "
         "protocol) or similar (the pool examples most like the query under the model's own encoders, most "
         "similar last: RICES / KATE; one run per k)",

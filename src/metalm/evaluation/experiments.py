@@ -41,8 +41,8 @@ def cached_eval(
     out: Path, model, processor, task: Any, shots: Sequence[int], seeds: Sequence[int], **kw: Any
 ) -> dict[str, Any]:
     """`metalm eval` of ``task`` into ``out``; its summary is reused when one exists for the same shots,
-    seeds, limit, per-group cap, calibration and choice of demonstrations (a page must not state a limit its cached figures were not
-    measured with)."""
+    seeds, limit, per-group cap, calibration and choice of demonstrations (a page must not state a limit its
+    cached figures were not measured with)."""
     from metalm.evaluation.demonstrations import CALIBRATION
     from metalm.evaluation.retrieval import SIMILARITY
     from metalm.evaluation.runner import evaluate

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metalm.data.processor import MetaLMProcessor
+from metalm.data.segments import to_device
 from metalm.evaluation.protocol import Example, Task, TaskError
 
 __all__ = ["DEMONSTRATION_CHOICES", "SIMILARITY", "ExampleIndex", "example_vectors"]
@@ -35,8 +36,8 @@ DEMONSTRATION_CHOICES = ("random", "similar")
 SIMILARITY = "the k most similar pool examples under the model's encoders, most similar last"
 
 PartsOf = Callable[[Example], list[Any]]
-# Queries compared with the whole pool at a time: easy-VQA's 9,640 test questions against its 38,575
-# training ones would be a 1.5 GB similarity matrix at once.
+# Queries compared with the whole pool at a time: easy-VQA's 9,673 test questions against its 34,774
+# training ones would be a 1.3 GB similarity matrix at once.
 QUERY_CHUNK = 256
 
 
@@ -48,7 +49,8 @@ def example_vectors(
     """One unit vector per example ([N, D], float32, on the CPU): per kind of decoder position (each
     encoder's slots, plain decoder text), the mean of the input embeddings there, L2-normalised, the parts
     concatenated and scaled so that a dot product is their mean cosine. `parts_of` gives an example's
-    input parts (what the task shows of it, without the decoder prompt)."""
+    input parts as the task shows them (the decoder prompt too, which every example shares: it moves every
+    similarity alike)."""
     from metalm.evaluation.icl import prompt_to_sample
 
     device = next(model.parameters()).device
@@ -58,14 +60,11 @@ def example_vectors(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         samples = [prompt_to_sample(processor, parts_of(ex), add_bos=False) for ex in chunk]
-        batch = processor.collate(samples)
-        embeds = model.embed_inputs(
-            batch["input_ids"].to(device),
-            _to(batch.get("encoder_inputs"), device),
-            _to(batch.get("encoder_slots"), device),
-        ).float()
-        real = batch["attention_mask"].to(device).bool()
-        slots = {n: batch["encoder_slots"][n].to(device).bool() for n in batch.get("encoder_slots", {})}
+        batch = to_device(processor.collate(samples), device)
+        slots = {n: mask.bool() for n, mask in batch.get("encoder_slots", {}).items()}
+        inputs = (batch["input_ids"], batch.get("encoder_inputs"), batch.get("encoder_slots"))
+        embeds = model.embed_inputs(*inputs).float()
+        real = batch["attention_mask"].bool()
         text = real & ~torch.stack([real.new_zeros(real.shape), *slots.values()]).any(0)
         kinds = [slots.get(n) for n in names] + [text]
         means = [_masked_unit_mean(embeds, mask) for mask in kinds]
@@ -83,14 +82,6 @@ def _masked_unit_mean(embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.
         return embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
     summed = (embeds * mask.unsqueeze(-1)).sum(1)
     return torch.nn.functional.normalize(summed, dim=-1)  # a zero sum stays zero
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {key: _to(v, device) for key, v in value.items()}
-    return value
 
 
 class ExampleIndex:
