@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from metalm.evaluation.breakdown import paired_change, read_predictions
-from metalm.evaluation.demonstrations import copying_rates
+from metalm.evaluation.demonstrations import copying_rates, demonstration_vote
 from metalm.evaluation.experiments import cached_eval, load_model
 
 TASK = "bbc-topic"
@@ -153,15 +153,9 @@ def similar_rows(name: str, out: Path, shots: Sequence[int], seeds: Sequence[int
 
 
 def _vote_accuracy(seed_runs: list[list[dict[str, Any]]]) -> float:
-    """How often the topic most of a prompt's demonstrations show is the gold one (ties: the one shown
-    nearest the query, i.e. the most similar): what a nearest-neighbour vote gets with no model at all."""
-    right = []
-    for r in (r for rows in seed_runs for r in rows):
-        shown = r["demonstration_answers"]  # least similar first
-        counts = Counter(shown)
-        vote = max(range(len(shown)), key=lambda i: (counts[shown[i]], i))
-        right.append(shown[vote] == r["gold"])
-    return 100 * statistics.fmean(right)
+    """``demonstration_vote`` over every seed's records: what a nearest-neighbour vote of the retrieved
+    topics scores with no language model at all."""
+    return demonstration_vote([r for rows in seed_runs for r in rows]) or 0.0
 
 
 def similar_section(models: dict[str, Path], args: argparse.Namespace) -> list[str]:

@@ -18,7 +18,9 @@ probe beside it (does the decoder copy a repeat at all; `--copy-training MODEL` 
 on repeats alone, scripts/copy_training_probe.py); BBC topic in-context learning at k = 0/1/4
 with demonstrations through the encoder and as plain text; the paper's frozen-decoder single-task
 finetuning on BBC topics (LR 5e-5, batch 32, 3 epochs; per seed); and "does the decoder read the
-encoder": held-out loss on the text after a span given encoded / removed / as plain text.
+encoder": held-out loss on the text after a span given encoded / removed / as plain text. The in-context
+rows are measured again with each query's demonstrations retrieved like it (`metalm eval --demos similar`,
+beside the vote of those demonstrations' answers; `--no-similar` skips them).
 
 Every number on the page comes from this script's own outputs under `--out` (prediction files, summaries,
 training runs); a step whose outputs exist is not run again, so an interrupted run resumes. `--variants`
@@ -122,6 +124,47 @@ def in_context_results(model, processor, out: Path, args: argparse.Namespace) ->
     return res
 
 
+def retrieved_results(model, processor, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The in-context rows again with each query's demonstrations chosen like it (`metalm eval --demos
+    similar`; one run a k, as retrieval does not depend on the seed): easy-VQA k = 0 -> 4 on the by-type
+    bar's questions, and BBC topic through the encoder (when the model has one) and as plain text, each
+    with the vote of its retrieved demonstrations' answers (a nearest-neighbour classifier, no decoder)."""
+    from metalm.evaluation.breakdown import read_predictions
+    from metalm.evaluation.demonstrations import demonstration_vote
+
+    kw = {"batch_size": args.batch_size, "progress": True, "demonstrations": "similar"}
+    sizes = {"limit": None, "per_group": args.per_type} if args.per_type else {"limit": args.limit}
+    vqa = out / "easyvqa-by-type-similar"
+    cached_eval(vqa, model, processor, "easyvqa", [0, 4], args.seeds[:1], **sizes, **kw)
+    res: dict[str, Any] = {
+        "easyvqa_by_type": paired_change_by_group(vqa, "easyvqa", 0, 4),
+        "easyvqa_vote": demonstration_vote(read_predictions(vqa / "predictions-easyvqa-k4-s0.jsonl")),
+    }
+    shots = [k for k in args.bbc_shots if k]
+    modes = {"encoded": False, "plain": True} if model.config.encoders_of_kind("text") else {"plain": True}
+    for mode, baseline in modes.items():
+        bbc = out / f"bbc-topic-{mode}-similar"
+        summary = cached_eval(
+            bbc,
+            model,
+            processor,
+            "bbc-topic",
+            shots,
+            args.seeds[:1],
+            limit=args.bbc_limit,
+            baseline=baseline,
+            **kw,
+        )
+        res[f"bbc-topic-{mode}"] = {
+            str(k): {
+                "accuracy": summary["results"]["bbc-topic"][str(k)]["mean"]["accuracy"],
+                "vote": demonstration_vote(read_predictions(bbc / f"predictions-bbc-topic-k{k}-s0.jsonl")),
+            }
+            for k in shots
+        }
+    return res
+
+
 def binding_results(model, processor, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Fast binding: the image tasks for a model that sees images, the caption-text twins for every model,
     each also ranked; and whether the decoder copies at all (the copy probe)."""
@@ -199,6 +242,8 @@ def evaluate_model(name: str, folder: Path, out: Path, args: argparse.Namespace)
         }
     res.update(in_context_results(model, processor, out, args))
     res.update(bbc_topic_results(model, processor, out, args))
+    if args.similar:
+        res["similar"] = retrieved_results(model, processor, out, args)
     if has_text:
         res["reads_encoder"] = reads_encoder(out / "reads-encoder.json", model, processor, args)
     return res
@@ -340,6 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="models whose decoder is also trained on repeated random tokens (scripts/copy_training_probe.py)",
     )
     p.add_argument("--copy-training-steps", type=int, default=1500)
+    p.add_argument(
+        "--no-similar", dest="similar", action="store_false",
+        help="skip the rows with demonstrations retrieved like each query (metalm eval --demos similar)",
+    )  # fmt: skip
     p.add_argument("--page", type=Path, default=PAGE)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

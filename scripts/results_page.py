@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from results_bars import bar_sections, pm
+from results_bars import bar_sections, pm, retrieved_section
 
 from metalm.evaluation.reads_encoder import MIN_GAP, gap_closed
 
@@ -359,6 +359,7 @@ def write_page(
             *_perception_sections(results, args, binding or {}),
             *_text_sections(results, args),
             *bar_sections(results, variants or {}),
+            *retrieved_section(results),
             *SHOWS_AND_NOT,
         ]
     )

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from metalm.evaluation import task_runs
-from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates, shared_fields
+from metalm.evaluation.demonstrations import (
+    calibrated_choice,
+    content_free,
+    copying_rates,
+    demonstration_vote,
+    shared_fields,
+)
 from metalm.evaluation.eval_cli import add_eval_parser
 from metalm.evaluation.icl import build_prompt, prompt_to_sample, sample_demonstrations
 from metalm.evaluation.runner import evaluate, score_samples
@@ -90,6 +96,18 @@ def test_copying_rates_count_predictions_and_golds_among_the_demonstrations():
     assert copying_rates([{"prediction": "x", "gold": ["y", "z"], "demonstration_answers": ["z"]}])[
         "gold_among_demonstrations"
     ] == pytest.approx(100.0)
+
+
+def test_the_demonstrations_vote_takes_the_most_shown_answer_then_the_nearest_to_the_query():
+    records = [
+        {"gold": "tech", "demonstration_answers": ["sport", "tech", "Tech"]},  # most shown (case aside): tech
+        {"gold": "sport", "demonstration_answers": ["tech", "sport"]},  # a tie: the nearest, sport: right
+        {"gold": "tech", "demonstration_answers": ["tech", "sport"]},  # a tie: sport: wrong
+        {"gold": ["red", "crimson"], "demonstration_answers": ["blue", "red", "red"]},  # any gold answer
+        {"gold": "tech"},  # no demonstrations: not counted
+    ]
+    assert demonstration_vote(records) == pytest.approx(75.0)
+    assert demonstration_vote([{"gold": "a", "demonstration_answers": []}]) is None
 
 
 def test_calibrated_ranking_scores_each_reference_prompt_once(tiny, tmp_path, monkeypatch):

@@ -169,3 +169,28 @@ def test_the_bars_section_points_at_the_text_in_context_variant_or_says_how_to_a
     }
     text = "\n".join(bars.bar_sections({}, {"gemma-vl-icl-text": variant}))
     assert "`gemma-vl-icl-text` below, its BBC column" in text and "## Tried and left out" in text
+
+
+def test_retrieved_demonstrations_get_their_own_section_beside_their_vote(bars):
+    def change(before, after, ci):
+        return {"n": 300, "from": before, "to": after, "mean": after - before, "ci95": ci}
+
+    similar = {
+        "easyvqa_by_type": {"colour": change(92.0, 93.0, 1.0), "shape": change(100.0, 100.0, 0.0)},
+        "easyvqa_vote": 97.5,
+        "bbc-topic-encoded": {"1": {"accuracy": 80.0, "vote": 78.0}, "4": {"accuracy": 80.0, "vote": 85.0}},
+        "bbc-topic-plain": {"1": {"accuracy": 76.7, "vote": 78.0}, "4": {"accuracy": 86.7, "vote": 85.0}},
+    }
+    text = "\n".join(bars.retrieved_section({"a": {"similar": similar}, "b": {"easyvqa": {}}}))
+    assert "--demos similar" in text and "changes no verdict above" in text
+    row = (
+        "| a | 92.0 → 93.0 (+1.0 ± 1.0) | 100.0 → 100.0 (+0.0 ± 0.0) | — | 97.5 | 80.0 / 80.0 | 76.7 / 86.7 "
+    )
+    assert row + "| 78.0 / 85.0 | **not met** |" in text  # k = 4: 80.0 through the encoder, 86.7 as text
+    assert "| b |" not in text  # a model evaluated without retrieval has no row
+    # Without a text encoder there is no encoded column to judge.
+    plain_only = {**similar, "bbc-topic-encoded": {}}
+    assert bars.retrieved_section({"q": {"similar": plain_only}})[-2].endswith(
+        "| — / — | 76.7 / 86.7 | 78.0 / 85.0 | — |"
+    )
+    assert bars.retrieved_section({"b": {"easyvqa": {}}}) == []

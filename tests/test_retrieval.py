@@ -111,6 +111,20 @@ def test_plain_text_mode_gets_the_same_demonstrations(tiny, tmp_path):
     assert answers[True] == answers[False]
 
 
+def test_calibrating_retrieved_demonstrations_warns_that_it_discounts_them(tiny, caplog):
+    model, processor = tiny
+    with caplog.at_level("WARNING", logger="metalm.evaluation"):
+        evaluate(
+            model, processor, _task(), shots=(1,), progress=False, demonstrations="similar", calibrate=True
+        )
+    assert "--calibrate with --demos similar" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="metalm.evaluation"):
+        evaluate(model, processor, _task(), shots=(1,), progress=False, demonstrations="similar")
+        evaluate(model, processor, _task(), shots=(1,), progress=False, calibrate=True)
+    assert "--calibrate with --demos similar" not in caplog.text
+
+
 def test_eval_parser_takes_demos():
     parser = argparse.ArgumentParser(prog="metalm")
     add_eval_parser(parser.add_subparsers(dest="command"))

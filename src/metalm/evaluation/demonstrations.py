@@ -4,6 +4,9 @@
   beside how often the gold answer is. A model that learns from demonstrations copies about as often as
   the gold is among them; one that copies the demonstrations' labels (a 270M decoder answering a one-shot
   BBC prompt with the demonstration's topic 97 % of the time) copies far more often.
+* **The demonstrations' vote** (:func:`demonstration_vote`): how often the answer most of the prompt's
+  demonstrations show is the gold one, i.e. what a nearest-neighbour vote scores with no language model at
+  all when the demonstrations are retrieved like the query (``metalm eval --demos similar``).
 * **Contextual calibration** (:func:`content_free`, :func:`calibrated_choice`; Zhao et al. 2021,
   "Calibrate Before Use"): a ranked task's options are also scored after the same demonstrations with a
   content-free query (every text field ``N/A`` but those every query shares, such as a fixed question or
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -30,6 +34,7 @@ __all__ = [
     "content_free",
     "copying_markdown",
     "copying_rates",
+    "demonstration_vote",
     "shared_fields",
 ]
 
@@ -98,6 +103,24 @@ def copying_rates(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | No
         "gold_among_demonstrations": 100 * sum(among(r["gold"], r["demonstration_answers"]) for r in shown) / len(shown),
         "n": len(shown),
     }  # fmt: skip
+
+
+def demonstration_vote(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """Over the records that had demonstrations: the share (x100) whose gold answer is the one most of
+    its demonstrations show (a tie goes to the one shown nearest the query: with retrieved demonstrations,
+    the most similar). None when no record had demonstrations."""
+    shown = [r for r in records if r.get("demonstration_answers")]
+    if not shown:
+        return None
+
+    def right(record: Mapping[str, Any]) -> bool:
+        answers = [str(a) for a in record["demonstration_answers"]]  # least similar first
+        counts = Counter(M.normalize_squad_answer(a) for a in answers)
+        vote = max(range(len(answers)), key=lambda i: (counts[M.normalize_squad_answer(answers[i])], i))
+        golds = record["gold"] if isinstance(record["gold"], list) else [record["gold"]]
+        return any(_same(g, answers[vote]) for g in golds)
+
+    return 100 * sum(map(right, shown)) / len(shown)
 
 
 def copying_markdown(summary: Mapping[str, Any]) -> list[str]:

@@ -6,6 +6,7 @@ from metalm.serving.jobs import Job
 from metalm.serving.request_types import (
     ChatMessage,
     Completion,
+    Demonstration,
     GenerationResult,
     JobTimeout,
     Prompt,
@@ -17,6 +18,7 @@ from metalm.serving.request_types import (
 __all__ = [
     "ChatMessage",
     "Completion",
+    "Demonstration",
     "Engine",
     "GenerationResult",
     "Job",

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from metalm.data.layouts import CHAT_HISTORY
 from metalm.data.processor import InputError
-from metalm.modalities.text import Encode
+from metalm.serving.cli_common import add_chat_history_arg, add_model_args, quiet_loading
 from metalm.serving.engine import Engine
+from metalm.serving.generate_command import add_generate_parser, generate
 from metalm.serving.request_types import ChatMessage, SamplingParams
 from metalm.serving.vllm_process import VLLMSettings, VLLMStartError, add_vllm_args, vllm_settings_from_args
 
@@ -33,151 +31,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("metalm.serving")
-
-
-# --- generate -----------------------------------------------------------------------------------------
-def generate(
-    model: str | Engine,
-    prompt: str | None = None,
-    *,
-    question: str | None = None,
-    text: str | None = None,
-    images: Sequence[str] = (),
-    audio: Sequence[str] = (),
-    encode: bool | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    num_beams: int = 1,
-    n: int = 1,
-    stop: Sequence[str] = (),
-    seed: int | None = None,
-    device: str = "auto",
-    as_json: bool = False,
-    output: TextIO | None = None,
-) -> dict[str, Any]:
-    """Generate for one request with a saved model folder (or a loaded `Engine`).
-
-    The request is laid out as the model was trained (`metalm.serving.prompts.PromptBuilder.request_parts`):
-    ``question`` in its ``vqa`` layout, images alone in its ``caption`` layout, a raw ``prompt`` after the
-    images, then decoder ``text``; speech clips (``audio``) are heard right after the images (alone: a
-    transcription; with images and no question: a spoken question). Encoded text goes through the text
-    encoder when the model has one and it fits (``encode=None``), always (``True``; an error if it does not
-    fit) or never (``False``). Greedy by default (``temperature=0``). Prints the answer as it is generated,
-    or one JSON object with ``as_json``; returns that object."""
-    output = output or sys.stdout
-    engine = model if isinstance(model, Engine) else Engine.from_pretrained(model, device=device)
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams, n=n,
-        stop=list(stop), seed=seed,
-    )  # fmt: skip
-    parts = engine.prompts.request_parts(
-        prompt=prompt, question=question, text=text, images=images, audio=audio, encode=encode
-    )
-    prepared = engine.prepare(parts)
-    start = time.perf_counter()
-    job = engine.start_job(prepared, params)
-    streaming = not as_json and num_beams == 1 and n == 1
-    for event in job.events():
-        if streaming and event.text:
-            output.write(event.text)
-            output.flush()
-    result = job.result()
-    seconds = time.perf_counter() - start
-    if streaming:
-        output.write("\n")
-    elif not as_json:
-        for i, c in enumerate(result.completions):
-            print(f"[{i}] {c.text}" if n > 1 else c.text, file=output)
-    report = {
-        "model": engine.name,
-        "prompt": prompt,
-        "question": question,
-        "text": text,
-        "images": list(images),
-        "audio": list(audio),
-        "encoded_prompt": any(isinstance(p, Encode) for p in parts),
-        "prompt_tokens": prepared.num_tokens,
-        "completions": [
-            {"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}
-            for c in result.completions
-        ],
-        "completion_tokens": result.completion_tokens,
-        "seconds": round(seconds, 4),
-        "tokens_per_second": round(result.completion_tokens / seconds, 2) if seconds > 0 else None,
-    }
-    if as_json:
-        print(json.dumps(report, ensure_ascii=False), file=output)
-    return report
-
-
-def _quiet_loading() -> None:
-    # The weight-loading progress bar would land in the middle of a terminal answer.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _generate_from_args(args: argparse.Namespace) -> int:
-    _quiet_loading()
-    try:
-        generate(
-            args.model, args.prompt, question=args.question, text=args.text, images=args.image or (),
-            audio=args.audio or (), encode=args.encode_prompt,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            num_beams=args.num_beams, n=args.n, stop=args.stop or (), seed=args.seed, device=args.device,
-            as_json=args.json,
-        )  # fmt: skip
-    except (InputError, ValueError, FileNotFoundError) as err:
-        print(f"metalm generate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="folder of a saved metalm model")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-
-
-def _add_chat_history_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--chat-history", choices=list(CHAT_HISTORY), default="latest",
-        help="latest: answer the last question alone (with the image still in view), in the layout the model "
-        "trained on; demonstrations: earlier turns stay in the prompt as few-shot demonstrations",
-    )  # fmt: skip
-
-
-def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "generate", help="generate text for a question, a prompt or an image",
-        description="Generate for one request, laid out as the model was trained: --question uses its VQA "
-        "layout ([images] Enc('question: ...') answer:), an image alone its caption layout; --prompt is raw "
-        "text read by the text encoder (the paper's zero-shot setting), optionally followed by decoder --text.",
-    )  # fmt: skip
-    _add_model_args(p)
-    p.add_argument("--question", default=None, help="a question, in the model's trained VQA layout")
-    p.add_argument("--prompt", default=None, help="raw prompt text (read by the text encoder when it fits)")
-    p.add_argument("--text", default=None, help="decoder text after the prompt, e.g. 'answer:'")
-    p.add_argument("--image", action="append", metavar="PATH", help="an image file (repeatable)")
-    p.add_argument(
-        "--audio", action="append", metavar="PATH",
-        help="a speech clip (WAV/FLAC/OGG/MP3; repeatable): alone it is transcribed, with --image it is the "
-        "question",
-    )  # fmt: skip
-    p.add_argument(
-        "--encode-prompt", action=argparse.BooleanOptionalAction, default=None,
-        help="read the prompt/question with the text encoder (default: when the model has one and it fits)",
-    )  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("-n", type=int, default=1, help="number of answers")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.set_defaults(func=_generate_from_args)
-    return p
 
 
 # --- chat ---------------------------------------------------------------------------------------------
@@ -254,7 +107,7 @@ def chat(
 
 
 def _chat_from_args(args: argparse.Namespace) -> int:
-    _quiet_loading()
+    quiet_loading()
     try:
         chat(
             args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -270,12 +123,12 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "chat", help="multi-turn chat in the terminal", description=f"Chat REPL; {CHAT_HELP}."
     )
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--encode-prompt", action=argparse.BooleanOptionalAction, default=None)
-    _add_chat_history_arg(p)
+    add_chat_history_arg(p)
     p.set_defaults(func=_chat_from_args)
     return p
 
@@ -414,7 +267,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="OpenAI-compatible chat completions server with continuous batching and a chat page at /. "
         "Set METALM_API_KEY to require 'Authorization: Bearer <key>'.",
     )  # fmt: skip
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
@@ -441,7 +294,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="browser origins (scheme://host[:port]) besides the server's own that may call the API "
         "('*' = any)",
     )  # fmt: skip
-    _add_chat_history_arg(p)
+    add_chat_history_arg(p)
     add_vllm_args(p)
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=16, help="most rows decoded together")

@@ -26,7 +26,8 @@ One request (:meth:`PromptBuilder.request_parts`, ``metalm generate``)
 A raw prompt (``--prompt``) is ``[BOS] <images...> <enc(prompt)>`` — the paper's zero-shot layout;
 ``--question`` uses the ``vqa`` layout and an image with neither uses the ``caption`` layout. Speech clips
 are heard right after the images: alone they are transcribed, with images and no question they are a
-spoken question (``[images] [clip] answer:``).
+spoken question (``[images] [clip] answer:``). Demonstrations (``--demos``) come first, each laid out as a
+request of its own followed by its answer and EOS: the k-shot prompt of ``metalm eval``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from metalm.modalities import encoders_of_field
 from metalm.modalities.audio import AudioInput
 from metalm.modalities.text import TEXT, Encode
 from metalm.modalities.vision import ImageInput
-from metalm.serving.request_types import ChatMessage, Prompt
+from metalm.serving.request_types import ChatMessage, Demonstration, Prompt
 
 __all__ = ["PromptBuilder"]
 
@@ -172,11 +173,13 @@ class PromptBuilder:
         images: Sequence[Any] = (),
         audio: Sequence[Any] = (),
         encode: bool | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> list[Any]:
         """One request (module docstring): a ``question`` in the ``vqa`` layout, a raw ``prompt``, or
         ``images`` alone in the ``caption`` layout; speech clips (``audio``) right after the images;
-        decoder ``text`` last. ``images`` are loaded here (paths, bytes, data URLs or PIL images).
-        ``encode=True`` makes text the text encoder cannot read an error instead of decoder text."""
+        decoder ``text`` last; ``demonstrations`` before it all, each a request with its answer and EOS.
+        ``images`` are loaded here (paths, bytes, data URLs or PIL images). ``encode=True`` makes text the
+        text encoder cannot read an error instead of decoder text."""
         loaded = [self.load_image(image) for image in images]
         parts = self._request_layout(
             prompt, question, text, loaded, [AudioInput(clip) for clip in audio], encode
@@ -185,7 +188,17 @@ class PromptBuilder:
             raise InputError(
                 "--encode-prompt: the prompt does not fit the text encoder (or the model has none)"
             )
-        return parts
+        return [p for i, demo in enumerate(demonstrations) for p in self._solved(i, demo, encode)] + parts
+
+    def _solved(self, index: int, demo: Demonstration, encode: bool | None) -> list[Any]:
+        """A demonstration: its request, then its answer as decoder text and EOS (None)."""
+        answer = (demo.answer or "").strip()
+        if not answer:
+            raise InputError(f"demonstration {index}: it has no answer")
+        if demo.question is None and not demo.images:
+            raise InputError(f"demonstration {index}: give it a question or an image")
+        images = [self.load_image(image) for image in demo.images]
+        return [*self._layout_or_prompt(None, demo.question, images, encode), answer, None]
 
     def _request_layout(
         self,

@@ -13,6 +13,7 @@ from metalm.data.segments import Sample
 __all__ = [
     "ChatMessage",
     "Completion",
+    "Demonstration",
     "GenerationResult",
     "JobTimeout",
     "Prompt",
@@ -76,6 +77,17 @@ class ChatMessage:
     text: str = ""
     images: list[Any] = field(default_factory=list)
     audio: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Demonstration:
+    """A solved example shown before a request (in-context learning): its ``question`` (None: an image-alone
+    caption request), ``images`` (as `ChatMessage`'s) and ``answer``, laid out as the request is and closed
+    by EOS, as k-shot evaluation and in-context training rows lay out theirs."""
+
+    answer: str
+    question: str | None = None
+    images: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""`metalm generate --demos FILE`: solved examples before one request, in the k-shot layout evaluation sends."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from metalm.data.processor import InputError
+from metalm.evaluation.icl import build_prompt, prompt_to_sample
+from metalm.evaluation.tasks import Example, builtin_task, in_model_layout
+from metalm.serving.cli import main
+from metalm.serving.demonstrations import choose_demonstrations, read_demonstrations
+from metalm.serving.engine import Engine
+from metalm.serving.generate_command import generate
+from metalm.serving.prompts import PromptBuilder
+from metalm.serving.request_types import Demonstration
+
+from .test_in_context import _flat
+from .test_serving import serving_model_dir  # noqa: F401 (the saved tiny model, a fixture)
+
+COLOURS = {"red": (220, 10, 10), "green": (10, 200, 10), "blue": (10, 10, 220)}
+
+
+def _image(folder, name: str):
+    path = folder / f"{name}.png"
+    Image.new("RGB", (32, 32), COLOURS[name]).save(path)
+    return path
+
+
+def _pool(folder) -> list[dict]:
+    return [
+        {"kind": "vqa", "image": str(_image(folder, c)), "question": "what color is the shape?", "answer": c}
+        for c in COLOURS
+    ]
+
+
+def _write(path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_request_after_demonstrations_is_the_evaluation_prompt(tiny, tmp_path):
+    """The parts `metalm generate --demos` sends are, token for token, the k-shot evaluation prompt."""
+    model, processor = tiny
+    builder = PromptBuilder(processor, model.config)
+    demos = read_demonstrations(_write(tmp_path / "demos.jsonl", _pool(tmp_path)))
+    query = _image(tmp_path, "green")
+    parts = builder.request_parts(
+        question="what color is the shape?", images=[query], demonstrations=demos[:2]
+    )
+    task = in_model_layout(builtin_task("easyvqa"), model.config)
+    shown = [
+        Example(f"d{i}", {"question": d.question}, (d.answer,), image=d.images[0])
+        for i, d in enumerate(demos)
+    ]
+    query_example = Example("q", {"question": "what color is the shape?"}, ("green",), image=str(query))
+    expected = prompt_to_sample(processor, build_prompt(task, query_example, shown[:2]))
+    assert _flat(builder.prepare(parts).sample) == _flat(expected)
+    # With no demonstrations it is the zero-shot request.
+    alone = builder.request_parts(question="what color is the shape?", images=[query])
+    assert _flat(builder.prepare(alone).sample) == _flat(
+        prompt_to_sample(processor, build_prompt(task, query_example, []))
+    )
+    with pytest.raises(InputError, match="demonstration 0: it has no answer"):
+        builder.request_parts(question="q", demonstrations=[Demonstration(" ", "q")])
+
+
+def test_demonstrations_are_read_from_records_and_bad_lines_are_named(tmp_path):
+    folder = tmp_path
+    rows = [
+        *_pool(folder),
+        {"kind": "image_text", "image": str(_image(folder, "red")), "text": "a red square"},
+    ]
+    demos = read_demonstrations(_write(folder / "ok.jsonl", rows))
+    assert [d.answer for d in demos] == ["red", "green", "blue", "a red square"]
+    assert demos[3].question is None and demos[0].question == "what color is the shape?"
+    bad = _write(folder / "bad.jsonl", [rows[0], {"kind": "classification", "text": "x", "label": "y"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: a classification record cannot be a demonstration"):
+        read_demonstrations(bad)
+    broken = _write(folder / "broken.jsonl", [rows[0], '{"kind": "vqa", "image": 3'])
+    with pytest.raises(InputError, match=r"broken.jsonl:2: invalid JSON.*well-formed record\)$"):
+        read_demonstrations(broken)
+    with pytest.raises(InputError, match="no records"):
+        read_demonstrations(_write(folder / "empty.jsonl", []))
+
+
+def test_first_random_and_similar_choices(serving_model_dir, tmp_path):  # noqa: F811
+    demos = read_demonstrations(_write(tmp_path / "demos.jsonl", _pool(tmp_path)))
+    assert choose_demonstrations(demos, 2, "first") == demos[:2]
+    assert choose_demonstrations(demos, None, "first") == demos
+    drawn = choose_demonstrations(demos, 2, "random", seed=1)
+    assert drawn == choose_demonstrations(demos, 2, "random", seed=1) and len(set(map(id, drawn))) == 2
+    engine = Engine.from_pretrained(str(serving_model_dir), device="cpu")
+    try:
+        request = {"question": "what color is the shape?", "images": [str(_image(tmp_path, "blue"))]}
+        near = choose_demonstrations(demos, 3, "similar", engine=engine, request=request)
+        assert sorted(d.answer for d in near) == sorted(COLOURS)
+        assert near[-1].answer == "blue"  # the same image and question: the most similar, next to the request
+    finally:
+        engine.close()
+    with pytest.raises(InputError, match="--shots 4: the demonstrations file holds 3"):
+        choose_demonstrations(demos, 4, "first")
+
+
+def test_generate_shows_the_chosen_demonstrations(serving_model_dir, tmp_path, capsys):  # noqa: F811
+    demos = _write(tmp_path / "demos.jsonl", _pool(tmp_path))
+    query = str(_image(tmp_path, "red"))
+    alone = generate(str(serving_model_dir), question="what color?", images=[query], max_new_tokens=3,
+                     as_json=True, output=io.StringIO())  # fmt: skip
+    args = ["generate", "--model", str(serving_model_dir), "--question", "what color?", "--image", query,
+            "--max-new-tokens", "3", "--json"]  # fmt: skip
+    assert main([*args, "--demos", demos, "--shots", "2", "--choose", "similar"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone["demonstrations"] == [] and len(report["demonstrations"]) == 2
+    assert report["demonstrations"][-1] == "red" and report["prompt_tokens"] > alone["prompt_tokens"]
+    bad = _write(tmp_path / "bad.jsonl", ['{"kind": "vqa"}'])
+    assert main([*args, "--demos", bad]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
