@@ -119,3 +119,9 @@ def test_generate_shows_the_chosen_demonstrations(serving_model_dir, tmp_path, c
     bad = _write(tmp_path / "bad.jsonl", ['{"kind": "vqa"}'])
     assert main([*args, "--demos", bad]) == 2
     assert "bad.jsonl" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*args, "--shots", "2"]) == 2  # nothing to pick from
+    assert "--shots and --choose pick among --demos FILE" in capsys.readouterr().err
+    many = _write(tmp_path / "many.jsonl", _pool(tmp_path) * 40)
+    assert main([*args, "--demos", many]) == 2
+    assert "after 120 demonstrations takes" in capsys.readouterr().err

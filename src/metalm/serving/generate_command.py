@@ -68,6 +68,12 @@ def generate(
     )
     parts = engine.prompts.request_parts(**request, demonstrations=shown)
     prepared = engine.prepare(parts)
+    context = engine.context_length
+    if shown and context is not None and prepared.num_tokens >= context:
+        raise InputError(
+            f"the request after {len(shown)} demonstrations takes {prepared.num_tokens} positions, the model's "
+            f"whole context ({context}); show fewer (--shots)"
+        )
     start = time.perf_counter()
     job = engine.start_job(prepared, params)
     streaming = not as_json and num_beams == 1 and n == 1
@@ -107,6 +113,11 @@ def generate(
 
 def _generate_from_args(args: argparse.Namespace) -> int:
     quiet_loading()
+    if args.demos is None and (args.shots is not None or args.choose != "first"):
+        print(
+            "metalm generate: error: --shots and --choose pick among --demos FILE; give it", file=sys.stderr
+        )
+        return 2
     try:
         generate(
             args.model, args.prompt, question=args.question, text=args.text, images=args.image or (),
