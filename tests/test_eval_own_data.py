@@ -117,3 +117,36 @@ def test_eval_needs_a_task_or_data(tiny_saved):
 
     with pytest.raises(TaskError, match="give --task and/or --data"):
         eval_main(str(tiny_saved), [])
+
+
+def test_demonstrations_may_come_from_another_records_file(tiny_saved, tmp_path):
+    """`--demo-data TRAIN.jsonl`: every demonstration is a record of that file (randomly drawn or retrieved),
+    none of the evaluated file; a kind it lacks is an error naming it; it needs --data."""
+    from metalm.evaluation.eval_cli import eval_main
+
+    test = _records_file(tmp_path)
+    rows = []
+    for i, colour in enumerate(("green", "black")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"train-{i}.png")
+        rows.append({"kind": "vqa", "image": f"train-{i}.png", "question": "what color is the shape?", "answer": colour})  # fmt: skip
+        rows.append({"kind": "image_text", "image": f"train-{i}.png", "text": f"a {colour} hexagon."})
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for demos in ("random", "similar"):
+        out = tmp_path / f"out-{demos}"
+        eval_main(str(tiny_saved), [], shots="2", data=[str(test)], demo_data=str(train), out=str(out),
+                  device="cpu", demos=demos)  # fmt: skip
+        for task, shown in (
+            ("vqa", {"green", "black"}),
+            ("image_text", {"a green hexagon.", "a black hexagon."}),
+        ):
+            lines = (out / f"predictions-my-vqa-test-{task}-k2-s0.jsonl").read_text().splitlines()
+            assert all(set(json.loads(x)["demonstration_answers"]) == shown for x in lines)
+    only_vqa = tmp_path / "only-vqa.jsonl"
+    only_vqa.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] == "vqa"))
+    with pytest.raises(TaskError, match="only-vqa.jsonl: no image_text records to show as demonstrations"):
+        eval_main(
+            str(tiny_saved), [], shots="1", data=[str(test)], demo_data=str(only_vqa), out=str(tmp_path / "x")
+        )
+    with pytest.raises(TaskError, match="give --data too"):
+        eval_main(str(tiny_saved), ["easyvqa"], demo_data=str(train), out=str(tmp_path / "y"))

@@ -47,12 +47,14 @@ def eval_main(
     per_group: int | None = None,
     calibrate: bool = False,
     demos: str = "random",
+    demo_data: str | None = None,
 ) -> dict[str, Any]:
     """``metalm eval MODEL --task NAME [--task ...] [--shots 0,1,4] [--seeds 0,1,2] [--limit N] [--out DIR]``.
 
     Loads a saved MetaLM (folder from ``save_pretrained``) with its processor, evaluates, writes the
     outputs to ``out`` and prints ``results.md``. ``data``: records files evaluated in the model's trained
-    layouts, grouped by ``meta.<group_by>`` (:mod:`metalm.evaluation.own_data`)."""
+    layouts, grouped by ``meta.<group_by>`` (:mod:`metalm.evaluation.own_data`); ``demo_data``: the records
+    their demonstrations come from (default: the same file)."""
     from transformers import AutoModelForCausalLM
 
     import metalm
@@ -69,11 +71,14 @@ def eval_main(
     own = [(path, read_own_data(path, group_by)) for path in data]
     if not tasks and not own:
         raise TaskError("nothing to evaluate: give --task and/or --data")
+    if demo_data is not None and not own:
+        raise TaskError("--demo-data gives the demonstrations of --data records; give --data too")
+    pool = read_own_data(demo_data, group_by) if demo_data is not None else None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lm = AutoModelForCausalLM.from_pretrained(model).to(dev)
     processor = MetaLMProcessor.from_pretrained(model)
     for path, by_kind in own:
-        tasks += data_tasks(path, by_kind, layouts_of(lm.config))
+        tasks += data_tasks(path, by_kind, layouts_of(lm.config), pool, demo_data)
     summary = evaluate(
         lm, processor, tasks, shots=shot_list, seeds=seed_list, limit=limit, batch_size=batch_size,
         out_dir=out, baseline=baseline, separator=separator, normalization=normalization, model_name=model,
@@ -88,7 +93,7 @@ def _eval_from_args(args: argparse.Namespace) -> int:
         args.model, args.task or [], shots=args.shots, seeds=args.seeds, limit=args.limit, out=args.out,
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
         normalization=args.normalization, device=args.device, data=args.data or (), group_by=args.group_by,
-        per_group=args.per_group, calibrate=args.calibrate, demos=args.demos,
+        per_group=args.per_group, calibrate=args.calibrate, demos=args.demos, demo_data=args.demo_data,
     )  # fmt: skip
     return 0  # the `metalm` entry point turns this into the exit status
 
@@ -112,6 +117,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--data", action="append", metavar="RECORDS.jsonl",
         help="records (docs/data.md: vqa, image_text, classification) asked in the model's trained layout; "
         "repeatable; give --task and/or --data",
+    )  # fmt: skip
+    p.add_argument(
+        "--demo-data", default=None, metavar="RECORDS.jsonl",
+        help="with --data: draw demonstrations from these records (e.g. the training file) instead of the "
+        "evaluated file itself",
     )  # fmt: skip
     p.add_argument(
         "--group-by", default="type", metavar="KEY",

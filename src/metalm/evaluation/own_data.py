@@ -74,25 +74,39 @@ def _example(record: Any, rid: str, group: str | None) -> Example:
     return Example(rid, {"text": record.text or ""}, (record.label,), audio=record.audio, group=group)
 
 
-def data_tasks(path: str | Path, by_kind: Mapping[str, list[Example]], layouts: Any) -> list[Task]:
+def data_tasks(
+    path: str | Path,
+    by_kind: Mapping[str, list[Example]],
+    layouts: Any,
+    demonstrations: Mapping[str, list[Example]] | None = None,
+    demo_path: str | Path | None = None,
+) -> list[Task]:
     """One task per record kind, in the model's trained layout (`layouts`: a
-    :class:`metalm.data.layouts.PromptLayouts`). Named after the file, plus the kind when it holds several."""
+    :class:`metalm.data.layouts.PromptLayouts`). Named after the file, plus the kind when it holds several.
+    Demonstrations come from the same file (never the query itself), or from `demonstrations`, the examples
+    of another file (`demo_path`, e.g. the training records) by kind."""
     stem = Path(path).stem
     tasks = []
     for kind, examples in by_kind.items():
         metric, layout_name = _KINDS[kind]
         layout = getattr(layouts, layout_name)
         name = stem if len(by_kind) == 1 else f"{stem}-{kind}"
+        pool = None
+        if demonstrations is not None:
+            pool = demonstrations.get(kind)
+            if not pool:
+                raise TaskError(f"{demo_path}: no {kind} records to show as demonstrations of {path}")
         options = None
         if kind == "classification":
-            options = tuple(sorted({ex.answers[0] for ex in examples}))
-            joined = OPTIONS_JOINER.join(options)
-            examples = [Example(ex.id, {**ex.fields, "options": joined}, ex.answers, audio=ex.audio, group=ex.group) for ex in examples]  # fmt: skip
+            options = tuple(sorted({ex.answers[0] for ex in [*examples, *(pool or ())]}))
+            examples, pool = _with_options(examples, options), pool and _with_options(pool, options)
         longest = max(len(answer.split()) for ex in examples for answer in ex.answers)
         tasks.append(
             Task(
                 name=name,
-                load=lambda split, examples=examples: examples,
+                load=lambda split, examples=examples, pool=pool: (
+                    pool if pool and split == "train" else examples
+                ),
                 input_template=layout.template,
                 decoder_prompt=layout.prompt,
                 layout=layout_name,
@@ -101,11 +115,17 @@ def data_tasks(path: str | Path, by_kind: Mapping[str, list[Example]], layouts: 
                 metric=metric,
                 # Room for the longest gold answer (a word is often 2-3 tokens), at most 48 tokens.
                 max_new_tokens=min(48, 3 * longest + 2),
-                demo_split=None,  # demonstrations come from the same file, never the query itself
-                description=f"{kind} records of {path}, in the model's trained {layout_name} layout",
+                demo_split="train" if pool else None,  # else from the same file, never the query itself
+                description=f"{kind} records of {path}, in the model's trained {layout_name} layout"
+                + (f", demonstrations from {demo_path}" if pool else ""),
             )
         )
     return tasks
+
+
+def _with_options(examples: Sequence[Example], options: Sequence[str]) -> list[Example]:
+    joined = OPTIONS_JOINER.join(options)
+    return [Example(ex.id, {**ex.fields, "options": joined}, ex.answers, audio=ex.audio, group=ex.group) for ex in examples]  # fmt: skip
 
 
 def group_scores(task: Task, examples: Sequence[Example], per_seed: Mapping[int, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:  # fmt: skip
