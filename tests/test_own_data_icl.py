@@ -36,9 +36,13 @@ def _by_k(all_: float, scores: dict[str, float]) -> dict:
 def test_the_page_reads_its_figures_from_the_results(script):
     results = {
         "one question a row": {
-            "by_k": {"0": _by_k(80.0, {"count": 80.0}), "4": _by_k(60.0, {"count": 60.0})}
+            "by_k": {"0": _by_k(80.0, {"count": 80.0}), "4": _by_k(60.0, {"count": 60.0})},
+            "similar": {"4": _by_k(70.0, {"count": 70.0}), "vote": {"count": 90.0}},
         },
-        "+ in-context rows": {"by_k": {"0": _by_k(78.0, {"count": 78.0}), "4": _by_k(77.0, {"count": 77.0})}},
+        "+ in-context rows": {
+            "by_k": {"0": _by_k(78.0, {"count": 78.0}), "4": _by_k(77.0, {"count": 77.0})},
+            "similar": {"4": _by_k(85.0, {"count": 85.0}), "vote": {"count": 95.0}},
+        },
     }
     args = type("Args", (), {"init_from": "runs/quickstart/final", "steps": 200, "lr": 1e-3})()
     page = script.page_markdown(results, "python scripts/own_data_icl.py", args)
@@ -46,5 +50,10 @@ def test_the_page_reads_its_figures_from_the_results(script):
         "| one question a row | 4 | 60.0 | 60.0 |" in page
         and "| + in-context rows | 0 | 78.0 | 78.0 |" in page
     )
-    assert "20.0 points worse with four demonstrations" in page and "1.0 points worse" in page
-    assert "for 2.0 points at k = 0" in page and "40.0 (`two`)" in page
+    assert (
+        "20.0 points worse with four demonstrations" in page and "rows, 1.0 points worse (its worst" in page
+    )
+    assert "2.0 points lower at k = 0 than with one question a row" in page and "40.0 (`two`)" in page
+    assert "| + in-context rows | 4, retrieved | 85.0 | 85.0 |" in page
+    assert "| vote of the 4 retrieved records (+ in-context rows) | | | 95.0 |" in page
+    assert "answers 85.0 in all against 78.0 with none" in page and "count 85.0 / 78.0 (vote 95.0)" in page
