@@ -113,8 +113,9 @@ def _most_similar(
     ]
     query = prompts.request_parts(**{**request, "text": None})  # what is asked, not a decoder cue
     vectors = example_vectors(
-        engine.model, engine.processor, [*asked, query], lambda parts: parts, progress=False
-    )
+        engine.model, engine.processor, [*asked, query], lambda parts: parts,
+        desc="--demos", progress=len(demos) > 256,  # a bar (on stderr) where reading them takes a while
+    )  # fmt: skip
     similarity = (vectors[:-1] @ vectors[-1]).tolist()
     nearest = sorted(range(len(demos)), key=lambda i: (similarity[i], -i), reverse=True)[:shots]
     return [demos[i] for i in reversed(nearest)]  # the most similar last, next to the request
