@@ -14,7 +14,7 @@ from metalm.modalities.text import Encode
 from metalm.serving.cli_common import add_model_args, quiet_loading
 from metalm.serving.demonstrations import add_demonstration_args, choose_demonstrations, read_demonstrations
 from metalm.serving.engine import Engine
-from metalm.serving.request_types import Demonstration, SamplingParams
+from metalm.serving.request_types import Demonstration, Prompt, SamplingParams
 
 __all__ = ["add_generate_parser", "generate"]
 
@@ -67,13 +67,7 @@ def generate(
         else []
     )
     parts = engine.prompts.request_parts(**request, demonstrations=shown)
-    prepared = engine.prepare(parts)
-    context = engine.context_length
-    if shown and context is not None and prepared.num_tokens >= context:
-        raise InputError(
-            f"the request after {len(shown)} demonstrations takes {prepared.num_tokens} positions, the model's "
-            f"whole context ({context}); show fewer (--shots)"
-        )
+    prepared = _prepared(engine, parts, shown)
     start = time.perf_counter()
     job = engine.start_job(prepared, params)
     streaming = not as_json and num_beams == 1 and n == 1
@@ -88,13 +82,22 @@ def generate(
     elif not as_json:
         for i, c in enumerate(result.completions):
             print(f"[{i}] {c.text}" if n > 1 else c.text, file=output)
-    report = {
+    report = _report(engine, request, shown, parts, prepared, result, seconds)
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False), file=output)
+    return report
+
+
+def _report(
+    engine: Engine, request: dict[str, Any], shown: Sequence[Demonstration], parts: list[Any], prepared: Prompt,
+    result: Any, seconds: float,
+) -> dict[str, Any]:  # fmt: skip
+    """What `generate` returns (and prints with ``as_json``)."""
+    return {
         "model": engine.name,
-        "prompt": prompt,
-        "question": question,
-        "text": text,
-        "images": list(images),
-        "audio": list(audio),
+        **{key: request[key] for key in ("prompt", "question", "text")},
+        "images": list(request["images"]),
+        "audio": list(request["audio"]),
         "demonstrations": [d.answer for d in shown],
         "encoded_prompt": any(isinstance(p, Encode) for p in parts),
         "prompt_tokens": prepared.num_tokens,
@@ -106,9 +109,18 @@ def generate(
         "seconds": round(seconds, 4),
         "tokens_per_second": round(result.completion_tokens / seconds, 2) if seconds > 0 else None,
     }
-    if as_json:
-        print(json.dumps(report, ensure_ascii=False), file=output)
-    return report
+
+
+def _prepared(engine: Engine, parts: list[Any], shown: Sequence[Demonstration]) -> Prompt:
+    """The tokenized prompt; demonstrations that leave no room to answer are an error that says so."""
+    prepared = engine.prepare(parts)
+    context = engine.context_length
+    if shown and context is not None and prepared.num_tokens >= context:
+        raise InputError(
+            f"the request after {len(shown)} demonstrations takes {prepared.num_tokens} positions, the model's "
+            f"whole context ({context}); show fewer (--shots)"
+        )
+    return prepared
 
 
 def _generate_from_args(args: argparse.Namespace) -> int:
