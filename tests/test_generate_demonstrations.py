@@ -77,7 +77,9 @@ def test_demonstrations_are_read_from_records_and_bad_lines_are_named(tmp_path):
     demos = read_demonstrations(_write(folder / "ok.jsonl", rows))
     assert [d.answer for d in demos] == ["red", "green", "blue", "a red square"]
     assert demos[3].question is None and demos[0].question == "what color is the shape?"
-    bad = _write(folder / "bad.jsonl", [rows[0], {"kind": "classification", "text": "x", "label": "y"}])
+    bad = _write(
+        folder / "bad.jsonl", [rows[0], {"kind": "classification", "text": "x", "label": "y"}, rows[1]]
+    )
     with pytest.raises(InputError, match=r"bad.jsonl:2: a classification record cannot be a demonstration"):
         read_demonstrations(bad)
     broken = _write(folder / "broken.jsonl", [rows[0], '{"kind": "vqa", "image": 3'])
@@ -101,7 +103,7 @@ def test_first_random_and_similar_choices(serving_model_dir, tmp_path):  # noqa:
         assert near[-1].answer == "blue"  # the same image and question: the most similar, next to the request
     finally:
         engine.close()
-    with pytest.raises(InputError, match="--shots 4: the demonstrations file holds 3"):
+    with pytest.raises(InputError, match="--shots 4: give 0 to 3"):
         choose_demonstrations(demos, 4, "first")
 
 

@@ -60,8 +60,7 @@ def read_demonstrations(path: str | Path) -> list[Demonstration]:
             f"{where}{field}{err.reason} (every demonstration must be a well-formed record)"
         ) from err
     demos = []
-    for record in records:
-        file, line = origins[-1]
+    for record, (file, line) in zip(records, origins, strict=True):
         where = file if line is None else f"{file}:{line}"
         if isinstance(record, VQAExample) and record.audio is None:
             demos.append(Demonstration(record.answers[0], record.question, [record.image]))
@@ -91,7 +90,9 @@ def choose_demonstrations(
         raise InputError(f"--choose must be one of {', '.join(CHOICES)}, got {how!r}")
     shots = len(demos) if shots is None else shots
     if not 0 <= shots <= len(demos):
-        raise InputError(f"--shots {shots}: the demonstrations file holds {len(demos)} examples")
+        raise InputError(
+            f"--shots {shots}: give 0 to {len(demos)}, the examples the demonstrations file holds"
+        )
     if how == "first":
         return list(demos[:shots])
     if how == "random":
