@@ -11,12 +11,13 @@ from PIL import Image
 from metalm.data.processor import InputError
 from metalm.evaluation.icl import build_prompt, prompt_to_sample
 from metalm.evaluation.tasks import Example, builtin_task, in_model_layout
+from metalm.serving.cli import chat as chat_command
 from metalm.serving.cli import main
-from metalm.serving.demonstrations import choose_demonstrations, read_demonstrations
+from metalm.serving.demonstrations import attach_demonstrations, choose_demonstrations, read_demonstrations
 from metalm.serving.engine import Engine
 from metalm.serving.generate_command import generate
 from metalm.serving.prompts import PromptBuilder
-from metalm.serving.request_types import Demonstration
+from metalm.serving.request_types import ChatMessage, Demonstration
 
 from .test_in_context import _flat
 from .test_serving import serving_model_dir  # noqa: F401 (the saved tiny model, a fixture)
@@ -127,3 +128,42 @@ def test_generate_shows_the_chosen_demonstrations(serving_model_dir, tmp_path, c
     many = _write(tmp_path / "many.jsonl", _pool(tmp_path) * 40)
     assert main([*args, "--demos", many]) == 2
     assert "after 120 demonstrations takes" in capsys.readouterr().err
+
+
+def test_chat_and_serve_show_the_pool_before_every_request(serving_model_dir, tmp_path):  # noqa: F811
+    """`metalm chat/serve --demos`: the engine's chat prompt after the pool's demonstrations is the prompt
+    `generate --demos` sends for the same request; similar ones are chosen per request; a pool whose longest
+    demonstrations leave no room is refused at start-up."""
+    demos = read_demonstrations(_write(tmp_path / "demos.jsonl", _pool(tmp_path)))
+    engine = Engine.from_pretrained(str(serving_model_dir), device="cpu")
+    try:
+        blue = str(_image(tmp_path, "blue"))
+        attach_demonstrations(engine, demos, 2, "first", limit=engine.context_length)
+        chat = engine.prepare(engine.chat_parts([ChatMessage("user", "what color?", [blue])])).sample
+        asked = engine.prompts.request_parts(question="what color?", images=[blue], demonstrations=demos[:2])
+        assert _flat(chat) == _flat(engine.prepare(asked).sample)
+        attach_demonstrations(engine, demos, 1, "similar")
+        for colour in COLOURS:
+            parts = engine.chat_parts(
+                [ChatMessage("user", "what color is the shape?", [str(_image(tmp_path, colour))])]
+            )
+            assert parts[3] == colour  # [image] Enc(question) answer: <the nearest one's answer> EOS ...
+        with pytest.raises(InputError, match="3 demonstrations may take .* show fewer"):
+            attach_demonstrations(engine, demos, 3, "random", limit=20)
+        engine.demonstrations = None
+        out = io.StringIO()
+        lines = iter(["what color?", "/quit"])
+        chat_command(
+            engine,
+            max_new_tokens=2,
+            input_fn=lambda _: next(lines),
+            output=out,
+            demonstrations=demos,
+            shots=1,
+        )
+        assert engine.demonstrations.shots == 1 and out.getvalue().count("assistant> ") == 1
+    finally:
+        engine.close()
+    assert (
+        main(["serve", "--model", str(serving_model_dir), "--choose", "similar"]) == 2
+    )  # nothing to choose from

@@ -326,6 +326,24 @@ def test_image_request(client, live):
     assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + slots
 
 
+def test_a_server_pool_of_demonstrations_goes_before_every_request(client, live, tmp_path):
+    """`metalm serve --demos`: each request's prompt is the engine's, after the pool's demonstrations."""
+    from metalm.serving.demonstrations import attach_demonstrations
+    from metalm.serving.request_types import Demonstration
+
+    engine, _ = live
+    Image.new("RGB", (24, 24), (0, 200, 0)).save(tmp_path / "green.png")
+    demos = [Demonstration("green", "what colour?", [str(tmp_path / "green.png")])]
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=_user("what colour?"), max_tokens=2)
+    attach_demonstrations(engine, demos, 1, "first", limit=engine.context_length)
+    try:
+        shown = client.chat.completions.create(model=MODEL_NAME, messages=_user("what colour?"), max_tokens=2)
+        expected = engine.prepare(engine.chat_parts([ChatMessage("user", "what colour?")]))
+    finally:
+        engine.demonstrations = None
+    assert shown.usage.prompt_tokens == expected.num_tokens > plain.usage.prompt_tokens
+
+
 def test_streamed_request(client, live):
     messages = _user("tell me a story", png_data_url())
     plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0)

@@ -15,9 +15,14 @@ from typing import Any, TextIO
 
 from metalm.data.processor import InputError
 from metalm.serving.cli_common import add_chat_history_arg, add_model_args, quiet_loading
+from metalm.serving.demonstrations import (
+    add_demonstration_args,
+    attach_demonstrations,
+    demonstrations_from_args,
+)
 from metalm.serving.engine import Engine
 from metalm.serving.generate_command import add_generate_parser, generate
-from metalm.serving.request_types import ChatMessage, SamplingParams
+from metalm.serving.request_types import ChatMessage, Demonstration, SamplingParams
 from metalm.serving.vllm_process import VLLMSettings, VLLMStartError, add_vllm_args, vllm_settings_from_args
 
 __all__ = [
@@ -48,14 +53,23 @@ def chat(
     chat_history: str = "latest",
     input_fn: Callable[[str], str] = input,
     output: TextIO | None = None,
+    demonstrations: Sequence[Demonstration] = (),
+    shots: int | None = None,
+    choose: str = "first",
 ) -> list[ChatMessage]:
-    """A multi-turn chat in the terminal with streamed answers. Returns the conversation at the end."""
+    """A multi-turn chat in the terminal with streamed answers. Returns the conversation at the end.
+    ``demonstrations``: ``shots`` of them, chosen ``choose``, before every request
+    (:func:`~metalm.serving.demonstrations.attach_demonstrations`)."""
     output = output or sys.stdout
     engine = (
         model
         if isinstance(model, Engine)
         else Engine.from_pretrained(model, device=device, chat_history=chat_history)
     )
+    if demonstrations:
+        attach_demonstrations(
+            engine, demonstrations, shots, choose, encode=encode, limit=engine.context_length
+        )
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     history: list[ChatMessage] = []
     images: list[Any] = []
@@ -112,6 +126,7 @@ def _chat_from_args(args: argparse.Namespace) -> int:
         chat(
             args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             encode=args.encode_prompt, device=args.device, chat_history=args.chat_history,
+            demonstrations=demonstrations_from_args(args), shots=args.shots, choose=args.choose,
         )  # fmt: skip
     except (InputError, ValueError, FileNotFoundError) as err:
         print(f"metalm chat: error: {err}", file=sys.stderr)
@@ -129,6 +144,7 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--encode-prompt", action=argparse.BooleanOptionalAction, default=None)
     add_chat_history_arg(p)
+    add_demonstration_args(p, "every request")
     p.set_defaults(func=_chat_from_args)
     return p
 
@@ -187,11 +203,15 @@ def serve(
     api_key: str | None = None,
     log_level: str = "info",
     vllm: VLLMSettings | None = None,
+    demonstrations: Sequence[Demonstration] = (),
+    shots: int | None = None,
+    choose: str = "first",
 ) -> None:
     """Serve a saved model over HTTP (OpenAI chat completions API + a chat page at /). Loads the model once;
     with `vllm` settings its decoder runs in vLLM (`metalm.serving.vllm_backend`).
 
-    The server answers to loopback Host names, the bound address and ``allowed_hosts`` ("*": any)."""
+    The server answers to loopback Host names, the bound address and ``allowed_hosts`` ("*": any).
+    ``demonstrations``: ``shots`` of them, chosen ``choose``, before every request."""
     import uvicorn
 
     from metalm.serving.server import ServerSettings, create_app
@@ -218,7 +238,14 @@ def serve(
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests, batching=batching,
         chat_history=chat_history, vllm=vllm,
     )  # fmt: skip
-    app = create_app(engine, settings)
+    try:
+        if demonstrations:
+            limit = max_prompt_tokens or engine.context_length
+            attach_demonstrations(engine, demonstrations, shots, choose, limit=limit)
+        app = create_app(engine, settings)
+    except BaseException:
+        engine.close()
+        raise
     logger.info(
         "serving %s on http://%s:%d (open it in a browser to chat)",
         settings.model_name or engine.name,
@@ -254,6 +281,7 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             allowed_hosts=args.allowed_hosts or (), allowed_origins=args.allowed_origins or (),
             api_key=args.api_key or os.environ.get("METALM_API_KEY") or None,
             log_level=args.log_level, vllm=vllm_settings_from_args(args),
+            demonstrations=demonstrations_from_args(args), shots=args.shots, choose=args.choose,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, VLLMStartError) as err:
         print(f"metalm serve: error: {err}", file=sys.stderr)
@@ -295,6 +323,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "('*' = any)",
     )  # fmt: skip
     add_chat_history_arg(p)
+    add_demonstration_args(p, "every request")
     add_vllm_args(p)
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=16, help="most rows decoded together")

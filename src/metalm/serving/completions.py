@@ -76,7 +76,7 @@ async def _submit(
             pass
 
     def prepare_and_submit() -> Job:  # tokenizing and image preprocessing: off the event loop
-        prompt = state.engine.prepare(state.engine.chat_parts(messages, encode=encode))
+        prompt = state.engine.prepare(state.engine.chat_parts(messages, encode=encode, seed=params.seed))
         state.check_prompt_length(prompt)
         return state.engine.submit(prompt, params, deadline=deadline, on_event=on_event)
 

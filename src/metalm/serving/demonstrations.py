@@ -1,5 +1,6 @@
-"""Demonstrations for one request (``metalm generate --demos FILE``): solved examples read from a file of
-records and shown before the request, so that a model answers a task in context with no training.
+"""Demonstrations from a file (``metalm generate / chat / serve --demos FILE``): solved examples read from a
+file of records and shown before a request (generate) or before every request (chat, serve: the engine's
+:class:`DemonstrationPool`), so that a model answers a task in context with no training.
 
 A file of ``vqa`` records (an image, a question, answers: the first is shown) or ``image_text`` records
 (an image and its caption) in the project's JSONL format (docs/data.md) gives the pool; a bad line is an
@@ -28,15 +29,23 @@ from metalm.data.record_parsing import RecordError
 from metalm.data.records import read_records
 from metalm.serving.request_types import Demonstration
 
-__all__ = ["CHOICES", "add_demonstration_args", "choose_demonstrations", "read_demonstrations"]
+__all__ = [
+    "CHOICES",
+    "DemonstrationPool",
+    "add_demonstration_args",
+    "attach_demonstrations",
+    "choose_demonstrations",
+    "demonstrations_from_args",
+    "read_demonstrations",
+]
 
 CHOICES = ("first", "random", "similar")
 
 
-def add_demonstration_args(parser: argparse.ArgumentParser) -> None:
+def add_demonstration_args(parser: argparse.ArgumentParser, before: str = "the request") -> None:
     parser.add_argument(
         "--demos", metavar="FILE", default=None,
-        help="solved examples to show before the request: a JSONL file (or folder) of vqa or image_text "
+        help=f"solved examples to show before {before}: a JSONL file (or folder) of vqa or image_text "
         "records, each laid out as the model was trained and closed by EOS (in-context learning)",
     )  # fmt: skip
     parser.add_argument("--shots", type=int, default=None, help="how many of --demos to show (default: all)")
@@ -45,6 +54,27 @@ def add_demonstration_args(parser: argparse.ArgumentParser) -> None:
         help="which --shots of --demos: the first in the file (default), a random draw (--seed), or those "
         "most similar to the request under the model's encoders",
     )  # fmt: skip
+
+
+def demonstrations_from_args(args: argparse.Namespace) -> list[Demonstration]:
+    """The demonstrations ``--demos`` names (none without it; ``--shots`` / ``--choose`` alone are an error)."""
+    if args.demos is None:
+        if args.shots is not None or args.choose != "first":
+            raise InputError("--shots and --choose pick among --demos FILE; give it")
+        return []
+    return read_demonstrations(args.demos)
+
+
+def attach_demonstrations(
+    engine: Any, demos: Sequence[Demonstration], shots: int | None, how: str, *, encode: bool | None = None,
+    limit: int | None = None,
+) -> DemonstrationPool:  # fmt: skip
+    """Show ``shots`` of ``demos`` before every chat request of ``engine`` (`metalm chat` / `serve --demos`),
+    refused now if the longest of them leave no room within ``limit`` positions."""
+    pool = DemonstrationPool(demos, shots, how, engine=engine, encode=encode)
+    pool.check_fits(limit)
+    engine.demonstrations = pool
+    return pool
 
 
 def read_demonstrations(path: str | Path) -> list[Demonstration]:
@@ -74,6 +104,79 @@ def read_demonstrations(path: str | Path) -> list[Demonstration]:
     return demos
 
 
+class DemonstrationPool:
+    """``shots`` of ``demos`` (all when None) to show before a request, chosen ``how`` (module docstring).
+    With ``similar`` the pool is read through ``engine``'s encoders once, here, and each request once, when
+    it is asked (under the model lock, so that a server's generation never runs beside it). The chosen
+    demonstrations come least similar first."""
+
+    def __init__(
+        self, demos: Sequence[Demonstration], shots: int | None, how: str, *, engine: Any = None,
+        encode: bool | None = None,
+    ) -> None:  # fmt: skip
+        if how not in CHOICES:
+            raise InputError(f"--choose must be one of {', '.join(CHOICES)}, got {how!r}")
+        self.shots = len(demos) if shots is None else shots
+        if not 0 <= self.shots <= len(demos):
+            raise InputError(
+                f"--shots {self.shots}: give 0 to {len(demos)}, the examples the demonstrations file holds"
+            )
+        if how == "similar" and engine is None:
+            raise ValueError("choosing similar demonstrations needs the engine")
+        self.demos, self.how, self.engine, self.encode = list(demos), how, engine, encode
+        self._vectors = None
+        if how == "similar":
+            asked = [engine.prompts.request_parts(question=d.question, images=d.images, encode=encode) for d in demos]  # fmt: skip
+            self._vectors = self._read(
+                asked, progress=len(demos) > 256
+            )  # a bar (stderr) when it takes a while
+
+    def check_fits(self, limit: int | None) -> None:
+        """An error now, at start-up, when the ``shots`` longest demonstrations leave a request no room
+        within ``limit`` positions (the model's context, or a server's prompt limit)."""
+        if limit is None or not self.shots:
+            return
+        prompts = self.engine.prompts
+        sizes = sorted(
+            prompts.prepare(prompts.demonstration_parts([d], encode=self.encode)).num_tokens
+            - 1  # less its BOS
+            for d in (self.demos[: self.shots] if self.how == "first" else self.demos)
+        )
+        longest = 1 + sum(sizes[-self.shots :])
+        if longest >= limit:
+            raise InputError(
+                f"{self.shots} demonstrations may take {longest} positions, and a request may have {limit}: "
+                "show fewer (--shots)"
+            )
+
+    def _read(self, parts: list[list[Any]], progress: bool = False) -> Any:
+        from contextlib import nullcontext
+
+        from metalm.evaluation.retrieval import example_vectors
+
+        engine = self.engine
+        with getattr(engine.runner, "model_lock", nullcontext()):
+            return example_vectors(
+                engine.model, engine.processor, [[p for p in ps if p is not None] for ps in parts],
+                lambda ps: ps, desc="--demos", progress=progress,
+            )  # fmt: skip
+
+    def choose(self, request: list[Any] | None = None, seed: int | None = None) -> list[Demonstration]:
+        """The demonstrations for one request (its parts, which ``similar`` compares; None EOS marks are
+        skipped); ``random`` draws with ``seed`` (None: a fresh draw)."""
+        if self.how == "first":
+            return self.demos[: self.shots]
+        if self.how == "random":
+            return random.Random(seed).sample(self.demos, self.shots)
+        if request is None:
+            raise ValueError("choosing similar demonstrations needs the request")
+        similarity = (self._vectors @ self._read([request])[0]).tolist()
+        nearest = sorted(range(len(self.demos)), key=lambda i: (similarity[i], -i), reverse=True)[
+            : self.shots
+        ]
+        return [self.demos[i] for i in reversed(nearest)]  # the most similar last, next to the request
+
+
 def choose_demonstrations(
     demos: Sequence[Demonstration],
     shots: int | None,
@@ -83,40 +186,12 @@ def choose_demonstrations(
     request: dict[str, Any] | None = None,
     seed: int | None = None,
 ) -> list[Demonstration]:
-    """``shots`` of ``demos`` (all when None), chosen ``how`` (module docstring). ``similar`` compares the
-    ``request`` (`PromptBuilder.request_parts` keyword arguments) with each demonstration's own request
-    under ``engine``'s model; the chosen ones come least similar first."""
-    if how not in CHOICES:
-        raise InputError(f"--choose must be one of {', '.join(CHOICES)}, got {how!r}")
-    shots = len(demos) if shots is None else shots
-    if not 0 <= shots <= len(demos):
-        raise InputError(
-            f"--shots {shots}: give 0 to {len(demos)}, the examples the demonstrations file holds"
-        )
-    if how == "first":
-        return list(demos[:shots])
-    if how == "random":
-        return random.Random(seed).sample(list(demos), shots)
-    if engine is None or request is None:
-        raise ValueError("choosing similar demonstrations needs the engine and the request")
-    return _most_similar(demos, shots, engine, request)
-
-
-def _most_similar(
-    demos: Sequence[Demonstration], shots: int, engine: Any, request: dict[str, Any]
-) -> list[Demonstration]:
-    from metalm.evaluation.retrieval import example_vectors
-
-    prompts = engine.prompts
-    asked = [
-        prompts.request_parts(question=d.question, images=d.images, encode=request.get("encode"))
-        for d in demos
-    ]
-    query = prompts.request_parts(**{**request, "text": None})  # what is asked, not a decoder cue
-    vectors = example_vectors(
-        engine.model, engine.processor, [*asked, query], lambda parts: parts,
-        desc="--demos", progress=len(demos) > 256,  # a bar (on stderr) where reading them takes a while
-    )  # fmt: skip
-    similarity = (vectors[:-1] @ vectors[-1]).tolist()
-    nearest = sorted(range(len(demos)), key=lambda i: (similarity[i], -i), reverse=True)[:shots]
-    return [demos[i] for i in reversed(nearest)]  # the most similar last, next to the request
+    """One request's demonstrations (:class:`DemonstrationPool`): ``request`` holds
+    `PromptBuilder.request_parts` keyword arguments, compared without their decoder ``text`` cue."""
+    encode = (request or {}).get("encode")
+    pool = DemonstrationPool(demos, shots, how, engine=engine, encode=encode)
+    if how != "similar":
+        return pool.choose(seed=seed)
+    if request is None:
+        raise ValueError("choosing similar demonstrations needs the request")
+    return pool.choose(engine.prompts.request_parts(**{**request, "text": None}), seed)

@@ -70,7 +70,9 @@ class Engine:
             ``batching`` and ``batch_wait_ms`` then do not apply (vLLM batches continuously).
 
     Its parts: ``prompts`` (`PromptBuilder`), ``runner`` (`JobRunner`: the model lock, ``batch_sizes``) and
-    ``scheduler`` (`Scheduler`: the queue and its limits, which may be changed while it runs).
+    ``scheduler`` (`Scheduler`: the queue and its limits, which may be changed while it runs);
+    ``demonstrations``, when set (`metalm.serving.demonstrations.attach_demonstrations`), goes before every
+    chat request.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Engine:
         self.prompts = PromptBuilder(
             processor, model.config, encode_max_tokens=encode_max_tokens, chat_history=chat_history
         )
+        self.demonstrations: Any = None  # a DemonstrationPool shown before every chat request (--demos)
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
@@ -195,9 +198,17 @@ class Engine:
         """A raw prompt: images first, then the prompt text (`PromptBuilder.text_parts`)."""
         return self.prompts.text_parts(prompt, images, encode=encode)
 
-    def chat_parts(self, messages: Sequence[ChatMessage | dict], *, encode: bool | None = None) -> list[Any]:
-        """A conversation in the model's trained layouts (`PromptBuilder.chat_parts`)."""
-        return self.prompts.chat_parts(messages, encode=encode)
+    def chat_parts(
+        self, messages: Sequence[ChatMessage | dict], *, encode: bool | None = None, seed: int | None = None
+    ) -> list[Any]:
+        """A conversation in the model's trained layouts (`PromptBuilder.chat_parts`), after the
+        demonstrations of ``self.demonstrations`` (a `DemonstrationPool`, `metalm chat/serve --demos`) when
+        it is set; ``seed`` is their random draw's."""
+        parts = self.prompts.chat_parts(messages, encode=encode)
+        if self.demonstrations is None:
+            return parts
+        shown = self.demonstrations.choose(parts, seed)
+        return self.prompts.demonstration_parts(shown, encode=encode) + parts
 
     def layout_parts(
         self, kind: str, images: Iterable[Any] = (), *, encode: bool | None = None, **fields: str

@@ -12,7 +12,11 @@ from typing import Any, TextIO
 from metalm.data.processor import InputError
 from metalm.modalities.text import Encode
 from metalm.serving.cli_common import add_model_args, quiet_loading
-from metalm.serving.demonstrations import add_demonstration_args, choose_demonstrations, read_demonstrations
+from metalm.serving.demonstrations import (
+    add_demonstration_args,
+    choose_demonstrations,
+    demonstrations_from_args,
+)
 from metalm.serving.engine import Engine
 from metalm.serving.request_types import Demonstration, Prompt, SamplingParams
 
@@ -125,18 +129,13 @@ def _prepared(engine: Engine, parts: list[Any], shown: Sequence[Demonstration]) 
 
 def _generate_from_args(args: argparse.Namespace) -> int:
     quiet_loading()
-    if args.demos is None and (args.shots is not None or args.choose != "first"):
-        print(
-            "metalm generate: error: --shots and --choose pick among --demos FILE; give it", file=sys.stderr
-        )
-        return 2
     try:
         generate(
             args.model, args.prompt, question=args.question, text=args.text, images=args.image or (),
             audio=args.audio or (), encode=args.encode_prompt,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             num_beams=args.num_beams, n=args.n, stop=args.stop or (), seed=args.seed, device=args.device,
-            as_json=args.json, demonstrations=read_demonstrations(args.demos) if args.demos else (),
+            as_json=args.json, demonstrations=demonstrations_from_args(args),
             shots=args.shots, choose=args.choose,
         )  # fmt: skip
     except (InputError, ValueError, FileNotFoundError) as err:

@@ -188,7 +188,14 @@ class PromptBuilder:
             raise InputError(
                 "--encode-prompt: the prompt does not fit the text encoder (or the model has none)"
             )
-        return [p for i, demo in enumerate(demonstrations) for p in self._solved(i, demo, encode)] + parts
+        return self.demonstration_parts(demonstrations, encode=encode) + parts
+
+    def demonstration_parts(
+        self, demonstrations: Sequence[Demonstration], *, encode: bool | None = None
+    ) -> list[Any]:
+        """Solved examples, each a request of its own then its answer and EOS (None): what goes before a
+        request shown demonstrations."""
+        return [p for i, demo in enumerate(demonstrations) for p in self._solved(i, demo, encode)]
 
     def _solved(self, index: int, demo: Demonstration, encode: bool | None) -> list[Any]:
         """A demonstration: its request, then its answer as decoder text and EOS (None)."""
