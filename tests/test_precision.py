@@ -93,3 +93,16 @@ def test_the_timed_check_returns_a_ratio():
     REAL_SPEEDUP.cache_clear()
     first = REAL_SPEEDUP()
     assert first > 0 and REAL_SPEEDUP() == first
+
+
+def test_one_process_may_set_up_runs_of_different_precisions(monkeypatch):
+    """A stage in bf16 then the next in fp32 in one process (scripts/interface_results.py trains gemma-vl,
+    `auto`, then gemma-vl-icl): accelerate's one-per-process state is renewed for each run."""
+    from metalm.training.config import OptimConfig
+    from metalm.training.parallel import setup_parallelism
+
+    _cpu(monkeypatch, native=True, speedup=None)
+    first = setup_parallelism(RunConfig(mixed_precision="bf16"), OptimConfig()).accelerator.mixed_precision
+    second = setup_parallelism(RunConfig(mixed_precision="no"), OptimConfig()).accelerator.mixed_precision
+    third = setup_parallelism(RunConfig(mixed_precision="no"), OptimConfig(grad_accum=2)).accelerator
+    assert (first, second) == ("bf16", "no") and third.gradient_accumulation_steps == 2

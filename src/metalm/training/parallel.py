@@ -51,11 +51,16 @@ def has_accelerator_device() -> bool:
 def setup_parallelism(run: RunConfig, optim: OptimConfig) -> Parallelism:
     """An accelerate ``Accelerator`` for this run, and whether it shards with FSDP2 or runs DeepSpeed."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     from metalm.training.precision import resolve_mixed_precision
 
     mixed_precision = resolve_mixed_precision(run.mixed_precision)
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # precision; a process that trains several runs (a stage and the next, scripts/interface_results.py)
+    # starts each from a fresh one. The process group lives in PartialState, which is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(
         # Without a GPU, say so: accelerate only sets up multi-process CPU training (gloo) under torchrun
         # when told it runs on CPU.
