@@ -228,13 +228,7 @@ def _flip_lines(results: dict[str, Any]) -> list[str]:
 def _retrieved_row(name: str, similar: dict[str, Any]) -> str:
     """One model's figures with retrieved demonstrations: easy-VQA by type k = 0 -> 4 with the vote at k = 4,
     and BBC through the encoder and as plain text at each k with the vote and the encoder-vs-text bar."""
-    by_type = similar["easyvqa_by_type"]
-    vqa = [
-        f"{by_type[t]['from']:.1f} → {by_type[t]['to']:.1f} ({by_type[t]['mean']:+.1f} ± {by_type[t]['ci95']:.1f})"
-        if t in by_type
-        else "—"
-        for t in QUESTION_TYPES
-    ]
+    vqa = _by_type_cells(similar)  # its `easyvqa_by_type`, as the variants' rows show theirs
     encoded, plain = similar.get("bbc-topic-encoded", {}), similar.get("bbc-topic-plain", {})
     shots = sorted(plain, key=int)
 
