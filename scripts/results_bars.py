@@ -215,6 +215,7 @@ def _flip_lines(results: dict[str, Any]) -> list[str]:
                 f"answer{'s' if flips['lost'] != 1 else ''} right at k = 0 {'were' if flips['lost'] != 1 else 'was'} "
                 f"wrong at k = 4 and {flips['gained']} the other way round"
                 + (f"; the lost ones become {top}" if top else "")
+                + _copied_clause(flips)
             )
     if not out:
         return []
@@ -223,6 +224,16 @@ def _flip_lines(results: dict[str, Any]) -> list[str]:
         "the k = 0 run, the same questions): " + "; ".join(out) + ".",
         "",
     ]
+
+
+def _copied_clause(flips: dict[str, Any]) -> str:
+    """How many lost answers repeat a shown demonstration's answer (absent from older results)."""
+    if "copied" not in flips or not flips["lost"]:
+        return ""
+    return (
+        f" ({flips['copied']} of the {flips['lost']} the answer of a demonstration shown before the question; "
+        f"the right answer was shown before {flips.get('gold_shown', 0)})"
+    )
 
 
 def _retrieved_row(name: str, similar: dict[str, Any]) -> str:

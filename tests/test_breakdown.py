@@ -160,7 +160,7 @@ def test_paired_change_by_group_compares_the_same_questions(tmp_path):
 def test_answer_flips_names_what_lost_answers_become(tmp_path):
     from metalm.evaluation.breakdown import answer_flips
 
-    def rows(predictions):
+    def rows(predictions, shown=()):
         golds = ["brown", "gray", "red", "yes"]
         return [
             {
@@ -169,13 +169,18 @@ def test_answer_flips_names_what_lost_answers_become(tmp_path):
                 "gold": g,
                 "prediction": p,
                 "score": float(p == g),
+                "demonstration_answers": list(shown),
             }  # fmt: skip
             for i, (g, p) in enumerate(zip(golds, predictions))
         ]
 
     _write(tmp_path / "predictions-t-k0-s0.jsonl", rows(["brown", "gray", "blue", "no"]))
-    _write(tmp_path / "predictions-t-k4-s0.jsonl", rows(["red", "gray", "red", "yes"]))
-    _write(tmp_path / "predictions-t-k4-s1.jsonl", rows(["red", "teal", "blue", "no"]))
+    # Seed 0 showed a "Red" answer (case-folded, it is what brown became); seed 1 showed none it became.
+    _write(tmp_path / "predictions-t-k4-s0.jsonl", rows(["red", "gray", "red", "yes"], ["Red", "no"]))
+    _write(tmp_path / "predictions-t-k4-s1.jsonl", rows(["red", "teal", "blue", "no"], ["green", "yes"]))
+    flips = answer_flips(tmp_path, "t", 0, 4, "colour")
+    assert (flips["copied"], flips["gold_shown"]) == (1, 0)
+    _write(tmp_path / "predictions-t-k4-s1.jsonl", rows(["red", "teal", "blue", "no"], ["Gray ", "yes"]))
     flips = answer_flips(tmp_path, "t", 0, 4, "colour")
     assert flips == {
         "lost": 3,
@@ -183,6 +188,8 @@ def test_answer_flips_names_what_lost_answers_become(tmp_path):
         "seeds": 2,
         "questions": 3,
         "confusions": [("brown", "red", 2), ("gray", "teal", 1)],
+        "copied": 1,
+        "gold_shown": 1,  # seed 1's gray question was shown a "Gray " answer and said teal
     }
     with pytest.raises(FileNotFoundError):
         answer_flips(tmp_path, "t", 1, 4, "colour")

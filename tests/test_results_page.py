@@ -93,6 +93,8 @@ def test_a_type_that_answers_worse_with_demonstrations_says_what_its_answers_bec
             "seeds": 3,
             "questions": 300,
             "confusions": [("brown", "red", 11), ("gray", "teal", 6)],
+            "copied": 2,
+            "gold_shown": 3,
         },  # fmt: skip
         "shape": {
             "lost": 1,
@@ -108,6 +110,15 @@ def test_a_type_that_answers_worse_with_demonstrations_says_what_its_answers_bec
         in lines[0]
     )
     assert "become brown → red 11, gray → teal 6" in lines[0] and "shape" not in lines[0]
+    assert (
+        "(2 of the 30 the answer of a demonstration shown before the question; the right answer was shown before 3)"
+        in lines[0]
+    )
+    del flips["colour"]["copied"]  # results written before the count: no clause
+    assert (
+        "demonstration shown"
+        not in bars._flip_lines({"m": {"easyvqa_by_type": change, "easyvqa_flips": flips}})[0]
+    )
     assert bars._flip_lines({"m": {"easyvqa": {}}}) == []
 
 

@@ -230,13 +230,16 @@ def paired_change(before: list[float], after: list[float]) -> dict[str, float]:
 def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str) -> dict[str, Any]:
     """Which answers of one group change from ``k_from`` to ``k_to`` demonstrations (each ``k_to`` seed
     against the one ``k_from`` run, the same questions): ``lost`` (right, then wrong) and ``gained`` counts
-    summed over seeds, ``seeds``, and the commonest ``confusions`` among the lost, as (gold, new answer,
-    count), most frequent first."""
+    summed over seeds, ``seeds``, the commonest ``confusions`` among the lost, as (gold, new answer,
+    count), most frequent first; ``copied``: how many lost answers are the answer of a demonstration shown
+    before that question (its ``demonstration_answers``; case-folded), and ``gold_shown``: in how many a
+    demonstration showed the right answer. A model that copies its demonstrations has ``copied`` well above
+    ``gold_shown``; one whose reading of the query itself got worse, about the same."""
     firsts = _seed_runs(out, task, k_from)
     if not firsts:
         raise FileNotFoundError(f"{out}: no predictions-{task}-k{k_from}-s*.jsonl")
     before = {r["id"]: r for r in firsts[0] if r.get("group") == group}
-    lost = gained = 0
+    lost = gained = copied = gold_shown = 0
     confusions: Counter[tuple[str, str]] = Counter()
     runs = _seed_runs(out, task, k_to)
     for rows in runs:
@@ -246,7 +249,11 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
                 continue
             if was["score"] >= 1 > r["score"]:
                 lost += 1
-                confusions[(_gold_list(r["gold"])[0], str(r["prediction"]).strip())] += 1
+                answer = str(r["prediction"]).strip()
+                confusions[(_gold_list(r["gold"])[0], answer)] += 1
+                shown = {str(a).strip().casefold() for a in r.get("demonstration_answers") or []}
+                copied += answer.casefold() in shown
+                gold_shown += any(g.strip().casefold() in shown for g in _gold_list(r["gold"]))
             elif r["score"] > was["score"]:
                 gained += 1
     return {
@@ -255,4 +262,6 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
         "seeds": len(runs),
         "questions": len(before),
         "confusions": [(g, p, n) for (g, p), n in confusions.most_common()],
+        "copied": copied,
+        "gold_shown": gold_shown,
     }
