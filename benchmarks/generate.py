@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,7 +44,7 @@ TEXT = (
 ) * 8
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -60,11 +62,11 @@ def main() -> None:
         "--text-encoder", choices=["auto", "packaged", "random"], default="auto",
         help="packaged all-MiniLM-L6-v2 (auto: when installed) or a random BERT of the same shape",
     )  # fmt: skip
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    torch.manual_seed(0)
+    return parser.parse_args()
 
+
+def build_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """A random Llama decoder of the asked shape with a text encoder docked: (model, processor, encoder)."""
     try:
         if args.text_encoder == "random":
             raise ImportError
@@ -86,8 +88,14 @@ def main() -> None:
         tokenizer="packaged:minilm-l6",
         encoders=[text_encoder],
     ).build()  # fmt: skip
-    device = torch.device(args.device)
-    model.to(device).eval()
+    return model, processor, encoder_desc
+
+
+def timed_paths(
+    args: argparse.Namespace, model: Any, processor: Any, device: torch.device
+) -> tuple[dict[str, Callable[[], int]], dict[str, list[list[int]]], int]:
+    """The paths to time, each returning the tokens it produced (module docstring); the serving paths'
+    answers (filled as they run); the prompt's positions."""
     ids = processor.tokenize(TEXT)
     encoded = processor.tokenizer.decode(ids[: args.encoded_tokens])
     text = processor.tokenizer.decode(ids[args.encoded_tokens : args.encoded_tokens + args.text_tokens])
@@ -108,17 +116,14 @@ def main() -> None:
     engine = Engine(model, processor, device=device, name="bench")
     engine_dyn = Engine(model, processor, device=device, name="bench", batching="dynamic")
     request = engine.prepare(prompt)
+    answers: dict[str, list[list[int]]] = {}
 
     def run_decoder() -> int:
         out = model.decoder.generate(input_ids=plain_ids, attention_mask=torch.ones_like(plain_ids), **greedy)
         return (out.shape[1] - positions) * args.batch
 
-    def run_metalm() -> int:
-        out = model.generate(**batch, **greedy)
-        return (out.shape[1] - positions) * args.batch
-
-    def run_metalm_all_positions() -> int:
-        out = model.generate(**batch, **greedy, logits_to_keep=0)
+    def run_metalm(**extra: Any) -> int:
+        out = model.generate(**batch, **greedy, **extra)
         return (out.shape[1] - positions) * args.batch
 
     def serve(on: Engine) -> int:
@@ -131,8 +136,6 @@ def main() -> None:
         answers[on.batching] = [job.result().completions[0].token_ids for job in jobs]
         return sum(len(ids) for ids in answers[on.batching])
 
-    answers: dict[str, list[list[int]]] = {}
-
     def run_encoder() -> int:  # the encoded prefix's own cost: encoder + connector + scatter, once per call
         model.embed_inputs(batch["input_ids"], batch["encoder_inputs"], batch["encoder_slots"])
         return 1
@@ -140,39 +143,37 @@ def main() -> None:
     paths = {
         "decoder": run_decoder,
         "metalm": run_metalm,
-        "metalm-allpos": run_metalm_all_positions,
+        "metalm-allpos": lambda: run_metalm(logits_to_keep=0),
         "engine": lambda: serve(engine),
         "engine-dyn": lambda: serve(engine_dyn),
         "encoder": run_encoder,
     }
-    n_dec = sum(p.numel() for p in model.decoder.parameters())
-    print(
-        f"decoder: llama {args.hidden} wide x {args.layers} layers ({n_dec / 1e6:.1f}M params); text encoder: "
-        f"{encoder_desc}; prompt {positions} positions (metalm: 1 BOS + {args.encoded_tokens} encoded + "
-        f"{positions - 1 - args.encoded_tokens} text); {T} new tokens; batch {args.batch}; "
-        f"{args.repeats} repeats; torch threads {args.threads}; device {device}; {args.clock} clock",
-        flush=True,
-    )
-    for fn in paths.values():  # warm-up
-        fn()
-    assert answers["continuous"] == answers["dynamic"], (
-        "the two serving paths must give the same greedy tokens"
-    )
+    return paths, answers, positions
+
+
+def measure(
+    paths: dict[str, Callable[[], int]], repeats: int, clock: Callable[[], float], device: torch.device
+) -> dict[str, list[float]]:
+    """Each path's tokens/s, the paths interleaved, ``repeats`` times."""
     rates: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, fn in paths.items():
                 start = clock()
                 tokens = fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 rates[name].append(tokens / (clock() - start))
+    return rates
+
+
+def report(rates: dict[str, list[float]], new_tokens: int, batch: int) -> None:
     med = {name: statistics.median(r) for name, r in rates.items()}
     encoder_ms = 1000 / med.pop("encoder")
     for name, rate in med.items():
         spread = f"(min {min(rates[name]):.1f}, max {max(rates[name]):.1f})"
         print(f"{name:<13} {rate:8.1f} tok/s  {spread}")
-    call_ms = 1000 * T * args.batch / med["metalm"]
+    call_ms = 1000 * new_tokens * batch / med["metalm"]
     print(
         f"encoded prefix (encoder + connector, once per call): {encoder_ms:.0f} ms of a {call_ms:.0f} ms metalm call"
     )
@@ -189,6 +190,31 @@ def main() -> None:
             f"{name} / {base}: {statistics.median(paired):.3f} (median of {len(paired)} paired runs; "
             f"ratio of medians {med[name] / med[base]:.3f}){'   goal >= 0.95' if base == 'decoder' else ''}"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.manual_seed(0)
+    model, processor, encoder_desc = build_model(args)
+    device = torch.device(args.device)
+    model.to(device).eval()
+    paths, answers, positions = timed_paths(args, model, processor, device)
+    n_dec = sum(p.numel() for p in model.decoder.parameters())
+    print(
+        f"decoder: llama {args.hidden} wide x {args.layers} layers ({n_dec / 1e6:.1f}M params); text encoder: "
+        f"{encoder_desc}; prompt {positions} positions (metalm: 1 BOS + {args.encoded_tokens} encoded + "
+        f"{positions - 1 - args.encoded_tokens} text); {args.new_tokens} new tokens; batch {args.batch}; "
+        f"{args.repeats} repeats; torch threads {args.threads}; device {device}; {args.clock} clock",
+        flush=True,
+    )
+    for fn in paths.values():  # warm-up
+        fn()
+    assert answers["continuous"] == answers["dynamic"], (
+        "the two serving paths must give the same greedy tokens"
+    )
+    report(measure(paths, args.repeats, clock, device), args.new_tokens, args.batch)
 
 
 if __name__ == "__main__":
