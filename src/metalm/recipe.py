@@ -71,7 +71,8 @@ class EncoderRecipe:
     # on a pretrained decoder; metalm.training.connector_alignment). None: the scale-matched random init.
     align_tokens: StrictInt | None = None
     # Training: the weight of a CTC loss that trains this (audio) encoder's slots to say, as the decoder's
-    # word embeddings, what each training clip says (its record's transcript; `MetaLMForCausalLM.transcript_loss`).
+    # word embeddings, what each training clip says (its record's transcript;
+    # `metalm.model.objectives.transcript_loss`).
     transcript_loss: float | None = None
 
 

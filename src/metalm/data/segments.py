@@ -170,7 +170,7 @@ def collate(
     `transcripts` ({encoder name: loss weight}, training): for those encoders, `encoder_transcripts[name]`
     holds what each payload says, in payload order (`ids` [N, L] right-padded, `lengths` [N], 0 where a
     segment carries none; a segment's `target_ids` with `loss=False`) and the `weight` of the model's
-    transcript loss (`MetaLMForCausalLM.transcript_loss`)."""
+    transcript loss (`metalm.model.objectives.transcript_loss`)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if pack is not None and padding_side != "right":
@@ -208,16 +208,7 @@ def collate(
                 payloads.setdefault(seg.encoder, []).append(seg)
             owners += [(r, at + p, name) for p, name in enumerate(flat.owner) if name is not None]
             at += m
-    # The model's encoder order, so that encoders run in the same order whatever order a batch meets them.
-    names = [spec["name"] for spec in config.encoders if spec["name"] in payloads]
-    slots = {name: torch.zeros((batch, width), dtype=torch.bool) for name in names}
-    for r, p, name in owners:
-        slots[name][r, p] = True
-
-    encoder_inputs: dict[str, dict[str, torch.Tensor]] = {}
-    for name in names:
-        spec = config.encoder_spec(name)
-        encoder_inputs[name] = get_modality(spec["kind"]).collate(spec, payloads[name])
+    encoder_inputs, slots = _encoder_batch(config, payloads, owners, (batch, width))
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -236,6 +227,26 @@ def collate(
     if heard:
         out["encoder_transcripts"] = heard
     return out
+
+
+def _encoder_batch(
+    config,
+    payloads: dict[str, list[EncodedSegment]],
+    owners: list[tuple[int, int, str]],
+    shape: tuple[int, int],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Each encoder's payloads collated by its modality, and the [B, T] map of the slots they fill (`owners`:
+    row, position, encoder)."""
+    # The model's encoder order, so that encoders run in the same order whatever order a batch meets them.
+    names = [spec["name"] for spec in config.encoders if spec["name"] in payloads]
+    slots = {name: torch.zeros(shape, dtype=torch.bool) for name in names}
+    for r, p, name in owners:
+        slots[name][r, p] = True
+    encoder_inputs: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        spec = config.encoder_spec(name)
+        encoder_inputs[name] = get_modality(spec["kind"]).collate(spec, payloads[name])
+    return encoder_inputs, slots
 
 
 def _transcripts(segments: Sequence[EncodedSegment], weight: float) -> dict[str, torch.Tensor]:

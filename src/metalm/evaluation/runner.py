@@ -98,6 +98,23 @@ def _checked_runs(shots: Sequence[int], seeds: Sequence[int], batch_size: int) -
     return shots, seeds
 
 
+def _warn_of_choices_that_do_nothing(tasks: Sequence[Task], calibrate: bool, similar: bool) -> None:
+    """A warning for each option these tasks ignore or that defeats another."""
+    names = [t.name for t in tasks]
+    if similar and all(t.episodes is not None for t in tasks):
+        logger.warning(
+            "--demos similar: %s draw their own demonstrations (episodes); nothing retrieved", names
+        )
+    if calibrate and not any(t.scoring == "rank" for t in tasks):
+        logger.warning("--calibrate applies to ranked tasks; %s generate their answers, uncalibrated", names)
+    if calibrate and similar and any(t.scoring == "rank" and t.episodes is None for t in tasks):
+        # Measured on BBC topics (docs/demonstrations.md): calibrated below ranked in 5 of 6 rows.
+        logger.warning(
+            "--calibrate with --demos similar: the content-free query sees the same retrieved demonstrations "
+            "and discounts the answer they share, which is what retrieval brings; rank without --calibrate"
+        )
+
+
 def evaluate(
     model,
     processor: MetaLMProcessor,
@@ -145,18 +162,7 @@ def evaluate(
     if demonstrations not in DEMONSTRATION_CHOICES:
         raise TaskError(f"demonstrations must be one of {DEMONSTRATION_CHOICES}, got {demonstrations!r}")
     similar = demonstrations == "similar"
-    if similar and all(t.episodes is not None for t in tasks):
-        logger.warning(
-            "--demos similar: %s draw their own demonstrations (episodes); nothing retrieved", names
-        )
-    if calibrate and not any(t.scoring == "rank" for t in tasks):
-        logger.warning("--calibrate applies to ranked tasks; %s generate their answers, uncalibrated", names)
-    if calibrate and similar and any(t.scoring == "rank" and t.episodes is None for t in tasks):
-        # Measured on BBC topics (docs/demonstrations.md): calibrated below ranked in 5 of 6 rows.
-        logger.warning(
-            "--calibrate with --demos similar: the content-free query sees the same retrieved demonstrations "
-            "and discounts the answer they share, which is what retrieval brings; rank without --calibrate"
-        )
+    _warn_of_choices_that_do_nothing(tasks, calibrate, similar)
     baseline = resolve_baseline(model, baseline)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
