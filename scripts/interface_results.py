@@ -23,7 +23,9 @@ rows are measured again with each query's demonstrations retrieved like it (`met
 beside the vote of those demonstrations' answers; `--no-similar` skips them).
 
 Every number on the page comes from this script's own outputs under `--out` (prediction files, summaries,
-training runs); a step whose outputs exist is not run again, so an interrupted run resumes. `--variants`
+training runs); a step whose outputs exist is not run again, so an interrupted run resumes (a model under
+`--runs` trained from another config or first stage than the one asked for is an error that names what
+differs, never reused in silence). `--variants`
 adds ablations of a preset (`configs/ablations/<name>.yaml`, e.g. gemma-vl-binding), trained (a second
 stage's from its first stage under `--runs`) and evaluated on the in-context rows the same way, a variant with a
 text encoder also on BBC topics in context, in a "Tried and left out" table. The page itself is written by

@@ -507,3 +507,49 @@ def test_a_subset_per_group_balances_groups_and_keeps_the_old_subsets():
     for bad in ({"limit": 0}, {"limit": None, "per_group": 0}):
         with pytest.raises(ValueError, match="must be positive"):
             subset_examples(examples, **bad)
+
+
+def test_train_once_reuses_a_run_only_when_it_was_trained_from_the_config_asked_for(tmp_path, monkeypatch):
+    import yaml
+
+    from metalm.evaluation import experiments
+    from metalm.training import trainer
+    from metalm.training.config_loading import config_to_dict
+
+    trained = []
+
+    def fake_train(config):  # what the trainer leaves behind: config.yaml and final/config.json
+        out = Path(config.run.output_dir)
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "config.json").write_text("{}")
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        trained.append(out)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    config = Path("configs/gemma-vl-icl.yaml").resolve()
+    run = tmp_path / "runs" / "gemma-vl-icl"
+    first = experiments.train_once(config, run, [f"init_from={tmp_path}/runs/gemma-vl/final"])
+    assert first == run / "final" and trained == [run]
+    # The same config again, its init written another way (relative to here): reused, not retrained.
+    monkeypatch.chdir(tmp_path)
+    assert experiments.train_once(config, run, ["init_from=runs/gemma-vl/final"]) == first
+    assert trained == [run]
+    # Another first stage or other steps: an error that names what differs and what to do.
+    with pytest.raises(RuntimeError) as err:
+        experiments.train_once(config, run, ["init_from=runs/gemma-vl-yes-no/final", "optim.max_steps=7"])
+    message = str(err.value)
+    assert "init_from: " in message and "-> runs/gemma-vl-yes-no/final" in message
+    assert "optim.max_steps: 150 -> 7" in message and f"Move or remove {run}" in message
+    # A stream's setting deep in the list is named by its index.
+    with pytest.raises(RuntimeError, match=r"data\.streams\.\d+\.weight: "):
+        experiments.train_once(
+            config, run, [f"init_from={tmp_path}/runs/gemma-vl/final", "data.streams.0.weight=9"]
+        )
+    # Logging settings do not make another model; a run without config.yaml is reused as before.
+    assert (
+        experiments.train_once(config, run, [f"init_from={tmp_path}/runs/gemma-vl/final", "run.log_every=1"])
+        == first
+    )
+    (run / "config.yaml").unlink()
+    assert experiments.train_once(config, run, ["init_from=elsewhere/final"]) == first
+    assert trained == [run]

@@ -12,20 +12,82 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cached_eval", "load_model", "train_once"]
+__all__ = ["cached_eval", "load_model", "run_differences", "train_once"]
+
+
+# What a trained run must share with the config asked for to be reused: what makes the model, not its logging.
+_SAME_MODEL_KEYS = ("model", "data", "optim", "init_from", "run.seed")
 
 
 def train_once(config: str | Path, run_dir: Path, overrides: Sequence[str] = ()) -> Path:
     """``run_dir/final``, trained from ``config`` (with ``run.output_dir=run_dir`` and ``overrides``) unless
-    it exists."""
+    it exists. An existing run whose saved ``config.yaml`` differs from that config in what makes the model
+    (``_SAME_MODEL_KEYS``: another init, other data or steps) is an error, not a silent reuse."""
     from metalm.training.config import load_config
     from metalm.training.trainer import train
 
     final = run_dir / "final"
+    wanted = load_config(config, [f"run.output_dir={run_dir}", *overrides])
     if not (final / "config.json").is_file():
         logger.info("training %s -> %s", Path(config).name, run_dir)
-        train(load_config(config, [f"run.output_dir={run_dir}", *overrides]))
+        train(wanted)
+        return final
+    differences = run_differences(run_dir, wanted)
+    if differences:
+        raise RuntimeError(
+            f"{run_dir} was trained from another config than {Path(config).name} with {list(overrides)}: "
+            + "; ".join(differences[:4])
+            + f". Move or remove {run_dir} to train it afresh, or give the scripts another --runs folder"
+        )
     return final
+
+
+def run_differences(run_dir: Path, wanted: Any) -> list[str]:
+    """How the run saved in ``run_dir`` (its ``config.yaml``) differs from the config ``wanted``, in what
+    makes the model: "key: saved -> wanted" lines, none when equal (or when the run saved no config).
+    Paths (``init_from``) count as equal when they name the same folder, however written."""
+    import yaml
+
+    from metalm.training.config_loading import config_to_dict
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        logger.warning("%s has no config.yaml: reused without checking what it was trained from", run_dir)
+        return []
+    saved = _flat(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
+    asked = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(wanted))))
+    out = []
+    for key in sorted(set(saved) | set(asked)):
+        if not key.startswith(_SAME_MODEL_KEYS) or _same_value(key, saved.get(key), asked.get(key)):
+            continue
+        out.append(f"{key}: {_short(saved.get(key))} -> {_short(asked.get(key))}")
+    return out
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings and lists as dotted keys (a list item by its index: ``data.streams.2.weight``)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def _same_value(key: str, saved: Any, asked: Any) -> bool:
+    if key == "init_from" and isinstance(saved, str) and isinstance(asked, str):
+        a, b = Path(saved), Path(asked)
+        return a.resolve() == b.resolve() or a.parts[-2:] == b.parts[-2:]
+    return saved == asked
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_model(folder: Path) -> tuple[Any, Any]:
