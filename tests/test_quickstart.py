@@ -92,3 +92,29 @@ def test_report_says_when_yes_no_is_answered_from_the_wording():
     assert shape_only == ["Below a coin toss (shape): the model answers those yes/no questions from their "
                           "wording, not from the image."]  # fmt: skip
     assert not any(line.startswith("Below a coin toss") for line in breakdown_lines(table(50.0, 100.0)))
+
+
+def test_results_section_dates_the_run_and_describes_its_own_in_context_evaluation(tmp_path, monkeypatch):
+    """The section gives the day the run was evaluated (not the day the page is written) and says whether its
+    easy-VQA demonstrations were asked per question type or in the test split's mix, as that run did."""
+    import os
+
+    from metalm.quickstart import in_context_section, results_section
+
+    ev = tmp_path / "eval"
+    _write_predictions(ev, "easyvqa", [{"id": "q1", "prediction": "red", "gold": ["red"], "score": 1.0}])
+    summary = {"limit": 300, "results": {"easyvqa": {"0": {"mean": {"vqa_accuracy": 100.0}}}}}
+    (ev / "summary.json").write_text(json.dumps(summary))
+    os.utime(ev / "summary.json", (1_700_000_000, 1_700_000_000))  # 2023-11-14 (UTC)
+    section = results_section(tmp_path, 540.0, 60.0)
+    assert "on 2023-11-1" in section[1] and "training 9.0 min, evaluation 1.0 min" in section[1]
+
+    from metalm.evaluation import in_context
+
+    monkeypatch.setattr(in_context, "in_context_lines", lambda folder: ["(the table)"])  # its own tests
+    icl = tmp_path / "eval-icl" / "easyvqa"
+    icl.mkdir(parents=True)
+    (icl / "summary.json").write_text(json.dumps({"per_group": None, "limit": 100}))
+    assert "on the test split's mix of types" in " ".join(in_context_section(tmp_path))
+    (icl / "summary.json").write_text(json.dumps({"per_group": 50, "limit": None}))
+    assert "on the same number of questions of each type" in " ".join(in_context_section(tmp_path))

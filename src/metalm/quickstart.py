@@ -258,14 +258,18 @@ def in_context_section(out: Path) -> list[str]:
 
     if not (out / "eval-icl").exists():
         return []
+    vqa_summary = out / "eval-icl" / "easyvqa" / "summary.json"
+    balanced = vqa_summary.is_file() and json.loads(vqa_summary.read_text()).get("per_group") is not None
+    # A run evaluated before easy-VQA was asked per type is described as it was evaluated.
+    questions = "the same number of questions of each type" if balanced else "the test split's mix of types"
     return [
         "## Learning from demonstrations (in-context)",
         "",
         *in_context_lines(out / "eval-icl"),
         "",
         "Mean ± spread over 3 seeds of demonstrations (k = 0: one run). easy-VQA: k random training-split "
-        "demonstrations before each test question, in the layout the model trained on, on the same number of "
-        "questions of each type (the same questions at every k); the last column is the mean change on those "
+        f"demonstrations before each test question, in the layout the model trained on, on {questions} "
+        "(the same questions at every k); the last column is the mean change on those "
         "questions from no demonstrations to the most, ± its 95 % interval: a change inside its interval is not "
         "told apart from none. Fast binding: k "
         "demonstrations *per class* whose answers are made-up words (dax, blicket, ...) that no training "
@@ -281,7 +285,9 @@ RESULTS_END = "<!-- quickstart-results:end -->"
 
 def results_section(out: Path, train_s: float, eval_s: float) -> list[str]:
     """The quickstart's part of docs/results.md, from the run's own evaluation files."""
-    summary = json.loads((out / "eval" / "summary.json").read_text())
+    summary_file = out / "eval" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    evaluated_on = time.strftime("%Y-%m-%d", time.localtime(summary_file.stat().st_mtime))  # the run's day
     headline = "; ".join(
         f"{task} {metric} {value:.1f}"
         for task, by_k in summary["results"].items()
@@ -289,7 +295,7 @@ def results_section(out: Path, train_s: float, eval_s: float) -> list[str]:
     )
     return [
         RESULTS_BEGIN,
-        f"`metalm quickstart --output-dir {out}` on {time.strftime('%Y-%m-%d')}: training "
+        f"`metalm quickstart --output-dir {out}` on {evaluated_on}: training "
         f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min (2 CPU cores); {summary['limit']} held-out "
         f"test examples per task, k = 0. Headline: {headline}.",
         "",
