@@ -205,3 +205,13 @@ def test_retrieved_demonstrations_get_their_own_section_beside_their_vote(bars):
         "| — / — | 76.7 / 86.7 | 78.0 / 85.0 | — |"
     )
     assert bars.retrieved_section({"b": {"easyvqa": {}}}) == []
+    # Both at the majority topic: met only vacuously, as the bars table says it.
+    at_majority = {
+        **similar,
+        "bbc-topic-encoded": {"1": {"accuracy": 33.3, "vote": 50.0}, "4": {"accuracy": 33.3, "vote": 56.7}},
+        "bbc-topic-plain": {"1": {"accuracy": 33.3, "vote": 50.0}, "4": {"accuracy": 33.3, "vote": 56.7}},
+    }
+    last = bars.retrieved_section({"q": {"similar": at_majority, "bbc_majority": 33.3}})[-2]
+    assert last.endswith(
+        "| met only vacuously: both at or below always answering the majority topic (33.3) |"
+    )
