@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from metalm.data.builtin import EASY_VQA_COLORS, EASY_VQA_SHAPES
+from metalm.evaluation.demonstrations import among
 
 __all__ = [
     "ATTRIBUTES",
@@ -232,7 +233,7 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
     against the one ``k_from`` run, the same questions): ``lost`` (right, then wrong) and ``gained`` counts
     summed over seeds, ``seeds``, the commonest ``confusions`` among the lost, as (gold, new answer,
     count), most frequent first; ``copied``: how many lost answers are the answer of a demonstration shown
-    before that question (its ``demonstration_answers``; case-folded), and ``gold_shown``: in how many a
+    before that question (its ``demonstration_answers``, compared as `copying_rates` compares them), and ``gold_shown``: in how many a
     demonstration showed the right answer. A model that copies its demonstrations has ``copied`` well above
     ``gold_shown``; one whose reading of the query itself got worse, about the same."""
     firsts = _seed_runs(out, task, k_from)
@@ -251,9 +252,9 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
                 lost += 1
                 answer = str(r["prediction"]).strip()
                 confusions[(_gold_list(r["gold"])[0], answer)] += 1
-                shown = {str(a).strip().casefold() for a in r.get("demonstration_answers") or []}
-                copied += answer.casefold() in shown
-                gold_shown += any(g.strip().casefold() in shown for g in _gold_list(r["gold"]))
+                shown = r.get("demonstration_answers") or []
+                copied += among(answer, shown)
+                gold_shown += among(_gold_list(r["gold"]), shown)
             elif r["score"] > was["score"]:
                 gained += 1
     return {

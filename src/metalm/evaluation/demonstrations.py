@@ -86,6 +86,13 @@ def _same(a: Any, b: str) -> bool:
     return M.normalize_squad_answer(str(a)) == M.normalize_squad_answer(b)
 
 
+def among(value: Any, answers: Sequence[str]) -> bool:
+    """Whether ``value`` (an answer, or a list of gold answers) is one of the demonstrations' ``answers``,
+    normalised as VQA/SQuAD answers are compared."""
+    values = value if isinstance(value, list) else [value]
+    return any(_same(v, a) for v in values for a in answers)
+
+
 def copying_rates(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """Over the records that had demonstrations (``demonstration_answers``): the share (x100) whose
     prediction is one of them, and the share whose gold answer is (what copying costs nothing at). None
@@ -93,11 +100,6 @@ def copying_rates(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | No
     shown = [r for r in records if r.get("demonstration_answers")]
     if not shown:
         return None
-
-    def among(value: Any, answers: Sequence[str]) -> bool:
-        values = value if isinstance(value, list) else [value]
-        return any(_same(v, a) for v in values for a in answers)
-
     return {
         "prediction_among_demonstrations": 100 * sum(among(r["prediction"], r["demonstration_answers"]) for r in shown) / len(shown),
         "gold_among_demonstrations": 100 * sum(among(r["gold"], r["demonstration_answers"]) for r in shown) / len(shown),

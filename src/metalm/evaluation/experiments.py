@@ -55,7 +55,7 @@ def run_differences(run_dir: Path, wanted: Any) -> list[str]:
         logger.warning("%s has no config.yaml: reused without checking what it was trained from", run_dir)
         return []
     saved = _flat(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
-    asked = _flat(yaml.safe_load(yaml.safe_dump(config_to_dict(wanted))))
+    asked = _flat(config_to_dict(wanted))  # JSON-ready, as config.yaml was written from it
     out = []
     for key in sorted(set(saved) | set(asked)):
         if not key.startswith(_SAME_MODEL_KEYS) or _same_value(key, saved.get(key), asked.get(key)):

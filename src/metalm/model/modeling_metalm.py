@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
+from metalm.model import objectives
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError, normalize_encoder_spec
 from metalm.model.connectors import build_connector
 from metalm.model.encoders import DockedEncoder, apply_trainable_layers
 from metalm.model.loading import check_model_folder
-from metalm.model.objectives import labelled_positions, transcript_loss, typed_twin_loss
+from metalm.model.objectives import labelled_positions
 
 EncoderInputs = dict[str, dict[str, torch.Tensor]]
 
@@ -185,7 +186,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             vectors = projected[mask]
             heard = (encoder_transcripts or {}).get(name)
             if heard is not None:
-                loss = transcript_loss(self, projected, mask, heard["ids"], heard["lengths"])
+                loss = objectives.transcript_loss(self, projected, mask, heard["ids"], heard["lengths"])
                 extra = extra + heard["weight"].to(loss.device) * loss
             if vectors.shape[0] != int(slots.sum()):
                 raise SlotCountError(
@@ -275,7 +276,7 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             if out.loss is not None:
                 out["loss"] = out.loss + transcript_loss.to(out.loss.dtype)
         if typed_twins is not None and labels is not None:
-            twin_loss = typed_twin_loss(self, out.hidden_states, labels, typed_twins)
+            twin_loss = objectives.typed_twin_loss(self, out.hidden_states, labels, typed_twins)
             out["typed_twin_loss"] = twin_loss.detach()
             out["loss"] = out.loss + twin_loss.to(out.loss.dtype)
         return out
