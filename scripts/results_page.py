@@ -211,7 +211,7 @@ def _header(
         "Models: **gemma-vl** = packaged MiniLM + EfficientNet-Lite0 docked onto the frozen packaged "
         "Gemma-3-270M (`configs/gemma-vl.yaml`); **gemma-vl-icl** = gemma-vl with LoRA adapters on Gemma's "
         "attention trained on in-context rows, made-up-name binding rows among them, beside stage 1's streams "
-        "replayed (`configs/gemma-vl-icl.yaml`, 150 steps from gemma-vl; the adapters merged); **quickstart** = the small MetaLM trained from scratch; "
+        "replayed (`configs/gemma-vl-icl.yaml`, 200 steps from gemma-vl; the adapters merged); **quickstart** = the small MetaLM trained from scratch; "
         "**gpt-baseline** = the quickstart's decoder and data without encoders (it never sees images); "
         "**gemma-bare** = Gemma-3-270M alone, inputs as plain text.",
         "",

@@ -539,7 +539,7 @@ def test_train_once_reuses_a_run_only_when_it_was_trained_from_the_config_asked_
         experiments.train_once(config, run, ["init_from=runs/gemma-vl-yes-no/final", "optim.max_steps=7"])
     message = str(err.value)
     assert "init_from: " in message and "-> runs/gemma-vl-yes-no/final" in message
-    assert "optim.max_steps: 150 -> 7" in message and f"Move or remove {run}" in message
+    assert "optim.max_steps: 200 -> 7" in message and f"Move or remove {run}" in message
     # A stream's setting deep in the list is named by its index.
     with pytest.raises(RuntimeError, match=r"data\.streams\.\d+\.weight: "):
         experiments.train_once(
