@@ -72,6 +72,8 @@ FASTBIND_TASKS = (
 # The same episodes with each image given as its caption text: the decoder's own binding, perception taken
 # out; every model is scored on them, and `--binding-models` scores only these (gemma-bare: the ceiling).
 TEXT_BINDING_TASKS = ("fastbind-shape-2way-text", "fastbind-shape-2way-text-real")
+# The same episodes, then the query asked its colour: does binding leave the model answering what it is asked?
+ASKING_TASK = "fastbind-shape-2way-ask-color"
 # The same episodes scored by which of the episode's names is likelier: binding without spelling the name.
 RANKED_BINDING_TASKS = {"image": "fastbind-shape-2way-ranked", "text": "fastbind-shape-2way-text-ranked"}
 logger = logging.getLogger("interface_results")
@@ -179,7 +181,10 @@ def binding_results(model, processor, out: Path, args: argparse.Namespace) -> di
         images = cached_eval(
             out / "fastbind", model, processor, list(FASTBIND_TASKS), FASTBIND_SHOTS, args.seeds, **kw
         )
-        res = {**images["results"], **res}
+        asking = cached_eval(
+            out / "fastbind-ask", model, processor, ASKING_TASK, FASTBIND_SHOTS, args.seeds, **kw
+        )
+        res = {**images["results"], **asking["results"], **res}
     ranked = [task for kind, task in RANKED_BINDING_TASKS.items() if sees or kind == "text"]
     res.update(
         cached_eval(out / "fastbind-ranked", model, processor, ranked, FASTBIND_SHOTS, args.seeds, **kw)[

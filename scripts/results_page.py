@@ -259,7 +259,10 @@ def _perception_sections(
         'image?"), so perception is given and only binding the made-up name is left: for a decoder alone '
         "(gemma-bare) that is the ceiling of its docked model on the image tasks. `X-ranked`: the very "
         "episodes of `X`, answered by whichever of the episode's two names the model finds likelier after "
-        "the query (chance 50 %, k = 0 included): binding, without having to spell an unseen word.",
+        "the query (chance 50 %, k = 0 included): binding, without having to spell an unseen word. "
+        "`fastbind-shape-2way-ask-color`: the very episodes of `fastbind-shape-2way`, then the query image "
+        "asked its colour, right when the model answers the real colour: a model that answers with a "
+        "demonstration's word there has learnt that a query always asks what its demonstrations ask.",
         "",
         *_fastbind_rows({**results, **binding}),
         "",

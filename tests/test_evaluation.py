@@ -462,7 +462,13 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
     def fake_evaluate(model, processor, task, *, shots, seeds, out_dir, limit=None, **kw):
         calls.append((list(shots), list(seeds), limit))
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"shots": list(shots), "seeds": list(seeds), "limit": limit, "results": {}}
+        names = [task] if isinstance(task, str) else task
+        summary = {
+            "shots": list(shots),
+            "seeds": list(seeds),
+            "limit": limit,
+            "results": {n: {} for n in names},
+        }
         summary["per_group"] = kw.get("per_group")
         summary["calibration"] = "content-free query (N/A), ranked tasks" if kw.get("calibrate") else None
         summary["demonstrations"] = SIMILARITY if kw.get("demonstrations") == "similar" else None
@@ -489,6 +495,11 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
     assert len(calls) == 7  # retrieved demonstrations: evaluated again
     experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0], **similar)
     assert len(calls) == 7
+    both = ["easyvqa", "fastbind-shape-2way"]
+    experiments.cached_eval(out, None, None, both, [0, 4], [0], **similar)
+    assert len(calls) == 8  # a task the cached summary lacks: evaluated again
+    experiments.cached_eval(out, None, None, both[:1], [0, 4], [0], **similar)
+    assert len(calls) == 8  # one it holds: reused
 
 
 def test_a_subset_per_group_balances_groups_and_keeps_the_old_subsets():

@@ -127,6 +127,24 @@ def test_relabelled_rows_train_only_words_shown_before(tiny):
         assert answers
 
 
+def test_other_question_rows_keep_the_querys_own_answer(tiny):
+    """Relabelled demonstrations of one question, then a query asking another: its real answer is trained,
+    so that a model does not learn to answer every question with the demonstrations' words."""
+    _, processor = tiny
+    settings = {"shots": [3, 5], "same_task": 1.0, "relabel": 1.0, "ways": [2, 2], "other_question": 1.0}
+    stream = _stream(processor, settings).streams[0]
+    real = {a for r in stream.records for a in r.answers}
+    for _ in range(6):
+        sample, used = stream.next_sample()
+        query, demos = stream.records[used[-1]], [stream.records[j] for j in used[:-1]]
+        assert demos and len({d.question for d in demos}) == 1
+        assert not {a for d in demos for a in d.answers} & set(query.answers)  # another task: other answers
+        labels = [s for s in sample if isinstance(s, TextSegment) and s.ids[-1] == processor.eos_token_id]
+        words = [processor.decode(s.ids[:-1]).strip() for s in labels]
+        assert not set(words[:-1]) & real  # the demonstrations' answers are made-up words
+        assert words[-1] == query.answers[0] and labels[-1].loss  # the query's own answer, trained
+
+
 def test_rows_are_deterministic_and_fit_seq_len(tiny):
     _, processor = tiny
     a = _stream(processor, {"shots": [6, 8]}, seq_len=80).streams[0]
@@ -267,6 +285,21 @@ def test_fast_binding_text_twin_gives_each_image_as_its_caption():
     demos, asked = twin.episodes(texts[0], pool, 2, 0, 0)
     assert len(demos) == 4 and all(d.image is None for d in demos)
     assert {d.answers[0] for d in demos} <= set(HELD_OUT_WORDS) and asked.answers[0] in HELD_OUT_WORDS
+
+
+def test_ask_color_shows_the_binding_episodes_then_asks_the_querys_colour():
+    from metalm.data.builtin import load_builtin
+
+    binding, asking = builtin_task("fastbind-shape-2way"), builtin_task("fastbind-shape-2way-ask-color")
+    queries, pool = binding.load("test")[:6], binding.load("train")
+    captions = {r.image: r.text for r in load_builtin("easy_vqa_captions", "test")}
+    for index, query in enumerate(queries):
+        demos, bound = binding.episodes(query, pool, 2, 1, index)
+        same, asked = asking.episodes(query, pool, 2, 1, index)
+        assert same == demos and {d.answers[0] for d in demos} <= set(HELD_OUT_WORDS)  # the very episodes
+        assert asked.fields["question"] == "what color is the shape?" and asked.options is None
+        assert captions[query.image] == f"a {asked.answers[0]} {query.answers[0]}."  # its real colour
+        assert bound.answers[0] in HELD_OUT_WORDS
 
 
 def test_interleaved_documents_refer_back_across_images():

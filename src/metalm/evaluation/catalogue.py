@@ -141,7 +141,8 @@ Reader = Annotated[
 
 class FastbindEpisodes(BaseModel):
     """The fast-binding episode hook (:func:`metalm.evaluation.fastbind.episodes_for`). Episodes are drawn
-    per task name, or per ``same_as``'s: a twin scored another way asks the very same episodes."""
+    per task name, or per ``same_as``'s: a twin scored another way asks the very same episodes. ``ask``: the
+    query is asked that attribute instead (its real value the answer) after the same demonstrations."""
 
     model_config = _CONFIG
 
@@ -149,11 +150,12 @@ class FastbindEpisodes(BaseModel):
     ways: int = Field(ge=2)
     made_up: bool = True
     same_as: str | None = None
+    ask: Literal["shape", "color"] | None = None
 
     def make(self, task_name: str) -> Callable[[Example, list[Example], int, int, int], Any]:
         from metalm.evaluation.fastbind import episodes_for
 
-        return episodes_for(self.same_as or task_name, self.ways, made_up=self.made_up)
+        return episodes_for(self.same_as or task_name, self.ways, made_up=self.made_up, ask=self.ask)
 
 
 # --------------------------------------------------------------------------------------------

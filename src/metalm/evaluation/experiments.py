@@ -102,9 +102,10 @@ def load_model(folder: Path) -> tuple[Any, Any]:
 def cached_eval(
     out: Path, model, processor, task: Any, shots: Sequence[int], seeds: Sequence[int], **kw: Any
 ) -> dict[str, Any]:
-    """`metalm eval` of ``task`` into ``out``; its summary is reused when one exists for the same shots,
-    seeds, limit, per-group cap, calibration and choice of demonstrations (a page must not state a limit its
-    cached figures were not measured with)."""
+    """`metalm eval` of ``task`` (a name, a Task or a list of them) into ``out``; its summary is reused when
+    one exists for the same shots, seeds, limit, per-group cap, calibration and choice of demonstrations and
+    holds every task asked (a page must not state a limit its cached figures were not measured with, nor
+    lose a task added to a step)."""
     from metalm.evaluation.demonstrations import CALIBRATION
     from metalm.evaluation.retrieval import SIMILARITY
     from metalm.evaluation.runner import evaluate
@@ -121,7 +122,8 @@ def cached_eval(
             "demonstrations": SIMILARITY if kw.get("demonstrations") == "similar" else None,
         }
         found = {key: cached.get(key) for key in asked}
-        if found == asked:
+        names = [task] if isinstance(task, str) else [getattr(t, "name", t) for t in task]
+        if found == asked and set(names) <= set(cached.get("results", {})):
             return cached
         logger.info("%s: cached for %s, asked for %s: evaluating again", out, found, asked)
     return evaluate(model, processor, task, shots=shots, seeds=seeds, out_dir=out, **kw)

@@ -11,7 +11,10 @@ episodes drawn the same way (seeded by their own task name), solvable zero-shot 
 attribute. The ``-ranked`` variants score the very episodes of their generated task (``same_as``) by
 likelihood instead: the answer is whichever of the episode's names the model finds
 likeliest after the query, so a model that binds but cannot yet spell an unseen word is told apart from one
-that does not bind at all (chance ``1 / ways`` at every k, k = 0 included).
+that does not bind at all (chance ``1 / ways`` at every k, k = 0 included). The ``-ask-color`` variant shows the
+very episodes of its binding task and then asks the query image's *colour* (``ask``): right when the model
+answers the real colour, wrong when it answers with a demonstration's word, as a model does that learnt
+that demonstrations always ask what the query asks.
 
 Classes, names and demonstrations are drawn per (seed, query index); the names are
 :data:`metalm.data.made_up.HELD_OUT_WORDS`, which in-context training (``relabel``) never uses.
@@ -58,7 +61,8 @@ def labelled_images(split: str, attribute: str, *, as_text: bool = False) -> lis
         out.append(
             Example(
                 id=rec.id or f"fastbind/{split}/{i}",
-                fields={"question": question},
+                # Both attributes kept (templates read only {question}) for an episode that asks the other.
+                fields={"question": question, "color": match.group(1), "shape": match.group(2)},
                 answers=(value,),
                 image=None if as_text else rec.image,
             )
@@ -67,10 +71,12 @@ def labelled_images(split: str, attribute: str, *, as_text: bool = False) -> lis
 
 
 def make_episode(
-    query: Example, pool: list[Example], k: int, rng: random.Random, *, ways: int, made_up: bool
-) -> tuple[list[Example], Example]:
+    query: Example, pool: list[Example], k: int, rng: random.Random, *, ways: int, made_up: bool,
+    ask: str | None = None,
+) -> tuple[list[Example], Example]:  # fmt: skip
     """Demonstrations (``k`` per class, shuffled) and the query, both with their answers renamed; the query's
-    options are the episode's names (what the ``-ranked`` tasks choose among)."""
+    options are the episode's names (what the ``-ranked`` tasks choose among). ``ask``: the query is asked
+    that attribute instead, its real value the answer (the demonstrations unchanged)."""
     by_class: dict[str, list[Example]] = {}
     for ex in pool:
         by_class.setdefault(ex.answers[0], []).append(ex)
@@ -86,11 +92,14 @@ def make_episode(
         if ex.id != query.id
     ]
     rng.shuffle(demos)
+    if ask is not None:
+        fields = {**query.fields, "question": QUESTIONS[ask]}
+        return demos, replace(query, fields=fields, answers=(query.fields[ask],), options=None)
     return demos, replace(query, answers=(names[own],), options=tuple(names[c] for c in classes))
 
 
 def episodes_for(
-    task_name: str, ways: int, *, made_up: bool
+    task_name: str, ways: int, *, made_up: bool, ask: str | None = None
 ) -> Callable[[Example, list[Example], int, int, int], tuple[list[Example], Example]]:
     """The ``Task.episodes`` hook of a fast-binding task (the catalogue's ``episodes: {hook: fastbind}``):
     episodes drawn per (task, seed, query index), so every run of a task shows the same ones."""
@@ -99,6 +108,6 @@ def episodes_for(
         query: Example, pool: list[Example], k: int, seed: int, index: int
     ) -> tuple[list[Example], Example]:
         rng = random.Random(f"metalm-fastbind/{task_name}/{seed}/{index}")
-        return make_episode(query, pool, k, rng, ways=ways, made_up=made_up)
+        return make_episode(query, pool, k, rng, ways=ways, made_up=made_up, ask=ask)
 
     return episodes

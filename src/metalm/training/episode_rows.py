@@ -50,7 +50,7 @@ class EpisodeRows:
         shown: set[str] = set()
         kept = examples[len(examples) - keep :]
         for j, sample in kept:
-            if episode.words is not None:
+            if episode.words is not None and not (episode.other_question and j == idx):
                 label = answer_of(self.records[j])
                 sample = self._relabelled(sample, episode.words[label], trained=label in shown)
                 shown.add(label)

@@ -21,6 +21,10 @@ Where the demonstrations come from (:class:`InContextSettings`):
   only be read from the demonstrations. Those rows train only answers whose word was shown earlier in
   the row. The made-up words are drawn from syllables and never include :data:`HELD_OUT_WORDS`, the
   names the fast-binding evaluation uses, so evaluation words are never seen in training.
+- ``other_question``: the share of same-task rows whose demonstrations ask another question than the query
+  (a task of the stream none of whose answers is the query's, so not a paraphrase of its question; its
+  classes drawn as above and relabelled alike): the query keeps its own, real answer. Without such rows a model trained on relabelled rows answers any question with the
+  demonstrations' words (shown shapes named by made-up words, then asked a colour: a made-up word).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class InContextSettings(BaseModel):
     (default ``data.seq_len``; with ``mix: batch`` only this stream's batches are that wide); ``same_task``: the share of rows whose
     demonstrations share the query's task (the rest are drawn from the whole stream); ``ways``: answer
     classes in a same-task row; ``relabel``: the share of same-task rows whose answers become made-up
-    words, of the kind ``relabel_words`` names (:func:`made_up_word`)."""
+    words, of the kind ``relabel_words`` names (:func:`made_up_word`); ``other_question``: the share of
+    same-task rows whose demonstrations are of another task than the query's."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -62,6 +67,7 @@ class InContextSettings(BaseModel):
     ways: tuple[int, int] = Field((2, 5), strict=False)
     relabel: float = Field(0.0, ge=0.0, le=1.0, strict=False)
     relabel_words: Literal["syllables", "letters"] = "syllables"
+    other_question: float = Field(0.0, ge=0.0, le=1.0, strict=False)
     seq_len: int | None = Field(None, ge=8)
 
     @model_validator(mode="after")
@@ -96,6 +102,7 @@ class Episode:
 
     demonstrations: tuple[int, ...]
     words: dict[str, str] | None = None
+    other_question: bool = False  # the demonstrations ask another question: the query keeps its answer
 
 
 class EpisodeSampler:
@@ -119,12 +126,19 @@ class EpisodeSampler:
             demos = tuple(pool[rng.randrange(len(pool))] for _ in range(k))
             return Episode(tuple(d for d in demos if d != query) if len(pool) > 1 else demos)
         relabel = rng.random() < s.relabel
-        classes = self.by_class[task_of(self.records[query])]
-        own = answer_of(self.records[query])
+        task = task_of(self.records[query])
+        own: str | None = answer_of(self.records[query])
+        # Another task is one whose answers never include the query's (a paraphrase of its question is
+        # the same task); drawn only when asked for, so that rows without the option stay as they were.
+        elsewhere = sorted(t for t, c in self.by_class.items() if own not in c) if s.other_question else []
+        other = bool(elsewhere) and rng.random() < s.other_question
+        if other:
+            task, own = rng.choice(elsewhere), None
+        classes = self.by_class[task]
         others = sorted(c for c in classes if c != own)
-        ways = min(rng.randint(*s.ways), len(others) + 1)
-        chosen = [own, *rng.sample(others, ways - 1)]
-        picks = [own] if k >= 1 else []  # the query's class is shown at least once
+        ways = min(rng.randint(*s.ways), len(others) + (own is not None))
+        chosen = rng.sample(others, ways) if own is None else [own, *rng.sample(others, ways - 1)]
+        picks = [own] if k >= 1 and own is not None else []  # the query's class is shown at least once
         picks += [chosen[rng.randrange(ways)] for _ in range(k - len(picks))]
         rng.shuffle(picks)
         demos = []
@@ -144,4 +158,4 @@ class EpisodeSampler:
                 if word not in names:
                     names.append(word)
             words = dict(zip(chosen, names))
-        return Episode(tuple(demos), words)
+        return Episode(tuple(demos), words, other)
