@@ -561,6 +561,13 @@ def test_train_once_reuses_a_run_only_when_it_was_trained_from_the_config_asked_
         experiments.train_once(config, run, [f"init_from={tmp_path}/runs/gemma-vl/final", "run.log_every=1"])
         == first
     )
+    # A run saved before a setting existed (no `other_question` in its streams) counts it as the default.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for stream in saved["data"]["streams"]:
+        if stream.get("in_context"):
+            stream["in_context"].pop("other_question")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert experiments.train_once(config, run, [f"init_from={tmp_path}/runs/gemma-vl/final"]) == first
     (run / "config.yaml").unlink()
     assert experiments.train_once(config, run, ["init_from=elsewhere/final"]) == first
     assert trained == [run]

@@ -45,16 +45,23 @@ def train_once(config: str | Path, run_dir: Path, overrides: Sequence[str] = ())
 def run_differences(run_dir: Path, wanted: Any) -> list[str]:
     """How the run saved in ``run_dir`` (its ``config.yaml``) differs from the config ``wanted``, in what
     makes the model: "key: saved -> wanted" lines, none when equal (or when the run saved no config).
-    Paths (``init_from``) count as equal when they name the same folder, however written."""
+    Paths (``init_from``) count as equal when they name the same folder, however written; a setting added
+    since the run was saved counts as its default (read back through the config schema)."""
     import yaml
 
-    from metalm.training.config_loading import config_to_dict
+    from metalm.training.config import ConfigError
+    from metalm.training.config_loading import config_from_dict, config_to_dict
 
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         logger.warning("%s has no config.yaml: reused without checking what it was trained from", run_dir)
         return []
-    saved = _flat(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
+    raw = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    try:
+        raw = config_to_dict(config_from_dict(raw, source=str(saved_file)))
+    except ConfigError:  # a setting since removed: compare what was written
+        pass
+    saved = _flat(raw)
     asked = _flat(config_to_dict(wanted))  # JSON-ready, as config.yaml was written from it
     out = []
     for key in sorted(set(saved) | set(asked)):
