@@ -125,9 +125,9 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
     topics in context through the encoder (a variant with a text encoder)."""
     rows = [
         "| model | config | easy-VQA k = 0 → 4: colour | shape | yes/no | fast binding shape 2-way, k = 1 / 4 "
-        "| ranked, k = 4 (chance 50) | copies a repeat: nats saved | reads the encoder: gap closed "
-        "| BBC topic through the encoder, k = 0 / 1 / 4 (majority topic) |",
-        "|---|---|---|---|---|---|---:|---:|---:|---|",
+        "| ranked, k = 4 (chance 50) | the same episodes, asked the colour, k = 4 | copies a repeat: nats saved "
+        "| reads the encoder: gap closed | BBC topic through the encoder, k = 0 / 1 / 4 (majority topic) |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     presets = {v["preset"]: {**results[v["preset"]], "config": f"configs/{v['preset']}.yaml"}
                for v in variants.values() if v["preset"] in results}  # fmt: skip
@@ -136,6 +136,7 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
         shape = binding.get("fastbind-shape-2way", {})
         bind = " / ".join(pm(shape[k]["mean"]["accuracy"]) if k in shape else "—" for k in ("1", "4"))
         ranked = binding.get("fastbind-shape-2way-ranked", {}).get("4")
+        asked = binding.get("fastbind-shape-2way-ask-color", {}).get("4")
         copy = entry.get("copying")
         probe = entry.get("reads_encoder")
         gap = gap_closed(probe["loss"]) if probe else None
@@ -143,6 +144,7 @@ def _variant_rows(variants: dict[str, Any], results: dict[str, Any]) -> list[str
             *_by_type_cells(entry),
             bind,
             pm(ranked["mean"]["accuracy"]) if ranked else "—",
+            pm(asked["mean"]["accuracy"]) if asked else "—",
             f"{copy['first_loss'] - copy['repeat_loss']:.2f}" if copy else "—",
             "—" if gap is None else f"{gap:.2f}",
             _bbc_cell(entry),
@@ -337,8 +339,10 @@ def bar_sections(results: dict[str, Any], variants: dict[str, Any]) -> list[str]
             "",
             "Variants of a preset, trained and evaluated by this script the same way (their configs under "
             "`configs/ablations/` say what differs). easy-VQA: k = 0 → 4 on the questions the by-type bar is "
-            "judged on (change ± 95 % interval); ranked: which of the episode's two names is likelier; copies a "
-            "repeat: how many nats the copy probe's repeat is below its first showing (fast-binding section).",
+            "judged on (change ± 95 % interval); ranked: which of the episode's two names is likelier; asked the "
+            "colour: the same episodes, the query asked its colour (`fastbind-shape-2way-ask-color`: right when "
+            "it answers the real colour); copies a repeat: how many nats the copy probe's repeat is below its "
+            "first showing (fast-binding section).",
             "",
             *_variant_rows(variants, results),
             "",

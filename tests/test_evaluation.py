@@ -561,11 +561,16 @@ def test_train_once_reuses_a_run_only_when_it_was_trained_from_the_config_asked_
         experiments.train_once(config, run, [f"init_from={tmp_path}/runs/gemma-vl/final", "run.log_every=1"])
         == first
     )
-    # A run saved before a setting existed (no `other_question` in its streams) counts it as the default.
+    # A run saved before a setting existed (no `other_question` where it is the default) counts it as such.
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    for stream in saved["data"]["streams"]:
-        if stream.get("in_context"):
-            stream["in_context"].pop("other_question")
+    unset = [
+        s["in_context"]
+        for s in saved["data"]["streams"]
+        if (s.get("in_context") or {}).get("other_question") == 0
+    ]
+    assert unset
+    for settings in unset:
+        del settings["other_question"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert experiments.train_once(config, run, [f"init_from={tmp_path}/runs/gemma-vl/final"]) == first
     (run / "config.yaml").unlink()

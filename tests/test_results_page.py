@@ -129,6 +129,7 @@ def test_a_variant_row_shows_binding_ranked_and_copying_beside_its_preset(bars):
             "fastbind": {
                 "fastbind-shape-2way": _by_k({1: 0.0, 4: 2.0}),
                 "fastbind-shape-2way-ranked": _by_k({4: ranked}),
+                "fastbind-shape-2way-ask-color": _by_k({4: 88.0}),
             },  # fmt: skip
             "copying": {"first_loss": first, "repeat_loss": repeat},
         }
@@ -139,10 +140,11 @@ def test_a_variant_row_shows_binding_ranked_and_copying_beside_its_preset(bars):
     rows = bars._variant_rows(variants, {"qs": entry(55.3, 12.18, 12.17)})
     assert (
         rows[2]
-        == "| qs | `configs/qs.yaml` | 96.0 → 95.0 (-1.0 ± 1.2) | — | — | 0.0 / 2.0 | 55.3 | 0.01 | — | — |"
+        == "| qs | `configs/qs.yaml` | 96.0 → 95.0 (-1.0 ± 1.2) | — | — | 0.0 / 2.0 | 55.3 | 88.0 | 0.01 | — | — |"
     )
     assert (
-        rows[3].startswith("| qs-copy | `configs/ablations/qs-copy.yaml` |") and "| 61.0 | 0.50 |" in rows[3]
+        rows[3].startswith("| qs-copy | `configs/ablations/qs-copy.yaml` |")
+        and "| 61.0 | 88.0 | 0.50 |" in rows[3]
     )
 
 
