@@ -36,7 +36,13 @@ def _outputs(out, args):
         _write(folder, 0, 0, ["sport", "sport", "sport", "sport"], demos)
         for seed in (0, 1):
             _write(folder, 1, seed, demos if mode == "ranked" else [*GOLDS[:3], "tech"], demos)
-        summary = {"shots": [0, 1], "seeds": [0, 1], "limit": 4, "per_group": None}
+        summary = {
+            "shots": [0, 1],
+            "seeds": [0, 1],
+            "limit": 4,
+            "per_group": None,
+            "results": {"bbc-topic": {}},
+        }
         summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
         (folder / "summary.json").write_text(json.dumps(summary))
         # As plain text: the same at k = 0; at k = 1 ranked copies as well, calibrated is always right.
@@ -84,7 +90,13 @@ def _similar_outputs(out):
             folder = out / "m" / f"{plain}similar-{mode}"
             _write(folder, 0, 0, ["sport"] * 4, GOLDS)
             _write(folder, 1, 0, ["sport"] * 4 if plain and mode == "ranked" else GOLDS, GOLDS)
-            summary = {"shots": [0, 1], "seeds": [0, 1], "limit": 4, "per_group": None}
+            summary = {
+                "shots": [0, 1],
+                "seeds": [0, 1],
+                "limit": 4,
+                "per_group": None,
+                "results": {"bbc-topic": {}},
+            }
             summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
             summary["demonstrations"] = SIMILARITY
             (folder / "summary.json").write_text(json.dumps(summary))
