@@ -23,8 +23,9 @@ Where the demonstrations come from (:class:`InContextSettings`):
   names the fast-binding evaluation uses, so evaluation words are never seen in training.
 - ``other_question``: the share of same-task rows whose demonstrations ask another question than the query
   (a task of the stream none of whose answers is the query's, so not a paraphrase of its question; its
-  classes drawn as above and relabelled alike): the query keeps its own, real answer. Without such rows a model trained on relabelled rows answers any question with the
-  demonstrations' words (shown shapes named by made-up words, then asked a colour: a made-up word).
+  classes drawn as above and relabelled alike): the query keeps its own, real answer. Without such rows a
+  model trained on relabelled rows answers any question with the demonstrations' words (shown shapes named
+  by made-up words, then asked a colour: a made-up word).
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ class EpisodeSampler:
         for i in self.usable:
             task = task_of(records[i])
             self.by_class[task][answer_of(records[i])].append(i)
+        self._elsewhere: dict[str, list[str]] = {}  # per answer: the tasks none of whose answers it is
+
+    def _tasks_without(self, answer: str) -> list[str]:
+        """The tasks (with classes) none of whose answers is ``answer``: a paraphrase of a question that
+        ``answer`` answers is the same task. Worked out once per answer."""
+        if answer not in self._elsewhere:
+            self._elsewhere[answer] = sorted(t for t, c in self.by_class.items() if c and answer not in c)
+        return self._elsewhere[answer]
 
     def draw(self, query: int, rng: random.Random) -> Episode:
         """An episode for record ``query``, drawn with ``rng`` (a pure function of both)."""
@@ -128,9 +137,8 @@ class EpisodeSampler:
         relabel = rng.random() < s.relabel
         task = task_of(self.records[query])
         own: str | None = answer_of(self.records[query])
-        # Another task is one whose answers never include the query's (a paraphrase of its question is
-        # the same task); drawn only when asked for, so that rows without the option stay as they were.
-        elsewhere = sorted(t for t, c in self.by_class.items() if own not in c) if s.other_question else []
+        # Drawn only when asked for, so that rows without the option stay as they were.
+        elsewhere = self._tasks_without(own) if s.other_question else []
         other = bool(elsewhere) and rng.random() < s.other_question
         if other:
             task, own = rng.choice(elsewhere), None
