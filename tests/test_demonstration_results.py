@@ -27,6 +27,16 @@ def _write(folder, k, seed, predictions, demos):
             fh.write(json.dumps(record) + "\n")
 
 
+def _write_summary(folder, mode, demonstrations=None):
+    """The summary `cached_eval` reuses: what was asked (shots, seeds, limit, calibration, choice of
+    demonstrations) and the task it holds."""
+    summary = {"shots": [0, 1], "seeds": [0, 1], "limit": 4, "per_group": None, "results": {"bbc-topic": {}}}
+    summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
+    if demonstrations is not None:
+        summary["demonstrations"] = demonstrations
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
 def _outputs(out, args):
     """A model that answers the one demonstration's topic when ranking (right for the two articles whose
     demonstration is of their topic), and once calibrated is right for three of the four articles."""
@@ -36,15 +46,7 @@ def _outputs(out, args):
         _write(folder, 0, 0, ["sport", "sport", "sport", "sport"], demos)
         for seed in (0, 1):
             _write(folder, 1, seed, demos if mode == "ranked" else [*GOLDS[:3], "tech"], demos)
-        summary = {
-            "shots": [0, 1],
-            "seeds": [0, 1],
-            "limit": 4,
-            "per_group": None,
-            "results": {"bbc-topic": {}},
-        }
-        summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
-        (folder / "summary.json").write_text(json.dumps(summary))
+        _write_summary(folder, mode)
         # As plain text: the same at k = 0; at k = 1 ranked copies as well, calibrated is always right.
         plain = out / "m" / f"plain-{mode}"
         plain.mkdir(parents=True)
@@ -90,16 +92,7 @@ def _similar_outputs(out):
             folder = out / "m" / f"{plain}similar-{mode}"
             _write(folder, 0, 0, ["sport"] * 4, GOLDS)
             _write(folder, 1, 0, ["sport"] * 4 if plain and mode == "ranked" else GOLDS, GOLDS)
-            summary = {
-                "shots": [0, 1],
-                "seeds": [0, 1],
-                "limit": 4,
-                "per_group": None,
-                "results": {"bbc-topic": {}},
-            }
-            summary["calibration"] = None if mode == "ranked" else "content-free query (N/A), ranked tasks"
-            summary["demonstrations"] = SIMILARITY
-            (folder / "summary.json").write_text(json.dumps(summary))
+            _write_summary(folder, mode, demonstrations=SIMILARITY)
 
 
 def test_retrieved_demonstrations_are_read_once_a_k_and_paired_with_the_random_ones(
