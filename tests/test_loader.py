@@ -87,6 +87,63 @@ def test_each_rank_builds_only_its_rows(tiny, tmp_path, monkeypatch):
         assert got == whole
 
 
+def stream_sized(tmp_path, sizes: dict[str, int]):
+    """three_streams with `mix: batch` and the named streams given rows per micro-batch of their own."""
+    data = three_streams(tmp_path, mix="batch")
+    for stream in data.streams:
+        stream.batch_size = sizes.get(stream.name)
+    return data
+
+
+def test_a_stream_with_a_batch_size_of_its_own(tiny, tmp_path):
+    _, p = tiny
+    data = stream_sized(tmp_path, {"vqa": 1, "docs": 5})
+    inline, _ = build_data(data, p, batch_size=3, seed=0)
+    expected = take(BatchLoader(inline, num_workers=0), 12)
+    rows = {"vqa": 1, "docs": 5, "captions": 3}
+    for batch in expected:
+        (stream,) = {name for name, _ in batch.sources}
+        assert len(batch.sources) == rows[stream] == batch.inputs["input_ids"].shape[0]
+    assert {name for b in expected for name, _ in b.sources} == set(rows)  # every stream drawn
+    workers, _ = build_data(data, p, batch_size=3, seed=0)
+    assert_same(expected, take(BatchLoader(workers, num_workers=2), 12))
+    # 2 processes x the per-process sizes build, between them, the batches of 1 process x twice the sizes.
+    one, _ = build_data(stream_sized(tmp_path, {"vqa": 2, "docs": 10}), p, batch_size=6, seed=0)
+    ranks = [build_data(data, p, batch_size=3, seed=0, rank=r, world_size=2)[0] for r in range(2)]
+    for _ in range(8):
+        one.next_batch()
+        parts = []
+        for rank in ranks:
+            rank.next_batch()
+            parts += rank.last_sources
+        assert parts == one.last_sources
+
+
+def test_a_stream_batch_size_change_is_refused_on_exact_resume(tiny, tmp_path):
+    _, p = tiny
+    first, _ = build_data(stream_sized(tmp_path, {"vqa": 1}), p, batch_size=3, seed=0)
+    first.take(4)
+    state = json.loads(json.dumps(first.state_dict()))
+    again, _ = build_data(stream_sized(tmp_path, {"vqa": 2}), p, batch_size=3, seed=0)
+    with pytest.raises(ValueError, match="batch sizes"):
+        again.load_state_dict(state)
+    again.load_state_dict(state, strict=False)  # the sample sequence goes on, cut differently
+    same, _ = build_data(stream_sized(tmp_path, {"vqa": 1}), p, batch_size=3, seed=0)
+    same.load_state_dict(state)
+    first.next_batch()
+    same.next_batch()
+    assert same.last_sources == first.last_sources
+
+
+def test_a_stream_batch_size_needs_batch_mix(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["data"]["streams"][1]["batch_size"] = 2
+    with pytest.raises(ValueError, match=r"data\.streams\[1\]\.batch_size.*mix: batch"):
+        config_from_dict(cfg)
+    cfg["data"]["mix"] = "batch"
+    assert config_from_dict(cfg).data.stream_batch_sizes() == {"captions": 2}
+
+
 def broken_image_stream(tmp_path):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")

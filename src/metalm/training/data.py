@@ -257,6 +257,7 @@ class DataStream(DataStreamState):
         fill_encoders: bool = False,
         pack: bool = False,
         transcripts: dict[str, float] | None = None,
+        batch_sizes: dict[str, int] | None = None,
     ) -> None:
         if not streams:
             raise ValueError("no data streams")
@@ -288,6 +289,13 @@ class DataStream(DataStreamState):
             )
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"stream names must be unique, got {self.names}")
+        self.batch_sizes = dict(batch_sizes or {})  # streams with rows per micro-batch of their own
+        if set(self.batch_sizes) - set(self.names):
+            raise ValueError(f"batch_sizes name streams this data does not have: {sorted(self.batch_sizes)}")
+        if self.batch_sizes and mix != "batch":
+            raise ValueError("streams with a batch_size of their own need mix='batch'")
+        # Rows per process of a micro-batch drawn from each stream.
+        self.stream_rows = [self.batch_sizes.get(name, batch_size) for name in self.names]
         self.plan = Plan(
             [s.walk for s in self.streams], [s.weight for s in self.streams], seed=seed, split=split, mix=mix
         )
@@ -324,8 +332,9 @@ class DataStream(DataStreamState):
         """The records of `stream`'s `epoch` that land on this rank's rows, in order, when `stream` is read
         alone and each record makes one sample (VQA, captions; text is packed into windows instead):
         position ``p`` of the epoch order goes to rank ``(p // batch_size) % world_size``."""
-        order = self.streams[self.names.index(stream)].walk.order(epoch)
-        return [i for p, i in enumerate(order) if (p // self.batch_size) % self.world_size == self.rank]
+        k = self.names.index(stream)
+        order, rows = self.streams[k].walk.order(epoch), self.stream_rows[k]
+        return [i for p, i in enumerate(order) if (p // rows) % self.world_size == self.rank]
 
     def choose(self, draw: int) -> int:
         """The stream index of mixing draw number `draw` (a pure function of seed and draw)."""
@@ -341,17 +350,21 @@ class DataStream(DataStreamState):
 
     def next_batch(self) -> dict:
         """This rank's rows of the next global micro-batch, collated."""
-        batch = self.build_batch(self.plan.next_batch(self.batch_size * self.world_size))
+        batch = self.build_batch(self.plan_batch())
         self.absorb(self.ctx.tally.drain())
         return batch
 
+    def plan_batch(self) -> list[Row]:
+        """The rows of the next global micro-batch: ``world_size`` times its stream's rows per process."""
+        return self.plan.next_batch([n * self.world_size for n in self.stream_rows])
+
     def build_batch(self, rows: list[Row]) -> dict:
         """Build and collate this rank's share of the global micro-batch `rows` (sets `last_sources`)."""
-        first = self.rank * self.batch_size
+        size = len(rows) // self.world_size  # this rank's rows (a stream may have a batch_size of its own)
         samples, self.last_sources = [], []
         own: set[str] = set()  # encoders of this rank's rows
         twins: list[tuple[int, Sample, float]] = []  # (row, typed twin, weight): the typed_twin loss
-        for row in rows[first : first + self.batch_size]:
+        for row in rows[self.rank * size : (self.rank + 1) * size]:
             stream = self.streams[row.stream]
             sample, sources = stream.build(row)
             own |= {seg.encoder for seg in sample if isinstance(seg, EncodedSegment)}
@@ -422,8 +435,10 @@ def build_data(
     transcripts: dict[str, float] | None = None,
 ) -> tuple[DataStream, DataStream | None]:
     """The training stream and the validation stream (None when no stream has validation records).
-    `batch_size` is per process; see :class:`DataStream` for `fill_encoders`. `transcripts`: the
-    training stream's transcript-loss weights per encoder (validation measures the LM loss alone)."""
+    `batch_size` is per process, and so is a stream's own ``batch_size`` (training batches only: validation
+    batches are `eval_batch_size` rows of every stream); see :class:`DataStream` for `fill_encoders`.
+    `transcripts`: the training stream's transcript-loss weights per encoder (validation measures the LM
+    loss alone)."""
     report = report if report is not None else SkipReport()
     val_report = SkipReport()
     caches = payload_caches(processor, data.image_cache_mb * (1 << 20))  # shared by both splits
@@ -452,6 +467,7 @@ def build_data(
         report=report,
         pack=data.pack,
         transcripts=transcripts,
+        batch_sizes=data.stream_batch_sizes(),
         **common,
     )
     val_stream = (

@@ -45,6 +45,9 @@ class StreamConfig(_Section):
     of through the text encoder (the layout a transcript-trained speech encoder's slots resemble).
     ``typed_twin: W`` (spoken VQA records): W times how far the decoder's states where a spoken question is
     answered are from those the same model computes, without gradient, for its typed twin (docs/training.md).
+    ``batch_size`` (``data.mix: batch``): this stream's rows per training micro-batch and process, instead of
+    ``optim.batch_size``. A row of several examples (``in_context``) or a long text window costs several
+    short rows: fewer of them keep its steps from dominating the run.
 
     A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
     ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
@@ -76,6 +79,7 @@ class StreamConfig(_Section):
     streaming: bool | None = None
     fields: dict[str, str] | None = None
     shuffle_buffer: int = Field(1000, gt=0)
+    batch_size: int | None = Field(None, gt=0)
 
     @property
     def sharded(self) -> bool:
@@ -246,3 +250,17 @@ class DataConfig(_Section):
                         key,
                     )
         return streams
+
+    @model_validator(mode="after")
+    def _stream_batches_need_batch_mix(self) -> DataConfig:
+        for i, stream in enumerate(self.streams):
+            if stream.batch_size is not None and self.mix != "batch":
+                raise FieldProblem(
+                    "a stream's own batch_size needs data.mix: batch (each micro-batch from one stream)",
+                    "streams", i, "batch_size",
+                )  # fmt: skip
+        return self
+
+    def stream_batch_sizes(self) -> dict[str, int]:
+        """The streams with a ``batch_size`` of their own, by name."""
+        return {s.name: s.batch_size for s in self.streams if s.batch_size is not None}

@@ -50,6 +50,7 @@ class DataStreamState:
             "split": self.split,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "batch_sizes": dict(self.batch_sizes),
             "world_size": self.world_size,
             "mix": self.mix,
             "draws": plan["draws"],
@@ -79,6 +80,12 @@ class DataStreamState:
                     "resume with the same settings"
                 )
         saved = state["batch_size"] * state["world_size"]
+        saved_streams = state.get("batch_sizes", {})  # a state from before streams had batch sizes: none
+        if strict and saved_streams != self.batch_sizes:
+            raise ValueError(
+                f"data state was saved with streams' own batch sizes {saved_streams}, this run has "
+                f"{self.batch_sizes}; keep them to continue the same batches"
+            )
         if strict and saved != self.batch_size * self.world_size:
             raise ValueError(
                 f"data state was saved with a global micro-batch of {saved} samples (batch_size "

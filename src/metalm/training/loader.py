@@ -51,10 +51,9 @@ class BatchDataset(IterableDataset):
             while True:
                 inputs = stream.next_batch()
                 yield Batch(inputs, list(stream.last_sources))
-        rows = stream.batch_size * stream.world_size
         n = 0
         while True:
-            planned = stream.plan.next_batch(rows)
+            planned = stream.plan_batch()
             if n % info.num_workers == info.id:
                 inputs = stream.build_batch(planned)
                 yield Batch(inputs, list(stream.last_sources), stream.plan.state(), stream.ctx.tally.drain())

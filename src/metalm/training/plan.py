@@ -128,7 +128,8 @@ class StreamWalk:
 
 class Plan:
     """The global micro-batches as rows: ``rows_per_batch`` (= batch_size × world_size) rows each, the
-    stream drawn per row (``mix="sample"``) or per batch (``mix="batch"``). Counts the global statistics
+    stream drawn per row (``mix="sample"``) or per batch (``mix="batch"``, where a stream may have a number of
+    rows of its own). Counts the global statistics
     that do not depend on building: samples, batches, samples per stream."""
 
     def __init__(
@@ -166,12 +167,17 @@ class Plan:
         """The next row, with a draw of its own (mixing per sample)."""
         return self._row(self._draw())
 
-    def next_batch(self, rows: int) -> list[Row]:
-        """The `rows` rows of the next global micro-batch."""
+    def next_batch(self, rows: int | list[int]) -> list[Row]:
+        """The rows of the next global micro-batch: `rows` of them, or (``mix="batch"``) ``rows[k]`` when it
+        is drawn from stream ``k``."""
         self.batches += 1
         if self.mix == "batch":
             k = self._draw()
-            return [self._row(k) for _ in range(rows)]
+            return [self._row(k) for _ in range(rows if isinstance(rows, int) else rows[k])]
+        if not isinstance(rows, int):
+            if len(set(rows)) != 1:
+                raise ValueError(f"rows per stream {rows} differ: that needs mix='batch'")
+            rows = rows[0]
         return [self.next_row() for _ in range(rows)]
 
     def state(self) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def restore_progress(
     load_optimizer_state(model, optimizer, optimizer_state, deepspeed)
     scheduler.load_state_dict(torch.load(resume / "scheduler.pt", weights_only=True))
     data_state = json.loads((resume / "data.json").read_text(encoding="utf-8"))
-    _warn_if_batch_changed(data_state, accelerator.num_processes, batch_size)
+    _warn_if_batch_changed(data_state, accelerator.num_processes, batch_size, train_data.batch_sizes)
     train_data.load_state_dict(data_state, strict=False)
     metrics.reset([r for r in state["history"] if r["step"] <= progress.step])
     saved_world, world = state.get("world_size", 1), accelerator.num_processes
@@ -151,7 +151,17 @@ def restore_progress(
     return progress
 
 
-def _warn_if_batch_changed(data_state: dict[str, Any], world: int, batch_size: int) -> None:
+def _warn_if_batch_changed(
+    data_state: dict[str, Any], world: int, batch_size: int, stream_sizes: dict[str, int]
+) -> None:
+    saved_streams = data_state.get("batch_sizes", {})
+    if saved_streams != stream_sizes:
+        logger.warning(
+            "the checkpoint was trained with streams' own batch sizes %s, this run has %s: the sample "
+            "sequence continues without duplicates or gaps, but the batches differ from the original run's",
+            saved_streams,
+            stream_sizes,
+        )
     saved_batch = data_state["batch_size"] * data_state["world_size"]
     if saved_batch != batch_size * world:
         logger.warning(

@@ -242,9 +242,9 @@ class ShardedDataStream(DataStream):
             for s in streams
         ]
         super().__init__(own, processor, rank=0, world_size=1, **kw)
-        for s in self.streams:
+        for s, rows in zip(self.streams, self.stream_rows):
             if isinstance(s.walk, ShardWalk):
-                s.walk.keep_rows = self.batch_size
+                s.walk.keep_rows = rows
 
     def _make_stream(self, spec: StreamRecords) -> _Stream:
         if isinstance(spec.records, ShardSource):
