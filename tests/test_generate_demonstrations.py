@@ -167,3 +167,36 @@ def test_chat_and_serve_show_the_pool_before_every_request(serving_model_dir, tm
     assert (
         main(["serve", "--model", str(serving_model_dir), "--choose", "similar"]) == 2
     )  # nothing to choose from
+
+
+def test_a_pool_reads_its_images_once_and_prompts_as_from_its_files(serving_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A server's pool keeps its images cropped and resized as the vision encoder reads them: requests after
+    it read none of the pool's files, and prepare exactly the prompt the files give."""
+    rows = []
+    for i, colour in enumerate(COLOURS):  # non-square and larger than the encoder's input: crop and resize
+        path = tmp_path / f"big-{colour}.png"
+        Image.new("RGB", (90 + 7 * i, 61), COLOURS[colour]).save(path)
+        rows.append({"kind": "vqa", "image": str(path), "question": "what color is it?", "answer": colour})
+    demos = read_demonstrations(_write(tmp_path / "big.jsonl", rows))
+    engine = Engine.from_pretrained(str(serving_model_dir), device="cpu")
+    try:
+        size = engine.processor.preprocessors[engine.prompts.vision_encoders[0]].size
+        pool = attach_demonstrations(engine, demos, 3, "first")
+        assert all(d.images[0].size == (size, size) for d in pool.demos)
+        from metalm.serving import prompts as prompts_module
+
+        read = []
+        real = prompts_module.load_image
+        monkeypatch.setattr(
+            prompts_module, "load_image", lambda src, **kw: read.append(src) or real(src, **kw)
+        )
+        query = str(_image(tmp_path, "blue"))
+        chat = engine.prepare(engine.chat_parts([ChatMessage("user", "what color is it?", [query])])).sample
+        assert not {str(src) for src in read} & {row["image"] for row in rows}  # none of the pool's files
+        assert read  # (the probe sees the reads: the pool's held images pass through it, read from memory)
+        from_files = engine.prompts.request_parts(
+            question="what color is it?", images=[query], demonstrations=demos
+        )
+        assert _flat(chat) == _flat(engine.prepare(from_files).sample)
+    finally:
+        engine.close()

@@ -384,8 +384,10 @@ class ImagePreprocessor:
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        """One image as a normalised ``[3, size, size]`` float32 array."""
+    def fit(self, image: Image.Image) -> Image.Image:
+        """`image` in RGB, cropped and resized to ``size``: what :meth:`prepare` normalises. Preparing the
+        fitted image gives the same array as preparing `image` (the steps are then identities), so a
+        fitted copy, ``size`` x ``size``, can stand in for a large image read many times."""
         img = image if image.mode == "RGB" else _to_rgb(image)
         if self.center_crop and img.width != img.height:
             side = min(img.width, img.height)
@@ -393,6 +395,11 @@ class ImagePreprocessor:
             img = img.crop((left, top, left + side, top + side))
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), _RESAMPLE[self.resample])
+        return img
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """One image as a normalised ``[3, size, size]`` float32 array."""
+        img = self.fit(image)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -18,6 +18,7 @@ Each is laid out as a request of its own, followed by its answer and EOS (:meth:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 CHOICES = ("first", "random", "similar")
+# A pool's images are read once and kept at the size the vision encoder reads (64 x 64 x 3 bytes for the
+# quickstart, 224 x 224 x 3 for a CLIP-sized tower); past this many bytes the rest are read per request.
+POOL_IMAGE_BYTES = 512 << 20
 
 
 def add_demonstration_args(parser: argparse.ArgumentParser, before: str = "the request") -> None:
@@ -124,6 +128,8 @@ class DemonstrationPool:
         if how == "similar" and engine is None:
             raise ValueError("choosing similar demonstrations needs the engine")
         self.demos, self.how, self.engine, self.encode = list(demos), how, engine, encode
+        if engine is not None:
+            self.demos = _images_held(self.demos, engine.prompts)
         self._vectors = None
         if how == "similar":
             asked = [engine.prompts.request_parts(question=d.question, images=d.images, encode=encode) for d in demos]  # fmt: skip
@@ -175,6 +181,23 @@ class DemonstrationPool:
             : self.shots
         ]
         return [self.demos[i] for i in reversed(nearest)]  # the most similar last, next to the request
+
+
+def _images_held(demos: list[Demonstration], prompts: Any) -> list[Demonstration]:
+    """`demos` with their images read now and kept cropped and resized as the vision encoder reads them
+    (``PromptBuilder.fitted_image``: a prompt prepares them exactly as from their files), up to
+    ``POOL_IMAGE_BYTES``: a server shows its pool before every request without reading its files again."""
+    held, out = 0, []
+    for i, demo in enumerate(demos):
+        if demo.images and held < POOL_IMAGE_BYTES:
+            try:
+                images = [prompts.fitted_image(image) for image in demo.images]
+            except InputError as err:
+                raise InputError(f"demonstration {i}: {err}") from err
+            held += sum(image.width * image.height * len(image.getbands()) for image in images)
+            demo = dataclasses.replace(demo, images=images)
+        out.append(demo)
+    return out
 
 
 def choose_demonstrations(

@@ -266,6 +266,12 @@ class PromptBuilder:
             raise InputError("empty prompt")
         return Prompt(sample, sample_length(sample, self.config))
 
+    def fitted_image(self, source: Any) -> Image.Image:
+        """`source` loaded (:meth:`load_image`), then cropped and resized as the vision encoder reads it
+        (``ImagePreprocessor.fit``): a small copy a prompt of it prepares exactly as it prepares `source`."""
+        image = self.load_image(source)
+        return self.processor.preprocessors[self._vision_for([image])].fit(image)
+
     @staticmethod
     def load_image(source: Any, *, max_bytes: int = 20_000_000, max_pixels: int = 40_000_000) -> Image.Image:
         """`metalm.data.images.load_image` with explicit limits; raises `InputError`."""
