@@ -331,7 +331,8 @@ class DataStream(DataStreamState):
     def shard_order(self, stream: str, epoch: int) -> list[int]:
         """The records of `stream`'s `epoch` that land on this rank's rows, in order, when `stream` is read
         alone and each record makes one sample (VQA, captions; text is packed into windows instead):
-        position ``p`` of the epoch order goes to rank ``(p // batch_size) % world_size``."""
+        position ``p`` of the epoch order goes to rank ``(p // rows) % world_size``, ``rows`` the stream's rows
+        per process (its own ``batch_size``, else the run's)."""
         k = self.names.index(stream)
         order, rows = self.streams[k].walk.order(epoch), self.stream_rows[k]
         return [i for p, i in enumerate(order) if (p // rows) % self.world_size == self.rank]

@@ -128,9 +128,9 @@ class StreamWalk:
 
 class Plan:
     """The global micro-batches as rows: ``rows_per_batch`` (= batch_size × world_size) rows each, the
-    stream drawn per row (``mix="sample"``) or per batch (``mix="batch"``, where a stream may have a number of
-    rows of its own). Counts the global statistics
-    that do not depend on building: samples, batches, samples per stream."""
+    stream drawn per row (``mix="sample"``) or per batch (``mix="batch"``, where a stream may have a number
+    of rows of its own). Counts the global statistics that do not depend on building: samples, batches,
+    samples per stream."""
 
     def __init__(
         self, walks: list[StreamWalk], weights: list[float], *, seed: int, split: str, mix: str
