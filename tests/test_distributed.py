@@ -286,3 +286,20 @@ def test_accelerate_and_deepspeed_configs_parse():
         _fill_deepspeed_config(acc, optim)
         assert ds["train_micro_batch_size_per_gpu"] == BATCH and ds["gradient_accumulation_steps"] == 2
         assert ds["train_batch_size"] == BATCH * 2 * 4 and ds["gradient_clipping"] == 1.0
+
+
+def test_a_finished_run_destroys_its_process_group(tmp_path):
+    """`metalm train` under torchrun destroys the process group once training has ended well, before
+    interpreter exit: left to it, gloo's threads now and then abort a finished rank (exit code -6)."""
+    from metalm.training.cli import _end_process_group
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.distributed.all_reduce(torch.ones(1))  # a collective, as training runs them
+        _end_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    _end_process_group()  # nothing to end: a one-process run has no group

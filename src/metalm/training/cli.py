@@ -47,6 +47,7 @@ def train_main(config_path: str, overrides: list[str], resume: bool | str | None
         result = train(config)
     except (RecordError, ConfigError, ModelLoadError) as err:  # e.g. a broken init_from folder
         raise SystemExit(f"error: {err}") from None
+    _end_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(f"final model: {result.final_dir}")
@@ -54,6 +55,17 @@ def train_main(config_path: str, overrides: list[str], resume: bool | str | None
     if result.last_loss is not None:
         val = f", validation loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
         print(f"step {result.step}: train loss {result.last_loss:.4f}{val}")
+
+
+def _end_process_group() -> None:
+    """After a run of several processes has ended well: destroy the process group while the interpreter is
+    whole. Left to interpreter exit, gloo's worker threads now and then abort a finished process
+    ("terminate called without an active exception", pytorch/pytorch#190489). Not after a failure: a
+    destroy beside ranks still in a collective can hang (torchtitan does the same)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
