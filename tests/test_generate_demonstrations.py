@@ -198,5 +198,10 @@ def test_a_pool_reads_its_images_once_and_prompts_as_from_its_files(serving_mode
             question="what color is it?", images=[query], demonstrations=demos
         )
         assert _flat(chat) == _flat(engine.prepare(from_files).sample)
+        # `similar` reads the pool through the encoders from the held images: each file read once, to fit it.
+        read.clear()
+        attach_demonstrations(engine, demos, 1, "similar")
+        files = sorted(str(src) for src in read if isinstance(src, str))
+        assert files == sorted(row["image"] for row in rows)
     finally:
         engine.close()

@@ -132,7 +132,7 @@ class DemonstrationPool:
             self.demos = _images_held(self.demos, engine.prompts)
         self._vectors = None
         if how == "similar":
-            asked = [engine.prompts.request_parts(question=d.question, images=d.images, encode=encode) for d in demos]  # fmt: skip
+            asked = [engine.prompts.request_parts(question=d.question, images=d.images, encode=encode) for d in self.demos]  # fmt: skip
             self._vectors = self._read(
                 asked, progress=len(demos) > 256
             )  # a bar (stderr) when it takes a while
