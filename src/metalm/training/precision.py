@@ -35,23 +35,36 @@ MIN_CPU_SPEEDUP = 1.2
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; Arm's "Features: ... bf16"
 
 
+def _cpuinfo() -> str | None:
+    """This machine's /proc/cpuinfo text; None where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _first_cpu(text: str) -> tuple[dict[str, str], set[str] | None]:
+    """The first processor's fields of a /proc/cpuinfo text (lower-case keys) and its ``flags`` (x86) /
+    ``Features`` (Arm), None when it lists neither."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = fields.get("flags", fields.get("features"))
+    return fields, None if flags is None else set(flags.split())
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool | None:
     """Whether /proc/cpuinfo lists a native bf16 flag; None where there is no /proc/cpuinfo (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return native_bf16_in_cpuinfo(text)
+    text = _cpuinfo()
+    return None if text is None else native_bf16_in_cpuinfo(text)
 
 
 def native_bf16_in_cpuinfo(text: str) -> bool | None:
     """Whether the first ``flags`` (x86) / ``Features`` (Arm) line of a /proc/cpuinfo text names native bf16."""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return bool(NATIVE_BF16_FLAGS & set(value.split()))
-    return None
+    flags = _first_cpu(text)[1]
+    return None if flags is None else bool(NATIVE_BF16_FLAGS & flags)
 
 
 def describe_cpu(cpuinfo: str | None = None) -> str:
@@ -59,16 +72,11 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
     (AVX2)", "... (AVX-512, AMX)". A CPU's vector units set a CPU run's speed (the quickstart takes about
     twice as long with AVX2 alone as with AVX-512). `cpuinfo`: a /proc/cpuinfo text (default: this one's)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return f"{cores} CPU cores"
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip().lower(), value.strip())
-    flags = set(fields.get("flags", fields.get("features", "")).split())
+        return f"{cores} CPU cores"
+    fields, flags = _first_cpu(cpuinfo)
+    flags = flags or set()
     units = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
     units = units or [name for name, flag in (("AVX2", "avx2"), ("NEON", "asimd")) if flag in flags]
     model = fields.get("model name") or fields.get("cpu model") or "CPU"
