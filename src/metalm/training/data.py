@@ -67,6 +67,7 @@ from metalm.data.records import Classification, SkipReport, TextDocument
 from metalm.data.segments import EncodedSegment, Sample, TextSegment, sample_length
 from metalm.training.config import DataConfig, StreamConfig
 from metalm.training.data_state import STATE_VERSION, DataStreamState
+from metalm.training.episodes import balanced_weights
 from metalm.training.plan import Plan, Row, StreamWalk
 from metalm.training.samples import (
     BuildContext,
@@ -125,7 +126,17 @@ class _Stream(RecordSamples):
             window=self.ctx.seq_len - len(self.bos),
             packs=self.packs,
             length=lambda idx: len(self._text_ids(idx)),
+            weights=self._balance_weights(),
         )
+
+    def _balance_weights(self) -> list[float] | None:
+        """The records' sampling weights under ``balance`` (training only: validation reads them as they are)."""
+        if self.config.balance is None or self.ctx.split != "train":
+            return None
+        try:
+            return balanced_weights(self.records)
+        except TypeError as err:
+            raise ValueError(f"stream {self.name!r}, balance: {self.config.balance}: {err}") from None
 
     def packs(self, idx: int) -> bool:
         """Does record `idx` go into text windows? (Instruction streams make one sample per record; only LM

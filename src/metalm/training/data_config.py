@@ -17,7 +17,7 @@ from metalm.training.config_templates import (
     check_stream_format,
     stream_record_kind,
 )
-from metalm.training.episodes import InContextSettings
+from metalm.training.episodes import BALANCED_KINDS, InContextSettings
 
 __all__ = ["DataConfig", "StreamConfig"]
 
@@ -48,6 +48,11 @@ class StreamConfig(_Section):
     ``batch_size`` (``data.mix: batch``): this stream's rows per training micro-batch and process, instead of
     ``optim.batch_size``. A row of several examples (``in_context``) or a long text window costs several
     short rows: fewer of them keep its steps from dominating the run.
+    ``balance: answers``: the training records are read so that every answer of a question is equally
+    likely (VQA: the records of one question text; classification and image-text: the whole stream, so
+    each label or caption alike), the question's share of the stream unchanged: the question alone then
+    tells nothing, as VQA v2 paired each question with images of other answers for. An epoch is as many
+    draws, with replacement, as the stream has records; validation reads them as they are.
 
     A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
     ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
@@ -80,6 +85,7 @@ class StreamConfig(_Section):
     fields: dict[str, str] | None = None
     shuffle_buffer: int = Field(1000, gt=0)
     batch_size: int | None = Field(None, gt=0)
+    balance: Literal["answers"] | None = None
 
     @property
     def sharded(self) -> bool:
@@ -115,6 +121,10 @@ class StreamConfig(_Section):
         if self.format == "in_context":
             raise FieldProblem(
                 "in_context rows draw from all records; a sharded source is read as it streams", "format"
+            )
+        if self.balance is not None:
+            raise FieldProblem(
+                "balancing weighs all records; a sharded source is read as it streams", "balance"
             )
         from metalm.data.shards import DEFAULT_COLUMNS, KIND_FIELDS
 
@@ -163,6 +173,12 @@ class StreamConfig(_Section):
         if self.name is None:
             self.name = self.source if self.source in BUILTIN_DATASETS else Path(self.source).stem
         check_stream_format(self, stream_record_kind(self))
+        if self.balance is not None and stream_record_kind(self) not in (None, *BALANCED_KINDS):
+            raise FieldProblem(
+                f"balances the answers of {', '.join(BALANCED_KINDS)} records, not of "
+                f"{stream_record_kind(self)} records",
+                "balance",
+            )
         if self.format == "in_context" and self.in_context is None:
             self.in_context = InContextSettings()
         elif self.format != "in_context" and self.in_context is not None:

@@ -42,10 +42,12 @@ from metalm.data.made_up import HELD_OUT_WORDS, made_up_word
 from metalm.data.records import Classification, ImageText, Record, VQAExample
 
 __all__ = [
+    "BALANCED_KINDS",
     "HELD_OUT_WORDS",
     "Episode",
     "EpisodeSampler",
     "InContextSettings",
+    "balanced_weights",
     "made_up_word",
 ]
 
@@ -80,6 +82,10 @@ class InContextSettings(BaseModel):
         return self
 
 
+# The record kinds with an answer to a task (answer_of, task_of): in-context rows and balancing take them.
+BALANCED_KINDS = ("vqa", "classification", "image_text")
+
+
 def answer_of(rec: Record) -> str:
     """The class a record's answer belongs to (its label, first answer, or caption)."""
     if isinstance(rec, VQAExample):
@@ -88,12 +94,28 @@ def answer_of(rec: Record) -> str:
         return rec.label
     if isinstance(rec, ImageText):
         return rec.text
-    raise TypeError(f"an in_context stream takes vqa, classification and image_text records, not {rec.kind}")
+    raise TypeError(f"only {', '.join(BALANCED_KINDS)} records answer a task, not {rec.kind} records")
 
 
 def task_of(rec: Record) -> str:
     """What makes two records the same task: a VQA question's text; a stream of anything else is one task."""
-    return " ".join(rec.question.lower().split()) if isinstance(rec, VQAExample) else ""
+    return " ".join((rec.question or "").lower().split()) if isinstance(rec, VQAExample) else ""
+
+
+def balanced_weights(records: Sequence[Record]) -> list[float]:
+    """A sampling weight per record (``balance: answers``): within each task, every answer's records weigh
+    alike in all, and each task keeps its share of the records."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    answers: dict[str, set[str]] = defaultdict(set)
+    for rec in records:
+        counts[task_of(rec), answer_of(rec)] += 1
+        answers[task_of(rec)].add(answer_of(rec))
+    tasks: dict[str, int] = defaultdict(int)
+    for (task, _), n in counts.items():
+        tasks[task] += n
+    return [
+        tasks[task_of(r)] / (len(answers[task_of(r)]) * counts[task_of(r), answer_of(r)]) for r in records
+    ]
 
 
 @dataclass(frozen=True)

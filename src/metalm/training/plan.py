@@ -16,6 +16,7 @@ never depends on it.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class StreamWalk:
         window: int,
         packs: Callable[[int], bool],
         length: Callable[[int], int],
+        weights: list[float] | None = None,
     ) -> None:
         self.name = name
         self.n_records = n_records
@@ -57,6 +59,8 @@ class StreamWalk:
         self.window = window  # tokens per packed window
         self.packs = packs  # does this record go into text windows?
         self.length = length  # its token count (EOS included)
+        # Per-record sampling weights (``balance``): an epoch is then n weighted draws with replacement.
+        self.cum_weights = list(itertools.accumulate(weights)) if weights is not None else None
         self.epoch = 0
         self.cursor = 0
         self.samples = 0
@@ -67,11 +71,16 @@ class StreamWalk:
         self._order: list[int] = []
 
     def order(self, epoch: int) -> list[int]:
-        """The record indices of `epoch`, in reading order: a seeded permutation (the same everywhere)."""
+        """The record indices of `epoch`, in reading order: a seeded permutation, or with weights seeded
+        weighted draws (the same everywhere)."""
         if epoch != self._order_epoch:
-            perm = list(range(self.n_records))
-            random.Random(f"{self.seed}:{self.split}:{self.name}:order:{epoch}").shuffle(perm)
-            self._order, self._order_epoch = perm, epoch
+            rng = random.Random(f"{self.seed}:{self.split}:{self.name}:order:{epoch}")
+            if self.cum_weights is not None:
+                order = rng.choices(range(self.n_records), cum_weights=self.cum_weights, k=self.n_records)
+            else:
+                order = list(range(self.n_records))
+                rng.shuffle(order)
+            self._order, self._order_epoch = order, epoch
         return self._order
 
     def _next_record(self) -> int:
@@ -107,6 +116,7 @@ class StreamWalk:
     def state(self) -> dict[str, Any]:
         return {
             "records": self.n_records,
+            "weighted": self.cum_weights is not None,
             "epoch": self.epoch,
             "cursor": self.cursor,
             "samples": self.samples,
@@ -121,9 +131,19 @@ class StreamWalk:
                 f"stream {self.name!r}: the checkpoint was taken with {state['records']} records, "
                 f"the data now has {self.n_records}; cannot resume the data position"
             )
+        weighted = self.cum_weights is not None
+        if state.get("weighted", False) != weighted:  # a state from before weights: none
+            raise ValueError(
+                f"stream {self.name!r}: the checkpoint read its records {_reading(not weighted)}, this run "
+                f"reads them {_reading(weighted)} (balance); keep the setting to resume the data position"
+            )
         self.epoch, self.cursor, self.samples = state["epoch"], state["cursor"], state["samples"]
         self.doc, self.offset = state["doc"], state["offset"]
         self.pieces = [list(p) for p in state["pieces"]]
+
+
+def _reading(weighted: bool) -> str:
+    return "weighted (balanced)" if weighted else "in shuffled order"
 
 
 class Plan:
