@@ -112,7 +112,7 @@ def test_a_report_names_the_cpu_and_its_vector_units():
     xeon = "processor\t: 0\nmodel name\t: Intel Xeon Processor\nflags\t\t: fpu sse avx2 avx512f amx_tile\n"
     epyc = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 fma\n"
     arm = "processor\t: 0\nFeatures\t: fp asimd crc32\n"
-    assert precision.describe_cpu(xeon).endswith("cores of Intel Xeon Processor (AVX-512, AMX)")
-    assert precision.describe_cpu(epyc).endswith("cores of AMD EPYC (AVX2)")
-    assert precision.describe_cpu(arm).endswith("cores of CPU (NEON)")
+    assert precision.describe_cpu(xeon).endswith("cores of Intel Xeon Processor with AVX-512, AMX")
+    assert precision.describe_cpu(epyc).endswith("cores of AMD EPYC with AVX2")
+    assert precision.describe_cpu(arm).endswith("cores of CPU with NEON")
     assert precision.describe_cpu().split()[0].isdigit()  # this machine: its core count first

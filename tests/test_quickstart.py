@@ -34,6 +34,7 @@ def test_quickstart_end_to_end_reduced(tmp_path):
     for task in ("easyvqa-caption-image", "easyvqa-caption", "easyvqa", "bbc-topic"):
         assert task in report
     assert "Sample captions" in report and "| easy_vqa/test/" in report
+    assert "Preset `configs/quickstart.yaml`" in report  # the repository's name, not the install path
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert set(summary["results"]) == {"easyvqa-caption-image", "easyvqa-caption", "easyvqa", "bbc-topic"}
     chance = json.loads((out / "eval" / "chance.json").read_text())

@@ -35,6 +35,13 @@ def preset_path(name: str) -> Path:
     return packaged
 
 
+def shown_preset(source: str) -> str:
+    """A config path as a report names it: a packaged preset as ``configs/<name>.yaml`` (the repository's
+    link to them), not the installed package's absolute path."""
+    path = Path(source)
+    return f"configs/{path.name}" if path.parent.resolve() == PRESETS_DIR.resolve() else source
+
+
 def chance_baselines(eval_limit: int | None, seed: int = 0) -> dict[str, dict[str, float]]:
     """What guessing scores on the very examples the quickstart evaluates (same metrics, same subsets)."""
     from metalm.evaluation import metrics as M
@@ -203,7 +210,7 @@ def write_report(out: Path, cfg, result, summary: dict, chance: dict, train_s: f
     lines = [
         "# metalm quickstart report",
         "",
-        f"Preset `{cfg.source}`; {result.step} steps in {train_s / 60:.1f} min, evaluation in {eval_s / 60:.1f} min "
+        f"Preset `{shown_preset(cfg.source)}`; {result.step} steps in {train_s / 60:.1f} min, evaluation in {eval_s / 60:.1f} min "
         f"({describe_cpu()}).",
         f"Final training loss {result.last_loss:.3f}"
         + (f", validation loss {result.last_val_loss:.3f}" if result.last_val_loss is not None else "")

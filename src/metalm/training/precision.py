@@ -69,7 +69,7 @@ def native_bf16_in_cpuinfo(text: str) -> bool | None:
 
 def describe_cpu(cpuinfo: str | None = None) -> str:
     """The cores this process may use and what they are, for a report's timings: "2 cores of AMD EPYC
-    (AVX2)", "... (AVX-512, AMX)". A CPU's vector units set a CPU run's speed (the quickstart takes about
+    with AVX2", "... with AVX-512, AMX" (no brackets: reports put it in brackets). A CPU's vector units set a CPU run's speed (the quickstart takes about
     twice as long with AVX2 alone as with AVX-512). `cpuinfo`: a /proc/cpuinfo text (default: this one's)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
@@ -80,7 +80,7 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
     units = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
     units = units or [name for name, flag in (("AVX2", "avx2"), ("NEON", "asimd")) if flag in flags]
     model = fields.get("model name") or fields.get("cpu model") or "CPU"
-    return f"{cores} cores of {model}" + (f" ({', '.join(units)})" if units else "")
+    return f"{cores} cores of {model}" + (f" with {', '.join(units)}" if units else "")
 
 
 def _probe_step(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bf16: bool) -> float:
