@@ -234,6 +234,24 @@ class TrainConfig(_Section):
         return self._source
 
     @model_validator(mode="after")
+    def _every_step_draws_a_stream(self) -> TrainConfig:
+        windows = [w for w in self.data.stream_steps() if w is not None]
+        if len(windows) < len(self.data.streams):
+            return self  # a stream without steps is drawn in every step
+        step = 0
+        for start, end in sorted(windows):  # walk the covered steps from 0
+            if start > step:
+                break
+            step = max(step, end)
+        if step < self.optim.max_steps:
+            raise FieldProblem(
+                f"no stream is drawn in step {step} (each stream has steps: [start, end] and none covers it; "
+                f"optim.max_steps is {self.optim.max_steps})",
+                "data", "streams",
+            )  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _model_fits_init_from(self) -> TrainConfig:
         try:
             self.model.check_against_init_from(self.init_from)

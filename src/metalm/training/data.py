@@ -269,6 +269,8 @@ class DataStream(DataStreamState):
         pack: bool = False,
         transcripts: dict[str, float] | None = None,
         batch_sizes: dict[str, int] | None = None,
+        steps: list[tuple[int, int] | None] | None = None,
+        grad_accum: int = 1,
     ) -> None:
         if not streams:
             raise ValueError("no data streams")
@@ -308,7 +310,13 @@ class DataStream(DataStreamState):
         # Rows per process of a micro-batch drawn from each stream.
         self.stream_rows = [self.batch_sizes.get(name, batch_size) for name in self.names]
         self.plan = Plan(
-            [s.walk for s in self.streams], [s.weight for s in self.streams], seed=seed, split=split, mix=mix
+            [s.walk for s in self.streams],
+            [s.weight for s in self.streams],
+            seed=seed,
+            split=split,
+            mix=mix,
+            steps=steps,  # the optimizer steps each stream is drawn in (None: all)
+            grad_accum=grad_accum,
         )
         # Counts of building (truncated, skipped...): loaded from a checkpoint (global) + built here.
         self.base_counts: dict[str, int] = {}
@@ -348,9 +356,9 @@ class DataStream(DataStreamState):
         order, rows = self.streams[k].walk.order(epoch), self.stream_rows[k]
         return [i for p, i in enumerate(order) if (p // rows) % self.world_size == self.rank]
 
-    def choose(self, draw: int) -> int:
-        """The stream index of mixing draw number `draw` (a pure function of seed and draw)."""
-        return self.plan.choose(draw)
+    def choose(self, draw: int, batch: int = 0) -> int:
+        """The stream index of mixing draw number `draw` in micro-batch `batch` (:meth:`Plan.choose`)."""
+        return self.plan.choose(draw, batch)
 
     def next_sample(self) -> tuple[Sample, str, list[int]]:
         """The next sample of the global sequence (mix per sample), with its stream name and record
@@ -445,12 +453,14 @@ def build_data(
     eval_batch_size: int | None = None,
     fill_encoders: bool = False,
     transcripts: dict[str, float] | None = None,
+    grad_accum: int = 1,
 ) -> tuple[DataStream, DataStream | None]:
     """The training stream and the validation stream (None when no stream has validation records).
     `batch_size` is per process, and so is a stream's own ``batch_size`` (training batches only: validation
     batches are `eval_batch_size` rows of every stream); see :class:`DataStream` for `fill_encoders`.
     `transcripts`: the training stream's transcript-loss weights per encoder (validation measures the LM
-    loss alone)."""
+    loss alone). `grad_accum`: micro-batches per optimizer step, where streams have ``steps`` (validation
+    batches draw every stream)."""
     report = report if report is not None else SkipReport()
     val_report = SkipReport()
     caches = payload_caches(processor, data.image_cache_mb * (1 << 20))  # shared by both splits
@@ -480,6 +490,8 @@ def build_data(
         pack=data.pack,
         transcripts=transcripts,
         batch_sizes=data.stream_batch_sizes(),
+        steps=data.stream_steps(),
+        grad_accum=grad_accum,
         **common,
     )
     val_stream = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from metalm.data.records import KINDS
 from metalm.schema import FieldProblem
@@ -53,6 +53,9 @@ class StreamConfig(_Section):
     each label or caption alike), the question's share of the stream unchanged: the question alone then
     tells nothing, as VQA v2 paired each question with images of other answers for. An epoch is as many
     draws, with replacement, as the stream has records; validation reads them as they are.
+    ``steps: [start, end]``: the optimizer steps ``start <= step < end`` in which the stream is drawn (a
+    curriculum: a stream that finishes a run, or one that stops); outside them its weight is 0. Validation
+    reads every stream.
 
     A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
     ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
@@ -86,6 +89,7 @@ class StreamConfig(_Section):
     shuffle_buffer: int = Field(1000, gt=0)
     batch_size: int | None = Field(None, gt=0)
     balance: Literal["answers"] | None = None
+    steps: tuple[NonNegativeInt, PositiveInt] | None = Field(None, strict=False)
 
     @property
     def sharded(self) -> bool:
@@ -139,6 +143,15 @@ class StreamConfig(_Section):
                 f"a sharded source holds {', '.join(KIND_FIELDS)} records, not {kind!r}", "kind"
             )
         return self
+
+    @field_validator("steps")
+    @classmethod
+    def _ordered_steps(cls, steps: tuple[int, int] | None) -> tuple[int, int] | None:
+        if steps is not None and steps[0] >= steps[1]:
+            raise ValueError(
+                f"expected [start, end] with start < end (steps start <= step < end), got {list(steps)}"
+            )
+        return steps
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> StreamConfig:
@@ -276,6 +289,10 @@ class DataConfig(_Section):
                     "streams", i, "batch_size",
                 )  # fmt: skip
         return self
+
+    def stream_steps(self) -> list[tuple[int, int] | None]:
+        """Each stream's ``steps`` window, in stream order (None: every step)."""
+        return [s.steps for s in self.streams]
 
     def stream_batch_sizes(self) -> dict[str, int]:
         """The streams with a ``batch_size`` of their own, by name."""

@@ -1,8 +1,9 @@
 """The global sample sequence as a plan: which stream, record or text window, and RNG counter each row of
 each global micro-batch gets, without building a single sample.
 
-A row of the sequence is a :class:`Row`: the stream it is drawn from (mixing draw ``d`` picks stream
-``choose(d)``, a pure function of seed, split and ``d``), the stream's sample counter (it seeds the row's
+A row of the sequence is a :class:`Row`: the stream it is drawn from (mixing draw ``d`` of micro-batch
+``b`` picks stream ``choose(d, b)``, a pure function of seed, split, ``d`` and the streams whose ``steps``
+hold ``b``'s optimizer step), the stream's sample counter (it seeds the row's
 RNG), and either one record (captions, VQA, instruction samples) or the pieces of a packed text window.
 Each stream reads its records in a seeded permutation per epoch. Text documents are packed into windows
 in reading order; where a window starts depends on the lengths of the documents before it, so the walk
@@ -142,6 +143,10 @@ class StreamWalk:
         self.pieces = [list(p) for p in state["pieces"]]
 
 
+def _drawn_at(steps: tuple[int, int] | None, step: int) -> bool:
+    return steps is None or steps[0] <= step < steps[1]
+
+
 def _reading(weighted: bool) -> str:
     return "weighted (balanced)" if weighted else "in shuffled order"
 
@@ -153,52 +158,70 @@ class Plan:
     samples per stream."""
 
     def __init__(
-        self, walks: list[StreamWalk], weights: list[float], *, seed: int, split: str, mix: str
+        self,
+        walks: list[StreamWalk],
+        weights: list[float],
+        *,
+        seed: int,
+        split: str,
+        mix: str,
+        steps: list[tuple[int, int] | None] | None = None,
+        grad_accum: int = 1,
     ) -> None:
         self.walks = walks
         self.weights = weights
         self.seed = seed
         self.split = split
         self.mix = mix
+        # Each stream's optimizer steps [start, end) (None: all); a step is `grad_accum` micro-batches.
+        self.steps = steps or [None] * len(walks)
+        self.grad_accum = grad_accum
         self.draws = 0
         self.samples = 0
         self.batches = 0
         self.per_stream = dict.fromkeys((w.name for w in walks), 0)
 
-    def choose(self, draw: int) -> int:
-        """The stream index of mixing draw number `draw` (a pure function of seed and draw)."""
+    def choose(self, draw: int, batch: int = 0) -> int:
+        """The stream index of mixing draw number `draw` in micro-batch `batch` (a pure function of seed,
+        draw and the streams drawn in that batch's optimizer step)."""
+        step = batch // self.grad_accum
+        weights = [w if _drawn_at(s, step) else 0.0 for w, s in zip(self.weights, self.steps)]
+        if not any(weights):
+            raise ValueError(f"no stream is drawn in step {step}: their steps: [start, end] leave it out")
         if len(self.walks) == 1:
             return 0
         # The ":0:" is where a rank used to be (one sequence per rank); kept so a seed gives the data it
         # gave before.
         rng = random.Random(f"{self.seed}:{self.split}:mix:0:{draw}")
-        return rng.choices(range(len(self.walks)), weights=self.weights)[0]
+        return rng.choices(range(len(self.walks)), weights=weights)[0]
 
-    def _draw(self) -> int:
+    def _draw(self, batch: int) -> int:
         self.draws += 1
-        return self.choose(self.draws - 1)
+        return self.choose(self.draws - 1, batch)
 
     def _row(self, k: int) -> Row:
         self.samples += 1
         self.per_stream[self.walks[k].name] += 1
         return self.walks[k].next_row(k)
 
-    def next_row(self) -> Row:
-        """The next row, with a draw of its own (mixing per sample)."""
-        return self._row(self._draw())
+    def next_row(self, batch: int | None = None) -> Row:
+        """The next row, with a draw of its own (mixing per sample), in micro-batch `batch` (default: the
+        next one)."""
+        return self._row(self._draw(self.batches if batch is None else batch))
 
     def next_batch(self, rows: int | list[int]) -> list[Row]:
         """The rows of the next global micro-batch: `rows` of them, or (``mix="batch"``) ``rows[k]`` when it
         is drawn from stream ``k``."""
+        batch = self.batches
         self.batches += 1
         if self.mix == "batch":
-            k = self._draw()
+            k = self._draw(batch)
             return [self._row(k) for _ in range(rows if isinstance(rows, int) else rows[k])]
         if not isinstance(rows, int):
             if len(set(rows)) != 1:
                 raise ValueError(f"rows per stream {rows} differ: that needs mix='batch'")
             rows = rows[0]
-        return [self.next_row() for _ in range(rows)]
+        return [self.next_row(batch) for _ in range(rows)]
 
     def state(self) -> dict[str, Any]:
         return {

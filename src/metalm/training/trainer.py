@@ -186,6 +186,7 @@ class Trainer:
             # FSDP: every rank must run every encoder the global micro-batch uses (see DataStream).
             fill_encoders=self.fsdp,
             transcripts={e.name: e.transcript_loss for e in cfg.model.encoders or [] if e.transcript_loss},
+            grad_accum=cfg.optim.grad_accum,
         )
         self.validation = ValidationSet.draw(val_data, cfg.run.eval_batches)
 
