@@ -3,9 +3,11 @@ stream kept), seeded and resumable; validation reads the records as they are."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from metalm.data.records import Classification, VQAExample
@@ -85,6 +87,27 @@ def test_a_balanced_stream_is_seeded_and_resumes_exactly(tiny, tmp_path):
     unbalanced = stream(recs, processor, balance=None, seed=3)
     with pytest.raises(ValueError, match="balance"):
         unbalanced.plan.load(state)
+
+
+def red_yes_share_of_demonstrations(processor, recs, balance: str | None) -> float:
+    config = StreamConfig(
+        source="vqa", format="in_context", in_context={"shots": [4, 4], "same_task": 0.0}, balance=balance
+    )
+    data = DataStream([StreamRecords("vqa", 1.0, recs, config)], processor, seq_len=128, batch_size=4, seed=0)
+    data.next_batch()  # builds the stream's episode sampler
+    sampler, rng = data.streams[0]._episodes, random.Random(0)
+    demos = [recs[d] for _ in range(500) for d in sampler.draw(0, rng).demonstrations]
+    red = Counter(r.answers[0] for r in demos if r.question == "is it red?")
+    return red["yes"] / (red["yes"] + red["no"])
+
+
+def test_a_balanced_in_context_stream_draws_its_demonstrations_balanced(tiny, tmp_path):
+    _, processor = tiny
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    recs = vqa_records(str(image))
+    assert 0.42 < red_yes_share_of_demonstrations(processor, recs, "answers") < 0.58
+    assert red_yes_share_of_demonstrations(processor, recs, None) < 0.16  # 0.1 as the records are
 
 
 def test_balance_is_refused_where_there_is_no_answer():

@@ -112,6 +112,7 @@ class _Stream(RecordSamples):
         self.seq_len = (in_context.seq_len if in_context else None) or ctx.seq_len
         self.options = spec.options
         self._init_samples()
+        self.record_weights = self._balance_weights()  # None: records read as they are
         self.walk = self._make_walk()
         self._singles: list[int] | None = None
         self._record_encoders: set[str] | None = None
@@ -126,7 +127,7 @@ class _Stream(RecordSamples):
             window=self.ctx.seq_len - len(self.bos),
             packs=self.packs,
             length=lambda idx: len(self._text_ids(idx)),
-            weights=self._balance_weights(),
+            weights=self.record_weights,
         )
 
     def _balance_weights(self) -> list[float] | None:

@@ -52,7 +52,8 @@ class StreamConfig(_Section):
     likely (VQA: the records of one question text; classification and image-text: the whole stream, so
     each label or caption alike), the question's share of the stream unchanged: the question alone then
     tells nothing, as VQA v2 paired each question with images of other answers for. An epoch is as many
-    draws, with replacement, as the stream has records; validation reads them as they are.
+    draws, with replacement, as the stream has records (an in-context row's demonstrations too); validation
+    reads them as they are.
     ``steps: [start, end]``: the optimizer steps ``start <= step < end`` in which the stream is drawn (a
     curriculum: a stream that finishes a run, or one that stops); outside them its weight is 0. Validation
     reads every stream.

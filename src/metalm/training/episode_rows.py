@@ -24,6 +24,7 @@ class EpisodeRows:
     bos: list[int]
     seq_len: int
     _episodes: EpisodeSampler | None
+    record_weights: list[float] | None  # a balanced stream's per-record weights
 
     def _episode_sample(self, idx: int, rng: random.Random) -> tuple[Sample | None, list[int]]:
         """Demonstrations and the query ``idx`` in one window: each the stream's instruction sample, BOS only
@@ -31,7 +32,9 @@ class EpisodeRows:
         A row that would not fit ``seq_len`` loses its earliest demonstrations. Also returns the records
         of the row in order (the query last)."""
         if self._episodes is None:
-            self._episodes = EpisodeSampler(self.records, self.config.in_context, self._single_records())
+            self._episodes = EpisodeSampler(
+                self.records, self.config.in_context, self._single_records(), self.record_weights
+            )
         episode = self._episodes.draw(idx, rng)
         examples: list[tuple[int, Sample]] = []
         for j in (*episode.demonstrations, idx):

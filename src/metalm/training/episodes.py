@@ -30,6 +30,7 @@ Where the demonstrations come from (:class:`InContextSettings`):
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -131,10 +132,18 @@ class Episode:
 class EpisodeSampler:
     """Draws episodes over one stream's records; the index of tasks and classes is built once."""
 
-    def __init__(self, records: Sequence[Record], settings: InContextSettings, usable: Sequence[int]) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        settings: InContextSettings,
+        usable: Sequence[int],
+        weights: Sequence[float] | None = None,
+    ) -> None:
         self.records = records
         self.settings = settings
         self.usable = list(usable)
+        # Per-record weights (a balanced stream): demonstrations drawn from the whole stream follow them.
+        self.cum_weights = list(itertools.accumulate(weights[i] for i in self.usable)) if weights else None
         self.by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for i in self.usable:
             task = task_of(records[i])
@@ -154,7 +163,10 @@ class EpisodeSampler:
         k = rng.randint(*s.shots)
         if rng.random() >= s.same_task:
             pool = self.usable
-            demos = tuple(pool[rng.randrange(len(pool))] for _ in range(k))
+            if self.cum_weights is not None:
+                demos = tuple(rng.choices(pool, cum_weights=self.cum_weights, k=k))
+            else:
+                demos = tuple(pool[rng.randrange(len(pool))] for _ in range(k))
             return Episode(tuple(d for d in demos if d != query) if len(pool) > 1 else demos)
         relabel = rng.random() < s.relabel
         task = task_of(self.records[query])
