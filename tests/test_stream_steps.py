@@ -20,7 +20,7 @@ def two_phases(processor, mix: str, grad_accum: int = 2, split: str = "train") -
     ]
     return DataStream(
         streams, processor, seq_len=8, batch_size=3, seed=0, mix=mix, split=split,
-        steps=[(0, 3), (3, 100)], grad_accum=grad_accum,
+        steps=[(0, 3), (3, None)], grad_accum=grad_accum,
     )  # fmt: skip
 
 
@@ -81,5 +81,7 @@ def test_steps_that_leave_a_step_without_a_stream_are_refused(tmp_path):
     cfg["data"]["streams"][1]["steps"] = [4, 4]
     with pytest.raises(ConfigError, match="start < end"):
         config_from_dict(cfg)
+    cfg["data"]["streams"][1]["steps"] = [2, None]  # to the end of the run
+    assert config_from_dict(cfg).data.streams[1].steps == (2, None)
     cfg["data"]["streams"][1].pop("steps")  # a stream without steps covers every step
     config_from_dict(cfg)

@@ -242,7 +242,7 @@ class TrainConfig(_Section):
         for start, end in sorted(windows):  # walk the covered steps from 0
             if start > step:
                 break
-            step = max(step, end)
+            step = max(step, self.optim.max_steps if end is None else end)
         if step < self.optim.max_steps:
             raise FieldProblem(
                 f"no stream is drawn in step {step} (each stream has steps: [start, end] and none covers it; "

@@ -270,7 +270,7 @@ class DataStream(DataStreamState):
         pack: bool = False,
         transcripts: dict[str, float] | None = None,
         batch_sizes: dict[str, int] | None = None,
-        steps: list[tuple[int, int] | None] | None = None,
+        steps: list[tuple[int, int | None] | None] | None = None,
         grad_accum: int = 1,
     ) -> None:
         if not streams:

@@ -55,8 +55,8 @@ class StreamConfig(_Section):
     draws, with replacement, as the stream has records (an in-context row's demonstrations too); validation
     reads them as they are.
     ``steps: [start, end]``: the optimizer steps ``start <= step < end`` in which the stream is drawn (a
-    curriculum: a stream that finishes a run, or one that stops); outside them its weight is 0. Validation
-    reads every stream.
+    curriculum: a stream that finishes a run, or one that stops; ``end`` null: to the end of the run);
+    outside them its weight is 0. Validation reads every stream.
 
     A **sharded** source (:mod:`metalm.data.shards`: a pattern such as ``data/cc3m/{00000..00331}.tar``,
     ``.tar``/``.parquet`` files or a folder of them; JSONL files and HF dataset folders with ``streaming:
@@ -90,7 +90,7 @@ class StreamConfig(_Section):
     shuffle_buffer: int = Field(1000, gt=0)
     batch_size: int | None = Field(None, gt=0)
     balance: Literal["answers"] | None = None
-    steps: tuple[NonNegativeInt, PositiveInt] | None = Field(None, strict=False)
+    steps: tuple[NonNegativeInt, PositiveInt | None] | None = Field(None, strict=False)
 
     @property
     def sharded(self) -> bool:
@@ -147,8 +147,8 @@ class StreamConfig(_Section):
 
     @field_validator("steps")
     @classmethod
-    def _ordered_steps(cls, steps: tuple[int, int] | None) -> tuple[int, int] | None:
-        if steps is not None and steps[0] >= steps[1]:
+    def _ordered_steps(cls, steps: tuple[int, int | None] | None) -> tuple[int, int | None] | None:
+        if steps is not None and steps[1] is not None and steps[0] >= steps[1]:
             raise ValueError(
                 f"expected [start, end] with start < end (steps start <= step < end), got {list(steps)}"
             )
@@ -291,7 +291,7 @@ class DataConfig(_Section):
                 )  # fmt: skip
         return self
 
-    def stream_steps(self) -> list[tuple[int, int] | None]:
+    def stream_steps(self) -> list[tuple[int, int | None] | None]:
         """Each stream's ``steps`` window, in stream order (None: every step)."""
         return [s.steps for s in self.streams]
 

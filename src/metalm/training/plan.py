@@ -143,8 +143,8 @@ class StreamWalk:
         self.pieces = [list(p) for p in state["pieces"]]
 
 
-def _drawn_at(steps: tuple[int, int] | None, step: int) -> bool:
-    return steps is None or steps[0] <= step < steps[1]
+def _drawn_at(steps: tuple[int, int | None] | None, step: int) -> bool:
+    return steps is None or (steps[0] <= step and (steps[1] is None or step < steps[1]))
 
 
 def _reading(weighted: bool) -> str:
@@ -165,7 +165,7 @@ class Plan:
         seed: int,
         split: str,
         mix: str,
-        steps: list[tuple[int, int] | None] | None = None,
+        steps: list[tuple[int, int | None] | None] | None = None,
         grad_accum: int = 1,
     ) -> None:
         self.walks = walks
@@ -173,7 +173,7 @@ class Plan:
         self.seed = seed
         self.split = split
         self.mix = mix
-        # Each stream's optimizer steps [start, end) (None: all); a step is `grad_accum` micro-batches.
+        # Each stream's optimizer steps [start, end) (None: all; end None: to the end); a step is `grad_accum` micro-batches.
         self.steps = steps or [None] * len(walks)
         self.grad_accum = grad_accum
         self.draws = 0
