@@ -311,6 +311,10 @@ def results_section(out: Path, train_s: float, eval_s: float) -> list[str]:
         f"{train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min ({describe_cpu()}); {summary['limit']} held-out "
         f"test examples per task, k = 0. Headline: {headline}.",
         "",
+        "This block is rewritten by each `metalm quickstart --results-page` run; the tables above come from "
+        "`scripts/interface_results.py`'s own runs, which it does not redo: where the preset changed since, "
+        "they describe the earlier one (`git log -p configs/quickstart.yaml docs/results.md`).",
+        "",
         *breakdown_lines(breakdown(out / "eval")),
         "",
         *in_context_section(out),
