@@ -115,3 +115,5 @@ def test_balance_is_refused_where_there_is_no_answer():
         StreamConfig(source="bbc_news_text", balance="answers")
     with pytest.raises(ValidationError, match="balance"):
         StreamConfig(source="vqa", balance="everything")
+    with pytest.raises(ValidationError, match="a sharded source is read as it streams"):
+        StreamConfig(source="data/cc3m/{00000..00003}.tar", kind="image_text", balance="answers")
