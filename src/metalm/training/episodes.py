@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -106,17 +106,11 @@ def task_of(rec: Record) -> str:
 def balanced_weights(records: Sequence[Record]) -> list[float]:
     """A sampling weight per record (``balance: answers``): within each task, every answer's records weigh
     alike in all, and each task keeps its share of the records."""
-    counts: dict[tuple[str, str], int] = defaultdict(int)
-    answers: dict[str, set[str]] = defaultdict(set)
-    for rec in records:
-        counts[task_of(rec), answer_of(rec)] += 1
-        answers[task_of(rec)].add(answer_of(rec))
-    tasks: dict[str, int] = defaultdict(int)
-    for (task, _), n in counts.items():
-        tasks[task] += n
-    return [
-        tasks[task_of(r)] / (len(answers[task_of(r)]) * counts[task_of(r), answer_of(r)]) for r in records
-    ]
+    keys = [(task_of(rec), answer_of(rec)) for rec in records]
+    counts = Counter(keys)  # records per (task, answer)
+    tasks = Counter(task for task, _ in keys)  # records per task
+    answers = Counter(task for task, _ in counts)  # distinct answers per task
+    return [tasks[task] / (answers[task] * counts[task, answer]) for task, answer in keys]
 
 
 @dataclass(frozen=True)
