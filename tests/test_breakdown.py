@@ -193,3 +193,39 @@ def test_answer_flips_names_what_lost_answers_become(tmp_path):
     }
     with pytest.raises(FileNotFoundError):
         answer_flips(tmp_path, "t", 1, 4, "colour")
+
+
+def test_what_the_image_answers_reads_negation():
+    from metalm.evaluation.breakdown import what_the_image_answers
+
+    assert what_the_image_answers("is there a red shape?", ["yes"]) == "colour, in the image"
+    assert what_the_image_answers("is there a red shape?", ["no"]) == "colour, not in the image"
+    assert what_the_image_answers("is there not a red shape?", ["no"]) == "colour, in the image"
+    assert what_the_image_answers("is no circle present?", ["yes"]) == "shape, not in the image"
+    assert what_the_image_answers("does the image not contain a triangle?", ["no"]) == "shape, in the image"
+    assert what_the_image_answers("what color is the circle?", ["red"]) is None  # not yes/no
+    assert what_the_image_answers("is it big?", ["yes"]) is None  # asks about no colour or shape
+
+
+def test_yes_no_by_image_shows_a_model_that_says_no(tmp_path):
+    """A model answering "no" to every plain question scores 75 % on yes/no and 0 on the one question about a
+    colour the image has; the paired change by the same groups takes the records' questions by id."""
+    from metalm.evaluation.breakdown import image_answer_group, paired_change_by_group, yes_no_by_image
+
+    questions = {"a": "is there a red shape?", "b": "is there a blue shape?", "c": "is there a green shape?",
+                 "d": "is there a circle?", "e": "what color is it?"}  # fmt: skip
+    gold = {"a": "yes", "b": "no", "c": "no", "d": "no", "e": "red"}
+    says_no = [{"id": i, "gold": [gold[i]], "score": float(gold[i] in ("no", "red"))} for i in questions]
+    table = yes_no_by_image(says_no, questions)
+    assert table == {
+        "colour, in the image": {"accuracy": 0.0, "n": 1},
+        "colour, not in the image": {"accuracy": 100.0, "n": 2},
+        "shape, not in the image": {"accuracy": 100.0, "n": 1},
+    }
+    looks = [{**r, "score": 1.0} for r in says_no]
+    _write(tmp_path / "predictions-t-k0-s0.jsonl", looks)
+    _write(tmp_path / "predictions-t-k4-s0.jsonl", says_no)
+    change = paired_change_by_group(tmp_path, "t", 0, 4, image_answer_group(questions))
+    assert set(change) == set(table)  # the colour question "e" belongs to no group
+    assert change["colour, in the image"]["mean"] == -100.0
+    assert change["colour, not in the image"]["mean"] == 0.0

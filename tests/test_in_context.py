@@ -344,8 +344,8 @@ def test_in_context_report_table(tiny, tmp_path):
 def test_in_context_table_per_type_with_paired_change(tiny, tmp_path):
     """per_type asks as many questions of each type; each type's row ends with its k = 0 -> k change, which
     is the paired change computed from the very prediction files."""
-    from metalm.evaluation.breakdown import paired_change_by_group
-    from metalm.evaluation.in_context import evaluate_in_context, in_context_lines
+    from metalm.evaluation.breakdown import image_answer_group, paired_change_by_group
+    from metalm.evaluation.in_context import easy_vqa_questions, evaluate_in_context, in_context_lines
 
     model, processor = tiny
     evaluate_in_context(
@@ -361,6 +361,15 @@ def test_in_context_table_per_type_with_paired_change(tiny, tmp_path):
         cells = rows[f"easy-VQA {qtype} (n=3)"]
         assert cells[-1].rstrip(" |") == f"{change[qtype]['mean']:+.1f} ± {change[qtype]['ci95']:.1f}"
     assert rows["easy-VQA, 3 of each type (n=9)"][-1].rstrip(" |") == "–"
+    # The yes/no questions again, split by what the image answers: their counts add up, each with its change.
+    by_image = {row: cells for row, cells in rows.items() if row.startswith("easy-VQA yes/no, ")}
+    assert sum(int(row.rsplit("(n=", 1)[1].rstrip(")")) for row in by_image) == 3
+    split = paired_change_by_group(
+        tmp_path / "easyvqa", "easyvqa", 0, 1, image_answer_group(easy_vqa_questions())
+    )
+    for key, c in split.items():
+        (row,) = [r for r in by_image if r.startswith(f"easy-VQA yes/no, {key} (")]
+        assert by_image[row][-1].rstrip(" |") == f"{c['mean']:+.1f} ± {c['ci95']:.1f}"
 
 
 def test_made_up_repeats_show_made_up_words_three_times():

@@ -89,6 +89,15 @@ def test_report_says_when_yes_no_is_answered_from_the_wording():
     lines = breakdown_lines(table(0.0, 100.0))
     said = [line for line in lines if line.startswith("Below a coin toss")]
     assert len(said) == 1 and said[0].startswith("Below a coin toss (colour):") and "red shape" in said[0]
+    by_image = {"easyvqa-by-image": {"colour, in the image": {"accuracy": 0.0, "n": 17},
+                                     "colour, not in the image": {"accuracy": 99.0, "n": 149}}}  # fmt: skip
+    rows = [line for line in breakdown_lines(by_image) if line.startswith("| yes/no questions about")]
+    assert rows == [
+        "| yes/no questions about a colour / shape the image has | VQA accuracy by the attribute asked about | "
+        "0.0 (n=17) | – | |",
+        "| yes/no questions about a colour / shape the image lacks | VQA accuracy by the attribute asked about | "
+        "99.0 (n=149) | – | |",
+    ]
     shape_only = [line for line in breakdown_lines(table(60.0, 40.0)) if line.startswith("Below a coin toss")]
     assert shape_only == ["Below a coin toss (shape): the model answers those yes/no questions from their "
                           "wording, not from the image."]  # fmt: skip

@@ -106,6 +106,7 @@ def wording_prior_tables(vqa: list[dict[str, Any]]) -> dict[str, dict[str, dict[
         vqa_against_wording_prior,
         wording_prior,
         wording_prior_by_question_type,
+        yes_no_by_image,
     )
     from metalm.evaluation.tasks import builtin_task
 
@@ -119,6 +120,7 @@ def wording_prior_tables(vqa: list[dict[str, Any]]) -> dict[str, dict[str, dict[
             ((ex.fields["question"], ex.answers) for ex in chosen), prior
         ),
         "easyvqa-against-prior": vqa_against_wording_prior(vqa, questions, prior),
+        "easyvqa-by-image": yes_no_by_image(vqa, questions),
     }
 
 
@@ -180,6 +182,14 @@ def breakdown_lines(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
             notes.append(
                 f"Below a coin toss ({', '.join(from_wording)}): the model answers those yes/no questions from "
                 f"their wording, not from the image{why}."
+            )
+    by_image = table.get("easyvqa-by-image", {})
+    for where, says in (("in the image", "has"), ("not in the image", "lacks")):
+        cells = [cell(by_image, f"{attr}, {where}") for attr in ATTRIBUTES]
+        if any(c != "–" for c in cells):
+            lines.append(
+                f"| yes/no questions about a colour / shape the image {says} | VQA accuracy by the attribute "
+                f"asked about | {' | '.join(cells)} | |"
             )
     for task, how in CAPTION_TASKS.items():
         if task in table:
@@ -281,7 +291,10 @@ def in_context_section(out: Path) -> list[str]:
         f"demonstrations before each test question, in the layout the model trained on, on {questions} "
         "(the same questions at every k); the last column is the mean change on those "
         "questions from no demonstrations to the most, ± its 95 % interval: a change inside its interval is not "
-        "told apart from none. Fast binding: k "
+        "told apart from none. The yes/no rows after the types split those questions by what the image "
+        "answers: whether it has the colour or shape asked about (most easy-VQA yes/no questions ask about one "
+        "it lacks, so a model that says no when unsure keeps most of its yes/no score and loses the others). "
+        "Fast binding: k "
         "demonstrations *per class* whose answers are made-up words (dax, blicket, ...) that no training "
         "row uses, so only the demonstrations tell the answer (chance 50 % for 2-way, 20 % for 5-way; "
         "k = 0 is 0 % by construction); `-real` asks the same episodes with the real names.",

@@ -35,6 +35,9 @@ __all__ = [
     "wording_prior",
     "wording_prior_by_question_type",
     "vqa_against_wording_prior",
+    "image_answer_group",
+    "what_the_image_answers",
+    "yes_no_by_image",
 ]
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "yes/no")
@@ -158,6 +161,47 @@ def question_attribute(question: str) -> str | None:
     return next((attr for attr, values in ATTRIBUTES.items() if words & set(values)), None)
 
 
+def what_the_image_answers(question: str, gold: Sequence[str]) -> str | None:
+    """For an easy-VQA yes/no question, the attribute it asks about and whether the image has the value it
+    names: ``"colour, in the image"`` for "is there a red shape?" answered yes or "is there not a red
+    shape?" answered no. None for other questions. A model that answers from the wording, or says "no"
+    whenever unsure, is right on the questions about a value the image lacks (most of them) and wrong on
+    the others: the split shows it where the yes/no accuracy does not."""
+    answers = {g.strip().lower() for g in gold}
+    asked = question_attribute(question)
+    if asked is None or not answers & {"yes", "no"}:
+        return None
+    negated = bool({"not", "no"} & set(_words(question)))
+    has = ("yes" in answers) != negated
+    return f"{asked}, {'in' if has else 'not in'} the image"
+
+
+def image_answer_group(questions: Mapping[str, str]) -> Callable[[Mapping[str, Any]], str | None]:
+    """A prediction record's yes/no group by what the image answers (:func:`what_the_image_answers`), for
+    :func:`paired_change_by_group`. ``questions``: example id → question text (None without one)."""
+
+    def group_of(record: Mapping[str, Any]) -> str | None:
+        question = questions.get(record["id"])
+        return what_the_image_answers(question, _gold_list(record["gold"])) if question else None
+
+    return group_of
+
+
+def yes_no_by_image(
+    records: Iterable[Mapping[str, Any]], questions: Mapping[str, str]
+) -> dict[str, dict[str, float]]:
+    """Yes/no accuracy by what the image answers (:func:`what_the_image_answers`): ``{"colour, in the
+    image": {"accuracy", "n"}, ...}``. ``questions``: example id → question text; records without one, or
+    not yes/no, are left out."""
+    group_of = image_answer_group(questions)
+    totals: dict[str, list[float]] = {}
+    for r in records:
+        key = group_of(r)
+        if key:
+            totals.setdefault(key, []).append(float(r["score"]))
+    return {key: {"accuracy": 100 * sum(s) / len(s), "n": len(s)} for key, s in sorted(totals.items())}
+
+
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """The records of one predictions JSONL file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -188,8 +232,14 @@ def breakdown_over_seeds(
     return merged
 
 
-def paired_change_by_group(out: str | Path, task: str, k_from: int, k_to: int) -> dict[str, dict[str, float]]:
-    """Per group (the records' ``group``), how the score changes from ``k_from`` to ``k_to`` demonstrations
+def paired_change_by_group(
+    out: str | Path,
+    task: str,
+    k_from: int,
+    k_to: int,
+    group_of: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per group (the records' ``group``, or what ``group_of`` makes of a record; None: left out), how the score changes from ``k_from`` to ``k_to`` demonstrations
     on the very same questions: each question's score at ``k_to`` averaged over that run's seeds, minus its
     score at ``k_from`` (also averaged over seeds). ``mean`` is that change x100, ``ci95`` the half-width of
     its normal 95 % interval (1.96 standard errors over questions), with the group's scores at both k and its
@@ -199,17 +249,17 @@ def paired_change_by_group(out: str | Path, task: str, k_from: int, k_to: int) -
         runs = _seed_runs(out, task, k)
         if not runs:
             raise FileNotFoundError(f"{out}: no predictions-{task}-k{k}-s*.jsonl")
-        return [
-            (str(rows[0].get("group")), statistics.fmean(float(r["score"]) for r in rows))
-            for rows in zip(*runs)
-        ]
+        return [(_group(rows[0]), statistics.fmean(float(r["score"]) for r in rows)) for rows in zip(*runs)]
+
+    def _group(record: Mapping[str, Any]) -> str | None:
+        return group_of(record) if group_of else str(record.get("group"))
 
     before, after = per_question(k_from), per_question(k_to)
     if [g for g, _ in before] != [g for g, _ in after]:
         raise ValueError(f"{out}: k={k_from} and k={k_to} were not asked the same questions")
     return {
         group: paired_change([a for (g, a) in before if g == group], [b for (g, b) in after if g == group])
-        for group in sorted({g for g, _ in before})
+        for group in sorted({g for g, _ in before if g is not None})
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,61 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
                     put(row, k, [c["accuracy"] for c in cells])
                     if qtype in changes:
                         table[row]["change"] = changes[qtype]
+        _yes_no_rows(vqa, list(by_k), put, table)
     binding = out_dir / "fastbind" / "summary.json"
     if binding.exists():
         for task, by_k in json.loads(binding.read_text())["results"].items():
             for k, entry in by_k.items():
                 put(f"{task} (n={entry['n']})", k, [m["accuracy"] for m in entry["seeds"].values()])
     return table
+
+
+def _yes_no_rows(
+    vqa: Path,
+    shots: list[str],
+    put: Callable[[str, str, list[float]], None],
+    table: dict[str, dict[str, dict[str, float]]],
+) -> None:
+    """easy-VQA's yes/no questions split by what the image answers (the attribute asked about, in the image
+    or not; :func:`~metalm.evaluation.breakdown.what_the_image_answers`): a model that falls back on "no"
+    with demonstrations keeps most of its yes/no score and loses every question about a colour the image
+    has. Rows per k over seeds, with the paired change from k = 0 to the largest k."""
+    from metalm.evaluation.breakdown import (
+        image_answer_group,
+        paired_change_by_group,
+        read_predictions,
+        yes_no_by_image,
+    )
+
+    questions = easy_vqa_questions()
+    for k in shots:
+        seeds = [
+            yes_no_by_image(read_predictions(p), questions)
+            for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))
+        ]
+        for key in seeds[0] if seeds else {}:
+            put(
+                f"easy-VQA yes/no, {key} (n={seeds[0][key]['n']})",
+                k,
+                [s[key]["accuracy"] for s in seeds if key in s],
+            )
+    ks = [int(k) for k in shots]
+    if 0 not in ks or max(ks) == 0:
+        return
+    for key, change in paired_change_by_group(
+        vqa, "easyvqa", 0, max(ks), image_answer_group(questions)
+    ).items():
+        row = next((r for r in table if r.startswith(f"easy-VQA yes/no, {key} (")), None)
+        if row:
+            table[row]["change"] = {**change, "k": max(ks)}
+
+
+def easy_vqa_questions() -> dict[str, str]:
+    """easy-VQA's test questions by example id (the prediction records carry the id, not the question)."""
+    from metalm.evaluation.tasks import builtin_task
+
+    task = builtin_task("easyvqa")
+    return {ex.id: ex.fields["question"] for ex in task.examples(task.eval_split)}
 
 
 def _changes(vqa: Path, shots: list[int]) -> dict[str, dict[str, float]]:
