@@ -338,13 +338,16 @@ def results_section(out: Path, train_s: float, eval_s: float) -> list[str]:
     ]
 
 
-def update_results_page(page: Path, section: list[str]) -> None:
-    """Replace the quickstart section of a results page (between its markers; appended if absent)."""
+def update_results_page(
+    page: Path, section: list[str], begin: str = RESULTS_BEGIN, end: str = RESULTS_END
+) -> None:
+    """Replace a section of a results page (the quickstart's unless other markers are named) between its
+    markers; appended if absent."""
     text = page.read_text() if page.exists() else ""
     block = "\n".join(section)
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        text = head + block + rest.split(RESULTS_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     page.write_text(text)
