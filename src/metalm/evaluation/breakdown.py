@@ -239,11 +239,12 @@ def paired_change_by_group(
     k_to: int,
     group_of: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per group (the records' ``group``, or what ``group_of`` makes of a record; None: left out), how the score changes from ``k_from`` to ``k_to`` demonstrations
-    on the very same questions: each question's score at ``k_to`` averaged over that run's seeds, minus its
-    score at ``k_from`` (also averaged over seeds). ``mean`` is that change x100, ``ci95`` the half-width of
-    its normal 95 % interval (1.96 standard errors over questions), with the group's scores at both k and its
-    question count: a shortfall smaller than ``ci95`` is not told apart from none."""
+    """Per group (the records' ``group``, or what ``group_of`` makes of a record; None: left out), how the
+    score changes from ``k_from`` to ``k_to`` demonstrations on the very same questions: each question's
+    score at ``k_to`` averaged over that run's seeds, minus its score at ``k_from`` (also averaged over
+    seeds). ``mean`` is that change x100, ``ci95`` the half-width of its normal 95 % interval (1.96 standard
+    errors over questions), with the group's scores at both k and its question count: a shortfall smaller
+    than ``ci95`` is not told apart from none."""
 
     def per_question(k: int) -> list[tuple[str, float]]:
         runs = _seed_runs(out, task, k)
