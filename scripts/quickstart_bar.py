@@ -78,7 +78,7 @@ def bar_section(run: Path, bar: Path, per_type: int) -> list[str]:
         'yes/no questions ask about one it lacks, so falling back on "no" hides inside the yes/no score). '
         "It does not show learning from demonstrations: easy-VQA is learnt from its training split, so "
         "k = 0 is already high; fast binding (above) is the task only demonstrations solve. One training "
-        "run: another run of the same preset differs by a few points (docs/training.md).",
+        "run: another training seed of the same preset differs by several points (docs/training.md gives two).",
         END,
     ]
 
