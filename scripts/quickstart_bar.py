@@ -19,6 +19,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from metalm.evaluation.breakdown import QUESTION_TYPES
 from metalm.evaluation.experiments import cached_eval, load_model
 from metalm.evaluation.in_context import in_context_lines, in_context_table
 from metalm.quickstart import update_results_page
@@ -40,14 +41,15 @@ def evaluate_bar(run: Path, per_type: int) -> Path:
 def verdicts(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """One line per question type: the bar (mean at k = 4 at least the k = 0 score) met or not."""
     lines = []
-    for row, by_k in table.items():
-        if row.split(" (")[0] not in ("easy-VQA colour", "easy-VQA shape", "easy-VQA yes/no"):
+    for qtype in QUESTION_TYPES:  # in_context_table's row of a type: "easy-VQA <type> (n=...)"
+        by_k = next((v for row, v in table.items() if row.startswith(f"easy-VQA {qtype} (")), None)
+        if by_k is None:
             continue
         before, after, change = by_k["0"]["mean"], by_k["4"]["mean"], by_k["change"]
         verdict = "met" if after >= before else "**not met**"
         within = " (within its 95 % interval)" if abs(change["mean"]) <= change["ci95"] else ""
         lines.append(
-            f"- {row.split(' (')[0][9:]}: {before:.1f} → {after:.1f}, change {change['mean']:+.1f} ± "
+            f"- {qtype}: {before:.1f} → {after:.1f}, change {change['mean']:+.1f} ± "
             f"{change['ci95']:.1f}{within}: {verdict}"
         )
     return lines

@@ -125,26 +125,23 @@ def _yes_no_rows(
     )
 
     questions = easy_vqa_questions()
+    rows: dict[str, str] = {}  # group -> its row
     for k in shots:
         seeds = [
             yes_no_by_image(read_predictions(p), questions)
             for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))
         ]
         for key in seeds[0] if seeds else {}:
-            put(
-                f"easy-VQA yes/no, {key} (n={seeds[0][key]['n']})",
-                k,
-                [s[key]["accuracy"] for s in seeds if key in s],
-            )
+            rows.setdefault(key, f"easy-VQA yes/no, {key} (n={seeds[0][key]['n']})")
+            put(rows[key], k, [s[key]["accuracy"] for s in seeds if key in s])
     ks = [int(k) for k in shots]
     if 0 not in ks or max(ks) == 0:
         return
     for key, change in paired_change_by_group(
         vqa, "easyvqa", 0, max(ks), image_answer_group(questions)
     ).items():
-        row = next((r for r in table if r.startswith(f"easy-VQA yes/no, {key} (")), None)
-        if row:
-            table[row]["change"] = {**change, "k": max(ks)}
+        if key in rows:
+            table[rows[key]]["change"] = {**change, "k": max(ks)}
 
 
 def easy_vqa_questions() -> dict[str, str]:
