@@ -4,20 +4,26 @@ The quickstart's own report asks 50 questions of each type; the bar (docs/result
 each question type, mean of 3 seeds) is judged here on ``--per-type`` of each (300 by default) over seeds
 0, 1, 2 of demonstrations, with the paired change on the very same questions and its 95 % interval, and
 the yes/no questions split by what the image answers (whether it has the colour or shape asked about).
+Several ``--run`` s (training runs of the same preset, e.g. ``run.seed=1``) are judged on their mean: one
+training run says little where two seeds differ by several points.
 
-    python scripts/quickstart_bar.py --run runs/quickstart --page docs/results.md
+    python scripts/quickstart_bar.py --run runs/quickstart --run runs/quickstart-s1 --page docs/results.md
 
-The evaluation's prediction files go under ``RUN/bar`` (``metalm eval RUN/final --task easyvqa --shots 0,4
---seeds 0,1,2 --per-group 300 --out RUN/bar`` writes the same) and are reused when they were asked the same;
-the page's block between its markers is rewritten from them (appended when the page has none).
+Each run's prediction files go under ``RUN/bar`` (``metalm eval RUN/final --task easyvqa --shots 0,4 --seeds
+0,1,2 --per-group 300 --out RUN/bar`` writes the same) and ``RUN/bar-query-image`` (the same k = 4
+demonstrations, each shown with the query's image: ``--demos query-image``), reused when they were asked the
+same; the page's block between its markers is rewritten from them (appended when the page has none).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from datetime import date
 from pathlib import Path
+
+import yaml
 
 from metalm.evaluation.breakdown import QUESTION_TYPES
 from metalm.evaluation.experiments import cached_eval, load_model
@@ -28,59 +34,148 @@ BEGIN = "<!-- quickstart-bar:begin (written by scripts/quickstart_bar.py) -->"
 END = "<!-- quickstart-bar:end -->"
 SHOTS = (0, 4)
 SEEDS = (0, 1, 2)
+QUERY_IMAGE_DIR = "bar-query-image"
+
+Table = dict[str, dict[str, dict[str, float]]]
 
 
 def evaluate_bar(run: Path, per_type: int) -> Path:
-    """easy-VQA at k = 0 and 4, ``per_type`` questions of each type, seeds 0-2, into ``run/bar``."""
-    out = run / "bar"
+    """easy-VQA at k = 0 and 4, ``per_type`` questions of each type, seeds 0-2, into ``run/bar``; the k = 4
+    demonstrations again, each shown with the query's image, into ``run/bar-query-image``."""
     model, processor = load_model(run / "final")  # the quickstart's is small: loaded to learn the cache holds
-    cached_eval(out, model, processor, "easyvqa", SHOTS, SEEDS, limit=None, per_group=per_type, batch_size=32)
-    return out
+    common = {"limit": None, "per_group": per_type, "batch_size": 32}
+    cached_eval(run / "bar", model, processor, "easyvqa", SHOTS, SEEDS, **common)
+    cached_eval(run / QUERY_IMAGE_DIR, model, processor, "easyvqa", SHOTS[1:], SEEDS,
+                demonstrations="query-image", **common)  # fmt: skip
+    return run / "bar"
 
 
-def verdicts(table: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """One line per question type: the bar (mean at k = 4 at least the k = 0 score) met or not."""
+def _read(folder: Path, shots: tuple[int, ...] = SHOTS) -> tuple[Table, list[str]]:
+    """The in-context table and its markdown lines of one evaluation folder."""
+    with tempfile.TemporaryDirectory() as tmp:  # in_context_table reads <dir>/easyvqa
+        (Path(tmp) / "easyvqa").symlink_to(folder.resolve())
+        return in_context_table(Path(tmp)), in_context_lines(Path(tmp), shots=shots)
+
+
+def _type_row(table: Table, qtype: str) -> dict[str, dict[str, float]] | None:
+    """A question type's row: in_context_table names it "easy-VQA <type> (n=...)"."""
+    return next((v for row, v in table.items() if row.startswith(f"easy-VQA {qtype} (")), None)
+
+
+def _training_seed(run: Path) -> str:
+    config = run / "config.yaml"
+    seed = yaml.safe_load(config.read_text()).get("run", {}).get("seed") if config.is_file() else None
+    return "?" if seed is None else str(seed)
+
+
+def verdicts(tables: list[Table]) -> list[str]:
+    """One line per question type: the bar (k = 4 at least k = 0, means over the runs' seeds of
+    demonstrations, then over the runs) met or not."""
     lines = []
-    for qtype in QUESTION_TYPES:  # in_context_table's row of a type: "easy-VQA <type> (n=...)"
-        by_k = next((v for row, v in table.items() if row.startswith(f"easy-VQA {qtype} (")), None)
-        if by_k is None:
+    for qtype in QUESTION_TYPES:
+        rows = [row for row in (_type_row(t, qtype) for t in tables) if row is not None]
+        if not rows:
             continue
-        before, after, change = by_k["0"]["mean"], by_k["4"]["mean"], by_k["change"]
+        before = statistics.fmean(r["0"]["mean"] for r in rows)
+        after = statistics.fmean(r["4"]["mean"] for r in rows)
+        changes = [r["change"] for r in rows]
         verdict = "met" if after >= before else "**not met**"
-        within = " (within its 95 % interval)" if abs(change["mean"]) <= change["ci95"] else ""
+        held = sum(r["4"]["mean"] >= r["0"]["mean"] for r in rows)
+        detail = ", ".join(f"{c['mean']:+.1f} ± {c['ci95']:.1f}" for c in changes)
         lines.append(
-            f"- {qtype}: {before:.1f} → {after:.1f}, change {change['mean']:+.1f} ± "
-            f"{change['ci95']:.1f}{within}: {verdict}"
+            f"- {qtype}: {before:.1f} → {after:.1f}: {verdict} (change by run {detail}; k = 4 ≥ k = 0 in "
+            f"{held} of {len(rows)} runs)"
         )
     return lines
 
 
-def bar_section(run: Path, bar: Path, per_type: int) -> list[str]:
-    """The page's block: what was run, the table, the verdicts, what it shows and what it does not."""
-    with tempfile.TemporaryDirectory() as tmp:  # in_context_lines reads <dir>/easyvqa
-        (Path(tmp) / "easyvqa").symlink_to(bar.resolve())
-        lines = in_context_lines(Path(tmp), shots=SHOTS)
-        table = in_context_table(Path(tmp))
-    day = date.fromtimestamp((bar / "summary.json").stat().st_mtime).isoformat()
+def runs_lines(runs: list[Path], tables: list[Table], shown: list[Table]) -> list[str]:
+    """A row per training run: each type at k = 0 → 4 (paired change ± 95 %), and at k = 4 with every
+    demonstration shown with the query's image."""
+    head = " | ".join(f"{q}: k = 0 → 4 | {q}, k = 4, the query's image" for q in QUESTION_TYPES)
+    lines = [f"| run | run.seed | {head} |", "|---|---:|" + "---|---:|" * len(QUESTION_TYPES)]
+    for run, table, with_query in zip(runs, tables, shown, strict=True):
+        cells = []
+        for qtype in QUESTION_TYPES:
+            row, alt = _type_row(table, qtype), _type_row(with_query, qtype)
+            if row is None:
+                cells += ["–", "–"]
+                continue
+            change = row["change"]
+            cells.append(
+                f"{row['0']['mean']:.1f} → {row['4']['mean']:.1f} ({change['mean']:+.1f} ± {change['ci95']:.1f})"
+            )
+            cells.append(f"{alt['4']['mean']:.1f}" if alt is not None else "–")
+        lines.append(f"| `{run}` | {_training_seed(run)} | {' | '.join(cells)} |")
+    return lines
+
+
+def query_image_lines(tables: list[Table], shown: list[Table]) -> list[str]:
+    """For each type that loses with demonstrations (mean over runs), how much of the loss the query's image
+    in every demonstration wins back: all of it says the model mixed the images up; none, that any example
+    before the query costs it."""
+    lines = []
+    for qtype in QUESTION_TYPES:
+        pairs = [(_type_row(t, qtype), _type_row(s, qtype)) for t, s in zip(tables, shown, strict=True)]
+        pairs = [(row, alt) for row, alt in pairs if row is not None and alt is not None]
+        if not pairs:
+            continue
+        before = statistics.fmean(row["0"]["mean"] for row, _ in pairs)
+        after = statistics.fmean(row["4"]["mean"] for row, _ in pairs)
+        alike = statistics.fmean(alt["4"]["mean"] for _, alt in pairs)
+        if after >= before:
+            continue
+        share = (alike - after) / (before - after)
+        lines.append(
+            f"- {qtype}: {before:.1f} with no demonstrations, {after:.1f} with four, {alike:.1f} with the same "
+            f"four each showing the query's image: {100 * share:.0f} % of the {before - after:.1f} points lost "
+            "won back"
+        )
+    return lines
+
+
+def bar_section(runs: list[Path], per_type: int) -> list[str]:
+    """The page's block: what was run, the first run's table, a row per run, the verdicts on their mean,
+    where the loss with demonstrations comes from, what it shows and what it does not."""
+    read = [_read(run / "bar") for run in runs]
+    tables = [table for table, _ in read]
+    shown = [_read(run / QUERY_IMAGE_DIR, SHOTS[1:])[0] for run in runs]
+    day = max(date.fromtimestamp((run / "bar" / "summary.json").stat().st_mtime) for run in runs).isoformat()
+    command = " ".join(f"--run {run}" for run in runs)
+    losses = query_image_lines(tables, shown)
     return [
         BEGIN,
-        f"`python scripts/quickstart_bar.py --run {run} --per-type {per_type}` on {day}: the quickstart model "
-        f"of `{run}` (its block above), {per_type} test questions of each type, k = 0 and 4 random "
-        "training-split demonstrations in the trained layout, seeds 0, 1, 2 of demonstrations (k = 0 is "
-        "greedy and runs once).",
+        f"`python scripts/quickstart_bar.py {command} --per-type {per_type}` on {day}: {len(runs)} training "
+        f"run(s) of the quickstart preset (the first one's block is above), {per_type} test questions of each "
+        "type, k = 0 and 4 random training-split demonstrations in the trained layout, seeds 0, 1, 2 of "
+        "demonstrations (k = 0 is greedy and runs once).",
         "",
-        *lines,
+        f"`{runs[0]}`:",
         "",
-        "The bar, k = 4 at least k = 0 per question type (mean over the seeds):",
+        *read[0][1],
         "",
-        *verdicts(table),
+        "Every run; the last column of each type: the same four demonstrations, each shown with the query's "
+        "image instead of its own (`metalm eval --demos query-image`):",
         "",
+        *runs_lines(runs, tables, shown),
+        "",
+        "The bar, k = 4 at least k = 0 per question type (mean over the seeds of demonstrations, then over "
+        "the runs):",
+        "",
+        *verdicts(tables),
+        "",
+        *(
+            ["Where a type loses with demonstrations (means over the runs):", "", *losses, ""]
+            if losses
+            else []
+        ),
         "It shows whether four demonstrations cost the model anything on each question type, and, in the "
         "yes/no rows after the types, on the questions about a colour or shape the image has (most easy-VQA "
         'yes/no questions ask about one it lacks, so falling back on "no" hides inside the yes/no score). '
+        "The query's image in every demonstration tells two causes of a loss apart: won back, the model "
+        "mixed up which image it was asked about; not won back, any example before the query costs it. "
         "It does not show learning from demonstrations: easy-VQA is learnt from its training split, so "
-        "k = 0 is already high; fast binding (above) is the task only demonstrations solve. One training "
-        "run: another training seed of the same preset differs by several points (docs/training.md gives two).",
+        "k = 0 is already high; fast binding (above) is the task only demonstrations solve.",
         END,
     ]
 
@@ -89,12 +184,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="a quickstart run folder")
+    parser.add_argument(
+        "--run", type=Path, action="append", help="a quickstart run folder; repeat for training runs of the "
+        "same preset (default: runs/quickstart)",
+    )  # fmt: skip
     parser.add_argument("--per-type", type=int, default=300, help="questions of each type")
     parser.add_argument("--page", type=Path, default=None, help="the results page to write the block into")
     args = parser.parse_args()
-    bar = evaluate_bar(args.run, args.per_type)
-    section = bar_section(args.run, bar, args.per_type)
+    runs = args.run or [Path("runs/quickstart")]
+    for run in runs:
+        evaluate_bar(run, args.per_type)
+    section = bar_section(runs, args.per_type)
     print("\n".join(section))
     if args.page:
         update_results_page(args.page, section, begin=BEGIN, end=END)

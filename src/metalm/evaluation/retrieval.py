@@ -29,10 +29,9 @@ from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import to_device
 from metalm.evaluation.protocol import Example, Task, TaskError
 
-__all__ = ["DEMONSTRATION_CHOICES", "SIMILARITY", "ExampleIndex", "example_vectors"]
+__all__ = ["SIMILARITY", "ExampleIndex", "example_vectors"]
 
-DEMONSTRATION_CHOICES = ("random", "similar")
-# How a summary names retrieval (``summary["demonstrations"]``; None for the default random draw).
+# How a summary names retrieval (``summary["demonstrations"]``; evaluation.demonstrations names the others).
 SIMILARITY = "the k most similar pool examples under the model's encoders, most similar last"
 
 PartsOf = Callable[[Example], list[Any]]
