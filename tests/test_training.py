@@ -104,6 +104,9 @@ def test_config_loads_and_overrides(tmp_path):
         ),
         (MINIMAL, ["data.streams.0.weight=-1"], "data.streams[0].weight: must be > 0"),
         (MINIMAL, ["model.semi_causal={span_min: 9, span_max: 3}"], "span_min (9) > span_max (3)"),
+        (MINIMAL, ["optim.decay_steps=10"], "optim.decay_steps: applies to schedule: wsd only"),
+        (MINIMAL, ["optim.schedule=wsd", "optim.decay_steps=2000"], "exceed max_steps (1000)"),
+        (MINIMAL, ["optim.schedule=step"], "optim.schedule: expected one of 'linear', 'cosine'"),
         (
             MINIMAL.replace("data:\n  streams:\n    - {source: pydoc}\n", ""),
             [],
@@ -116,6 +119,30 @@ def test_config_errors_name_file_and_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [  # the rate after each of 10 optimizer steps, warm-up 2, as fractions of optim.lr
+        ([], [0.5, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0]),
+        (["optim.schedule=constant"], [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+        (["optim.schedule=wsd", "optim.decay_steps=4"], [0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0]),
+        (["optim.schedule=wsd"], [0.5, 1, 1, 1, 1, 1, 1, 1, 0.5, 0]),  # the last fifth
+    ],
+)
+def test_learning_rate_schedules(tmp_path, overrides, expected):
+    from metalm.training.optimizer import build_scheduler
+
+    path = write_yaml(tmp_path / "x.yaml", MINIMAL)
+    optim = load_config(path, ["optim.warmup_steps=2", "optim.max_steps=10", *overrides]).optim
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    scheduler = build_scheduler(optimizer, optim)
+    rates = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0] / optim.lr)
+    assert rates == pytest.approx(expected, abs=1e-9)
 
 
 def test_config_missing_file_and_extends(tmp_path):

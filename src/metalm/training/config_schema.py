@@ -174,7 +174,10 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """AdamW with linear warm-up then linear decay to 0 at ``max_steps`` (optimizer steps).
+    """AdamW with linear warm-up over ``warmup_steps``, then the ``schedule``: ``linear`` decay to 0 at
+    ``max_steps`` (optimizer steps), ``cosine`` decay to 0, ``constant``, or ``wsd`` (warm-up, stable,
+    decay: the full rate until the last ``decay_steps``, then linear to 0; MiniCPM, Hägele et al. 2024),
+    under which a run's late steps (a curriculum's last streams) still train at the full rate.
     ``batch_size`` is per device and per micro-batch: one optimizer step sees
     ``batch_size * grad_accum * world_size`` samples."""
 
@@ -185,9 +188,30 @@ class OptimConfig(_Section):
     eps: Float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(1000, gt=0)
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = "linear"
+    decay_steps: int | None = Field(None, gt=0)  # wsd only; default: the last fifth of max_steps
     grad_clip: Annotated[Float, Field(gt=0)] | None = 1.0
     grad_accum: int = Field(1, gt=0)
     batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _decay_fits(self) -> OptimConfig:
+        if self.decay_steps is not None and self.schedule != "wsd":
+            raise FieldProblem(
+                f"applies to schedule: wsd only (the schedule is {self.schedule!r})", "decay_steps"
+            )
+        if self.schedule == "wsd" and self.warmup_steps + self.wsd_decay_steps > self.max_steps:
+            raise FieldProblem(
+                f"warmup_steps ({self.warmup_steps}) + decay_steps ({self.wsd_decay_steps}) exceed max_steps "
+                f"({self.max_steps})",
+                "decay_steps",
+            )
+        return self
+
+    @property
+    def wsd_decay_steps(self) -> int:
+        """The steps of the wsd schedule's final decay."""
+        return self.decay_steps if self.decay_steps is not None else max(1, self.max_steps // 5)
 
 
 class RunConfig(_Section):

@@ -51,12 +51,24 @@ def _can_fuse(groups: list[dict[str, Any]]) -> bool:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> Any:
-    """Linear warm-up over `optim.warmup_steps`, then linear decay to 0 at `optim.max_steps`.
+    """Linear warm-up over `optim.warmup_steps`, then `optim.schedule` (transformers' schedules): linear or
+    cosine decay to 0 at `optim.max_steps`, constant, or wsd (constant until the last `decay_steps`, then
+    linear to 0).
 
     Stepped once per optimizer step by :func:`metalm.training.step.train_step` (not through accelerate,
     which would step it once per process): `max_steps` counts optimizer steps."""
     from transformers import get_scheduler
+    from transformers.optimization import get_wsd_schedule
 
+    if optim.schedule == "wsd":
+        return get_wsd_schedule(
+            optimizer,
+            num_warmup_steps=optim.warmup_steps,
+            num_decay_steps=optim.wsd_decay_steps,
+            num_training_steps=optim.max_steps,
+            decay_type="linear",
+        )
+    name = {"constant": "constant_with_warmup"}.get(optim.schedule, optim.schedule)
     return get_scheduler(
-        "linear", optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=optim.max_steps
+        name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=optim.max_steps
     )
