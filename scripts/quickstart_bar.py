@@ -10,9 +10,8 @@ training run says little where two seeds differ by several points.
     python scripts/quickstart_bar.py --run runs/quickstart --run runs/quickstart-s1 --page docs/results.md
 
 Each run's prediction files go under ``RUN/bar`` (``metalm eval RUN/final --task easyvqa --shots 0,4 --seeds
-0,1,2 --per-group 300 --out RUN/bar`` writes the same) and ``RUN/bar-query-image`` (the same k = 4
-demonstrations, each shown with the query's image: ``--demos query-image``), reused when they were asked the
-same; the page's block between its markers is rewritten from them (appended when the page has none).
+0,1,2 --per-group 300 --out RUN/bar`` writes the same) and are reused when they were asked the same; the
+page's block between its markers is rewritten from them (appended when the page has none).
 """
 
 from __future__ import annotations
@@ -34,27 +33,23 @@ BEGIN = "<!-- quickstart-bar:begin (written by scripts/quickstart_bar.py) -->"
 END = "<!-- quickstart-bar:end -->"
 SHOTS = (0, 4)
 SEEDS = (0, 1, 2)
-QUERY_IMAGE_DIR = "bar-query-image"
 
 Table = dict[str, dict[str, dict[str, float]]]
 
 
 def evaluate_bar(run: Path, per_type: int) -> Path:
-    """easy-VQA at k = 0 and 4, ``per_type`` questions of each type, seeds 0-2, into ``run/bar``; the k = 4
-    demonstrations again, each shown with the query's image, into ``run/bar-query-image``."""
+    """easy-VQA at k = 0 and 4, ``per_type`` questions of each type, seeds 0-2, into ``run/bar``."""
+    out = run / "bar"
     model, processor = load_model(run / "final")  # the quickstart's is small: loaded to learn the cache holds
-    common = {"limit": None, "per_group": per_type, "batch_size": 32}
-    cached_eval(run / "bar", model, processor, "easyvqa", SHOTS, SEEDS, **common)
-    cached_eval(run / QUERY_IMAGE_DIR, model, processor, "easyvqa", SHOTS[1:], SEEDS,
-                demonstrations="query-image", **common)  # fmt: skip
-    return run / "bar"
+    cached_eval(out, model, processor, "easyvqa", SHOTS, SEEDS, limit=None, per_group=per_type, batch_size=32)
+    return out
 
 
-def _read(folder: Path, shots: tuple[int, ...] = SHOTS) -> tuple[Table, list[str]]:
+def _read(folder: Path) -> tuple[Table, list[str]]:
     """The in-context table and its markdown lines of one evaluation folder."""
     with tempfile.TemporaryDirectory() as tmp:  # in_context_table reads <dir>/easyvqa
         (Path(tmp) / "easyvqa").symlink_to(folder.resolve())
-        return in_context_table(Path(tmp)), in_context_lines(Path(tmp), shots=shots)
+        return in_context_table(Path(tmp)), in_context_lines(Path(tmp), shots=SHOTS)
 
 
 def _type_row(table: Table, qtype: str) -> dict[str, dict[str, float]] | None:
@@ -89,60 +84,31 @@ def verdicts(tables: list[Table]) -> list[str]:
     return lines
 
 
-def runs_lines(runs: list[Path], tables: list[Table], shown: list[Table]) -> list[str]:
-    """A row per training run: each type at k = 0 → 4 (paired change ± 95 %), and at k = 4 with every
-    demonstration shown with the query's image."""
-    head = " | ".join(f"{q}: k = 0 → 4 | {q}, k = 4, the query's image" for q in QUESTION_TYPES)
-    lines = [f"| run | run.seed | {head} |", "|---|---:|" + "---|---:|" * len(QUESTION_TYPES)]
-    for run, table, with_query in zip(runs, tables, shown, strict=True):
+def runs_lines(runs: list[Path], tables: list[Table]) -> list[str]:
+    """A row per training run: each type at k = 0 → 4 with the paired change and its 95 % interval."""
+    head = " | ".join(f"{q}: k = 0 → 4" for q in QUESTION_TYPES)
+    lines = [f"| run | run.seed | {head} |", "|---|---:|" + "---|" * len(QUESTION_TYPES)]
+    for run, table in zip(runs, tables, strict=True):
         cells = []
         for qtype in QUESTION_TYPES:
-            row, alt = _type_row(table, qtype), _type_row(with_query, qtype)
-            if row is None:
-                cells += ["–", "–"]
-                continue
-            change = row["change"]
+            row = _type_row(table, qtype)
+            change = row["change"] if row is not None else None
             cells.append(
                 f"{row['0']['mean']:.1f} → {row['4']['mean']:.1f} ({change['mean']:+.1f} ± {change['ci95']:.1f})"
+                if row is not None and change is not None
+                else "–"
             )
-            cells.append(f"{alt['4']['mean']:.1f}" if alt is not None else "–")
         lines.append(f"| `{run}` | {_training_seed(run)} | {' | '.join(cells)} |")
-    return lines
-
-
-def query_image_lines(tables: list[Table], shown: list[Table]) -> list[str]:
-    """For each type that loses with demonstrations (mean over runs), how much of the loss the query's image
-    in every demonstration wins back: all of it says the model mixed the images up; none, that any example
-    before the query costs it."""
-    lines = []
-    for qtype in QUESTION_TYPES:
-        pairs = [(_type_row(t, qtype), _type_row(s, qtype)) for t, s in zip(tables, shown, strict=True)]
-        pairs = [(row, alt) for row, alt in pairs if row is not None and alt is not None]
-        if not pairs:
-            continue
-        before = statistics.fmean(row["0"]["mean"] for row, _ in pairs)
-        after = statistics.fmean(row["4"]["mean"] for row, _ in pairs)
-        alike = statistics.fmean(alt["4"]["mean"] for _, alt in pairs)
-        if after >= before:
-            continue
-        share = (alike - after) / (before - after)
-        lines.append(
-            f"- {qtype}: {before:.1f} with no demonstrations, {after:.1f} with four, {alike:.1f} with the same "
-            f"four each showing the query's image: {100 * share:.0f} % of the {before - after:.1f} points lost "
-            "won back"
-        )
     return lines
 
 
 def bar_section(runs: list[Path], per_type: int) -> list[str]:
     """The page's block: what was run, the first run's table, a row per run, the verdicts on their mean,
-    where the loss with demonstrations comes from, what it shows and what it does not."""
+    what it shows and what it does not."""
     read = [_read(run / "bar") for run in runs]
     tables = [table for table, _ in read]
-    shown = [_read(run / QUERY_IMAGE_DIR, SHOTS[1:])[0] for run in runs]
     day = max(date.fromtimestamp((run / "bar" / "summary.json").stat().st_mtime) for run in runs).isoformat()
     command = " ".join(f"--run {run}" for run in runs)
-    losses = query_image_lines(tables, shown)
     return [
         BEGIN,
         f"`python scripts/quickstart_bar.py {command} --per-type {per_type}` on {day}: {len(runs)} training "
@@ -154,26 +120,18 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
         "",
         *read[0][1],
         "",
-        "Every run; the last column of each type: the same four demonstrations, each shown with the query's "
-        "image instead of its own (`metalm eval --demos query-image`):",
+        "Every run (paired change ± 95 % interval):",
         "",
-        *runs_lines(runs, tables, shown),
+        *runs_lines(runs, tables),
         "",
         "The bar, k = 4 at least k = 0 per question type (mean over the seeds of demonstrations, then over "
         "the runs):",
         "",
         *verdicts(tables),
         "",
-        *(
-            ["Where a type loses with demonstrations (means over the runs):", "", *losses, ""]
-            if losses
-            else []
-        ),
         "It shows whether four demonstrations cost the model anything on each question type, and, in the "
         "yes/no rows after the types, on the questions about a colour or shape the image has (most easy-VQA "
         'yes/no questions ask about one it lacks, so falling back on "no" hides inside the yes/no score). '
-        "The query's image in every demonstration tells two causes of a loss apart: won back, the model "
-        "mixed up which image it was asked about; not won back, any example before the query costs it. "
         "It does not show learning from demonstrations: easy-VQA is learnt from its training split, so "
         "k = 0 is already high; fast binding (above) is the task only demonstrations solve.",
         END,

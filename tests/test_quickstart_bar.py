@@ -26,8 +26,6 @@ def test_bar_block_from_its_own_evaluation_reused_on_a_rerun(script, tiny_saved,
     assert sorted(p.name for p in bar.glob("predictions-*.jsonl")) == [
         "predictions-easyvqa-k0-s0.jsonl", *(f"predictions-easyvqa-k4-s{s}.jsonl" for s in (0, 1, 2))
     ]  # fmt: skip
-    shown = sorted(p.name for p in (run / script.QUERY_IMAGE_DIR).glob("predictions-*.jsonl"))
-    assert shown == [f"predictions-easyvqa-k4-s{s}.jsonl" for s in (0, 1, 2)]
     written = (bar / "summary.json").stat().st_mtime_ns
     page = tmp_path / "results.md"
     page.write_text("# Results\n\nhand-written\n")
@@ -36,9 +34,7 @@ def test_bar_block_from_its_own_evaluation_reused_on_a_rerun(script, tiny_saved,
     script.update_results_page(page, section, begin=script.BEGIN, end=script.END)
     text = page.read_text()
     assert text.count(script.BEGIN) == 1 and "hand-written" in text
-    verdicts = [
-        line for line in section if line.startswith("- ") and " → " in line and "won back" not in line
-    ]
+    verdicts = [line for line in section if line.startswith("- ") and " → " in line]
     assert [v.split(":")[0] for v in verdicts] == ["- colour", "- shape", "- yes/no"]
     for line in verdicts:  # each verdict follows from its own figures
         before, after = (float(x) for x in line.split(": ", 1)[1].split(": ")[0].split(" → "))
@@ -63,7 +59,7 @@ def test_several_runs_are_judged_on_their_mean(script, tiny_saved, tmp_path):
     rows = [line for line in section if line.startswith("| `")]
     assert [row.split(" | ")[0] for row in rows] == [f"| `{runs[0]}`", f"| `{runs[1]}`"]
     tables = [script._read(run / "bar")[0] for run in runs]
-    for line in (v for v in section if v.startswith("- ") and "won back" not in v):
+    for line in (v for v in section if v.startswith("- ")):
         qtype = line[2:].split(":")[0]
         rows = [script._type_row(t, qtype) for t in tables]
         mean = sum(r["4"]["mean"] for r in rows) / 2, sum(r["0"]["mean"] for r in rows) / 2

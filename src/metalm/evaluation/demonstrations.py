@@ -14,11 +14,6 @@
   (normalised over the options) is divided by the content-free one, so that a label the demonstrations
   make likely whatever the query says no longer wins for that reason. Off by default (``metalm eval
   --calibrate``): the paper's protocol does not calibrate.
-* **The query's image in every demonstration** (:func:`with_query_image`, ``metalm eval --demos
-  query-image``): the random draw, each demonstration shown with the query's image instead of its own.
-  Where demonstrations cost accuracy, it tells two causes apart: if the loss goes away, the model mixed up
-  which image it was asked about; if it stays, reading any example after another one costs it (the
-  demonstrations' text and length, not their images).
 """
 
 from __future__ import annotations
@@ -31,41 +26,21 @@ from typing import Any
 
 from metalm.evaluation import metrics as M
 from metalm.evaluation.protocol import Example
-from metalm.evaluation.retrieval import SIMILARITY
 
 __all__ = [
     "CALIBRATION",
     "CONTENT_FREE",
-    "DEMONSTRATION_CHOICES",
-    "DEMONSTRATION_PROTOCOLS",
     "calibrated_choice",
     "content_free",
     "copying_markdown",
     "copying_rates",
     "demonstration_vote",
     "shared_fields",
-    "with_query_image",
 ]
 
 CONTENT_FREE = "N/A"
 # How a calibrated summary names its calibration (``summary["calibration"]``; None when off).
 CALIBRATION = "content-free query (N/A), ranked tasks"
-QUERY_IMAGE = "drawn at random, each shown with the query's image instead of its own"
-# How each query's demonstrations are chosen (`metalm eval --demos`), and how a summary names the choice
-# (``summary["demonstrations"]``; None for the paper's random draw).
-DEMONSTRATION_PROTOCOLS: dict[str, str | None] = {
-    "random": None,
-    "similar": SIMILARITY,
-    "query-image": QUERY_IMAGE,
-}
-DEMONSTRATION_CHOICES = tuple(DEMONSTRATION_PROTOCOLS)
-
-
-def with_query_image(demos: Sequence[Example], query: Example) -> list[Example]:
-    """``demos`` each shown with ``query``'s image instead of its own (a query without one: unchanged)."""
-    if query.image is None:
-        return list(demos)
-    return [replace(demo, image=query.image) for demo in demos]
 
 
 def content_free(ex: Example, keep: Collection[str] = ()) -> Example:

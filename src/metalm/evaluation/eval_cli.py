@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from metalm.data.processor import MetaLMProcessor
-from metalm.evaluation.demonstrations import DEMONSTRATION_CHOICES
 from metalm.evaluation.own_data import data_tasks, read_own_data
+from metalm.evaluation.retrieval import DEMONSTRATION_CHOICES
 from metalm.evaluation.runner import evaluate
 from metalm.evaluation.tasks import TaskError, get_task
 
@@ -158,9 +158,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument(
         "--demos", choices=DEMONSTRATION_CHOICES, default="random",
         help="how each query's k demonstrations are chosen: random (a draw per example and seed, the paper's "
-        "protocol), similar (the pool examples most like the query under the model's own encoders, most "
-        "similar last: RICES / KATE; one run per k) or query-image (the random draw, each demonstration "
-        "shown with the query's image: do demonstrations cost accuracy because the model mixes images up?)",
+        "protocol) or similar (the pool examples most like the query under the model's own encoders, most "
+        "similar last: RICES / KATE; one run per k)",
     )  # fmt: skip
     p.add_argument("--normalization", choices=("sum", "mean"), default=None, help="override option scoring")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -113,7 +113,8 @@ def cached_eval(
     one exists for the same shots, seeds, limit, per-group cap, calibration and choice of demonstrations and
     holds every task asked (a page must not state a limit its cached figures were not measured with, nor
     lose a task added to a step)."""
-    from metalm.evaluation.demonstrations import CALIBRATION, DEMONSTRATION_PROTOCOLS
+    from metalm.evaluation.demonstrations import CALIBRATION
+    from metalm.evaluation.retrieval import SIMILARITY
     from metalm.evaluation.runner import evaluate
 
     summary = out / "summary.json"
@@ -125,7 +126,7 @@ def cached_eval(
             "limit": kw.get("limit"),
             "per_group": kw.get("per_group"),
             "calibration": CALIBRATION if kw.get("calibrate") else None,
-            "demonstrations": DEMONSTRATION_PROTOCOLS[kw.get("demonstrations", "random")],
+            "demonstrations": SIMILARITY if kw.get("demonstrations") == "similar" else None,
         }
         found = {key: cached.get(key) for key in asked}
         names = [task] if isinstance(task, str) else [getattr(t, "name", t) for t in task]

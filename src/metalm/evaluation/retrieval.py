@@ -29,9 +29,10 @@ from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import to_device
 from metalm.evaluation.protocol import Example, Task, TaskError
 
-__all__ = ["SIMILARITY", "ExampleIndex", "example_vectors"]
+__all__ = ["DEMONSTRATION_CHOICES", "SIMILARITY", "ExampleIndex", "example_vectors"]
 
-# How a summary names retrieval (``summary["demonstrations"]``; evaluation.demonstrations names the others).
+DEMONSTRATION_CHOICES = ("random", "similar")
+# How a summary names retrieval (``summary["demonstrations"]``; None for the default random draw).
 SIMILARITY = "the k most similar pool examples under the model's encoders, most similar last"
 
 PartsOf = Callable[[Example], list[Any]]

@@ -29,15 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from metalm.data.processor import MetaLMProcessor
-from metalm.evaluation.demonstrations import (
-    CALIBRATION,
-    DEMONSTRATION_CHOICES,
-    DEMONSTRATION_PROTOCOLS,
-    copying_markdown,
-)
+from metalm.evaluation.demonstrations import CALIBRATION, copying_markdown
 from metalm.evaluation.icl import resolve_baseline
 from metalm.evaluation.own_data import group_markdown
-from metalm.evaluation.retrieval import SIMILARITY
+from metalm.evaluation.retrieval import DEMONSTRATION_CHOICES, SIMILARITY
 from metalm.evaluation.scoring import decoder_context_length, generate_samples, score_samples
 from metalm.evaluation.task_runs import evaluate_task, subset_examples
 from metalm.evaluation.tasks import METRICS, Task, TaskError, get_task, in_model_layout, with_overrides
@@ -55,7 +50,6 @@ __all__ = [
 
 def _results_markdown(summary: dict[str, Any]) -> str:
     shots = sorted({int(k) for t in summary["results"].values() for k in t})
-    once = " (one run per k)" if summary.get("demonstrations") == SIMILARITY else ""  # retrieval has no draw
     head = "| task | metric | " + " | ".join(f"k={k}" for k in shots) + " |"
     lines = [
         "# metalm evaluation",
@@ -66,7 +60,11 @@ def _results_markdown(summary: dict[str, Any]) -> str:
         f"- limit: {summary['limit'] if summary['limit'] is not None else 'all'}",
         *([f"- at most {summary['per_group']} examples per group"] if summary.get("per_group") else []),
         *([f"- calibration: {summary['calibration']}"] if summary.get("calibration") else []),
-        *([f"- demonstrations: {summary['demonstrations']}{once}"] if summary.get("demonstrations") else []),
+        *(
+            [f"- demonstrations: {summary['demonstrations']} (one run per k)"]
+            if summary.get("demonstrations")
+            else []
+        ),
         "- scores x100 (accuracy, F1, BLEU-4, ROUGE-L: 0-100; CIDEr-D: 0-1000, as papers print it)",
         "- mean ± std (sample std) over seeds; a score from one run (one seed, or k=0) has no spread",
         "",
@@ -100,13 +98,12 @@ def _checked_runs(shots: Sequence[int], seeds: Sequence[int], batch_size: int) -
     return shots, seeds
 
 
-def _warn_of_choices_that_do_nothing(tasks: Sequence[Task], calibrate: bool, demonstrations: str) -> None:
+def _warn_of_choices_that_do_nothing(tasks: Sequence[Task], calibrate: bool, similar: bool) -> None:
     """A warning for each option these tasks ignore or that defeats another."""
     names = [t.name for t in tasks]
-    similar = demonstrations == "similar"
-    if demonstrations != "random" and all(t.episodes is not None for t in tasks):
+    if similar and all(t.episodes is not None for t in tasks):
         logger.warning(
-            "--demos %s: %s draw their own demonstrations (episodes), as they are", demonstrations, names
+            "--demos similar: %s draw their own demonstrations (episodes); nothing retrieved", names
         )
     if calibrate and not any(t.scoring == "rank" for t in tasks):
         logger.warning("--calibrate applies to ranked tasks; %s generate their answers, uncalibrated", names)
@@ -147,9 +144,8 @@ def evaluate(
     group is measured on as many examples as a common one (``subset_examples``). ``calibrate``: ranked
     tasks choose by contextual calibration against a content-free query (:mod:`metalm.evaluation.demonstrations`);
     generated tasks are unchanged. ``demonstrations``: ``random`` (a draw per example and seed, the paper's
-    protocol), ``similar`` (the pool examples most like each query under the model's encoders) or
-    ``query-image`` (the random draw, each shown with the query's image: :func:`with_query_image`); episode
-    tasks draw their own.
+    protocol) or ``similar`` (the pool examples most like each query under the model's encoders; episode
+    tasks draw their own).
 
     Returns the summary (also written to ``out_dir/summary.json`` with ``results.md`` and the prediction
     files when ``out_dir`` is given): ``{"results": {task: {str(k): {"seeds": {str(seed): metrics},
@@ -165,7 +161,8 @@ def evaluate(
     shots, seeds = _checked_runs(shots, seeds, batch_size)
     if demonstrations not in DEMONSTRATION_CHOICES:
         raise TaskError(f"demonstrations must be one of {DEMONSTRATION_CHOICES}, got {demonstrations!r}")
-    _warn_of_choices_that_do_nothing(tasks, calibrate, demonstrations)
+    similar = demonstrations == "similar"
+    _warn_of_choices_that_do_nothing(tasks, calibrate, similar)
     baseline = resolve_baseline(model, baseline)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -181,7 +178,7 @@ def evaluate(
         "limit": limit,
         "per_group": per_group,
         "calibration": CALIBRATION if calibrate else None,
-        "demonstrations": DEMONSTRATION_PROTOCOLS[demonstrations],
+        "demonstrations": SIMILARITY if similar else None,
         "protocols": {t.name: t.settings() for t in tasks},
         "results": {},
     }
@@ -190,7 +187,7 @@ def evaluate(
             summary["results"][t.name] = evaluate_task(
                 model, processor, t, shots, seeds, limit=limit, per_group=per_group, out=out, baseline=baseline,
                 separator=separator, batch_size=batch_size, progress=progress, calibrate=calibrate,
-                similar=demonstrations == "similar", query_image=demonstrations == "query-image",
+                similar=similar,
             )  # fmt: skip
     finally:
         model.train(was_training)

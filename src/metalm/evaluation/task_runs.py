@@ -17,13 +17,7 @@ from tqdm.auto import tqdm
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.data.segments import Sample, TextSegment
-from metalm.evaluation.demonstrations import (
-    calibrated_choice,
-    content_free,
-    copying_rates,
-    shared_fields,
-    with_query_image,
-)
+from metalm.evaluation.demonstrations import calibrated_choice, content_free, copying_rates, shared_fields
 from metalm.evaluation.icl import (
     build_prompt,
     describe_prompt,
@@ -105,14 +99,12 @@ def _run_once(
     progress: bool,
     calibrate: bool = False,
     retrieval: ExampleIndex | None = None,
-    query_image: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Example]]:
     """Per-example records (id, prompt, prediction, gold, score, the demonstrations' answers, ...) for one
     (task, k, seed), and the queries as asked (an episode task renames their answers). ``calibrate``: a
     ranked task's choice is calibrated against a content-free query (:mod:`~metalm.evaluation.demonstrations`);
     ``retrieval``: each query's demonstrations are the pool examples most similar to it
-    (:mod:`~metalm.evaluation.retrieval`) instead of a random draw; ``query_image``: the demonstrations
-    drawn are shown with the query's image (:func:`~metalm.evaluation.demonstrations.with_query_image`)."""
+    (:mod:`~metalm.evaluation.retrieval`) instead of a random draw."""
     fits = None if baseline else encoder_fits(processor)
     images = bool(encoders_of_field(model.config, "image"))
     same_pool = task.demo_split is None or task.demo_split == task.eval_split
@@ -125,8 +117,6 @@ def _run_once(
             (sample_demonstrations(pool, k, seed=seed, index=i, exclude_id=ex.id if same_pool else None), ex)
             for i, ex in enumerate(examples)
         ]
-    if query_image and task.episodes is None:
-        episodes = [(with_query_image(demos, query), query) for demos, query in episodes]
     queries = [query for _, query in episodes]
 
     def built(demos: Sequence[Example], query: Example, i: int) -> tuple[list[Any], Sample]:
