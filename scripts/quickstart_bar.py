@@ -133,7 +133,13 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
         "yes/no rows after the types, on the questions about a colour or shape the image has (most easy-VQA "
         'yes/no questions ask about one it lacks, so falling back on "no" hides inside the yes/no score). '
         "It does not show learning from demonstrations: easy-VQA is learnt from its training split, so "
-        "k = 0 is already high; fast binding (above) is the task only demonstrations solve.",
+        "k = 0 is already high; fast binding (above) is the task only demonstrations solve."
+        + (
+            " One training run: another training seed of the same preset differs by several points (give "
+            "several --run)."
+            if len(runs) == 1
+            else ""
+        ),
         END,
     ]
 
