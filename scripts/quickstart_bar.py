@@ -114,7 +114,9 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
         f"`python scripts/quickstart_bar.py {command} --per-type {per_type}` on {day}: {len(runs)} training "
         f"run(s) of the quickstart preset (the first one's block is above), {per_type} test questions of each "
         "type, k = 0 and 4 random training-split demonstrations in the trained layout, seeds 0, 1, 2 of "
-        "demonstrations (k = 0 is greedy and runs once).",
+        "demonstrations (k = 0 is greedy and runs once). Where the quickstart rows of the bars table above "
+        "(`scripts/interface_results.py`'s runs) differ, they are of an earlier preset; these are of the runs "
+        "named here.",
         "",
         f"`{runs[0]}`:",
         "",
