@@ -77,8 +77,10 @@ def verdicts(tables: list[Table]) -> list[str]:
         verdict = "met" if after >= before else "**not met**"
         held = sum(r["4"]["mean"] >= r["0"]["mean"] for r in rows)
         detail = ", ".join(f"{c['mean']:+.1f} ± {c['ci95']:.1f}" for c in changes)
+        # A shortfall that one decimal would round away is shown with two.
+        d = 2 if after < before and f"{before:.1f}" == f"{after:.1f}" else 1
         lines.append(
-            f"- {qtype}: {before:.1f} → {after:.1f}: {verdict} (change by run {detail}; k = 4 ≥ k = 0 in "
+            f"- {qtype}: {before:.{d}f} → {after:.{d}f}: {verdict} (change by run {detail}; k = 4 ≥ k = 0 in "
             f"{held} of {len(rows)} runs)"
         )
     return lines
