@@ -26,7 +26,7 @@ import yaml
 
 from metalm.evaluation.breakdown import QUESTION_TYPES
 from metalm.evaluation.experiments import cached_eval, load_model
-from metalm.evaluation.in_context import in_context_lines, in_context_table
+from metalm.evaluation.in_context import in_context_markdown, in_context_table
 from metalm.quickstart import update_results_page
 
 BEGIN = "<!-- quickstart-bar:begin (written by scripts/quickstart_bar.py) -->"
@@ -45,11 +45,11 @@ def evaluate_bar(run: Path, per_type: int) -> Path:
     return out
 
 
-def _read(folder: Path) -> tuple[Table, list[str]]:
-    """The in-context table and its markdown lines of one evaluation folder."""
+def _read(folder: Path) -> Table:
+    """The in-context table of one evaluation folder."""
     with tempfile.TemporaryDirectory() as tmp:  # in_context_table reads <dir>/easyvqa
         (Path(tmp) / "easyvqa").symlink_to(folder.resolve())
-        return in_context_table(Path(tmp)), in_context_lines(Path(tmp), shots=SHOTS)
+        return in_context_table(Path(tmp))
 
 
 def _type_row(table: Table, qtype: str) -> dict[str, dict[str, float]] | None:
@@ -107,8 +107,7 @@ def runs_lines(runs: list[Path], tables: list[Table]) -> list[str]:
 def bar_section(runs: list[Path], per_type: int) -> list[str]:
     """The page's block: what was run, the first run's table, a row per run, the verdicts on their mean,
     what it shows and what it does not."""
-    read = [_read(run / "bar") for run in runs]
-    tables = [table for table, _ in read]
+    tables = [_read(run / "bar") for run in runs]
     day = max(date.fromtimestamp((run / "bar" / "summary.json").stat().st_mtime) for run in runs).isoformat()
     command = " ".join(f"--run {run}" for run in runs)
     return [
@@ -122,7 +121,7 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
         "",
         f"`{runs[0]}`:",
         "",
-        *read[0][1],
+        *in_context_markdown(tables[0], SHOTS),
         "",
         "Every run (paired change ± 95 % interval):",
         "",

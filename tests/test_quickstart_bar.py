@@ -58,7 +58,7 @@ def test_several_runs_are_judged_on_their_mean(script, tiny_saved, tmp_path):
     section = script.bar_section(runs, 2)
     rows = [line for line in section if line.startswith("| `")]
     assert [row.split(" | ")[0] for row in rows] == [f"| `{runs[0]}`", f"| `{runs[1]}`"]
-    tables = [script._read(run / "bar")[0] for run in runs]
+    tables = [script._read(run / "bar") for run in runs]
     for line in (v for v in section if v.startswith("- ")):
         qtype = line[2:].split(":")[0]
         rows = [script._type_row(t, qtype) for t in tables]

@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FASTBIND_SHOWN", "ICL_SHOTS", "evaluate_in_context", "in_context_lines", "in_context_table"]
+__all__ = [
+    "FASTBIND_SHOWN",
+    "ICL_SHOTS",
+    "evaluate_in_context",
+    "in_context_lines",
+    "in_context_markdown",
+    "in_context_table",
+]
 
 ICL_SHOTS = (0, 1, 4)
 FASTBIND_SHOWN = ("fastbind-shape-2way", "fastbind-shape-2way-real", "fastbind-color-5way")
@@ -163,9 +170,15 @@ def _changes(vqa: Path, shots: list[int]) -> dict[str, dict[str, float]]:
 
 
 def in_context_lines(out_dir: Path, shots: Sequence[int] = ICL_SHOTS) -> list[str]:
-    """The table as markdown: a row per task (and easy-VQA question type), a column per k, and for each
-    question type the change from k = 0 to the largest k with its 95 % interval."""
-    table = in_context_table(out_dir)
+    """The table of the evaluation files under `out_dir` as markdown (:func:`in_context_markdown`)."""
+    return in_context_markdown(in_context_table(out_dir), shots)
+
+
+def in_context_markdown(
+    table: dict[str, dict[str, dict[str, float]]], shots: Sequence[int] = ICL_SHOTS
+) -> list[str]:
+    """An :func:`in_context_table` as markdown: a row per task (and easy-VQA question type), a column per k,
+    and for each question type the change from k = 0 to the largest k with its 95 % interval."""
     head = " | ".join(f"k = {k}" for k in shots)
     to_k = next((by_k["change"]["k"] for by_k in table.values() if "change" in by_k), None)
     change_head = f" | change k = 0 → {to_k:.0f} (95 % interval) |" if to_k is not None else " |"
