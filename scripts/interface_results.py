@@ -335,7 +335,7 @@ def append_quickstart_run(page: Path, run: Path) -> None:
     update_results_page(page, results_section(run, train_s, eval_s))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--runs", type=Path, default=REPO / "runs")
@@ -397,7 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip the rows with demonstrations retrieved like each query (metalm eval --demos similar)",
     )  # fmt: skip
     p.add_argument("--page", type=Path, default=PAGE)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.time()
     results: dict[str, Any] = {}

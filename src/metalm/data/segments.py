@@ -184,6 +184,28 @@ def collate(
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     batch = len(groups)
+    rows, payloads, owners = _lay_out_rows(flats, groups, width, pad_token_id, padding_side)
+    encoder_inputs, slots = _encoder_batch(config, payloads, owners, (batch, width))
+    sequence_ids = rows.pop("sequence_ids")
+    out = {**rows, "encoder_inputs": encoder_inputs, "encoder_slots": slots}
+    if pack is not None:
+        out["sequence_ids"] = sequence_ids
+    heard = {
+        name: _transcripts(payloads[name], weight)
+        for name, weight in (transcripts or {}).items()
+        if name in payloads and weight
+    }
+    if heard:
+        out["encoder_transcripts"] = heard
+    return out
+
+
+def _lay_out_rows(
+    flats: list[_Flat], groups: list[list[int]], width: int, pad_token_id: int, padding_side: str
+) -> tuple[dict[str, torch.Tensor], dict[str, list[EncodedSegment]], list[tuple[int, int, str]]]:
+    """The batch's rows: each group's flattened samples side by side, padded on `padding_side`; with the
+    encoded payloads in reading order and the (row, position, encoder) of every slot position."""
+    batch = len(groups)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
@@ -208,25 +230,14 @@ def collate(
                 payloads.setdefault(seg.encoder, []).append(seg)
             owners += [(r, at + p, name) for p, name in enumerate(flat.owner) if name is not None]
             at += m
-    encoder_inputs, slots = _encoder_batch(config, payloads, owners, (batch, width))
-    out = {
+    rows = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "labels": labels,
-        "encoder_inputs": encoder_inputs,
-        "encoder_slots": slots,
+        "sequence_ids": sequence_ids,
     }
-    if pack is not None:
-        out["sequence_ids"] = sequence_ids
-    heard = {
-        name: _transcripts(payloads[name], weight)
-        for name, weight in (transcripts or {}).items()
-        if name in payloads and weight
-    }
-    if heard:
-        out["encoder_transcripts"] = heard
-    return out
+    return rows, payloads, owners
 
 
 def _encoder_batch(
