@@ -110,6 +110,13 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
     tables = [_read(run / "bar") for run in runs]
     day = max(date.fromtimestamp((run / "bar" / "summary.json").stat().st_mtime) for run in runs).isoformat()
     command = " ".join(f"--run {run}" for run in runs)
+    verdict_lines = verdicts(tables)
+    tried = (
+        ["", 'What was tried where a bar is not met, and what each variant measured: docs/training.md ("Measured": '
+         "its table of variants and the three-run comparisons)."]
+        if any("not met" in line for line in verdict_lines)
+        else []
+    )  # fmt: skip
     return [
         BEGIN,
         f"`python scripts/quickstart_bar.py {command} --per-type {per_type}` on {day}: {len(runs)} training "
@@ -130,7 +137,8 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
         "The bar, k = 4 at least k = 0 per question type (mean over the seeds of demonstrations, then over "
         "the runs):",
         "",
-        *verdicts(tables),
+        *verdict_lines,
+        *tried,
         "",
         "It shows whether four demonstrations cost the model anything on each question type, and, in the "
         "yes/no rows after the types, on the questions about a colour or shape the image has (most easy-VQA "

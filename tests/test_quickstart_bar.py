@@ -40,6 +40,8 @@ def test_bar_block_from_its_own_evaluation_reused_on_a_rerun(script, tiny_saved,
         before, after = (float(x) for x in line.split(": ", 1)[1].split(": ")[0].split(" → "))
         assert (": met" in line) == (after >= before)
     assert "| easy-VQA yes/no (n=2) |" in text
+    # A bar not met points to what was tried; all met, the block does not.
+    assert any("What was tried" in line for line in section) == any("not met" in v for v in verdicts)
     assert f"| `{run}` | 7 |" in text  # the run's row names its training seed
     script.evaluate_bar(run, per_type=2)  # asked the same: the files are reused
     assert (bar / "summary.json").stat().st_mtime_ns == written
