@@ -26,7 +26,7 @@ import yaml
 
 from metalm.evaluation.breakdown import QUESTION_TYPES
 from metalm.evaluation.experiments import cached_eval, load_model
-from metalm.evaluation.in_context import in_context_markdown, in_context_table
+from metalm.evaluation.in_context import in_context_markdown, in_context_table, type_row
 from metalm.quickstart import update_results_page
 
 BEGIN = "<!-- quickstart-bar:begin (written by scripts/quickstart_bar.py) -->"
@@ -52,11 +52,6 @@ def _read(folder: Path) -> Table:
         return in_context_table(Path(tmp))
 
 
-def _type_row(table: Table, qtype: str) -> dict[str, dict[str, float]] | None:
-    """A question type's row: in_context_table names it "easy-VQA <type> (n=...)"."""
-    return next((v for row, v in table.items() if row.startswith(f"easy-VQA {qtype} (")), None)
-
-
 def _training_seed(run: Path) -> str:
     config = run / "config.yaml"
     seed = yaml.safe_load(config.read_text()).get("run", {}).get("seed") if config.is_file() else None
@@ -68,7 +63,7 @@ def verdicts(tables: list[Table]) -> list[str]:
     demonstrations, then over the runs) met or not."""
     lines = []
     for qtype in QUESTION_TYPES:
-        rows = [row for row in (_type_row(t, qtype) for t in tables) if row is not None]
+        rows = [row for row in (type_row(t, qtype) for t in tables) if row is not None]
         if not rows:
             continue
         before = statistics.fmean(r["0"]["mean"] for r in rows)
@@ -93,7 +88,7 @@ def runs_lines(runs: list[Path], tables: list[Table]) -> list[str]:
     for run, table in zip(runs, tables, strict=True):
         cells = []
         for qtype in QUESTION_TYPES:
-            row = _type_row(table, qtype)
+            row = type_row(table, qtype)
             change = row["change"] if row is not None else None
             cells.append(
                 f"{row['0']['mean']:.1f} → {row['4']['mean']:.1f} ({change['mean']:+.1f} ± {change['ci95']:.1f})"

@@ -63,7 +63,7 @@ def test_several_runs_are_judged_on_their_mean(script, tiny_saved, tmp_path):
     tables = [script._read(run / "bar") for run in runs]
     for line in (v for v in section if v.startswith("- ")):
         qtype = line[2:].split(":")[0]
-        rows = [script._type_row(t, qtype) for t in tables]
+        rows = [script.type_row(t, qtype) for t in tables]
         mean = sum(r["4"]["mean"] for r in rows) / 2, sum(r["0"]["mean"] for r in rows) / 2
         assert f"{mean[1]:.1f} → {mean[0]:.1f}" in line
         assert f"in {sum(r['4']['mean'] >= r['0']['mean'] for r in rows)} of 2 runs" in line

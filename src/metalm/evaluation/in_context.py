@@ -22,6 +22,7 @@ __all__ = [
     "in_context_lines",
     "in_context_markdown",
     "in_context_table",
+    "type_row",
 ]
 
 ICL_SHOTS = (0, 1, 4)
@@ -101,7 +102,7 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
             for qtype in QUESTION_TYPES:
                 cells = [s[qtype] for s in seeds if qtype in s]
                 if cells:
-                    row = f"easy-VQA {qtype} (n={cells[0]['n']})"
+                    row = f"{_type_prefix(qtype)}{cells[0]['n']})"
                     put(row, k, [c["accuracy"] for c in cells])
                     if qtype in changes:
                         table[row]["change"] = changes[qtype]
@@ -112,6 +113,15 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
             for k, entry in by_k.items():
                 put(f"{task} (n={entry['n']})", k, [m["accuracy"] for m in entry["seeds"].values()])
     return table
+
+
+def _type_prefix(qtype: str) -> str:
+    return f"easy-VQA {qtype} (n="
+
+
+def type_row(table: dict[str, dict[str, dict[str, float]]], qtype: str) -> dict[str, dict[str, float]] | None:
+    """A question type's row of an :func:`in_context_table` (its name carries the question count), or None."""
+    return next((v for row, v in table.items() if row.startswith(_type_prefix(qtype))), None)
 
 
 def _yes_no_rows(
