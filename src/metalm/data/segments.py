@@ -183,9 +183,8 @@ def collate(
     width = max(sum(len(flats[i].ids) for i in group) for group in groups)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    batch = len(groups)
     rows, payloads, owners = _lay_out_rows(flats, groups, width, pad_token_id, padding_side)
-    encoder_inputs, slots = _encoder_batch(config, payloads, owners, (batch, width))
+    encoder_inputs, slots = _encoder_batch(config, payloads, owners, (len(groups), width))
     sequence_ids = rows.pop("sequence_ids")
     out = {**rows, "encoder_inputs": encoder_inputs, "encoder_slots": slots}
     if pack is not None:
