@@ -65,6 +65,9 @@ class EncoderRecipe:
     connector: StrictStr | dict[StrictStr, Any] = "linear"
     trainable_layers: StrictInt | None = None
     image_size: StrictInt = 224
+    # A vision encoder: the layer (or layers, concatenated) whose outputs become slots (None: the last;
+    # metalm.modalities.vision).
+    feature_layer: StrictInt | list[StrictInt] | None = None
     max_length: StrictInt | None = None
     # Before training, fit the (linear) connector by least squares on this many tokens of the run's text
     # documents, so that each slot starts at the decoder's embedding of the word under it (text encoders

