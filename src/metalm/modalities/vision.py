@@ -1,6 +1,10 @@
 """Vision encoders: an image read by EfficientNet-Lite0 (packaged) or an HF vision tower (CLIP, SigLIP,
 ViT, ...), one slot per output vector (a fixed count, measured when the model is built).
 
+The processor parts are `ImageInput` and a bare PIL image; the preprocessor is an `ImagePreprocessor` with
+the normalisation the backbone was trained with; a segment holds `pixel_values` [3, H, W], and the payload
+stacks them.
+
 `feature_layer` picks the layer whose outputs become slots (LLaVA's `vision_feature_layer`): None, the
 backbone's last; else an index into its layer outputs, negative from the end (EfficientNet-Lite0: 0 the
 stem, 1-16 its blocks, 17 the head; an HF tower: its `hidden_states`, 0 the embeddings), or a list of them,
@@ -232,7 +236,8 @@ class VisionModality(Modality):
 def keep_layers_up_to(tower: nn.Module, feature_layer: int | list[int] | None) -> nn.Module:
     """`tower` (in place) without the layers above those `feature_layer` names (indices into its
     `hidden_states`, which count the embeddings first), which it then lists as `feature_layers` (indices
-    that stay valid in the shorter tower); unchanged when it is None."""
+    that stay valid in the shorter tower); unchanged when it is None. For towers with one stack of layers
+    (CLIP, SigLIP, ViT: its largest ModuleList), whose `hidden_states` are that stack's outputs."""
     if feature_layer is None:
         return tower
     stack = max((m for m in tower.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
