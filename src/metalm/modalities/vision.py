@@ -35,7 +35,6 @@ from metalm.data.images import (
 from metalm.data.segment_types import EncodedSegment, InputError, SampleError
 from metalm.modalities import register_modality
 from metalm.modalities.base import Modality, Payload, Processor, source_name
-from metalm.model.encoders import encoder_hidden_size
 from metalm.model.vision import PACKAGED_EFFICIENTNET, EfficientNetLite0Encoder, resolve_feature_layers
 
 if TYPE_CHECKING:
@@ -245,7 +244,7 @@ def keep_layers_up_to(tower: nn.Module, feature_layer: int | list[int] | None) -
         raise ValueError(
             f"cannot find the layer stack of {type(tower).__name__} to take 'feature_layer' from"
         )
-    width = encoder_hidden_size(tower)
+    width = tower.config.hidden_size  # CLIP, SigLIP, ViT towers name their width so
     tower.feature_layers = resolve_feature_layers(feature_layer, len(stack) + 1)
     del stack[tower.feature_layers[-1] :]
     tower.hidden_size = width * len(tower.feature_layers)  # the width the connector reads (DockedEncoder)
