@@ -162,3 +162,17 @@ def test_feature_cache_never_serves_one_layers_features_for_another() -> None:
 
     head, block = frozen(None), frozen(12)
     assert encoder_fingerprint(head) != encoder_fingerprint(block)
+
+
+def test_a_new_layout_of_the_cached_states_is_a_new_fingerprint(monkeypatch) -> None:
+    """Entries a plugin wrote in an earlier layout of its `encode_lower` output are never read as the new one
+    (a cache written before this plugin stored each feature layer's map held only the split's map)."""
+    from metalm.modalities.vision import VisionModality
+    from metalm.model.feature_cache import encoder_fingerprint
+
+    torch.manual_seed(0)
+    config = {"model_type": "efficientnet_lite0"}
+    model, _ = _recipe(source="config", config=config, image_size=64, trainable_layers=0).build()
+    before = encoder_fingerprint(model.encoders["vision"])
+    monkeypatch.setattr(VisionModality, "lower_state_format", VisionModality.lower_state_format + 1)
+    assert encoder_fingerprint(model.encoders["vision"]) != before

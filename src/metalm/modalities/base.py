@@ -53,6 +53,9 @@ class Modality:
     # When a record carries an input of this kind and the model has no encoder of it: None leaves the input
     # out (a text-only baseline reads the text alone); a message makes the record bad with it.
     missing_encoder_error: ClassVar[str | None] = None
+    # The layout of what `encode_lower` returns; feature caches key on it (metalm.model.feature_cache), so a
+    # plugin that changes that layout bumps it and the entries written before are never read as the new one.
+    lower_state_format: ClassVar[int] = 1
 
     # --- the encoder spec ---------------------------------------------------------------------------
     def check_spec(self, spec: dict[str, Any]) -> None:

@@ -77,6 +77,7 @@ class VisionModality(Modality):
     part_types = (ImageInput, Image.Image)
     record_field = "image"
     packaged_sources = (PACKAGED_EFFICIENTNET,)
+    lower_state_format = 2  # 2: each feature layer's map below the split, then the split's map
 
     def check_spec(self, spec: dict[str, Any]) -> None:
         size = spec["image_size"]

@@ -102,7 +102,8 @@ def describe_preprocessor(preprocessor: Any) -> Any:
 
 def encoder_fingerprint(encoder: DockedEncoder, preprocessor: Any = None) -> str:
     """Hash of what a frozen lower part's output depends on besides its input: the modules' weights and
-    buffers, which modules they are (the split point), the spec, the dtype and the preprocessor."""
+    buffers, which modules they are (the split point), the spec, the dtype, the preprocessor, and the
+    layout its plugin stores the output in (`Modality.lower_state_format`)."""
     lower = encoder.lower_modules() or []
     digest = hashlib.blake2b(digest_size=16)
     described = {
@@ -110,6 +111,7 @@ def encoder_fingerprint(encoder: DockedEncoder, preprocessor: Any = None) -> str
         "modules": [type(module).__name__ for module in lower],
         "dtype": str(encoder.dtype),
         "preprocessor": describe_preprocessor(preprocessor),
+        "state_format": encoder.modality.lower_state_format,
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for i, module in enumerate(lower):
