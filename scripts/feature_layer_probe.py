@@ -12,7 +12,6 @@ decoder trained on them learn to use.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from PIL import Image
@@ -29,7 +28,7 @@ def layer_features(split: str, limit: int, layers: set[int], size: int) -> tuple
     folder = easy_vqa_root() / split / "images"
     ids = sorted(labels)[:limit]
     prepare = image_preprocessor_for({"backbone": "efficientnet_lite0", "image_size": size})
-    pixels = prepare([Image.open(os.path.join(folder, f"{i}.png")).convert("RGB") for i in ids])
+    pixels = prepare([Image.open(folder / f"{i}.png").convert("RGB") for i in ids])
     encoder = EfficientNetLite0Encoder.from_packaged()
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad():

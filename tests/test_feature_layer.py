@@ -176,3 +176,19 @@ def test_a_new_layout_of_the_cached_states_is_a_new_fingerprint(monkeypatch) -> 
     before = encoder_fingerprint(model.encoders["vision"])
     monkeypatch.setattr(VisionModality, "lower_state_format", VisionModality.lower_state_format + 1)
     assert encoder_fingerprint(model.encoders["vision"]) != before
+
+
+def test_a_layer_the_backbone_lacks_is_a_config_error_naming_the_file_encoder_and_field(tmp_path) -> None:
+    """Found on `metalm train ... model.encoders.1.feature_layer=[5,17]`: a traceback, not an error message."""
+    from metalm.training.config import ConfigError, config_from_dict
+    from metalm.training.model_setup import build_model_for_training
+    from tests.test_training import tiny_config
+
+    config = tiny_config(tmp_path / "run")
+    config["model"]["encoders"][1].update(source="config", config={"model_type": "efficientnet_lite0"})
+    config["model"]["encoders"][1].update(image_size=64, feature_layer=[5, 17])
+    cfg = config_from_dict(config, source="run.yaml")
+    with pytest.raises(
+        ConfigError, match=r"run\.yaml: model: encoder 'vision': field 'feature_layer'.*strides"
+    ):
+        build_model_for_training(cfg, None, fsdp=False, deepspeed=False)

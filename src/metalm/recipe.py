@@ -143,7 +143,12 @@ def _build_encoder(r: EncoderRecipe, decoder_tok: PreTrainedTokenizerBase) -> tu
     )
     if owner != r.kind:
         raise MetaLMConfigError(f"encoder {r.name!r}: {r.source} is a {owner} encoder")
-    backbone, architecture, folder = modality.load_backbone(r)
+    try:
+        backbone, architecture, folder = modality.load_backbone(r)
+    except MetaLMConfigError:
+        raise
+    except ValueError as err:  # a field the backbone cannot take (e.g. a `feature_layer` it lacks)
+        raise MetaLMConfigError(f"encoder {r.name!r}: {err}") from None
     spec: dict[str, Any] = {
         "name": r.name,
         "kind": r.kind,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from metalm.model.hf_config import MetaLMConfigError
 from metalm.training.config import ConfigError, TrainConfig, layouts_from_streams
 
 __all__ = ["TrainingModel", "build_model_for_training", "check_packing", "describe_model"]
@@ -83,7 +84,10 @@ def _load_or_build(config: TrainConfig, resume: Path | None) -> TrainingModel:
         model.apply_freezing()
         return TrainingModel(model, MetaLMProcessor.from_pretrained(resume / "model", config=model.config))
     if config.init_from is None:
-        model, processor = config.model.to_recipe().build()
+        try:
+            model, processor = config.model.to_recipe().build()
+        except MetaLMConfigError as err:  # as init_from reports a new encoder it cannot dock
+            raise ConfigError(f"{config.source or '<config>'}: model: {err}") from None
         return TrainingModel(model, processor)
     return _from_init(config)
 
