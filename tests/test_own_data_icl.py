@@ -33,7 +33,7 @@ def _by_k(all_: float, scores: dict[str, float]) -> dict:
     return {"mean": {"vqa_accuracy": all_}, "groups": groups}
 
 
-def test_the_page_reads_its_figures_from_the_results(script):
+def test_the_page_reads_its_figures_from_the_results(script, tmp_path):
     results = {
         "one question a row": {
             "by_k": {"0": _by_k(80.0, {"count": 80.0}), "4": _by_k(60.0, {"count": 60.0})},
@@ -43,8 +43,19 @@ def test_the_page_reads_its_figures_from_the_results(script):
             "by_k": {"0": _by_k(78.0, {"count": 78.0}), "4": _by_k(77.0, {"count": 77.0})},
             "similar": {"4": _by_k(85.0, {"count": 85.0}), "vote": {"count": 95.0}},
         },
+        "one question a row, slot positions": {
+            "by_k": {"0": _by_k(45.0, {"count": 45.0}), "4": _by_k(44.0, {"count": 44.0})},
+            "similar": {"4": _by_k(70.0, {"count": 70.0}), "vote": {"count": 90.0}},
+        },
+        "+ in-context rows, slot positions": {
+            "by_k": {"0": _by_k(88.0, {"count": 88.0}), "4": _by_k(87.0, {"count": 87.0})},
+            "similar": {"4": _by_k(85.0, {"count": 85.0}), "vote": {"count": 95.0}},
+        },
     }
-    args = type("Args", (), {"init_from": "runs/quickstart/final", "steps": 200, "lr": 1e-3})()
+    (tmp_path / "probe.json").write_text(json.dumps({"count": 99.0}))  # what the slots hold, cached
+    args = type(
+        "Args", (), {"init_from": "runs/quickstart/final", "steps": 200, "lr": 1e-3, "out": tmp_path}
+    )()
     page = script.page_markdown(results, "python scripts/own_data_icl.py", args)
     assert (
         "| one question a row | 4 | 60.0 | 60.0 |" in page
@@ -57,3 +68,23 @@ def test_the_page_reads_its_figures_from_the_results(script):
     assert "| + in-context rows | 4, retrieved | 85.0 | 85.0 |" in page
     assert "| vote of the 4 retrieved records (+ in-context rows) | | | 95.0 |" in page
     assert "answers 85.0 in all against 78.0 with none" in page and "count 85.0 / 78.0 (vote 95.0)" in page
+    assert "| linear probe of `runs/quickstart/final`'s frozen image slots (no decoder) | | | 99.0 |" in page
+    assert (
+        "without → with, one question a row and with in-context rows: count 80.0 → 45.0 and 78.0 → 88.0."
+        in page
+    )
+    assert "stays within 10 points of its majority" not in page  # count is read (78-88 against 40)
+
+
+def test_the_page_names_a_type_no_variant_reads(script, tmp_path):
+    def variant(score: float) -> dict:
+        scores = {"count": 80.0, "side": score}
+        return {"by_k": {"0": _by_k(80.0, scores), "4": _by_k(80.0, scores)},
+                "similar": {"4": _by_k(80.0, scores), "vote": {"count": 90.0, "side": 60.0}}}  # fmt: skip
+
+    results = {name: variant(45.0 + i) for i, name in enumerate(script.VARIANTS)}
+    (tmp_path / "probe.json").write_text(json.dumps({"count": 99.0, "side": 100.0}))
+    args = type("Args", (), {"init_from": "m", "steps": 200, "lr": 1e-3, "out": tmp_path})()
+    page = script.page_markdown(results, "python scripts/own_data_icl.py", args)
+    assert "The `side` question stays within 10 points of its majority answer in every variant" in page
+    assert "(the probe row: 100.0)" in page and "The `count` question" not in page

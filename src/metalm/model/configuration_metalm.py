@@ -27,7 +27,7 @@ _COMMON_ENCODER_KEYS = {
     "num_slots",
     "initialized_from",
 }
-_CONNECTOR_KEYS = {"type", "hidden_size", "input_norm", "num_queries", "num_layers", "num_heads"}
+_CONNECTOR_KEYS = {"type", "hidden_size", "input_norm", "positions", "num_queries", "num_layers", "num_heads"}
 
 DEFAULT_SEMI_CAUSAL = {
     # Paper defaults for the language model (docs/method.md); small presets scale the spans down.
@@ -90,6 +90,15 @@ def _normalize_connector(connector: str | dict[str, Any] | None, where: str) -> 
     if connector.get("type") not in CONNECTOR_TYPES:
         raise MetaLMConfigError(
             f"{where}: field 'connector.type' must be one of {CONNECTOR_TYPES}, got {connector.get('type')!r}"
+        )
+    positions = connector.get("positions")
+    if positions not in (None, "learned"):
+        raise MetaLMConfigError(
+            f"{where}: field 'connector.positions' must be 'learned' or null, got {positions!r}"
+        )
+    if positions and connector["type"] == "resampler":
+        raise MetaLMConfigError(
+            f"{where}: field 'connector.positions': a resampler's learned queries are its positions already"
         )
     if connector["type"] == "resampler":
         connector.setdefault("num_queries", 32)

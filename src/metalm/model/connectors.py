@@ -6,15 +6,37 @@ import torch
 from torch import nn
 
 
+class SlotPositions(nn.Module):
+    """A learned vector per slot index, added to a connector's outputs (`positions: learned`).
+
+    A CNN's feature map carries no position of its own (DETR adds positional encodings to its CNN features
+    for this reason); without one, the decoder tells an image's slots apart only by where they sit in the
+    sequence, and a question about left and right stays at its majority answer (docs/own-data-icl.md).
+    Zero at first, so a connector starts as it would without."""
+
+    def __init__(self, num_slots: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_slots, dim))
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        if slots.shape[1] != self.weight.shape[0]:
+            raise ValueError(
+                f"connector positions: {self.weight.shape[0]} slots learned, {slots.shape[1]} given"
+            )
+        return slots + self.weight.to(slots.dtype)
+
+
 class LinearConnector(nn.Module):
     """The paper's language connector: one linear projection per encoder output vector."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, num_positions: int | None = None) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
+        self.positions = SlotPositions(num_positions, out_dim) if num_positions else None
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.proj(features), mask
+        out = self.proj(features)
+        return (out if self.positions is None else self.positions(out)), mask
 
 
 class MLPConnector(nn.Module):
@@ -27,7 +49,12 @@ class MLPConnector(nn.Module):
     the rest (0.95-0.99 between colours after it); centred features put the differences up front."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_size: int | None = None, input_norm: str | None = None
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_size: int | None = None,
+        input_norm: str | None = None,
+        num_positions: int | None = None,
     ) -> None:
         super().__init__()
         hidden = hidden_size or out_dim
@@ -41,6 +68,7 @@ class MLPConnector(nn.Module):
             nn.GELU(),
             nn.Linear(hidden, out_dim),
         )
+        self.positions = SlotPositions(num_positions, out_dim) if num_positions else None
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_norm is not None:
@@ -59,7 +87,8 @@ class MLPConnector(nn.Module):
                 eps=norm.eps,
             )
             features = normed
-        return self.net(features), mask
+        out = self.net(features)
+        return (out if self.positions is None else self.positions(out)), mask
 
 
 class _ResamplerLayer(nn.Module):
@@ -120,21 +149,35 @@ def fit_linear_connector(
     return float(1 - residual / (y - y.mean(0)).pow(2).sum())
 
 
-# Connector type -> builder(spec, in_dim, out_dim); its keys are the types an encoder spec may name.
+# Connector type -> builder(spec, in_dim, out_dim, num_positions); its keys are the types an encoder spec
+# may name.
 CONNECTORS = {
-    "linear": lambda spec, in_dim, out_dim: LinearConnector(in_dim, out_dim),
-    "mlp": lambda spec, in_dim, out_dim: MLPConnector(
-        in_dim, out_dim, spec.get("hidden_size"), spec.get("input_norm")
+    "linear": lambda spec, in_dim, out_dim, positions: LinearConnector(in_dim, out_dim, positions),
+    "mlp": lambda spec, in_dim, out_dim, positions: MLPConnector(
+        in_dim, out_dim, spec.get("hidden_size"), spec.get("input_norm"), positions
     ),
-    "resampler": lambda spec, in_dim, out_dim: ResamplerConnector(
+    "resampler": lambda spec, in_dim, out_dim, positions: ResamplerConnector(
         in_dim, out_dim, spec["num_queries"], spec["num_layers"], spec["num_heads"]
     ),
 }
 CONNECTOR_TYPES = tuple(CONNECTORS)
+# `positions` values: None (slots as the encoder gives them) or "learned" (`SlotPositions`).
+POSITION_KINDS = (None, "learned")
 
 
-def build_connector(spec: dict, in_dim: int, out_dim: int) -> nn.Module:
-    """Build the connector an encoder spec names. Each returns (features, valid_mask)."""
+def build_connector(spec: dict, in_dim: int, out_dim: int, num_slots: int | None = None) -> nn.Module:
+    """Build the connector an encoder spec names. Each returns (features, valid_mask). `num_slots`: the
+    encoder's fixed number of output vectors, which `positions: learned` needs."""
     if spec["type"] not in CONNECTORS:
         raise ValueError(f"unknown connector type {spec['type']!r}; one of {CONNECTOR_TYPES}")
-    return CONNECTORS[spec["type"]](spec, in_dim, out_dim)
+    positions = spec.get("positions")
+    if positions not in POSITION_KINDS:
+        raise ValueError(f"connector positions must be 'learned' or null, got {positions!r}")
+    if positions and spec["type"] == "resampler":
+        raise ValueError("connector positions: a resampler's learned queries are its positions already")
+    if positions and not num_slots:
+        raise ValueError(
+            "connector positions: learned positions need an encoder with a fixed number of slots (a vision "
+            "encoder); a text span or a clip of speech has as many as its input"
+        )
+    return CONNECTORS[spec["type"]](spec, in_dim, out_dim, num_slots if positions else None)

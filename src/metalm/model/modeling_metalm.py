@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 
 from metalm.model import objectives
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError, normalize_encoder_spec
-from metalm.model.connectors import build_connector
+from metalm.model.connectors import SlotPositions, build_connector
 from metalm.model.encoders import DockedEncoder, apply_trainable_layers
 from metalm.model.loading import check_model_folder
 from metalm.model.objectives import labelled_positions
@@ -87,9 +87,31 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         decoder's width (initialised by the caller)."""
         encoder = DockedEncoder(spec, backbone)
         self.encoders[spec["name"]] = encoder
-        self.connectors[spec["name"]] = build_connector(
-            spec["connector"], encoder.hidden_size, self.config.text_config.hidden_size
-        )
+        try:
+            self.connectors[spec["name"]] = build_connector(
+                spec["connector"],
+                encoder.hidden_size,
+                self.config.text_config.hidden_size,
+                spec.get("num_slots"),
+            )
+        except ValueError as err:
+            raise MetaLMConfigError(f"encoder {spec['name']!r}: {err}") from None
+
+    def add_connector_positions(self, name: str) -> None:
+        """Give encoder `name`'s connector learned slot positions (`connector.positions: learned`), zero at
+        first: the model's outputs are unchanged until they train."""
+        spec = next(s for s in self.config.encoders if s["name"] == name)
+        connector = self.connectors[name]
+        if not hasattr(connector, "positions") or not spec.get("num_slots"):
+            raise MetaLMConfigError(
+                f"encoder {name!r}: learned positions need a linear or MLP connector on an encoder with a fixed "
+                f"number of slots (a vision encoder); this one has a {spec['connector']['type']} connector on a "
+                f"{spec['kind']} encoder"
+            )
+        width = self.config.text_config.hidden_size
+        weight = next(connector.parameters())
+        connector.positions = SlotPositions(spec["num_slots"], width).to(weight.device, weight.dtype)
+        spec["connector"]["positions"] = "learned"
 
     def add_encoder(self, spec: dict[str, Any], backbone: nn.Module | None = None) -> None:
         """Dock one more encoder on a built (e.g. loaded) model: `spec` joins the config, its backbone

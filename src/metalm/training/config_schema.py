@@ -74,7 +74,8 @@ class ModelConfig(_Section):
     leave ``decoder``/``tokenizer`` out; ``encoders`` then lists encoders the saved model lacks, docked
     with fresh connectors (the saved ones are kept as they are); ``semi_causal``, ``decoder_trainable`` and
     ``trainable_layers`` (encoder name → how many top layers train, e.g. ``{text: 2}``) then override the
-    saved model's settings. ``decoder_trainable: null`` = True for a new model, the saved value for
+    saved model's settings, and ``connector_positions`` (encoder name → ``learned``) gives a saved vision
+    encoder's connector learned slot positions (zero at first). ``decoder_trainable: null`` = True for a new model, the saved value for
     ``init_from``. ``lora``: train LoRA adapters on a frozen decoder (see :class:`LoraSettings`)."""
 
     decoder: str | dict[str, Any] | None = None
@@ -83,6 +84,7 @@ class ModelConfig(_Section):
     semi_causal: dict[str, Any] | None = None
     decoder_trainable: bool | None = None
     trainable_layers: dict[str, Annotated[int, Field(ge=0)]] | None = None
+    connector_positions: dict[str, Literal["learned"]] | None = None
     attn_implementation: str = "sdpa"
     lora: LoraSettings | None = None
 
@@ -127,6 +129,13 @@ class ModelConfig(_Section):
                 raise FieldProblem("takes a weight >= 0, on an audio encoder", i, "transcript_loss")
             if enc.image_size <= 0:
                 raise FieldProblem(f"must be > 0, got {enc.image_size}", i, "image_size")
+            positions = None if isinstance(enc.connector, str) else enc.connector.get("positions")
+            if positions is not None and enc.kind != "vision":
+                raise FieldProblem(
+                    "positions: learned is for a vision encoder's slots (a fixed count, one per map position)",
+                    i,
+                    "connector",
+                )
             if enc.feature_layer is not None and enc.kind != "vision":
                 raise FieldProblem(
                     "is a vision encoder's field (the layer its slots read)", i, "feature_layer"
@@ -151,6 +160,12 @@ class ModelConfig(_Section):
                     "overrides a saved model's encoders (with init_from); for a new model set "
                     "trainable_layers on each encoder in model.encoders",
                     "trainable_layers",
+                )
+            if self.connector_positions is not None:
+                raise FieldProblem(
+                    "adds positions to a saved model's connectors (with init_from); for a new model set "
+                    "connector: {type: mlp, positions: learned} on the encoder in model.encoders",
+                    "connector_positions",
                 )
             if self.decoder is None:
                 raise FieldProblem("missing required key (or set init_from to a saved MetaLM)", "decoder")

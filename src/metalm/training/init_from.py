@@ -1,7 +1,8 @@
 """Start a run from a saved MetaLM (`init_from`): load it, apply the config's overrides, dock new encoders.
 
 The saved model brings its decoder, tokenizer, encoders and freezing. The config may override
-`semi_causal`, `decoder_trainable` and per-encoder `trainable_layers`, and may list `model.encoders` the
+`semi_causal`, `decoder_trainable` and per-encoder `trainable_layers`, may give a vision connector learned
+slot positions (`connector_positions`), and may list `model.encoders` the
 saved model lacks: those are docked with fresh connectors (`metalm.recipe.dock_encoders`), so a model that
 already answers about images can learn to hear (configs/speech.yaml).
 """
@@ -73,6 +74,7 @@ def load_init_from(cfg: TrainConfig) -> tuple[MetaLMForCausalLM, MetaLMProcessor
         model.config.decoder_trainable = cfg.model.decoder_trainable
     _dock_new_encoders(cfg, model, processor)
     _override_trainable_layers(cfg, model)
+    _add_connector_positions(cfg, model)
     model.apply_freezing()
     logger.info("init_from %s: %s", cfg.init_from, describe_model(model))
     return model, processor
@@ -102,3 +104,24 @@ def _override_trainable_layers(cfg: TrainConfig, model: MetaLMForCausalLM) -> No
                 f"init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
             )
         specs[name]["trainable_layers"] = layers
+
+
+def _add_connector_positions(cfg: TrainConfig, model: MetaLMForCausalLM) -> None:
+    """`model.connector_positions` ({encoder name: learned}) adds learned slot positions to a saved model's
+    connector, zero at first (so the model starts as saved); a connector that has them keeps its own."""
+    specs = {spec["name"]: spec for spec in model.config.encoders}
+    for name in cfg.model.connector_positions or {}:
+        where = f"{cfg.source or '<config>'}: model.connector_positions.{name}"
+        if name not in specs:
+            raise ConfigError(
+                f"{where}: the model in init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
+            )
+        if specs[name]["connector"].get("positions") == "learned":
+            continue
+        try:
+            model.add_connector_positions(name)
+        except MetaLMConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        logger.info(
+            "init_from %s: connector %r gains learned slot positions (zero at first)", cfg.init_from, name
+        )
