@@ -36,6 +36,7 @@ def _by_k(all_: float, scores: dict[str, float]) -> dict:
 def test_the_page_reads_its_figures_from_the_results(script, tmp_path):
     results = {
         "one question a row": {
+            "config": {"optim": {"max_steps": 200}},
             "by_k": {"0": _by_k(80.0, {"count": 80.0}), "4": _by_k(60.0, {"count": 60.0})},
             "similar": {"4": _by_k(70.0, {"count": 70.0}), "vote": {"count": 90.0}},
         },
@@ -85,6 +86,14 @@ def test_the_page_names_a_type_no_variant_reads(script, tmp_path):
     results = {name: variant(45.0 + i) for i, name in enumerate(script.VARIANTS)}
     (tmp_path / "probe.json").write_text(json.dumps({"count": 99.0, "side": 100.0}))
     args = type("Args", (), {"init_from": "m", "steps": 200, "lr": 1e-3, "out": tmp_path})()
-    page = script.page_markdown(results, "python scripts/own_data_icl.py", args)
-    assert "The `side` question stays within 10 points of its majority answer in every variant" in page
+    for r in results.values():
+        r["config"] = {"optim": {"max_steps": 200}}
+    longer = {
+        "config": {"optim": {"max_steps": 800}},
+        "by_k": {"0": _by_k(90.0, {"count": 95.0, "side": 65.0})},
+    }
+    page = script.page_markdown(results, "python scripts/own_data_icl.py", args, longer)
+    assert "The `side` question stays within 10 points of its majority answer in every variant of 200" in page
     assert "(the probe row: 100.0)" in page and "The `count` question" not in page
+    assert "| one question a row, 800 steps | 0 | 90.0 | 95.0 | 65.0 |" in page
+    assert "count 95.0 (+15.0; probe 99.0), side 65.0 (+20.0; probe 100.0)" in page
