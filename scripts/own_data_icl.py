@@ -166,15 +166,15 @@ def probe_by_group(args: argparse.Namespace) -> dict[str, float]:
 
     def slots(split: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         records = [json.loads(line) for line in (args.out / "data" / f"{split}.jsonl").open()]
-        groups = sorted({r["meta"]["type"] for r in records})
+        images = sorted({r["image"] for r in records})  # each image is asked one question of every type
+        pixels = prepare([Image.open(args.out / "data" / image) for image in images])
+        with torch.no_grad():
+            vectors = torch.cat([encoder({"pixel_values": p})[0] for p in pixels.split(256)]).flatten(1)
+        index = {image: i for i, image in enumerate(images)}
         features, answers = {}, {}
-        for group in groups:
+        for group in sorted({r["meta"]["type"] for r in records}):
             rows = [r for r in records if r["meta"]["type"] == group]
-            pixels = prepare([Image.open(args.out / "data" / r["image"]) for r in rows])
-            with torch.no_grad():
-                features[group] = torch.cat(
-                    [encoder({"pixel_values": p})[0] for p in pixels.split(256)]
-                ).flatten(1)
+            features[group] = vectors[[index[r["image"]] for r in rows]]
             answers[group] = [r["answers"][0] for r in rows]
         return features, answers
 
@@ -238,14 +238,16 @@ def _points(drop: float) -> str:
     return f"{abs(drop):.1f} points {'worse' if drop > 0 else 'better'}"
 
 
+def score(by_k: dict[str, Any], k: str, group: str | None) -> float:
+    """A variant's score at `k`: of one question type, or of all (`group` None)."""
+    return by_k[k]["groups"][group]["score"] if group else by_k[k]["mean"]["vqa_accuracy"]
+
+
 def shows(
     results: dict[str, Any], probe: dict[str, float], longer: dict[str, Any] | None = None
 ) -> list[str]:
     """What the table shows and does not, its figures read from `results` and the slots' `probe`."""
     plain, icl = results["one question a row"]["by_k"], results["+ in-context rows"]["by_k"]
-
-    def score(by_k: dict[str, Any], k: str, group: str | None) -> float:
-        return by_k[k]["groups"][group]["score"] if group else by_k[k]["mean"]["vqa_accuracy"]
 
     def drop(by_k: dict[str, Any], group: str | None = None) -> float:
         return score(by_k, "0", group) - score(by_k, "4", group)
@@ -271,7 +273,7 @@ def shows(
         f"{score(icl, '0', None):.1f} with none; by type, retrieved / none (the vote of the retrieved records' "
         f"answers): {beside}. Where the vote is above the model, those records say more than it reads from them.",
         "",
-        *positions_paragraph(results, probe, score, longer),
+        *positions_paragraph(results, probe, longer),
         "",
         "What it does not show: a larger or a pretrained decoder (this is the 11M quickstart), other data, or "
         "that random demonstrations *help* here: the question types are fixed and perception decides the answer, "
@@ -282,13 +284,15 @@ def shows(
 
 
 def positions_paragraph(
-    results: dict[str, Any], probe: dict[str, float], score, longer: dict[str, Any] | None
+    results: dict[str, Any], probe: dict[str, float], longer: dict[str, Any] | None
 ) -> list[str]:
     """Slot positions against none (k = 0), the types no variant reads beyond their majority answer, and
     what the longer run reads."""
     groups = sorted(probe)
-    pairs = [("one question a row", "one question a row, slot positions")]
-    pairs.append(("+ in-context rows", "+ in-context rows, slot positions"))
+    pairs = [
+        ("one question a row", "one question a row, slot positions"),
+        ("+ in-context rows", "+ in-context rows, slot positions"),
+    ]
 
     def change(group: str) -> str:
         moves = [

@@ -115,6 +115,16 @@ def tiny_saved(tmp_path_factory, tiny):
     return path
 
 
+@pytest.fixture(scope="session")
+def saved_tiny(tmp_path_factory):
+    """A tiny text + vision MetaLM, saved: a start for `init_from` (runs read it, none writes it)."""
+    model, processor = build_tiny(seed=3)
+    folder = tmp_path_factory.mktemp("init") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def load_script(name: str):
     """A module of ``scripts/`` (not a package), imported from its file: ``load_script("speech_results")``."""
     import importlib.util

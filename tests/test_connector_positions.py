@@ -89,17 +89,6 @@ def test_training_config_refuses_positions_on_a_text_encoder() -> None:
         ModelConfig(**{**TINY_MODEL, "encoders": [text]})
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from tests.conftest import build_tiny
-
-    model, processor = build_tiny(seed=3)
-    folder = tmp_path_factory.mktemp("init") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def _finetune(init, out, **model) -> dict:
     return {
         "init_from": str(init),
@@ -111,7 +100,7 @@ def _finetune(init, out, **model) -> dict:
     }  # fmt: skip
 
 
-def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(saved, tmp_path) -> None:
+def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(saved_tiny, tmp_path) -> None:
     import json
 
     from safetensors.torch import load_file
@@ -120,7 +109,7 @@ def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(sa
     from metalm.training.trainer import train
 
     result = train(
-        config_from_dict(_finetune(saved, tmp_path / "run", connector_positions={"vision": "learned"}))
+        config_from_dict(_finetune(saved_tiny, tmp_path / "run", connector_positions={"vision": "learned"}))
     )
     config = json.loads((result.final_dir / "config.json").read_text())
     assert config["encoders"][1]["connector"]["positions"] == "learned"
@@ -140,17 +129,21 @@ def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(sa
         ),
     ],
 )
-def test_init_from_positions_it_cannot_add_are_config_errors(saved, tmp_path, positions, message) -> None:
+def test_init_from_positions_it_cannot_add_are_config_errors(
+    saved_tiny, tmp_path, positions, message
+) -> None:
     from metalm.training.config import ConfigError, config_from_dict
     from metalm.training.trainer import train
 
     with pytest.raises(ConfigError, match=message):
-        train(config_from_dict(_finetune(saved, tmp_path / "run", connector_positions=positions)))
+        train(config_from_dict(_finetune(saved_tiny, tmp_path / "run", connector_positions=positions)))
 
 
-def test_connector_positions_without_init_from_is_a_config_error(saved, tmp_path) -> None:
+def test_connector_positions_without_init_from_is_a_config_error(saved_tiny, tmp_path) -> None:
     from metalm.training.config import ConfigError, config_from_dict
 
-    cfg = _finetune(saved, tmp_path / "run", decoder=TINY_LLAMA, connector_positions={"vision": "learned"})
+    cfg = _finetune(
+        saved_tiny, tmp_path / "run", decoder=TINY_LLAMA, connector_positions={"vision": "learned"}
+    )
     with pytest.raises(ConfigError, match="model.connector_positions: adds positions to a saved model"):
         config_from_dict({**cfg, "init_from": None})

@@ -240,17 +240,6 @@ def test_finetune_presets_load(name):
 
 
 @pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    from tests.conftest import build_tiny
-
-    model, processor = build_tiny(seed=3)
-    folder = tmp_path_factory.mktemp("init") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def saved_text_tiny(tmp_path_factory):
     """A tiny MetaLM with a text encoder only: on BBC articles every trainable parameter gets a gradient."""
     from metalm import EncoderRecipe, ModelRecipe

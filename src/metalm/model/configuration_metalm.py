@@ -10,7 +10,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 from metalm.modalities import encoder_kinds, get_modality
-from metalm.model.connectors import CONNECTOR_TYPES
+from metalm.model.connectors import CONNECTOR_TYPES, POSITION_KINDS
 from metalm.model.hf_config import MetaLMConfigError, config_from_dict
 
 __all__ = ["DEFAULT_SEMI_CAUSAL", "MetaLMConfig", "MetaLMConfigError", "normalize_encoder_spec"]
@@ -92,7 +92,7 @@ def _normalize_connector(connector: str | dict[str, Any] | None, where: str) -> 
             f"{where}: field 'connector.type' must be one of {CONNECTOR_TYPES}, got {connector.get('type')!r}"
         )
     positions = connector.get("positions")
-    if positions not in (None, "learned"):
+    if positions not in POSITION_KINDS:
         raise MetaLMConfigError(
             f"{where}: field 'connector.positions' must be 'learned' or null, got {positions!r}"
         )
