@@ -10,7 +10,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 from metalm.modalities import encoder_kinds, get_modality
-from metalm.model.connectors import CONNECTOR_TYPES, POSITION_KINDS
+from metalm.model.connectors import CONNECTOR_TYPES, positions_problem
 from metalm.model.hf_config import MetaLMConfigError, config_from_dict
 
 __all__ = ["DEFAULT_SEMI_CAUSAL", "MetaLMConfig", "MetaLMConfigError", "normalize_encoder_spec"]
@@ -91,15 +91,9 @@ def _normalize_connector(connector: str | dict[str, Any] | None, where: str) -> 
         raise MetaLMConfigError(
             f"{where}: field 'connector.type' must be one of {CONNECTOR_TYPES}, got {connector.get('type')!r}"
         )
-    positions = connector.get("positions")
-    if positions not in POSITION_KINDS:
-        raise MetaLMConfigError(
-            f"{where}: field 'connector.positions' must be 'learned' or null, got {positions!r}"
-        )
-    if positions and connector["type"] == "resampler":
-        raise MetaLMConfigError(
-            f"{where}: field 'connector.positions': a resampler's learned queries are its positions already"
-        )
+    problem = positions_problem(connector["type"], connector.get("positions"), None, slots_known=False)
+    if problem:  # the slot count is the built encoder's: build_connector checks it
+        raise MetaLMConfigError(f"{where}: field 'connector.positions': {problem}")
     if connector["type"] == "resampler":
         connector.setdefault("num_queries", 32)
         connector.setdefault("num_layers", 2)

@@ -165,19 +165,32 @@ CONNECTOR_TYPES = tuple(CONNECTORS)
 POSITION_KINDS = (None, "learned")
 
 
+def positions_problem(
+    connector_type: str, positions: object, num_slots: int | None, slots_known: bool = True
+) -> str | None:
+    """Why a `connector_type` connector cannot take `positions` (None: it can). `num_slots`: the encoder's
+    fixed number of output vectors, which learned positions need; a config checked before its encoder is
+    built passes `slots_known=False`. The config check, `build_connector` and `add_connector_positions` all
+    ask here, each naming the field in its own words."""
+    if positions not in POSITION_KINDS:
+        return f"must be 'learned' or null, got {positions!r}"
+    if positions and connector_type == "resampler":
+        return "a resampler's learned queries are its positions already"
+    if positions and slots_known and not num_slots:
+        return (
+            "learned positions need an encoder with a fixed number of slots (a vision encoder); a text span "
+            "or a clip of speech has as many as its input"
+        )
+    return None
+
+
 def build_connector(spec: dict, in_dim: int, out_dim: int, num_slots: int | None = None) -> nn.Module:
     """Build the connector an encoder spec names. Each returns (features, valid_mask). `num_slots`: the
     encoder's fixed number of output vectors, which `positions: learned` needs."""
     if spec["type"] not in CONNECTORS:
         raise ValueError(f"unknown connector type {spec['type']!r}; one of {CONNECTOR_TYPES}")
     positions = spec.get("positions")
-    if positions not in POSITION_KINDS:
-        raise ValueError(f"connector positions must be 'learned' or null, got {positions!r}")
-    if positions and spec["type"] == "resampler":
-        raise ValueError("connector positions: a resampler's learned queries are its positions already")
-    if positions and not num_slots:
-        raise ValueError(
-            "connector positions: learned positions need an encoder with a fixed number of slots (a vision "
-            "encoder); a text span or a clip of speech has as many as its input"
-        )
+    problem = positions_problem(spec["type"], positions, num_slots)
+    if problem:
+        raise ValueError(f"connector positions: {problem}")
     return CONNECTORS[spec["type"]](spec, in_dim, out_dim, num_slots if positions else None)

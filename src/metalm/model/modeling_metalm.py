@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 
 from metalm.model import objectives
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError, normalize_encoder_spec
-from metalm.model.connectors import SlotPositions, build_connector
+from metalm.model.connectors import SlotPositions, build_connector, positions_problem
 from metalm.model.encoders import DockedEncoder, apply_trainable_layers
 from metalm.model.loading import check_model_folder
 from metalm.model.objectives import labelled_positions
@@ -102,11 +102,11 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
         first: the model's outputs are unchanged until they train."""
         spec = next(s for s in self.config.encoders if s["name"] == name)
         connector = self.connectors[name]
-        if not hasattr(connector, "positions") or not spec.get("num_slots"):
+        problem = positions_problem(spec["connector"]["type"], "learned", spec.get("num_slots"))
+        if problem:
             raise MetaLMConfigError(
-                f"encoder {name!r}: learned positions need a linear or MLP connector on an encoder with a fixed "
-                f"number of slots (a vision encoder); this one has a {spec['connector']['type']} connector on a "
-                f"{spec['kind']} encoder"
+                f"encoder {name!r}: connector positions: {problem} (this one: a {spec['connector']['type']} "
+                f"connector on a {spec['kind']} encoder)"
             )
         width = self.config.text_config.hidden_size
         weight = next(connector.parameters())
