@@ -170,8 +170,8 @@ def positions_problem(
 ) -> str | None:
     """Why a `connector_type` connector cannot take `positions` (None: it can). `num_slots`: the encoder's
     fixed number of output vectors, which learned positions need; a config checked before its encoder is
-    built passes `slots_known=False`. The config check, `build_connector` and `add_connector_positions` all
-    ask here, each naming the field in its own words."""
+    built passes `slots_known=False`. The config check, `build_connector` and init_from's `connector_positions`
+    all ask here, each naming the field in its own words."""
     if positions not in POSITION_KINDS:
         return f"must be 'learned' or null, got {positions!r}"
     if positions and connector_type == "resampler":

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 
 from metalm.model import objectives
 from metalm.model.configuration_metalm import MetaLMConfig, MetaLMConfigError, normalize_encoder_spec
-from metalm.model.connectors import SlotPositions, build_connector, positions_problem
+from metalm.model.connectors import build_connector
 from metalm.model.encoders import DockedEncoder, apply_trainable_layers
 from metalm.model.loading import check_model_folder
 from metalm.model.objectives import labelled_positions
@@ -96,22 +96,6 @@ class MetaLMForCausalLM(MetaLMPreTrainedModel, GenerationMixin):
             )
         except ValueError as err:
             raise MetaLMConfigError(f"encoder {spec['name']!r}: {err}") from None
-
-    def add_connector_positions(self, name: str) -> None:
-        """Give encoder `name`'s connector learned slot positions (`connector.positions: learned`), zero at
-        first: the model's outputs are unchanged until they train."""
-        spec = next(s for s in self.config.encoders if s["name"] == name)
-        connector = self.connectors[name]
-        problem = positions_problem(spec["connector"]["type"], "learned", spec.get("num_slots"))
-        if problem:
-            raise MetaLMConfigError(
-                f"encoder {name!r}: connector positions: {problem} (this one: a {spec['connector']['type']} "
-                f"connector on a {spec['kind']} encoder)"
-            )
-        width = self.config.text_config.hidden_size
-        weight = next(connector.parameters())
-        connector.positions = SlotPositions(spec["num_slots"], width).to(weight.device, weight.dtype)
-        spec["connector"]["positions"] = "learned"
 
     def add_encoder(self, spec: dict[str, Any], backbone: nn.Module | None = None) -> None:
         """Dock one more encoder on a built (e.g. loaded) model: `spec` joins the config, its backbone

@@ -23,6 +23,7 @@ from metalm.serving.demonstrations import (
 from metalm.serving.engine import Engine
 from metalm.serving.generate_command import add_generate_parser, generate
 from metalm.serving.request_types import ChatMessage, Demonstration, SamplingParams
+from metalm.serving.settings import ServerSettings
 from metalm.serving.vllm_process import VLLMSettings, VLLMStartError, add_vllm_args, vllm_settings_from_args
 
 __all__ = [
@@ -212,10 +213,6 @@ def serve(
 
     The server answers to loopback Host names, the bound address and ``allowed_hosts`` ("*": any).
     ``demonstrations``: ``shots`` of them, chosen ``choose``, before every request."""
-    import uvicorn
-
-    from metalm.serving.server import ServerSettings, create_app
-
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [*ServerSettings.allowed_hosts, *allowed_hosts]
     if host not in ("0.0.0.0", "::", ""):  # a wildcard bind has no name of its own
@@ -238,9 +235,33 @@ def serve(
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests, batching=batching,
         chat_history=chat_history, vllm=vllm,
     )  # fmt: skip
+    _run_server(
+        engine, settings, host=host, port=port, log_level=log_level, demonstrations=demonstrations,
+        shots=shots, choose=choose, max_concurrent_requests=max_concurrent_requests,
+    )  # fmt: skip
+
+
+def _run_server(
+    engine: Engine,
+    settings: ServerSettings,
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+    demonstrations: Sequence[Demonstration],
+    shots: int | None,
+    choose: str,
+    max_concurrent_requests: int,
+) -> None:
+    """Attach the demonstrations, build the app and serve it until stopped; the engine is closed after,
+    and on any failure before."""
+    import uvicorn
+
+    from metalm.serving.server import create_app
+
     try:
         if demonstrations:
-            limit = max_prompt_tokens or engine.context_length
+            limit = settings.max_prompt_tokens or engine.context_length
             attach_demonstrations(engine, demonstrations, shots, choose, limit=limit)
         app = create_app(engine, settings)
     except BaseException:

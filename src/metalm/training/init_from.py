@@ -17,6 +17,7 @@ import yaml
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.model.configuration_metalm import MetaLMConfigError
+from metalm.model.connectors import SlotPositions, positions_problem
 from metalm.model.modeling_metalm import MetaLMForCausalLM
 from metalm.training.config import ConfigError, TrainConfig
 from metalm.training.paths import relative_path_hint
@@ -116,12 +117,19 @@ def _add_connector_positions(cfg: TrainConfig, model: MetaLMForCausalLM) -> None
             raise ConfigError(
                 f"{where}: the model in init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
             )
-        if specs[name]["connector"].get("positions") == "learned":
+        spec = specs[name]
+        if spec["connector"].get("positions") == "learned":
             continue
-        try:
-            model.add_connector_positions(name)
-        except MetaLMConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
+        problem = positions_problem(spec["connector"]["type"], "learned", spec.get("num_slots"))
+        if problem:
+            raise ConfigError(
+                f"{where}: encoder {name!r}: connector positions: {problem} (this one: a "
+                f"{spec['connector']['type']} connector on a {spec['kind']} encoder)"
+            )
+        connector, width = model.connectors[name], model.config.text_config.hidden_size
+        weight = next(connector.parameters())  # the positions join it on its device, in its dtype
+        connector.positions = SlotPositions(spec["num_slots"], width).to(weight.device, weight.dtype)
+        spec["connector"]["positions"] = "learned"  # saved with the model, so it loads with them
         logger.info(
             "init_from %s: connector %r gains learned slot positions (zero at first)", cfg.init_from, name
         )
