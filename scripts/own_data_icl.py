@@ -12,14 +12,17 @@ records most like each question (`--demos similar`), beside the vote of those re
 - **+ in-context rows**: the same, plus the records as in-context rows (`format: in_context`, 2-6
   demonstrations a row, the layout k-shot evaluation sends);
 - each of those again with **slot positions** (`model.connector_positions: {vision: learned}`: a learned
-  vector per image slot, zero at first).
+  vector per image slot, zero at first);
+- the first two again for `--longer` steps (800 by default): 200 steps is where the recipe starts, not
+  where every data set is learnt; and one question a row for `--matched` steps (2,400), about as many trained
+  answers as the in-context variant's `--longer` steps.
 
 Beside them, a linear probe of the frozen image slots of `--init-from` per question type (no decoder): what
 the features hold, against what the finetuned decoder reads from them.
 
 Every step is skipped when its outputs exist under `--out`.
 
-    python scripts/own_data_icl.py                      # ~25 min on 2 CPU cores, from runs/quickstart/final
+    python scripts/own_data_icl.py     # ~75 min on 2 CPU cores from nothing (the 200-step variants ~27), from runs/quickstart/final
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ VARIANTS = {
     "one question a row, slot positions": ([], SLOT_POSITIONS),
     "+ in-context rows, slot positions": ([IN_CONTEXT_ROWS], SLOT_POSITIONS),
 }
+LONGER = ("one question a row", "+ in-context rows")  # trained again for `--longer` steps
 
 
 def draw_image(path: Path, rng: random.Random) -> tuple[int, bool, str]:
@@ -97,7 +101,7 @@ def run_variant(
     name: str, extra: list[dict], model: dict, args: argparse.Namespace, steps: int | None = None
 ) -> dict[str, Any]:
     """Finetune by the recipe (plus `extra` streams of the same records, and `model` overrides) for `steps`
-    (default `--steps`), then evaluate at k = 0 and 4; with `steps` given, at k = 0 only."""
+    (default `--steps`), then evaluate at k = 0 and 4, and at k = 4 with retrieved demonstrations."""
     import yaml
 
     folder = args.out / re.sub(r"[^a-z0-9]+", "-", name.replace("+", "plus")).strip("-")
@@ -116,11 +120,6 @@ def run_variant(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         subprocess.run([sys.executable, "-m", "metalm", "train", str(folder / "config.yaml")], check=True)
-    if steps is not None:
-        return {
-            "config": config,
-            "by_k": evaluate(folder / "run" / "final", folder / "eval", args, (0,), (0,)),
-        }
     by_k = evaluate(folder / "run" / "final", folder / "eval", args, SHOTS, SEEDS)
     retrieved = evaluate(folder / "run" / "final", folder / "eval-similar", args, (4,), (0,), "similar")
     votes = vote_by_group(folder / "eval-similar" / "predictions-test-k4-s0.jsonl")
@@ -187,6 +186,7 @@ def probe_by_group(args: argparse.Namespace) -> dict[str, float]:
 def page_markdown(
     results: dict[str, Any], command: str, args: argparse.Namespace, longer: dict[str, Any] | None = None
 ) -> str:
+    longer = longer or {}
     """The page: what was run, the table by question type, what it shows and what it does not."""
     groups = sorted(next(iter(results.values()))["by_k"]["0"]["groups"])
     head = "| finetune | k | all | " + " | ".join(groups) + " |"
@@ -208,22 +208,15 @@ def page_markdown(
         head,
         "|---|---:|---:|" + "---:|" * len(groups),
     ]
-    for name, res in results.items():
+    for name, res in {**results, **longer}.items():
         runs = [(k, res["by_k"][k]) for k in map(str, SHOTS)] + [("4, retrieved", res["similar"]["4"])]
         for k, row in runs:
             cells = " | ".join(f"{row['groups'][g]['score']:.1f}" for g in groups)
             lines.append(f"| {name} | {k} | {row['mean']['vqa_accuracy']:.1f} | {cells} |")
-    if longer is not None:
-        row = longer["by_k"]["0"]
-        cells = " | ".join(f"{row['groups'][g]['score']:.1f}" for g in groups)
-        steps = longer["config"]["optim"]["max_steps"]
-        lines.append(
-            f"| one question a row, {steps} steps | 0 | {row['mean']['vqa_accuracy']:.1f} | {cells} |"
-        )
     majority = next(iter(results.values()))["by_k"]["0"]["groups"]
     cells = " | ".join(f"{majority[g]['majority_score']:.1f} (`{majority[g]['majority']}`)" for g in groups)
     lines.append(f"| always the type's most common answer | | | {cells} |")
-    for name, res in results.items():
+    for name, res in {**results, **longer}.items():
         votes = " | ".join(f"{res['similar']['vote'][g]:.1f}" for g in groups)
         lines.append(f"| vote of the 4 retrieved records ({name}) | | | {votes} |")
     probe = probe_by_group(args)
@@ -243,14 +236,17 @@ def score(by_k: dict[str, Any], k: str, group: str | None) -> float:
     return by_k[k]["groups"][group]["score"] if group else by_k[k]["mean"]["vqa_accuracy"]
 
 
+def drop_from_zero(by_k: dict[str, Any], group: str | None = None) -> float:
+    """How much lower a variant scores with four demonstrations than with none (negative: higher)."""
+    return score(by_k, "0", group) - score(by_k, "4", group)
+
+
 def shows(
     results: dict[str, Any], probe: dict[str, float], longer: dict[str, Any] | None = None
 ) -> list[str]:
     """What the table shows and does not, its figures read from `results` and the slots' `probe`."""
     plain, icl = results["one question a row"]["by_k"], results["+ in-context rows"]["by_k"]
-
-    def drop(by_k: dict[str, Any], group: str | None = None) -> float:
-        return score(by_k, "0", group) - score(by_k, "4", group)
+    drop = drop_from_zero
 
     worst = max(icl["0"]["groups"], key=lambda g: drop(icl, g))
     near = results["+ in-context rows"]["similar"]
@@ -267,6 +263,7 @@ def shows(
         f"{'higher' if at_zero >= 0 else 'lower'} at k = 0 than with one question a row"
         + ("" if at_zero >= 0 else " (the same steps are shared by two streams)")
         + ". So the recipe in docs/training.md adds that stream.",
+        *steps_paragraph(results, longer),
         "",
         "With the four training records most like each question as its demonstrations, the model with "
         f"in-context rows answers {near['4']['mean']['vqa_accuracy']:.1f} in all against "
@@ -283,11 +280,43 @@ def shows(
     ]
 
 
+def steps_paragraph(results: dict[str, Any], longer: dict[str, Any] | None) -> list[str]:
+    """k = 0 → 4 of each layout at each length it was trained for, and, for the longest run of one question a
+    row, its type hurt most by demonstrations against that type's majority answer."""
+    if not longer:
+        return []
+
+    def by_steps(base: str) -> list[tuple[int, dict[str, Any]]]:
+        runs = [results[base], *(r for n, r in longer.items() if n.rsplit(", ", 1)[0] == base)]
+        return sorted(((r["config"]["optim"]["max_steps"], r["by_k"]) for r in runs), key=lambda run: run[0])
+
+    def series(base: str) -> str:
+        return ", ".join(
+            f"{score(by_k, '0', None):.1f} → {score(by_k, '4', None):.1f} at {steps} steps"
+            for steps, by_k in by_steps(base)
+        )
+
+    steps, plain = by_steps("one question a row")[-1]
+    worst = max(plain["0"]["groups"], key=lambda g: drop_from_zero(plain, g))
+    majority = plain["0"]["groups"][worst]
+    line = (
+        "What four demonstrations cost as a finetune trains longer (all types, k = 0 → 4): one question a row "
+        f"{series('one question a row')}; with in-context rows {series('+ in-context rows')}."
+    )
+    if drop_from_zero(plain, worst) > 0:
+        line += (
+            f" At {steps} steps of one question a row the `{worst}` question falls from "
+            f"{score(plain, '0', worst):.1f} to {score(plain, '4', worst):.1f} with demonstrations (always "
+            f"answering `{majority['majority']}`: {majority['majority_score']:.1f})."
+        )
+    return ["", line]
+
+
 def positions_paragraph(
     results: dict[str, Any], probe: dict[str, float], longer: dict[str, Any] | None
 ) -> list[str]:
     """Slot positions against none (k = 0), the types no variant reads beyond their majority answer, and
-    what the longer run reads."""
+    what the longer runs read."""
     groups = sorted(probe)
     pairs = [
         ("one question a row", "one question a row, slot positions"),
@@ -318,18 +347,30 @@ def positions_paragraph(
             f" The `{g}` question stays within 10 points of its majority answer in every variant of {steps} steps, "
             f"slot positions included, though the frozen image slots hold it (the probe row: {probe[g]:.1f})."
         )
-    if longer is not None:
-        row, long_steps = longer["by_k"]["0"]["groups"], longer["config"]["optim"]["max_steps"]
-        short = results["one question a row"]["by_k"]["0"]["groups"]
+    for name, res in (longer or {}).items():
+        short_name, long_steps = name.rsplit(", ", 1)[0], res["config"]["optim"]["max_steps"]
+        row, short = res["by_k"]["0"]["groups"], results[short_name]["by_k"]["0"]["groups"]
         read = ", ".join(
             f"{g} {row[g]['score']:.1f} ({row[g]['score'] - short[g]['score']:+.1f}; probe {probe[g]:.1f})"
             for g in groups
         )
+        at_four = ", ".join(
+            f"{g} {score(res['by_k'], '0', g):.1f} → {score(res['by_k'], '4', g):.1f}" for g in groups
+        )
         lines += [
             "",
-            f"Trained longer: one question a row for {long_steps} steps instead of {steps} answers, at k = 0 "
-            f"(change from {steps} steps; what the frozen slots hold), {read}. How many steps a data set needs "
-            "is its own; a type far below its probe figure is one the decoder has not yet learnt to read.",
+            f"Trained longer, {short_name} for {long_steps} steps instead of {steps}: at k = 0 (change from "
+            f"{steps} steps; what the frozen slots hold) {read}; with four demonstrations "
+            f"{_points(drop_from_zero(res['by_k']))} in all than with none ({at_four}).",
+        ]
+    if longer:
+        lines += [
+            "",
+            "An in-context row trains the answer of every example in it (3-7), so a step with those rows trains "
+            "more answers than a step of one question a row: at equal steps the runs above differ in the answers "
+            "trained as well as in the stream; one question a row for three times the steps trains about as many "
+            "answers as the in-context variant (where that run is in the table). How many steps a data set needs is "
+            "its own; a type far below its probe figure is one the decoder has not yet learnt to read.",
         ]
     return lines
 
@@ -340,14 +381,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/own-data-icl"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--longer", type=int, default=800, help="also train one question a row this long (0: no)")
+    p.add_argument(
+        "--longer",
+        type=int,
+        default=800,
+        help="also train these variants this long: " + ", ".join(LONGER) + " (0: no)",
+    )
+    p.add_argument(
+        "--matched",
+        type=int,
+        default=2400,
+        help="also train one question a row this long: about the answers (and the time) of --longer steps with "
+        "in-context rows, half of whose rows hold 3-7 trained answers (0: no)",
+    )
     p.add_argument("--page", type=Path, default=PAGE)
     args = p.parse_args(argv)
     make_dataset(args.out / "data")
     results = {name: run_variant(name, *VARIANTS[name], args) for name in VARIANTS}
-    longer = None
-    if args.longer:
-        longer = run_variant(f"one question a row, {args.longer} steps", [], {}, args, steps=args.longer)
+    longer = {
+        f"{name}, {args.longer} steps": run_variant(
+            f"{name}, {args.longer} steps", *VARIANTS[name], args, steps=args.longer
+        )
+        for name in (LONGER if args.longer else ())
+    }
+    if args.longer and args.matched:
+        name = f"one question a row, {args.matched} steps"
+        longer[name] = run_variant(name, *VARIANTS["one question a row"], args, steps=args.matched)
     (args.out / "results.json").write_text(json.dumps({**results, "longer": longer}, indent=1) + "\n")
     command = " ".join(["python scripts/own_data_icl.py", *(argv if argv is not None else sys.argv[1:])])
     args.page.write_text(page_markdown(results, command, args, longer))

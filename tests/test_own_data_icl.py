@@ -89,11 +89,45 @@ def test_the_page_names_a_type_no_variant_reads(script, tmp_path):
     for r in results.values():
         r["config"] = {"optim": {"max_steps": 200}}
     longer = {
-        "config": {"optim": {"max_steps": 800}},
-        "by_k": {"0": _by_k(90.0, {"count": 95.0, "side": 65.0})},
+        "+ in-context rows, 800 steps": {
+            "config": {"optim": {"max_steps": 800}},
+            "by_k": {
+                "0": _by_k(90.0, {"count": 95.0, "side": 65.0}),
+                "4": _by_k(87.0, {"count": 94.0, "side": 60.0}),
+            },
+            "similar": {
+                "4": _by_k(91.0, {"count": 96.0, "side": 66.0}),
+                "vote": {"count": 97.0, "side": 61.0},
+            },
+        },
+        "one question a row, 2400 steps": {
+            "config": {"optim": {"max_steps": 2400}},
+            "by_k": {
+                "0": _by_k(97.0, {"count": 96.0, "side": 98.0}),
+                "4": _by_k(60.0, {"count": 70.0, "side": 50.0}),
+            },
+            "similar": {
+                "4": _by_k(70.0, {"count": 80.0, "side": 60.0}),
+                "vote": {"count": 97.0, "side": 61.0},
+            },
+        },
     }
     page = script.page_markdown(results, "python scripts/own_data_icl.py", args, longer)
     assert "The `side` question stays within 10 points of its majority answer in every variant of 200" in page
     assert "(the probe row: 100.0)" in page and "The `count` question" not in page
-    assert "| one question a row, 800 steps | 0 | 90.0 | 95.0 | 65.0 |" in page
-    assert "count 95.0 (+15.0; probe 99.0), side 65.0 (+20.0; probe 100.0)" in page
+    assert "| + in-context rows, 800 steps | 0 | 90.0 | 95.0 | 65.0 |" in page
+    assert "| + in-context rows, 800 steps | 4, retrieved | 91.0 | 96.0 | 66.0 |" in page
+    assert "| vote of the 4 retrieved records (+ in-context rows, 800 steps) | | | 97.0 | 61.0 |" in page
+    # compared with its own 200-step variant (+ in-context rows: side 46.0), and k = 0 -> 4
+    assert "+ in-context rows for 800 steps instead of 200: at k = 0" in page
+    assert "count 95.0 (+15.0; probe 99.0), side 65.0 (+19.0; probe 100.0)" in page
+    assert "3.0 points worse in all than with none (count 95.0 → 94.0, side 65.0 → 60.0)" in page
+    # each layout's k = 0 -> 4 by its steps, and the type the longest plain run loses most against its majority
+    assert (
+        "one question a row 80.0 → 80.0 at 200 steps, 97.0 → 60.0 at 2400 steps; with in-context rows "
+        "80.0 → 80.0 at 200 steps, 90.0 → 87.0 at 800 steps." in page
+    )
+    assert (
+        "the `side` question falls from 98.0 to 50.0 with demonstrations (always answering `two`: 40.0)"
+        in page
+    )
