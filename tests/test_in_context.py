@@ -170,6 +170,24 @@ def test_a_stream_may_set_its_own_row_length(tiny):
     assert sample_length(sample, processor.config) <= 60 and len(used) < 9
 
 
+def test_packing_keeps_in_context_rows_longer_than_seq_len_whole(tiny):
+    """`data.pack` with in-context rows longer than `data.seq_len` (their stream's own `in_context.seq_len`):
+    a packed row is as long as the longest row its streams make, so every sample stays whole (before, the
+    first such micro-batch stopped the run: "exceed the pack length")."""
+    _, processor = tiny
+    settings = {"shots": [4, 4], "seq_len": 100}
+    config = StreamConfig(source="easy_vqa_vqa", name="vqa", format="in_context", in_context=settings)
+    spec = StreamRecords("vqa", 1.0, _records(), config)
+
+    def batch(pack: bool) -> dict:
+        return DataStream([spec], processor, seq_len=40, batch_size=3, pack=pack).next_batch()
+
+    padded, packed = batch(False), batch(True)
+    assert 40 < padded["input_ids"].shape[1] <= 100  # rows longer than data.seq_len
+    assert packed["attention_mask"].sum() == padded["attention_mask"].sum()  # the same positions, whole
+    assert packed["input_ids"].shape[1] <= 100 and "sequence_ids" in packed
+
+
 def test_query_attends_to_its_demonstrations(tiny):
     """Examples in one row are not isolated: changing a demonstration changes the query's logits."""
     model, processor = tiny

@@ -400,7 +400,9 @@ class DataStream(DataStreamState):
                 samples.append(
                     self._filler([e["name"] for e in self.config.encoders if e["name"] in used - own])
                 )
-        pack = self.seq_len if self.pack else None
+        # A packed row holds whole samples: as long as the longest row a stream of this micro-batch makes (an
+        # in-context stream's rows have their own `in_context.seq_len`).
+        pack = max(self.seq_len, *(self.streams[row.stream].seq_len for row in rows)) if self.pack else None
         batch = self.processor.collate(samples, padding_side="right", pack=pack, transcripts=self.transcripts)
         if twins:
             batch["typed_twins"] = {

@@ -227,8 +227,9 @@ class DataConfig(_Section):
     ``batch`` (each batch from one stream: much less padding when streams differ in length).
     ``num_workers``: DataLoader worker processes that build the training batches (0: the training
     process builds them between steps); the batches are the same for any number. ``pack``: put the
-    samples of a training micro-batch into as few rows of at most ``seq_len`` positions as they fit in,
-    each sample attending only to itself (same losses and gradients, less padding; see docs/training.md)."""
+    samples of a training micro-batch into as few rows of at most ``seq_len`` positions (or an in-context
+    stream's own ``in_context.seq_len``) as they fit in, each sample attending only to itself (same losses
+    and gradients, less padding; see docs/training.md)."""
 
     streams: list[StreamConfig]
     seq_len: int = Field(512, ge=8)
