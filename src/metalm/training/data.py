@@ -243,8 +243,9 @@ class DataStream(DataStreamState):
     ``next_batch()`` returns this rank's ``batch_size`` rows of the next global micro-batch
     (``batch_size * world_size`` samples, see the module docstring) as
     ``processor.collate(samples, padding_side="right")``; ``last_sources`` then holds (stream name, record
-    indices) per sample, which is per row unless ``pack`` (then ``collate(..., pack=seq_len)`` puts
-    several samples in one row; validation streams are never packed). Only this rank's rows are built; the rest of the sequence is walked in the plan
+    indices) per sample, which is per row unless ``pack`` (then ``collate(..., pack=...)`` puts several
+    samples in one row of at most ``seq_len``, or the longest row a stream of the micro-batch makes;
+    validation streams are never packed). Only this rank's rows are built; the rest of the sequence is walked in the plan
     (:mod:`metalm.training.plan`). With ``fill_encoders`` (FSDP: every rank must run the same sharded
     modules), an encoder that the global micro-batch may use but this rank's rows do not gets one extra
     *filler* row at the end: a tiny payload for each such encoder and no labels, so it adds nothing to the
