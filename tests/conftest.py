@@ -108,21 +108,13 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_saved(tmp_path_factory, tiny):
+    """The tiny text + vision MetaLM, saved: a start for `init_from` and `from_pretrained` (tests read it,
+    none writes it)."""
     model, processor = tiny
     path = tmp_path_factory.mktemp("tiny_metalm")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="session")
-def saved_tiny(tmp_path_factory):
-    """A tiny text + vision MetaLM, saved: a start for `init_from` (runs read it, none writes it)."""
-    model, processor = build_tiny(seed=3)
-    folder = tmp_path_factory.mktemp("init") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def load_script(name: str):

@@ -100,7 +100,7 @@ def _finetune(init, out, **model) -> dict:
     }  # fmt: skip
 
 
-def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(saved_tiny, tmp_path) -> None:
+def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(tiny_saved, tmp_path) -> None:
     import json
 
     from safetensors.torch import load_file
@@ -109,7 +109,7 @@ def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(sa
     from metalm.training.trainer import train
 
     result = train(
-        config_from_dict(_finetune(saved_tiny, tmp_path / "run", connector_positions={"vision": "learned"}))
+        config_from_dict(_finetune(tiny_saved, tmp_path / "run", connector_positions={"vision": "learned"}))
     )
     config = json.loads((result.final_dir / "config.json").read_text())
     assert config["encoders"][1]["connector"]["positions"] == "learned"
@@ -130,20 +130,20 @@ def test_init_from_gives_a_saved_connector_positions_that_train_and_are_saved(sa
     ],
 )
 def test_init_from_positions_it_cannot_add_are_config_errors(
-    saved_tiny, tmp_path, positions, message
+    tiny_saved, tmp_path, positions, message
 ) -> None:
     from metalm.training.config import ConfigError, config_from_dict
     from metalm.training.trainer import train
 
     with pytest.raises(ConfigError, match=message):
-        train(config_from_dict(_finetune(saved_tiny, tmp_path / "run", connector_positions=positions)))
+        train(config_from_dict(_finetune(tiny_saved, tmp_path / "run", connector_positions=positions)))
 
 
-def test_connector_positions_without_init_from_is_a_config_error(saved_tiny, tmp_path) -> None:
+def test_connector_positions_without_init_from_is_a_config_error(tiny_saved, tmp_path) -> None:
     from metalm.training.config import ConfigError, config_from_dict
 
     cfg = _finetune(
-        saved_tiny, tmp_path / "run", decoder=TINY_LLAMA, connector_positions={"vision": "learned"}
+        tiny_saved, tmp_path / "run", decoder=TINY_LLAMA, connector_positions={"vision": "learned"}
     )
     with pytest.raises(ConfigError, match="model.connector_positions: adds positions to a saved model"):
         config_from_dict({**cfg, "init_from": None})

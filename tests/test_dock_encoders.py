@@ -16,7 +16,6 @@ from metalm.modalities.audio import AudioInput
 from metalm.recipe import dock_encoders, match_connector_scale
 from metalm.training.config import ConfigError, config_from_dict
 from metalm.training.init_from import preset_that_writes
-from tests.conftest import build_tiny
 from tests.test_audio import TINY_WHISPER, tone
 
 soundfile = pytest.importorskip("soundfile")
@@ -41,24 +40,14 @@ def speech_recipe(trainable_layers: int | None = 0) -> EncoderRecipe:
     )
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny text + vision MetaLM, saved: the model that learns to hear."""
-    model, processor = build_tiny(seed=5)
-    folder = tmp_path_factory.mktemp("init") / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def test_a_docked_encoder_joins_and_the_rest_keeps_its_weights(saved, tmp_path):
-    model = MetaLMForCausalLM.from_pretrained(saved).eval()
-    processor = MetaLMProcessor.from_pretrained(saved, config=model.config)
+def test_a_docked_encoder_joins_and_the_rest_keeps_its_weights(tiny_saved, tmp_path):
+    model = MetaLMForCausalLM.from_pretrained(tiny_saved).eval()
+    processor = MetaLMProcessor.from_pretrained(tiny_saved, config=model.config)
     factors = dock_encoders(model, processor, [speech_recipe()])
     assert list(factors) == ["speech"]  # only the new connector is rescaled
     assert [s["name"] for s in model.config.encoders] == ["text", "vision", "speech"]
     state = model.state_dict()
-    for key, value in MetaLMForCausalLM.from_pretrained(saved).state_dict().items():
+    for key, value in MetaLMForCausalLM.from_pretrained(tiny_saved).state_dict().items():
         assert torch.equal(state[key], value), key
     assert not any(p.requires_grad for p in model.encoders["speech"].parameters())  # trainable_layers 0
     assert all(p.requires_grad for p in model.connectors["speech"].parameters())
@@ -74,22 +63,22 @@ def test_a_docked_encoder_joins_and_the_rest_keeps_its_weights(saved, tmp_path):
         assert torch.allclose(reloaded(**again).logits, logits, atol=1e-5)
 
 
-def test_the_new_connector_lands_on_the_decoder_scale(saved):
-    model = MetaLMForCausalLM.from_pretrained(saved).eval()
-    processor = MetaLMProcessor.from_pretrained(saved, config=model.config)
+def test_the_new_connector_lands_on_the_decoder_scale(tiny_saved):
+    model = MetaLMForCausalLM.from_pretrained(tiny_saved).eval()
+    processor = MetaLMProcessor.from_pretrained(tiny_saved, config=model.config)
     dock_encoders(model, processor, [speech_recipe()])
     # Scaled once already: a second matching finds the output on the embedding scale (factor ~1).
     assert match_connector_scale(model, processor, ["speech"])["speech"] == pytest.approx(1.0, rel=1e-3)
 
 
-def test_an_encoder_the_model_has_is_refused(saved):
-    model = MetaLMForCausalLM.from_pretrained(saved)
-    processor = MetaLMProcessor.from_pretrained(saved, config=model.config)
+def test_an_encoder_the_model_has_is_refused(tiny_saved):
+    model = MetaLMForCausalLM.from_pretrained(tiny_saved)
+    processor = MetaLMProcessor.from_pretrained(tiny_saved, config=model.config)
     with pytest.raises(ValueError, match="encoder 'vision': the model already has an encoder of that name"):
         dock_encoders(model, processor, [EncoderRecipe("vision", "audio", config=TINY_WHISPER)])
 
 
-def spoken_vqa_config(saved, tmp_path, encoders: list[dict]) -> dict:
+def spoken_vqa_config(tiny_saved, tmp_path, encoders: list[dict]) -> dict:
     from PIL import Image
 
     soundfile.write(tmp_path / "q.wav", tone(440, 0.6), 16000)
@@ -97,7 +86,7 @@ def spoken_vqa_config(saved, tmp_path, encoders: list[dict]) -> dict:
     line = '{"kind": "vqa", "image": "red.png", "audio": "q.wav", "question": "what color?", "answer": "red"}'
     (tmp_path / "spoken.jsonl").write_text("\n".join([line] * 4) + "\n")
     return {
-        "init_from": str(saved),
+        "init_from": str(tiny_saved),
         "model": {"encoders": encoders, "decoder_trainable": False},
         "data": {"streams": [{"name": "spoken", "source": str(tmp_path / "spoken.jsonl")}], "seq_len": 40},
         "optim": {"lr": 1e-2, "warmup_steps": 0, "max_steps": 2, "batch_size": 2},
@@ -106,14 +95,14 @@ def spoken_vqa_config(saved, tmp_path, encoders: list[dict]) -> dict:
     }  # fmt: skip
 
 
-def test_init_from_docks_the_config_encoders_and_trains_their_connector(saved, tmp_path):
+def test_init_from_docks_the_config_encoders_and_trains_their_connector(tiny_saved, tmp_path):
     from metalm.training.trainer import train
 
     encoder = {"name": "speech", "kind": "audio", "source": "config", "connector": "mlp",
                "trainable_layers": 0, "config": {**TINY_WHISPER, "frame_stack": 4, "max_seconds": 3}}  # fmt: skip
-    result = train(config_from_dict(spoken_vqa_config(saved, tmp_path, [encoder])))
+    result = train(config_from_dict(spoken_vqa_config(tiny_saved, tmp_path, [encoder])))
     before, after = (
-        load_file(str(saved / "model.safetensors")),
+        load_file(str(tiny_saved / "model.safetensors")),
         load_file(str(result.final_dir / "model.safetensors")),
     )
     new = set(after) - set(before)
@@ -125,12 +114,12 @@ def test_init_from_docks_the_config_encoders_and_trains_their_connector(saved, t
     assert any((tmp_path / "features").rglob("*.safetensors"))  # the frozen Whisper's outputs cached
 
 
-def test_init_from_refuses_an_encoder_it_has(saved, tmp_path):
+def test_init_from_refuses_an_encoder_it_has(tiny_saved, tmp_path):
     from metalm.training.trainer import train
 
     encoder = {"name": "text", "kind": "audio", "source": "config", "config": TINY_WHISPER}
     with pytest.raises(ConfigError, match="model.encoders: encoder 'text': the model already has"):
-        train(config_from_dict(spoken_vqa_config(saved, tmp_path, [encoder])))
+        train(config_from_dict(spoken_vqa_config(tiny_saved, tmp_path, [encoder])))
 
 
 def test_a_missing_init_from_names_the_preset_that_writes_it(tmp_path):

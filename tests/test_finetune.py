@@ -281,11 +281,11 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_frozen_decoder_run_changes_only_encoders_and_connectors(saved_tiny, tmp_path):
+def test_frozen_decoder_run_changes_only_encoders_and_connectors(tiny_saved, tmp_path):
     from metalm.training.trainer import train
 
-    result = train(config_from_dict(finetune_config(saved_tiny, tmp_path / "run", decoder_trainable=False)))
-    before, after = weights(saved_tiny), weights(result.final_dir)
+    result = train(config_from_dict(finetune_config(tiny_saved, tmp_path / "run", decoder_trainable=False)))
+    before, after = weights(tiny_saved), weights(result.final_dir)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and not any(k.startswith("decoder.") for k in changed)
@@ -381,17 +381,17 @@ def test_finetune_my_data_config_extends_a_preset(tmp_path, caplog):
         load_config(tmp_path / "mine.yaml", ["model.decoder=gpt2"])
 
 
-def test_init_from_logs_what_it_loaded(saved_tiny, tmp_path, caplog):
+def test_init_from_logs_what_it_loaded(tiny_saved, tmp_path, caplog):
     import logging
 
     from metalm.training.trainer import train
 
-    cfg = finetune_config(saved_tiny, tmp_path / "run", decoder_trainable=False)
+    cfg = finetune_config(tiny_saved, tmp_path / "run", decoder_trainable=False)
     cfg["optim"]["max_steps"] = 1
     with caplog.at_level(logging.INFO, logger="metalm.training"):
         train(config_from_dict(cfg))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("init_from"))
-    assert str(saved_tiny) in line and "decoder llama" in line and "frozen" in line and "text (text" in line
+    assert str(tiny_saved) in line and "decoder llama" in line and "frozen" in line and "text (text" in line
 
 
 def test_trainable_layers_override_the_saved_encoders(saved_text_tiny, tmp_path):
