@@ -97,34 +97,35 @@ def _dock_new_encoders(cfg: TrainConfig, model: MetaLMForCausalLM, processor: Me
 def _override_trainable_layers(cfg: TrainConfig, model: MetaLMForCausalLM) -> None:
     """`model.trainable_layers` ({encoder name: N}) replaces the saved model's per-encoder setting (a
     model pre-trained with frozen encoders can be finetuned with their top layers training)."""
-    specs = {spec["name"]: spec for spec in model.config.encoders}
     for name, layers in (cfg.model.trainable_layers or {}).items():
-        if name not in specs:
-            raise ConfigError(
-                f"{cfg.source or '<config>'}: model.trainable_layers.{name}: the model in "
-                f"init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
-            )
-        specs[name]["trainable_layers"] = layers
+        _saved_encoder(cfg, model, f"model.trainable_layers.{name}", name)["trainable_layers"] = layers
+
+
+def _saved_encoder(cfg: TrainConfig, model: MetaLMForCausalLM, field: str, name: str) -> dict:
+    """The saved model's spec of encoder `name`, which the config's `field` names; a ConfigError that lists
+    the encoders it has when it has none of that name."""
+    specs = {spec["name"]: spec for spec in model.config.encoders}
+    if name not in specs:
+        raise ConfigError(
+            f"{cfg.source or '<config>'}: {field}: the model in init_from has no encoder {name!r} (it has: "
+            f"{', '.join(specs) or 'none'})"
+        )
+    return specs[name]
 
 
 def _add_connector_positions(cfg: TrainConfig, model: MetaLMForCausalLM) -> None:
     """`model.connector_positions` ({encoder name: learned}) adds learned slot positions to a saved model's
     connector, zero at first (so the model starts as saved); a connector that has them keeps its own."""
-    specs = {spec["name"]: spec for spec in model.config.encoders}
     for name in cfg.model.connector_positions or {}:
-        where = f"{cfg.source or '<config>'}: model.connector_positions.{name}"
-        if name not in specs:
-            raise ConfigError(
-                f"{where}: the model in init_from has no encoder {name!r} (it has: {', '.join(specs) or 'none'})"
-            )
-        spec = specs[name]
+        spec = _saved_encoder(cfg, model, f"model.connector_positions.{name}", name)
         if spec["connector"].get("positions") == "learned":
             continue
         problem = positions_problem(spec["connector"]["type"], "learned", spec.get("num_slots"))
         if problem:
             raise ConfigError(
-                f"{where}: encoder {name!r}: connector positions: {problem} (this one: a "
-                f"{spec['connector']['type']} connector on a {spec['kind']} encoder)"
+                f"{cfg.source or '<config>'}: model.connector_positions.{name}: encoder {name!r}: connector "
+                f"positions: {problem} (this one: a {spec['connector']['type']} connector on a {spec['kind']} "
+                "encoder)"
             )
         connector, width = model.connectors[name], model.config.text_config.hidden_size
         weight = next(connector.parameters())  # the positions join it on its device, in its dtype
