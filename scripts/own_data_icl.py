@@ -186,8 +186,8 @@ def probe_by_group(args: argparse.Namespace) -> dict[str, float]:
 def page_markdown(
     results: dict[str, Any], command: str, args: argparse.Namespace, longer: dict[str, Any] | None = None
 ) -> str:
-    longer = longer or {}
     """The page: what was run, the table by question type, what it shows and what it does not."""
+    longer = longer or {}
     groups = sorted(next(iter(results.values()))["by_k"]["0"]["groups"])
     head = "| finetune | k | all | " + " | ".join(groups) + " |"
     lines = [
@@ -246,20 +246,23 @@ def shows(
 ) -> list[str]:
     """What the table shows and does not, its figures read from `results` and the slots' `probe`."""
     plain, icl = results["one question a row"]["by_k"], results["+ in-context rows"]["by_k"]
-    drop = drop_from_zero
 
-    worst = max(icl["0"]["groups"], key=lambda g: drop(icl, g))
+    worst = max(icl["0"]["groups"], key=lambda g: drop_from_zero(icl, g))
     near = results["+ in-context rows"]["similar"]
     beside = ", ".join(
         f"{g} {near['4']['groups'][g]['score']:.1f} / {score(icl, '0', g):.1f} (vote {near['vote'][g]:.1f})"
         for g in sorted(near["vote"])
     )
-    worst_clause = f" (its worst type, {worst}, {_points(drop(icl, worst))})" if drop(icl, worst) > 0 else ""
+    worst_clause = (
+        f" (its worst type, {worst}, {_points(drop_from_zero(icl, worst))})"
+        if drop_from_zero(icl, worst) > 0
+        else ""
+    )
     at_zero = score(icl, "0", None) - score(plain, "0", None)
     return [
-        f"What it shows: finetuned on one question a row, the model answers {_points(drop(plain))} with four "
+        f"What it shows: finetuned on one question a row, the model answers {_points(drop_from_zero(plain))} with four "
         "demonstrations than without (a prompt of several examples is new to it again); with the same records "
-        f"also laid out as in-context rows, {_points(drop(icl))}{worst_clause}, and {abs(at_zero):.1f} points "
+        f"also laid out as in-context rows, {_points(drop_from_zero(icl))}{worst_clause}, and {abs(at_zero):.1f} points "
         f"{'higher' if at_zero >= 0 else 'lower'} at k = 0 than with one question a row"
         + ("" if at_zero >= 0 else " (the same steps are shared by two streams)")
         + ". So the recipe in docs/training.md adds that stream.",
