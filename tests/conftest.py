@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Shared helper modules with asserts of their own: rewritten like the tests, so a failure shows its values.
+pytest.register_assert_rewrite("tests.serving_helpers")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,10 +121,58 @@ def tiny_saved(tmp_path_factory, tiny):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (used by the evaluation tests: `pytest.mark.usefixtures`)."""
+    # These forwards are tiny; on shared, busy cores two OpenMP threads wait on each other and run ~100x
+    # slower than one (measured: 1 s vs 10 ms per forward at load 6 on 2 cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gpt_processor():
+    """The processor of the GPT baseline: the tiny decoder, no encoders."""
+    from metalm import ModelRecipe
+
+    return ModelRecipe(decoder=TINY_LLAMA, tokenizer="packaged:minilm-l6").build()[1]
+
+
+# --- serving: the saved model, a live server and an `openai` client (helpers: tests/serving_helpers.py) ---
+@pytest.fixture(scope="session")
+def serving_model_dir(tmp_path_factory) -> Path:
+    """A tiny random MetaLM (text + vision encoders) saved once per session."""
+    model, processor = build_tiny(seed=1)
+    path = tmp_path_factory.mktemp("serving_model")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(serving_model_dir):
+    """(engine, base URL) of a live server on the serving model, one per module; skips without uvicorn."""
+    pytest.importorskip("uvicorn")
+    from tests.serving_helpers import start_live_server
+
+    engine, server = start_live_server(serving_model_dir)
+    with server:
+        yield engine, server.url
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    """An `openai` client of the live server; skips without openai."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=live[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 def load_script(name: str):
     """A module of ``scripts/`` (not a package), imported from its file: ``load_script("speech_results")``."""
     import importlib.util
-    from pathlib import Path
 
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     if str(scripts) not in sys.path:  # a script imports its sibling modules, as when it is run

@@ -100,7 +100,7 @@ def test_alignment_errors_name_the_setting(gemma):
 
 def test_a_run_aligns_before_its_first_step_and_not_on_resume(tmp_path):
     from metalm.training.trainer import train
-    from tests.test_training import tiny_config
+    from tests.training_helpers import tiny_config
 
     raw = tiny_config(tmp_path / "run", optim={"max_steps": 1, "grad_accum": 1}, run={"save_every": 1})
     raw["model"]["encoders"][0]["align_tokens"] = 500

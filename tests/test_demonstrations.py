@@ -23,7 +23,9 @@ from metalm.evaluation.runner import evaluate, score_samples
 from metalm.evaluation.scoring import score_continuations, shares_prompts
 from metalm.evaluation.tasks import Example, Task
 
-from .test_evaluation import _one_thread, _rigged  # noqa: F401 (_one_thread: autouse, one thread)
+from .evaluation_helpers import rigged_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards: one thread (conftest.py)
 
 EXAMPLES = [
     Example("e0", {"text": "Great fun."}, ("positive",)),
@@ -159,7 +161,7 @@ def test_calibrated_ranking_scores_each_reference_prompt_once(tiny, tmp_path, mo
 
 def test_without_calibration_nothing_changes_but_the_copying_table(tiny, tmp_path):
     model, processor = tiny
-    rigged = _rigged(model, processor, {"negative": 25.0})  # answers "negative" whatever it is shown
+    rigged = rigged_model(model, processor, {"negative": 25.0})  # answers "negative" whatever it is shown
     summary = evaluate(
         rigged, processor, _task(), shots=(0, 1), seeds=(0, 1), progress=False, out_dir=tmp_path
     )
@@ -226,9 +228,9 @@ def _assert_same_as_whole_sequences(model, processor, prompts, options):
 
 def test_options_read_from_the_prompts_cache_score_as_whole_sequences(tiny, tmp_path):
     model, processor = tiny
-    from tests.test_evaluation import _image_file
+    from tests.evaluation_helpers import image_file
 
-    prompts, options = _prompts_and_options(processor, _image_file(tmp_path, "red.png", (200, 0, 0)))
+    prompts, options = _prompts_and_options(processor, image_file(tmp_path, "red.png", (200, 0, 0)))
     assert shares_prompts(model)
     _assert_same_as_whole_sequences(model, processor, prompts, options)
     _assert_same_as_whole_sequences(model, processor, prompts[:1], options[:1])  # one prompt, no padding
@@ -236,13 +238,13 @@ def test_options_read_from_the_prompts_cache_score_as_whole_sequences(tiny, tmp_
 
 
 def test_options_read_from_a_sliding_window_cache_score_as_whole_sequences(tmp_path):
+    from tests.evaluation_helpers import image_file
     from tests.gemma_tiny import gemma_recipe, write_bpe_tokenizer
-    from tests.test_evaluation import _image_file
 
     torch.manual_seed(0)
     model, processor = gemma_recipe(str(write_bpe_tokenizer(tmp_path / "bpe"))).build()
     model.eval()
-    prompts, options = _prompts_and_options(processor, _image_file(tmp_path, "red.png", (200, 0, 0)))
+    prompts, options = _prompts_and_options(processor, image_file(tmp_path, "red.png", (200, 0, 0)))
     assert shares_prompts(model)
     _assert_same_as_whole_sequences(model, processor, prompts, options)
 

@@ -21,12 +21,7 @@ from tests.test_audio import TINY_WHISPER, tone
 soundfile = pytest.importorskip("soundfile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def speech_recipe(trainable_layers: int | None = 0) -> EncoderRecipe:

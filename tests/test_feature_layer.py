@@ -182,7 +182,7 @@ def test_a_layer_the_backbone_lacks_is_a_config_error_naming_the_file_encoder_an
     """Found on `metalm train ... model.encoders.1.feature_layer=[5,17]`: a traceback, not an error message."""
     from metalm.training.config import ConfigError, config_from_dict
     from metalm.training.model_setup import build_model_for_training
-    from tests.test_training import tiny_config
+    from tests.training_helpers import tiny_config
 
     config = tiny_config(tmp_path / "run")
     config["model"]["encoders"][1].update(source="config", config={"model_type": "efficientnet_lite0"})

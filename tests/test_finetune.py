@@ -14,21 +14,14 @@ from metalm.data.segments import EncodedSegment, TextSegment
 from metalm.modalities.text import TEXT
 from metalm.training.config import ConfigError, config_from_dict, load_config
 from metalm.training.data import DataStream, StreamRecords
-from tests.conftest import TINY_LLAMA
-from tests.test_training import TINY_MODEL
+from tests.conftest import TINY_LLAMA, TINY_MODEL
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 ARTICLE = " ".join(f"word{i}" for i in range(200))  # longer than the tiny text encoder takes (62 tokens)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on shared cores: one thread is faster than two that wait on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def stream(records, processor, seq_len=96, **settings) -> DataStream:

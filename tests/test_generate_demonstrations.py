@@ -20,7 +20,6 @@ from metalm.serving.prompts import PromptBuilder
 from metalm.serving.request_types import ChatMessage, Demonstration
 
 from .test_in_context import _flat
-from .test_serving import serving_model_dir  # noqa: F401 (the saved tiny model, a fixture)
 
 COLOURS = {"red": (220, 10, 10), "green": (10, 200, 10), "blue": (10, 10, 220)}
 
@@ -90,7 +89,7 @@ def test_demonstrations_are_read_from_records_and_bad_lines_are_named(tmp_path):
         read_demonstrations(_write(folder / "empty.jsonl", []))
 
 
-def test_first_random_and_similar_choices(serving_model_dir, tmp_path):  # noqa: F811
+def test_first_random_and_similar_choices(serving_model_dir, tmp_path):
     demos = read_demonstrations(_write(tmp_path / "demos.jsonl", _pool(tmp_path)))
     assert choose_demonstrations(demos, 2, "first") == demos[:2]
     assert choose_demonstrations(demos, None, "first") == demos
@@ -108,7 +107,7 @@ def test_first_random_and_similar_choices(serving_model_dir, tmp_path):  # noqa:
         choose_demonstrations(demos, 4, "first")
 
 
-def test_generate_shows_the_chosen_demonstrations(serving_model_dir, tmp_path, capsys):  # noqa: F811
+def test_generate_shows_the_chosen_demonstrations(serving_model_dir, tmp_path, capsys):
     demos = _write(tmp_path / "demos.jsonl", _pool(tmp_path))
     query = str(_image(tmp_path, "red"))
     alone = generate(str(serving_model_dir), question="what color?", images=[query], max_new_tokens=3,
@@ -130,7 +129,7 @@ def test_generate_shows_the_chosen_demonstrations(serving_model_dir, tmp_path, c
     assert "after 120 demonstrations takes" in capsys.readouterr().err
 
 
-def test_chat_and_serve_show_the_pool_before_every_request(serving_model_dir, tmp_path):  # noqa: F811
+def test_chat_and_serve_show_the_pool_before_every_request(serving_model_dir, tmp_path):
     """`metalm chat/serve --demos`: the engine's chat prompt after the pool's demonstrations is the prompt
     `generate --demos` sends for the same request; similar ones are chosen per request; a pool whose longest
     demonstrations leave no room is refused at start-up."""
@@ -169,7 +168,7 @@ def test_chat_and_serve_show_the_pool_before_every_request(serving_model_dir, tm
     )  # nothing to choose from
 
 
-def test_a_pool_reads_its_images_once_and_prompts_as_from_its_files(serving_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_pool_reads_its_images_once_and_prompts_as_from_its_files(serving_model_dir, tmp_path, monkeypatch):
     """A server's pool keeps its images cropped and resized as the vision encoder reads them: requests after
     it read none of the pool's files, and prepare exactly the prompt the files give."""
     rows = []

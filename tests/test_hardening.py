@@ -30,7 +30,7 @@ from metalm.serving.cli import main
 from metalm.serving.engine import Engine
 from metalm.serving.request_types import SamplingParams
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
-from tests.test_serving import MODEL_NAME, LiveServer, _peak_rss_during, _rss_mb, start_live_server
+from tests.serving_helpers import MODEL_NAME, LiveServer, peak_rss_during, rss_mb, start_live_server
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -74,7 +74,7 @@ def test_an_hour_of_flac_is_refused_without_decoding_it(hour_of_silence, header)
             load_audio(data, name="clip", max_seconds=30)
         return info.value
 
-    before, peak, _, err = _peak_rss_during(refuse)
+    before, peak, _, err = peak_rss_during(refuse)
     seconds = time.monotonic() - start
     print(
         f"\n{header}: {len(data):,} bytes refused in {seconds:.2f} s, RSS +{peak - before:.0f} MB at the peak"
@@ -98,7 +98,7 @@ def test_audio_to_a_model_without_an_audio_encoder_is_refused_unread(tiny_saved,
     }
     try:
         with _client(engine) as client:
-            before, peak, _, response = _peak_rss_during(
+            before, peak, _, response = peak_rss_during(
                 lambda: client.post("/v1/chat/completions", json=body)
             )
     finally:
@@ -142,7 +142,7 @@ def _settled_rss(seconds: float = 1.5) -> float:
     # would otherwise stay resident in glibc's heap and count as the server's growth; a leak is not freed,
     # so trimming leaves it in the figure.
     release_memory()
-    return _rss_mb()
+    return rss_mb()
 
 
 def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(live_tiny):
@@ -151,7 +151,7 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(live_tin
     raw = json.dumps(body).encode()
     _post_raw(url, raw)  # warm up (first-request allocations are not what is measured)
     base = _settled_rss()
-    before, peak, _, (response, seconds) = _peak_rss_during(lambda: _post_raw(url, raw))
+    before, peak, _, (response, seconds) = peak_rss_during(lambda: _post_raw(url, raw))
     after = _settled_rss()
     print(
         f"\n3 MB prompt: {seconds:.2f} s, RSS {base:.0f} MB, peak +{peak - before:.0f}, after +{after - base:.0f}"
@@ -177,7 +177,7 @@ def test_a_body_of_a_million_empty_objects_is_refused_before_parsing(live_tiny):
         % MODEL_NAME.encode()
     )
     raw += b"{}," * 3_800_000 + b"{}]}"  # 11.4 MB: ~255 MB once parsed
-    before, peak, _, (response, seconds) = _peak_rss_during(lambda: _post_raw(url, raw))
+    before, peak, _, (response, seconds) = peak_rss_during(lambda: _post_raw(url, raw))
     print(f"\n{len(raw):,} byte body of empty objects: {seconds:.2f} s, RSS peak +{peak - before:.0f} MB")
     assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_json_values"
     assert peak - before < 60 and seconds < 2
@@ -220,7 +220,7 @@ def test_a_double_gzip_image_is_refused_without_inflating_it(gzip_bomb_host):
         return info.value
 
     start = time.monotonic()
-    before, peak, _, err = _peak_rss_during(fetch)
+    before, peak, _, err = peak_rss_during(fetch)
     seconds = time.monotonic() - start
     print(
         f"\n{len(_GzipBombHost.body):,} bytes of gzip, gzip: {seconds:.2f} s, RSS peak +{peak - before:.0f} MB"
@@ -358,7 +358,7 @@ def test_a_transparent_palette_png_is_flattened_in_its_palette():
     flat = load_image(_palette_png(256))
     assert np.abs(np.asarray(flat, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
     data = _palette_png(4096)
-    before, peak, _, out = _peak_rss_during(lambda: load_image(data, target_size=32, max_pixels=2**24))
+    before, peak, _, out = peak_rss_during(lambda: load_image(data, target_size=32, max_pixels=2**24))
     print(f"\n4096^2 palette + tRNS PNG ({len(data):,} bytes): RSS peak +{peak - before:.0f} MB")
     assert out.size == (64, 64) and peak - before < 130  # was +333 MB: RGBA copies at full size
 

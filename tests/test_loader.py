@@ -9,11 +9,11 @@ import logging
 import pytest
 from PIL import Image
 
-from metalm.training import data as data_module
 from metalm.training.config import config_from_dict
 from metalm.training.data import build_data
 from metalm.training.loader import BatchLoader
-from tests.test_training import batches_equal, tiny_config
+from metalm.training.stream import Stream
+from tests.training_helpers import batches_equal, tiny_config
 
 
 def three_streams(tmp_path, **data) -> object:
@@ -65,13 +65,13 @@ def test_each_rank_builds_only_its_rows(tiny, tmp_path, monkeypatch):
     _, p = tiny
     data = three_streams(tmp_path)
     built = []
-    real = data_module._Stream.build
+    real = Stream.build
 
     def counted(self, row):
         built.append(row)
         return real(self, row)
 
-    monkeypatch.setattr(data_module._Stream, "build", counted)
+    monkeypatch.setattr(Stream, "build", counted)
     one, _ = build_data(data, p, batch_size=4, seed=0)
     ranks = [build_data(data, p, batch_size=2, seed=0, rank=r, world_size=2)[0] for r in range(2)]
     for _ in range(5):

@@ -147,7 +147,7 @@ def test_padding_layouts_are_untouched(tiny):
 
 
 def _train_config(tmp_path, pack: bool, **data) -> dict:
-    from tests.test_training import tiny_config
+    from tests.training_helpers import tiny_config
 
     cfg = tiny_config(
         tmp_path / f"pack{pack}",

@@ -14,7 +14,7 @@ from metalm.evaluation.retrieval import SIMILARITY, ExampleIndex, example_vector
 from metalm.evaluation.runner import evaluate
 from metalm.evaluation.tasks import Example, Task, TaskError, in_model_layout
 
-from .test_evaluation import _one_thread  # noqa: F401 (autouse: one thread)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards: one thread (conftest.py)
 
 TEXTS = ["A match report: the striker scored twice.", "The central bank raised interest rates again.",
          "A new phone with a faster chip.", "The striker scored twice in the match report.",

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 
 from metalm.serving.engine import Engine
 from metalm.serving.server import ServerSettings, create_app
-from tests.test_serving import MODEL_NAME, TEST_SETTINGS, serving_model_dir  # noqa: F401  (fixture)
+from tests.serving_helpers import MODEL_NAME, TEST_SETTINGS
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
@@ -22,7 +22,7 @@ EXAMPLES = 60  # per generation mode, over all operations
 
 
 @pytest.fixture(scope="module")
-def api(serving_model_dir):  # noqa: F811
+def api(serving_model_dir):
     engine = Engine.from_pretrained(serving_model_dir, device="cpu", name=MODEL_NAME)
     # Short answers keep each generated request cheap; "testserver" is the in-process client's Host.
     overrides = dict(max_tokens_limit=4, default_max_tokens=2, request_timeout_s=10.0)

@@ -9,8 +9,7 @@ import pytest
 
 from metalm.training.config import ConfigError, config_from_dict
 from metalm.training.data import DataStream, StreamRecords, build_data
-from tests.test_training import gpt_processor as gpt_processor  # noqa: F401  (fixture)
-from tests.test_training import text_records, tiny_config
+from tests.training_helpers import text_records, tiny_config
 
 
 def two_phases(processor, mix: str, grad_accum: int = 2, split: str = "train") -> DataStream:
@@ -33,13 +32,13 @@ def streams_of_batches(data: DataStream, n: int) -> list[set[str]]:
 
 
 @pytest.mark.parametrize("mix", ["sample", "batch"])
-def test_a_stream_is_drawn_only_in_its_steps(gpt_processor, mix):  # noqa: F811
+def test_a_stream_is_drawn_only_in_its_steps(gpt_processor, mix):
     # grad_accum 2: steps 0-2 are micro-batches 0-5.
     seen = streams_of_batches(two_phases(gpt_processor, mix), 12)
     assert seen[:6] == [{"early"}] * 6 and seen[6:] == [{"late"}] * 6
 
 
-def test_a_stream_outside_its_steps_changes_no_other_draw(gpt_processor):  # noqa: F811
+def test_a_stream_outside_its_steps_changes_no_other_draw(gpt_processor):
     a, b = StreamRecords("a", 1.0, text_records(30, 1)), StreamRecords("b", 2.0, text_records(30, 2))
     late = StreamRecords("late", 5.0, text_records(30, 3))
     common = dict(seq_len=8, batch_size=3, seed=0, mix="batch")
@@ -50,7 +49,7 @@ def test_a_stream_outside_its_steps_changes_no_other_draw(gpt_processor):  # noq
     assert "late" in {s for x in streams_of_batches(with_late, 8) for s in x}
 
 
-def test_a_resumed_stream_keeps_its_phase(gpt_processor):  # noqa: F811
+def test_a_resumed_stream_keeps_its_phase(gpt_processor):
     first = two_phases(gpt_processor, "batch")
     streams_of_batches(first, 4)
     state = json.loads(json.dumps(first.state_dict()))

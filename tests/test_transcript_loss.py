@@ -156,7 +156,7 @@ def test_a_training_run_logs_the_transcript_loss_on_its_own(tmp_path):
     import json
 
     from metalm.training.trainer import train
-    from tests.test_training import tiny_config
+    from tests.training_helpers import tiny_config
 
     lines = []
     for i, (hz, text) in enumerate([(300, "a low tone"), (1200, "a high tone")] * 3):

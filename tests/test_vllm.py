@@ -16,7 +16,7 @@ import pytest
 from metalm.serving.request_types import SamplingParams
 from metalm.serving.server import ServerSettings, create_app
 from tests.conftest import TINY_LLAMA, build_tiny
-from tests.test_serving import TEST_SETTINGS, LiveServer, png_data_url
+from tests.serving_helpers import TEST_SETTINGS, LiveServer, png_data_url
 from tests.vllm_pair import NEEDS_VLLM, QUESTIONS, engine_pair, greedy_pairs, image_requests
 
 pytestmark = [pytest.mark.slow, NEEDS_VLLM]

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.test_serving import serving_model_dir, start_live_server  # noqa: F401  (fixture re-export)
+from tests.serving_helpers import start_live_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -53,7 +53,7 @@ def _api_answer(url: str, image_url: str, key: str) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_chat_page_with_image(serving_model_dir, tmp_path):  # noqa: F811
+def test_chat_page_with_image(serving_model_dir, tmp_path):
     """The page, with an API key typed in, answers greedily exactly what the API answers."""
     image = tmp_path / "shape.png"
     Image.new("RGB", (64, 64), (30, 160, 60)).save(image)

@@ -188,7 +188,7 @@ class RecordParts:
 
 
 class RecordSamples(EpisodeRows):
-    """The samples one stream's records make (the record side of :class:`metalm.training.data._Stream`):
+    """The samples one stream's records make (the record side of :class:`metalm.training.stream.Stream`):
     token caches per record, the records found bad, and records → parts → ``processor.build_sample``."""
 
     name: str

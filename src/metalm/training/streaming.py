@@ -31,8 +31,9 @@ from metalm.data.records import Record, RecordError
 from metalm.data.shards import ShardReader, row_to_record
 from metalm.modalities import get_modality
 from metalm.training.config import StreamConfig
-from metalm.training.data import DataStream, StreamRecords, _Stream
+from metalm.training.data import DataStream, StreamRecords
 from metalm.training.plan import Row, StreamWalk
+from metalm.training.stream import Stream
 
 __all__ = [
     "STATE_VERSION",
@@ -154,7 +155,7 @@ class ShardWalk(StreamWalk):
                 )
 
 
-class _ShardStream(_Stream):
+class _ShardStream(Stream):
     """A stream whose records come from a :class:`ShardWalk` (``records`` is the walk's ``held``)."""
 
     def __init__(self, spec: StreamRecords, ctx, rank: int, world_size: int) -> None:
@@ -246,7 +247,7 @@ class ShardedDataStream(DataStream):
             if isinstance(s.walk, ShardWalk):
                 s.walk.keep_rows = rows
 
-    def _make_stream(self, spec: StreamRecords) -> _Stream:
+    def _make_stream(self, spec: StreamRecords) -> Stream:
         if isinstance(spec.records, ShardSource):
             return _ShardStream(spec, self.ctx, self.node_rank, self.node_world)
         return super()._make_stream(spec)
