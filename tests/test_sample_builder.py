@@ -106,3 +106,26 @@ def test_an_unencoded_instruction_stream_gives_the_input_as_untrained_decoder_to
         seg.loss for seg in texts if list(seg.ids) == question
     )
     assert processor.decode(built[False][-1].ids) == processor.decode(built[True][-1].ids)  # same label
+
+
+def test_the_processor_tokenises_a_short_text_once_and_hands_out_fresh_lists(tiny, monkeypatch):
+    _, p = tiny
+    real, calls = p.tokenizer, []
+
+    def counting(text, **kwargs):
+        calls.append(text)
+        return real(text, **kwargs)
+
+    monkeypatch.setattr(p, "tokenizer", counting)
+    text = "is there a teal shape in this particular image?"
+    expected = real(text, add_special_tokens=False)["input_ids"]
+    first = p.tokenize(text)
+    first.append(-1)  # a caller's edit must not reach the next caller
+    assert p.tokenize(text) == expected and calls == [text]
+    long_text = "a long document " * 40  # over the memo's length: tokenised each time, the same ids
+    assert (
+        p.tokenize(long_text)
+        == p.tokenize(long_text)
+        == real(long_text, add_special_tokens=False)["input_ids"]
+    )
+    assert calls.count(long_text) == 2

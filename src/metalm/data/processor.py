@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 PROCESSOR_FILE = "metalm_processor.json"
+# tokenize() remembers texts up to this many characters, this many of them (a few MB at most).
+TOKEN_MEMO_CHARS = 256
+TOKEN_MEMO_ENTRIES = 65_536
 
 
 @dataclass
@@ -144,6 +147,7 @@ class MetaLMProcessor:
         # Per-encoder facts a plugin works out once per processor, keyed by (encoder name, what): the text
         # plugin's "does this encoder share the decoder's vocabulary".
         self.plugin_memo: dict[tuple[str, str], Any] = {}
+        self._token_memo: dict[str, tuple[int, ...]] = {}  # see tokenize()
         if self.pad_token_id is None:
             raise InputError("the decoder tokenizer needs a pad token (or an eos token to pad with)")
         self.part_separator = part_separator(tokenizer)
@@ -175,7 +179,15 @@ class MetaLMProcessor:
         return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Decoder token ids of `text`, without special tokens (a new list each call). Short texts are
+        remembered: training tokenises the same questions, prompts and answers thousands of times."""
+        ids = self._token_memo.get(text)
+        if ids is None:
+            # verbose=False: the tokenizer's own max length is not the decoder's (collate checks that one).
+            ids = tuple(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            if len(text) <= TOKEN_MEMO_CHARS and len(self._token_memo) < TOKEN_MEMO_ENTRIES:
+                self._token_memo[text] = ids
+        return list(ids)
 
     def join_text(self, previous: str | None, text: str) -> str:
         """`text` as it is tokenised after the decoder text part `previous` (None: after the start, an

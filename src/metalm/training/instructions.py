@@ -22,9 +22,8 @@ TARGET_DELIMITER = " "
 
 
 def tokenize(processor: Any, text: str) -> list[int]:
-    """Decoder token ids of `text`, without special tokens."""
-    # verbose=False: a long document is fine here (it is packed), so no "longer than max length" warning.
-    return processor.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    """Decoder token ids of `text`, without special tokens (the processor's, which remembers short texts)."""
+    return processor.tokenize(text)
 
 
 def target_ids(processor: Any, answer: str) -> list[int]:
