@@ -22,8 +22,7 @@ from metalm.evaluation.icl import build_prompt, prompt_to_sample, sample_demonst
 from metalm.evaluation.runner import evaluate, score_samples
 from metalm.evaluation.scoring import score_continuations, shares_prompts
 from metalm.evaluation.tasks import Example, Task
-
-from .evaluation_helpers import rigged_model
+from tests.evaluation_helpers import rigged_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards: one thread (conftest.py)
 

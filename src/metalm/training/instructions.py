@@ -15,21 +15,16 @@ from metalm.data.layouts import PromptLayout
 from metalm.modalities.text import TEXT
 from metalm.training.config import check_template
 
-__all__ = ["TARGET_DELIMITER", "InstructionIds", "render_instruction", "target_ids", "tokenize"]
+__all__ = ["TARGET_DELIMITER", "InstructionIds", "render_instruction", "target_ids"]
 
 # Between an instruction sample's decoder text and its label: evaluation scores " " + option the same way.
 TARGET_DELIMITER = " "
 
 
-def tokenize(processor: Any, text: str) -> list[int]:
-    """Decoder token ids of `text`, without special tokens (the processor's, which remembers short texts)."""
-    return processor.tokenize(text)
-
-
 def target_ids(processor: Any, answer: str) -> list[int]:
     """An answer as a trained label: after a space (evaluation scores " " + option the same way), then EOS."""
     eos = [processor.eos_token_id] if processor.eos_token_id is not None else []
-    return tokenize(processor, TARGET_DELIMITER + answer) + eos
+    return processor.tokenize(TARGET_DELIMITER + answer) + eos
 
 
 @dataclass
@@ -72,7 +67,7 @@ def render_instruction(
     reason = check_template(template, kind)  # a JSONL stream without `kind` meets kinds only here
     if reason:
         raise InstructionError(reason, field)
-    prompt = tokenize(processor, prompt_text) if prompt_text.strip() else []
+    prompt = processor.tokenize(prompt_text) if prompt_text.strip() else []
     label = target_ids(processor, target)
     budget -= len(prompt) + len(label)
     config = processor.config
@@ -80,7 +75,7 @@ def render_instruction(
 
     def measure(text: str) -> tuple[list[int], list[int] | None, bool, bool]:
         """(decoder ids, encoder ids, within the encoder's limit, within the budget)."""
-        dec = tokenize(processor, text) if text.strip() else []
+        dec = processor.tokenize(text) if text.strip() else []
         if limit is None:
             return dec, None, True, len(dec) <= budget
         enc = TEXT.to_encoder_ids(processor, text_encoder, dec) if dec else []

@@ -42,7 +42,7 @@ from metalm.modalities.text import TEXT, Encode
 from metalm.training.config import DEFAULT_PROMPTS, OPTIONS_JOINER, StreamConfig
 from metalm.training.episode_rows import EpisodeRows
 from metalm.training.episodes import EpisodeSampler
-from metalm.training.instructions import InstructionError, render_instruction, target_ids, tokenize
+from metalm.training.instructions import InstructionError, render_instruction, target_ids
 
 __all__ = [
     "BuildContext",
@@ -63,7 +63,7 @@ def tokenize_words(processor: Any, text: str) -> tuple[list[int], list[Word]]:
     cut between words. A slow tokenizer has no word map: each token is then a word."""
     tok = processor.tokenizer
     if not getattr(tok, "is_fast", False):
-        ids = tokenize(processor, text)
+        ids = processor.tokenize(text)
         return ids, [Word(i, True) for i in range(len(ids))]
     enc = tok(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)
     word_ids = enc.word_ids()
@@ -271,7 +271,7 @@ class RecordSamples(EpisodeRows):
             rec = self.records[idx]
             text = f"{rec.text}\ntopic: {rec.label}" if isinstance(rec, Classification) else rec.text
             eos = self.ctx.processor.eos_token_id
-            ids = self.ids[idx] = tokenize(self.ctx.processor, text) + ([eos] if eos is not None else [])
+            ids = self.ids[idx] = self.ctx.processor.tokenize(text) + ([eos] if eos is not None else [])
         return ids
 
     # --- records → parts -------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ class RecordSamples(EpisodeRows):
         texts = self.ids.get(idx)
         if texts is None:
             texts = self.ids[idx] = [
-                tokenize(ctx.processor, t.text) if isinstance(t, TextPart) else None for t in rec.parts
+                ctx.processor.tokenize(t.text) if isinstance(t, TextPart) else None for t in rec.parts
             ]
         parts, fields = [], []
         for part, ids in zip(rec.parts, texts):
@@ -354,9 +354,9 @@ class RecordSamples(EpisodeRows):
             prompt = self.config.decoder_prompt(rec.kind) or DEFAULT_PROMPTS["vqa"]
             said = rec.question if isinstance(rec, VQAExample) else rec.text  # for the transcript loss
             ids = self.ids[idx] = (
-                tokenize(ctx.processor, prompt),
+                ctx.processor.tokenize(prompt),
                 target_ids(ctx.processor, target),
-                tokenize(ctx.processor, said) if said else None,
+                ctx.processor.tokenize(said) if said else None,
             )
         parts: list[Part] = []
         fields: list[str | None] = []
