@@ -7,6 +7,7 @@ decoder trained on them learn to use.
 
     python scripts/feature_layer_probe.py          # blocks 9, 12, 14, 16, the head (17), and 12+17 together
     python scripts/feature_layer_probe.py --layers 12 16+17 --train 1000 --test 500
+    python scripts/feature_layer_probe.py --layers 17 --image-size 128 --slot-grid 2   # 4x4 map pooled to 2x2
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 from PIL import Image
 
 from metalm.data.easy_vqa import easy_vqa_image_labels, easy_vqa_root
-from metalm.modalities.vision import image_preprocessor_for
+from metalm.modalities.vision import image_preprocessor_for, pool_slots
 from metalm.model.vision import EfficientNetLite0Encoder
 
 
-def layer_features(split: str, limit: int, layers: set[int], size: int) -> tuple[dict, list, list]:
-    """`{layer: [N, positions * channels]}` for the first `limit` images of `split`, with their colours and
-    shapes (None where the package's questions leave one unknown)."""
+def layer_features(
+    split: str, limit: int, layers: set[int], size: int, grid: int | None = None
+) -> tuple[dict, list, list]:
+    """`{layer: [N, positions * channels]}` for the first `limit` images of `split` (each map average-pooled
+    to `grid` x `grid` positions as a vision encoder's `slot_grid` does), with their colours and shapes (None
+    where the package's questions leave one unknown)."""
     labels = easy_vqa_image_labels(split)
     folder = easy_vqa_root() / split / "images"
     ids = sorted(labels)[:limit]
@@ -36,7 +40,7 @@ def layer_features(split: str, limit: int, layers: set[int], size: int) -> tuple
         for index, layer in enumerate(encoder.layers):
             maps = layer(maps)
             if index in layers:
-                out[index] = maps.flatten(1)
+                out[index] = pool_slots(maps.flatten(2).transpose(1, 2), grid).flatten(1)
     return out, [labels[i].color for i in ids], [labels[i].shape for i in ids]
 
 
@@ -72,13 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=4000, help="training-split images")
     parser.add_argument("--test", type=int, default=1000, help="test-split images")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--slot-grid", type=int, default=None, help="pool each map to G x G (slot_grid)")
     args = parser.parse_args(argv)
     groups = {name: [int(index) for index in name.split("+")] for name in args.layers}
     needed = {index for indices in groups.values() for index in indices}
-    train, train_colour, train_shape = layer_features("train", args.train, needed, args.image_size)
-    test, test_colour, test_shape = layer_features("test", args.test, needed, args.image_size)
+    train, train_colour, train_shape = layer_features(
+        "train", args.train, needed, args.image_size, args.slot_grid
+    )
+    test, test_colour, test_shape = layer_features("test", args.test, needed, args.image_size, args.slot_grid)
+    pooled = "" if args.slot_grid is None else f", maps pooled to {args.slot_grid}x{args.slot_grid}"
     print(
         f"{args.train} training and {args.test} test images of easy-VQA at {args.image_size}x{args.image_size}"
+        + pooled
     )
     print("| layer | features | colour (%) | shape (%) |\n|---:|---:|---:|---:|")
     for name, indices in groups.items():

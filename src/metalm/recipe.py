@@ -68,6 +68,8 @@ class EncoderRecipe:
     # A vision encoder: the layer (or layers, concatenated) whose outputs become slots (None: the last;
     # metalm.modalities.vision).
     feature_layer: StrictInt | list[StrictInt] | None = None
+    # A vision encoder: average-pool its feature map to this many slots a side (None: one slot per position).
+    slot_grid: StrictInt | None = None
     max_length: StrictInt | None = None
     # Before training, fit the (linear) connector by least squares on this many tokens of the run's text
     # documents, so that each slot starts at the decoder's embedding of the word under it (text encoders

@@ -10,12 +10,17 @@ backbone's last; else an index into its layer outputs, negative from the end (Ef
 stem, 1-16 its blocks, 17 the head; an HF tower: its `hidden_states`, 0 the embeddings), or a list of them,
 whose outputs are concatenated vector by vector. The layers above the last one named are dropped from the
 model, so they neither run nor train nor are saved.
+
+`slot_grid` (None: every map position a slot) average-pools the feature map to a G x G grid of slots, so that
+an image read at a larger `image_size` costs the decoder no more positions (an HF tower's class token, where
+it has one, stays the first slot).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,7 +77,7 @@ def vision_tower(model: nn.Module) -> nn.Module:
 
 class VisionModality(Modality):
     kind = "vision"
-    spec_defaults = {"image_size": 224, "feature_layer": None}
+    spec_defaults = {"image_size": 224, "feature_layer": None, "slot_grid": None}
     backbones = ("hf", EFFICIENTNET)
     part_types = (ImageInput, Image.Image)
     record_field = "image"
@@ -88,6 +93,11 @@ class VisionModality(Modality):
         if layer is not None and (not named or any(type(i) is not int for i in named)):
             raise ValueError(
                 f"field 'feature_layer' must be null (the last layer), an int or a list of ints, got {layer!r}"
+            )
+        grid = spec["slot_grid"]
+        if grid is not None and (type(grid) is not int or grid <= 0):
+            raise ValueError(
+                f"field 'slot_grid' must be null (every map position) or an int > 0, got {grid!r}"
             )
 
     # --- the model ---------------------------------------------------------------------------------
@@ -107,6 +117,7 @@ class VisionModality(Modality):
         else:  # the hidden states named, raw (no final norm), as LLaVA reads them
             hidden = backbone(pixel_values=pixel_values, output_hidden_states=True).hidden_states
             feats = torch.cat([hidden[i] for i in backbone.feature_layers], -1)
+        feats = pool_slots(feats, spec["slot_grid"])
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
 
     # --- the frozen lower part: EfficientNet splits between its layers, an HF tower only fully frozen --
@@ -142,13 +153,17 @@ class VisionModality(Modality):
         taps = [torch.stack([state[f"feature_layer_{j}"] for state in states]) for j in range(below)]
         if split < len(backbone.layers):
             taps += backbone.run_layers(torch.stack([state["feature_map"] for state in states]), split)[1]
-        feats = backbone.tokens(taps)
+        feats = pool_slots(backbone.tokens(taps), spec["slot_grid"])
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
 
     # --- building from a recipe ----------------------------------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         layer = recipe.feature_layer
-        architecture: dict[str, Any] = {"backbone": EFFICIENTNET, "feature_layer": layer}
+        architecture: dict[str, Any] = {
+            "backbone": EFFICIENTNET,
+            "feature_layer": layer,
+            "slot_grid": recipe.slot_grid,
+        }
         if recipe.source == PACKAGED_EFFICIENTNET:
             return EfficientNetLite0Encoder.from_packaged(layer), architecture, None
         if recipe.source == "config" and (recipe.config or {}).get("model_type") == EFFICIENTNET:
@@ -156,7 +171,12 @@ class VisionModality(Modality):
         backbone, _, folder = super().load_backbone(recipe)
         backbone = vision_tower(backbone)
         # The whole tower's config: a rebuild (`build_backbone`) drops the same layers again.
-        architecture = {"backbone": "hf", "config": backbone.config.to_dict(), "feature_layer": layer}
+        architecture = {
+            "backbone": "hf",
+            "config": backbone.config.to_dict(),
+            "feature_layer": layer,
+            "slot_grid": recipe.slot_grid,
+        }
         return keep_layers_up_to(backbone, layer), architecture, folder
 
     def complete_spec(
@@ -231,6 +251,30 @@ class VisionModality(Modality):
     def filler(self, spec: dict[str, Any], preprocessor: ImagePreprocessor) -> EncodedSegment:
         size = preprocessor.size
         return EncodedSegment(spec["name"], pixel_values=torch.zeros(3, size, size), loss=False)
+
+
+def pool_slots(feats: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """``[B, N, C]`` map tokens (row-major; an HF tower's class token first where N = 1 + h * w) average-pooled
+    to ``grid * grid`` tokens (the class token kept first); unchanged for ``grid`` None."""
+    if grid is None:
+        return feats
+    count = feats.shape[1]
+    lead = 0 if math.isqrt(count) ** 2 == count else 1
+    side = math.isqrt(count - lead)
+    if side * side != count - lead:
+        raise ValueError(
+            f"field 'slot_grid': the backbone gives {count} vectors an image, not a square map (with or without "
+            "a class token first); leave slot_grid out for this backbone"
+        )
+    if grid > side:
+        raise ValueError(
+            f"field 'slot_grid' is {grid}, but the backbone's map is {side}x{side} at this image_size: "
+            f"set it to at most {side} or raise image_size"
+        )
+    batch, _, width = feats.shape
+    maps = feats[:, lead:].transpose(1, 2).reshape(batch, width, side, side)
+    pooled = nn.functional.adaptive_avg_pool2d(maps, grid).flatten(2).transpose(1, 2)
+    return torch.cat([feats[:, :lead], pooled], 1)
 
 
 def keep_layers_up_to(tower: nn.Module, feature_layer: int | list[int] | None) -> nn.Module:

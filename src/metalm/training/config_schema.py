@@ -140,6 +140,8 @@ class ModelConfig(_Section):
                 raise FieldProblem(
                     "is a vision encoder's field (the layer its slots read)", i, "feature_layer"
                 )
+            if enc.slot_grid is not None and (enc.kind != "vision" or enc.slot_grid <= 0):
+                raise FieldProblem("takes an int > 0, on a vision encoder (slots a side)", i, "slot_grid")
         return encoders
 
     @model_validator(mode="after")
