@@ -128,3 +128,13 @@ def peak_rss_during(fn) -> tuple[float, float, float, object]:
         done.set()
         sampler.join(5)
     return before, max(peak[0], rss_mb()), rss_mb(), result
+
+
+def palette_png(side: int) -> bytes:
+    """A palette PNG with a tRNS chunk (every entry its own alpha), compressible: small on the wire."""
+    arr = np.tile(np.arange(256, dtype=np.uint8), (side, side // 256 or 1))[:, :side]
+    img = Image.fromarray(arr, "L").convert("P")
+    img.putpalette([(i * 7) % 256 for i in range(768)])
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=bytes(range(256)))
+    return buf.getvalue()

@@ -279,3 +279,31 @@ def test_closing_the_engine_fails_running_and_waiting_jobs(model_and_processor):
         with pytest.raises(RuntimeError, match="shutting down"):
             job.result(timeout=10)
     assert engine.pending == 0
+
+
+# --- seeded requests share the running batch (issue #24) ---
+def test_seeded_requests_do_not_hold_up_the_batch(tiny):
+    """Six long seeded samplers, then a short unseeded request: it joins the running batch at once (it
+    used to wait for every seeded job to run alone, one after another: 80 s in the issue). A seeded
+    answer stays the same whatever runs beside it."""
+    model, processor = tiny
+    engine = Engine(model, processor, device="cpu", name="tiny").start()
+    hot = SamplingParams(max_new_tokens=150, temperature=2.0, seed=11)
+    try:
+        alone = engine.submit("tell me", SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)).result(
+            60
+        )
+        seeded = [engine.submit("tell me a story", hot) for _ in range(6)]
+        start = time.monotonic()
+        normal = engine.submit("hi", SamplingParams(max_new_tokens=4, temperature=0.0))
+        beside = engine.submit("tell me", SamplingParams(max_new_tokens=12, temperature=0.9, seed=5))
+        normal.result(60)
+        waited = time.monotonic() - start
+        results = [job.result(120) for job in seeded]
+        last_seeded = max(job.finished for job in seeded)
+        print(f"\nnormal request answered in {waited:.2f} s beside six seeded samplers")
+        assert waited < 1.5 and normal.finished < last_seeded
+        assert beside.result(60).completions[0].text == alone.completions[0].text
+        assert len({r.completions[0].text for r in results}) == 1  # the same seed, the same answer
+    finally:
+        engine.close()

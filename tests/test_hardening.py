@@ -9,7 +9,6 @@ import gzip
 import http.server
 import io
 import json
-import shutil
 import socket
 import threading
 import time
@@ -20,17 +19,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from metalm.data.audio import AudioError, load_audio
-from metalm.data.images import ImageError, load_image, release_memory
-from metalm.data.tokenizer_check import check_tokenizer
-from metalm.model.loading import ModelLoadError
-from metalm.serving.cli import main
+from metalm.data.images import release_memory
 from metalm.serving.engine import Engine
-from metalm.serving.request_types import SamplingParams
 from metalm.serving.server import APIError, ImageResolver, ServerSettings, create_app
-from tests.serving_helpers import MODEL_NAME, LiveServer, peak_rss_during, rss_mb, start_live_server
+from tests.serving_helpers import (
+    MODEL_NAME,
+    LiveServer,
+    palette_png,
+    peak_rss_during,
+    rss_mb,
+    start_live_server,
+)
 
 soundfile = pytest.importorskip("soundfile")
 
@@ -283,94 +284,7 @@ def test_malformed_image_urls_are_400s_through_the_server(tiny_saved, url):
     assert response.status_code == 400, response.text
 
 
-# --- 5. seeded requests share the running batch ----------------------------------------------------------
-def test_seeded_requests_do_not_hold_up_the_batch(tiny):
-    """Six long seeded samplers, then a short unseeded request: it joins the running batch at once (it
-    used to wait for every seeded job to run alone, one after another: 80 s in the issue). A seeded
-    answer stays the same whatever runs beside it."""
-    model, processor = tiny
-    engine = Engine(model, processor, device="cpu", name="tiny").start()
-    hot = SamplingParams(max_new_tokens=150, temperature=2.0, seed=11)
-    try:
-        alone = engine.submit("tell me", SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)).result(
-            60
-        )
-        seeded = [engine.submit("tell me a story", hot) for _ in range(6)]
-        start = time.monotonic()
-        normal = engine.submit("hi", SamplingParams(max_new_tokens=4, temperature=0.0))
-        beside = engine.submit("tell me", SamplingParams(max_new_tokens=12, temperature=0.9, seed=5))
-        normal.result(60)
-        waited = time.monotonic() - start
-        results = [job.result(120) for job in seeded]
-        last_seeded = max(job.finished for job in seeded)
-        print(f"\nnormal request answered in {waited:.2f} s beside six seeded samplers")
-        assert waited < 1.5 and normal.finished < last_seeded
-        assert beside.result(60).completions[0].text == alone.completions[0].text
-        assert len({r.completions[0].text for r in results}) == 1  # the same seed, the same answer
-    finally:
-        engine.close()
-
-
-# --- 6. a folder whose tokenizer is not the model's ----------------------------------------------------
-def test_a_folder_without_its_tokenizer_is_refused_not_answered_wrongly(tiny_saved, tmp_path, capsys):
-    folder = tmp_path / "no_tokenizer"
-    shutil.copytree(tiny_saved, folder)
-    (folder / "tokenizer.json").unlink()  # transformers then builds a 5-token BertTokenizer
-    with pytest.raises(ModelLoadError, match="5 tokens but the model was saved with a vocabulary of 30,522"):
-        Engine.from_pretrained(folder, device="cpu")
-    assert main(["generate", "--model", str(folder), "--prompt", "hello", "--device", "cpu"]) == 2
-    assert "tokenizer.json" in capsys.readouterr().err
-
-
-def test_a_tokenizer_that_reads_english_as_unknown_is_refused(tiny):
-    _, processor = tiny
-
-    class AllUnknown:
-        unk_token_id = 100
-
-        def __len__(self) -> int:
-            return 30_522
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [100] * len(text.split())}
-
-    check_tokenizer(processor.tokenizer, 30_522, "ok")
-    with pytest.raises(ModelLoadError, match="ordinary English"):
-        check_tokenizer(AllUnknown(), 30_522, "folder")
-
-
-# --- 7. the low ones -------------------------------------------------------------------------------------
-def _palette_png(side: int) -> bytes:
-    """A palette PNG with a tRNS chunk (every entry its own alpha), compressible: small on the wire."""
-    arr = np.tile(np.arange(256, dtype=np.uint8), (side, side // 256 or 1))[:, :side]
-    img = Image.fromarray(arr, "L").convert("P")
-    img.putpalette([(i * 7) % 256 for i in range(768)])
-    buf = io.BytesIO()
-    img.save(buf, "PNG", transparency=bytes(range(256)))
-    return buf.getvalue()
-
-
-def test_a_transparent_palette_png_is_flattened_in_its_palette():
-    small = Image.open(io.BytesIO(_palette_png(256)))
-    reference = Image.alpha_composite(Image.new("RGBA", small.size, "white"), small.convert("RGBA")).convert(
-        "RGB"
-    )
-    flat = load_image(_palette_png(256))
-    assert np.abs(np.asarray(flat, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
-    data = _palette_png(4096)
-    before, peak, _, out = peak_rss_during(lambda: load_image(data, target_size=32, max_pixels=2**24))
-    print(f"\n4096^2 palette + tRNS PNG ({len(data):,} bytes): RSS peak +{peak - before:.0f} MB")
-    assert out.size == (64, 64) and peak - before < 130  # was +333 MB: RGBA copies at full size
-
-
-def test_a_file_image_over_the_limit_says_so_once(tmp_path):
-    path = tmp_path / "big.png"
-    path.write_bytes(b"\x89PNG" + bytes(2_000))
-    with pytest.raises(ImageError) as info:
-        load_image(path, max_bytes=1_000)
-    assert info.value.code == "image_too_large" and str(info.value).count("image ") == 1
-
-
+# --- 7. the low ones (the others: test_vision, test_loading, test_serving_security) ------------------
 def test_a_model_name_with_a_newline_cannot_forge_a_log_line(tiny_saved, caplog):
     engine = Engine.from_pretrained(tiny_saved, device="cpu", name="tiny")
     body = {
@@ -402,35 +316,6 @@ def test_a_client_leaving_mid_upload_is_not_a_server_error(live_tiny, caplog):
     assert not [r for r in caplog.records if "unhandled" in r.getMessage() or r.exc_info]
 
 
-def test_a_string_where_a_size_belongs_is_one_line(tiny_saved, tmp_path):
-    folder = tmp_path / "bad_config"
-    shutil.copytree(tiny_saved, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["text_config"]["hidden_size"] = "256"
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        ModelLoadError, match=r"text_config\.hidden_size must be a positive integer, got '256'"
-    ):
-        Engine.from_pretrained(folder, device="cpu")
-
-
-def test_serve_takes_an_api_key_flag(monkeypatch):
-    import argparse
-
-    from metalm.serving import cli
-
-    seen = {}
-    monkeypatch.setattr(cli, "serve", lambda *args, **kwargs: seen.update(kwargs))
-    parser = argparse.ArgumentParser()
-    cli.add_parsers(parser.add_subparsers(dest="command"))
-    assert "--api-key" in parser._subparsers._group_actions[0].choices["serve"].format_help()
-    monkeypatch.setenv("METALM_API_KEY", "from-env")
-    args = parser.parse_args(["serve", "--model", "m", "--api-key", "from-flag"])
-    assert args.func(args) == 0 and seen["api_key"] == "from-flag"
-    args = parser.parse_args(["serve", "--model", "m"])
-    assert args.func(args) == 0 and seen["api_key"] == "from-env"
-
-
 # --- the bar: a hostile mix holds the memory bound and keeps answering ---------------------------------
 def _hostile_bodies(hour_of_silence: bytes, bomb_url: str) -> list[bytes]:
     """One raw body of each hostile kind above (each under the default 12 MB body limit)."""
@@ -444,7 +329,7 @@ def _hostile_bodies(hour_of_silence: bytes, bomb_url: str) -> list[bytes]:
         return [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]
 
     flac = base64.b64encode(hour_of_silence).decode()
-    palette = "data:image/png;base64," + base64.b64encode(_palette_png(4096)).decode()
+    palette = "data:image/png;base64," + base64.b64encode(palette_png(4096)).decode()
     meta = chat("hi", max_tokens=1)[:-1] + b',"metadata":[' + b"{}," * 3_800_000 + b"{}]}"
     return [
         chat([{"type": "input_audio", "input_audio": {"data": flac, "format": "wav"}}]),

