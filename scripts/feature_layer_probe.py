@@ -40,7 +40,7 @@ def layer_features(
         for index, layer in enumerate(encoder.layers):
             maps = layer(maps)
             if index in layers:
-                out[index] = pool_slots(maps.flatten(2).transpose(1, 2), grid).flatten(1)
+                out[index] = pool_slots(encoder.tokens([maps]), grid).flatten(1)
     return out, [labels[i].color for i in ids], [labels[i].shape for i in ids]
 
 

@@ -159,11 +159,8 @@ class VisionModality(Modality):
     # --- building from a recipe ----------------------------------------------------------------------
     def load_backbone(self, recipe: EncoderRecipe) -> tuple[nn.Module, dict[str, Any], str | None]:
         layer = recipe.feature_layer
-        architecture: dict[str, Any] = {
-            "backbone": EFFICIENTNET,
-            "feature_layer": layer,
-            "slot_grid": recipe.slot_grid,
-        }
+        slots = {"feature_layer": layer, "slot_grid": recipe.slot_grid}
+        architecture: dict[str, Any] = {"backbone": EFFICIENTNET, **slots}
         if recipe.source == PACKAGED_EFFICIENTNET:
             return EfficientNetLite0Encoder.from_packaged(layer), architecture, None
         if recipe.source == "config" and (recipe.config or {}).get("model_type") == EFFICIENTNET:
@@ -171,12 +168,7 @@ class VisionModality(Modality):
         backbone, _, folder = super().load_backbone(recipe)
         backbone = vision_tower(backbone)
         # The whole tower's config: a rebuild (`build_backbone`) drops the same layers again.
-        architecture = {
-            "backbone": "hf",
-            "config": backbone.config.to_dict(),
-            "feature_layer": layer,
-            "slot_grid": recipe.slot_grid,
-        }
+        architecture = {"backbone": "hf", "config": backbone.config.to_dict(), **slots}
         return keep_layers_up_to(backbone, layer), architecture, folder
 
     def complete_spec(
