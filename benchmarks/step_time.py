@@ -8,7 +8,8 @@ operators (torch.profiler) so that what the step spends on matrix products, atte
 seen. The configs must share their data and encoders (e.g. a decoder's width changed): only the model
 differs. Only time is measured here; what a change costs the model is a training run's to say.
 
-    OMP_NUM_THREADS=2 python benchmarks/step_time.py --compare configs/ablations/quickstart-narrow.yaml
+    OMP_NUM_THREADS=2 python benchmarks/step_time.py --config configs/ablations/quickstart-wide.yaml \
+        --compare configs/quickstart.yaml
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ def shows(
         "",
         *positions_paragraph(results, probe, longer),
         "",
-        "What it does not show: a larger or a pretrained decoder (this is the 11M quickstart), other data, or "
+        "What it does not show: a larger or a pretrained decoder (this is the quickstart's small one, trained from scratch), other data, or "
         "that random demonstrations *help* here: the question types are fixed and perception decides the answer, "
         "so the best to hope for from them is k = 4 = k = 0. One training run of each variant: finetunes of this "
         "size can differ by many points on one type between training runs (`run.seed`), so a difference of a "

@@ -333,8 +333,8 @@ SHOWS_AND_NOT = [
     "",
     "- It shows, per attribute and per question type, whether each model uses what its encoders see; an "
     "average alone would hide a model that gets shapes right and colours at chance.",
-    "- It does not show the paper's scale: the decoders are 11M (quickstart) and 270M (Gemma) "
-    "parameters, trained for minutes on 2 CPU cores, on synthetic shapes and one news corpus.",
+    "- It does not show the paper's scale: the decoders are the quickstart's (5-11M parameters, by its "
+    "width) and Gemma's 270M, trained for minutes on 2 CPU cores, on synthetic shapes and one news corpus.",
     "- The captioning prompt is held out: gemma-vl and the quickstart train captioning on request with five "
     'other phrasings (their `described` stream), never "Summarize this image:" itself; the GPT baseline '
     "and bare Gemma never train on captions by request.",

@@ -13,7 +13,7 @@ from PIL import Image
 
 from metalm import Encode, ImageInput, InputError
 from metalm.serving.cli import chat, generate, main
-from metalm.serving.engine import Engine
+from metalm.serving.engine import Engine, served_name
 from metalm.serving.generation import ChoiceRow
 from metalm.serving.request_types import ChatMessage, QueueFull, SamplingParams
 
@@ -262,3 +262,16 @@ def test_chat_command(serving_model_dir, tmp_path):
     text = out.getvalue()
     assert "(image attached" in text and "(conversation cleared)" in text and text.count("assistant> ") == 3
     assert [m.role for m in history] == ["user", "assistant"] and history[0].text == "again"
+
+
+@pytest.mark.parametrize(
+    ("folder", "name"),
+    [
+        ("runs/quickstart/final", "quickstart/final"),
+        ("runs/quickstart/checkpoint-600/model", "quickstart/checkpoint-600/model"),
+        ("runs/my-model", "my-model"),
+    ],
+)
+def test_served_name_leads_a_run_folder_every_run_has_with_the_run_name(tmp_path, folder, name):
+    """A model served without --model-name is named so a person can tell runs apart ("final" says nothing)."""
+    assert served_name(tmp_path / folder) == name

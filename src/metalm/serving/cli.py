@@ -319,7 +319,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="model id clients send (default: the folder's name, e.g. quickstart/final)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument(
         "--allow-image-hosts", nargs="*", metavar="HOST",

@@ -41,6 +41,21 @@ from metalm.serving.vllm_process import VLLMSettings
 __all__ = ["Engine"]
 
 
+# The folder names training writes for every run (`final`, `checkpoint-N/model`): they say nothing alone.
+_GENERIC_FOLDERS = ("final", "model")
+
+
+def served_name(directory: str | Path) -> str:
+    """The model's name when none is given: the folder's, led by the run folder's where the folder is one
+    that every run has (``runs/quickstart/final`` -> ``quickstart/final``,
+    ``runs/quickstart/checkpoint-600/model`` -> ``quickstart/checkpoint-600/model``)."""
+    parts = Path(directory).resolve().parts
+    keep = 1
+    while keep < len(parts) and (parts[-keep] in _GENERIC_FOLDERS or parts[-keep].startswith("checkpoint-")):
+        keep += 1
+    return "/".join(parts[-keep:]) if parts[-keep] != "/" else "/".join(parts[-keep + 1 :])
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +154,7 @@ class Engine:
         load_kwargs = {"dtype": dtype} if dtype is not None else {}
         model = AutoModelForCausalLM.from_pretrained(directory, **load_kwargs)
         processor = MetaLMProcessor.from_pretrained(directory, config=model.config)
-        return cls(model, processor, name=name or directory.resolve().name, device=device, **kwargs)
+        return cls(model, processor, name=name or served_name(directory), device=device, **kwargs)
 
     # --- facts ----------------------------------------------------------------------------------------
     @property
