@@ -232,6 +232,31 @@ def test_episode_shows_the_query_class():
         assert shown == ([recs[q].answers] if counts[recs[q].answers] > 1 else [])
 
 
+def test_query_repeated_rows_show_the_query_itself_once():
+    recs = _records()
+    settings = InContextSettings(shots=(3, 3), same_task=1.0, ways=(2, 2), query_repeated=1.0)
+    sampler = EpisodeSampler(recs, settings, range(len(recs)))
+    for q in range(len(recs)):
+        episode = sampler.draw(q, random.Random(q))
+        assert episode.demonstrations.count(q) == 1
+    # Without the option (the default 0), rows are drawn as before: never the query itself.
+    plain = EpisodeSampler(recs, settings.model_copy(update={"query_repeated": 0.0}), range(len(recs)))
+    assert all(q not in plain.draw(q, random.Random(q)).demonstrations for q in range(len(recs)))
+
+
+def test_demonstrations_follow_a_balanced_streams_weights_only_when_asked():
+    recs = _records()
+    weights = [1.0 if rec.id.startswith("y") else 0.0 for rec in recs]  # only the yes/no records weigh
+    settings = InContextSettings(shots=(4, 4), same_task=0.0)
+    for balanced, expected in ((True, {"y"}), (False, {"c", "y"})):
+        s = settings.model_copy(update={"balanced_demonstrations": balanced})
+        sampler = EpisodeSampler(recs, s, range(len(recs)), weights)
+        kinds = {
+            recs[d].id[0] for q in range(len(recs)) for d in sampler.draw(q, random.Random(q)).demonstrations
+        }
+        assert kinds == expected
+
+
 def test_in_context_settings_are_checked():
     with pytest.raises(ValueError, match="shots"):
         InContextSettings(shots=(4, 2))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -270,8 +271,14 @@ def test_chat_command(serving_model_dir, tmp_path):
         ("runs/quickstart/final", "quickstart/final"),
         ("runs/quickstart/checkpoint-600/model", "quickstart/checkpoint-600/model"),
         ("runs/my-model", "my-model"),
+        # Not a checkpoint training writes (a partial one): named as any other folder.
+        ("runs/quickstart/checkpoint-5.tmp", "checkpoint-5.tmp"),
     ],
 )
 def test_served_name_leads_a_run_folder_every_run_has_with_the_run_name(tmp_path, folder, name):
     """A model served without --model-name is named so a person can tell runs apart ("final" says nothing)."""
     assert served_name(tmp_path / folder) == name
+
+
+def test_served_name_of_a_folder_at_the_root_is_its_own():
+    assert served_name(Path(Path.cwd().anchor) / "final") == "final"

@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHECKPOINT_PATTERN",
     "MANIFEST",
     "ModelLoadError",
     "check_config",
@@ -32,6 +34,9 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+# A training run's checkpoint folders (``checkpoint-N/``, its model in ``model/``): written by
+# metalm.training.checkpoint, recognised by serving when it names a model after its run.
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _FIX = "re-save the model or copy it again"

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from metalm.data.processor import MetaLMProcessor
 from metalm.modalities import encoders_of_field
-from metalm.model.loading import check_config
+from metalm.model.loading import CHECKPOINT_PATTERN, check_config
 from metalm.serving.generation import JobRunner
 from metalm.serving.jobs import Job
 from metalm.serving.prompts import PromptBuilder
@@ -49,11 +49,13 @@ def served_name(directory: str | Path) -> str:
     """The model's name when none is given: the folder's, led by the run folder's where the folder is one
     that every run has (``runs/quickstart/final`` -> ``quickstart/final``,
     ``runs/quickstart/checkpoint-600/model`` -> ``quickstart/checkpoint-600/model``)."""
-    parts = Path(directory).resolve().parts
+    path = Path(directory).resolve()
+    parts = path.parts
     keep = 1
-    while keep < len(parts) and (parts[-keep] in _GENERIC_FOLDERS or parts[-keep].startswith("checkpoint-")):
+    while keep < len(parts) and (parts[-keep] in _GENERIC_FOLDERS or CHECKPOINT_PATTERN.match(parts[-keep])):
         keep += 1
-    return "/".join(parts[-keep:]) if parts[-keep] != "/" else "/".join(parts[-keep + 1 :])
+    # A folder at the file system's root keeps its own name, not the root's ("/", "C:\\").
+    return "/".join(parts[-keep:]) if parts[-keep] != path.anchor else "/".join(parts[-keep + 1 :])
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metalm.model.loading import MANIFEST, fsync_dir, verify_manifest, write_manifest
+from metalm.model.loading import CHECKPOINT_PATTERN, MANIFEST, fsync_dir, verify_manifest, write_manifest
 from metalm.training.config import ConfigError
 from metalm.training.parallel import is_fsdp, unwrap_model
 
@@ -46,7 +45,6 @@ __all__ = [
 
 logger = logging.getLogger("metalm.training")
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Test hook: seconds to sleep inside a checkpoint write (after the files, before the manifest), so that a
 # crash test can kill the process there deterministically.
 SLOW_CHECKPOINT_ENV = "METALM_TEST_SLOW_CHECKPOINT"

@@ -62,7 +62,9 @@ class InContextSettings(BaseModel):
     demonstrations share the query's task (the rest are drawn from the whole stream); ``ways``: answer
     classes in a same-task row; ``relabel``: the share of same-task rows whose answers become made-up
     words, of the kind ``relabel_words`` names (:func:`made_up_word`); ``other_question``: the share of
-    same-task rows whose demonstrations are of another task than the query's."""
+    same-task rows whose demonstrations are of another task than the query's; ``query_repeated``: the share
+    of same-task rows with the query's own example among their demonstrations; ``balanced_demonstrations``:
+    in a balanced stream, whether the other rows' demonstrations are drawn balanced (else as they come)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -72,6 +74,8 @@ class InContextSettings(BaseModel):
     relabel: float = Field(0.0, ge=0.0, le=1.0, strict=False)
     relabel_words: Literal["syllables", "letters"] = "syllables"
     other_question: float = Field(0.0, ge=0.0, le=1.0, strict=False)
+    query_repeated: float = Field(0.0, ge=0.0, le=1.0, strict=False)
+    balanced_demonstrations: bool = True
     seq_len: int | None = Field(None, ge=8)
 
     @model_validator(mode="after")
@@ -136,7 +140,9 @@ class EpisodeSampler:
         self.records = records
         self.settings = settings
         self.usable = list(usable)
-        # Per-record weights (a balanced stream): demonstrations drawn from the whole stream follow them.
+        # Per-record weights (a balanced stream): demonstrations drawn from the whole stream follow them,
+        # unless they are to come as evaluation draws them.
+        weights = weights if settings.balanced_demonstrations else None
         self.cum_weights = list(itertools.accumulate(weights[i] for i in self.usable)) if weights else None
         self.by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
         for i in self.usable:
@@ -177,11 +183,17 @@ class EpisodeSampler:
         picks = [own] if k >= 1 and own is not None else []  # the query's class is shown at least once
         picks += [chosen[rng.randrange(ways)] for _ in range(k - len(picks))]
         rng.shuffle(picks)
+        # Drawn only when asked for, as above. The first demonstration of the query's class is the query.
+        repeated = s.query_repeated > 0 and own in picks and rng.random() < s.query_repeated
         demos = []
         for c in picks:
+            if repeated and c == own:
+                demos.append(query)
+                repeated = False
+                continue
             members = classes[c]
             pick = members[rng.randrange(len(members))]
-            if pick == query:  # a query is never its own demonstration
+            if pick == query:  # else a query is never its own demonstration
                 if len(members) == 1:
                     continue
                 pick = members[(members.index(pick) + 1) % len(members)]
