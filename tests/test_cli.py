@@ -87,3 +87,9 @@ def test_a_leftover_that_is_no_override_is_still_an_error(capsys):
     with pytest.raises(SystemExit):
         parse_args(build_parser(argv), argv)
     assert "unrecognized arguments: optim.max_steps=5 --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "cached"), [([], True), (["--no-feature-cache"], False)])
+def test_eval_serves_frozen_encoders_from_the_feature_cache_unless_told_not_to(flag, cached):
+    argv = ["eval", "runs/x/final", "--task", "easyvqa", "--shots", "0,4", *flag]
+    assert parse_args(build_parser(argv), argv).feature_cache is cached

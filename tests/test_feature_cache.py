@@ -294,3 +294,32 @@ def test_a_resumed_run_with_the_cache_continues_exactly(plain_and_cached_runs, m
     resumed = train(cfg)  # its cache: the entries both earlier runs wrote, read from disk
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "checkpoint-2"
     assert resumed.losses == pytest.approx({k: plain.losses[k] for k in (3, 4, 5)}, abs=1e-5)
+
+
+def test_evaluation_serves_a_loaded_models_frozen_encoders_from_the_cache(tmp_path):
+    """A loaded model's parameters all require gradients; `cache_features` applies the config's freezing
+    so that its frozen encoders are served from the cache, with the same outputs."""
+    from metalm import MetaLMProcessor
+    from metalm.model.feature_cache import cache_features
+    from metalm.model.modeling_metalm import MetaLMForCausalLM
+
+    model, processor = build(*FROZEN)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    loaded = MetaLMForCausalLM.from_pretrained(tmp_path / "model").eval()
+    loaded_processor = MetaLMProcessor.from_pretrained(tmp_path / "model", config=loaded.config)
+    batch = batch_of(loaded_processor)
+    with torch.no_grad():
+        plain = loaded(**batch).logits
+    cache = cache_features(loaded, loaded_processor, tmp_path / "features")
+    assert cache is not None and sorted(n for n, e in loaded.encoders.items() if e.feature_cache) == [
+        "text",
+        "vision",
+    ]
+    with torch.no_grad():
+        first, second = loaded(**batch).logits, loaded(**batch).logits
+    assert torch.allclose(first, plain, atol=1e-5) and torch.allclose(second, plain, atol=1e-5)
+    assert cache.stats.memory_hits > 0 and list((tmp_path / "features").rglob("*.safetensors"))
+    # A model with no frozen encoder part has nothing to serve.
+    trainable, trainable_processor = build(None, "vit", None)
+    assert cache_features(trainable, trainable_processor, tmp_path / "other") is None

@@ -370,6 +370,7 @@ def quickstart(
     from metalm.data.processor import MetaLMProcessor
     from metalm.evaluation.in_context import evaluate_in_context
     from metalm.evaluation.runner import evaluate
+    from metalm.model.feature_cache import cache_features
     from metalm.training.config import load_config
     from metalm.training.trainer import train
 
@@ -387,6 +388,8 @@ def quickstart(
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     processor = MetaLMProcessor.from_pretrained(result.final_dir)
+    if cfg.run.feature_cache:  # the demonstrations are training images: their features are cached already
+        cache_features(model, processor, None if cfg.run.feature_cache is True else cfg.run.feature_cache)
     summary = evaluate(
         model, processor, ["easyvqa-caption-image", "easyvqa-caption", "easyvqa", "bbc-topic"], shots=(0,), limit=eval_limit,
         batch_size=32, out_dir=out / "eval", model_name=str(result.final_dir),

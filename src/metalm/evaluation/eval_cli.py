@@ -48,6 +48,7 @@ def eval_main(
     calibrate: bool = False,
     demos: str = "random",
     demo_data: str | None = None,
+    feature_cache: bool = True,
 ) -> dict[str, Any]:
     """``metalm eval MODEL --task NAME [--task ...] [--shots 0,1,4] [--seeds 0,1,2] [--limit N] [--out DIR]``.
 
@@ -77,6 +78,10 @@ def eval_main(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lm = AutoModelForCausalLM.from_pretrained(model).to(dev)
     processor = MetaLMProcessor.from_pretrained(model)
+    if feature_cache:
+        from metalm.model.feature_cache import cache_features
+
+        cache_features(lm, processor)
     for path, by_kind in own:
         tasks += data_tasks(path, by_kind, layouts_of(lm.config), pool, demo_data)
     summary = evaluate(
@@ -94,6 +99,7 @@ def _eval_from_args(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, baseline=args.baseline, separator=args.separator,
         normalization=args.normalization, device=args.device, data=args.data or (), group_by=args.group_by,
         per_group=args.per_group, calibrate=args.calibrate, demos=args.demos, demo_data=args.demo_data,
+        feature_cache=args.feature_cache,
     )  # fmt: skip
     return 0  # the `metalm` entry point turns this into the exit status
 
@@ -163,5 +169,12 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )  # fmt: skip
     p.add_argument("--normalization", choices=("sum", "mean"), default=None, help="override option scoring")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--feature-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the encoders' frozen parts from the feature cache training fills ($METALM_CACHE/features): "
+        "a k-shot prompt re-encodes every demonstration otherwise (default: on)",
+    )
     p.set_defaults(func=_eval_from_args)
     return p

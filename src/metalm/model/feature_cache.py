@@ -16,7 +16,9 @@ function of that row's inputs and the frozen weights. `FeatureCache` keeps those
 
 The model's maths does not change: `DockedEncoder.forward` runs the same `encode_upper` on the states,
 whether they were computed or read. `attach(model)` hands the cache to every encoder that has a frozen
-lower part; the trainer does that with `run.feature_cache` (metalm.training).
+lower part; the trainer does that with `run.feature_cache` (metalm.training), and evaluation with
+`cache_features` (`metalm eval`, `metalm quickstart`): a k-shot prompt encodes every demonstration's image
+and question, most of them training examples whose features training already cached.
 """
 
 from __future__ import annotations
@@ -70,6 +72,22 @@ def default_cache_dir() -> Path:
     from metalm.model.packaged import metalm_cache_dir
 
     return metalm_cache_dir() / "features"
+
+
+def cache_features(
+    model: nn.Module, processor: Any, directory: str | Path | None = None
+) -> FeatureCache | None:
+    """For evaluation: serve `model`'s encoders' frozen parts from a cache in `directory` (default:
+    `default_cache_dir()`, the one training fills). A loaded model's parameters all require gradients, so
+    the config's freezing (`apply_freezing`) is applied first: it says which parts are frozen. None when no
+    encoder has a frozen part (or the model has no encoders)."""
+    if not getattr(model, "encoders", None) or not hasattr(model, "apply_freezing"):
+        return None
+    model.apply_freezing()
+    cache = FeatureCache(
+        directory or default_cache_dir(), preprocessors=getattr(processor, "preprocessors", None)
+    )
+    return cache if cache.attach(model) else None
 
 
 def _update_with_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
