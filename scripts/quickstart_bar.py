@@ -27,7 +27,6 @@ import yaml
 from metalm.evaluation.breakdown import QUESTION_TYPES
 from metalm.evaluation.experiments import cached_eval, load_model
 from metalm.evaluation.in_context import in_context_markdown, in_context_table, type_row
-from metalm.model.feature_cache import cache_features
 from metalm.quickstart import update_results_page
 
 BEGIN = "<!-- quickstart-bar:begin (written by scripts/quickstart_bar.py) -->"
@@ -42,7 +41,6 @@ def evaluate_bar(run: Path, per_type: int) -> Path:
     """easy-VQA at k = 0 and 4, ``per_type`` questions of each type, seeds 0-2, into ``run/bar``."""
     out = run / "bar"
     model, processor = load_model(run / "final")  # the quickstart's is small: loaded to learn the cache holds
-    cache_features(model, processor)  # the demonstrations' features, cached by training
     cached_eval(out, model, processor, "easyvqa", SHOTS, SEEDS, limit=None, per_group=per_type, batch_size=32)
     return out
 

@@ -323,3 +323,19 @@ def test_evaluation_serves_a_loaded_models_frozen_encoders_from_the_cache(tmp_pa
     # A model with no frozen encoder part has nothing to serve.
     trainable, trainable_processor = build(None, "vit", None)
     assert cache_features(trainable, trainable_processor, tmp_path / "other") is None
+
+
+def test_scripts_evaluations_use_the_cache_as_metalm_eval_does(tmp_path, monkeypatch):
+    from metalm.evaluation import experiments, runner
+    from metalm.model.modeling_metalm import MetaLMForCausalLM
+
+    monkeypatch.setenv("METALM_CACHE", str(tmp_path / "cache"))
+    model, processor = build(*FROZEN)
+    model.save_pretrained(tmp_path / "model")
+    loaded = MetaLMForCausalLM.from_pretrained(tmp_path / "model")
+    seen = []
+    monkeypatch.setattr(runner, "evaluate", lambda model, *a, **kw: seen.append(model) or {})
+    experiments.cached_eval(tmp_path / "out", loaded, processor, "easyvqa", [0, 4], [0])
+    caches = {e.feature_cache for e in loaded.encoders.values()}
+    assert seen == [loaded] and len(caches) == 1 and None not in caches
+    assert next(iter(caches)).directory == tmp_path / "cache" / "features"

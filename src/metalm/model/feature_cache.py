@@ -17,7 +17,7 @@ function of that row's inputs and the frozen weights. `FeatureCache` keeps those
 The model's maths does not change: `DockedEncoder.forward` runs the same `encode_upper` on the states,
 whether they were computed or read. `attach(model)` hands the cache to every encoder that has a frozen
 lower part; the trainer does that with `run.feature_cache` (metalm.training), and evaluation with
-`cache_features` (`metalm eval`, `metalm quickstart`): a k-shot prompt encodes every demonstration's image
+`cache_features` (`metalm eval`, `metalm quickstart`, the scripts' `cached_eval`): a k-shot prompt encodes every demonstration's image
 and question, most of them training examples whose features training already cached.
 """
 
