@@ -320,6 +320,9 @@ def test_evaluation_serves_a_loaded_models_frozen_encoders_from_the_cache(tmp_pa
         first, second = loaded(**batch).logits, loaded(**batch).logits
     assert torch.allclose(first, plain, atol=1e-5) and torch.allclose(second, plain, atol=1e-5)
     assert cache.stats.memory_hits > 0 and list((tmp_path / "features").rglob("*.safetensors"))
+    assert (
+        cache_features(loaded, loaded_processor, tmp_path / "elsewhere") is cache
+    )  # an attached one is kept
     # A model with no frozen encoder part has nothing to serve.
     trainable, trainable_processor = build(None, "vit", None)
     assert cache_features(trainable, trainable_processor, tmp_path / "other") is None

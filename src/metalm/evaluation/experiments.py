@@ -113,7 +113,7 @@ def cached_eval(
     one exists for the same shots, seeds, limit, per-group cap, calibration and choice of demonstrations and
     holds every task asked (a page must not state a limit its cached figures were not measured with, nor
     lose a task added to a step). Like `metalm eval`, it serves the model's frozen encoder parts from the
-    feature cache (`cache_features`) unless the model already has one attached."""
+    feature cache (`cache_features`; a cache already attached is kept)."""
     from metalm.evaluation.demonstrations import CALIBRATION
     from metalm.evaluation.retrieval import SIMILARITY
     from metalm.evaluation.runner import evaluate
@@ -134,9 +134,7 @@ def cached_eval(
         if found == asked and set(names) <= set(cached.get("results", {})):
             return cached
         logger.info("%s: cached for %s, asked for %s: evaluating again", out, found, asked)
-    encoders = getattr(model, "encoders", None) or {}
-    if not any(getattr(encoder, "feature_cache", None) for encoder in encoders.values()):
-        from metalm.model.feature_cache import cache_features
+    from metalm.model.feature_cache import cache_features
 
-        cache_features(model, processor)
+    cache_features(model, processor)
     return evaluate(model, processor, task, shots=shots, seeds=seeds, out_dir=out, **kw)

@@ -17,8 +17,8 @@ function of that row's inputs and the frozen weights. `FeatureCache` keeps those
 The model's maths does not change: `DockedEncoder.forward` runs the same `encode_upper` on the states,
 whether they were computed or read. `attach(model)` hands the cache to every encoder that has a frozen
 lower part; the trainer does that with `run.feature_cache` (metalm.training), and evaluation with
-`cache_features` (`metalm eval`, `metalm quickstart`, the scripts' `cached_eval`): a k-shot prompt encodes every demonstration's image
-and question, most of them training examples whose features training already cached.
+`cache_features` (`metalm eval`, `metalm quickstart`, the scripts' `cached_eval`): a k-shot prompt encodes
+every demonstration's image and question, most of them training examples whose features training cached.
 """
 
 from __future__ import annotations
@@ -79,14 +79,17 @@ def cache_features(
 ) -> FeatureCache | None:
     """For evaluation: serve `model`'s encoders' frozen parts from a cache in `directory` (default:
     `default_cache_dir()`, the one training fills). A loaded model's parameters all require gradients, so
-    the config's freezing (`apply_freezing`) is applied first: it says which parts are frozen. None when no
-    encoder has a frozen part (or the model has no encoders)."""
+    the config's freezing (`apply_freezing`) is applied first: it says which parts are frozen. A model that
+    already has a cache keeps it (returned). None when no encoder has a frozen part (or the model has no
+    encoders)."""
     if not getattr(model, "encoders", None) or not hasattr(model, "apply_freezing"):
         return None
+    attached = next((e.feature_cache for e in model.encoders.values() if e.feature_cache is not None), None)
+    if attached is not None:
+        return attached
     model.apply_freezing()
-    cache = FeatureCache(
-        directory or default_cache_dir(), preprocessors=getattr(processor, "preprocessors", None)
-    )
+    where = Path(directory).expanduser() if directory is not None else default_cache_dir()
+    cache = FeatureCache(where, preprocessors=getattr(processor, "preprocessors", None))
     return cache if cache.attach(model) else None
 
 
