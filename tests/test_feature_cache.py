@@ -342,3 +342,50 @@ def test_scripts_evaluations_use_the_cache_as_metalm_eval_does(tmp_path, monkeyp
     caches = {e.feature_cache for e in loaded.encoders.values()}
     assert seen == [loaded] and len(caches) == 1 and None not in caches
     assert next(iter(caches)).directory == tmp_path / "cache" / "features"
+
+
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_a_server_keeps_frozen_features_in_memory_only(batching, tmp_path, monkeypatch):
+    """`Engine(feature_cache_mb=...)`: demonstrations shown before every request are encoded once; the
+    answers equal those of an engine with the cache off, and nothing is written to disk."""
+    from metalm import MetaLMProcessor
+    from metalm.model.modeling_metalm import MetaLMForCausalLM
+    from metalm.serving.engine import Engine
+    from metalm.serving.request_types import Demonstration, SamplingParams
+
+    monkeypatch.setenv("METALM_CACHE", str(tmp_path / "cache"))
+    model, processor = build(*FROZEN)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+
+    def engine(megabytes: float) -> Engine:
+        loaded = MetaLMForCausalLM.from_pretrained(tmp_path / "model")
+        loaded_processor = MetaLMProcessor.from_pretrained(tmp_path / "model", config=loaded.config)
+        return Engine(loaded, loaded_processor, device="cpu", batching=batching, feature_cache_mb=megabytes)
+
+    demos = [Demonstration("blue", "what colour is it?", [image(i)]) for i in range(3)]
+    cached, plain = engine(64), engine(0)
+    assert plain.feature_cache is None and cached.feature_cache is not None
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    answers = {}
+    for name, server in (("cached", cached), ("plain", plain)):
+        prompts = server.prompts
+        answers[name] = [
+            server.generate(
+                prompts.demonstration_parts(demos)
+                + prompts.request_parts(question="and this?", images=[image(9 + i)]),
+                params,
+            )
+            .completions[0]
+            .token_ids
+            for i in range(3)
+        ]
+    stats = cached.feature_cache.stats
+    # Each request: three demonstrations (an image each, one question asked of all) and a new image with a
+    # question of its own. Distinct rows of a request: 2 questions and 4 images; the first computes all six,
+    # each later one only its new image and reads the other five.
+    assert answers["cached"] == answers["plain"]
+    assert (stats.misses, stats.memory_hits) == (6 + 1 + 1, 5 + 5)
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match="feature_cache_mb"):
+        engine(-1)

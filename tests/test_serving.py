@@ -282,3 +282,10 @@ def test_served_name_leads_a_run_folder_every_run_has_with_the_run_name(tmp_path
 
 def test_served_name_of_a_folder_at_the_root_is_its_own():
     assert served_name(Path(Path.cwd().anchor) / "final") == "final"
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "lots"])
+def test_serve_refuses_a_bad_feature_cache_size_before_loading(value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--model", str(tmp_path / "absent"), "--feature-cache-mb", value])
+    assert stop.value.code == 2 and "--feature-cache-mb: give 0 (off)" in capsys.readouterr().err

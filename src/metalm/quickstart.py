@@ -389,7 +389,7 @@ def quickstart(
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     processor = MetaLMProcessor.from_pretrained(result.final_dir)
     if cfg.run.feature_cache:  # the demonstrations are training images: their features are cached already
-        cache_features(model, processor, None if cfg.run.feature_cache is True else cfg.run.feature_cache)
+        cache_features(model, processor, cfg.run.feature_cache)
     summary = evaluate(
         model, processor, ["easyvqa-caption-image", "easyvqa-caption", "easyvqa", "bbc-topic"], shots=(0,), limit=eval_limit,
         batch_size=32, out_dir=out / "eval", model_name=str(result.final_dir),

@@ -16,9 +16,11 @@ function of that row's inputs and the frozen weights. `FeatureCache` keeps those
 
 The model's maths does not change: `DockedEncoder.forward` runs the same `encode_upper` on the states,
 whether they were computed or read. `attach(model)` hands the cache to every encoder that has a frozen
-lower part; the trainer does that with `run.feature_cache` (metalm.training), and evaluation with
+lower part; the trainer does that with `run.feature_cache` (metalm.training), evaluation with
 `cache_features` (`metalm eval`, `metalm quickstart`, the scripts' `cached_eval`): a k-shot prompt encodes
-every demonstration's image and question, most of them training examples whose features training cached.
+every demonstration's image and question, most of them training examples whose features training cached;
+and serving with a cache in memory only (`metalm.serving.engine.Engine`'s ``feature_cache_mb``): a server
+shows its demonstrations before every request.
 """
 
 from __future__ import annotations
@@ -74,22 +76,32 @@ def default_cache_dir() -> Path:
     return metalm_cache_dir() / "features"
 
 
+def cache_dir(where: bool | str | Path) -> Path | None:
+    """Where a cache setting keeps its entries: ``True`` → `default_cache_dir()`, a path → that folder (``~``
+    expanded), ``False`` → nowhere (in memory only). `run.feature_cache` and `cache_features` read it."""
+    if where is True:
+        return default_cache_dir()
+    if where is False:
+        return None
+    return Path(where).expanduser()
+
+
 def cache_features(
-    model: nn.Module, processor: Any, directory: str | Path | None = None
+    model: nn.Module, processor: Any, where: bool | str | Path = True, *, memory_mb: float = 1024
 ) -> FeatureCache | None:
-    """For evaluation: serve `model`'s encoders' frozen parts from a cache in `directory` (default:
-    `default_cache_dir()`, the one training fills). A loaded model's parameters all require gradients, so
-    the config's freezing (`apply_freezing`) is applied first: it says which parts are frozen. A model that
-    already has a cache keeps it (returned). None when no encoder has a frozen part (or the model has no
-    encoders)."""
+    """Serve `model`'s encoders' frozen parts from a cache: on disk in `where` (`cache_dir`; by default the
+    folder training fills) or, with ``where=False``, in memory alone (`metalm serve`: a server keeps no
+    request's features on disk). A loaded model's parameters all require gradients, so the config's freezing
+    (`apply_freezing`) is applied first: it says which parts are frozen. A model that already has a cache
+    keeps it (returned). None when no encoder has a frozen part (or the model has no encoders)."""
     if not getattr(model, "encoders", None) or not hasattr(model, "apply_freezing"):
         return None
     attached = next((e.feature_cache for e in model.encoders.values() if e.feature_cache is not None), None)
     if attached is not None:
         return attached
     model.apply_freezing()
-    where = Path(directory).expanduser() if directory is not None else default_cache_dir()
-    cache = FeatureCache(where, preprocessors=getattr(processor, "preprocessors", None))
+    preprocessors = getattr(processor, "preprocessors", None)
+    cache = FeatureCache(cache_dir(where), memory_mb=memory_mb, preprocessors=preprocessors)
     return cache if cache.attach(model) else None
 
 

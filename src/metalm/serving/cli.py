@@ -185,6 +185,7 @@ def serve(
     dtype: str | None = None,
     max_batch_size: int = 16,
     batch_wait_ms: float = 10.0,
+    feature_cache_mb: float = 256,
     batching: str = "continuous",
     chat_history: str = "latest",
     max_concurrent_requests: int = 32,
@@ -233,7 +234,7 @@ def serve(
     engine = Engine.from_pretrained(
         model, device=device, dtype=dtype, name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_pending=max_concurrent_requests, batching=batching,
-        chat_history=chat_history, vllm=vllm,
+        chat_history=chat_history, vllm=vllm, feature_cache_mb=feature_cache_mb,
     )  # fmt: skip
     _run_server(
         engine, settings, host=host, port=port, log_level=log_level, demonstrations=demonstrations,
@@ -292,7 +293,7 @@ def _serve_from_args(args: argparse.Namespace) -> int:
             args.model, args.host, args.port, allow_image_hosts=args.allow_image_hosts or (),
             allow_image_dirs=args.allow_image_dirs or (), model_name=args.model_name, device=args.device,
             dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-            batching=args.batching, chat_history=args.chat_history,
+            feature_cache_mb=args.feature_cache_mb, batching=args.batching, chat_history=args.chat_history,
             max_concurrent_requests=args.max_concurrent_requests, max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
@@ -308,6 +309,16 @@ def _serve_from_args(args: argparse.Namespace) -> int:
         print(f"metalm serve: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _megabytes(value: str) -> float:
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"give 0 (off) or a number of megabytes, not {value!r}")
+    return megabytes
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -360,6 +371,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     limits.add_argument(
         "--batch-wait-ms", type=float, default=10.0, help="dynamic batching: wait for more requests to batch"
     )
+    limits.add_argument(
+        "--feature-cache-mb", type=_megabytes, default=256,
+        help="memory for the frozen encoder parts' outputs, per image and text span, so that an image asked "
+        "about again and the --demos shown before every request are not encoded again (0: off)",
+    )  # fmt: skip
     limits.add_argument("--max-concurrent-requests", type=int, default=32, help="in flight; more get 429")
     limits.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens allowed")
     limits.add_argument("--default-max-tokens", type=int, default=256)

@@ -85,6 +85,10 @@ class Engine:
         vllm: decode in vLLM instead (`metalm.serving.vllm_backend`): the prompts and their embeddings are
             built here, a vLLM server (started from these settings, or reached at their ``url``) decodes;
             ``batching`` and ``batch_wait_ms`` then do not apply (vLLM batches continuously).
+        feature_cache_mb: memory for the outputs of the encoders' frozen parts, per image and text span
+            (`metalm.model.feature_cache`, in memory only, least recently used out): an image asked about
+            again, and the demonstrations shown before every request, are not encoded again. 0: off (a
+            model that already has a cache attached keeps it).
 
     Its parts: ``prompts`` (`PromptBuilder`), ``runner`` (`JobRunner`: the model lock, ``batch_sizes``) and
     ``scheduler`` (`Scheduler`: the queue and its limits, which may be changed while it runs);
@@ -106,8 +110,11 @@ class Engine:
         encode_max_tokens: int | None = None,
         chat_history: str = "latest",
         vllm: VLLMSettings | None = None,
+        feature_cache_mb: float = 256,
     ) -> None:
-        # Built first: a bad chat_history is refused at start-up, before the model moves anywhere.
+        # Checked first: a bad setting is refused at start-up, before the model moves anywhere.
+        if not feature_cache_mb >= 0:
+            raise ValueError(f"feature_cache_mb must be 0 (off) or more, got {feature_cache_mb}")
         self.prompts = PromptBuilder(
             processor, model.config, encode_max_tokens=encode_max_tokens, chat_history=chat_history
         )
@@ -117,6 +124,11 @@ class Engine:
         self.processor = processor
         self.config = model.config
         self.name = name
+        self.feature_cache = None
+        if feature_cache_mb > 0:
+            from metalm.model.feature_cache import cache_features
+
+            self.feature_cache = cache_features(self.model, processor, False, memory_mb=feature_cache_mb)
         max_batch_size, max_pending = max(1, int(max_batch_size)), max(1, int(max_pending))
         if vllm is not None:  # the decoder runs in vLLM (metalm.serving.vllm_backend)
             from metalm.serving.vllm_backend import VLLMRunner, VLLMScheduler

@@ -90,7 +90,7 @@ class FeatureCacheMonitor:
     ) -> FeatureCacheMonitor | None:
         """Attach a cache to the (unwrapped) model's encoders per `setting`; None when there is none to
         attach (off, FSDP or DeepSpeed, or no encoder with frozen lower layers)."""
-        from metalm.model.feature_cache import FeatureCache, default_cache_dir
+        from metalm.model.feature_cache import FeatureCache, cache_dir
 
         if setting is False:
             return None
@@ -98,7 +98,7 @@ class FeatureCacheMonitor:
             # Sharded weights cannot be fingerprinted outside the forward pass: train without the cache.
             logger.warning("run.feature_cache is off: it does not run with FSDP or DeepSpeed yet")
             return None
-        directory = default_cache_dir() if setting is True else Path(setting).expanduser()
+        directory = cache_dir(setting)
         cache = FeatureCache(directory, preprocessors=processor.preprocessors)
         names = cache.attach(model)
         if not names:
