@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from metalm.evaluation.breakdown import QUESTION_TYPES
+from metalm.evaluation.breakdown import QUESTION_TYPES, answer_flips, flips_sentence
 from metalm.evaluation.experiments import cached_eval, load_model
-from metalm.evaluation.in_context import in_context_markdown, in_context_table, type_row
+from metalm.evaluation.in_context import easy_vqa_questions, in_context_markdown, in_context_table, type_row
 from metalm.quickstart import update_results_page
 
 BEGIN = "<!-- quickstart-bar:begin (written by scripts/quickstart_bar.py) -->"
@@ -99,6 +99,29 @@ def runs_lines(runs: list[Path], tables: list[Table]) -> list[str]:
     return lines
 
 
+def flips_lines(runs: list[Path], tables: list[Table]) -> list[str]:
+    """For each run and question type that answers worse with four demonstrations, what the changed answers
+    become, and whether they are the demonstrations' answers more often than the right one was shown."""
+    out, questions = [], easy_vqa_questions()
+    for run, table in zip(runs, tables, strict=True):
+        for qtype in QUESTION_TYPES:
+            row = type_row(table, qtype)
+            if row is None or row["change"] is None or row["change"]["mean"] >= 0:
+                continue
+            out.append(
+                f"`{run}`, {qtype}: {flips_sentence(answer_flips(run / 'bar', 'easyvqa', 0, 4, qtype, questions))}"
+            )
+    if not out:
+        return []
+    return [
+        "",
+        "Where a run answers a type worse with demonstrations, the answers that change (each k = 4 seed against "
+        "the k = 0 run, the same questions; a model that copies its demonstrations' answers has the first "
+        "count of the brackets well above the second, one whose reading of the query got worse, about the "
+        "same): " + "; ".join(out) + ".",
+    ]
+
+
 def bar_section(runs: list[Path], per_type: int) -> list[str]:
     """The page's block: what was run, the first run's table, a row per run, the verdicts on their mean,
     what it shows and what it does not."""
@@ -133,6 +156,7 @@ def bar_section(runs: list[Path], per_type: int) -> list[str]:
         "the runs):",
         "",
         *verdict_lines,
+        *flips_lines(runs, tables),
         *tried,
         "",
         "It shows whether four demonstrations cost the model anything on each question type, and, in the "

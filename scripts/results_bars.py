@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metalm.evaluation.breakdown import QUESTION_TYPES
+from metalm.evaluation.breakdown import QUESTION_TYPES, flips_sentence
 from metalm.evaluation.reads_encoder import gap_closed
 
 
@@ -215,14 +215,7 @@ def _flip_lines(results: dict[str, Any]) -> list[str]:
             flips = (r.get("easyvqa_flips") or {}).get(t)
             if change["mean"] >= 0 or not flips:
                 continue
-            top = ", ".join(f"{g} → {p} {n}" for g, p, n in flips["confusions"][:4])
-            out.append(
-                f"{name}, {t}: over {flips['seeds']} seeds of {flips['questions']} questions, {flips['lost']} "
-                f"answer{'s' if flips['lost'] != 1 else ''} right at k = 0 {'were' if flips['lost'] != 1 else 'was'} "
-                f"wrong at k = 4 and {flips['gained']} the other way round"
-                + (f"; the lost ones become {top}" if top else "")
-                + _copied_clause(flips)
-            )
+            out.append(f"{name}, {t}: {flips_sentence(flips)}")
     if not out:
         return []
     return [
@@ -230,16 +223,6 @@ def _flip_lines(results: dict[str, Any]) -> list[str]:
         "the k = 0 run, the same questions): " + "; ".join(out) + ".",
         "",
     ]
-
-
-def _copied_clause(flips: dict[str, Any]) -> str:
-    """How many lost answers repeat a shown demonstration's answer (absent from older results)."""
-    if "copied" not in flips or not flips["lost"]:
-        return ""
-    return (
-        f" ({flips['copied']} of the {flips['lost']} the answer of a demonstration shown before the question; "
-        f"the right answer was shown before {flips.get('gold_shown', 0)})"
-    )
 
 
 def _retrieved_row(name: str, similar: dict[str, Any], majority: float | None = None) -> str:

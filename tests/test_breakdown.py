@@ -158,7 +158,7 @@ def test_paired_change_by_group_compares_the_same_questions(tmp_path):
 
 
 def test_answer_flips_names_what_lost_answers_become(tmp_path):
-    from metalm.evaluation.breakdown import answer_flips
+    from metalm.evaluation.breakdown import answer_flips, flips_sentence
 
     def rows(predictions, shown=()):
         golds = ["brown", "gray", "red", "yes"]
@@ -193,6 +193,18 @@ def test_answer_flips_names_what_lost_answers_become(tmp_path):
     }
     with pytest.raises(FileNotFoundError):
         answer_flips(tmp_path, "t", 1, 4, "colour")
+    # With the questions: how many lost answers were to a negated question, against the group's share.
+    questions = {
+        "0": "is there not a brown shape?",
+        "1": "what color is it?",
+        "2": "is no red shape present?",
+    }
+    flips = answer_flips(tmp_path, "t", 0, 4, "colour", questions)
+    assert (flips["negated"], flips["negated_questions"]) == (2, 2)  # brown lost twice; red was never right
+    assert flips_sentence(flips).endswith(
+        "(1 of the 3 the answer of a demonstration shown before the question; the right answer was shown "
+        "before 1); 2 of the 3 ask with a negation, as 2 of the 3 questions do"
+    )
 
 
 def test_what_the_image_answers_reads_negation():

@@ -26,6 +26,7 @@ __all__ = [
     "breakdown_over_seeds",
     "paired_change_by_group",
     "answer_flips",
+    "flips_sentence",
     "caption_attributes",
     "question_attribute",
     "question_type",
@@ -279,19 +280,27 @@ def paired_change(before: list[float], after: list[float]) -> dict[str, float]:
     }
 
 
-def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str) -> dict[str, Any]:
+def answer_flips(
+    out: str | Path, task: str, k_from: int, k_to: int, group: str, questions: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Which answers of one group change from ``k_from`` to ``k_to`` demonstrations (each ``k_to`` seed
     against the one ``k_from`` run, the same questions): ``lost`` (right, then wrong) and ``gained`` counts
     summed over seeds, ``seeds``, the commonest ``confusions`` among the lost, as (gold, new answer,
     count), most frequent first; ``copied``: how many lost answers are the answer of a demonstration shown
     before that question (its ``demonstration_answers``, compared as `copying_rates` compares them), and ``gold_shown``: in how many a
     demonstration showed the right answer. A model that copies its demonstrations has ``copied`` well above
-    ``gold_shown``; one whose reading of the query itself got worse, about the same."""
+    ``gold_shown``; one whose reading of the query itself got worse, about the same. With ``questions``
+    (example id → question text): ``negated``, how many lost answers were to a question with a negation
+    ("is there not a red shape?"), and ``negated_questions``, how many of the group's questions have one."""
     firsts = _seed_runs(out, task, k_from)
     if not firsts:
         raise FileNotFoundError(f"{out}: no predictions-{task}-k{k_from}-s*.jsonl")
     before = {r["id"]: r for r in firsts[0] if r.get("group") == group}
-    lost = gained = copied = gold_shown = 0
+    lost = gained = copied = gold_shown = negated = 0
+
+    def is_negated(record: Mapping[str, Any]) -> bool:
+        return bool({"not", "no"} & set(_words((questions or {}).get(record["id"], ""))))
+
     confusions: Counter[tuple[str, str]] = Counter()
     runs = _seed_runs(out, task, k_to)
     for rows in runs:
@@ -306,9 +315,10 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
                 shown = r.get("demonstration_answers") or []
                 copied += among(answer, shown)
                 gold_shown += among(_gold_list(r["gold"]), shown)
+                negated += is_negated(r)
             elif r["score"] > was["score"]:
                 gained += 1
-    return {
+    flips = {
         "lost": lost,
         "gained": gained,
         "seeds": len(runs),
@@ -317,3 +327,29 @@ def answer_flips(out: str | Path, task: str, k_from: int, k_to: int, group: str)
         "copied": copied,
         "gold_shown": gold_shown,
     }
+    if questions is not None:
+        flips["negated"] = negated
+        flips["negated_questions"] = sum(is_negated(r) for r in before.values())
+    return flips
+
+
+def flips_sentence(flips: dict[str, Any]) -> str:
+    """`answer_flips`' figures in words, for a results page."""
+    lost = flips["lost"]
+    top = ", ".join(f"{g} → {p} {n}" for g, p, n in flips["confusions"][:4])
+    text = (
+        f"over {flips['seeds']} seeds of {flips['questions']} questions, {lost} answer{'s' if lost != 1 else ''} "
+        f"right at k = 0 {'were' if lost != 1 else 'was'} wrong at k = 4 and {flips['gained']} the other way round"
+        + (f"; the lost ones become {top}" if top else "")
+    )
+    if "copied" in flips and lost:  # absent from older results
+        text += (
+            f" ({flips['copied']} of the {lost} the answer of a demonstration shown before the question; "
+            f"the right answer was shown before {flips.get('gold_shown', 0)})"
+        )
+    if flips.get("negated_questions") and lost:
+        text += (
+            f"; {flips['negated']} of the {lost} ask with a negation, as {flips['negated_questions']} of the "
+            f"{flips['questions']} questions do"
+        )
+    return text
