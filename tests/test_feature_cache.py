@@ -389,3 +389,34 @@ def test_a_server_keeps_frozen_features_in_memory_only(batching, tmp_path, monke
     assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="feature_cache_mb"):
         engine(-1)
+
+
+def test_a_server_with_a_partly_frozen_encoder_and_similar_demonstrations(tmp_path):
+    """Retrieval (`--choose similar`) reads the pool and each request through the same encoders, outside the
+    generation's inference mode; with trainable upper layers the cached lower states feed both paths."""
+    from metalm import MetaLMProcessor
+    from metalm.model.modeling_metalm import MetaLMForCausalLM
+    from metalm.serving.demonstrations import attach_demonstrations
+    from metalm.serving.engine import Engine
+    from metalm.serving.request_types import ChatMessage, Demonstration, SamplingParams
+
+    model, processor = build(*PARTIAL)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    answers = {}
+    for megabytes in (64, 0):
+        loaded = MetaLMForCausalLM.from_pretrained(tmp_path)
+        engine = Engine(
+            loaded, MetaLMProcessor.from_pretrained(tmp_path), device="cpu", feature_cache_mb=megabytes
+        )
+        demos = [Demonstration("blue", "what colour is it?", [image(i)]) for i in range(4)]
+        attach_demonstrations(engine, demos, 2, "similar")
+        params = SamplingParams(max_new_tokens=3, temperature=0)
+        answers[megabytes] = [
+            engine.generate(engine.chat_parts([ChatMessage("user", "what colour?", [image(9 + i)])]), params)
+            .completions[0]
+            .token_ids
+            for i in range(2)
+        ]
+        engine.close()
+    assert answers[64] == answers[0]
