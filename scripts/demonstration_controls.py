@@ -91,8 +91,14 @@ def prepare(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def evaluate(model: Path, test: Path, demos: Path, out: Path, shots: int, per_group: int) -> Path:
-    """``metalm eval MODEL --data TEST --demo-data DEMOS --shots 0,K --seeds 0,1,2``, reused when done."""
-    if not (out / "summary.json").exists():
+    """``metalm eval MODEL --data TEST --demo-data DEMOS --shots 0,K --seeds 0,1,2``, reused when done with
+    the same shots and questions per group."""
+    summary = out / "summary.json"
+    asked = {"shots": [0, shots], "seeds": [int(s) for s in SEEDS.split(",")], "per_group": per_group}
+    done = json.loads(summary.read_text()) if summary.exists() else {}
+    if {key: done.get(key) for key in asked} != asked:
+        for old in out.glob("predictions-*.jsonl"):  # another setting's files must not be read with these
+            old.unlink()
         eval_main(
             str(model), [], shots=f"0,{shots}", seeds=SEEDS, out=str(out), batch_size=32, data=[str(test)],
             demo_data=str(demos), group_by="type", per_group=per_group,

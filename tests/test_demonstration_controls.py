@@ -47,3 +47,7 @@ def test_controls_change_one_thing_and_the_tables_follow_their_evaluations(scrip
     written = (outs["as drawn"] / "summary.json").stat().st_mtime_ns
     script.evaluate(tiny_saved, test, controls["as drawn"], outs["as drawn"], 1, 1)  # done: reused
     assert (outs["as drawn"] / "summary.json").stat().st_mtime_ns == written
+    script.evaluate(tiny_saved, test, controls["as drawn"], outs["as drawn"], 2, 1)  # asked otherwise: again
+    assert sorted(p.name for p in outs["as drawn"].glob("predictions-*.jsonl")) == [
+        "predictions-test-grouped-k0-s0.jsonl", *(f"predictions-test-grouped-k2-s{s}.jsonl" for s in (0, 1, 2))
+    ]  # fmt: skip
