@@ -25,15 +25,19 @@ and ``controls.md``, the tables printed at the end).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from metalm.data.builtin import export_builtin
+from metalm.data.layouts import layouts_of
 from metalm.evaluation.breakdown import paired_change_by_group, question_type, what_the_image_answers
-from metalm.evaluation.eval_cli import eval_main
+from metalm.evaluation.experiments import cached_eval, load_model
+from metalm.evaluation.own_data import data_tasks, read_own_data
 
 CONTROLS = ("as drawn", "shapes removed", "open questions only", "yes/no questions only")
 GROUPS = (
@@ -44,7 +48,7 @@ GROUPS = (
     "yes/no, shape, in the image",
     "yes/no, shape, not in the image",
 )
-SEEDS = "0,1,2"
+SEEDS = (0, 1, 2)
 
 
 def _group(record: dict) -> str:
@@ -90,20 +94,22 @@ def prepare(root: Path) -> tuple[Path, dict[str, Path]]:
     return _write(root / "test-grouped.jsonl", test), controls
 
 
-def evaluate(model: Path, test: Path, demos: Path, out: Path, shots: int, per_group: int) -> Path:
-    """``metalm eval MODEL --data TEST --demo-data DEMOS --shots 0,K --seeds 0,1,2``, reused when done with
-    the same shots and questions per group."""
-    summary = out / "summary.json"
-    asked = {"shots": [0, shots], "seeds": [int(s) for s in SEEDS.split(",")], "per_group": per_group}
-    done = json.loads(summary.read_text()) if summary.exists() else {}
-    if {key: done.get(key) for key in asked} != asked:
-        for old in out.glob("predictions-*.jsonl"):  # another setting's files must not be read with these
-            old.unlink()
-        eval_main(
-            str(model), [], shots=f"0,{shots}", seeds=SEEDS, out=str(out), batch_size=32, data=[str(test)],
-            demo_data=str(demos), group_by="type", per_group=per_group,
-        )  # fmt: skip
+def evaluate(
+    model: Any, processor: Any, test: Path, demos: Path, out: Path, shots: int, per_group: int
+) -> Path:
+    """What ``metalm eval MODEL --data TEST --demo-data DEMOS --shots 0,K --seeds 0,1,2 --per-group N`` does,
+    through `cached_eval`: reused when done with the same settings."""
+    tasks = data_tasks(test, _examples(test), layouts_of(model.config), _examples(demos), demos)
+    cached_eval(
+        out, model, processor, tasks, (0, shots), SEEDS, limit=None, per_group=per_group, batch_size=32
+    )
     return out
+
+
+@functools.cache
+def _examples(path: Path) -> dict[str, list[Any]]:
+    """A records file's examples by kind, read once for every model and control."""
+    return read_own_data(path)
 
 
 def table(model: Path, outs: dict[str, Path], task: str, shots: int) -> list[str]:
@@ -146,15 +152,17 @@ def main() -> None:
     lines = [
         f"`python scripts/demonstration_controls.py {' '.join(f'--model {m}' for m in args.model)} --shots "
         f"{args.shots} --per-group {args.per_group}` on {date.today().isoformat()}: easy-VQA test questions, "
-        f"{args.per_group} of each group, k = 0 and {args.shots} demonstrations (seeds {SEEDS}), paired change ± "
+        f"{args.per_group} of each group, k = 0 and {args.shots} demonstrations (seeds {', '.join(map(str, SEEDS))}), paired change ± "
         "95 % interval.",
         "",
     ]
-    for model in args.model:
-        name = model.parent.name if model.name == "final" else model.name
+    for folder in args.model:
+        name = folder.parent.name if folder.name == "final" else folder.name
+        model, processor = load_model(folder)  # once for all its controls
         outs = {
             c: evaluate(
                 model,
+                processor,
                 test,
                 demos,
                 args.out / name / c.replace(" ", "-").replace("/", ""),
@@ -164,7 +172,7 @@ def main() -> None:
             for c, demos in controls.items()
             if c in (args.control or CONTROLS)
         }
-        lines += table(model, outs, test.stem, args.shots)
+        lines += table(folder, outs, test.stem, args.shots)
     (args.out / "controls.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

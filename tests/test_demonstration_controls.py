@@ -37,7 +37,8 @@ def test_controls_change_one_thing_and_the_tables_follow_their_evaluations(scrip
     kinds = {c: {r["answers"][0] in ("yes", "no") for r in _records(p)} for c, p in controls.items()}
     assert kinds["open questions only"] == {False} and kinds["yes/no questions only"] == {True}
 
-    outs = {c: script.evaluate(tiny_saved, test, p, tmp_path / c.replace(" ", "-").replace("/", ""), 1, 1)
+    model, processor = script.load_model(tiny_saved)
+    outs = {c: script.evaluate(model, processor, test, p, tmp_path / c.replace(" ", "-").replace("/", ""), 1, 1)
             for c, p in controls.items()}  # fmt: skip
     lines = script.table(tiny_saved, outs, test.stem, 1)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| demonstrations")]
@@ -45,9 +46,11 @@ def test_controls_change_one_thing_and_the_tables_follow_their_evaluations(scrip
     shown = _records(next((tmp_path / "shapes-removed").glob("predictions-*-k1-s0.jsonl")))
     assert all(r["prompt"].startswith("<image:blank-") for r in shown)  # the demonstration's image
     written = (outs["as drawn"] / "summary.json").stat().st_mtime_ns
-    script.evaluate(tiny_saved, test, controls["as drawn"], outs["as drawn"], 1, 1)  # done: reused
+    script.evaluate(model, processor, test, controls["as drawn"], outs["as drawn"], 1, 1)  # done: reused
     assert (outs["as drawn"] / "summary.json").stat().st_mtime_ns == written
-    script.evaluate(tiny_saved, test, controls["as drawn"], outs["as drawn"], 2, 1)  # asked otherwise: again
+    script.evaluate(
+        model, processor, test, controls["as drawn"], outs["as drawn"], 2, 1
+    )  # asked otherwise: again
     assert sorted(p.name for p in outs["as drawn"].glob("predictions-*.jsonl")) == [
         "predictions-test-grouped-k0-s0.jsonl", *(f"predictions-test-grouped-k2-s{s}.jsonl" for s in (0, 1, 2))
     ]  # fmt: skip

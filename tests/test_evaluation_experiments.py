@@ -62,6 +62,14 @@ def test_cached_eval_reuses_a_summary_only_for_the_same_shots_seeds_and_limit(tm
     assert len(calls) == 8  # a task the cached summary lacks: evaluated again
     experiments.cached_eval(out, None, None, both[:1], [0, 4], [0], **similar)
     assert len(calls) == 8  # one it holds: reused
+    # Evaluated again, the asked task's older prediction files go first (a seed no longer asked must not be
+    # read with the new ones); another task's stay.
+    for name in ("predictions-easyvqa-k4-s2.jsonl", "predictions-other-k4-s0.jsonl"):
+        (out / name).write_text("{}\n")
+    experiments.cached_eval(out, None, None, "easyvqa", [0, 4], [0, 1], limit=100)
+    assert len(calls) == 9 and sorted(p.name for p in out.glob("predictions-*")) == [
+        "predictions-other-k4-s0.jsonl"
+    ]
 
 
 def test_a_subset_per_group_balances_groups_and_keeps_the_old_subsets():

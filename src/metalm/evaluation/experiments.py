@@ -112,13 +112,15 @@ def cached_eval(
     """`metalm eval` of ``task`` (a name, a Task or a list of them) into ``out``; its summary is reused when
     one exists for the same shots, seeds, limit, per-group cap, calibration and choice of demonstrations and
     holds every task asked (a page must not state a limit its cached figures were not measured with, nor
-    lose a task added to a step). Like `metalm eval`, it serves the model's frozen encoder parts from the
-    feature cache (`cache_features`; a cache already attached is kept)."""
+    lose a task added to a step). Evaluated again, the asked tasks' earlier prediction files are removed
+    first: a seed or k no longer asked must not be read with the new ones. Like `metalm eval`, it serves the
+    model's frozen encoder parts from the feature cache (`cache_features`; a cache already attached is kept)."""
     from metalm.evaluation.demonstrations import CALIBRATION
     from metalm.evaluation.retrieval import SIMILARITY
     from metalm.evaluation.runner import evaluate
 
     summary = out / "summary.json"
+    names = [task] if isinstance(task, str) else [getattr(t, "name", t) for t in task]
     if summary.is_file():
         cached = json.loads(summary.read_text())
         asked = {
@@ -130,10 +132,12 @@ def cached_eval(
             "demonstrations": SIMILARITY if kw.get("demonstrations") == "similar" else None,
         }
         found = {key: cached.get(key) for key in asked}
-        names = [task] if isinstance(task, str) else [getattr(t, "name", t) for t in task]
         if found == asked and set(names) <= set(cached.get("results", {})):
             return cached
         logger.info("%s: cached for %s, asked for %s: evaluating again", out, found, asked)
+    for name in names:
+        for stale in out.glob(f"predictions-{name}-k*-s*.jsonl"):
+            stale.unlink()
     from metalm.model.feature_cache import cache_features
 
     cache_features(model, processor)
