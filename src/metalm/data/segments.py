@@ -63,18 +63,22 @@ def sample_length(sample: Sample, config) -> int:
     return sum(len(seg.ids) if isinstance(seg, TextSegment) else segment_slots(seg, config) for seg in sample)
 
 
+# The [B, T] tensors of a batch's rows, as _lay_out_rows returns them.
+ROW_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels", "sequence_ids")
+
+
 @dataclass
 class _Flat:
     """One sample laid out for the decoder, before it is put in a row."""
 
     ids: list[int]
     labels: list[int]
-    owner: list[str | None]
+    slots: list[tuple[str, int, int]]  # each encoded segment's (encoder, first position, slot count)
     encoded: list[EncodedSegment]
 
 
 def _flatten(sample: Sample, i: int, config, pad_token_id: int, max_length: int | None) -> _Flat:
-    """One sample's decoder ids, labels, slot owners (encoder name or None) and encoded segments."""
+    """One sample's decoder ids, labels, slot spans and encoded segments."""
     flat = _Flat([], [], [], [])
     for j, seg in enumerate(sample):
         where = f"sample {i}, segment {j}"
@@ -83,7 +87,6 @@ def _flatten(sample: Sample, i: int, config, pad_token_id: int, max_length: int 
                 raise SampleError(f"{where}: empty text segment")
             flat.ids += seg.ids
             flat.labels += seg.ids if seg.loss else [IGNORE_INDEX] * len(seg.ids)
-            flat.owner += [None] * len(seg.ids)
             continue
         if not isinstance(seg, EncodedSegment):
             raise SampleError(f"{where}: expected TextSegment or EncodedSegment, got {type(seg).__name__}")
@@ -92,9 +95,9 @@ def _flatten(sample: Sample, i: int, config, pad_token_id: int, max_length: int 
         flat.encoded.append(seg)
         n = segment_slots(seg, config)
         first = seg.target_ids[0] if (seg.loss and seg.target_ids) else IGNORE_INDEX
+        flat.slots.append((seg.encoder, len(flat.ids), n))
         flat.ids += [pad_token_id] * n
         flat.labels += [first] + [IGNORE_INDEX] * (n - 1)
-        flat.owner += [seg.encoder] * n
     if not flat.ids:
         raise SampleError(f"sample {i}: no segments")
     if max_length is not None and len(flat.ids) > max_length:
@@ -201,57 +204,56 @@ def collate(
 
 def _lay_out_rows(
     flats: list[_Flat], groups: list[list[int]], width: int, pad_token_id: int, padding_side: str
-) -> tuple[dict[str, torch.Tensor], dict[str, list[EncodedSegment]], list[tuple[int, int, str]]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, list[EncodedSegment]], dict[str, tuple[list[int], list[int]]]]:
     """The batch's rows: each group's flattened samples side by side, padded on `padding_side`; with the
-    encoded payloads in reading order and the (row, position, encoder) of every slot position."""
-    batch = len(groups)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    sequence_ids = torch.full((batch, width), -1, dtype=torch.long)
+    encoded payloads in reading order and, for each encoder, the (rows, positions) of its slots."""
+    # Rows are laid out as lists and made tensors once: a batch has thousands of positions, and an
+    # indexing write per sample or per slot costs more than building the whole batch this way.
+    columns: dict[str, list[list[int]]] = {key: [] for key in ROW_FIELDS}
     payloads: dict[str, list[EncodedSegment]] = {}
-    owners: list[tuple[int, int, str]] = []
+    owners: dict[str, tuple[list[int], list[int]]] = {}
     for r, group in enumerate(groups):
-        n = sum(len(flats[i].ids) for i in group)
-        at = 0 if padding_side == "right" else width - n
+        row: dict[str, list[int]] = {key: [] for key in ROW_FIELDS}
+        pad = width - sum(len(flats[i].ids) for i in group)
+        at = 0 if padding_side == "right" else pad
         for k, i in enumerate(group):
             flat = flats[i]
             m = len(flat.ids)
-            input_ids[r, at : at + m] = torch.tensor(flat.ids)
-            labels[r, at : at + m] = torch.tensor(flat.labels)
-            attention_mask[r, at : at + m] = 1
-            position_ids[r, at : at + m] = torch.arange(m)
-            sequence_ids[r, at : at + m] = k
+            row["input_ids"] += flat.ids
+            row["labels"] += flat.labels
+            row["attention_mask"] += [1] * m
+            row["position_ids"] += range(m)
+            row["sequence_ids"] += [k] * m
             # Payloads in reading order (row by row, position by position): the order the model fills
             # the slots in.
             for seg in flat.encoded:
                 payloads.setdefault(seg.encoder, []).append(seg)
-            owners += [(r, at + p, name) for p, name in enumerate(flat.owner) if name is not None]
+            for name, start, n in flat.slots:
+                slot_rows, slot_positions = owners.setdefault(name, ([], []))
+                slot_rows += [r] * n
+                slot_positions += range(at + start, at + start + n)
             at += m
-    rows = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "labels": labels,
-        "sequence_ids": sequence_ids,
-    }
+        for key, fill in zip(ROW_FIELDS, (pad_token_id, 0, 0, IGNORE_INDEX, -1), strict=True):
+            padding = [fill] * pad
+            columns[key].append(row[key] + padding if padding_side == "right" else padding + row[key])
+    rows = {key: torch.tensor(values, dtype=torch.long) for key, values in columns.items()}
     return rows, payloads, owners
 
 
 def _encoder_batch(
     config,
     payloads: dict[str, list[EncodedSegment]],
-    owners: list[tuple[int, int, str]],
+    owners: dict[str, tuple[list[int], list[int]]],
     shape: tuple[int, int],
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Each encoder's payloads collated by its modality, and the [B, T] map of the slots they fill (`owners`:
-    row, position, encoder)."""
+    each encoder's slot rows and positions)."""
     # The model's encoder order, so that encoders run in the same order whatever order a batch meets them.
     names = [spec["name"] for spec in config.encoders if spec["name"] in payloads]
     slots = {name: torch.zeros(shape, dtype=torch.bool) for name in names}
-    for r, p, name in owners:
-        slots[name][r, p] = True
+    for name in names:
+        rows, positions = owners.get(name, ([], []))
+        slots[name][torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)] = True
     encoder_inputs: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         spec = config.encoder_spec(name)

@@ -257,13 +257,17 @@ class TextModality(Modality):
         spans = [seg.payload for seg in segments]
         rows = [prefix + span + suffix for span in spans]
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), spec["pad_id"], dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        slot = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (row, span) in enumerate(zip(rows, spans)):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            slot[i, len(prefix) : len(prefix) + len(span)] = True
+        # Built as lists and made tensors once (a write per row costs more than the whole batch).
+        pads = [width - len(r) for r in rows]
+        ids = torch.tensor([r + [spec["pad_id"]] * n for r, n in zip(rows, pads)], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * n for r, n in zip(rows, pads)], dtype=torch.long)
+        slot = torch.tensor(
+            [
+                [False] * len(prefix) + [True] * len(span) + [False] * (len(suffix) + n)
+                for span, n in zip(spans, pads)
+            ],
+            dtype=torch.bool,
+        )
         return {"input_ids": ids, "attention_mask": mask, "slot_mask": slot}
 
     def filler(self, spec: dict[str, Any], preprocessor: Any) -> EncodedSegment:

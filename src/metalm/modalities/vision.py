@@ -297,6 +297,7 @@ class ImageCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._cache: dict[tuple, np.ndarray] = {}
+        self._arrays: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(self, ref: str | bytes, pre: ImagePreprocessor, name: str | None = None) -> torch.Tensor:
         key = (ref, pre.size, pre.resample, pre.center_crop)
@@ -308,11 +309,20 @@ class ImageCache:
             if self.bytes + u8.nbytes <= self.max_bytes:
                 self._cache[key] = u8
                 self.bytes += u8.nbytes
-        # Same operations, in the same float32 order, as ImagePreprocessor.prepare.
-        arr = u8.astype(np.float32) / 255.0
-        mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
-        return torch.from_numpy(np.ascontiguousarray((arr - mean) / std))
+        # Same operations, in the same float32 order, as ImagePreprocessor.prepare (in place: a fresh array).
+        arr = u8.astype(np.float32) / np.float32(255.0)
+        mean, std = self._normalisation(pre)
+        arr -= mean
+        arr /= std
+        return torch.from_numpy(arr)
+
+    def _normalisation(self, pre: ImagePreprocessor) -> tuple[np.ndarray, np.ndarray]:
+        """`pre`'s mean and std as float32 [3, 1, 1] arrays, made once (every image of a batch asks)."""
+        key = (pre.mean, pre.std)
+        found = self._arrays.get(key)
+        if found is None:
+            found = self._arrays[key] = tuple(np.asarray(v, dtype=np.float32)[:, None, None] for v in key)
+        return found
 
 
 def image_preprocessor_for(spec: dict[str, Any], folder: str | Path | None = None) -> ImagePreprocessor:

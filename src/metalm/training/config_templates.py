@@ -4,6 +4,7 @@ records for its requests (:mod:`metalm.data.layouts`)."""
 
 from __future__ import annotations
 
+import functools
 import string
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ DEFAULT_PROMPTS = {"vqa": DEFAULT_LAYOUTS.vqa.prompt}
 OPTIONS_JOINER = ", "
 
 
+@functools.lru_cache(maxsize=1024)  # asked per rendered record; a stream has a few templates
 def check_template(template: str, kind: str) -> str | None:
     """None when `template` is a valid instruction template for records of `kind`, else the reason."""
     allowed = TEMPLATE_FIELDS[kind]
