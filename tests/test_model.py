@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from metalm import Encode, EncodedSegment, InputError, SlotCountError, Target, TextSegment
-from metalm.data.segments import IGNORE_INDEX
+from metalm.data.segments import IGNORE_INDEX, sample_length, segment_slots, tight_packing
 from metalm.modalities.text import TEXT
 from tests.conftest import TINY_LLAMA, build_tiny
 
@@ -438,3 +438,54 @@ def test_hf_vision_towers_dock(vision, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(per_position_logits(model, batch), per_position_logits(loaded, batch))
+
+
+def _where_each_sample_is(lengths: list[int], width: int, layout: str) -> list[tuple[int, int]]:
+    """(row, first position) of each sample under `layout`, from the lengths alone."""
+    if layout != "packed":
+        return [(i, width - n if layout == "left" else 0) for i, n in enumerate(lengths)]
+    found = {}
+    for r, group in enumerate(tight_packing(lengths, 64)):
+        at = 0
+        for i in group:
+            found[i] = (r, at)
+            at += lengths[i]
+    return [found[i] for i in range(len(lengths))]
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "packed"])
+def test_rows_lay_out_every_sample_and_slot_where_it_reads(tiny, layout):
+    """Two encoders in one batch: each sample's ids, positions, mask and encoder slots land where its layout
+    puts them (left or right padding, or packed rows), read back segment by segment; no other slot is set,
+    and padding carries the pad id, no label and no attention."""
+    model, processor = tiny
+    config = model.config
+    span = TEXT.to_encoder_ids(processor, "text", text(processor, "sat on the"))
+    samples = [
+        processor.build_sample([image(1), Encode("question: what?"), Target("red circle")]),
+        [TextSegment(text(processor, "the cat")), EncodedSegment("text", input_ids=span, target_ids=span)],
+        processor.build_sample([image(2), Target("a blue square.")]),
+    ]
+    batch = processor.collate(samples, **({"pack": 64} if layout == "packed" else {"padding_side": layout}))
+    lengths = [sample_length(sample, config) for sample in samples]
+    seen = {name: torch.zeros_like(slots) for name, slots in batch["encoder_slots"].items()}
+    for k, (sample, (row, start)) in enumerate(
+        zip(samples, _where_each_sample_is(lengths, batch["input_ids"].shape[1], layout), strict=True)
+    ):
+        at = start
+        for seg in sample:
+            n = len(seg.ids) if isinstance(seg, TextSegment) else segment_slots(seg, config)
+            if isinstance(seg, TextSegment):
+                assert batch["input_ids"][row, at : at + n].tolist() == seg.ids
+            else:
+                assert batch["encoder_slots"][seg.encoder][row, at : at + n].all()
+                seen[seg.encoder][row, at : at + n] = True
+            at += n
+        assert batch["position_ids"][row, start:at].tolist() == list(range(lengths[k]))
+        assert batch["attention_mask"][row, start:at].all()
+    for name, slots in batch["encoder_slots"].items():
+        assert torch.equal(slots, seen[name]), f"{name}: a slot no segment accounts for"
+    padding = batch["attention_mask"] == 0
+    assert int((~padding).sum()) == sum(lengths)
+    assert (batch["labels"][padding] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][padding] == processor.pad_token_id).all()
