@@ -50,10 +50,12 @@ def stream_batches(cfg, processor, sizes: dict[str, int], per_stream: int) -> di
 
 
 def step_shares(cfg, processor, steps: int) -> dict[str, float]:
-    """Each stream's share of `steps` micro-batches, from the plan's own draws (no batch is built)."""
+    """Each stream's share of `steps` micro-batches, from the plan's own draws (no batch is built): with
+    `mix: batch` draw d is micro-batch d, so a stream's `steps: [start, end]` phase counts where it is drawn."""
     train, _ = build_data(cfg.data, processor, batch_size=cfg.optim.batch_size, seed=cfg.run.seed)
-    counts = collections.Counter(train.names[train.choose(d)] for d in range(steps))
-    return {name: counts[name] / steps for name in train.names}
+    batches = steps * cfg.optim.grad_accum
+    counts = collections.Counter(train.names[train.choose(d, d)] for d in range(batches))
+    return {name: counts[name] / batches for name in train.names}
 
 
 def timed(model, batch: dict, optimizer, accelerator) -> float:

@@ -422,7 +422,7 @@ def quickstart(
 def add_quickstart_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "quickstart",
-        help="pre-train a small MetaLM on packaged data and evaluate it (11-15 min on 2 AVX2 cores, less with AVX-512)",
+        help="pre-train a small MetaLM on packaged data and evaluate it (about 9-10 min on 2 AVX2 cores, less with AVX-512)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
