@@ -92,9 +92,9 @@ CAPTION_TASKS: dict[str, str] = {
 
 
 def _predictions(eval_dir: Path, task: str) -> list[dict[str, Any]]:
-    from metalm.evaluation.breakdown import read_predictions
+    from metalm.evaluation.prediction_files import prediction_files, read_predictions
 
-    files = sorted(eval_dir.glob(f"predictions-{task}-k0-*.jsonl"))
+    files = prediction_files(eval_dir, task, 0)
     return read_predictions(files[0]) if files else []
 
 

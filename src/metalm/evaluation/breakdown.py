@@ -8,7 +8,6 @@ These functions read the ``predictions-<task>-k<k>-s<seed>.jsonl`` records the e
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from collections import Counter
@@ -18,6 +17,7 @@ from typing import Any
 
 from metalm.data.builtin import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from metalm.evaluation.demonstrations import among
+from metalm.evaluation.prediction_files import prediction_files, read_predictions
 
 __all__ = [
     "ATTRIBUTES",
@@ -203,14 +203,9 @@ def yes_no_by_image(
     return {key: {"accuracy": 100 * sum(s) / len(s), "n": len(s)} for key, s in sorted(totals.items())}
 
 
-def read_predictions(path: str | Path) -> list[dict[str, Any]]:
-    """The records of one predictions JSONL file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _seed_runs(out: str | Path, task: str, k: int) -> list[list[dict[str, Any]]]:
     """The prediction rows of each seed's run of ``task`` at ``k`` demonstrations in ``out``, in seed order."""
-    return [read_predictions(p) for p in sorted(Path(out).glob(f"predictions-{task}-k{k}-s*.jsonl"))]
+    return [read_predictions(p) for p in prediction_files(out, task, k)]
 
 
 def breakdown_over_seeds(

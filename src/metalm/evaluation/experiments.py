@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metalm.evaluation.prediction_files import prediction_files
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["cached_eval", "load_model", "run_differences", "train_once"]
@@ -136,7 +138,7 @@ def cached_eval(
             return cached
         logger.info("%s: cached for %s, asked for %s: evaluating again", out, found, asked)
     for name in names:
-        for stale in out.glob(f"predictions-{name}-k*-s*.jsonl"):
+        for stale in prediction_files(out, name):
             stale.unlink()
     from metalm.model.feature_cache import cache_features
 

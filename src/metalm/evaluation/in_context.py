@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from metalm.evaluation.prediction_files import prediction_files
+
 __all__ = [
     "FASTBIND_SHOWN",
     "ICL_SHOTS",
@@ -98,7 +100,7 @@ def in_context_table(out_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
         changes = _changes(vqa, [int(k) for k in by_k])
         for k, entry in by_k.items():
             put(f"easy-VQA{mix} (n={entry['n']})", k, [m["vqa_accuracy"] for m in entry["seeds"].values()])
-            seeds = [_by_type(p) for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))]
+            seeds = [_by_type(p) for p in prediction_files(vqa, "easyvqa", int(k))]
             for qtype in QUESTION_TYPES:
                 cells = [s[qtype] for s in seeds if qtype in s]
                 if cells:
@@ -145,8 +147,7 @@ def _yes_no_rows(
     rows: dict[str, str] = {}  # group -> its row
     for k in shots:
         seeds = [
-            yes_no_by_image(read_predictions(p), questions)
-            for p in sorted(vqa.glob(f"predictions-easyvqa-k{k}-s*.jsonl"))
+            yes_no_by_image(read_predictions(p), questions) for p in prediction_files(vqa, "easyvqa", int(k))
         ]
         for key in seeds[0] if seeds else {}:
             rows.setdefault(key, f"easy-VQA yes/no, {key} (n={seeds[0][key]['n']})")

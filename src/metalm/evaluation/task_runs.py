@@ -28,6 +28,7 @@ from metalm.evaluation.icl import (
     sample_demonstrations,
 )
 from metalm.evaluation.own_data import group_scores
+from metalm.evaluation.prediction_files import prediction_path
 from metalm.evaluation.retrieval import ExampleIndex
 from metalm.evaluation.scoring import check_length, generate_samples, score_continuations
 from metalm.evaluation.tasks import Example, Task, TaskError
@@ -340,7 +341,7 @@ def evaluate_task(
             records_by_seed[seed] = records
             per_seed[seed] = t.compute_metrics([r["prediction"] for r in records], queries)
             if out is not None:
-                with open(out / f"predictions-{t.name}-k{k}-s{seed}.jsonl", "w", encoding="utf-8") as fh:
+                with open(prediction_path(out, t.name, k, seed), "w", encoding="utf-8") as fh:
                     for r in records:
                         fh.write(json.dumps(r, ensure_ascii=False) + "\n")
         mean, std = _aggregate(per_seed)
