@@ -34,9 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metalm.evaluation.breakdown import paired_change, read_predictions
+from metalm.evaluation.breakdown import paired_change
 from metalm.evaluation.demonstrations import copying_rates, demonstration_vote
 from metalm.evaluation.experiments import cached_eval, load_model
+from metalm.evaluation.prediction_files import prediction_path, read_predictions
 
 TASK = "bbc-topic"
 MODES = {"ranked": False, "calibrated": True}
@@ -73,7 +74,7 @@ def runs(folder: Path, k: int, seeds: Sequence[int], once: bool = False) -> list
     """Each seed's prediction records (k = 0 runs once; so does every k when ``once``: retrieved
     demonstrations do not depend on the seed)."""
     return [
-        read_predictions(folder / f"predictions-{TASK}-k{k}-s{s}.jsonl")
+        read_predictions(prediction_path(folder, TASK, k, s))
         for s in (seeds if k and not once else seeds[:1])
     ]
 

@@ -51,6 +51,7 @@ from results_page import FASTBIND_SHOTS, MODELS, VQA_SHOTS, write_page
 
 from metalm.evaluation.breakdown import answer_flips, breakdown_over_seeds, paired_change_by_group
 from metalm.evaluation.experiments import cached_eval, load_model, train_once
+from metalm.evaluation.prediction_files import prediction_path, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "src" / "metalm" / "configs"
@@ -133,7 +134,6 @@ def retrieved_results(model, processor, out: Path, args: argparse.Namespace) -> 
     similar`; one run a k, as retrieval does not depend on the seed): easy-VQA k = 0 -> 4 on the by-type
     bar's questions, and BBC topic through the encoder (when the model has one) and as plain text, each
     with the vote of its retrieved demonstrations' answers (a nearest-neighbour classifier, no decoder)."""
-    from metalm.evaluation.breakdown import read_predictions
     from metalm.evaluation.demonstrations import demonstration_vote
 
     kw = {"batch_size": args.batch_size, "progress": True, "demonstrations": "similar"}
@@ -142,7 +142,7 @@ def retrieved_results(model, processor, out: Path, args: argparse.Namespace) -> 
     cached_eval(vqa, model, processor, "easyvqa", [0, 4], args.seeds[:1], **sizes, **kw)
     res: dict[str, Any] = {
         "easyvqa_by_type": paired_change_by_group(vqa, "easyvqa", 0, 4),
-        "easyvqa_vote": demonstration_vote(read_predictions(vqa / "predictions-easyvqa-k4-s0.jsonl")),
+        "easyvqa_vote": demonstration_vote(read_predictions(prediction_path(vqa, "easyvqa", 4, 0))),
     }
     shots = [k for k in args.bbc_shots if k]
     modes = {"encoded": False, "plain": True} if model.config.encoders_of_kind("text") else {"plain": True}
@@ -162,7 +162,7 @@ def retrieved_results(model, processor, out: Path, args: argparse.Namespace) -> 
         res[f"bbc-topic-{mode}"] = {
             str(k): {
                 "accuracy": summary["results"]["bbc-topic"][str(k)]["mean"]["accuracy"],
-                "vote": demonstration_vote(read_predictions(bbc / f"predictions-bbc-topic-k{k}-s0.jsonl")),
+                "vote": demonstration_vote(read_predictions(prediction_path(bbc, "bbc-topic", k, 0))),
             }
             for k in shots
         }
@@ -275,10 +275,7 @@ def bbc_topic_results(model, processor, out: Path, args: argparse.Namespace) -> 
         )["results"]["bbc-topic"]  # fmt: skip
         for mode, baseline in modes.items()
     }
-    golds = [
-        json.loads(line)["gold"]
-        for line in (out / "bbc-topic-plain" / "predictions-bbc-topic-k0-s0.jsonl").open()
-    ]
+    golds = [r["gold"] for r in read_predictions(prediction_path(out / "bbc-topic-plain", "bbc-topic", 0, 0))]
     return {"bbc-topic": topic, "bbc_majority": 100 * max(golds.count(g) for g in set(golds)) / len(golds)}
 
 

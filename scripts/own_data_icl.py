@@ -122,7 +122,9 @@ def run_variant(
         subprocess.run([sys.executable, "-m", "metalm", "train", str(folder / "config.yaml")], check=True)
     by_k = evaluate(folder / "run" / "final", folder / "eval", args, SHOTS, SEEDS)
     retrieved = evaluate(folder / "run" / "final", folder / "eval-similar", args, (4,), (0,), "similar")
-    votes = vote_by_group(folder / "eval-similar" / "predictions-test-k4-s0.jsonl")
+    from metalm.evaluation.prediction_files import prediction_path
+
+    votes = vote_by_group(prediction_path(folder / "eval-similar", "test", 4, 0))
     return {"config": config, "by_k": by_k, "similar": {"4": retrieved["4"], "vote": votes}}
 
 
@@ -139,8 +141,8 @@ def evaluate(model: Path, out: Path, args: argparse.Namespace, shots, seeds, dem
 
 def vote_by_group(predictions: Path) -> dict[str, float]:
     """Per question type, how often the answer most of a question's demonstrations show is its gold one."""
-    from metalm.evaluation.breakdown import read_predictions
     from metalm.evaluation.demonstrations import demonstration_vote
+    from metalm.evaluation.prediction_files import read_predictions
 
     rows = read_predictions(predictions)
     return {

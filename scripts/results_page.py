@@ -36,12 +36,12 @@ def wording_prior(results: dict[str, Any], out: Path) -> dict[str, dict[str, dic
     """Per model, from its k = 0 predictions on the same fixed subset: what answering each question from its
     wording alone scores (``easyvqa-wording-prior``, the same for every model) and what the model scores on
     the questions that wording gets wrong (``easyvqa-against-prior``)."""
-    from metalm.evaluation.breakdown import read_predictions
+    from metalm.evaluation.prediction_files import prediction_path, read_predictions
     from metalm.quickstart import wording_prior_tables
 
     tables = {}
     for name in results:
-        path = out / name / "easyvqa" / "predictions-easyvqa-k0-s0.jsonl"
+        path = prediction_path(out / name / "easyvqa", "easyvqa", 0, 0)
         if path.is_file():
             tables[name] = wording_prior_tables(read_predictions(path))
     return tables

@@ -42,6 +42,7 @@ from metalm.evaluation.breakdown import (
     vqa_by_question_type,
 )
 from metalm.evaluation.experiments import cached_eval, load_model
+from metalm.evaluation.prediction_files import prediction_path
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "src" / "metalm" / "configs" / "speech.yaml"
@@ -80,7 +81,7 @@ def timed_eval(folder: Path, out: Path, task: str, limit: int | None) -> dict[st
     metrics = summary["results"][task]["0"]["mean"]
     row = {"n": summary["results"][task]["0"]["n"], "seconds": json.loads(timing.read_text())["seconds"]}
     row["score"] = metrics.get("vqa_accuracy", metrics.get("wer"))
-    predictions = out / f"predictions-{task}-k0-s0.jsonl"
+    predictions = prediction_path(out, task, 0, 0)
     if "wer" not in metrics:
         row["by_type"] = {
             k: v["accuracy"] for k, v in vqa_by_question_type(read_predictions(predictions)).items()
